@@ -1,0 +1,74 @@
+"""The package, the extension and the plugin registration, on every interpreter."""
+
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+from conftest import FREE_THREADED_BUILD, only_free_threaded
+
+import pytest_ftrace
+from pytest_ftrace import _native
+
+
+def test_extension_is_loaded_from_the_package():
+    assert _native.__name__ == "pytest_ftrace._native"
+    assert _native.__file__.endswith(sysconfig.get_config_var("EXT_SUFFIX"))
+    assert pytest_ftrace.__version__ == _native.__version__
+
+
+def test_extension_build_matches_interpreter():
+    info = _native.build_info()
+    assert info["free_threaded_build"] is FREE_THREADED_BUILD
+    assert info["pyo3"] == "0.28"
+
+
+@only_free_threaded
+def test_importing_plugin_keeps_gil_disabled():
+    code = (
+        "import sys\n"
+        "assert not sys._is_gil_enabled(), 'GIL enabled before import'\n"
+        "import pytest_ftrace, pytest_ftrace._native, pytest_ftrace.plugin\n"
+        "print(sys._is_gil_enabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@only_free_threaded
+def test_pytest_session_with_plugin_keeps_gil_disabled(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        """
+        import sys
+        def test_gil():
+            import pytest_ftrace._native
+            assert not sys._is_gil_enabled()
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "ftrace")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["ftrace: native *GIL disabled*"])
+
+
+def test_help_shows_ftrace_group(pytester: pytest.Pytester):
+    result = pytester.runpytest_subprocess("--help")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["thread-safety testing (pytest-ftrace):", "  --ftrace*"])
+
+
+def test_header_names_the_extension(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_ok(): pass")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["ftrace: native * (pyo3 0.28), GIL *"])
+
+
+def test_no_ftrace_disables_the_plugin(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_ok(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:ftrace")
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("ftrace: native*")
+    result = pytester.runpytest_subprocess("-p", "no:ftrace", "--ftrace")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unrecognized arguments: --ftrace*"])
