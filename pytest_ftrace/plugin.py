@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from pytest_ftrace import _native
+from pytest_ftrace import _native, gil, threadpool
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     group = parser.getgroup("ftrace", "thread-safety testing (pytest-ftrace)")
     group.addoption(
         "--ftrace",
@@ -17,26 +15,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="inject seeded yields and delays at shared-state accesses so races fail every run",
     )
+    threadpool.add_options(group, parser, pluginmanager)
 
 
-def gil_state() -> str:
-    """'disabled', 'enabled' or 'enabled (free-threaded build)' for the running interpreter."""
-    is_enabled = getattr(sys, "_is_gil_enabled", None)
-    if is_enabled is None:
-        return "enabled"
-    if is_enabled():
-        if _free_threaded_build():
-            return "enabled (free-threaded build, GIL re-enabled)"
-        return "enabled"
-    return "disabled"
-
-
-def _free_threaded_build() -> bool:
-    import sysconfig
-
-    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+def pytest_configure(config: pytest.Config) -> None:
+    threadpool.configure(config)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     info = _native.build_info()
-    return [f"ftrace: native {info['version']} (pyo3 {info['pyo3']}), GIL {gil_state()}"]
+    return [f"ftrace: native {info['version']} (pyo3 {info['pyo3']}), GIL {gil.state()}"]

@@ -1,0 +1,158 @@
+"""Command-line options and ini keys, and how their values are parsed and resolved.
+
+Some names we would like (`--threads`, `--iterations`, ...) are also defined by peer plugins.
+pytest cannot hold two options of one name, so such a name is registered only when no installed
+plugin has taken it; every option also has an `--ftrace-` spelling that is always there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+from dataclasses import dataclass
+
+import pytest
+
+# Names that installed peer plugins (by pytest11 entry-point name) define themselves.
+PEER_NAMES: dict[str, frozenset[str]] = {
+    "run-parallel": frozenset({"--parallel-threads", "--iterations", "thread_unsafe_fixtures"}),
+    "freethreaded": frozenset({"--threads", "--iterations", "--require-gil-disabled"}),
+    "threadpool": frozenset({"--threadpool", "threadpool"}),
+}
+
+
+def active_peers(pluginmanager: pytest.PytestPluginManager) -> set[str]:
+    """Peer plugins that are installed (or registered) and not disabled with -p no:NAME."""
+    found = set()
+    try:
+        eps = importlib.metadata.entry_points(group="pytest11")
+    except Exception:  # a broken distribution must not break option parsing
+        eps = ()
+    for ep in eps:
+        if ep.name in PEER_NAMES and not pluginmanager.is_blocked(ep.name):
+            found.add(ep.name)
+    for name in PEER_NAMES:
+        if pluginmanager.has_plugin(name):
+            found.add(name)
+    return found
+
+
+def taken_names(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> set[str]:
+    """Option and ini names we must not register: already defined, or owned by a peer."""
+    taken: set[str] = set()
+    for group in [parser._anonymous, *parser._groups]:
+        for option in group.options:
+            taken.update(option.names())
+    taken.update(parser._inidict)
+    for peer in active_peers(pluginmanager):
+        taken |= PEER_NAMES[peer]
+    return taken
+
+
+def positive_int_or_auto(what: str):
+    """An argparse type: a whole number >= 1, or 'auto' (the usable CPUs)."""
+
+    def parse(value: str) -> int:
+        value = str(value).strip()
+        if value == "auto":
+            return usable_cpus()
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number >= 1 or 'auto', not {value!r}"
+            ) from None
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 1, not {number}")
+        return number
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def positive_int(what: str):
+    def parse(value: str) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number >= 1, not {value!r}"
+            ) from None
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 1, not {number}")
+        return number
+
+    parse.__name__ = what
+    return parse
+
+
+def positive_float(what: str):
+    def parse(value: str) -> float:
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, not {value!r}") from None
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0, not {value}")
+        return number
+
+    parse.__name__ = what
+    return parse
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "process_cpu_count"):
+        return os.process_cpu_count() or 1
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def add_option(group, parser, pluginmanager, canonical: str, aliases=(), **kwargs) -> None:
+    """Register `canonical` plus each alias that no other plugin has taken."""
+    taken = taken_names(parser, pluginmanager)
+    names = [canonical] + [a for a in aliases if a not in taken]
+    group.addoption(*names, **kwargs)
+
+
+def add_ini(parser, pluginmanager, name: str, help: str, **kwargs) -> None:
+    if name not in taken_names(parser, pluginmanager):
+        parser.addini(name, help, **kwargs)
+
+
+def ini_value(config: pytest.Config, name: str):
+    """The ini value, or None where it is unset or the key is unknown."""
+    try:
+        value = config.getini(name)
+    except ValueError:
+        return None
+    if value in ("", [], None):
+        return None
+    return value
+
+
+def resolve(config: pytest.Config, dest: str, ini: str, parse, default):
+    """Command line > ini > default. A bad ini value is a usage error naming the key."""
+    value = getattr(config.option, dest, None)
+    if value is not None:
+        return value
+    raw = ini_value(config, ini)
+    if raw is None:
+        return default
+    try:
+        return parse(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise pytest.UsageError(f"ini key {ini}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The session-wide settings of the stress runner, after option > ini > default."""
+
+    threads: int
+    iterations: int
+    require_gil_disabled: bool
+    thread_unsafe_fixtures: frozenset[str]
+    timeout: float
