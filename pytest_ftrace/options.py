@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
+DEFAULT_TIMEOUT = 300.0
+
 # Names that installed peer plugins (by pytest11 entry-point name) define themselves.
 PEER_NAMES: dict[str, frozenset[str]] = {
     "run-parallel": frozenset({"--parallel-threads", "--iterations", "thread_unsafe_fixtures"}),
