@@ -21,3 +21,43 @@ def state() -> str:
     if FREE_THREADED_BUILD:
         return "enabled (free-threaded build, GIL re-enabled)"
     return "enabled"
+
+
+class Watch:
+    """Notices the GIL coming back on during the session, and names the modules imported then.
+
+    On a free-threaded build, importing an extension that does not declare free-threading
+    support turns the GIL on for the rest of the process.
+    """
+
+    def __init__(self) -> None:
+        self.active = FREE_THREADED_BUILD
+        self.events: list[tuple[str, str]] = []
+        self._was_enabled = enabled()
+        self._modules: set[str] = set()
+
+    def before(self) -> None:
+        if self.active and not self._was_enabled:
+            self._modules = set(sys.modules)
+
+    def after(self, where: str) -> str | None:
+        """A message if the GIL went on since before(); None otherwise."""
+        if not self.active or self._was_enabled or not enabled():
+            return None
+        self._was_enabled = True
+        new = sorted(set(sys.modules) - self._modules)
+        extensions = [name for name in new if _is_extension(sys.modules.get(name))]
+        culprits = extensions or new
+        named = ", ".join(repr(name) for name in culprits[:10]) or "(no new module)"
+        message = (
+            f"the GIL was re-enabled during {where}; modules imported then: {named}. "
+            "An extension module that does not declare free-threading support turns the GIL "
+            "on for the rest of the process."
+        )
+        self.events.append((where, message))
+        return message
+
+
+def _is_extension(module) -> bool:
+    path = getattr(module, "__file__", None) or ""
+    return path.endswith((".so", ".pyd"))

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+import unittest
+
 import pytest
 
-from pytest_ftrace import _native, gil, options, threadpool
+from pytest_ftrace import _native, gil, markers, options, report, runner, threadpool
+from pytest_ftrace.fixtures import (  # noqa: F401 - registered as fixtures
+    iteration_index,
+    num_iterations,
+    num_parallel_threads,
+    thread_index,
+)
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -80,9 +89,171 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    peers = options.active_peers(config.pluginmanager)
+    for line in markers.MARKERS:
+        config.addinivalue_line("markers", line)
+    for peer, lines in markers.PEER_MARKERS.items():
+        if peer not in peers:
+            for line in lines:
+                config.addinivalue_line("markers", line)
+    settings = _settings(config)
+    if settings.require_gil_disabled and gil.enabled():
+        why = "this is a GIL build" if not gil.FREE_THREADED_BUILD else "the GIL is enabled"
+        raise pytest.UsageError(
+            f"--require-gil-disabled: {why} (Python {sys.version.split()[0]} at "
+            f"{sys.executable}); run the tests with a free-threaded Python such as python3.13t "
+            "(with PYTHON_GIL unset or 0)"
+        )
+    config.stash[STATE_KEY] = SessionState(settings, peers)
     threadpool.configure(config)
+
+
+def _settings(config: pytest.Config) -> options.Settings:
+    unsafe = set(markers.BUILTIN_THREAD_UNSAFE)
+    unsafe.update(options.ini_value(config, "thread_unsafe_fixtures") or ())
+    require = config.option.ftrace_require_gil_disabled
+    if require is None:
+        require = bool(options.ini_value(config, "ftrace_require_gil_disabled"))
+    return options.Settings(
+        threads=options.resolve(
+            config, "ftrace_threads", "ftrace_threads", options.positive_int_or_auto("threads"), 1
+        ),
+        iterations=options.resolve(
+            config, "ftrace_iterations", "ftrace_iterations", options.positive_int("iterations"), 1
+        ),
+        require_gil_disabled=require,
+        thread_unsafe_fixtures=frozenset(unsafe),
+        timeout=options.resolve(
+            config,
+            "ftrace_timeout",
+            "ftrace_timeout",
+            options.positive_float("ftrace_timeout"),
+            options.DEFAULT_TIMEOUT,
+        ),
+    )
+
+
+class SessionState:
+    def __init__(self, settings: options.Settings, peers: set[str]):
+        self.settings = settings
+        self.peers = peers
+        self.single: list[tuple[str, str]] = []  # (nodeid, reason) of tests run on one thread
+        self.gil = gil.Watch()
+
+
+STATE_KEY = pytest.StashKey[SessionState]()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     info = _native.build_info()
-    return [f"ftrace: native {info['version']} (pyo3 {info['pyo3']}), GIL {gil.state()}"]
+    state = config.stash[STATE_KEY]
+    settings = state.settings
+    return [
+        f"ftrace: threads={settings.threads} iterations={settings.iterations} "
+        f"timeout={settings.timeout:g}s, GIL {gil.state()}, "
+        f"native {info['version']} (pyo3 {info['pyo3']})"
+    ]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(collector, name, obj):
+    result = yield
+    state = collector.config.stash[STATE_KEY]
+    items = result if isinstance(result, list) else [result]
+    for item in items:
+        if isinstance(item, pytest.Item):
+            try:
+                markers.plan_for(item, state.settings, state.peers)
+            except markers.MarkerError as exc:
+                raise pytest.Collector.CollectError(f"{item.name}: {exc}") from None
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    state = collector.config.stash[STATE_KEY]
+    state.gil.before()
+    report = yield
+    message = state.gil.after(collector.nodeid or "collection")
+    if message and state.settings.require_gil_disabled and report.outcome != "failed":
+        report.outcome = "failed"
+        report.longrepr = message
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    state = item.config.stash[STATE_KEY]
+    plan = markers.plan_for(item, state.settings, state.peers)
+    item.stash[markers.PLAN_KEY] = plan
+    if plan.single_reason is not None:
+        state.single.append((item.nodeid, plan.single_reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    item.config.stash[STATE_KEY].gil.before()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    plan = item.stash.get(markers.PLAN_KEY, None)
+    if plan is None or not plan.threaded:
+        return (yield)
+    state = item.config.stash[STATE_KEY]
+    original = item.obj
+    item.obj = _threaded(item, original, plan, state.settings.timeout)
+    try:
+        return (yield)
+    finally:
+        item.obj = original
+
+
+def _threaded(item: pytest.Item, original, plan: markers.Plan, timeout: float):
+    takes_fixtures = not isinstance(getattr(original, "__self__", None), unittest.TestCase)
+
+    def run_in_threads(*args, **kwargs):
+        __tracebackhide__ = True
+        run = runner.ThreadedRun(
+            item,
+            original,
+            plan.threads,
+            plan.iterations,
+            timeout,
+            takes_fixtures=takes_fixtures,
+        )
+        report.raise_outcome(run.run())
+
+    run_in_threads.__name__ = getattr(original, "__name__", "test")
+    return run_in_threads
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    rep = yield
+    if call.excinfo is not None and isinstance(call.excinfo.value, report.ConcurrencyError):
+        rep.longrepr = f"ConcurrencyError: {call.excinfo.value}"
+    state = item.config.stash[STATE_KEY]
+    message = state.gil.after(item.nodeid)
+    if message:
+        if state.settings.require_gil_disabled:
+            rep.outcome = "failed"
+            rep.longrepr = message if rep.longrepr is None else f"{rep.longrepr}\n\n{message}"
+        else:
+            rep.sections.append(("ftrace: GIL re-enabled", message))
+    return rep
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return
+    if state.gil.events:
+        terminalreporter.section("ftrace: GIL re-enabled", sep="-", yellow=True)
+        for where, message in state.gil.events:
+            terminalreporter.line(f"{where}: {message}")
+    if state.single and config.option.verbose > 0:
+        terminalreporter.section("ftrace: tests run on one thread", sep="-")
+        for nodeid, reason in state.single:
+            terminalreporter.line(f"{nodeid}: {reason}")

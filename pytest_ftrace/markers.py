@@ -1,0 +1,139 @@
+"""Markers, and the plan each test runs with: how many threads and rounds, or why only one.
+
+Precedence: marker > command-line option > ini key. Among markers, `ftrace(...)` wins over the
+drop-in markers of pytest-run-parallel (`parallel_threads`, `iterations`) and
+pytest-freethreaded (`freethreaded`); those are honoured only while the plugin that owns them is
+not active, so a test is never threaded by two plugins at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from pytest_ftrace.options import Settings, usable_cpus
+
+MARKERS = [
+    "ftrace(threads=None, iterations=None): run this test's body in `threads` threads for "
+    "`iterations` rounds (pytest-ftrace)",
+    "thread_unsafe(reason=None): run this test on one thread (pytest-ftrace)",
+]
+PEER_MARKERS = {
+    "run-parallel": [
+        "parallel_threads(n): run this test in n threads (pytest-run-parallel spelling)",
+        "iterations(n): rounds per thread (pytest-run-parallel spelling)",
+    ],
+    "freethreaded": [
+        "freethreaded(threads=n, iterations=m): run this test in n threads for m rounds "
+        "(pytest-freethreaded spelling)",
+    ],
+}
+
+CONTEXT_AWARE_WARNINGS = bool(getattr(sys.flags, "context_aware_warnings", False))
+BUILTIN_THREAD_UNSAFE = ("capsys", "capfd", "capsysbinary", "capfdbinary", "monkeypatch") + (
+    () if CONTEXT_AWARE_WARNINGS else ("recwarn",)
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    threads: int
+    iterations: int
+    single_reason: str | None = None  # set when the test runs on one thread, plainly
+
+    @property
+    def threaded(self) -> bool:
+        return self.single_reason is None and self.threads * self.iterations > 1
+
+
+PLAN_KEY = pytest.StashKey[Plan]()
+
+
+class MarkerError(Exception):
+    """A marker with arguments we cannot use."""
+
+
+def _count(marker_name: str, what: str, value, allow_auto: bool) -> int:
+    if allow_auto and value == "auto":
+        return usable_cpus()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a whole number >= 1" + (" or 'auto'" if allow_auto else "")
+        raise MarkerError(f"@pytest.mark.{marker_name}: {what} must be {expected}, not {value!r}")
+    return value
+
+
+def _args(mark: pytest.Mark, names: tuple[str, ...]) -> dict:
+    """Positional and keyword arguments of a marker, by name; unknown ones are errors."""
+    if len(mark.args) > len(names):
+        raise MarkerError(
+            f"@pytest.mark.{mark.name} takes at most {len(names)} positional "
+            f"argument(s) ({', '.join(names)}), got {len(mark.args)}"
+        )
+    values = dict(zip(names, mark.args, strict=False))
+    for key, value in mark.kwargs.items():
+        if key not in names:
+            raise MarkerError(
+                f"@pytest.mark.{mark.name} got an unexpected argument {key!r} "
+                f"(accepted: {', '.join(names)})"
+            )
+        values[key] = value
+    return values
+
+
+def marker_counts(item: pytest.Item, peers: set[str]) -> tuple[int | None, int | None]:
+    """Threads and iterations the markers ask for (None where they say nothing)."""
+    threads = iterations = None
+    if "run-parallel" not in peers:
+        mark = item.get_closest_marker("parallel_threads")
+        if mark is not None:
+            threads = _count(mark.name, "n", _args(mark, ("n",)).get("n"), allow_auto=True)
+        mark = item.get_closest_marker("iterations")
+        if mark is not None:
+            iterations = _count(mark.name, "n", _args(mark, ("n",)).get("n"), allow_auto=False)
+    if "freethreaded" not in peers:
+        mark = item.get_closest_marker("freethreaded")
+        if mark is not None:
+            args = _args(mark, ("threads", "iterations"))
+            if "threads" in args:
+                threads = _count(mark.name, "threads", args["threads"], allow_auto=True)
+            if "iterations" in args:
+                iterations = _count(mark.name, "iterations", args["iterations"], allow_auto=False)
+    mark = item.get_closest_marker("ftrace")
+    if mark is not None:
+        args = _args(mark, ("threads", "iterations"))
+        if args.get("threads") is not None:
+            threads = _count(mark.name, "threads", args["threads"], allow_auto=True)
+        if args.get("iterations") is not None:
+            iterations = _count(mark.name, "iterations", args["iterations"], allow_auto=False)
+    return threads, iterations
+
+
+def thread_unsafe_reason(item: pytest.Item, settings: Settings) -> str | None:
+    mark = item.get_closest_marker("thread_unsafe")
+    if mark is not None:
+        reason = _args(mark, ("reason",)).get("reason")
+        return f"marked thread_unsafe: {reason}" if reason else "marked thread_unsafe"
+    fixturenames = getattr(item, "fixturenames", ())
+    for name in fixturenames:
+        if name in settings.thread_unsafe_fixtures:
+            return f"uses thread-unsafe fixture {name!r}"
+    if not isinstance(item, pytest.Function):
+        return f"not a Python test function ({type(item).__name__})"
+    func = getattr(item, "obj", None)
+    if func is not None and inspect.iscoroutinefunction(inspect.unwrap(func)):
+        return "async test function"
+    return None
+
+
+def plan_for(item: pytest.Item, settings: Settings, peers: set[str]) -> Plan:
+    threads, iterations = marker_counts(item, peers)
+    threads = threads or settings.threads
+    iterations = iterations or settings.iterations
+    if threads * iterations > 1:
+        reason = thread_unsafe_reason(item, settings)
+        if reason is not None:
+            return Plan(1, 1, reason)
+    return Plan(threads, iterations)

@@ -1,0 +1,180 @@
+"""The stress runner: a test body in N threads at once, for M rounds, each round started by a
+barrier, with every execution's outcome collected.
+
+Nothing can leave a thread waiting forever: each worker catches every exception (SystemExit,
+KeyboardInterrupt and pytest's outcome exceptions included) and goes on to the next round, the
+barrier has a timeout, and the supervising thread aborts the barrier and stops waiting once the
+deadline passes. Workers are daemon threads, so a body that never returns cannot keep the
+process alive at exit.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pytest_ftrace.fixtures import ThreadFixtures
+from pytest_ftrace.report import OUTCOME_SKIP, OUTCOME_XFAIL, Failure, Outcome
+
+_STOPPING = (KeyboardInterrupt, pytest.exit.Exception)
+
+
+class Hang(Exception):
+    """The test's threaded execution did not finish within the timeout."""
+
+
+@dataclass
+class Hooks:
+    """Calls the runner makes in each worker thread; --ftrace plugs its instrumentation in here."""
+
+    thread_enter: Callable[[int], None] | None = None
+    round_start: Callable[[int], None] | None = None
+    round_end: Callable[[float], None] | None = None
+    thread_exit: Callable[[], None] | None = None
+
+
+@dataclass
+class ThreadedRun:
+    item: pytest.Item
+    body: Callable[..., Any]
+    threads: int
+    iterations: int
+    timeout: float
+    hooks: Hooks = field(default_factory=Hooks)
+    takes_fixtures: bool = True
+
+    def run(self) -> Outcome:
+        """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
+        __tracebackhide__ = True
+        outcome = Outcome(self.threads, self.iterations)
+        self._lock = threading.Lock()
+        self._outcome = outcome
+        self._stop = threading.Event()
+        self._stopping: BaseException | None = None
+        # One party more than the workers for the final barrier would let the supervisor wait
+        # for teardown; the workers alone suffice, the supervisor joins them.
+        self._barrier = threading.Barrier(self.threads, timeout=self.timeout)
+        workers = [
+            threading.Thread(target=self._worker, args=(k,), name=f"ftrace-{k}", daemon=True)
+            for k in range(self.threads)
+        ]
+        deadline = time.monotonic() + self.timeout
+        for worker in workers:
+            worker.start()
+        try:
+            for worker in workers:
+                worker.join(max(0.0, deadline - time.monotonic()))
+        except BaseException:  # Ctrl-C in the main thread: let the workers stop, then go on
+            self._abort()
+            for worker in workers:
+                worker.join(1.0)
+            raise
+        alive = [w for w in workers if w.is_alive()]
+        if alive:
+            self._abort()
+            outcome.failures.append(Failure(None, None, self._hang_error(alive), "call"))
+            outcome.notes.append(
+                f"leaked threads: {', '.join(w.name for w in alive)} were still running when "
+                "the test was given up; they are daemon threads and will not block exit."
+            )
+        if self._stopping is not None:
+            raise self._stopping
+        return outcome
+
+    def _abort(self) -> None:
+        self._stop.set()
+        self._barrier.abort()
+
+    def _record(self, failure: Failure) -> None:
+        exc = failure.exc
+        with self._lock:
+            if isinstance(exc, OUTCOME_XFAIL):
+                self._outcome.xfailed.append(failure)
+            elif isinstance(exc, OUTCOME_SKIP):
+                self._outcome.skipped.append(failure)
+            else:
+                self._outcome.failures.append(failure)
+            if isinstance(exc, _STOPPING) and self._stopping is None:
+                self._stopping = exc
+        if isinstance(exc, _STOPPING):
+            self._abort()
+
+    def _worker(self, index: int) -> None:
+        hooks = self.hooks
+        fixtures = ThreadFixtures(
+            self.item,
+            {
+                "thread_index": index,
+                "iteration_index": 0,
+                "num_parallel_threads": self.threads,
+                "num_iterations": self.iterations,
+            },
+        )
+        kwargs: dict[str, Any] | None = None
+        try:
+            if hooks.thread_enter is not None:
+                hooks.thread_enter(index)
+            kwargs = fixtures.setup() if self.takes_fixtures else {}
+        except BaseException as exc:  # noqa: BLE001 - reported as this thread's failure
+            self._record(Failure(index, None, exc, "setup"))
+        iteration_arg = kwargs is not None and "iteration_index" in kwargs
+        try:
+            for iteration in range(self.iterations):
+                if not self._wait():
+                    return
+                if kwargs is None:
+                    continue
+                if iteration_arg:
+                    kwargs["iteration_index"] = iteration
+                if hooks.round_start is not None:
+                    hooks.round_start(iteration)
+                started = time.perf_counter()
+                try:
+                    self.body(**kwargs)
+                except BaseException as exc:  # noqa: BLE001 - every outcome is collected
+                    self._record(Failure(index, iteration, exc))
+                    if isinstance(exc, _STOPPING):
+                        return
+                if hooks.round_end is not None:
+                    hooks.round_end(time.perf_counter() - started)
+            # Tear down only once every thread has finished its last round.
+            self._wait()
+        finally:
+            for exc in fixtures.teardown():
+                self._record(Failure(index, None, exc, "teardown"))
+            if hooks.thread_exit is not None:
+                try:
+                    hooks.thread_exit()
+                except BaseException as exc:  # noqa: BLE001
+                    self._record(Failure(index, None, exc, "teardown"))
+
+    def _wait(self) -> bool:
+        """Wait for the round's barrier; False when the run is being stopped."""
+        if self._stop.is_set():
+            return False
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return not self._stop.is_set()
+
+    def _hang_error(self, alive: list[threading.Thread]) -> Hang:
+        frames = sys._current_frames()
+        parts = [
+            f"the test's threads did not finish within {self.timeout:g}s "
+            f"(--ftrace-timeout); {len(alive)} of {self.threads} still running"
+        ]
+        for worker in alive:
+            frame = frames.get(worker.ident)
+            parts.append(f"\nThread {worker.name} (most recent call last):")
+            if frame is not None:
+                import traceback
+
+                parts.append("".join(traceback.format_stack(frame)).rstrip())
+        return Hang("\n".join(parts))
