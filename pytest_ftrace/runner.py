@@ -75,9 +75,14 @@ class ThreadedRun:
             for worker in workers:
                 worker.join(1.0)
             raise
+        if any(w.is_alive() for w in workers):
+            # Let the threads that only wait at the barrier leave; the rest are stuck.
+            self._abort()
+            grace = time.monotonic() + 0.5
+            for worker in workers:
+                worker.join(max(0.0, grace - time.monotonic()))
         alive = [w for w in workers if w.is_alive()]
         if alive:
-            self._abort()
             outcome.failures.append(Failure(None, None, self._hang_error(alive), "call"))
             outcome.notes.append(
                 f"leaked threads: {', '.join(w.name for w in alive)} were still running when "
