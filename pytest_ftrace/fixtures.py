@@ -128,4 +128,3 @@ def num_iterations(request: pytest.FixtureRequest) -> int:
     """Rounds each thread runs the body for."""
     plan = request.node.stash.get(PLAN_KEY, None)
     return plan.iterations if plan is not None and plan.threaded else 1
-
