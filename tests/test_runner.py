@@ -429,3 +429,40 @@ def test_hang_is_reported_and_the_session_goes_on(pytester):
             "*leaked threads: ftrace-0*",
         ]
     )
+
+
+def test_ctrl_c_during_a_threaded_test_stops_the_session(pytester):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytester.makepyfile(
+        test_slow="""
+        import pathlib, time
+        def test_slow(thread_index):
+            pathlib.Path("started").touch()
+            time.sleep(30)
+        def test_next():
+            pass
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--threads", "2"],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(600):
+            if (pytester.path / "started").exists():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "KeyboardInterrupt" in out
+    assert " passed" not in out  # test_next never ran
