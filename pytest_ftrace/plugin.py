@@ -7,7 +7,7 @@ import unittest
 
 import pytest
 
-from pytest_ftrace import _native, gil, markers, options, report, runner, threadpool
+from pytest_ftrace import _native, ftrace, gil, markers, options, report, runner, threadpool
 from pytest_ftrace.fixtures import (  # noqa: F401 - registered as fixtures
     iteration_index,
     num_iterations,
@@ -85,6 +85,7 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
         type="linelist",
         default=[],
     )
+    ftrace.add_options(group, parser, pluginmanager)
     threadpool.add_options(group, parser, pluginmanager)
 
 
@@ -104,22 +105,45 @@ def pytest_configure(config: pytest.Config) -> None:
             f"{sys.executable}); run the tests with a free-threaded Python such as python3.13t "
             "(with PYTHON_GIL unset or 0)"
         )
-    config.stash[STATE_KEY] = SessionState(settings, peers)
+    state = config.stash[STATE_KEY] = SessionState(settings, peers)
+    if config.option.ftrace:
+        state.ftrace = config.stash[ftrace.SESSION_KEY] = ftrace.FtraceSession(config)
+        if config.pluginmanager.hasplugin("xdist"):
+            config.pluginmanager.register(_XdistSeed(), "ftrace-xdist")
     threadpool.configure(config)
+
+
+class _XdistSeed:
+    pytest_configure_node = staticmethod(ftrace.pytest_configure_node)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is not None and state.ftrace is not None:
+        state.ftrace.close()
 
 
 def _settings(config: pytest.Config) -> options.Settings:
     unsafe = set(markers.BUILTIN_THREAD_UNSAFE)
     unsafe.update(options.ini_value(config, "thread_unsafe_fixtures") or ())
+    on = config.option.ftrace
     require = config.option.ftrace_require_gil_disabled
     if require is None:
         require = bool(options.ini_value(config, "ftrace_require_gil_disabled"))
     return options.Settings(
         threads=options.resolve(
-            config, "ftrace_threads", "ftrace_threads", options.positive_int_or_auto("threads"), 1
+            config,
+            "ftrace_threads",
+            "ftrace_threads",
+            options.positive_int_or_auto("threads"),
+            ftrace.DEFAULT_THREADS if on else 1,
         ),
         iterations=options.resolve(
-            config, "ftrace_iterations", "ftrace_iterations", options.positive_int("iterations"), 1
+            config,
+            "ftrace_iterations",
+            "ftrace_iterations",
+            options.positive_int("iterations"),
+            ftrace.DEFAULT_ITERATIONS if on else 1,
         ),
         require_gil_disabled=require,
         thread_unsafe_fixtures=frozenset(unsafe),
@@ -139,6 +163,7 @@ class SessionState:
         self.peers = peers
         self.single: list[tuple[str, str]] = []  # (nodeid, reason) of tests run on one thread
         self.gil = gil.Watch()
+        self.ftrace: ftrace.FtraceSession | None = None
 
 
 STATE_KEY = pytest.StashKey[SessionState]()
@@ -148,11 +173,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     info = _native.build_info()
     state = config.stash[STATE_KEY]
     settings = state.settings
-    return [
+    lines = [
         f"ftrace: threads={settings.threads} iterations={settings.iterations} "
         f"timeout={settings.timeout:g}s, GIL {gil.state()}, "
         f"native {info['version']} (pyo3 {info['pyo3']})"
     ]
+    if state.ftrace is not None:
+        lines.append(state.ftrace.header())
+    return lines
 
 
 @pytest.hookimpl(wrapper=True)
@@ -203,27 +231,41 @@ def pytest_runtest_call(item: pytest.Item):
         return (yield)
     state = item.config.stash[STATE_KEY]
     original = item.obj
-    item.obj = _threaded(item, original, plan, state.settings.timeout)
+    item.obj = _threaded(item, original, plan, state)
     try:
         return (yield)
     finally:
         item.obj = original
 
 
-def _threaded(item: pytest.Item, original, plan: markers.Plan, timeout: float):
+def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionState):
     takes_fixtures = not isinstance(getattr(original, "__self__", None), unittest.TestCase)
 
     def run_in_threads(*args, **kwargs):
         __tracebackhide__ = True
+        threads, iterations, hooks = plan.threads, plan.iterations, runner.Hooks()
+        traced = state.ftrace.start(item, threads, iterations) if state.ftrace else None
+        if traced is not None:
+            threads, iterations, hooks = traced.threads, traced.iterations, traced.hooks()
         run = runner.ThreadedRun(
             item,
             original,
-            plan.threads,
-            plan.iterations,
-            timeout,
+            threads,
+            iterations,
+            state.settings.timeout,
+            hooks=hooks,
             takes_fixtures=takes_fixtures,
         )
-        report.raise_outcome(run.run())
+        if traced is None:
+            outcome = run.run()
+        else:
+            traced.run.activate()
+            try:
+                outcome = run.run()
+            finally:
+                traced.run.deactivate()
+            traced.finish(outcome)
+        report.raise_outcome(outcome)
 
     run_in_threads.__name__ = getattr(original, "__name__", "test")
     return run_in_threads
@@ -253,7 +295,28 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.section("ftrace: GIL re-enabled", sep="-", yellow=True)
         for where, message in state.gil.events:
             terminalreporter.line(f"{where}: {message}")
+    if state.ftrace is not None:
+        ftrace_summary(terminalreporter, state.ftrace, config.option.verbose)
     if state.single and config.option.verbose > 0:
         terminalreporter.section("ftrace: tests run on one thread", sep="-")
         for nodeid, reason in state.single:
             terminalreporter.line(f"{nodeid}: {reason}")
+
+
+def ftrace_summary(tr, session: ftrace.FtraceSession, verbose: int) -> None:
+    for nodeid, reproduced, runs in session.replays:
+        tr.line(f"ftrace replay: {nodeid}: reproduced {reproduced}/{runs}")
+    if verbose <= 0 or not session.stats:
+        return
+    tr.section(f"ftrace statistics (seed {session.seed})", sep="-")
+    tr.line(
+        f"{'executions':>10} {'accesses':>10} {'yields':>8} {'delays':>8} "
+        f"{'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
+    )
+    for nodeid, st in session.stats:
+        tr.line(
+            f"{st.get('executions', 0):>10} {st.get('accesses', 0):>10} "
+            f"{st.get('yields', 0):>8} {st.get('delays', 0):>8} "
+            f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
+            f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
+        )

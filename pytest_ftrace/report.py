@@ -191,19 +191,18 @@ def raise_outcome(outcome: Outcome) -> None:
             and len(failures) == outcome.executions
             and all(f.phase == "call" for f in failures)
         )
-        if every_call_failed and outcome.executions > 1:
+        if every_call_failed:
             # Not a concurrency problem: show it as a plain failure, plus the count.
             exc = failures[0].exc
-            exc.add_note(
-                f"(failed the same way in all {outcome.executions} executions: "
-                f"{_plural(outcome.threads, 'thread')} x "
-                f"{_plural(outcome.iterations, 'iteration')})"
-            )
+            if outcome.executions > 1:
+                exc.add_note(
+                    f"(failed the same way in all {outcome.executions} executions: "
+                    f"{_plural(outcome.threads, 'thread')} x "
+                    f"{_plural(outcome.iterations, 'iteration')})"
+                )
             for note in outcome.notes:
                 exc.add_note(note)
             raise exc
-        if len(failures) == 1 and outcome.executions == 1 and not outcome.notes:
-            raise failures[0].exc
         raise ConcurrencyError(concurrency_message(outcome), failures)
     if outcome.xfailed:
         raise outcome.xfailed[0].exc
