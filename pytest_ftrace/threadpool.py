@@ -1,13 +1,244 @@
-"""--threadpool N|auto: run distinct tests concurrently in worker threads of one process."""
+"""--threadpool N|auto: run distinct tests concurrently in worker threads of one process.
+
+I/O-bound suites get faster on any build, CPU-bound ones on free-threaded builds; unlike
+pytest-xdist, tests share one process, so state that cannot be pickled (locks, connections,
+caches) can be shared between them.
+
+Which tests run concurrently
+----------------------------
+Only tests that are marked. ``@parallelizable(scope)`` (or ``pytest.mark.parallelizable(scope)``)
+goes on a test function, a class, a module (``pytestmark``) or a package (``pytestmark`` in its
+``__init__.py``); ``@not_parallelizable`` opts out. The scope says which tests below the marked
+node may run at the same time:
+
+- ``"children"``: every test below the marked node may run concurrently with every other test
+  below it (each parametrized variant is a test of its own, so variants are included).
+- ``"parameters"``: only the parametrized variants of one test function run concurrently with
+  each other; different functions run one after another. Unparametrized tests run alone.
+- ``"all"``: both. On a class, module or package this is the same as ``"children"``.
+
+On a test function all three scopes mean the same: the function's children are its
+parametrized variants, and they run concurrently with each other (not with other functions; to
+let those run together, mark their class or module).
+
+Which marker counts: ``not_parallelizable`` on the test or on any node above it wins; otherwise
+the most specific ``parallelizable`` marker decides: the test's own, then its class (innermost
+first), then its module, then its packages (innermost first), then the session default
+(``--ftrace-threadpool-default`` or the ini key ``ftrace_threadpool_default``: ``none``,
+``children``, ``parameters`` or ``all``; a default of ``children`` makes every test
+parallelizable). An unknown scope is a usage error (exit code 4) that names the node.
+
+The order of the session is kept: consecutive tests that may run together form a group, and an
+unmarked test between them runs on its own, in its place, after the tests before it have ended
+and before the tests after it start. A group is run as *waves*: consecutive tests with the same
+parent (class or module) and the same values of parametrized wider-scope fixtures. A wave's
+tests run concurrently on up to N worker threads; the next wave starts when it has ended.
+
+Some marked tests still run on their own, because they need something that belongs to the whole
+process: tests that use ``capfd``, ``capfdbinary`` or ``capteesys``, tests with a
+``filterwarnings`` mark, tests that are not plain functions (unittest, doctest), and tests
+that parametrize a fixture with a scope other than the fixture's own.
+
+Fixtures
+--------
+Before a wave, the main thread sets up, once and in order, its collectors (session, packages,
+module, class) and every fixture of the wave's tests that is wider than the function (class,
+module, package, session); they are torn down after the wave, as far as the next test does not
+need them. Function-scoped fixtures (and class-scoped ones used outside a class) are set up,
+used and torn down by the worker, per test: two tests running at the same time get two values.
+An error in any fixture is reported against each test that uses it.
+
+Capture
+-------
+Each test's writes to ``sys.stdout`` and ``sys.stderr``, its log records and its warnings are
+captured per thread and shown with that test's report; ``capsys``, ``capsysbinary`` and
+``caplog`` see only their own test. Output of threads a test starts itself, and output written
+to file descriptors 1 and 2 directly, is not captured. With ``-s`` the output is shown live,
+interleaved.
+
+Reports, timeouts
+-----------------
+The main thread reports each test as it ends (terminal progress, --junitxml, --lf, -x all see
+ordinary reports). With -x (or --maxfail) no new test is started after the failure; tests that
+are running finish and are reported, the others are counted as not run. A test that runs longer
+than ``--ftrace-timeout`` seconds (ini ``ftrace_timeout``, default 300) fails with its worker's
+stack; the worker thread is abandoned (daemon, listed as leaked at the end) and the session goes
+on.
+
+Limits: ``monkeypatch``, environment variables, the working directory, logger levels set by
+``caplog.set_level`` and ``--pdb`` are process-wide; tests that change them should be marked
+``not_parallelizable``. Hooks that wrap ``pytest_runtest_protocol`` (e.g. pytest-timeout,
+pytest-rerunfailures, the faulthandler timeout) do not run for tests run by workers.
+"""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
+
+from pytest_ftrace import options
+from pytest_ftrace import threadpool_plan as planning
+
+__all__ = ["parallelizable", "not_parallelizable"]
+
+
+def parallelizable(scope: str = "all") -> pytest.MarkDecorator:
+    """Let tests below the marked node run concurrently under --threadpool.
+
+    scope: "children" (all tests below the node), "parameters" (the parametrized variants of
+    each test function) or "all" (both).
+    """
+    if scope not in planning.SCOPES:
+        raise ValueError(
+            f"unknown parallelizable scope {scope!r}; use one of {', '.join(planning.SCOPES)}"
+        )
+    return pytest.mark.parallelizable(scope)
+
+
+not_parallelizable: pytest.MarkDecorator = pytest.mark.not_parallelizable
+"""Run the marked tests one at a time, whatever the markers above them say."""
 
 
 def add_options(group, parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     """Register the threadpool options and ini keys (called from plugin.pytest_addoption)."""
+    options.add_option(
+        group,
+        parser,
+        pluginmanager,
+        "--ftrace-threadpool",
+        aliases=("--threadpool",),
+        dest="ftrace_threadpool",
+        type=options.positive_int_or_auto("--threadpool"),
+        default=None,
+        metavar="N|auto",
+        help="run tests marked parallelizable concurrently in N worker threads "
+        "(auto: usable CPUs). ini: ftrace_threadpool",
+    )
+    group.addoption(
+        "--ftrace-threadpool-default",
+        dest="ftrace_threadpool_default",
+        type=_default_scope("--ftrace-threadpool-default"),
+        default=None,
+        metavar="SCOPE",
+        help="parallelizable scope of unmarked tests under --threadpool: none (default), "
+        "children, parameters or all. ini: ftrace_threadpool_default",
+    )
+    parser.addini("ftrace_threadpool", "worker threads for --threadpool (N or auto)", default="")
+    options.add_ini(
+        parser, pluginmanager, "threadpool", "worker threads (N or auto); alias", default=""
+    )
+    parser.addini(
+        "ftrace_threadpool_default",
+        "parallelizable scope of unmarked tests: none, children, parameters or all",
+        default="",
+    )
+
+
+def _default_scope(what: str):
+    def parse(value: str) -> str:
+        value = str(value).strip()
+        if value not in planning.DEFAULT_SCOPES:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be one of {', '.join(planning.DEFAULT_SCOPES)}, not {value!r}"
+            )
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def _workers(config: pytest.Config) -> int | None:
+    workers = options.resolve(
+        config,
+        "ftrace_threadpool",
+        "ftrace_threadpool",
+        options.positive_int_or_auto("ftrace_threadpool"),
+        None,
+    )
+    if workers is None and "threadpool" not in options.active_peers(config.pluginmanager):
+        raw = options.ini_value(config, "threadpool")
+        if raw is not None:
+            try:
+                workers = options.positive_int_or_auto("threadpool")(raw)
+            except argparse.ArgumentTypeError as exc:
+                raise pytest.UsageError(f"ini key threadpool: {exc}") from None
+    return workers
 
 
 def configure(config: pytest.Config) -> None:
     """Validate the options and register the threadpool runner (called from pytest_configure)."""
+    config.addinivalue_line(
+        "markers",
+        "parallelizable(scope): under --threadpool, let tests below this node run concurrently; "
+        "scope: children, parameters or all",
+    )
+    config.addinivalue_line(
+        "markers", "not_parallelizable: under --threadpool, run these tests one at a time"
+    )
+    workers = _workers(config)
+    if workers is None:
+        return
+    default = options.resolve(
+        config,
+        "ftrace_threadpool_default",
+        "ftrace_threadpool_default",
+        _default_scope("ftrace_threadpool_default"),
+        "none",
+    )
+    timeout = options.resolve(
+        config,
+        "ftrace_timeout",
+        "ftrace_timeout",
+        options.positive_float("ftrace_timeout"),
+        options.DEFAULT_TIMEOUT,
+    )
+    from pytest_ftrace import threadpool_fixtures
+
+    config.pluginmanager.register(ThreadpoolPlugin(workers, timeout, default), "ftrace-threadpool")
+    config.pluginmanager.register(threadpool_fixtures, "ftrace-threadpool-fixtures")
+
+
+class ThreadpoolPlugin:
+    """The hooks of --threadpool, registered only when it is given."""
+
+    def __init__(self, workers: int, timeout: float, default: str) -> None:
+        self.workers = workers
+        self.timeout = timeout
+        self.default = default
+        self.runner = None
+
+    def pytest_report_header(self) -> list[str]:
+        return [
+            f"ftrace threadpool: {self.workers} workers, timeout {self.timeout:g} s, "
+            f"default scope {self.default}"
+        ]
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        planning.validate(items, self.default)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        from pytest_ftrace.threadpool_runner import Runner
+
+        self.runner = Runner(session, self.workers, self.timeout, self.default)
+        return self.runner.run()
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.runner is None:
+            return
+        outcome = self.runner.outcome
+        write = terminalreporter.write_line
+        if outcome.not_run:
+            write(f"ftrace threadpool: {outcome.not_run} tests not run (the session stopped)")
+        for leak in outcome.leaked:
+            write(
+                f"ftrace threadpool: leaked worker thread {leak.thread_name}, still in the "
+                f"{leak.phase} of {leak.nodeid} after the timeout",
+                yellow=True,
+            )
+
+    def pytest_unconfigure(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
