@@ -62,6 +62,23 @@ class Sink:
             self.layers[depth] = [io.StringIO(), io.StringIO()]
             return out, err
 
+    def settle(self) -> None:
+        """At the end of a phase, text that capsys did not read joins the test's own capture
+        (pytest shows it in the report of that phase)."""
+        with self._lock:
+            bottom = self.layers[0]
+            for layer in self.layers[1:]:
+                if layer is None:
+                    continue
+                out, err = layer[0].getvalue(), layer[1].getvalue()
+                layer[0], layer[1] = io.StringIO(), io.StringIO()
+                if bottom is not None:
+                    bottom[0].write(out)
+                    bottom[1].write(err)
+                else:
+                    _write_through(0, out)
+                    _write_through(1, err)
+
     def push(self) -> int:
         with self._lock:
             self.layers.append([io.StringIO(), io.StringIO()])

@@ -282,6 +282,7 @@ def _worker_item_capture(context: ItemContext, when: str, item: pytest.Item):
     try:
         yield
     finally:
+        context.sink.settle()
         out, err = context.sink.take()
         item.add_report_section(when, "stdout", out)
         item.add_report_section(when, "stderr", err)

@@ -1,0 +1,569 @@
+"""--threadpool: distinct tests run concurrently in worker threads of one process.
+
+Concurrency is proven with barriers that only open when two tests wait at once; "ran on its
+own" with the thread a test runs on (tests run the usual way run on the main thread).
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import FREE_THREADED_BUILD
+
+# Put in a conftest.py of each pytester run: a barrier helper and thread bookkeeping.
+CONFTEST = """
+import threading
+import pytest
+
+BARRIERS = {}
+LOCK = threading.Lock()
+THREADS = {}
+
+def meet(name, parties=2):
+    with LOCK:
+        barrier = BARRIERS.setdefault(name, threading.Barrier(parties, timeout=10))
+    barrier.wait()
+
+def on_worker():
+    return threading.current_thread().name.startswith("ftrace-threadpool")
+
+@pytest.fixture(autouse=True)
+def _record_thread(request):
+    THREADS[request.node.name] = on_worker()
+    yield
+"""
+
+
+@pytest.fixture
+def tp(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(CONFTEST)
+    return pytester
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:randomly", *args)
+
+
+def test_marked_tests_really_run_concurrently(tp):
+    tp.makepyfile(
+        test_conc="""
+        import pytest
+        from conftest import meet
+        from pytest_ftrace.threadpool import parallelizable
+
+        @parallelizable("children")
+        class TestPair:
+            def test_a(self):
+                meet("class")
+            def test_b(self):
+                meet("class")
+
+        @parallelizable("parameters")
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_variants(n):
+            meet("params")
+        """
+    )
+    result = run(tp, "--threadpool", "2")
+    result.assert_outcomes(passed=4)
+    assert "ftrace threadpool: 2 workers" in result.stdout.str()
+
+
+def test_without_the_option_marked_tests_run_the_usual_way(tp):
+    tp.makepyfile(
+        test_plain="""
+        import threading
+        import pytest
+        from pytest_ftrace.threadpool import parallelizable
+
+        @parallelizable("children")
+        class TestPair:
+            def test_a(self):
+                assert threading.current_thread() is threading.main_thread()
+            def test_b(self):
+                assert threading.current_thread() is threading.main_thread()
+        """
+    )
+    run(tp, "--strict-markers").assert_outcomes(passed=2)
+
+
+def test_unmarked_tests_run_alone_and_in_order_between_groups(tp):
+    tp.makepyfile(
+        test_order="""
+        from conftest import meet, on_worker
+        from pytest_ftrace.threadpool import parallelizable
+
+        EVENTS = []
+
+        @parallelizable("children")
+        class TestFirst:
+            def test_1(self):
+                meet("first")
+                EVENTS.append("first")
+            def test_2(self):
+                meet("first")
+                EVENTS.append("first")
+
+        def test_middle():
+            assert not on_worker()
+            assert EVENTS == ["first", "first"]
+            EVENTS.append("middle")
+
+        @parallelizable("children")
+        class TestLast:
+            def test_3(self):
+                meet("last")
+                assert EVENTS[:3] == ["first", "first", "middle"]
+            def test_4(self):
+                meet("last")
+                assert EVENTS[:3] == ["first", "first", "middle"]
+        """
+    )
+    result = run(tp, "--threadpool", "4", "-v")
+    result.assert_outcomes(passed=5)
+    # The unmarked test is reported in its place, between the groups.
+    lines = [line for line in result.outlines if " PASSED" in line]
+    names = [line.split("::")[-1].split()[0] for line in lines]
+    assert names.index("test_middle") == 2, names
+
+
+def test_marker_levels_and_priority(tp):
+    tp.makepyfile(
+        **{
+            "pkg/__init__.py": "import pytest\n"
+            "pytestmark = pytest.mark.parallelizable('children')\n",
+            "pkg/test_from_package.py": """
+            from conftest import meet
+            def test_p1():
+                meet("package")
+            def test_p2():
+                meet("package")
+            """,
+            "test_levels.py": """
+            import pytest
+            from conftest import THREADS, meet
+            from pytest_ftrace.threadpool import not_parallelizable, parallelizable
+
+            pytestmark = pytest.mark.parallelizable("parameters")
+
+            def test_module_plain_1():
+                pass  # "parameters" on the module: unparametrized tests run alone
+
+            def test_module_plain_2():
+                pass
+
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_module_params(n):
+                meet("module-params")
+
+            @parallelizable("children")
+            class TestClassWins:
+                def test_c1(self):
+                    meet("class")
+                def test_c2(self):
+                    meet("class")
+                @not_parallelizable
+                def test_opted_out(self):
+                    pass
+
+            @not_parallelizable
+            class TestNot:
+                @parallelizable("all")
+                @pytest.mark.parametrize("n", [1, 2])
+                def test_not_wins(self, n):
+                    pass
+
+            def test_zz_check():
+                assert THREADS["test_module_plain_1"] is False
+                assert THREADS["test_module_plain_2"] is False
+                assert THREADS["test_module_params[1]"] is True
+                assert THREADS["test_c1"] is True and THREADS["test_c2"] is True
+                assert THREADS["test_opted_out"] is False
+                assert THREADS["test_not_wins[1]"] is False
+                assert THREADS["test_not_wins[2]"] is False
+            """,
+        }
+    )
+    result = run(tp, "--threadpool", "2", "test_levels.py", "pkg")
+    result.assert_outcomes(passed=12)
+
+
+def test_default_scope_makes_unmarked_tests_parallelizable(tp):
+    tp.makepyfile(
+        test_default="""
+        from conftest import meet
+        def test_a():
+            meet("default")
+        def test_b():
+            meet("default")
+        """
+    )
+    run(tp, "--threadpool", "2", "--ftrace-threadpool-default", "children").assert_outcomes(
+        passed=2
+    )
+    tp.makeini("[pytest]\nftrace_threadpool = 2\nftrace_threadpool_default = all\n")
+    run(tp).assert_outcomes(passed=2)
+
+
+def test_fixture_scopes(tp):
+    tp.makepyfile(
+        test_fixtures="""
+        import threading
+        import pytest
+        from conftest import meet, on_worker
+
+        LOG = []
+
+        @pytest.fixture(scope="module")
+        def shared():
+            LOG.append(("module-setup", on_worker()))
+            yield object()
+            LOG.append(("module-teardown", on_worker()))
+
+        @pytest.fixture(scope="class")
+        def per_class():
+            LOG.append(("class-setup", on_worker()))
+            yield object()
+            LOG.append(("class-teardown", on_worker()))
+
+        @pytest.fixture
+        def own(request):
+            LOG.append(("function-setup", on_worker()))
+            yield request.node.name
+            LOG.append(("function-teardown", on_worker()))
+
+        SEEN = {}
+
+        @pytest.mark.parallelizable("children")
+        class TestGroup:
+            @pytest.mark.parametrize("n", range(4))
+            def test_member(self, n, shared, per_class, own, tmp_path, request):
+                meet("group")  # two at a time: two workers
+                assert own == request.node.name
+                SEEN.setdefault("shared", set()).add(id(shared))
+                SEEN.setdefault("class", set()).add(id(per_class))
+                (tmp_path / "mine").write_text(own)
+                assert (tmp_path / "mine").read_text() == own
+
+        def test_after():
+            assert len(SEEN["shared"]) == 1 and len(SEEN["class"]) == 1
+            assert LOG.count(("module-setup", False)) == 1
+            assert LOG.count(("class-setup", False)) == 1
+            assert LOG.count(("class-teardown", False)) == 1
+            assert LOG.count(("function-setup", True)) == 4
+            assert LOG.count(("function-teardown", True)) == 4
+            assert ("module-teardown", False) not in LOG  # the module is not done yet
+            assert LOG.index(("class-teardown", False)) > max(
+                i for i, e in enumerate(LOG) if e[0] == "function-teardown"
+            )
+        """
+    )
+    run(tp, "--threadpool", "2").assert_outcomes(passed=5)
+
+
+def test_fixture_errors_are_reported_against_the_right_test(tp):
+    tp.makepyfile(
+        test_errors="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+
+        @pytest.fixture(scope="module")
+        def broken_module():
+            raise RuntimeError("module fixture broke")
+
+        @pytest.fixture(params=["good", "bad"])
+        def param(request):
+            if request.param == "bad":
+                raise ValueError("bad param")
+            return request.param
+
+        @pytest.fixture
+        def bad_teardown():
+            yield
+            raise KeyError("teardown broke")
+
+        def test_uses_param(param):
+            assert param == "good"
+
+        def test_broken_1(broken_module):
+            pass
+
+        def test_broken_2(broken_module):
+            pass
+
+        def test_teardown(bad_teardown):
+            pass
+
+        def test_fine():
+            pass
+        """
+    )
+    result = run(tp, "--threadpool", "3", "-rA")
+    result.assert_outcomes(passed=3, errors=4)
+    result.stdout.fnmatch_lines_random(
+        [
+            "ERROR test_errors.py::test_uses_param?bad? - ValueError: bad param",
+            "ERROR test_errors.py::test_broken_1 - RuntimeError: module fixture broke",
+            "ERROR test_errors.py::test_broken_2 - RuntimeError: module fixture broke",
+            "ERROR test_errors.py::test_teardown - KeyError: 'teardown broke'",
+            "PASSED test_errors.py::test_uses_param?good?",
+            "PASSED test_errors.py::test_fine",
+        ]
+    )
+
+
+def test_capture_is_per_test(tp):
+    tp.makepyfile(
+        test_capture="""
+        import logging
+        import sys
+        import time
+        import warnings
+        import pytest
+        from conftest import meet
+
+        pytestmark = pytest.mark.parallelizable("children")
+
+        @pytest.mark.parametrize("who", ["alpha", "beta", "gamma"])
+        def test_noisy(who):
+            for _ in range(5):
+                print(f"out-of-{who}")
+                print(f"err-of-{who}", file=sys.stderr)
+                logging.getLogger("t").warning(f"log-of-{who}")
+                time.sleep(0.01)
+            warnings.warn(f"warning-of-{who}")
+            assert False, who
+
+        def test_capsys(capsys):
+            meet("fixtures")
+            print("mine")
+            assert capsys.readouterr().out == "mine\\n"
+            print("left for the report")
+
+        def test_caplog(caplog):
+            meet("fixtures")
+            logging.getLogger("t").warning("only this one")
+            assert [r.getMessage() for r in caplog.records] == ["only this one"]
+        """
+    )
+    result = run(tp, "--threadpool", "3", "-rA")
+    result.assert_outcomes(failed=3, passed=2)
+    text = result.stdout.str()
+    for who in ["alpha", "beta", "gamma"]:
+        block = _block(text, f"test_noisy[{who}]")
+        for other in {"alpha", "beta", "gamma"} - {who}:
+            for kind in ("out", "err", "log"):
+                assert f"{kind}-of-{other}" not in block, (who, block)
+        assert block.count(f"out-of-{who}") == 5
+        assert block.count(f"err-of-{who}") == 5
+        assert block.count(f"log-of-{who}") == 5
+        assert f"test_capture.py::test_noisy[{who}]" in text.split("warnings summary")[1]
+    block = _block(text, "test_capsys")
+    assert "left for the report" in block and "mine" not in block
+
+
+def _block(text: str, title: str) -> str:
+    """The part of a pytest report under the "____ title ____" line."""
+    start = text.index(f"_ {title} _")
+    match = re.compile(r"^[_=]{3,}", re.M).search(text, text.index("\n", start))
+    return text[start : match.start() if match else len(text)]
+
+
+def test_dash_s_shows_live_output(tp):
+    tp.makepyfile(
+        test_live="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_a(capsys):
+            print("LIVE-A")
+            with capsys.disabled():
+                pass
+        def test_b():
+            print("LIVE-B")
+        """
+    )
+    result = run(tp, "--threadpool", "2", "-s")
+    result.assert_outcomes(passed=2)
+    assert "LIVE-A" in result.stdout.str() and "LIVE-B" in result.stdout.str()
+
+
+def test_exitfirst_stops_scheduling(tp):
+    tp.makepyfile(
+        test_x="""
+        import time
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+
+        def test_fails():
+            assert False
+
+        @pytest.mark.parametrize("n", range(12))
+        def test_slow(n):
+            time.sleep(0.2)
+
+        def test_never_reached():
+            pass
+        """
+    )
+    result = run(tp, "--threadpool", "2", "-x")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] == 1
+    assert outcomes.get("passed", 0) <= 2
+    not_run = 14 - 1 - outcomes.get("passed", 0)
+    result.stdout.fnmatch_lines(
+        [f"ftrace threadpool: {not_run} tests not run (the session stopped)", "*stopping after 1*"]
+    )
+
+
+def test_junitxml_lists_each_test_once(tp):
+    tp.makepyfile(
+        test_junit="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable("all")
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_n(n):
+            print(f"printed {n}")
+            assert n != 3
+
+        @pytest.fixture
+        def broken():
+            yield
+            raise RuntimeError("teardown")
+
+        def test_td(broken):
+            pass
+        """
+    )
+    run(tp, "--threadpool", "3", "--junitxml=out.xml", "-o", "junit_logging=system-out")
+    root = ET.parse(tp.path / "out.xml").getroot()
+    cases = [case.get("name") for case in root.iter("testcase")]
+    assert sorted(cases) == sorted([f"test_n[{n}]" for n in range(6)] + ["test_td"])
+    by_name = {case.get("name"): case for case in root.iter("testcase")}
+    assert by_name["test_n[3]"].find("failure") is not None
+    assert by_name["test_td"].find("error") is not None
+    assert "printed 3" in ET.tostring(by_name["test_n[3]"], encoding="unicode")
+    assert "printed 4" not in ET.tostring(by_name["test_n[3]"], encoding="unicode")
+
+
+def test_last_failed_and_keyword_selection(tp):
+    tp.makepyfile(
+        test_sel="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_ok_1(): pass
+        def test_ok_2(): pass
+        def test_bad_1(): assert False
+        def test_bad_2(): assert False
+        """
+    )
+    run(tp, "--threadpool", "2").assert_outcomes(passed=2, failed=2)
+    result = run(tp, "--threadpool", "2", "--lf", "-v")
+    result.assert_outcomes(failed=2)
+    assert "test_ok_1" not in result.stdout.str()
+    result = run(tp, "--threadpool", "2", "-k", "ok")
+    result.assert_outcomes(passed=2, deselected=2)
+
+
+def test_a_hanging_test_times_out_and_the_session_goes_on(tp):
+    tp.makepyfile(
+        test_hang="""
+        import threading
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+
+        def test_hangs():
+            print("before the hang")
+            threading.Event().wait()
+
+        def test_fine_1(): pass
+        def test_fine_2(): pass
+        """
+    )
+    result = run(tp, "--threadpool", "2", "--ftrace-timeout", "1")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Timeout: test_hang.py::test_hangs was still in its call after 1 s*",
+            "*in test_hangs",
+            "*threading.Event().wait()",
+            "*before the hang*",
+            "*leaked worker thread ftrace-threadpool-*, still in the call of "
+            "test_hang.py::test_hangs*",
+        ]
+    )
+
+
+def test_pytest_exit_in_a_worker_ends_the_session(tp):
+    tp.makepyfile(
+        test_exit="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_a(): pytest.exit("leaving now", returncode=3)
+        def test_b(): pass
+        """
+    )
+    result = run(tp, "--threadpool", "2")
+    assert result.ret == 3
+    assert "leaving now" in result.stdout.str()
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc"])
+def test_bad_worker_count_is_a_usage_error(tp, value):
+    result = run(tp, f"--threadpool={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--threadpool" in result.stderr.str() and value in result.stderr.str()
+
+
+def test_bad_ini_values_are_usage_errors(tp):
+    tp.makeini("[pytest]\nftrace_threadpool = many\n")
+    result = run(tp)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini key ftrace_threadpool*'many'*"])
+    tp.makeini("[pytest]\nftrace_threadpool = 2\nftrace_threadpool_default = lots\n")
+    result = run(tp)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ftrace_threadpool_default*'lots'*"])
+
+
+def test_unknown_scope_is_a_usage_error_naming_it(tp):
+    tp.makepyfile(
+        test_scope="""
+        import pytest
+        @pytest.mark.parallelizable("everything")
+        def test_a(): pass
+        """
+    )
+    result = run(tp, "--threadpool", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_scope.py::test_a*unknown parallelizable scope*everything*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_parallelizable_helper_rejects_unknown_scope():
+    from pytest_ftrace.threadpool import parallelizable
+
+    with pytest.raises(ValueError, match="'sideways'"):
+        parallelizable("sideways")
+
+
+@pytest.mark.skipif(not FREE_THREADED_BUILD, reason="needs a free-threaded build")
+def test_combines_with_require_gil_disabled(tp):
+    tp.makepyfile(
+        test_gil="""
+        import sys
+        import pytest
+        from conftest import meet
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_a():
+            meet("gil")
+            assert not sys._is_gil_enabled()
+        def test_b():
+            meet("gil")
+        """
+    )
+    run(tp, "--threadpool", "2", "--require-gil-disabled").assert_outcomes(passed=2)
