@@ -6,6 +6,8 @@
 
 use pyo3::prelude::*;
 
+pub mod seed;
+
 /// Facts about how this extension was built, for the terminal header and for tests.
 #[pyfunction]
 fn build_info(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
