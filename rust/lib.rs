@@ -6,7 +6,11 @@
 
 use pyo3::prelude::*;
 
+pub mod engine;
+pub mod opcodes;
+pub mod policy;
 pub mod seed;
+pub mod stats;
 
 /// Facts about how this extension was built, for the terminal header and for tests.
 #[pyfunction]
