@@ -7,6 +7,7 @@
 use pyo3::prelude::*;
 
 pub mod engine;
+mod hooks;
 pub mod opcodes;
 pub mod policy;
 pub mod seed;
@@ -27,5 +28,6 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    hooks::register(m)?;
     Ok(())
 }

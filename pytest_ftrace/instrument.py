@@ -1,0 +1,342 @@
+"""Seeded yields and delays at shared-state accesses (`--ftrace`): the sys.monitoring side.
+
+The native extension answers the events (`_native.on_instruction`: a seeded generator per
+thread decides to continue, yield or delay, with the interpreter released). This module
+decides which code gets events and when:
+
+- One sys.monitoring tool id per `Instrumentation`, taken among the free ones (never one a
+  debugger, coverage.py or a profiler holds) and given back by `close()`.
+- While a test run is active, PY_START/PY_RESUME events are on for all code. The first time
+  a code object starts in an activation, its scope is checked (by file and module name): an
+  in-scope code object gets INSTRUCTION events of its own (`set_local_events`); every code
+  object then gets `DISABLE` for PY_START, so this costs one callback per code object per
+  activation. Out-of-scope code (pytest, the standard library, installed packages, this
+  plugin) never gets INSTRUCTION events.
+- In in-scope code, every instruction that is not a shared-state access (see
+  `HOOKED_OPNAMES`) gets `DISABLE` at its first event. CPython forgets a `DISABLE` when the
+  tool's events are switched off and on, so each activation re-learns this, once per offset.
+- `deactivate()` switches every event off again, so nothing fires between tests.
+
+`sys.monitoring.restart_events()` is never called: it would reset the other tools too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import opcode
+import os
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterable
+
+from pytest_ftrace import _native
+
+mon = sys.monitoring
+E = mon.events
+
+TOOL_NAME = "pytest-ftrace"
+# Tool ids in the order we try them. 3 and 4 have no owner by convention, 5 is reserved for
+# optimizers (unused by CPython so far); 2 (profilers), 0 (debuggers) and 1 (coverage.py) come
+# last, so a profiler, debugger or coverage started after us is the least likely to be blocked.
+PREFERRED_TOOL_IDS = (4, 3, 5, 2, 0, 1)
+
+# Instructions that read or write state another thread may share: attributes (a LOAD_ATTR
+# that loads a method is also the point just before a container method is called), globals,
+# subscripts and slices, closure cells, `in` tests, and `super()` attributes.
+HOOKED_OPNAMES = (
+    "LOAD_ATTR",
+    "STORE_ATTR",
+    "DELETE_ATTR",
+    "LOAD_SUPER_ATTR",
+    "LOAD_GLOBAL",
+    "STORE_GLOBAL",
+    "DELETE_GLOBAL",
+    "BINARY_SUBSCR",  # 3.12, 3.13 (3.14: BINARY_OP with NB_SUBSCR, below)
+    "STORE_SUBSCR",
+    "DELETE_SUBSCR",
+    "BINARY_SLICE",
+    "STORE_SLICE",
+    "LOAD_DEREF",
+    "STORE_DEREF",
+    "DELETE_DEREF",
+    "CONTAINS_OP",
+)
+
+# Native table entries (rust/opcodes.rs).
+_ALWAYS = 0x100
+_ONLY_ARG = 0x200
+
+# Modules never instrumented, whatever include says: hooking them would perturb the test
+# machinery itself (and this plugin's own code must never inject into itself).
+NEVER_MODULES = ("pytest_ftrace", "pytest", "_pytest", "pluggy")
+
+
+def hooked_opcodes() -> dict[str, tuple[int, int | None]]:
+    """The hooked instructions of the running interpreter: name -> (opcode, required arg).
+
+    Opcode numbers differ between 3.12, 3.13 and 3.14, so they come from `opcode.opmap`.
+    The argument is None except for 3.14's `BINARY_OP` hooked only with `NB_SUBSCR`.
+    """
+    found: dict[str, tuple[int, int | None]] = {}
+    for name in HOOKED_OPNAMES:
+        op = opcode.opmap.get(name)
+        if op is not None and op < 256:  # pseudo-instructions are numbered from 256
+            found[name] = (op, None)
+    if "BINARY_SUBSCR" not in found:
+        nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
+        if "NB_SUBSCR" in nb_ops and "BINARY_OP" in opcode.opmap:
+            found["BINARY_OP"] = (opcode.opmap["BINARY_OP"], nb_ops.index("NB_SUBSCR"))
+    return found
+
+
+def opcode_table() -> list[int]:
+    """The 256-entry table the extension filters instructions with."""
+    table = [0] * 256
+    for op, arg in hooked_opcodes().values():
+        table[op] = _ALWAYS if arg is None else _ONLY_ARG | arg
+    return table
+
+
+def _norm(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _package_dir(name: str) -> str | None:
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None)
+    return _norm(os.path.dirname(file)) if file else None
+
+
+class Scope:
+    """Which code is instrumented, by the file and module a code object belongs to.
+
+    Default: code whose file lies under `rootdir`, except the standard library, installed
+    packages (site-packages, dist-packages, anything under the interpreter's prefixes), and
+    the modules in NEVER_MODULES. `include` globs (fnmatch on module names, e.g. "mypkg.*")
+    add modules wherever their files are; `exclude` globs remove modules. NEVER_MODULES are
+    out whatever the globs say.
+    """
+
+    def __init__(self, rootdir: str, include: Iterable[str] = (), exclude: Iterable[str] = ()):
+        self.rootdir = _norm(str(rootdir))
+        self.rootdir_real = _norm(os.path.realpath(self.rootdir))
+        self.include = tuple(include)
+        self.exclude = tuple(exclude)
+        paths = sysconfig.get_paths()
+        excluded = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+        for prefix in {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}:
+            # An interpreter installed above the project (rootdir inside the prefix) would
+            # exclude everything: leave such a prefix to the finer paths above.
+            if not _under(self.rootdir, _norm(prefix)):
+                excluded.add(prefix)
+        for name in NEVER_MODULES:
+            directory = _package_dir(name)
+            if directory:
+                excluded.add(directory)
+        self.excluded_dirs = tuple(sorted({_norm(p) for p in excluded}))
+        self._cache: dict[tuple[str, str | None], bool] = {}
+
+    def contains(self, filename: str, module: str | None) -> bool:
+        key = (filename, module)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._decide(filename, module)
+        return hit
+
+    def _decide(self, filename: str, module: str | None) -> bool:
+        if module is not None:
+            if any(module == n or module.startswith(n + ".") for n in NEVER_MODULES):
+                return False
+            if any(fnmatch.fnmatchcase(module, p) for p in self.exclude):
+                return False
+            if any(fnmatch.fnmatchcase(module, p) for p in self.include):
+                return not self._in_plugin(filename)
+        if not filename or filename.startswith("<") or not os.path.isabs(filename):
+            return False  # <string>, <frozen ...>, exec'd code: no file of the project
+        path = _norm(filename)
+        real = _norm(os.path.realpath(filename))
+        if not (_under(path, self.rootdir) or _under(real, self.rootdir_real)):
+            return False
+        parts = set(path.split(os.sep)) | set(real.split(os.sep))
+        if "site-packages" in parts or "dist-packages" in parts:
+            return False
+        return not any(_under(path, d) or _under(real, d) for d in self.excluded_dirs)
+
+    def _in_plugin(self, filename: str) -> bool:
+        directory = _package_dir("pytest_ftrace")
+        return bool(directory and filename and _under(_norm(filename), directory))
+
+
+def _claim_tool_id(preferred: Iterable[int]) -> int:
+    for tool in preferred:
+        if mon.get_tool(tool) is not None:
+            continue
+        try:
+            mon.use_tool_id(tool, TOOL_NAME)
+        except ValueError:  # taken between the check and the claim
+            continue
+        return tool
+    owners = ", ".join(f"{t}={mon.get_tool(t)!r}" for t in range(6))
+    raise RuntimeError(
+        "pytest-ftrace: no free sys.monitoring tool id for --ftrace; ids in use: "
+        f"{owners}. Run without one of the other tools (debugger, coverage, profiler) "
+        "or without --ftrace."
+    )
+
+
+class Instrumentation:
+    """The --ftrace machinery of one pytest session: a tool id, a scope, a session seed."""
+
+    def __init__(
+        self,
+        session_seed: int,
+        rootdir: str,
+        include: list[str],
+        exclude: list[str],
+        *,
+        tool_ids: Iterable[int] = PREFERRED_TOOL_IDS,
+        **policy,
+    ):
+        """`policy`: keyword arguments of `_native.Run` (yield_probability, ...), checked now."""
+        _native.Run(0, **policy)  # validate the policy before claiming anything
+        self.session_seed = session_seed
+        self.scope = Scope(rootdir, include, exclude)
+        self.policy = dict(policy)
+        self._lock = threading.Lock()
+        self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on
+        self._active: TestRun | None = None
+        _native.set_hooked_opcodes(opcode_table())
+        self.tool_id = _claim_tool_id(tool_ids)
+        self._closed = False
+        try:
+            mon.register_callback(self.tool_id, E.INSTRUCTION, _native.on_instruction)
+            mon.register_callback(self.tool_id, E.PY_START, self._on_start)
+            mon.register_callback(self.tool_id, E.PY_RESUME, self._on_start)
+        except BaseException:
+            self.close()
+            raise
+
+    def start_test(self, nodeid: str) -> TestRun:
+        """A run for one test, seeded with derive_seed(session_seed, "test", nodeid)."""
+        if self._closed:
+            raise RuntimeError("Instrumentation is closed")
+        seed = _native.derive_seed(self.session_seed, "test", nodeid)
+        return TestRun(self, nodeid, _native.Run(seed, **self.policy))
+
+    def close(self) -> None:
+        """Switch every event off and give the tool id back. Idempotent."""
+        if self._closed:
+            return
+        if self._active is not None:
+            self._active.deactivate()
+        self._disarm()
+        for event in (E.INSTRUCTION, E.PY_START, E.PY_RESUME):
+            mon.register_callback(self.tool_id, event, None)
+        mon.free_tool_id(self.tool_id)
+        self._closed = True
+
+    def __enter__(self) -> Instrumentation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- activation --------------------------------------------------------------------
+
+    def _activate(self, run: TestRun) -> None:
+        if self._closed:
+            raise RuntimeError("Instrumentation is closed")
+        with self._lock:
+            if self._active is run:
+                return
+            if self._active is not None:
+                raise RuntimeError(f"test run {self._active.nodeid!r} is still active")
+            run._native.activate()  # raises if another Instrumentation's run is active
+            self._active = run
+            mon.set_events(self.tool_id, E.PY_START | E.PY_RESUME)
+
+    def _deactivate(self, run: TestRun) -> None:
+        with self._lock:
+            if self._active is not run:
+                return
+            self._active = None
+            mon.set_events(self.tool_id, 0)
+            self._disarm_locked()
+            run._native.deactivate()
+
+    def _disarm(self) -> None:
+        with self._lock:
+            mon.set_events(self.tool_id, 0)
+            self._disarm_locked()
+
+    def _disarm_locked(self) -> None:
+        for code in self._armed.values():
+            mon.set_local_events(self.tool_id, code, 0)
+        self._armed.clear()
+
+    def _on_start(self, code, _offset):
+        """PY_START/PY_RESUME: give in-scope code INSTRUCTION events, then go quiet."""
+        if id(code) not in self._armed:
+            frame = sys._getframe(1)
+            module = frame.f_globals.get("__name__") if frame.f_code is code else None
+            if self.scope.contains(code.co_filename, module):
+                with self._lock:
+                    if self._active is not None and id(code) not in self._armed:
+                        mon.set_local_events(self.tool_id, code, E.INSTRUCTION)
+                        self._armed[id(code)] = code
+        return mon.DISABLE
+
+    def armed_code(self) -> list:
+        """Code objects that have INSTRUCTION events now (for tests and diagnostics)."""
+        with self._lock:
+            return list(self._armed.values())
+
+
+class TestRun:
+    """One test under --ftrace. Worker threads call thread_enter / round_start / thread_exit;
+    threads that do not (threads the test starts itself) get streams of their own too."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, instrumentation: Instrumentation, nodeid: str, native: _native.Run):
+        self._inst = instrumentation
+        self._native = native
+        self.nodeid = nodeid
+        self.seed: int = native.seed
+
+    def activate(self) -> None:
+        """Events on: hooked accesses in in-scope code now inject, on every thread."""
+        self._inst._activate(self)
+
+    def deactivate(self) -> None:
+        """Events off (idempotent)."""
+        self._inst._deactivate(self)
+
+    def thread_enter(self, thread_index: int) -> None:
+        self._native.thread_enter(thread_index)
+
+    def round_start(self, iteration: int) -> None:
+        self._native.round_start(iteration)
+
+    def thread_exit(self) -> None:
+        self._native.thread_exit()
+
+    def record_round(self, seconds: float) -> None:
+        self._native.record_round(seconds)
+
+    def stats(self) -> dict:
+        """threads, foreign_threads, executions (bodies run), rounds, hooked, yields, delays,
+        delay_ns, round_p50_us, round_p99_us, round_max_us."""
+        return self._native.stats()
+
+    def __enter__(self) -> TestRun:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()

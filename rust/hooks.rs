@@ -1,0 +1,352 @@
+//! The Python face of the engine: the sys.monitoring INSTRUCTION callback, the `Run` class
+//! (one per test), seed derivation and the opcode table.
+//!
+//! `pytest_ftrace.instrument` owns the sys.monitoring side (tool id, which code objects get
+//! INSTRUCTION events, when); this module only answers events.
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyDict, PyInt, PyString, PyTuple};
+
+use crate::engine::{self, RunShared};
+use crate::opcodes;
+use crate::policy::{Decision, Policy, PolicyConfig};
+use crate::seed::{self, Part};
+
+extern "C" {
+    // Public (non-limited) C API since 3.11: the deoptimised bytecode (`co_code`) of a code
+    // object, a new reference. CPython caches it on the code object, so this is a lookup.
+    // Declared here because pyo3-ffi does not declare it; the argument is a PyCodeObject*.
+    fn PyCode_GetCode(code: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
+static DISABLE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn disable_object(py: Python<'_>) -> PyResult<&Py<PyAny>> {
+    DISABLE.get_or_try_init(py, || {
+        Ok(py
+            .import("sys")?
+            .getattr("monitoring")?
+            .getattr("DISABLE")?
+            .unbind())
+    })
+}
+
+/// Whether the instruction at `offset` of code object `ptr` is one the table hooks.
+///
+/// # Safety
+/// `ptr` is a live object and the calling thread is attached to the interpreter.
+unsafe fn code_is_hooked(ptr: *mut ffi::PyObject, offset: usize) -> bool {
+    // PyCode_GetCode is only called on a code object and returns a new reference to a bytes
+    // object (or NULL with an error set), alive while its buffer is read, released after.
+    unsafe {
+        if ffi::PyCode_Check(ptr) == 0 {
+            return false;
+        }
+        let bytes = PyCode_GetCode(ptr);
+        if bytes.is_null() {
+            ffi::PyErr_Clear();
+            return false;
+        }
+        let len = ffi::PyBytes_Size(bytes);
+        let data = ffi::PyBytes_AsString(bytes);
+        let hooked = !data.is_null()
+            && len >= 0
+            && opcodes::is_hooked(
+                std::slice::from_raw_parts(data.cast::<u8>(), len as usize),
+                offset,
+            );
+        ffi::Py_DECREF(bytes);
+        hooked
+    }
+}
+
+/// The sys.monitoring INSTRUCTION callback.
+///
+/// An instruction that is not hooked gets `sys.monitoring.DISABLE`, so CPython stops
+/// reporting that offset (until the tool's events are switched off and on again). A hooked
+/// one is counted, and the active run's generator decides whether to continue, yield or
+/// delay; yields and delays run with the interpreter released (the GIL, on a GIL build).
+///
+/// A bare `METH_FASTCALL` C function rather than a `#[pyfunction]`: without PyO3's argument
+/// layer an event costs about 13 ns less (benches/bench_overhead.py).
+///
+/// # Safety
+/// Called by CPython only, with the interpreter attached and `args` holding `nargs` objects.
+unsafe extern "C" fn on_instruction(
+    _module: *mut ffi::PyObject,
+    args: *mut *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    if nargs != 2 {
+        ffi::PyErr_SetString(
+            ffi::PyExc_TypeError,
+            c"on_instruction(code, offset) takes 2 arguments".as_ptr(),
+        );
+        return std::ptr::null_mut();
+    }
+    let code = *args;
+    let offset = ffi::PyLong_AsSsize_t(*args.add(1));
+    if offset < 0 {
+        if !ffi::PyErr_Occurred().is_null() {
+            return std::ptr::null_mut();
+        }
+        return ffi::Py_NewRef(ffi::Py_None());
+    }
+    // A panic must not unwind into CPython: treat it as "not hooked".
+    let hooked = std::panic::catch_unwind(|| {
+        if !code_is_hooked(code, offset as usize) {
+            return None;
+        }
+        Some(engine::on_access())
+    });
+    match hooked {
+        Ok(Some(d)) => {
+            if d != Decision::Continue {
+                let state = ffi::PyEval_SaveThread();
+                let _ = std::panic::catch_unwind(|| d.wait());
+                ffi::PyEval_RestoreThread(state);
+            }
+            ffi::Py_NewRef(ffi::Py_None())
+        }
+        Ok(None) | Err(_) => match DISABLE_PTR.load(Ordering::Acquire) {
+            p if p.is_null() => ffi::Py_NewRef(ffi::Py_None()),
+            p => ffi::Py_NewRef(p),
+        },
+    }
+}
+
+/// `sys.monitoring.DISABLE`, kept alive by [`DISABLE`] (set once at module init).
+static DISABLE_PTR: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+
+struct MethodDef(ffi::PyMethodDef);
+// SAFETY: the definition is immutable after construction and only read by CPython.
+unsafe impl Sync for MethodDef {}
+
+static ON_INSTRUCTION: MethodDef = MethodDef(ffi::PyMethodDef {
+    ml_name: c"on_instruction".as_ptr(),
+    ml_meth: ffi::PyMethodDefPointer {
+        PyCFunctionFast: on_instruction,
+    },
+    ml_flags: ffi::METH_FASTCALL,
+    ml_doc: c"on_instruction(code, offset): the sys.monitoring INSTRUCTION callback of --ftrace"
+        .as_ptr(),
+});
+
+/// Read a seed: an int in -2**63 .. 2**64-1 (a negative one is taken modulo 2**64).
+fn seed_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "a seed must be an int, not {}",
+            obj.get_type().name()?
+        )));
+    }
+    match obj.extract::<i128>() {
+        Ok(v) if (seed::INT_MIN..=seed::INT_MAX).contains(&v) => Ok(v as u64),
+        _ => Err(PyValueError::new_err(format!(
+            "a seed must be between -2**63 and 2**64-1, not {obj}"
+        ))),
+    }
+}
+
+/// derive_seed(seed, *parts) -> int
+///
+/// A 64-bit seed derived from `seed` and a path of `parts` (each a str or an int in
+/// -2**63 .. 2**64-1). The same on every platform and release: see rust/seed.rs for the
+/// algorithm (SplitMix64 over a typed encoding of the parts).
+#[pyfunction]
+#[pyo3(signature = (seed, *parts))]
+fn derive_seed(seed: &Bound<'_, PyAny>, parts: &Bound<'_, PyTuple>) -> PyResult<u64> {
+    enum Owned<'py> {
+        Int(i128),
+        Str(Bound<'py, PyString>),
+    }
+    let seed = seed_arg(seed)?;
+    let mut owned = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        if let Ok(s) = part.cast::<PyString>() {
+            owned.push(Owned::Str(s.clone()));
+        } else if part.is_instance_of::<PyInt>() && !part.is_instance_of::<PyBool>() {
+            let v = part.extract::<i128>().map_err(|_| {
+                PyValueError::new_err(format!("part {i} ({part}) is outside -2**63 .. 2**64-1"))
+            })?;
+            owned.push(Owned::Int(v));
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "part {i} must be a str or an int, not {}",
+                part.get_type().name()?
+            )));
+        }
+    }
+    let path = owned
+        .iter()
+        .map(|p| match p {
+            Owned::Int(v) => Ok(Part::Int(*v)),
+            Owned::Str(s) => s.to_str().map(Part::Str),
+        })
+        .collect::<PyResult<Vec<Part<'_>>>>()?;
+    seed::derive(seed, &path).map_err(PyValueError::new_err)
+}
+
+/// set_hooked_opcodes(table): install the 256-entry opcode table (see rust/opcodes.rs).
+#[pyfunction]
+fn set_hooked_opcodes(table: Vec<u16>) -> PyResult<()> {
+    opcodes::set_table(&table).map_err(PyValueError::new_err)
+}
+
+/// hooked_opcodes() -> list[int]: the installed table.
+#[pyfunction]
+fn hooked_opcodes() -> Vec<u16> {
+    opcodes::table()
+}
+
+/// Id of the active run, 0 when none is.
+#[pyfunction]
+fn active_run_id() -> u64 {
+    engine::active_id()
+}
+
+/// The default injection policy, as keyword arguments of `Run`.
+#[pyfunction]
+fn policy_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let c = PolicyConfig::default();
+    let d = PyDict::new(py);
+    d.set_item("yield_probability", c.yield_probability)?;
+    d.set_item("delay_probability", c.delay_probability)?;
+    d.set_item("sleep_share", c.sleep_share)?;
+    d.set_item("max_spin_ns", c.max_spin_ns)?;
+    d.set_item("max_sleep_us", c.max_sleep_us)?;
+    Ok(d)
+}
+
+/// Run(seed, *, yield_probability, delay_probability, sleep_share, max_spin_ns, max_sleep_us)
+///
+/// One test run: its seed (already derived for the test), its injection policy and its
+/// statistics. At most one run is active in the process at a time.
+#[pyclass(frozen, module = "pytest_ftrace._native")]
+struct Run {
+    shared: Arc<RunShared>,
+}
+
+#[pymethods]
+impl Run {
+    #[new]
+    #[pyo3(signature = (seed, *, yield_probability=None, delay_probability=None,
+                        sleep_share=None, max_spin_ns=None, max_sleep_us=None))]
+    fn new(
+        seed: &Bound<'_, PyAny>,
+        yield_probability: Option<f64>,
+        delay_probability: Option<f64>,
+        sleep_share: Option<f64>,
+        max_spin_ns: Option<u32>,
+        max_sleep_us: Option<u32>,
+    ) -> PyResult<Run> {
+        let d = PolicyConfig::default();
+        let config = PolicyConfig {
+            yield_probability: yield_probability.unwrap_or(d.yield_probability),
+            delay_probability: delay_probability.unwrap_or(d.delay_probability),
+            sleep_share: sleep_share.unwrap_or(d.sleep_share),
+            max_spin_ns: max_spin_ns.unwrap_or(d.max_spin_ns),
+            max_sleep_us: max_sleep_us.unwrap_or(d.max_sleep_us),
+        };
+        let policy = Policy::new(config).map_err(PyValueError::new_err)?;
+        Ok(Run {
+            shared: RunShared::new(seed_arg(seed)?, policy),
+        })
+    }
+
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.shared.seed()
+    }
+
+    #[getter]
+    fn id(&self) -> u64 {
+        self.shared.id()
+    }
+
+    /// Make this the active run: hooked accesses on any thread now inject.
+    fn activate(&self) -> PyResult<()> {
+        engine::activate(&self.shared).map_err(PyRuntimeError::new_err)
+    }
+
+    /// Stop injecting; returns whether this run was the active one.
+    fn deactivate(&self) -> bool {
+        engine::deactivate(&self.shared)
+    }
+
+    /// The calling thread is worker `thread_index`: it gets that worker's stream.
+    fn thread_enter(&self, thread_index: u64) -> PyResult<()> {
+        engine::thread_enter(&self.shared, thread_index).map_err(PyRuntimeError::new_err)
+    }
+
+    /// The calling worker starts round `iteration`: its stream is reseeded.
+    fn round_start(&self, iteration: u64) -> PyResult<()> {
+        engine::round_start(&self.shared, iteration).map_err(PyRuntimeError::new_err)
+    }
+
+    /// The calling thread leaves the run; its counts are added.
+    fn thread_exit(&self) -> PyResult<()> {
+        engine::thread_exit(&self.shared).map_err(PyRuntimeError::new_err)
+    }
+
+    /// Record one round's latency, in seconds.
+    fn record_round(&self, seconds: f64) {
+        self.shared.stats.record_round(seconds);
+    }
+
+    /// Counters and round latency percentiles (see rust/stats.rs).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        engine::flush_current(&self.shared);
+        let s = self.shared.stats.snapshot();
+        let d = PyDict::new(py);
+        d.set_item("threads", s.threads)?;
+        d.set_item("foreign_threads", s.foreign_threads)?;
+        d.set_item("executions", s.executions)?;
+        d.set_item("rounds", s.rounds)?;
+        d.set_item("hooked", s.hooked)?;
+        d.set_item("yields", s.yields)?;
+        d.set_item("delays", s.delays)?;
+        d.set_item("delay_ns", s.delay_ns)?;
+        d.set_item("round_p50_us", s.round_p50_us)?;
+        d.set_item("round_p99_us", s.round_p99_us)?;
+        d.set_item("round_max_us", s.round_max_us)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Run id={} seed={:#018x}>",
+            self.shared.id(),
+            self.shared.seed()
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Fetch sys.monitoring.DISABLE now, so the first event does no import.
+    let disable = disable_object(m.py())?;
+    DISABLE_PTR.store(disable.as_ptr(), Ordering::Release);
+    // SAFETY: the definition is static; the new function object is owned by `callback`.
+    let callback = unsafe {
+        let f = ffi::PyCFunction_NewEx(
+            &ON_INSTRUCTION.0 as *const ffi::PyMethodDef as *mut ffi::PyMethodDef,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(m.py(), f)?
+    };
+    m.add("on_instruction", callback)?;
+    m.add_function(wrap_pyfunction!(derive_seed, m)?)?;
+    m.add_function(wrap_pyfunction!(set_hooked_opcodes, m)?)?;
+    m.add_function(wrap_pyfunction!(hooked_opcodes, m)?)?;
+    m.add_function(wrap_pyfunction!(active_run_id, m)?)?;
+    m.add_function(wrap_pyfunction!(policy_defaults, m)?)?;
+    m.add_class::<Run>()?;
+    Ok(())
+}
