@@ -193,11 +193,13 @@ def test_each_activation_rearms_in_scope_code(inst):
 def test_close_frees_the_tool_id_and_stops_everything():
     inst = Instrumentation(1, str(ROOT), [], [], **QUIET)
     tool = inst.tool_id
-    assert mon.get_tool(tool) == "pytest-ftrace"
-    run = inst.start_test("close")
-    run.activate()
-    assert hooked_delta(run, touch, Box()) == 2
-    inst.close()  # closes the active run too
+    try:
+        assert mon.get_tool(tool) == "pytest-ftrace"
+        run = inst.start_test("close")
+        run.activate()
+        assert hooked_delta(run, touch, Box()) == 2
+    finally:
+        inst.close()  # deactivates the active run too
     assert mon.get_tool(tool) is None
     assert mon.get_local_events(tool, touch.__code__) == 0
     assert hooked_delta(run, touch, Box()) == 0
@@ -327,11 +329,12 @@ def test_stats_count_threads_executions_and_accesses():
 
 @pytest.mark.parametrize("threads", [2, 8])
 def test_injection_makes_lost_updates_show(threads):
-    # With the default policy, threads doing `box.n += 1` lose updates in every run; plain
-    # threads on a GIL build never do (the GIL does not switch between the load and store).
+    # With the default policy, threads doing `box.n += 1` lose updates in every run (no miss
+    # in 200 runs of one round each, on 3.12, 3.13 and 3.13t); plain threads on a GIL build
+    # never do (the GIL does not switch between the load and the store).
     with Instrumentation(2024, str(ROOT), [], []) as inst:
-        injected = [stress(inst, f"race[{i}]", threads, 1000)[0] for i in range(5)]
-        plain = [stress(inst, f"plain[{i}]", threads, 1000, inject=False)[0] for i in range(5)]
+        injected = [stress(inst, f"race[{i}]", threads, 1000, rounds=2)[0] for i in range(5)]
+        plain = [stress(inst, f"plain[{i}]", threads, 1000, False, 2)[0] for i in range(5)]
     assert all(lost > 0 for lost in injected), injected
     if not FREE_THREADED_BUILD:
         assert plain == [0] * 5
