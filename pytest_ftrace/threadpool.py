@@ -219,8 +219,12 @@ class ThreadpoolPlugin:
         planning.validate(items, self.default)
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+    def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
         from pytest_ftrace.threadpool_runner import Runner
+
+        config = session.config
+        if config.pluginmanager.hasplugin("dsession") or hasattr(config, "workerinput"):
+            return None  # pytest-xdist schedules the tests (-n with --threadpool: xdist wins)
 
         self.runner = Runner(session, self.workers, self.timeout, self.default)
         return self.runner.run()

@@ -273,9 +273,18 @@ class Runner:
 
     def _drive(self, wave: _Wave) -> ItemContext | None:
         """Run the wave; report each test as it ends; return the last one, not yet reported."""
-        session = self.session
         for _ in range(min(self.workers, len(wave.pending))):
             self._start_worker(wave)
+        try:
+            return self._collect(wave)
+        except BaseException:  # Ctrl-C on the main thread: start no further test
+            with wave.lock:
+                wave.stop = True
+                wave.pending.clear()
+            raise
+
+    def _collect(self, wave: _Wave) -> ItemContext | None:
+        session = self.session
         fatal: BaseException | None = None
         while True:
             with wave.lock:
