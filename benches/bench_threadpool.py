@@ -1,0 +1,309 @@
+"""Issue 6: --threadpool against pytest-threadpool and pytest-xdist, on I/O- and CPU-bound suites.
+
+The I/O suite: 200 tests, each sleeping 20 ms, in one module marked
+``pytestmark = pytest.mark.parallelizable("children")`` (both threadpool plugins read that
+marker; xdist ignores it). Sides, all on the same base interpreter (3.13 by default):
+
+- ``sequential``: our venv (.venvs/<py>), plain pytest run (no --threadpool);
+- ``ours``: our venv, ``--threadpool 8``;
+- ``pytest-threadpool``: .venvs/bench-threadpool-<py> with pytest-threadpool 0.4.0 from PyPI
+  (it needs Python >= 3.13 and pytest <= 9.0.2), ``--threadpool 8``;
+- ``xdist``: .venvs/bench-xdist-<py> with pytest-xdist from PyPI, ``-n 8``.
+
+The peer venvs are made on first use (``python -m venv`` from the same base interpreter and
+``pip install``). Each side runs K times, interleaved with the others, after one untimed warm-up;
+the table shows medians.
+
+Two times per run:
+
+- *test phase*: from the start of the first test's setup to the end of the last test's teardown,
+  taken from the ``start``/``stop`` wall-clock stamps of the setup and teardown reports, which a
+  conftest hook (``pytest_runtest_logreport``, main process; xdist forwards its workers' reports
+  there with their stamps) collects and writes to a JSON file at session end;
+- *whole run*: wall time of the pytest subprocess, start-up and collection included.
+
+*efficiency* is the sequential test phase divided by 8 times the side's test phase (1.0 is the
+ideal 8x speed-up of the test phase); *vs ideal* is 200 x 20 ms / 8 = 0.5 s divided by the
+side's test phase (the same with no per-test overhead at all). Goal: ours >= 0.90 efficiency,
+and a shorter test phase than both peers.
+
+The CPU suite (``--cpu``, default on, run on the free-threaded interpreter if its venv exists):
+16 tests of pure-Python arithmetic, sequential against ``--threadpool 1`` and ``--threadpool 2``
+(the CPUs here); on a GIL build (3.13) the same for contrast. The speed-up of the test phase with
+2 workers over 1 shows how CPU-bound tests scale with cores.
+
+Every run is checked: exit code 0 and exactly the expected number of passed tests.
+
+    python3 benches/bench_threadpool.py [--python 3.13] [--repeat 5] [--no-cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / ".venvs"
+IO_TESTS = 200
+IO_SLEEP = 0.020
+WORKERS = 8
+CPU_TESTS = 16
+GOAL = 0.90
+PEERS = {
+    "pytest-threadpool": ("bench-threadpool", ["pytest-threadpool==0.4.0"]),
+    "xdist": ("bench-xdist", ["pytest-xdist"]),
+}
+DROP_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHON_GIL")
+COMMON = ["-q", "-p", "no:cacheprovider"]
+
+CONFTEST = """
+import json, os, threading
+import pytest
+
+_lock = threading.Lock()
+_span = {"start": None, "stop": None, "tests": 0}
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "parallelizable(scope): run concurrently")
+
+def pytest_runtest_logreport(report):
+    with _lock:
+        if report.when == "setup":
+            s = _span["start"]
+            _span["start"] = report.start if s is None else min(s, report.start)
+        elif report.when == "teardown":
+            s = _span["stop"]
+            _span["stop"] = report.stop if s is None else max(s, report.stop)
+            _span["tests"] += 1
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("BENCH_SPAN")
+    if out and not hasattr(session.config, "workerinput"):
+        with open(out, "w") as f:
+            json.dump(_span, f)
+"""
+
+IO_SUITE = f"""
+import time
+import pytest
+
+pytestmark = pytest.mark.parallelizable("children")
+
+@pytest.mark.parametrize("n", range({IO_TESTS}))
+def test_io(n):
+    time.sleep({IO_SLEEP})
+"""
+
+CPU_SUITE = f"""
+import pytest
+
+pytestmark = pytest.mark.parallelizable("children")
+
+def work(n):
+    total = 0
+    for i in range(n):
+        total += (i * i) % 7
+    return total
+
+@pytest.mark.parametrize("n", range({CPU_TESTS}))
+def test_cpu(n):
+    assert work(1_500_000) > 0
+"""
+
+
+@dataclass
+class Side:
+    name: str
+    python: Path
+    args: list[str]
+    tests: int
+    phases: list[float] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+
+    @property
+    def phase(self) -> float:
+        return statistics.median(self.phases)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+
+def venv_python(name: str) -> Path:
+    return VENVS / name / "bin" / "python"
+
+
+def ensure_peer(base: Path, name: str, packages: list[str]) -> Path | None:
+    python = venv_python(name)
+    if python.exists():
+        return python
+    print(f"making {name}: {' '.join(packages)}", flush=True)
+    try:
+        subprocess.run([str(base), "-m", "venv", str(VENVS / name)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+            check=True,
+        )
+    except subprocess.CalledProcessError as exc:
+        print(f"  could not make {name}: {exc}", file=sys.stderr)
+        return None
+    return python
+
+
+def run_once(side: Side, suite: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        span_file = handle.name
+    env["BENCH_SPAN"] = span_file
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [str(side.python), "-m", "pytest", *COMMON, *side.args, str(suite)],
+        cwd=suite,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    wall = time.perf_counter() - started
+    tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr[-500:]]
+    passed = re.search(r"(\d+) passed", tail[0])
+    if proc.returncode != 0 or not passed or int(passed.group(1)) != side.tests:
+        raise SystemExit(f"{side.name}: bad run (exit {proc.returncode}): {tail[0]}")
+    if " failed" in tail[0] or " error" in tail[0]:
+        raise SystemExit(f"{side.name}: bad run: {tail[0]}")
+    span = json.loads(Path(span_file).read_text())
+    os.unlink(span_file)
+    if span["tests"] != side.tests:
+        raise SystemExit(f"{side.name}: the conftest saw {span['tests']} tests")
+    side.phases.append(span["stop"] - span["start"])
+    side.walls.append(wall)
+
+
+def measure(sides: list[Side], suite: Path, repeat: int) -> None:
+    for side in sides:
+        run_once(side, suite)  # warm-up (imports, .pyc files)
+        side.phases.clear()
+        side.walls.clear()
+    for _ in range(repeat):
+        for side in sides:
+            run_once(side, suite)
+
+
+def write_suite(root: Path, source: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "conftest.py").write_text(textwrap.dedent(CONFTEST))
+    (root / "test_suite.py").write_text(textwrap.dedent(source))
+    (root / "pytest.ini").write_text("[pytest]\n")
+    return root
+
+
+def io_bench(py: str, repeat: int, tmp: Path) -> bool:
+    ours = venv_python(py)
+    if not ours.exists():
+        raise SystemExit(f"{ours} is missing: run scripts/test_all.py --python {py} first")
+    base = Path(
+        subprocess.check_output([str(ours), "-c", "import sys; print(sys._base_executable)"])
+        .decode()
+        .strip()
+    )
+    sides = [
+        Side("sequential", ours, [], IO_TESTS),
+        Side("ours --threadpool 8", ours, ["--threadpool", str(WORKERS)], IO_TESTS),
+    ]
+    for label, (prefix, packages) in PEERS.items():
+        python = ensure_peer(base, f"{prefix}-{py}", packages)
+        if python is None:
+            continue
+        args = ["--threadpool", str(WORKERS)] if label == "pytest-threadpool" else []
+        if label == "xdist":
+            args = ["-n", str(WORKERS)]
+            label = f"xdist -n {WORKERS}"
+        else:
+            label = f"{label} --threadpool {WORKERS}"
+        sides.append(Side(label, python, args, IO_TESTS))
+    suite = write_suite(tmp / f"io-{py}", IO_SUITE)
+    measure(sides, suite, repeat)
+    sequential = sides[0]
+    ideal = IO_TESTS * IO_SLEEP / WORKERS
+    print(f"\nI/O-bound: {IO_TESTS} tests x {IO_SLEEP * 1000:g} ms, Python {py}, ", end="")
+    print(f"{os.cpu_count()} CPUs, median of {repeat}; ideal test phase {ideal:.2f} s")
+    header = (
+        f"{'side':32} {'test phase':>10} {'speed-up':>9} {'efficiency':>10} {'vs ideal':>8} "
+        f"{'whole run':>10} {'speed-up':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for side in sides:
+        speed = sequential.phase / side.phase
+        print(
+            f"{side.name:32} {side.phase:9.3f}s {speed:8.2f}x {speed / WORKERS:10.2f} "
+            f"{ideal / side.phase:8.2f} {side.wall:9.3f}s {sequential.wall / side.wall:8.2f}x"
+        )
+    ours_side = sides[1]
+    efficiency = sequential.phase / ours_side.phase / WORKERS
+    peers = sides[2:]
+    ahead = all(ours_side.phase < p.phase for p in peers)
+    ahead_wall = all(ours_side.wall < p.wall for p in peers)
+    print(
+        f"goal: efficiency {efficiency:.2f} >= {GOAL} {'met' if efficiency >= GOAL else 'MISSED'};"
+        f" ahead of every peer on the test phase: {'yes' if ahead else 'NO'},"
+        f" on the whole run: {'yes' if ahead_wall else 'NO'}"
+    )
+    for peer in peers:
+        print(
+            f"  ours / {peer.name}: test phase {ours_side.phase / peer.phase:.2f}, "
+            f"whole run {ours_side.wall / peer.wall:.2f}"
+        )
+    return efficiency >= GOAL and ahead
+
+
+def cpu_bench(py: str, repeat: int, tmp: Path) -> None:
+    python = venv_python(py)
+    if not python.exists():
+        print(f"\n(CPU-bound suite: {python} missing, skipped)")
+        return
+    sides = [
+        Side("sequential", python, [], CPU_TESTS),
+        Side("ours --threadpool 1", python, ["--threadpool", "1"], CPU_TESTS),
+        Side("ours --threadpool 2", python, ["--threadpool", "2"], CPU_TESTS),
+    ]
+    suite = write_suite(tmp / f"cpu-{py}", CPU_SUITE)
+    measure(sides, suite, repeat)
+    one = sides[1]
+    print(f"\nCPU-bound: {CPU_TESTS} tests of pure-Python arithmetic, Python {py}, ", end="")
+    print(f"{os.cpu_count()} CPUs, median of {repeat}")
+    header = f"{'side':32} {'test phase':>10} {'vs 1 worker':>11} {'whole run':>10}"
+    print(header)
+    print("-" * len(header))
+    for side in sides:
+        print(
+            f"{side.name:32} {side.phase:9.3f}s {one.phase / side.phase:10.2f}x {side.wall:9.3f}s"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--python", default="3.13", help="interpreter of the I/O comparison")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-cpu", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-threadpool-") as tmp:
+        met = io_bench(args.python, args.repeat, Path(tmp))
+        if not args.no_cpu:
+            for py in ("3.13t", "3.13"):
+                cpu_bench(py, args.repeat, Path(tmp))
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
