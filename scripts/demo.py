@@ -34,7 +34,7 @@ def main() -> int:
         return 2
     if run([str(bin_python), "-m", "pip", "install", "-q", "."]) != 0:
         return 2
-    print(f"\n### examples/ with plain pytest ({name}): every test passes on one thread", flush=True)
+    print(f"\n### examples/ with plain pytest ({name}): all pass on one thread", flush=True)
     run([str(bin_python), "-m", "pytest", *DEMO_ARGS, "-p", "no:ftrace"])
     print(f"\n### examples/ with pytest-ftrace ({name})", flush=True)
     return run([str(bin_python), "-m", "pytest", *DEMO_ARGS, *args.pytest_args])
