@@ -80,6 +80,17 @@ def add_options(group, parser, pluginmanager) -> None:
         metavar="K",
         help=f"how many times --ftrace-replay re-runs the round (default {DEFAULT_REPLAY_RUNS})",
     )
+    group.addoption(
+        "--ftrace-policy",
+        action="append",
+        dest="ftrace_policy",
+        default=None,
+        type=parse_policy_item,
+        metavar="KEY=VALUE",
+        help="tune the injection (repeatable): yield_probability, delay_probability, "
+        "sleep_share, max_spin_ns, max_sleep_us. ini: ftrace_policy",
+    )
+    parser.addini("ftrace_policy", "injection policy, KEY=VALUE per line", type="linelist")
     parser.addini("ftrace_seed", "session seed for --ftrace (N, last or random)", default="")
     parser.addini("ftrace_include", "module globs to instrument as well", type="linelist")
     parser.addini("ftrace_exclude", "module globs never to instrument", type="linelist")
@@ -98,6 +109,45 @@ def parse_seed_option(value: str) -> int | str:
     if not 0 <= seed < 2**64:
         raise argparse.ArgumentTypeError(f"--seed must be between 0 and 2**64-1, not {seed}")
     return seed
+
+
+def policy_keys() -> dict:
+    from pytest_ftrace import _native
+
+    return dict(_native.policy_defaults())
+
+
+def parse_policy_item(value: str) -> tuple[str, float]:
+    key, sep, raw = str(value).partition("=")
+    key = key.strip()
+    defaults = policy_keys()
+    if not sep or key not in defaults:
+        raise argparse.ArgumentTypeError(
+            f"--ftrace-policy takes KEY=VALUE with KEY one of {', '.join(defaults)}, "
+            f"not {value!r}"
+        )
+    kind = type(defaults[key])
+    try:
+        number = kind(raw.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--ftrace-policy {key} must be a {'whole ' if kind is int else ''}number, "
+            f"not {raw.strip()!r}"
+        ) from None
+    return key, number
+
+
+def resolve_policy(config: pytest.Config) -> dict:
+    """ini lines first, then the command line; each later KEY wins."""
+    policy: dict = {}
+    for line in options.ini_value(config, "ftrace_policy") or ():
+        try:
+            key, number = parse_policy_item(line)
+        except argparse.ArgumentTypeError as exc:
+            raise pytest.UsageError(f"ini key ftrace_policy: {exc}") from None
+        policy[key] = number
+    policy.update(config.option.ftrace_policy or ())
+    return policy
 
 
 @dataclass(frozen=True)
@@ -161,7 +211,13 @@ class FtraceSession:
         exclude = (config.option.ftrace_exclude or []) + list(
             options.ini_value(config, "ftrace_exclude") or []
         )
-        self.instrumentation = Instrumentation(self.seed, str(config.rootpath), include, exclude)
+        self.policy = resolve_policy(config)
+        try:
+            self.instrumentation = Instrumentation(
+                self.seed, str(config.rootpath), include, exclude, **self.policy
+            )
+        except ValueError as exc:
+            raise pytest.UsageError(f"--ftrace-policy: {exc}") from None
         self.stats: list[tuple[str, dict]] = []
         self.replays: list[tuple[str, int, int]] = []
         cache = getattr(config, "cache", None)
@@ -214,7 +270,7 @@ class TestSession:
         props = self.item.user_properties
         props.append(("ftrace_seed", self.session.seed))
         props.append(("ftrace_test_seed", self.run.seed))
-        for key in ("executions", "accesses", "yields", "delays"):
+        for key in ("executions", "hooked", "yields", "delays"):
             if key in stats:
                 props.append((f"ftrace_{key}", stats[key]))
         if self.replay is not None:

@@ -310,12 +310,12 @@ def ftrace_summary(tr, session: ftrace.FtraceSession, verbose: int) -> None:
         return
     tr.section(f"ftrace statistics (seed {session.seed})", sep="-")
     tr.line(
-        f"{'executions':>10} {'accesses':>10} {'yields':>8} {'delays':>8} "
+        f"{'executions':>10} {'hooked':>10} {'yields':>8} {'delays':>8} "
         f"{'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
     )
     for nodeid, st in session.stats:
         tr.line(
-            f"{st.get('executions', 0):>10} {st.get('accesses', 0):>10} "
+            f"{st.get('executions', 0):>10} {st.get('hooked', 0):>10} "
             f"{st.get('yields', 0):>8} {st.get('delays', 0):>8} "
             f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
             f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
