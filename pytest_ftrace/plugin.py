@@ -7,7 +7,7 @@ import unittest
 
 import pytest
 
-from pytest_ftrace import _native, ftrace, gil, markers, options, report, runner, threadpool
+from pytest_ftrace import _native, ftrace, gil, isolate, markers, options, report, runner, threadpool
 from pytest_ftrace.fixtures import (  # noqa: F401 - registered as fixtures
     iteration_index,
     num_iterations,
@@ -87,6 +87,7 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     )
     ftrace.add_options(group, parser, pluginmanager)
     threadpool.add_options(group, parser, pluginmanager)
+    isolate.add_options(group, parser, pluginmanager)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -111,6 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.pluginmanager.hasplugin("xdist"):
             config.pluginmanager.register(_XdistSeed(), "ftrace-xdist")
     threadpool.configure(config)
+    isolate.configure(config)
 
 
 class _XdistSeed:
