@@ -1,28 +1,38 @@
 """pytest-ftrace: make thread-safety bugs fail every run, and replay the interleaving
-that broke a test."""
+that broke a test.
 
-from pytest_ftrace import _native
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
 
-__version__ = _native.__version__
+from __future__ import annotations
 
-from pytest_ftrace.helpers import (  # noqa: E402
-    ProcessConfig,
-    TaskConfig,
-    ThreadConfig,
-    run_process,
-    run_task,
-    run_thread,
-)
-from pytest_ftrace.threadpool import not_parallelizable, parallelizable  # noqa: E402
+# The helpers and the threadpool markers are imported on first use: pytest imports this package
+# for every session (the plugin lives in it), and most sessions need neither.
+_LAZY = {
+    "__version__": "pytest_ftrace._native",
+    "ProcessConfig": "pytest_ftrace.helpers",
+    "TaskConfig": "pytest_ftrace.helpers",
+    "ThreadConfig": "pytest_ftrace.helpers",
+    "run_process": "pytest_ftrace.helpers",
+    "run_task": "pytest_ftrace.helpers",
+    "run_thread": "pytest_ftrace.helpers",
+    "not_parallelizable": "pytest_ftrace.threadpool",
+    "parallelizable": "pytest_ftrace.threadpool",
+}
 
-__all__ = [
-    "__version__",
-    "ProcessConfig",
-    "TaskConfig",
-    "ThreadConfig",
-    "not_parallelizable",
-    "parallelizable",
-    "run_process",
-    "run_task",
-    "run_thread",
-]
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_ftrace' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -11,6 +11,8 @@ What is shared between the threads, taken from pytest's own set-up:
 - pytest's built-in fixtures (request, tmp_path, ...) and fixtures of parametrization;
 - parametrized fixtures and async fixtures, which need pytest's own machinery;
 - autouse fixtures the test does not name, which pytest has already run once for the test.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

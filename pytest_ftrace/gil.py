@@ -1,11 +1,23 @@
-"""The GIL: is this a free-threaded build, is the GIL on now, and who turned it back on."""
+"""The GIL: is this a free-threaded build, is the GIL on now, and who turned it back on.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
 
 from __future__ import annotations
 
 import sys
-import sysconfig
 
-FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+def _free_threaded_build() -> bool:
+    abiflags = getattr(sys, "abiflags", None)  # "t" marks a free-threaded build (POSIX)
+    if abiflags is not None:
+        return "t" in abiflags
+    import sysconfig
+
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+FREE_THREADED_BUILD = _free_threaded_build()
 
 
 def enabled() -> bool:

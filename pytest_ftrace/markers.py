@@ -4,13 +4,14 @@ Precedence: marker > command-line option > ini key. Among markers, `ftrace(...)`
 drop-in markers of pytest-run-parallel (`parallel_threads`, `iterations`) and
 pytest-freethreaded (`freethreaded`); those are honoured only while the plugin that owns them is
 not active, so a test is never threaded by two plugins at once.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass
 
 import pytest
 
@@ -38,11 +39,26 @@ BUILTIN_THREAD_UNSAFE = ("capsys", "capfd", "capsysbinary", "capfdbinary", "monk
 )
 
 
-@dataclass(frozen=True)
 class Plan:
-    threads: int
-    iterations: int
-    single_reason: str | None = None  # set when the test runs on one thread, plainly
+    """How one test runs: threads x iterations, or on one thread for `single_reason`."""
+
+    __slots__ = ("threads", "iterations", "single_reason")
+
+    def __init__(self, threads: int, iterations: int, single_reason: str | None = None):
+        self.threads = threads
+        self.iterations = iterations
+        self.single_reason = single_reason  # set when the test runs on one thread, plainly
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and (
+            (self.threads, self.iterations, self.single_reason)
+            == (other.threads, other.iterations, other.single_reason)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Plan({self.threads}, {self.iterations}, {self.single_reason!r})"
 
     @property
     def threaded(self) -> bool:
@@ -81,6 +97,19 @@ def _args(mark: pytest.Mark, names: tuple[str, ...]) -> dict:
             )
         values[key] = value
     return values
+
+
+COUNT_MARKERS = frozenset({"parallel_threads", "iterations", "freethreaded", "ftrace"})
+
+
+def check_markers(item: pytest.Item, peers: set[str]) -> None:
+    """At collection: raise MarkerError for a marker with wrong arguments. One pass over the
+    item's markers; most items have none of ours and cost only that pass."""
+    names = {mark.name for mark in item.iter_markers()}
+    if names & COUNT_MARKERS:
+        marker_counts(item, peers)
+    if "thread_unsafe" in names:
+        _args(item.get_closest_marker("thread_unsafe"), ("reason",))
 
 
 def marker_counts(item: pytest.Item, peers: set[str]) -> tuple[int | None, int | None]:

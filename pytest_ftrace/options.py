@@ -3,14 +3,16 @@
 Some names we would like (`--threads`, `--iterations`, ...) are also defined by peer plugins.
 pytest cannot hold two options of one name, so such a name is registered only when no installed
 plugin has taken it; every option also has an `--ftrace-` spelling that is always there.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import os
-from dataclasses import dataclass
 
 import pytest
 
@@ -24,16 +26,20 @@ PEER_NAMES: dict[str, frozenset[str]] = {
 }
 
 
-def active_peers(pluginmanager: pytest.PytestPluginManager) -> set[str]:
-    """Peer plugins that are installed (or registered) and not disabled with -p no:NAME."""
-    found = set()
+@functools.cache
+def installed_peers() -> frozenset[str]:
+    """Entry-point names of the installed peer plugins. Scanning the installed distributions
+    takes milliseconds, so it is done once per process (pytester runs many sessions in one)."""
     try:
         eps = importlib.metadata.entry_points(group="pytest11")
     except Exception:  # a broken distribution must not break option parsing
-        eps = ()
-    for ep in eps:
-        if ep.name in PEER_NAMES and not pluginmanager.is_blocked(ep.name):
-            found.add(ep.name)
+        return frozenset()
+    return frozenset(ep.name for ep in eps if ep.name in PEER_NAMES)
+
+
+def active_peers(pluginmanager: pytest.PytestPluginManager) -> set[str]:
+    """Peer plugins that are installed (or registered) and not disabled with -p no:NAME."""
+    found = {name for name in installed_peers() if not pluginmanager.is_blocked(name)}
     for name in PEER_NAMES:
         if pluginmanager.has_plugin(name):
             found.add(name)
@@ -149,12 +155,34 @@ def resolve(config: pytest.Config, dest: str, ini: str, parse, default):
         raise pytest.UsageError(f"ini key {ini}: {exc}") from None
 
 
-@dataclass(frozen=True)
 class Settings:
-    """The session-wide settings of the stress runner, after option > ini > default."""
+    """The session-wide settings of the stress runner, after option > ini > default.
 
-    threads: int
-    iterations: int
-    require_gil_disabled: bool
-    thread_unsafe_fixtures: frozenset[str]
-    timeout: float
+    A plain class, not a dataclass: making a dataclass costs startup time on every pytest run.
+    """
+
+    __slots__ = (
+        "threads",
+        "iterations",
+        "require_gil_disabled",
+        "thread_unsafe_fixtures",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        threads: int,
+        iterations: int,
+        require_gil_disabled: bool,
+        thread_unsafe_fixtures: frozenset[str],
+        timeout: float,
+    ):
+        self.threads = threads
+        self.iterations = iterations
+        self.require_gil_disabled = require_gil_disabled
+        self.thread_unsafe_fixtures = thread_unsafe_fixtures
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Settings({fields})"

@@ -1,13 +1,15 @@
-"""The pytest plugin: a thin layer of hooks over the modules of this package."""
+"""The pytest plugin: a thin layer of hooks over the modules of this package.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
 
 from __future__ import annotations
 
 import sys
-import unittest
 
 import pytest
 
-from pytest_ftrace import _native, ftrace, gil, isolate, markers, options, report, runner, threadpool
+from pytest_ftrace import ftrace, gil, isolate, markers, options, threadpool
 from pytest_ftrace.fixtures import (  # noqa: F401 - registered as fixtures
     iteration_index,
     num_iterations,
@@ -172,6 +174,8 @@ STATE_KEY = pytest.StashKey[SessionState]()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pytest_ftrace import _native
+
     info = _native.build_info()
     state = config.stash[STATE_KEY]
     settings = state.settings
@@ -193,7 +197,7 @@ def pytest_pycollect_makeitem(collector, name, obj):
     for item in items:
         if isinstance(item, pytest.Item):
             try:
-                markers.plan_for(item, state.settings, state.peers)
+                markers.check_markers(item, state.peers)
             except markers.MarkerError as exc:
                 raise pytest.Collector.CollectError(f"{item.name}: {exc}") from None
     return result
@@ -241,7 +245,13 @@ def pytest_runtest_call(item: pytest.Item):
 
 
 def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionState):
-    takes_fixtures = not isinstance(getattr(original, "__self__", None), unittest.TestCase)
+    # unittest is only loaded when a session has TestCase tests; don't import it for the others
+    unittest = sys.modules.get("unittest")
+    takes_fixtures = unittest is None or not isinstance(
+        getattr(original, "__self__", None), unittest.TestCase
+    )
+
+    from pytest_ftrace import report, runner
 
     def run_in_threads(*args, **kwargs):
         __tracebackhide__ = True
@@ -276,8 +286,11 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     rep = yield
-    if call.excinfo is not None and isinstance(call.excinfo.value, report.ConcurrencyError):
-        rep.longrepr = f"ConcurrencyError: {call.excinfo.value}"
+    if call.excinfo is not None and call.excinfo.typename == "ConcurrencyError":
+        from pytest_ftrace.report import ConcurrencyError
+
+        if isinstance(call.excinfo.value, ConcurrencyError):
+            rep.longrepr = f"ConcurrencyError: {call.excinfo.value}"
     state = item.config.stash[STATE_KEY]
     message = state.gil.after(item.nodeid)
     if message:
