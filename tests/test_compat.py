@@ -78,7 +78,7 @@ def test_plugin_disabled(pytester):
 # --- the real peer plugins, installed beside ours in a venv -------------------------------
 
 
-def make_peer_venv(tmp: Path, package: str) -> Path:
+def make_peer_venv(tmp: Path, package: str, *more: str) -> Path:
     """A venv that sees this interpreter's packages (ours included) plus the peer from PyPI."""
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -92,7 +92,7 @@ def make_peer_venv(tmp: Path, package: str) -> Path:
     ours = sysconfig.get_paths()["purelib"]
     # addsitedir also reads the .pth files there (our editable install is one).
     Path(purelib, "_ftrace_parent.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", package]
+    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", package, *more]
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     done = subprocess.run(install + ["--ignore-requires-python"], env=env, capture_output=True)
     if done.returncode != 0:
@@ -162,3 +162,48 @@ def test_installed_beside_a_peer(pytester, tmp_path, package, plugin, ours, thei
     done = pytest_in_venv(str(peer_test), *theirs)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ftrace: threads=1 iterations=1" in done.stdout
+
+
+XDIST_RACE = """
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+COUNTER = Counter()
+
+def test_lost_update(num_parallel_threads, thread_index):
+    before = COUNTER.n
+    for _ in range(200):
+        COUNTER.n += 1
+    assert COUNTER.n - before == 200, "another thread moved the counter"
+
+def test_fine():
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_xdist_workers_use_the_session_seed(pytester, tmp_path):
+    python = make_peer_venv(tmp_path, "pytest-xdist==3.8.0", "execnet==2.1.1")
+    pytester.makepyfile(test_race=XDIST_RACE)
+
+    def pytest_in_venv(*args):
+        return subprocess.run(
+            [str(python), "-m", "pytest", "-p", "no:cacheprovider", "--ftrace", *args],
+            cwd=pytester.path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    import re
+
+    distributed = pytest_in_venv("-n", "2")  # random session seed, chosen by the controller
+    assert "1 failed, 1 passed" in distributed.stdout, distributed.stdout + distributed.stderr
+    seed = re.search(r"^ftrace: seed=(\d+)", distributed.stdout, re.M).group(1)
+    test_seed = re.search(r"test-seed=(\d+)", distributed.stdout).group(1)
+    assert f"--seed {seed} --ftrace-replay" in distributed.stdout
+    # The same test, alone and without xdist, with the controller's seed: the same test seed.
+    alone = pytest_in_venv("test_race.py::test_lost_update", "--seed", seed)
+    assert "1 failed" in alone.stdout, alone.stdout
+    assert re.search(r"test-seed=(\d+)", alone.stdout).group(1) == test_seed
