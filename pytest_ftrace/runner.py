@@ -6,6 +6,8 @@ KeyboardInterrupt and pytest's outcome exceptions included) and goes on to the n
 barrier has a timeout, and the supervising thread aborts the barrier and stops waiting once the
 deadline passes. Workers are daemon threads, so a body that never returns cannot keep the
 process alive at exit.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from pytest_ftrace.fixtures import ThreadFixtures
 from pytest_ftrace.report import OUTCOME_SKIP, OUTCOME_XFAIL, Failure, Outcome
 
 _STOPPING = (KeyboardInterrupt, pytest.exit.Exception)
+
+# (test node id, thread) for every thread a watchdog gave up on in this process.
+LEAKED: list[tuple[str, threading.Thread]] = []
+
+
+def leaked_alive() -> list[tuple[str, threading.Thread]]:
+    """The leaked threads that are still running."""
+    return [(nodeid, thread) for nodeid, thread in LEAKED if thread.is_alive()]
 
 
 class Hang(Exception):
@@ -60,6 +70,8 @@ class ThreadedRun:
         # One party more than the workers for the final barrier would let the supervisor wait
         # for teardown; the workers alone suffice, the supervisor joins them.
         self._barrier = threading.Barrier(self.threads, timeout=self.timeout)
+        self._rounds: list[int | None] = [None] * self.threads  # the round each worker is in
+        before = set(threading.enumerate())
         workers = [
             threading.Thread(target=self._worker, args=(k,), name=f"ftrace-{k}", daemon=True)
             for k in range(self.threads)
@@ -83,10 +95,31 @@ class ThreadedRun:
                 worker.join(max(0.0, grace - time.monotonic()))
         alive = [w for w in workers if w.is_alive()]
         if alive:
-            outcome.failures.append(Failure(None, None, self._hang_error(alive), "call"))
+            # Threads the body started and left running (a deadlocked helper thread, say).
+            started = [
+                t
+                for t in threading.enumerate()
+                if t not in before and t not in workers and t.is_alive()
+            ]
+            stuck = [workers.index(w) for w in alive]
+            first = min(stuck, key=lambda k: (self._rounds[k] is None, self._rounds[k] or 0, k))
+            hang = self._hang_error(workers, alive, started)
+            if self._rounds[first] is None:  # stuck before its first round (fixture set-up)
+                outcome.failures.append(Failure(None, None, hang, "call"))
+            else:  # blamed on the earliest stuck round, so --ftrace prints its replay line
+                outcome.failures.append(Failure(first, self._rounds[first], hang, "call"))
+            leaked = alive + started
+            LEAKED.extend((self.item.nodeid, t) for t in leaked)
+            blocking = [t.name for t in started if not t.daemon]
             outcome.notes.append(
-                f"leaked threads: {', '.join(w.name for w in alive)} were still running when "
-                "the test was given up; they are daemon threads and will not block exit."
+                f"leaked threads: {', '.join(t.name for t in leaked)} were still running when "
+                "the test was given up"
+                + (
+                    f"; {', '.join(blocking)} not daemon, so the process will exit with "
+                    "os._exit at the end of the session instead of waiting for them."
+                    if blocking
+                    else "; they are daemon threads and will not block exit."
+                )
             )
         if self._stopping is not None:
             raise self._stopping
@@ -137,6 +170,7 @@ class ThreadedRun:
                     continue
                 if iteration_arg:
                     kwargs["iteration_index"] = iteration
+                self._rounds[index] = iteration
                 if hooks.round_start is not None:
                     hooks.round_start(iteration)
                 started = time.perf_counter()
@@ -169,17 +203,29 @@ class ThreadedRun:
             return False
         return not self._stop.is_set()
 
-    def _hang_error(self, alive: list[threading.Thread]) -> Hang:
+    def _hang_error(
+        self,
+        workers: list[threading.Thread],
+        alive: list[threading.Thread],
+        started: list[threading.Thread],
+    ) -> Hang:
+        import traceback
+
         frames = sys._current_frames()
         parts = [
             f"the test's threads did not finish within {self.timeout:g}s "
             f"(--ftrace-timeout); {len(alive)} of {self.threads} still running"
         ]
-        for worker in alive:
-            frame = frames.get(worker.ident)
-            parts.append(f"\nThread {worker.name} (most recent call last):")
+        for thread in alive + started:
+            frame = frames.get(thread.ident)
+            if thread in alive:
+                parts.append(f"\nThread {thread.name} (most recent call last):")
+            else:
+                daemon = "daemon" if thread.daemon else "not daemon"
+                parts.append(
+                    f"\nThread {thread.name}, started by the test, {daemon} "
+                    "(most recent call last):"
+                )
             if frame is not None:
-                import traceback
-
                 parts.append("".join(traceback.format_stack(frame)).rstrip())
         return Hang("\n".join(parts))
