@@ -32,12 +32,13 @@ _OFF = ("off", "no", "none", "false", "0")
 _ACTIVE_CONFIGS = [0]  # sessions configured in this process (pytester runs nest them)
 
 
-def parse_mode(value: str) -> str | None:
+def parse_mode(value: str) -> str:
+    """test, module, or off."""
     mode = str(value).strip().lower()
     if mode in MODES:
         return mode
     if mode in _OFF:
-        return None
+        return "off"
     import argparse
 
     hint = ""
@@ -70,7 +71,7 @@ def add_options(group, parser, pluginmanager) -> None:
 def resolve_mode(config: pytest.Config) -> str | None:
     value = config.getoption("ftrace_isolate", None)
     if value is not None:
-        return parse_mode(value)
+        return None if value == "off" else value
     try:
         raw = config.getini("ftrace_isolate")
     except ValueError:
@@ -80,9 +81,10 @@ def resolve_mode(config: pytest.Config) -> str | None:
     import argparse
 
     try:
-        return parse_mode(raw)
+        mode = parse_mode(raw)
     except argparse.ArgumentTypeError as exc:
         raise pytest.UsageError(f"ini key ftrace_isolate: {exc}") from None
+    return None if mode == "off" else mode
 
 
 def configure(config: pytest.Config) -> None:
@@ -483,7 +485,9 @@ def _crash_message(config, item, status: int, phase: str, faults: str, detail) -
     faults = _trim_stacks(faults.strip())
     if faults:
         lines.append("")
-        lines.append("Python stacks at the crash (faulthandler, most recent call first):")
+        lines.append(
+            "Python stacks when the test process ended (faulthandler, most recent call first):"
+        )
         lines.append(faults)
     else:
         lines.append("(no Python stacks: the process ended without a fatal-error dump)")

@@ -1,0 +1,365 @@
+"""--ftrace-isolate: tests run in forked children, and the main process reports as usual."""
+
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+RUN = ("-p", "no:cacheprovider")
+
+
+def run(pytester: pytest.Pytester, *args: str, cache: bool = False) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*(() if cache else RUN), *args, timeout=120)
+
+
+PIDS = """
+    import os, pathlib
+    def record(name):
+        with open("pids", "a") as f:
+            f.write(f"{name} {os.getpid()}\\n")
+"""
+
+
+def pids(pytester) -> dict[str, int]:
+    lines = (pytester.path / "pids").read_text().split("\n")
+    return {name: int(pid) for name, pid in (line.split() for line in lines if line)}
+
+
+def test_each_test_runs_in_its_own_child(pytester):
+    pytester.makeconftest(PIDS)
+    pytester.makepyfile(
+        """
+        import pytest
+        from conftest import record
+        def test_a():
+            record("a")
+        def test_b():
+            record("b")
+        def test_fails():
+            record("fails")
+            assert 1 == 2
+        @pytest.mark.skip(reason="not today")
+        def test_skipped():
+            pass
+        @pytest.mark.xfail(reason="known")
+        def test_xfails():
+            assert 0
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("fixture broke")
+        def test_setup_error(broken):
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate")
+    result.assert_outcomes(passed=2, failed=1, skipped=1, xfailed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "ftrace: isolate=test (each test in a forked child process)",
+            "*RuntimeError: fixture broke*",
+            "*assert 1 == 2*",
+        ]
+    )
+    seen = pids(pytester)
+    assert len(set(seen.values())) == 3
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_module_mode_shares_a_child_and_module_fixtures(pytester):
+    pytester.makeconftest(PIDS)
+    common = """
+        import pytest
+        from conftest import record
+        @pytest.fixture(scope="module")
+        def resource():
+            record("setup-{name}")
+            yield
+            record("teardown-{name}")
+        def test_1(resource):
+            record("1-{name}")
+        def test_2(resource):
+            record("2-{name}")
+        def test_3(resource):
+            record("3-{name}")
+        """
+    pytester.makepyfile(test_m=common.format(name="m"), test_n=common.format(name="n"))
+    result = run(pytester, "--ftrace-isolate=module")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["ftrace: isolate=module*"])
+    order = [line.split()[0] for line in (pytester.path / "pids").read_text().splitlines()]
+    assert order == [
+        *("setup-m", "1-m", "2-m", "3-m", "teardown-m"),
+        *("setup-n", "1-n", "2-n", "3-n", "teardown-n"),
+    ]
+    seen = pids(pytester)
+    assert seen["1-m"] == seen["3-m"] != seen["1-n"] == seen["3-n"]
+    assert os.getpid() not in seen.values()
+
+    # Per test, the module fixture comes with each test's child.
+    (pytester.path / "pids").unlink()
+    run(pytester, "--ftrace-isolate=test", "test_m.py").assert_outcomes(passed=3)
+    order = [line.split()[0] for line in (pytester.path / "pids").read_text().splitlines()]
+    assert order.count("setup-m") == 3
+    assert order.count("teardown-m") == 3
+
+
+def test_module_mode_restarts_after_a_crash(pytester):
+    pytester.makeconftest(PIDS)
+    pytester.makepyfile(
+        """
+        import os, pytest
+        from conftest import record
+        @pytest.fixture(scope="module")
+        def resource():
+            record("setup")
+            return 1
+        def test_1(resource):
+            record("1")
+        def test_dies(resource):
+            os._exit(9)
+        def test_3(resource):
+            record("3")
+        def test_4(resource):
+            record("4")
+        """
+    )
+    result = run(pytester, "--ftrace-isolate=module")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_dies*", "crashed: the test process exited with status 9 during call*"]
+    )
+    order = [line.split()[0] for line in (pytester.path / "pids").read_text().splitlines()]
+    assert order == ["setup", "1", "setup", "3", "4"]
+    seen = pids(pytester)
+    assert seen["1"] != seen["3"] == seen["4"]
+
+
+def test_crash_in_setup_and_teardown_is_reported_against_the_test(pytester):
+    pytester.makepyfile(
+        """
+        import os, signal, pytest
+        @pytest.fixture
+        def aborts_in_setup():
+            os.abort()
+        @pytest.fixture
+        def dies_in_teardown():
+            yield
+            os.kill(os.getpid(), signal.SIGKILL)
+        def test_setup_crash(aborts_in_setup):
+            pass
+        def test_teardown_crash(dies_in_teardown):
+            pass
+        def test_fine():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate", "-rA")
+    # The teardown crash makes that test pass its call and error in teardown, as pytest would.
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_setup_crash*",
+            "crashed: the test process was killed by SIGABRT (Aborted) during setup",
+            "*aborts_in_setup*",
+            "*ERROR at teardown of test_teardown_crash*",
+            "crashed: the test process was killed by SIGKILL (Killed) during teardown",
+        ]
+    )
+    result.stdout.fnmatch_lines(["PASSED *test_fine*"])
+
+
+def test_exitfirst_stops_and_last_failed_reruns(pytester):
+    pytester.makepyfile(
+        """
+        def test_ok():
+            pass
+        def test_bad():
+            assert 0
+        def test_never():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate", "-x", cache=True)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*stopping after 1 failures*"])
+    result = run(pytester, "--ftrace-isolate", "--lf", "-v", cache=True)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["run-last-failure: rerun previous 1 failure*", "*test_bad FAILED*"]
+    )
+
+
+def test_junitxml_stays_complete_through_a_crash(pytester):
+    pytester.makepyfile(
+        """
+        import ctypes
+        def test_before():
+            print("before")
+        def test_segfault():
+            ctypes.string_at(0)
+        def test_after():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate", "--junitxml=out.xml", "-o", "junit_logging=all")
+    result.assert_outcomes(passed=2, failed=1)
+    suite = ET.parse(pytester.path / "out.xml").getroot().find("testsuite")
+    assert suite.get("tests") == "3"
+    assert suite.get("failures") == "1"
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert sorted(cases) == ["test_after", "test_before", "test_segfault"]
+    failure = cases["test_segfault"].find("failure")
+    assert "SIGSEGV" in failure.get("message")
+    assert "test_segfault" in failure.text
+    assert "before" in cases["test_before"].find("system-out").text
+
+
+def test_captured_output_is_shown(pytester):
+    pytester.makepyfile(
+        """
+        import os, sys
+        def test_prints():
+            print("to stdout")
+            sys.stderr.write("to stderr\\n")
+        def test_prints_then_dies():
+            print("last words")
+            sys.stdout.flush()
+            os._exit(1)
+        """
+    )
+    result = run(pytester, "--ftrace-isolate", "-rA")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_prints_then_dies*",
+            "crashed: the test process exited with status 1 during call*",
+            "*Captured stdout call*",
+            "last words",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["*test_prints*", "*Captured stdout call*", "to stdout", "*Captured stderr call*"]
+    )
+
+
+def test_seed_and_replay_line_with_ftrace(pytester):
+    pytester.makepyfile(
+        """
+        import ctypes
+        def test_crashes(thread_index):
+            if thread_index == 1:
+                ctypes.string_at(0)
+        def test_after():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate", "--ftrace", "--seed", "1234", "--threads", "2")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "crashed: the test process was killed by SIGSEGV*during call",
+            "test: test_seed_and_replay_line_with_ftrace.py::test_crashes",
+            "ftrace: seed=1234",
+            "replay: pytest 'test_seed_and_replay_line_with_ftrace.py::test_crashes' "
+            "--ftrace --seed 1234 --ftrace-isolate*",
+            "Current thread * (most recent call first):",
+            '*File "*test_seed_and_replay_line_with_ftrace.py", line 4 in test_crashes',
+        ]
+    )
+
+
+def test_ftrace_statistics_come_back_from_the_children(pytester):
+    pytester.makepyfile(
+        """
+        def test_one():
+            pass
+        def test_two():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate", "--ftrace", "--seed", "3", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*ftrace statistics (seed 3)*", "*::test_one", "*::test_two"])
+
+
+def test_pytest_exit_and_keyboard_interrupt_in_a_child_stop_the_session(pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+        def test_first():
+            pass
+        def test_exits():
+            pytest.exit("enough", returncode=7)
+        def test_never():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate")
+    assert result.ret == 7
+    result.stdout.fnmatch_lines(["*Exit: enough*"])
+    result.assert_outcomes(passed=1)
+    pytester.makepyfile(
+        """
+        def test_first():
+            pass
+        def test_interrupts():
+            raise KeyboardInterrupt
+        def test_never():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
+    assert "test_never" not in result.stdout.str()
+
+
+def test_ini_key_and_off(pytester):
+    pytester.makeconftest(PIDS)
+    pytester.makeini("[pytest]\nftrace_isolate = module\n")
+    pytester.makepyfile(
+        """
+        from conftest import record
+        def test_a():
+            record("a")
+        def test_b():
+            record("b")
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["ftrace: isolate=module*"])
+    seen = pids(pytester)
+    assert seen["a"] == seen["b"]
+    result = run(pytester, "--ftrace-isolate=off")
+    result.assert_outcomes(passed=2)
+    assert "isolate=" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        (("--ftrace-isolate", "bogus"), "", "*--ftrace-isolate takes test, module or off*bogus*"),
+        (
+            ("--ftrace-isolate", "tests/test_x.py"),
+            "",
+            "*write --ftrace-isolate=test before it*",
+        ),
+        ((), "ftrace_isolate = sometimes", "*ini key ftrace_isolate*sometimes*"),
+        (("--ftrace-isolate", "--threadpool", "2"), "", "*cannot be combined*"),
+    ],
+)
+def test_bad_values_are_usage_errors(pytester, args, ini, message):
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile("def test_ok(): pass")
+    result = run(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_collect_only_forks_nothing(pytester):
+    pytester.makepyfile("def test_ok(): pass")
+    result = run(pytester, "--ftrace-isolate", "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.OK
+    assert "isolate=" not in result.stdout.str()
