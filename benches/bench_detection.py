@@ -72,7 +72,9 @@ class Tally:
     runs: int = 0
 
     def cell(self) -> str:
-        mark = ("*" if self.crashed else "") + ("+" if self.hung else "")
+        mark = (f" *{self.crashed}" if self.crashed else "") + (
+            f" +{self.hung}" if self.hung else ""
+        )
         return f"{self.failed}{mark}"
 
 
@@ -279,7 +281,7 @@ def report(results: Results, nodes: list[str]) -> str:
     rows = []
     for node in nodes:
         name = node.split("::")[-1].removeprefix("test_")
-        if node == next(n for n in nodes if not is_racy(n)):
+        if node == next((n for n in nodes if not is_racy(n)), None):
             rows.append(["-- safe twins --"] + [""] * len(columns))
         row = [name]
         for tag, tool in columns:
@@ -289,8 +291,8 @@ def report(results: Results, nodes: list[str]) -> str:
     out = [f"Runs failed out of {results.runs}, per test (racy first, then safe twins)", ""]
     out.append(table(header, rows))
     out.append("")
-    out.append('  "*": includes runs where the interpreter crashed (counted as failed);')
-    out.append('  "+": includes runs where the process hung past the timeout (counted as failed);')
+    out.append('  "20 *7": 20 runs failed, 7 of them because the interpreter crashed (a signal);')
+    out.append('  "+N": N runs where the process hung past the timeout; both count as failed')
     out.append("  ours = pytest --ftrace --seed <run> (defaults); rp = pytest-run-parallel")
     out.append("  --parallel-threads 8 --iterations 25; ft = pytest-freethreaded (defaults: 10")
     out.append("  threads, 200 iterations; needs 3.13+)")
@@ -302,6 +304,9 @@ def report(results: Results, nodes: list[str]) -> str:
         racy = [tallies[n].failed for n in nodes if is_racy(n) and n in tallies]
         safe = [tallies[n].failed for n in nodes if not is_racy(n) and n in tallies]
         r = results.runs
+        if not racy:
+            rows.append([tag, tool, "-", "-", "-", f"{sum(safe)} (of {r * len(safe)})"])
+            continue
         rows.append(
             [
                 tag,
@@ -338,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-base", type=int, default=1, help="run k uses --seed base+k")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     parser.add_argument("--json", type=Path, help="also write the tallies here")
-    parser.add_argument("-k", dest="select", help="only corpus tests whose name contains this")
+    parser.add_argument(
+        "-k",
+        dest="select",
+        action="append",
+        help="only corpus tests whose name contains this (repeatable: any of them)",
+    )
     args = parser.parse_args(argv)
     if args.quick and "--runs" not in (argv or sys.argv):
         args.runs = 5
@@ -360,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         info = describe(python)
         files = collect(python)
         if args.select:
-            files = {f: [n for n in ns if args.select in n] for f, ns in files.items()}
+            files = {
+                f: [n for n in ns if any(k in n for k in args.select)] for f, ns in files.items()
+            }
         plan = groups(files)
         nodes = nodes or [n for ns in files.values() for n in ns]
         tools = tools_for(tag, args, info)
