@@ -262,7 +262,7 @@ class Isolator:
         if stop is not None:
             self._stop_child()
             if stop[0] == "interrupt":
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(f"in {item.nodeid}, at {stop[1]} (isolated test process)")
             pytest.exit(stop[1], returncode=stop[2])
         return True
 
@@ -390,6 +390,10 @@ class Isolator:
         from _pytest.reports import TestReport
 
         keywords = {name: 1 for name in item.keywords}
+        properties = list(item.user_properties) + [("ftrace_crash", _status_name(status))]
+        session = _ftrace_session(self.config)
+        if session is not None:
+            properties.append(("ftrace_seed", session.seed))
         reports = [
             TestReport(
                 item.nodeid,
@@ -402,12 +406,20 @@ class Isolator:
                 stopped - started,
                 started,
                 stopped,
-                list(item.user_properties) + [("ftrace_crash", _status_name(status))],
+                properties,
             )
         ]
-        if phase != "teardown":
+        if phase != "teardown":  # junitxml takes a test's properties from its teardown report
             reports.append(
-                TestReport(item.nodeid, item.location, keywords, "passed", None, "teardown")
+                TestReport(
+                    item.nodeid,
+                    item.location,
+                    keywords,
+                    "passed",
+                    None,
+                    "teardown",
+                    user_properties=properties,
+                )
             )
         return reports
 
@@ -602,6 +614,22 @@ class _ChildReporter:
         return report
 
 
+def _where(exc: BaseException) -> str:
+    """file:line where an exception was raised, relative to the working directory if inside."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "<unknown>"
+    path = frames[-1].filename
+    try:
+        relative = os.path.relpath(path)
+        path = path if relative.startswith("..") else relative
+    except ValueError:
+        pass
+    return f"{path}:{frames[-1].lineno}"
+
+
 def _child_main(config: pytest.Config, group: list, commands: int, messages: int, fault: int):
     """Run the tests the main process asks for, until it says quit; the exit code."""
     import faulthandler
@@ -625,8 +653,8 @@ def _child_main(config: pytest.Config, group: list, commands: int, messages: int
         faulthandler.dump_traceback_later(bound, exit=True, file=fault)
         try:
             runtestprotocol(item, nextitem=nextitem, log=False)
-        except KeyboardInterrupt:
-            _send(messages, ("interrupt",))
+        except KeyboardInterrupt as exc:
+            _send(messages, ("interrupt", _where(exc)))
             return 0
         except pytest.exit.Exception as exc:
             _send(messages, ("exit", exc.msg, exc.returncode))
