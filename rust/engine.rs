@@ -17,6 +17,7 @@ use parking_lot::RwLock;
 use rand_pcg::Pcg32;
 
 use crate::policy::{Decision, Policy};
+use crate::sched::{Core, Wait};
 use crate::seed;
 use crate::stats::{Batch, RunStats};
 
@@ -27,17 +28,30 @@ pub struct RunShared {
     policy: Policy,
     foreign: AtomicU64,
     pub stats: RunStats,
+    /// Exact mode: the serialising core; None in chaos mode.
+    core: Option<Arc<Core>>,
 }
 
 impl RunShared {
     pub fn new(test_seed: u64, policy: Policy) -> Arc<RunShared> {
+        Self::with_core(test_seed, policy, None)
+    }
+
+    /// A run in exact mode when `core` is given: hooked accesses of managed threads become
+    /// scheduling points of the core instead of injected yields and delays.
+    pub fn with_core(test_seed: u64, policy: Policy, core: Option<Core>) -> Arc<RunShared> {
         Arc::new(RunShared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             seed: test_seed,
             policy,
             foreign: AtomicU64::new(0),
             stats: RunStats::default(),
+            core: core.map(Arc::new),
         })
+    }
+
+    pub fn core(&self) -> Option<&Arc<Core>> {
+        self.core.as_ref()
     }
 
     pub fn id(&self) -> u64 {
@@ -98,6 +112,9 @@ struct Slot {
     policy: Policy,
     /// Set by `thread_enter`; None for a foreign thread.
     thread_index: Option<u64>,
+    /// Exact mode: the core of `run`, and this thread's id in it while it is managed.
+    core: Option<Arc<Core>>,
+    managed: Option<u32>,
     rng: Pcg32,
     batch: Batch,
     pending: u32,
@@ -111,6 +128,8 @@ impl Slot {
             run_id: 0,
             policy: Policy::passive(),
             thread_index: None,
+            core: None,
+            managed: None,
             rng: seed::stream(0),
             batch: Batch::default(),
             pending: 0,
@@ -132,6 +151,8 @@ impl Slot {
         self.run_id = run.id;
         self.policy = run.policy;
         self.thread_index = index;
+        self.core = run.core.clone();
+        self.managed = None;
         self.rng = seed::stream(rng_seed);
         self.flush_every = if index.is_some() { EXPLICIT_FLUSH } else { 1 };
     }
@@ -180,11 +201,23 @@ pub fn on_access() -> Decision {
         if s.run_id != active && !s.join_active(active) {
             return Decision::Continue;
         }
+        if s.core.is_some() {
+            s.batch.hooked += 1;
+            s.pending += 1;
+            if s.pending >= s.flush_every {
+                s.flush();
+            }
+            return if s.managed.is_some() {
+                Decision::Schedule
+            } else {
+                Decision::Continue
+            };
+        }
         let policy = s.policy;
         let d = policy.decide(&mut s.rng);
         s.batch.hooked += 1;
         match d {
-            Decision::Continue => {}
+            Decision::Continue | Decision::Schedule => {}
             Decision::Yield => s.batch.yields += 1,
             Decision::Spin(_) | Decision::Sleep(_) => {
                 s.batch.delays += 1;
@@ -237,6 +270,43 @@ pub fn thread_exit(run: &RunShared) -> Result<(), String> {
             s.detach();
         }
     })
+}
+
+/// Exact mode: this thread's core and managed id, when it has both.
+fn managed_core() -> Option<(Arc<Core>, u32)> {
+    SLOT.try_with(|cell| {
+        let s = cell.try_borrow().ok()?;
+        Some((Arc::clone(s.core.as_ref()?), s.managed?))
+    })
+    .ok()
+    .flatten()
+}
+
+/// The scheduling point of a hooked access (the caller has released the interpreter).
+pub fn schedule_point() -> Wait {
+    match managed_core() {
+        Some((core, tid)) => core.point(tid),
+        None => Wait::Free,
+    }
+}
+
+/// Exact mode: this thread's (core, id), joining `run` as a foreign thread if it has not.
+pub fn exact_slot(run: &Arc<RunShared>) -> Result<(Arc<Core>, Option<u32>), String> {
+    let core = run.core.clone().ok_or("this run is not in exact mode")?;
+    with_slot(|s| {
+        if s.run_id != run.id {
+            let n = run.foreign.fetch_add(1, Ordering::Relaxed);
+            run.stats.foreign_thread();
+            s.attach(run, None, seed::foreign_seed(run.seed, n));
+        }
+        (core, s.managed)
+    })
+}
+
+/// Exact mode: set (or clear) this thread's managed id in `run`.
+pub fn set_managed(run: &Arc<RunShared>, tid: Option<u32>) -> Result<(), String> {
+    exact_slot(run)?;
+    with_slot(|s| s.managed = tid)
 }
 
 /// Add this thread's pending counts for `run` (before reading statistics).

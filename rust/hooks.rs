@@ -16,6 +16,7 @@ use pyo3::types::{PyBool, PyDict, PyInt, PyString, PyTuple};
 use crate::engine::{self, RunShared};
 use crate::opcodes;
 use crate::policy::{Decision, Policy, PolicyConfig};
+use crate::sched::{self, Core, Status};
 use crate::seed::{self, Part};
 
 extern "C" {
@@ -23,6 +24,8 @@ extern "C" {
     // object, a new reference. CPython caches it on the code object, so this is a lookup.
     // Declared here because pyo3-ffi does not declare it; the argument is a PyCodeObject*.
     fn PyCode_GetCode(code: *mut ffi::PyObject) -> *mut ffi::PyObject;
+    // Stable C API: the calling thread's identifier (`threading.get_ident()`).
+    fn PyThread_get_thread_ident() -> std::os::raw::c_ulong;
 }
 
 static DISABLE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -106,6 +109,12 @@ unsafe extern "C" fn on_instruction(
         Some(engine::on_access())
     });
     match hooked {
+        Ok(Some(Decision::Schedule)) => {
+            let state = ffi::PyEval_SaveThread();
+            let _ = std::panic::catch_unwind(engine::schedule_point);
+            ffi::PyEval_RestoreThread(state);
+            ffi::Py_NewRef(ffi::Py_None())
+        }
         Ok(Some(d)) => {
             if d != Decision::Continue {
                 let state = ffi::PyEval_SaveThread();
@@ -237,7 +246,9 @@ struct Run {
 impl Run {
     #[new]
     #[pyo3(signature = (seed, *, yield_probability=None, delay_probability=None,
-                        sleep_share=None, max_spin_ns=None, max_sleep_us=None))]
+                        sleep_share=None, max_spin_ns=None, max_sleep_us=None,
+                        mode="chaos", scheduler="random", pct_depth=3, replay=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         seed: &Bound<'_, PyAny>,
         yield_probability: Option<f64>,
@@ -245,6 +256,10 @@ impl Run {
         sleep_share: Option<f64>,
         max_spin_ns: Option<u32>,
         max_sleep_us: Option<u32>,
+        mode: &str,
+        scheduler: &str,
+        pct_depth: u32,
+        replay: Option<Vec<u32>>,
     ) -> PyResult<Run> {
         let d = PolicyConfig::default();
         let config = PolicyConfig {
@@ -255,9 +270,157 @@ impl Run {
             max_sleep_us: max_sleep_us.unwrap_or(d.max_sleep_us),
         };
         let policy = Policy::new(config).map_err(PyValueError::new_err)?;
+        let seed = seed_arg(seed)?;
+        let core = match (mode, scheduler, replay) {
+            ("chaos", _, _) => None,
+            ("exact", _, Some(list)) => Some(Core::new(seed, sched::Policy::Replay(list))),
+            ("exact", "random", None) => Some(Core::new(seed, sched::Policy::Random)),
+            ("exact", "pct", None) if pct_depth >= 1 => {
+                Some(Core::new(seed, sched::Policy::Pct { depth: pct_depth }))
+            }
+            ("exact", other, None) => {
+                return Err(PyValueError::new_err(format!(
+                    "scheduler must be 'random' or 'pct' (pct_depth >= 1), not {other:?}"
+                )))
+            }
+            (other, _, _) => {
+                return Err(PyValueError::new_err(format!(
+                    "mode must be 'chaos' or 'exact', not {other:?}"
+                )))
+            }
+        };
         Ok(Run {
-            shared: RunShared::new(seed_arg(seed)?, policy),
+            shared: RunShared::with_core(seed, policy, core),
         })
+    }
+
+    /// "exact" or "chaos".
+    #[getter]
+    fn mode(&self) -> &'static str {
+        if self.shared.core().is_some() {
+            "exact"
+        } else {
+            "chaos"
+        }
+    }
+
+    /// Exact mode: the calling worker `tid` starts round `iteration` of `expected` workers;
+    /// returns (the interpreter released) when it is its turn: "turn" or "free".
+    fn sched_enter(
+        &self,
+        py: Python<'_>,
+        tid: u32,
+        iteration: u64,
+        expected: usize,
+    ) -> PyResult<&'static str> {
+        let (core, _) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
+        let ident = thread_ident();
+        Ok(py
+            .detach(move || core.enter(tid, ident, iteration, expected))
+            .name())
+    }
+
+    /// Exact mode: a thread the test started, given `tid` by sched_spawn, starts running.
+    fn sched_attach(&self, py: Python<'_>, tid: u32) -> PyResult<&'static str> {
+        let (core, _) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
+        let ident = thread_ident();
+        Ok(py.detach(move || core.attach(tid, ident)).name())
+    }
+
+    /// Exact mode: the calling thread leaves the round (no-op when it is not managed).
+    fn sched_exit(&self) -> PyResult<()> {
+        let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        if let Some(tid) = tid {
+            engine::set_managed(&self.shared, None).map_err(PyRuntimeError::new_err)?;
+            core.exit(tid);
+        }
+        Ok(())
+    }
+
+    /// Exact mode: the calling thread's id, None when it is not managed.
+    fn sched_me(&self) -> PyResult<Option<u32>> {
+        Ok(engine::exact_slot(&self.shared)
+            .map_err(PyRuntimeError::new_err)?
+            .1)
+    }
+
+    /// Exact mode: an explicit scheduling point; "turn" or "free".
+    fn sched_point(&self, py: Python<'_>) -> PyResult<&'static str> {
+        let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        let Some(tid) = tid else { return Ok("free") };
+        Ok(py.detach(move || core.point(tid)).name())
+    }
+
+    /// Exact mode: block the calling thread on `resource` until it is woken (or, `timed`, until
+    /// nothing else can run): "woken", "timeout", "deadlock" or "free".
+    fn sched_block(&self, py: Python<'_>, resource: u64, timed: bool) -> PyResult<&'static str> {
+        let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        let Some(tid) = tid else { return Ok("free") };
+        Ok(py.detach(move || core.block(tid, resource, timed)).name())
+    }
+
+    /// Exact mode: make the threads blocked on `resource` runnable; returns how many.
+    fn sched_wake(&self, resource: u64) -> usize {
+        self.shared.core().map_or(0, |c| c.wake(resource))
+    }
+
+    /// Exact mode: an id for a thread the calling (managed) thread is about to start.
+    fn sched_spawn(&self) -> Option<u32> {
+        self.shared.core()?.spawn()
+    }
+
+    /// Exact mode: whether managed thread `tid` is in the round and not finished.
+    fn sched_live(&self, tid: u32) -> bool {
+        self.shared.core().is_some_and(|c| c.is_live(tid))
+    }
+
+    /// Exact mode: let the round run free (the watchdog calls this with the reason).
+    fn sched_release(&self, reason: &str) {
+        if let Some(c) = self.shared.core() {
+            c.release(reason);
+        }
+    }
+
+    /// Exact mode: (running id, its thread ident, progress, waiting, free, started).
+    fn sched_status(&self) -> Option<(Option<u32>, u64, u64, usize, bool, bool)> {
+        self.shared.core().map(|c| c.status())
+    }
+
+    /// Exact mode: [(id, thread ident, status, resource)] of the round's managed threads.
+    fn sched_threads(&self) -> Vec<(u32, u64, &'static str, u64)> {
+        let Some(core) = self.shared.core() else {
+            return Vec::new();
+        };
+        core.threads()
+            .into_iter()
+            .map(|(id, ident, st)| match st {
+                Status::Runnable => (id, ident, "runnable", 0),
+                Status::Blocked { resource, .. } => (id, ident, "blocked", resource),
+                Status::Finished => (id, ident, "finished", 0),
+            })
+            .collect()
+    }
+
+    /// Exact mode: the record of round `iteration` (None before it finished): decisions,
+    /// preemptions, exact, deadlock, divergences, reason.
+    fn sched_round<'py>(
+        &self,
+        py: Python<'py>,
+        iteration: u64,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(rec) = self.shared.core().and_then(|c| c.round(iteration)) else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("decisions", rec.decisions)?;
+        d.set_item("preemptions", rec.preemptions)?;
+        d.set_item("exact", rec.exact)?;
+        d.set_item("deadlock", rec.deadlock)?;
+        d.set_item("divergences", rec.divergences)?;
+        d.set_item("reason", rec.reason)?;
+        Ok(Some(d))
     }
 
     #[getter]
@@ -326,6 +489,12 @@ impl Run {
             self.shared.seed()
         )
     }
+}
+
+/// The calling thread's identifier, as `threading.get_ident()` gives it.
+fn thread_ident() -> u64 {
+    // SAFETY: no preconditions; returns the current OS thread's identifier.
+    unsafe { PyThread_get_thread_ident() as u64 }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -10,6 +10,7 @@ pub mod engine;
 mod hooks;
 pub mod opcodes;
 pub mod policy;
+pub mod sched;
 pub mod seed;
 pub mod stats;
 

@@ -15,13 +15,15 @@ pub enum Decision {
     Spin(u32),
     /// Sleep this many microseconds with the interpreter released.
     Sleep(u32),
+    /// Exact mode: a scheduling point; the serialising core decides who runs next.
+    Schedule,
 }
 
 impl Decision {
     /// Carry out the decision on this thread (the caller releases the interpreter first).
     pub fn wait(self) {
         match self {
-            Decision::Continue => {}
+            Decision::Continue | Decision::Schedule => {}
             Decision::Yield => std::thread::yield_now(),
             Decision::Spin(ns) => spin_for(Duration::from_nanos(ns as u64)),
             Decision::Sleep(us) => std::thread::sleep(Duration::from_micros(us as u64)),
@@ -31,7 +33,7 @@ impl Decision {
     /// Nanoseconds this decision asks to wait (0 for continue and yield).
     pub fn nominal_ns(self) -> u64 {
         match self {
-            Decision::Continue | Decision::Yield => 0,
+            Decision::Continue | Decision::Yield | Decision::Schedule => 0,
             Decision::Spin(ns) => ns as u64,
             Decision::Sleep(us) => us as u64 * 1000,
         }
@@ -163,6 +165,7 @@ mod tests {
             match policy.decide(&mut rng) {
                 Decision::Continue => c += 1,
                 Decision::Yield => y += 1,
+                Decision::Schedule => unreachable!("chaos policies never schedule"),
                 Decision::Spin(ns) => {
                     assert!((1..=1000).contains(&ns));
                     sp += 1

@@ -1,0 +1,730 @@
+//! Exact mode: the threads of a test run one at a time, and a [`Scheduler`] decides at each
+//! scheduling point which one goes on. Pure logic, no Python: the `hooks` module calls
+//! [`Core`] with the interpreter released, so waiting threads hold neither the GIL nor
+//! (on a free-threaded build) an attached thread state that a stop-the-world would wait for.
+//!
+//! The core keeps, for the current round, every managed thread (by a small id: the worker
+//! index, or a number given to a thread the test starts) and its status: runnable, blocked on
+//! a resource (a lock, a condition, a thread to join), or finished. Exactly one managed thread
+//! is `running`; the others wait on one condition variable until they are chosen. Every
+//! choice is appended to the round's decision list, which the replay policy can follow.
+//!
+//! - Blocking: a thread that would block calls [`Core::block`] with a resource id; another
+//!   runnable thread is chosen. [`Core::wake`] makes the threads blocked on a resource runnable.
+//!   A block with a timeout is woken as timed out when nothing else can run (virtual time).
+//! - Deadlock: when no thread can run, none has a timeout and no wake comes within
+//!   [`STALL_GRACE`] (a wake can only come from a thread the core does not manage), every
+//!   blocked thread gets [`Wait::Deadlock`] and the round runs free from then on.
+//! - Watchdog: [`Core::release`] (called when the running thread has not reached a scheduling
+//!   point for too long, blocked where the core cannot see) lets every thread run free until
+//!   the round ends; the round is recorded as not exact.
+
+pub mod pct;
+pub mod random;
+pub mod replay;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::seed::{self, Part};
+
+/// A scheduling policy: which runnable thread takes the next step.
+pub trait Scheduler: Send {
+    /// Choose among `runnable` (ascending ids, never empty). `step` counts the round's
+    /// choices from 0; `current` is the thread that reached the point, when it can go on.
+    fn choose(&mut self, step: u64, runnable: &[u32], current: Option<u32>) -> u32;
+
+    /// Steps at which the policy could not follow its plan (replay only).
+    fn divergences(&self) -> u64 {
+        0
+    }
+}
+
+/// Which policy a run uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Policy {
+    Random,
+    /// PCT with this depth; the step estimate `k` comes from the previous rounds.
+    Pct {
+        depth: u32,
+    },
+    /// Every round follows this decision list.
+    Replay(Vec<u32>),
+}
+
+/// Waits for a round's workers to arrive before the first choice, at most this long.
+pub const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// When every managed thread is blocked, how long to wait for a wake from outside.
+pub const STALL_GRACE: Duration = Duration::from_millis(200);
+/// PCT's step estimate before a round has been seen.
+pub const DEFAULT_K: u64 = 200;
+
+/// How a wait in the core ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// It is this thread's turn (it was chosen, or never had to wait).
+    Turn,
+    /// A blocked thread was woken by [`Core::wake`] and chosen.
+    Woken,
+    /// A timed block ended: nothing else could run.
+    TimedOut,
+    /// Every managed thread was blocked.
+    Deadlock,
+    /// The round runs free (watchdog, deadlock, or the thread is not managed).
+    Free,
+}
+
+impl Wait {
+    pub fn name(self) -> &'static str {
+        match self {
+            Wait::Turn => "turn",
+            Wait::Woken => "woken",
+            Wait::TimedOut => "timeout",
+            Wait::Deadlock => "deadlock",
+            Wait::Free => "free",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Runnable,
+    Blocked { resource: u64, timed: bool },
+    Finished,
+}
+
+#[derive(Clone, Debug)]
+struct Thread {
+    status: Status,
+    ident: u64,
+    timed_out: bool,
+    deadlocked: bool,
+}
+
+/// What one round came to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoundRecord {
+    /// The thread chosen at each step.
+    pub decisions: Vec<u32>,
+    /// Choices of another thread while the one that reached the point could go on.
+    pub preemptions: u64,
+    /// False when the round ended free-running (watchdog or deadlock).
+    pub exact: bool,
+    pub deadlock: bool,
+    /// Replay steps that could not follow the list.
+    pub divergences: u64,
+    /// Why the round stopped being exact, if it did.
+    pub reason: Option<String>,
+}
+
+struct State {
+    round: Option<u64>,
+    threads: BTreeMap<u32, Thread>,
+    expected: usize,
+    started: bool,
+    first_arrival: Option<Instant>,
+    running: Option<u32>,
+    stalled_since: Option<Instant>,
+    step: u64,
+    record: RoundRecord,
+    free: bool,
+    sched: Box<dyn Scheduler>,
+    next_child: u32,
+    progress: u64,
+    max_steps: u64,
+    history: HashMap<u64, RoundRecord>,
+}
+
+impl State {
+    fn live(&self) -> bool {
+        self.threads.values().any(|t| t.status != Status::Finished)
+    }
+
+    /// Choose the next thread. `current` is the thread that reached the point, if runnable.
+    /// Returns whether someone was chosen (false: nothing can run now).
+    fn choose(&mut self, current: Option<u32>) -> bool {
+        let mut runnable: Vec<u32> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.status == Status::Runnable)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut timeout_wake = false;
+        if runnable.is_empty() {
+            // Virtual time: a timed block ends when nothing else can run.
+            runnable = self
+                .threads
+                .iter()
+                .filter(|(_, t)| matches!(t.status, Status::Blocked { timed: true, .. }))
+                .map(|(&id, _)| id)
+                .collect();
+            timeout_wake = true;
+        }
+        if runnable.is_empty() {
+            self.running = None;
+            if self.live() && self.stalled_since.is_none() {
+                self.stalled_since = Some(Instant::now());
+            }
+            return false;
+        }
+        self.stalled_since = None;
+        let chosen = self.sched.choose(self.step, &runnable, current);
+        if timeout_wake {
+            let t = self.threads.get_mut(&chosen).expect("chosen thread exists");
+            t.status = Status::Runnable;
+            t.timed_out = true;
+        }
+        self.step += 1;
+        self.record.decisions.push(chosen);
+        if current.is_some_and(|c| c != chosen) {
+            self.record.preemptions += 1;
+        }
+        self.running = Some(chosen);
+        true
+    }
+
+    fn finish_round(&mut self) {
+        if let Some(round) = self.round {
+            let mut record = std::mem::take(&mut self.record);
+            record.divergences = self.sched.divergences();
+            self.max_steps = self.max_steps.max(record.decisions.len() as u64);
+            self.history.insert(round, record);
+        }
+    }
+}
+
+/// The serialising core of one test run.
+pub struct Core {
+    seed: u64,
+    policy: Policy,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Core {
+    pub fn new(seed: u64, policy: Policy) -> Core {
+        let sched = make_scheduler(seed, &policy, 0, DEFAULT_K);
+        Core {
+            seed,
+            policy,
+            state: Mutex::new(State {
+                round: None,
+                threads: BTreeMap::new(),
+                expected: 0,
+                started: false,
+                first_arrival: None,
+                running: None,
+                stalled_since: None,
+                step: 0,
+                record: RoundRecord {
+                    exact: true,
+                    ..RoundRecord::default()
+                },
+                free: false,
+                sched,
+                next_child: 0,
+                progress: 0,
+                max_steps: 0,
+                history: HashMap::new(),
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Worker `tid` (OS thread `ident`) starts round `round`, in which `expected` workers
+    /// take part. The first choice is made once they have all arrived (or after
+    /// [`ARRIVAL_TIMEOUT`]); returns when it is this thread's turn.
+    pub fn enter(&self, tid: u32, ident: u64, round: u64, expected: usize) -> Wait {
+        let mut st = self.state.lock();
+        if st.round != Some(round) && !st.live() {
+            let k = if st.max_steps > 0 {
+                st.max_steps
+            } else {
+                DEFAULT_K
+            };
+            st.finish_round_if_pending();
+            st.round = Some(round);
+            st.threads.clear();
+            st.expected = expected;
+            st.started = false;
+            st.first_arrival = None;
+            st.running = None;
+            st.stalled_since = None;
+            st.step = 0;
+            st.record = RoundRecord {
+                exact: true,
+                ..RoundRecord::default()
+            };
+            st.free = false;
+            st.sched = make_scheduler(self.seed, &self.policy, round, k);
+            st.next_child = expected.max(1) as u32;
+        }
+        st.progress += 1;
+        st.threads.insert(
+            tid,
+            Thread {
+                status: Status::Runnable,
+                ident,
+                timed_out: false,
+                deadlocked: false,
+            },
+        );
+        st.first_arrival.get_or_insert_with(Instant::now);
+        if !st.started {
+            loop {
+                if st.started {
+                    break;
+                }
+                let arrived = st.threads.len() >= st.expected;
+                let late = st
+                    .first_arrival
+                    .is_some_and(|t| t.elapsed() >= ARRIVAL_TIMEOUT);
+                if arrived || late {
+                    st.started = true;
+                    st.choose(None);
+                    self.cv.notify_all();
+                    break;
+                }
+                self.cv.wait_for(&mut st, Duration::from_millis(50));
+            }
+        } else if st.running.is_none() {
+            st.choose(None);
+            self.cv.notify_all();
+        }
+        self.wait_turn(&mut st, tid)
+    }
+
+    /// Give a thread the test starts an id, runnable at once (it runs once it attaches).
+    /// None when no round is going on.
+    pub fn spawn(&self) -> Option<u32> {
+        let mut st = self.state.lock();
+        if !st.started || !st.live() {
+            return None;
+        }
+        let tid = st.next_child;
+        st.next_child += 1;
+        st.progress += 1;
+        st.threads.insert(
+            tid,
+            Thread {
+                status: Status::Runnable,
+                ident: 0,
+                timed_out: false,
+                deadlocked: false,
+            },
+        );
+        Some(tid)
+    }
+
+    /// A spawned thread starts running on OS thread `ident`: wait for its turn.
+    pub fn attach(&self, tid: u32, ident: u64) -> Wait {
+        let mut st = self.state.lock();
+        match st.threads.get_mut(&tid) {
+            Some(t) if t.status != Status::Finished => t.ident = ident,
+            _ => return Wait::Free,
+        }
+        st.progress += 1;
+        if st.running.is_none() && st.started {
+            st.choose(None);
+            self.cv.notify_all();
+        }
+        self.wait_turn(&mut st, tid)
+    }
+
+    /// A scheduling point reached by `tid`.
+    pub fn point(&self, tid: u32) -> Wait {
+        let mut st = self.state.lock();
+        if st.free || !st.threads.contains_key(&tid) {
+            return Wait::Free;
+        }
+        st.progress += 1;
+        if st.running == Some(tid) {
+            st.choose(Some(tid));
+            if st.running == Some(tid) {
+                return Wait::Turn;
+            }
+            self.cv.notify_all();
+        }
+        self.wait_turn(&mut st, tid)
+    }
+
+    /// `tid` cannot go on until `resource` is woken (or, when `timed`, until nothing else
+    /// can run). Another thread is chosen meanwhile.
+    pub fn block(&self, tid: u32, resource: u64, timed: bool) -> Wait {
+        let mut st = self.state.lock();
+        if st.free {
+            return Wait::Free;
+        }
+        match st.threads.get_mut(&tid) {
+            Some(t) if t.status == Status::Runnable => {
+                t.status = Status::Blocked { resource, timed };
+                t.timed_out = false;
+            }
+            _ => return Wait::Free,
+        }
+        st.progress += 1;
+        if st.running == Some(tid) || st.running.is_none() {
+            st.choose(None);
+            self.cv.notify_all();
+        }
+        match self.wait_turn(&mut st, tid) {
+            Wait::Turn => {
+                let t = st.threads.get_mut(&tid).expect("managed");
+                if std::mem::take(&mut t.timed_out) {
+                    Wait::TimedOut
+                } else {
+                    Wait::Woken
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Make the threads blocked on `resource` runnable; returns how many. May be called from
+    /// any thread, managed or not.
+    pub fn wake(&self, resource: u64) -> usize {
+        let mut st = self.state.lock();
+        let mut n = 0;
+        for t in st.threads.values_mut() {
+            if t.status
+                == (Status::Blocked {
+                    resource,
+                    timed: false,
+                })
+                || t.status
+                    == (Status::Blocked {
+                        resource,
+                        timed: true,
+                    })
+            {
+                t.status = Status::Runnable;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            st.progress += 1;
+            if st.started && st.running.is_none() && !st.free {
+                st.choose(None);
+                self.cv.notify_all();
+            }
+        }
+        n
+    }
+
+    /// `tid` leaves the round (its body returned or raised). Idempotent.
+    pub fn exit(&self, tid: u32) {
+        let mut st = self.state.lock();
+        match st.threads.get_mut(&tid) {
+            Some(t) if t.status != Status::Finished => t.status = Status::Finished,
+            _ => return,
+        }
+        st.progress += 1;
+        if st.running == Some(tid) {
+            st.choose(None);
+        }
+        if !st.live() {
+            st.running = None;
+            st.finish_round();
+            st.round_done();
+        }
+        self.cv.notify_all();
+    }
+
+    /// Let every thread of the current round run free until it ends (watchdog).
+    pub fn release(&self, reason: &str) {
+        let mut st = self.state.lock();
+        if !st.free {
+            st.free = true;
+            st.record.exact = false;
+            st.record.reason.get_or_insert_with(|| reason.to_string());
+        }
+        self.cv.notify_all();
+    }
+
+    /// (running thread, its OS ident, progress counter, threads waiting, free, started).
+    pub fn status(&self) -> (Option<u32>, u64, u64, usize, bool, bool) {
+        let st = self.state.lock();
+        let ident = st
+            .running
+            .and_then(|r| st.threads.get(&r))
+            .map_or(0, |t| t.ident);
+        let waiting = st
+            .threads
+            .iter()
+            .filter(|(id, t)| t.status != Status::Finished && Some(**id) != st.running)
+            .count();
+        (st.running, ident, st.progress, waiting, st.free, st.started)
+    }
+
+    /// The managed threads of the current round: (id, OS ident, status).
+    pub fn threads(&self) -> Vec<(u32, u64, Status)> {
+        let st = self.state.lock();
+        st.threads
+            .iter()
+            .map(|(&id, t)| (id, t.ident, t.status))
+            .collect()
+    }
+
+    /// Whether `tid` is in the current round and has not finished.
+    pub fn is_live(&self, tid: u32) -> bool {
+        let st = self.state.lock();
+        st.threads
+            .get(&tid)
+            .is_some_and(|t| t.status != Status::Finished)
+    }
+
+    /// The record of a finished round.
+    pub fn round(&self, round: u64) -> Option<RoundRecord> {
+        self.state.lock().history.get(&round).cloned()
+    }
+
+    fn wait_turn(&self, st: &mut parking_lot::MutexGuard<'_, State>, tid: u32) -> Wait {
+        loop {
+            let Some(me) = st.threads.get_mut(&tid) else {
+                return Wait::Free;
+            };
+            if me.deadlocked {
+                me.deadlocked = false;
+                me.status = Status::Runnable;
+                return Wait::Deadlock;
+            }
+            if st.free {
+                if let Some(me) = st.threads.get_mut(&tid) {
+                    if matches!(me.status, Status::Blocked { .. }) {
+                        me.status = Status::Runnable;
+                    }
+                }
+                return Wait::Free;
+            }
+            if st.running == Some(tid) {
+                return Wait::Turn;
+            }
+            if st.running.is_none() {
+                if let Some(since) = st.stalled_since {
+                    if since.elapsed() >= STALL_GRACE {
+                        self.declare_deadlock(st);
+                        continue;
+                    }
+                }
+            }
+            self.cv.wait_for(st, Duration::from_millis(50));
+        }
+    }
+
+    fn declare_deadlock(&self, st: &mut State) {
+        st.record.deadlock = true;
+        st.record.exact = false;
+        st.record
+            .reason
+            .get_or_insert_with(|| "deadlock: every managed thread was blocked".to_string());
+        for t in st.threads.values_mut() {
+            if matches!(t.status, Status::Blocked { .. }) {
+                t.deadlocked = true;
+            }
+        }
+        st.free = true;
+        st.stalled_since = None;
+        self.cv.notify_all();
+    }
+}
+
+impl State {
+    fn finish_round_if_pending(&mut self) {
+        // A round whose threads never all exited (e.g. a child thread never attached).
+        if self.round.is_some() && !self.record.decisions.is_empty() {
+            self.finish_round();
+        }
+    }
+
+    fn round_done(&mut self) {
+        self.record = RoundRecord {
+            exact: true,
+            ..RoundRecord::default()
+        };
+    }
+}
+
+/// The scheduler of one round: seeded from (test seed, "exact", round).
+pub fn make_scheduler(seed: u64, policy: &Policy, round: u64, k: u64) -> Box<dyn Scheduler> {
+    let round_seed = seed::derive_ok(seed, &[Part::Str("exact"), Part::Int(round as i128)]);
+    match policy {
+        Policy::Random => Box::new(random::RandomScheduler::new(round_seed)),
+        Policy::Pct { depth } => Box::new(pct::PctScheduler::new(round_seed, *depth, k)),
+        Policy::Replay(list) => Box::new(replay::ReplayScheduler::new(list.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// Run `threads` workers for one round; each takes `points` scheduling points and logs
+    /// (tid, i) while it holds the turn. Returns the log and the round record.
+    fn round(
+        core: &Arc<Core>,
+        r: u64,
+        threads: u32,
+        points: u32,
+    ) -> (Vec<(u32, u32)>, RoundRecord) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let active = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|sc| {
+            for tid in 0..threads {
+                let (core, log, active) = (Arc::clone(core), Arc::clone(&log), Arc::clone(&active));
+                sc.spawn(move || {
+                    assert_eq!(core.enter(tid, tid as u64, r, threads as usize), Wait::Turn);
+                    for i in 0..points {
+                        assert_eq!(active.fetch_add(1, Ordering::SeqCst), 0, "two threads ran");
+                        log.lock().push((tid, i));
+                        active.fetch_sub(1, Ordering::SeqCst);
+                        core.point(tid);
+                    }
+                    core.exit(tid);
+                });
+            }
+        });
+        let log = log.lock().clone();
+        (log, core.round(r).expect("recorded"))
+    }
+
+    #[test]
+    fn one_thread_at_a_time_and_reproducible() {
+        let a = Arc::new(Core::new(9, Policy::Random));
+        let b = Arc::new(Core::new(9, Policy::Random));
+        let (la, ra) = round(&a, 0, 3, 20);
+        let (lb, rb) = round(&b, 0, 3, 20);
+        assert_eq!(la, lb, "same seed, same interleaving");
+        assert_eq!(ra.decisions, rb.decisions);
+        assert!(ra.exact && !ra.deadlock);
+        assert!(ra.preemptions > 5);
+        let (lc, _) = round(&a, 1, 3, 20);
+        assert_ne!(la, lc, "another round, another schedule");
+    }
+
+    #[test]
+    fn replay_reproduces_a_recorded_round() {
+        let a = Arc::new(Core::new(4, Policy::Pct { depth: 3 }));
+        let (la, ra) = round(&a, 0, 3, 30);
+        let r = Arc::new(Core::new(77, Policy::Replay(ra.decisions.clone())));
+        for k in 0..3 {
+            let (lr, rr) = round(&r, k, 3, 30);
+            assert_eq!(lr, la);
+            assert_eq!(rr.divergences, 0);
+        }
+    }
+
+    #[test]
+    fn blocking_hands_the_turn_over_and_wake_returns_it() {
+        let core = Arc::new(Core::new(1, Policy::Replay(vec![0, 0])));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|sc| {
+            let (c0, o0) = (Arc::clone(&core), Arc::clone(&order));
+            sc.spawn(move || {
+                c0.enter(0, 0, 0, 2);
+                o0.lock().push("0 blocks");
+                assert_eq!(c0.block(0, 42, false), Wait::Woken);
+                o0.lock().push("0 woken");
+                c0.exit(0);
+            });
+            let (c1, o1) = (Arc::clone(&core), Arc::clone(&order));
+            sc.spawn(move || {
+                c1.enter(1, 1, 0, 2);
+                o1.lock().push("1 wakes");
+                assert_eq!(c1.wake(42), 1);
+                c1.exit(1);
+            });
+        });
+        assert_eq!(*order.lock(), vec!["0 blocks", "1 wakes", "0 woken"]);
+    }
+
+    #[test]
+    fn a_timed_block_times_out_when_nothing_else_can_run() {
+        let core = Core::new(1, Policy::Random);
+        assert_eq!(core.enter(0, 0, 0, 1), Wait::Turn);
+        assert_eq!(core.block(0, 5, true), Wait::TimedOut);
+        core.exit(0);
+        assert!(core.round(0).unwrap().exact);
+    }
+
+    #[test]
+    fn deadlock_is_reported_to_every_blocked_thread() {
+        let core = Arc::new(Core::new(3, Policy::Random));
+        let results: Vec<Wait> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2)
+                .map(|tid| {
+                    let core = Arc::clone(&core);
+                    sc.spawn(move || {
+                        core.enter(tid, 0, 0, 2);
+                        let w = core.block(tid, 100 + tid as u64, false);
+                        core.exit(tid);
+                        w
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results, vec![Wait::Deadlock, Wait::Deadlock]);
+        let rec = core.round(0).unwrap();
+        assert!(rec.deadlock && !rec.exact);
+    }
+
+    #[test]
+    fn release_lets_everyone_run_free() {
+        let core = Arc::new(Core::new(3, Policy::Pct { depth: 1 }));
+        std::thread::scope(|sc| {
+            let c = Arc::clone(&core);
+            sc.spawn(move || {
+                c.enter(0, 0, 0, 2);
+                c.enter(0, 0, 0, 2); // idempotent re-entry keeps the turn logic sane
+                c.exit(0);
+            });
+            let c = Arc::clone(&core);
+            sc.spawn(move || {
+                c.enter(1, 1, 0, 2);
+                c.exit(1);
+            });
+        });
+        let c2 = Core::new(1, Policy::Random);
+        c2.enter(0, 0, 0, 1);
+        c2.release("stuck in I/O");
+        assert_eq!(c2.point(0), Wait::Free);
+        assert_eq!(c2.block(0, 1, false), Wait::Free);
+        c2.exit(0);
+        let rec = c2.round(0).unwrap();
+        assert!(!rec.exact);
+        assert_eq!(rec.reason.as_deref(), Some("stuck in I/O"));
+    }
+
+    #[test]
+    fn spawned_threads_take_turns_too() {
+        let core = Arc::new(Core::new(5, Policy::Random));
+        core.enter(0, 0, 0, 1);
+        let child = core.spawn().unwrap();
+        assert_eq!(child, 1);
+        std::thread::scope(|sc| {
+            let c = Arc::clone(&core);
+            sc.spawn(move || {
+                c.attach(child, 7);
+                for _ in 0..10 {
+                    c.point(child);
+                }
+                c.exit(child);
+                c.wake(1000 + child as u64);
+            });
+            while core.is_live(child) {
+                core.block(0, 1000 + child as u64, false);
+            }
+        });
+        core.exit(0);
+        let rec = core.round(0).unwrap();
+        assert!(rec.exact && rec.decisions.contains(&1));
+    }
+}
