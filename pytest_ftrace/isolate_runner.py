@@ -1,0 +1,556 @@
+"""The --ftrace-isolate runner: each test (or module) in a forked child process.
+
+The main process collects as usual, then runs no test itself: it forks a child (once per test,
+or once per module with `--ftrace-isolate=module`, and again after a crash) and tells it which
+test to run next. The child runs pytest's own runtest protocol for the test and sends each
+phase's report back, serialised with pytest_report_to_serializable, as soon as it is made; the
+main process logs them through the item's pytest_runtest_logreport, so the terminal, junitxml,
+-x and --lf see what they would see without isolation.
+
+When the child dies before the test is done (a signal, os._exit, a crash in an extension), the
+main process reports the phase that was running as failed, with the signal, the Python stack of
+every thread (faulthandler, written by the child to a file the main process reads), the output
+captured so far and, under --ftrace, the seed; then it forks a new child for the next test.
+Under isolation --ftrace-timeout also bounds each test as a whole (twice the value, so the
+threaded watchdog of the stress runner speaks first): the child dumps its stacks and exits.
+
+Imported only when --ftrace-isolate is on (see isolate.configure).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+_HEADER = 4  # bytes of a frame's length prefix
+
+
+class _Closed(Exception):
+    """The other side of the pipe went away."""
+
+
+def _send(fd: int, message) -> None:
+    import pickle
+
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = len(data).to_bytes(_HEADER, "big") + data
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            raise _Closed
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(fd: int):
+    import pickle
+
+    size = int.from_bytes(_read_exact(fd, _HEADER), "big")
+    return pickle.loads(_read_exact(fd, size))
+
+
+class _Child:
+    """A forked child that runs the tests of one group, one at a time, on request."""
+
+    def __init__(self, pid: int, commands: int, messages: int, group: list, start: int):
+        self.pid = pid
+        self.commands = commands  # parent writes
+        self.messages = messages  # parent reads
+        self.group = group
+        self.start = start
+        self.status: int | None = None
+
+    def reap(self, timeout: float) -> int:
+        """Wait for the child to end (SIGKILL after timeout); its wait status."""
+        if self.status is not None:
+            return self.status
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() >= deadline:
+                import signal
+
+                os.kill(self.pid, signal.SIGKILL)
+                _, status = os.waitpid(self.pid, 0)
+                break
+            time.sleep(0.005)
+        self.status = status
+        for fd in (self.commands, self.messages):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return status
+
+
+class Isolator:
+    """Runs each test in a forked child and logs the reports it sends back."""
+
+    def __init__(self, config: pytest.Config, mode: str):
+        self.config = config
+        self.mode = mode
+        self.child: _Child | None = None
+        self.groups: dict[int, tuple[list, int]] | None = None  # id(item) -> (group, position)
+        self.fault_fd: int | None = None
+        self.forks = 0
+        self.crashes = 0
+
+    # The main process -------------------------------------------------------------------------
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        return f"ftrace: isolate={self.mode} (each {self.mode} in a forked child process)"
+
+    def _group_items(self, session: pytest.Session) -> None:
+        groups: dict[int, tuple[list, int]] = {}
+        current: list = []
+        key = object()
+        for item in session.items:
+            item_key = item.path if self.mode == "module" else id(item)
+            if item_key != key or not current:
+                current = []
+                key = item_key
+            groups[id(item)] = (current, len(current))
+            current.append(item)
+        self.groups = groups
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+        if self.groups is None:
+            self._group_items(item.session)
+        where = self.groups.get(id(item))  # type: ignore[union-attr]
+        if where is None:  # an item not in session.items (another plugin runs it): one of its own
+            where = ([item], 0)
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        reports, stop = self._run(item, *where)
+        for report in reports:
+            ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        if stop is not None:
+            self._stop_child()
+            if stop[0] == "interrupt":
+                raise KeyboardInterrupt(f"in {item.nodeid}, at {stop[1]} (isolated test process)")
+            pytest.exit(stop[1], returncode=stop[2])
+        return True
+
+    def _run(self, item: pytest.Item, group: list, position: int):
+        """Run one test in the child; its reports and how the session must stop, if it must."""
+        child = self.child
+        if child is not None and (child.group is not group or child.status is not None):
+            self._stop_child()
+            child = None
+        if child is None:
+            child = self.child = self._fork(group, position)
+        import time
+
+        started = time.time()
+        received: list = []
+        stop = None
+        bound = _whole_test_bound(self.config)
+        try:
+            _send(child.commands, ("run", position))
+            while True:
+                message = self._next_message(child, bound + 30.0)
+                kind = message[0]
+                if kind == "report":
+                    received.append(
+                        self.config.hook.pytest_report_from_serializable(
+                            config=self.config, data=message[1]
+                        )
+                    )
+                elif kind == "done":
+                    _merge_extras(self.config, message[1])
+                    break
+                elif kind in ("interrupt", "exit"):
+                    stop = message
+                    break
+                elif kind == "error":  # the child's own machinery failed: a crash, in effect
+                    raise _Closed(message[1])
+        except KeyboardInterrupt:
+            self._stop_child(grace=2.0)
+            raise
+        except (_Closed, OSError) as exc:
+            detail = exc.args[0] if isinstance(exc, _Closed) and exc.args else None
+            received.extend(self._crashed(item, child, received, started, detail))
+        return received, stop
+
+    def _next_message(self, child: _Child, timeout: float):
+        import select
+
+        ready, _, _ = select.select([child.messages], [], [], timeout)
+        if not ready:  # even the child's own watchdog did not end it
+            import signal
+
+            try:
+                os.kill(child.pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+            raise _Closed(f"no word from the test process in {timeout:g}s; stopped with SIGABRT")
+        return _receive(child.messages)
+
+    def _fork(self, group: list, position: int) -> _Child:
+        import warnings
+
+        if self.fault_fd is None:
+            import tempfile
+
+            handle, path = tempfile.mkstemp(prefix="ftrace-fault-")
+            os.unlink(path)
+            self.fault_fd = handle
+        os.ftruncate(self.fault_fd, 0)
+        commands_r, commands_w = os.pipe()
+        messages_r, messages_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001, S110
+                pass
+        with warnings.catch_warnings():
+            # 3.12+ warns when forking with threads; the main process only waits meanwhile.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 70
+            try:
+                os.close(commands_w)
+                os.close(messages_r)
+                code = _child_main(self.config, group, commands_r, messages_w, self.fault_fd)
+            finally:
+                os._exit(code)
+        os.close(commands_r)
+        os.close(messages_w)
+        self.forks += 1
+        return _Child(pid, commands_w, messages_r, group, position)
+
+    def _stop_child(self, grace: float = 5.0) -> None:
+        child, self.child = self.child, None
+        if child is None or child.status is not None:
+            return
+        try:
+            _send(child.commands, ("quit",))
+        except OSError:
+            pass
+        child.reap(grace)
+
+    def _crashed(self, item, child: _Child, received: list, started: float, detail) -> list:
+        """Reports for the rest of a test whose child died: the phase running, then teardown."""
+        import time
+
+        status = child.reap(5.0)
+        self.child = None
+        self.crashes += 1
+        stopped = time.time()
+        done = {report.when: report for report in received}
+        setup = done.get("setup")
+        if setup is None:
+            phase = "setup"
+        elif setup.passed and "call" not in done and not self.config.option.setuponly:
+            phase = "call"
+        else:
+            phase = "teardown"
+        faults = b""
+        if self.fault_fd is not None:
+            faults = os.pread(self.fault_fd, 1 << 20, 0)
+        text = faults.decode("utf-8", "replace")
+        message = _crash_message(self.config, item, status, phase, text, detail)
+        sections = _captured_now(self.config, phase)
+        from _pytest.reports import TestReport
+
+        keywords = {name: 1 for name in item.keywords}
+        properties = list(item.user_properties) + [("ftrace_crash", _status_name(status))]
+        session = _ftrace_session(self.config)
+        if session is not None:
+            properties.append(("ftrace_seed", session.seed))
+        reports = [
+            TestReport(
+                item.nodeid,
+                item.location,
+                keywords,
+                "failed",
+                message,
+                phase,
+                sections,
+                stopped - started,
+                started,
+                stopped,
+                properties,
+            )
+        ]
+        if phase != "teardown":  # junitxml takes a test's properties from its teardown report
+            reports.append(
+                TestReport(
+                    item.nodeid,
+                    item.location,
+                    keywords,
+                    "passed",
+                    None,
+                    "teardown",
+                    user_properties=properties,
+                )
+            )
+        return reports
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self) -> None:
+        self._stop_child()
+
+    def pytest_unconfigure(self) -> None:
+        self._stop_child(grace=1.0)
+        if self.fault_fd is not None:
+            os.close(self.fault_fd)
+            self.fault_fd = None
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.crashes:
+            terminalreporter.section("ftrace: isolated crashes", sep="-", red=True)
+            terminalreporter.line(
+                f"{self.crashes} test process(es) of {self.forks} died before their test was "
+                "done; each crash failed only its test (see above)"
+            )
+
+
+def _whole_test_bound(config: pytest.Config) -> float:
+    from pytest_ftrace.plugin import STATE_KEY
+
+    state = config.stash.get(STATE_KEY, None)
+    timeout = state.settings.timeout if state is not None else 300.0
+    return 2 * timeout
+
+
+def _status_name(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        import signal
+
+        number = os.WTERMSIG(status)
+        try:
+            return signal.Signals(number).name
+        except ValueError:
+            return f"signal {number}"
+    return f"exit status {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else str(status)
+
+
+def _crash_message(config, item, status: int, phase: str, faults: str, detail) -> str:
+    lines = []
+    if faults.lstrip().startswith("Timeout ("):
+        bound = _whole_test_bound(config)
+        lines.append(
+            f"timed out: {item.nodeid} did not finish within {bound:g}s (twice --ftrace-timeout, "
+            f"the bound on a whole test under --ftrace-isolate); stopped during {phase}"
+        )
+    elif os.WIFSIGNALED(status):
+        import signal
+
+        number = os.WTERMSIG(status)
+        try:
+            described = f"{signal.Signals(number).name} ({signal.strsignal(number)})"
+        except ValueError:
+            described = f"signal {number}"
+        lines.append(f"crashed: the test process was killed by {described} during {phase}")
+    elif os.WIFEXITED(status):
+        lines.append(
+            f"crashed: the test process exited with status {os.WEXITSTATUS(status)} during "
+            f"{phase}, before the test was done (os._exit, or exit from native code?)"
+        )
+    else:
+        lines.append(f"crashed: the test process ended (wait status {status}) during {phase}")
+    lines.append(f"test: {item.nodeid}")
+    if detail:
+        lines.append(str(detail))
+    session = _ftrace_session(config)
+    if session is not None:
+        nodeid = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
+        lines.append(f"ftrace: seed={session.seed}")
+        lines.append(f"replay: pytest {nodeid} --ftrace --seed {session.seed} --ftrace-isolate")
+    faults = _trim_stacks(faults.strip())
+    if faults:
+        lines.append("")
+        lines.append(
+            "Python stacks when the test process ended (faulthandler, most recent call first):"
+        )
+        lines.append(faults)
+    else:
+        lines.append("(no Python stacks: the process ended without a fatal-error dump)")
+    return "\n".join(lines)
+
+
+_MACHINERY = ("/pluggy/", "/_pytest/", "/pytest/__main__.py", "<frozen runpy>", __file__)
+
+
+def _trim_stacks(text: str) -> str:
+    """faulthandler's dump without the frames of pytest, pluggy and this module."""
+    lines = []
+    hidden = 0
+    for line in text.splitlines():
+        if line.startswith("  File ") and any(part in line for part in _MACHINERY):
+            hidden += 1
+            continue
+        if hidden:
+            lines.append(f"  ... {hidden} frame(s) of pytest and pytest-ftrace hidden")
+            hidden = 0
+        lines.append(line)
+    if hidden:
+        lines.append(f"  ... {hidden} frame(s) of pytest and pytest-ftrace hidden")
+    return "\n".join(lines)
+
+
+def _ftrace_session(config):
+    from pytest_ftrace import ftrace
+
+    return config.stash.get(ftrace.SESSION_KEY, None)
+
+
+def _captured_now(config, phase: str) -> list[tuple[str, str]]:
+    """What the crashed phase wrote to the captured stdout/stderr (fd capture shares the file)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is None or not capman.is_globally_capturing():
+        return []
+    try:
+        out, err = capman.read_global_capture()
+    except Exception:  # noqa: BLE001 - a capture we cannot read is just not shown
+        return []
+    sections = []
+    if out:
+        sections.append((f"Captured stdout {phase}", out))
+    if err:
+        sections.append((f"Captured stderr {phase}", err))
+    return sections
+
+
+# -- what the child sends back besides reports ------------------------------------------------
+
+
+def _extras_mark(config) -> tuple:
+    from pytest_ftrace.plugin import STATE_KEY
+
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return (0, 0, 0, 0)
+    ft = state.ftrace
+    return (
+        len(state.single),
+        len(state.gil.events),
+        len(ft.stats) if ft is not None else 0,
+        len(ft.replays) if ft is not None else 0,
+    )
+
+
+def _extras_since(config, mark: tuple) -> dict:
+    from pytest_ftrace.plugin import STATE_KEY
+
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return {}
+    ft = state.ftrace
+    return {
+        "single": state.single[mark[0] :],
+        "gil": state.gil.events[mark[1] :],
+        "stats": ft.stats[mark[2] :] if ft is not None else [],
+        "replays": ft.replays[mark[3] :] if ft is not None else [],
+    }
+
+
+def _merge_extras(config, extras: dict) -> None:
+    from pytest_ftrace.plugin import STATE_KEY
+
+    state = config.stash.get(STATE_KEY, None)
+    if state is None or not extras:
+        return
+    state.single.extend(extras.get("single", ()))
+    if extras.get("gil"):
+        state.gil.events.extend(extras["gil"])
+    if state.ftrace is not None:
+        state.ftrace.stats.extend(extras.get("stats", ()))
+        state.ftrace.replays.extend(extras.get("replays", ()))
+
+
+# -- the child --------------------------------------------------------------------------------
+
+
+class _ChildReporter:
+    """In the child: sends each phase's report to the main process as soon as it is made."""
+
+    def __init__(self, config: pytest.Config, fd: int):
+        self.config = config
+        self.fd = fd
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = yield
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        _send(self.fd, ("report", data))
+        return report
+
+
+def _where(exc: BaseException) -> str:
+    """file:line where an exception was raised, relative to the working directory if inside."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "<unknown>"
+    path = frames[-1].filename
+    try:
+        relative = os.path.relpath(path)
+        path = path if relative.startswith("..") else relative
+    except ValueError:
+        pass
+    return f"{path}:{frames[-1].lineno}"
+
+
+def _child_main(config: pytest.Config, group: list, commands: int, messages: int, fault: int):
+    """Run the tests the main process asks for, until it says quit; the exit code."""
+    import faulthandler
+
+    faulthandler.enable(file=fault, all_threads=True)
+    config.pluginmanager.register(_ChildReporter(config, messages), "ftrace-isolate-child")
+    from _pytest.runner import runtestprotocol
+
+    bound = _whole_test_bound(config)
+    while True:
+        try:
+            command = _receive(commands)
+        except _Closed:
+            return 0
+        if command[0] != "run":
+            break
+        position = command[1]
+        item = group[position]
+        nextitem = group[position + 1] if position + 1 < len(group) else None
+        mark = _extras_mark(config)
+        faulthandler.dump_traceback_later(bound, exit=True, file=fault)
+        try:
+            runtestprotocol(item, nextitem=nextitem, log=False)
+        except KeyboardInterrupt as exc:
+            _send(messages, ("interrupt", _where(exc)))
+            return 0
+        except pytest.exit.Exception as exc:
+            _send(messages, ("exit", exc.msg, exc.returncode))
+            return 0
+        except BaseException as exc:  # noqa: BLE001 - reported by the main process as a crash
+            import traceback
+
+            _send(messages, ("error", "".join(traceback.format_exception(exc))))
+            return 1
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        _send(messages, ("done", _extras_since(config, mark)))
+    # Quit before the group's end (-x, or the session stopping): tear down what is set up.
+    try:
+        group[0].session._setupstate.teardown_exact(None)
+    except BaseException:  # noqa: BLE001, S110 - nobody is left to report it to
+        pass
+    return 0
