@@ -106,6 +106,7 @@ class Isolator:
         self.child: _Child | None = None
         self.groups: dict[int, tuple[list, int]] | None = None  # id(item) -> (group, position)
         self.fault_fd: int | None = None
+        self.progress = None  # shared memory: (threads, round) of the child's threaded run
         self.forks = 0
         self.crashes = 0
 
@@ -157,6 +158,7 @@ class Isolator:
             child = self.child = self._fork(group, position)
         import time
 
+        _clear_progress(self.progress)
         started = time.time()
         received: list = []
         stop = None
@@ -205,6 +207,10 @@ class Isolator:
     def _fork(self, group: list, position: int) -> _Child:
         import warnings
 
+        if self.progress is None:
+            import mmap
+
+            self.progress = mmap.mmap(-1, _PROGRESS_SIZE)  # anonymous and shared with children
         if self.fault_fd is None:
             import tempfile
 
@@ -228,7 +234,9 @@ class Isolator:
             try:
                 os.close(commands_w)
                 os.close(messages_r)
-                code = _child_main(self.config, group, commands_r, messages_w, self.fault_fd)
+                code = _child_main(
+                    self.config, group, commands_r, messages_w, self.fault_fd, self.progress
+                )
             finally:
                 os._exit(code)
         os.close(commands_r)
@@ -266,7 +274,9 @@ class Isolator:
         if self.fault_fd is not None:
             faults = os.pread(self.fault_fd, 1 << 20, 0)
         text = faults.decode("utf-8", "replace")
-        message = _crash_message(self.config, item, status, phase, text, detail)
+        message = _crash_message(
+            self.config, item, status, phase, text, detail, _read_progress(self.progress)
+        )
         sections = _captured_now(self.config, phase)
         from _pytest.reports import TestReport
 
@@ -323,6 +333,34 @@ class Isolator:
             )
 
 
+_PROGRESS_SIZE = 8
+
+
+def _clear_progress(progress) -> None:
+    if progress is not None:
+        progress[0:_PROGRESS_SIZE] = bytes(_PROGRESS_SIZE)
+
+
+def _read_progress(progress) -> tuple[int, int] | None:
+    """(threads, round) of the last round a threaded run started, or None."""
+    if progress is None:
+        return None
+    threads = int.from_bytes(progress[0:4], "little")
+    if not threads:
+        return None
+    return threads, int.from_bytes(progress[4:8], "little")
+
+
+def _progress_listener(progress):
+    """In the child: the runner's round listener, writing to the shared memory."""
+
+    def started(threads: int, iteration: int) -> None:
+        if int.from_bytes(progress[4:8], "little") <= iteration:
+            progress[0:8] = threads.to_bytes(4, "little") + iteration.to_bytes(4, "little")
+
+    return started
+
+
 def _whole_test_bound(config: pytest.Config) -> float:
     from pytest_ftrace.plugin import STATE_KEY
 
@@ -343,7 +381,7 @@ def _status_name(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else str(status)
 
 
-def _crash_message(config, item, status: int, phase: str, faults: str, detail) -> str:
+def _crash_message(config, item, status: int, phase: str, faults: str, detail, progress) -> str:
     lines = []
     if faults.lstrip().startswith("Timeout ("):
         bound = _whole_test_bound(config)
@@ -370,11 +408,20 @@ def _crash_message(config, item, status: int, phase: str, faults: str, detail) -
     lines.append(f"test: {item.nodeid}")
     if detail:
         lines.append(str(detail))
+    if progress is not None:
+        threads, iteration = progress
+        lines.append(f"in the threaded run ({threads} threads), round {iteration} had started")
     session = _ftrace_session(config)
     if session is not None:
         nodeid = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
+        token = session.replay
+        if token is None and progress is not None:
+            token = f"t{progress[0]}i{progress[1]}"
+        replay = f" --ftrace-replay {token}" if token is not None else ""
         lines.append(f"ftrace: seed={session.seed}")
-        lines.append(f"replay: pytest {nodeid} --ftrace --seed {session.seed} --ftrace-isolate")
+        lines.append(
+            f"replay: pytest {nodeid} --ftrace --seed {session.seed}{replay} --ftrace-isolate"
+        )
     faults = _trim_stacks(faults.strip())
     if faults:
         lines.append("")
@@ -511,11 +558,16 @@ def _where(exc: BaseException) -> str:
     return f"{path}:{frames[-1].lineno}"
 
 
-def _child_main(config: pytest.Config, group: list, commands: int, messages: int, fault: int):
+def _child_main(
+    config: pytest.Config, group: list, commands: int, messages: int, fault: int, progress
+):
     """Run the tests the main process asks for, until it says quit; the exit code."""
     import faulthandler
 
+    from pytest_ftrace import runner
+
     faulthandler.enable(file=fault, all_threads=True)
+    runner.ROUND_LISTENER = _progress_listener(progress)
     config.pluginmanager.register(_ChildReporter(config, messages), "ftrace-isolate-child")
     from _pytest.runner import runtestprotocol
 

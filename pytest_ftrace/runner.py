@@ -26,6 +26,10 @@ from pytest_ftrace.report import OUTCOME_SKIP, OUTCOME_XFAIL, Failure, Outcome
 
 _STOPPING = (KeyboardInterrupt, pytest.exit.Exception)
 
+# Called as (threads, iteration) by each worker as its round starts; --ftrace-isolate sets it
+# in the child process so that a crash can be blamed on its round.
+ROUND_LISTENER: Callable[[int, int], None] | None = None
+
 # (test node id, thread) for every thread a watchdog gave up on in this process.
 LEAKED: list[tuple[str, threading.Thread]] = []
 
@@ -171,6 +175,8 @@ class ThreadedRun:
                 if iteration_arg:
                     kwargs["iteration_index"] = iteration
                 self._rounds[index] = iteration
+                if ROUND_LISTENER is not None:
+                    ROUND_LISTENER(self.threads, iteration)
                 if hooks.round_start is not None:
                     hooks.round_start(iteration)
                 started = time.perf_counter()

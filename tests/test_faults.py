@@ -191,9 +191,10 @@ def test_segfault_under_isolation(pytester, mode):
             "*_ test_segfault _*",
             "crashed: the test process was killed by SIGSEGV (Segmentation fault) during call",
             "test: test_segv.py::test_segfault",
+            "in the threaded run (2 threads), round 0 had started",
             f"ftrace: seed={SEED}",
             f"replay: pytest 'test_segv.py::test_segfault' --ftrace --seed {SEED} "
-            "--ftrace-isolate*",
+            "--ftrace-replay t2i0 --ftrace-isolate",
             "Fatal Python error: Segmentation fault",
             "Current thread * (most recent call first):",
             "*in string_at",

@@ -1,6 +1,7 @@
 """--ftrace-isolate: tests run in forked children, and the main process reports as usual."""
 
 import os
+import shlex
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -261,7 +262,7 @@ def test_seed_and_replay_line_with_ftrace(pytester):
             "test: test_seed_and_replay_line_with_ftrace.py::test_crashes",
             "ftrace: seed=1234",
             "replay: pytest 'test_seed_and_replay_line_with_ftrace.py::test_crashes' "
-            "--ftrace --seed 1234 --ftrace-isolate*",
+            "--ftrace --seed 1234 --ftrace-replay t2i0 --ftrace-isolate",
             "Current thread * (most recent call first):",
             '*File "*test_seed_and_replay_line_with_ftrace.py", line 4 in test_crashes',
         ]
@@ -363,3 +364,27 @@ def test_collect_only_forks_nothing(pytester):
     result = run(pytester, "--ftrace-isolate", "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.OK
     assert "isolate=" not in result.stdout.str()
+
+
+def test_crash_in_a_later_round_names_it_and_the_replay_reproduces(pytester):
+    pytester.makepyfile(
+        test_rounds="""
+        import ctypes
+        def test_crashes(thread_index, iteration_index):
+            if thread_index == 2 and iteration_index == 3:
+                ctypes.string_at(0)
+        """
+    )
+    args = ("--ftrace", "--seed", "99", "--threads", "4", "--iterations", "6")
+    result = run(pytester, *args, "--ftrace-isolate")
+    result.assert_outcomes(failed=1)
+    replay = "replay: pytest 'test_rounds.py::test_crashes' --ftrace --seed 99 --ftrace-replay t4i3"
+    result.stdout.fnmatch_lines(
+        ["in the threaded run (4 threads), round 3 had started", replay + " --ftrace-isolate"]
+    )
+    # The replay line, run as printed, crashes the same way (and fails only that test).
+    result = run(pytester, *shlex.split(replay)[2:], "--ftrace-isolate")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*replay=t4i3*", "crashed: the test process was killed by SIGSEGV*", replay + " *"]
+    )
