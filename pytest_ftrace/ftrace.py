@@ -7,31 +7,52 @@ the test seed, its thread index and the round (see `_native.derive_seed`), so a 
 run with many tests, or in an xdist worker (every worker uses the controller's session seed),
 replays in a run of that test alone.
 
+Modes. `--ftrace-mode chaos` (the default) lets the threads run free and injects seeded yields
+and delays; `--ftrace-mode exact` runs them one at a time and lets a scheduler (uniform random,
+or PCT with `--ftrace-scheduler pct[D]`) choose who goes on at every hooked access (see
+`pytest_ftrace/exact.py` and `rust/sched/`).
+
 Replay. A failing test prints `replay: pytest '<nodeid>' --ftrace --seed N --ftrace-replay T`,
 where T = `t<threads>i<iteration>` names the thread count and the first failing round. Running it
 re-runs that round `--ftrace-replay-runs` times (default 10) with the same per-thread streams and
-reports how often the failure came back.
+reports how often the failure came back. In exact mode the line also has `--ftrace-mode exact`
+and T ends in `x<hash>`: the key under which the round's decision list (which thread took each
+step) is kept in the pytest cache; replaying follows that list, so the same interleaving comes
+back on every run. Without the cache entry, the round is re-scheduled from the seed.
+`--ftrace-replay last` replays the last failure recorded in the cache.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import re
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_ftrace import options
-from pytest_ftrace.report import Outcome
-from pytest_ftrace.runner import Hooks
+
+if TYPE_CHECKING:  # imported when a threaded test runs, not when pytest starts
+    from pytest_ftrace.report import Outcome
+    from pytest_ftrace.runner import Hooks
 
 CACHE_KEY = "ftrace/seed"
+REPLAY_KEY = "ftrace/replay/"  # + hash: one failing round's decision list (exact mode)
+LAST_KEY = "ftrace/replay/last"
 DEFAULT_THREADS = 4
 DEFAULT_ITERATIONS = 10
 DEFAULT_REPLAY_RUNS = 10
-MODE = "chaos"
-_TOKEN = re.compile(r"^t(\d+)i(\d+)$")
+MODES = ("chaos", "exact")
+DEFAULT_MODE = "chaos"
+MODE = DEFAULT_MODE  # kept for importers of the old constant
+_TOKEN = re.compile(r"^t(\d+)i(\d+)(?:x([0-9a-f]{6,40}))?$")
+_SCHEDULER = re.compile(r"^(random|pct)(\d*)$")
 
 
 def add_options(group, parser, pluginmanager) -> None:
@@ -90,6 +111,26 @@ def add_options(group, parser, pluginmanager) -> None:
         help="tune the injection (repeatable): yield_probability, delay_probability, "
         "sleep_share, max_spin_ns, max_sleep_us. ini: ftrace_policy",
     )
+    group.addoption(
+        "--ftrace-mode",
+        dest="ftrace_mode",
+        default=None,
+        choices=MODES,
+        help="exact: run the threads one at a time and choose who goes on at every hooked "
+        "access (replays exactly); chaos: free-running threads with injected yields and delays "
+        f"(default {DEFAULT_MODE}). ini: ftrace_mode",
+    )
+    group.addoption(
+        "--ftrace-scheduler",
+        dest="ftrace_scheduler",
+        default=None,
+        type=parse_scheduler,
+        metavar="random|pct[D]",
+        help="exact mode's policy: uniform random (default), or PCT with depth D (default 3). "
+        "ini: ftrace_scheduler",
+    )
+    parser.addini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
+    parser.addini("ftrace_scheduler", "exact mode's policy: random or pct[D]", default="")
     parser.addini("ftrace_policy", "injection policy, KEY=VALUE per line", type="linelist")
     parser.addini("ftrace_seed", "session seed for --ftrace (N, last or random)", default="")
     parser.addini("ftrace_include", "module globs to instrument as well", type="linelist")
@@ -123,8 +164,7 @@ def parse_policy_item(value: str) -> tuple[str, float]:
     defaults = policy_keys()
     if not sep or key not in defaults:
         raise argparse.ArgumentTypeError(
-            f"--ftrace-policy takes KEY=VALUE with KEY one of {', '.join(defaults)}, "
-            f"not {value!r}"
+            f"--ftrace-policy takes KEY=VALUE with KEY one of {', '.join(defaults)}, not {value!r}"
         )
     kind = type(defaults[key])
     try:
@@ -150,22 +190,63 @@ def resolve_policy(config: pytest.Config) -> dict:
     return policy
 
 
+def parse_scheduler(value: str) -> tuple[str, int]:
+    match = _SCHEDULER.match(str(value).strip())
+    if not match or (match.group(1) == "random" and match.group(2)):
+        raise argparse.ArgumentTypeError(
+            f"--ftrace-scheduler takes random, pct or pct<depth> (e.g. pct3), not {value!r}"
+        )
+    depth = int(match.group(2) or 3)
+    if depth < 1:
+        raise argparse.ArgumentTypeError("--ftrace-scheduler pct depth must be at least 1")
+    return match.group(1), depth
+
+
 @dataclass(frozen=True)
 class Token:
     threads: int
     iteration: int
+    key: str | None = None  # exact mode: cache key suffix of the decision list
 
     def __str__(self) -> str:
-        return f"t{self.threads}i{self.iteration}"
+        return f"t{self.threads}i{self.iteration}" + (f"x{self.key}" if self.key else "")
 
 
-def parse_token(value: str) -> Token:
-    match = _TOKEN.match(str(value).strip())
+LAST = "last"
+
+
+def parse_token(value: str) -> Token | str:
+    value = str(value).strip()
+    if value == LAST:
+        return LAST
+    match = _TOKEN.match(value)
     if not match or int(match.group(1)) < 1:
         raise argparse.ArgumentTypeError(
-            f"--ftrace-replay takes the token of a replay: line, such as t8i3, not {value!r}"
+            "--ftrace-replay takes the token of a replay: line, such as t8i3, or 'last', "
+            f"not {value!r}"
         )
-    return Token(int(match.group(1)), int(match.group(2)))
+    return Token(int(match.group(1)), int(match.group(2)), match.group(3))
+
+
+def resolve_mode(config: pytest.Config) -> str:
+    mode = config.option.ftrace_mode
+    if mode is None:
+        raw = (options.ini_value(config, "ftrace_mode") or "").strip()
+        if raw and raw not in MODES:
+            raise pytest.UsageError(f"ini key ftrace_mode: exact or chaos, not {raw!r}")
+        mode = raw or DEFAULT_MODE
+    return mode
+
+
+def resolve_scheduler(config: pytest.Config) -> tuple[str, int]:
+    value = config.option.ftrace_scheduler
+    if value is None:
+        raw = (options.ini_value(config, "ftrace_scheduler") or "").strip()
+        try:
+            value = parse_scheduler(raw) if raw else ("random", 3)
+        except argparse.ArgumentTypeError as exc:
+            raise pytest.UsageError(f"ini key ftrace_scheduler: {exc}") from None
+    return value
 
 
 def session_seed(config: pytest.Config) -> int:
@@ -202,8 +283,26 @@ class FtraceSession:
         from pytest_ftrace.instrument import Instrumentation
 
         self.config = config
+        self.cache = getattr(config, "cache", None)
+        self.mode = resolve_mode(config)
+        self.scheduler = resolve_scheduler(config)
+        self.replay: Token | None = None
+        self.replay_nodeid: str | None = None  # `--ftrace-replay last`: the test to run
+        replay = config.option.ftrace_replay
+        if replay == LAST:
+            last = self.cache.get(LAST_KEY, None) if self.cache is not None else None
+            if not last:
+                raise pytest.UsageError(
+                    "--ftrace-replay last: no failure recorded in the pytest cache (run with "
+                    "--ftrace first, and keep the cache provider enabled)"
+                )
+            replay = parse_token(last["token"])
+            self.replay_nodeid = last["nodeid"]
+            self.mode = last.get("mode", self.mode)
+            config.option.ftrace_seed = int(last["seed"])
+            config.pluginmanager.register(_OnlyTest(last["nodeid"]), "ftrace-replay-last")
         self.seed = session_seed(config)
-        self.replay: Token | None = config.option.ftrace_replay
+        self.replay = replay
         self.replay_runs: int = config.option.ftrace_replay_runs
         include = (config.option.ftrace_include or []) + list(
             options.ini_value(config, "ftrace_include") or []
@@ -220,16 +319,57 @@ class FtraceSession:
             raise pytest.UsageError(f"--ftrace-policy: {exc}") from None
         self.stats: list[tuple[str, dict]] = []
         self.replays: list[tuple[str, int, int]] = []
-        cache = getattr(config, "cache", None)
-        if cache is not None:
-            cache.set(CACHE_KEY, self.seed)
+        if self.cache is not None:
+            self.cache.set(CACHE_KEY, self.seed)
 
     def close(self) -> None:
         self.instrumentation.close()
 
     def header(self) -> str:
         replay = f" replay={self.replay} x{self.replay_runs}" if self.replay else ""
-        return f"ftrace: seed={self.seed} mode={MODE}{replay}"
+        scheduler = ""
+        if self.mode == "exact":
+            name, depth = self.scheduler
+            scheduler = f" scheduler={name}{depth if name == 'pct' else ''}"
+        return f"ftrace: seed={self.seed} mode={self.mode}{scheduler}{replay}"
+
+    def exact_options(self, nodeid: str, replay: Token | None) -> dict:
+        """Keyword arguments of the native run for one test in exact mode."""
+        name, depth = self.scheduler
+        kwargs: dict = {"mode": "exact", "scheduler": name, "pct_depth": depth}
+        if replay is not None and replay.key and self.cache is not None:
+            stored = self.cache.get(REPLAY_KEY + replay.key, None)
+            if stored and stored.get("nodeid") == nodeid:
+                kwargs["replay"] = [int(t) for t in stored["decisions"]]
+        return kwargs
+
+    def store_round(self, nodeid: str, threads: int, iteration: int, record: dict) -> str | None:
+        """Keep a failing round's decision list in the cache; returns its key (None: no cache)."""
+        if self.cache is None:
+            return None
+        decisions = list(record["decisions"])
+        digest = hashlib.sha1(
+            f"{nodeid}|{self.seed}|{threads}|{iteration}|{decisions}".encode()
+        ).hexdigest()[:10]
+        self.cache.set(
+            REPLAY_KEY + digest,
+            {
+                "nodeid": nodeid,
+                "seed": self.seed,
+                "threads": threads,
+                "iteration": iteration,
+                "scheduler": list(self.scheduler),
+                "decisions": decisions,
+            },
+        )
+        return digest
+
+    def remember_failure(self, nodeid: str, token: Token) -> None:
+        if self.cache is not None:
+            self.cache.set(
+                LAST_KEY,
+                {"nodeid": nodeid, "token": str(token), "seed": self.seed, "mode": self.mode},
+            )
 
     def start(self, item: pytest.Item, threads: int, iterations: int) -> TestSession:
         return TestSession(self, item, threads, iterations)
@@ -243,14 +383,37 @@ class TestSession:
     def __init__(self, session: FtraceSession, item: pytest.Item, threads: int, iterations: int):
         self.session = session
         self.item = item
-        self.run = session.instrumentation.start_test(item.nodeid)
+        self.mode = session.mode
         self.replay = session.replay
+        if session.replay_nodeid is not None and session.replay_nodeid != item.nodeid:
+            self.replay = None
         if self.replay is not None:
             threads, iterations = self.replay.threads, session.replay_runs
         self.threads = threads
         self.iterations = iterations
+        self.exact = None
+        self.replay_exact = False  # following a recorded decision list
+        if self.mode == "exact":
+            from pytest_ftrace.exact import ExactTest
+
+            kwargs = session.exact_options(item.nodeid, self.replay)
+            self.replay_exact = "replay" in kwargs
+            traced = session.instrumentation.start_test(item.nodeid, **kwargs)
+            seed_round = None
+            if self.replay is not None and not self.replay_exact:
+                seed_round = self.replay.iteration  # no decision list: reschedule from the seed
+            self.exact = ExactTest(traced._native, threads, seed_round)
+            self.traced = traced
+            self.run = _ExactActivation(traced, self.exact)
+        else:
+            self.traced = self.run = session.instrumentation.start_test(item.nodeid)
 
     def hooks(self) -> Hooks:
+        from pytest_ftrace.runner import Hooks
+
+        if self.exact is not None:
+            e = self.exact
+            return Hooks(e.thread_enter, e.round_start, e.round_end, e.thread_exit)
         run = self.run
         if self.replay is None:
             round_start = run.round_start
@@ -265,11 +428,14 @@ class TestSession:
 
     def finish(self, outcome: Outcome) -> None:
         """Add the seed, the replay line and the statistics to the outcome and the report."""
-        stats = self.run.stats()
+        stats = self.traced.stats()
         self.session.stats.append((self.item.nodeid, stats))
+        mode = self.mode
+        if self.exact is not None:
+            self._exact_notes(outcome)
         props = self.item.user_properties
         props.append(("ftrace_seed", self.session.seed))
-        props.append(("ftrace_test_seed", self.run.seed))
+        props.append(("ftrace_test_seed", self.traced.seed))
         for key in ("executions", "hooked", "yields", "delays"):
             if key in stats:
                 props.append((f"ftrace_{key}", stats[key]))
@@ -278,9 +444,16 @@ class TestSession:
             self.session.replays.append(
                 (self.item.nodeid, len(failed_rounds), self.session.replay_runs)
             )
+            how = ""
+            if self.exact is not None:
+                how = (
+                    ", following the recorded schedule"
+                    if self.replay_exact
+                    else ", rescheduled from the seed (no recorded schedule in the cache)"
+                )
             outcome.notes.append(
                 f"replay: reproduced in {len(failed_rounds)}/{self.session.replay_runs} runs of "
-                f"round {self.replay.iteration} (seed {self.session.seed}, mode {MODE})"
+                f"round {self.replay.iteration} (seed {self.session.seed}, mode {mode}{how})"
             )
             return
         if not outcome.failures:
@@ -296,17 +469,81 @@ class TestSession:
             else "the failure was outside the rounds"
         )
         outcome.notes.append(
-            f"ftrace: seed={self.session.seed} test-seed={self.run.seed} mode={MODE}; {where}"
+            f"ftrace: seed={self.session.seed} test-seed={self.traced.seed} mode={mode}; {where}"
         )
         if first is not None:
-            token = Token(self.threads, first.iteration)
-            outcome.notes.append("replay: " + replay_command(self.item, self.session.seed, token))
+            key = None
+            if self.exact is not None:
+                record = self.exact.round(first.iteration)
+                if record is not None and record["decisions"]:
+                    key = self.session.store_round(
+                        self.item.nodeid, self.threads, first.iteration, record
+                    )
+            token = Token(self.threads, first.iteration, key)
+            self.session.remember_failure(self.item.nodeid, token)
+            outcome.notes.append(
+                "replay: " + replay_command(self.item, self.session.seed, token, mode)
+            )
+
+    def _exact_notes(self, outcome: Outcome) -> None:
+        """Rounds that were not exact (unmanaged blocking, deadlock), said once each."""
+        notes = []
+        for iteration in sorted(self.exact.rounds_seen):
+            record = self.exact.round(iteration)
+            if record is not None and not record["exact"] and not record["deadlock"]:
+                notes.append(
+                    f"ftrace: round {iteration} was not exact: {record['reason']}; "
+                    "it ran free from there"
+                )
+        if notes:
+            outcome.notes.extend(notes)
+            warnings.warn(FtraceWarning("\n".join(notes)), stacklevel=2)
 
 
-def replay_command(item: pytest.Item, seed: int, token: Token) -> str:
+class FtraceWarning(pytest.PytestWarning):
+    """Something --ftrace could not do as asked (e.g. a round that was not exact)."""
+
+
+class _ExactActivation:
+    """What the plugin activates around a test in exact mode: events, patches, watchdog."""
+
+    def __init__(self, traced, exact):
+        self.traced, self.exact = traced, exact
+
+    def activate(self) -> None:
+        self.traced.activate()
+        try:
+            self.exact.activate()
+        except BaseException:
+            self.traced.deactivate()
+            raise
+
+    def deactivate(self) -> None:
+        try:
+            self.exact.deactivate()
+        finally:
+            self.traced.deactivate()
+
+
+class _OnlyTest:
+    """`--ftrace-replay last`: deselect every test but the one that failed."""
+
+    def __init__(self, nodeid: str):
+        self.nodeid = nodeid
+
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        keep = [item for item in items if item.nodeid == self.nodeid]
+        drop = [item for item in items if item.nodeid != self.nodeid]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+
+
+def replay_command(item: pytest.Item, seed: int, token: Token, mode: str = "chaos") -> str:
     """A complete command, run from the rootdir, that re-runs this test's failing round."""
     nodeid = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
-    return f"pytest {nodeid} --ftrace --seed {seed} --ftrace-replay {token}"
+    exact = " --ftrace-mode exact" if mode == "exact" else ""
+    return f"pytest {nodeid} --ftrace{exact} --seed {seed} --ftrace-replay {token}"
 
 
 def pytest_configure_node(node) -> None:

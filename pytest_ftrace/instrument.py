@@ -18,6 +18,8 @@ decides which code gets events and when:
 - `deactivate()` switches every event off again, so nothing fires between tests.
 
 `sys.monitoring.restart_events()` is never called: it would reset the other tools too.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
@@ -221,12 +223,15 @@ class Instrumentation:
             self.close()
             raise
 
-    def start_test(self, nodeid: str) -> TestRun:
-        """A run for one test, seeded with derive_seed(session_seed, "test", nodeid)."""
+    def start_test(self, nodeid: str, **exact) -> TestRun:
+        """A run for one test, seeded with derive_seed(session_seed, "test", nodeid).
+
+        `exact`: keyword arguments of `_native.Run` for exact mode (mode="exact", scheduler,
+        pct_depth, replay)."""
         if self._closed:
             raise RuntimeError("Instrumentation is closed")
         seed = _native.derive_seed(self.session_seed, "test", nodeid)
-        return TestRun(self, nodeid, _native.Run(seed, **self.policy))
+        return TestRun(self, nodeid, _native.Run(seed, **self.policy, **exact))
 
     def close(self) -> None:
         """Switch every event off and give the tool id back. Idempotent."""

@@ -303,6 +303,20 @@ pub fn exact_slot(run: &Arc<RunShared>) -> Result<(Arc<Core>, Option<u32>), Stri
     })
 }
 
+/// Exact mode: this thread's managed id in `run`, without joining it.
+pub fn managed_id(run: &RunShared) -> Option<u32> {
+    SLOT.try_with(|cell| {
+        let s = cell.try_borrow().ok()?;
+        if s.run_id == run.id {
+            s.managed
+        } else {
+            None
+        }
+    })
+    .ok()
+    .flatten()
+}
+
 /// Exact mode: set (or clear) this thread's managed id in `run`.
 pub fn set_managed(run: &Arc<RunShared>, tid: Option<u32>) -> Result<(), String> {
     exact_slot(run)?;

@@ -305,19 +305,23 @@ impl Run {
     }
 
     /// Exact mode: the calling worker `tid` starts round `iteration` of `expected` workers;
-    /// returns (the interpreter released) when it is its turn: "turn" or "free".
+    /// returns (the interpreter released) when it is its turn: "turn" or "free". The round's
+    /// scheduler is seeded from `seed_round` (default: `iteration`).
+    #[pyo3(signature = (tid, iteration, expected, seed_round=None))]
     fn sched_enter(
         &self,
         py: Python<'_>,
         tid: u32,
         iteration: u64,
         expected: usize,
+        seed_round: Option<u64>,
     ) -> PyResult<&'static str> {
         let (core, _) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
         let ident = thread_ident();
+        let seed_round = seed_round.unwrap_or(iteration);
         Ok(py
-            .detach(move || core.enter(tid, ident, iteration, expected))
+            .detach(move || core.enter(tid, ident, iteration, seed_round, expected))
             .name())
     }
 
@@ -340,10 +344,8 @@ impl Run {
     }
 
     /// Exact mode: the calling thread's id, None when it is not managed.
-    fn sched_me(&self) -> PyResult<Option<u32>> {
-        Ok(engine::exact_slot(&self.shared)
-            .map_err(PyRuntimeError::new_err)?
-            .1)
+    fn sched_me(&self) -> Option<u32> {
+        engine::managed_id(&self.shared)
     }
 
     /// Exact mode: an explicit scheduling point; "turn" or "free".

@@ -238,9 +238,17 @@ impl Core {
     }
 
     /// Worker `tid` (OS thread `ident`) starts round `round`, in which `expected` workers
-    /// take part. The first choice is made once they have all arrived (or after
-    /// [`ARRIVAL_TIMEOUT`]); returns when it is this thread's turn.
-    pub fn enter(&self, tid: u32, ident: u64, round: u64, expected: usize) -> Wait {
+    /// take part; the round's scheduler is seeded from `seed_round` (the round itself, or the
+    /// round being replayed). The first choice is made once the workers have all arrived (or
+    /// after [`ARRIVAL_TIMEOUT`]); returns when it is this thread's turn.
+    pub fn enter(
+        &self,
+        tid: u32,
+        ident: u64,
+        round: u64,
+        seed_round: u64,
+        expected: usize,
+    ) -> Wait {
         let mut st = self.state.lock();
         if st.round != Some(round) && !st.live() {
             let k = if st.max_steps > 0 {
@@ -262,7 +270,7 @@ impl Core {
                 ..RoundRecord::default()
             };
             st.free = false;
-            st.sched = make_scheduler(self.seed, &self.policy, round, k);
+            st.sched = make_scheduler(self.seed, &self.policy, seed_round, k);
             st.next_child = expected.max(1) as u32;
         }
         st.progress += 1;
@@ -580,7 +588,10 @@ mod tests {
             for tid in 0..threads {
                 let (core, log, active) = (Arc::clone(core), Arc::clone(&log), Arc::clone(&active));
                 sc.spawn(move || {
-                    assert_eq!(core.enter(tid, tid as u64, r, threads as usize), Wait::Turn);
+                    assert_eq!(
+                        core.enter(tid, tid as u64, r, r, threads as usize),
+                        Wait::Turn
+                    );
                     for i in 0..points {
                         assert_eq!(active.fetch_add(1, Ordering::SeqCst), 0, "two threads ran");
                         log.lock().push((tid, i));
@@ -628,7 +639,7 @@ mod tests {
         std::thread::scope(|sc| {
             let (c0, o0) = (Arc::clone(&core), Arc::clone(&order));
             sc.spawn(move || {
-                c0.enter(0, 0, 0, 2);
+                c0.enter(0, 0, 0, 0, 2);
                 o0.lock().push("0 blocks");
                 assert_eq!(c0.block(0, 42, false), Wait::Woken);
                 o0.lock().push("0 woken");
@@ -636,7 +647,7 @@ mod tests {
             });
             let (c1, o1) = (Arc::clone(&core), Arc::clone(&order));
             sc.spawn(move || {
-                c1.enter(1, 1, 0, 2);
+                c1.enter(1, 1, 0, 0, 2);
                 o1.lock().push("1 wakes");
                 assert_eq!(c1.wake(42), 1);
                 c1.exit(1);
@@ -648,7 +659,7 @@ mod tests {
     #[test]
     fn a_timed_block_times_out_when_nothing_else_can_run() {
         let core = Core::new(1, Policy::Random);
-        assert_eq!(core.enter(0, 0, 0, 1), Wait::Turn);
+        assert_eq!(core.enter(0, 0, 0, 0, 1), Wait::Turn);
         assert_eq!(core.block(0, 5, true), Wait::TimedOut);
         core.exit(0);
         assert!(core.round(0).unwrap().exact);
@@ -662,7 +673,7 @@ mod tests {
                 .map(|tid| {
                     let core = Arc::clone(&core);
                     sc.spawn(move || {
-                        core.enter(tid, 0, 0, 2);
+                        core.enter(tid, 0, 0, 0, 2);
                         let w = core.block(tid, 100 + tid as u64, false);
                         core.exit(tid);
                         w
@@ -682,18 +693,18 @@ mod tests {
         std::thread::scope(|sc| {
             let c = Arc::clone(&core);
             sc.spawn(move || {
-                c.enter(0, 0, 0, 2);
-                c.enter(0, 0, 0, 2); // idempotent re-entry keeps the turn logic sane
+                c.enter(0, 0, 0, 0, 2);
+                c.enter(0, 0, 0, 0, 2); // idempotent re-entry keeps the turn logic sane
                 c.exit(0);
             });
             let c = Arc::clone(&core);
             sc.spawn(move || {
-                c.enter(1, 1, 0, 2);
+                c.enter(1, 1, 0, 0, 2);
                 c.exit(1);
             });
         });
         let c2 = Core::new(1, Policy::Random);
-        c2.enter(0, 0, 0, 1);
+        c2.enter(0, 0, 0, 0, 1);
         c2.release("stuck in I/O");
         assert_eq!(c2.point(0), Wait::Free);
         assert_eq!(c2.block(0, 1, false), Wait::Free);
@@ -706,7 +717,7 @@ mod tests {
     #[test]
     fn spawned_threads_take_turns_too() {
         let core = Arc::new(Core::new(5, Policy::Random));
-        core.enter(0, 0, 0, 1);
+        core.enter(0, 0, 0, 0, 1);
         let child = core.spawn().unwrap();
         assert_eq!(child, 1);
         std::thread::scope(|sc| {

@@ -1,0 +1,601 @@
+"""Exact mode (`--ftrace-mode exact`): a test's threads run one at a time, and the Rust core
+(`rust/sched/`) chooses, at every hooked access, which one takes the next step.
+
+This module is the Python side:
+
+- `ExactTest` plugs a test's threads into the core through the runner's hooks: a worker is
+  managed from `round_start` to `round_end`, and waits for its turn in Rust with the
+  interpreter released.
+- While a test runs, `threading.Lock`, `RLock`, `Condition`, `time.sleep` and
+  `Thread.start`/`join` are patched (`install`/`uninstall`). Objects made by a managed thread
+  are cooperative: a thread that would block tells the core, which hands the turn to another
+  thread, and a release wakes the waiters. `Semaphore`, `BoundedSemaphore`, `Event`, `Barrier`
+  and `queue.Queue` are built from `Lock` and `Condition` by the standard library, so the
+  ones a managed thread makes are cooperative too. Objects made elsewhere (module level,
+  fixtures) are the real ones.
+- A watchdog thread notices a running thread that reaches no scheduling point for
+  `WATCHDOG_SECONDS` (blocked in I/O, in C, or on a lock made outside the test), reports
+  "unmanaged blocking at <file:line>" and lets the rest of that round run free.
+- When every managed thread is blocked, the core says so at once and each blocked thread
+  raises `DeadlockError`; the first one carries the wait-for cycle and every thread's stack.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import _thread
+import collections
+import os
+import queue
+import sys
+import threading
+import time
+
+WATCHDOG_SECONDS = 1.0
+POLL_SECONDS = 0.0005  # free-running fallback: how often a would-be-blocked thread retries
+
+_real_lock = _thread.allocate_lock
+_real_sleep = time.sleep
+_real_monotonic = time.monotonic
+_ORIGINAL: dict[tuple[object, str], object] = {}
+
+# The native run of the test in progress (exact mode), None between tests.
+_CURRENT = None
+# Per round: what each blocked managed thread waits for, by thread id (deadlock reports).
+_WAITING: dict[int, tuple[object, list[tuple]]] = {}
+_REPORTED: set[int] = set()  # rounds whose deadlock report was made
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SKIP_FILES = {threading.__file__, queue.__file__, __file__}
+
+
+class DeadlockError(Exception):
+    """Every managed thread of a round was blocked (exact mode)."""
+
+
+def _managed():
+    """The current exact run when the calling thread is one of its managed threads."""
+    run = _CURRENT
+    if run is not None and run.sched_me() is not None:
+        return run
+    return None
+
+
+def _site(depth: int = 2) -> str:
+    """file:line of the nearest caller outside threading, queue and this module."""
+    frame = sys._getframe(depth)
+    while frame is not None and frame.f_code.co_filename in _SKIP_FILES:
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    return f"{_relative(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+def _relative(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _stack_of(frame) -> list[tuple]:
+    out = []
+    while frame is not None:
+        out.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        frame = frame.f_back
+    out.reverse()
+    return out
+
+
+def _block(run, resource: int, timed: bool, what: object) -> str:
+    """Block the calling managed thread on `resource`; returns the core's answer."""
+    me = run.sched_me()
+    _WAITING[me] = (what, _stack_of(sys._getframe(2)))
+    answer = run.sched_block(resource, timed)
+    if answer == "deadlock":
+        raise DeadlockError(_deadlock_report(run, me))
+    _WAITING.pop(me, None)
+    return answer
+
+
+def _deadlock_report(run, me: int) -> str:
+    key = id(run)
+    if key in _REPORTED:
+        what = _WAITING.get(me, (None,))[0]
+        return (
+            f"deadlock: thread {me} was blocked on {_describe(what)} when every managed "
+            "thread was (the full report is in another thread's failure)"
+        )
+    _REPORTED.add(key)
+    waiting = dict(_WAITING)
+    lines = ["deadlock: every managed thread is blocked"]
+    holds: dict[int, int] = {}
+    for tid, (what, _stack) in sorted(waiting.items()):
+        owner = getattr(what, "_owner_tid", None)
+        held = f" held by thread {owner}" if owner is not None else ""
+        lines.append(f"  thread {tid} waits for {_describe(what)}{held}")
+        if owner is not None:
+            holds[tid] = owner
+    cycle = _cycle(holds)
+    if cycle:
+        lines.append("  wait-for cycle: " + " -> ".join(f"thread {t}" for t in cycle))
+    for tid, (_what, stack) in sorted(waiting.items()):
+        lines.append(f"\nThread {tid} (most recent call last):")
+        shown = [s for s in stack if not s[0].startswith(_HERE)]
+        lines.extend(f'  File "{_relative(f)}", line {n}, in {name}' for f, n, name in shown[-8:])
+    return "\n".join(lines)
+
+
+def _cycle(edges: dict[int, int]) -> list[int]:
+    for start in sorted(edges):
+        seen: list[int] = []
+        node = start
+        while node in edges and node not in seen:
+            seen.append(node)
+            node = edges[node]
+        if node in seen:
+            return seen[seen.index(node) :] + [node]
+    return []
+
+
+def _describe(what: object) -> str:
+    if what is None:
+        return "?"
+    describe = getattr(what, "_ftrace_describe", None)
+    return describe() if describe is not None else repr(what)
+
+
+# -- cooperative primitives -------------------------------------------------------------------
+
+
+class _CoopLock:
+    """A lock whose waits go through the core. Owner-checked like RLock when reentrant."""
+
+    _reentrant = False
+    _kind = "Lock"
+
+    def __init__(self):
+        self._mutex = _real_lock()
+        self._owner = None  # thread ident
+        self._owner_tid = None  # managed id of the owner, if it is managed
+        self._count = 0
+        self._made_at = _site(3)
+
+    def _ftrace_describe(self) -> str:
+        return f"{self._kind} made at {self._made_at}"
+
+    def __repr__(self) -> str:
+        state = "locked" if self._owner is not None else "unlocked"
+        return f"<cooperative {self._kind} {state}, made at {self._made_at}>"
+
+    def _try(self, me: int, tid) -> bool:
+        with self._mutex:
+            if self._owner is None:
+                self._owner, self._owner_tid, self._count = me, tid, 1
+                return True
+            if self._reentrant and self._owner == me:
+                self._count += 1
+                return True
+            return False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not blocking and timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        if timeout < 0 and timeout != -1:
+            raise ValueError("timeout value must be a non-negative number")
+        me = _thread.get_ident()
+        run = _managed()
+        if run is not None:
+            run.sched_point()
+        deadline = None if timeout < 0 else _real_monotonic() + timeout
+        while True:
+            run = _managed()
+            if self._try(me, run.sched_me() if run is not None else None):
+                return True
+            if not blocking:
+                return False
+            if run is not None:
+                answer = _block(run, id(self), timeout >= 0, self)
+                if answer == "timeout":
+                    return False
+                if answer != "free":
+                    continue
+            if deadline is not None and _real_monotonic() >= deadline:
+                return False
+            _real_sleep(POLL_SECONDS)
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._owner is None:
+                raise RuntimeError("release unlocked lock")
+            if self._reentrant and self._owner != _thread.get_ident():
+                raise RuntimeError("cannot release un-acquired lock")
+            self._count -= 1
+            if self._count:
+                return
+            self._owner = self._owner_tid = None
+        run = _CURRENT
+        if run is not None:
+            run.sched_wake(id(self))
+            if run.sched_me() is not None:
+                run.sched_point()
+
+    def locked(self) -> bool:
+        return self._owner is not None
+
+    def _is_owned(self) -> bool:
+        return self._owner == _thread.get_ident()
+
+    def _release_save(self):
+        with self._mutex:
+            state = (self._count, self._owner, self._owner_tid)
+            self._count = 1
+        self.release()
+        return state
+
+    def _acquire_restore(self, state) -> None:
+        self.acquire()
+        with self._mutex:
+            self._count, self._owner, self._owner_tid = state
+
+    def _at_fork_reinit(self) -> None:
+        self._mutex = _real_lock()
+        self._owner = self._owner_tid = None
+        self._count = 0
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _CoopRLock(_CoopLock):
+    _reentrant = True
+    _kind = "RLock"
+
+
+class _Waiter:
+    __slots__ = ("notified",)
+
+    def __init__(self):
+        self.notified = False
+
+
+class _CoopCondition:
+    """threading.Condition whose waits go through the core."""
+
+    def __init__(self, lock=None):
+        self._lock = lock if lock is not None else RLock()
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._made_at = _site(2)
+
+    def _ftrace_describe(self) -> str:
+        return f"Condition made at {self._made_at}"
+
+    @property
+    def _owner_tid(self):
+        return None  # nobody holds a condition: it is waited for until notified
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+    def __repr__(self) -> str:
+        return f"<cooperative Condition({self._lock!r}, {len(self._waiters)})>"
+
+    def _is_owned(self) -> bool:
+        owned = getattr(self._lock, "_is_owned", None)
+        if owned is not None:
+            return owned()
+        if self._lock.acquire(False):
+            self._lock.release()
+            return False
+        return True
+
+    def _release_save(self):
+        save = getattr(self._lock, "_release_save", None)
+        if save is not None:
+            return save()
+        self._lock.release()
+        return None
+
+    def _acquire_restore(self, state) -> None:
+        restore = getattr(self._lock, "_acquire_restore", None)
+        if restore is not None:
+            restore(state)
+        else:
+            self._lock.acquire()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._is_owned():
+            raise RuntimeError("cannot wait on un-acquired lock")
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        saved = self._release_save()
+        try:
+            deadline = None if timeout is None else _real_monotonic() + timeout
+            while not waiter.notified:
+                run = _managed()
+                if run is not None:
+                    answer = _block(run, id(waiter), timeout is not None, self)
+                    if answer == "timeout":
+                        return waiter.notified
+                    if answer != "free":
+                        continue
+                if deadline is not None and _real_monotonic() >= deadline:
+                    return waiter.notified
+                _real_sleep(POLL_SECONDS)
+            return True
+        finally:
+            self._acquire_restore(saved)
+            if not waiter.notified:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    def wait_for(self, predicate, timeout: float | None = None):
+        endtime = None
+        waittime = timeout
+        result = predicate()
+        while not result:
+            if waittime is not None:
+                if endtime is None:
+                    endtime = _real_monotonic() + waittime
+                else:
+                    waittime = endtime - _real_monotonic()
+                    if waittime <= 0:
+                        break
+            if not self.wait(waittime) and timeout is not None:
+                result = predicate()
+                break
+            result = predicate()
+        return result
+
+    def notify(self, n: int = 1) -> None:
+        if not self._is_owned():
+            raise RuntimeError("cannot notify on un-acquired lock")
+        run = _CURRENT
+        while n > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.notified = True
+            n -= 1
+            if run is not None:
+                run.sched_wake(id(waiter))
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))
+
+    notifyAll = notify_all  # noqa: N815 - the threading name
+
+
+def Lock():  # noqa: N802 - stands in for threading.Lock
+    return _CoopLock() if _managed() is not None else _real_lock()
+
+
+def RLock(*args, **kwargs):  # noqa: N802 - stands in for threading.RLock
+    if _managed() is not None:
+        return _CoopRLock()
+    return _ORIGINAL[(threading, "RLock")](*args, **kwargs)
+
+
+def Condition(lock=None):  # noqa: N802 - stands in for threading.Condition
+    if _managed() is not None or isinstance(lock, _CoopLock):
+        return _CoopCondition(lock)
+    return _ORIGINAL[(threading, "Condition")](lock)
+
+
+class _Sleeper:
+    def _ftrace_describe(self) -> str:
+        return "time.sleep"
+
+    _owner_tid = None
+
+
+def sleep(seconds: float) -> None:
+    run = _managed()
+    if run is None:
+        return _real_sleep(seconds)
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    if seconds == 0:
+        run.sched_point()
+        return None
+    # Virtual time: the sleeper goes on once nothing else can run (or is woken never).
+    sleeper = _Sleeper()
+    if _block(run, id(sleeper), True, sleeper) == "free":
+        _real_sleep(seconds)
+    return None
+
+
+def _thread_start(self) -> None:
+    run = _managed()
+    tid = run.sched_spawn() if run is not None else None
+    if tid is None:
+        return _ORIGINAL[(threading.Thread, "start")](self)
+    self._ftrace_tid = tid
+    self._ftrace_run = run
+    body = self.run
+
+    def managed_run():
+        run.sched_attach(tid)
+        try:
+            body()
+        finally:
+            run.sched_wake(id(self))
+            run.sched_exit()
+
+    self.run = managed_run
+    _ORIGINAL[(threading.Thread, "start")](self)
+    run.sched_point()
+    return None
+
+
+def _thread_join(self, timeout: float | None = None) -> None:
+    run = _managed()
+    tid = getattr(self, "_ftrace_tid", None)
+    if run is not None and tid is not None and getattr(self, "_ftrace_run", None) is run:
+        waited = _ThreadWait(self, tid)
+        while run.sched_live(tid):
+            answer = _block(run, id(self), timeout is not None, waited)
+            if answer == "timeout":
+                return None
+            if answer == "free":
+                break
+    return _ORIGINAL[(threading.Thread, "join")](self, timeout)
+
+
+class _ThreadWait:
+    def __init__(self, thread, tid):
+        self.thread, self._owner_tid = thread, None
+        self.tid = tid
+
+    def _ftrace_describe(self) -> str:
+        return f"thread {self.tid} ({self.thread.name}) to finish"
+
+
+_PATCHES = (
+    (threading, "Lock", Lock),
+    (threading, "RLock", RLock),
+    (threading, "Condition", Condition),
+    (time, "sleep", sleep),
+    (threading.Thread, "start", _thread_start),
+    (threading.Thread, "join", _thread_join),
+)
+
+
+def install(run) -> None:
+    """Patch the threading names for the test whose native run is `run`."""
+    global _CURRENT
+    for owner, name, replacement in _PATCHES:
+        _ORIGINAL.setdefault((owner, name), getattr(owner, name))
+        setattr(owner, name, replacement)
+    _WAITING.clear()
+    _REPORTED.discard(id(run))
+    _CURRENT = run
+
+
+def uninstall() -> None:
+    global _CURRENT
+    _CURRENT = None
+    for owner, name, _replacement in _PATCHES:
+        original = _ORIGINAL.get((owner, name))
+        if original is not None:
+            setattr(owner, name, original)
+    _WAITING.clear()
+
+
+# -- a test under exact mode ---------------------------------------------------------------------
+
+
+class ExactTest:
+    """The runner hooks and the watchdog of one test in exact mode."""
+
+    def __init__(self, native, threads: int, seed_round: int | None = None):
+        self.native = native
+        self.threads = threads
+        self.seed_round = seed_round  # replaying by seed: every round reseeded as this one
+        self._local = threading.local()
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.blocking: list[str] = []  # unmanaged blocking reports, one per released round
+        self.rounds_seen: set[int] = set()
+
+    # activation: patch the names and watch for unmanaged blocking
+    def activate(self) -> None:
+        install(self.native)
+        self._stop.clear()
+        self._watchdog = threading.Thread(target=self._watch, name="ftrace-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def deactivate(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(5)
+            self._watchdog = None
+        uninstall()
+
+    # runner hooks
+    def thread_enter(self, index: int) -> None:
+        self._local.index = index
+        self.native.thread_enter(index)
+
+    def round_start(self, iteration: int) -> None:
+        self.native.round_start(iteration)
+        if iteration not in self.rounds_seen:  # every worker is here, none runs yet
+            self.rounds_seen.add(iteration)
+            _WAITING.clear()
+        self._local.round = iteration
+        self.native.sched_enter(
+            self._local.index,
+            iteration,
+            self.threads,
+            iteration if self.seed_round is None else self.seed_round,
+        )
+
+    def round_end(self, seconds: float) -> None:
+        self.native.sched_exit()
+        self.native.record_round(seconds)
+
+    def thread_exit(self) -> None:
+        self.native.sched_exit()
+        self.native.thread_exit()
+
+    def round(self, iteration: int) -> dict | None:
+        return self.native.sched_round(iteration)
+
+    def _watch(self) -> None:
+        last = None
+        since = _real_monotonic()
+        while not self._stop.wait(0.05):
+            status = self.native.sched_status()
+            if status is None:
+                return
+            running, ident, progress, waiting, free, started = status
+            now = _real_monotonic()
+            if free or running is None or not started or waiting == 0 or progress != last:
+                last, since = progress, now
+                continue
+            if now - since < WATCHDOG_SECONDS:
+                continue
+            where = _where(sys._current_frames().get(ident))
+            reason = f"unmanaged blocking at {where}"
+            self.native.sched_release(reason)
+            self.blocking.append(reason)
+            last = None
+
+
+def _where(frame) -> str:
+    """file:line of the innermost frame, and of the innermost one outside the stdlib."""
+    if frame is None:
+        return "<unknown> (the thread has no Python frame)"
+    stack = _stack_of(frame)
+    inner = stack[-1]
+    text = f"{_relative(inner[0])}:{inner[1]} (in {inner[2]})"
+    stdlib = os.path.dirname(os.__file__)
+    for filename, lineno, name in reversed(stack):
+        if not filename.startswith(stdlib) and not filename.startswith(_HERE):
+            if (filename, lineno) != inner[:2]:
+                text += f", called from {_relative(filename)}:{lineno} (in {name})"
+            break
+    return text
+
+
+def patched_names() -> list[str]:
+    """The names exact mode patches while a test runs (for documentation and tests)."""
+    return [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _replacement in _PATCHES]
+
+
+__all__ = [
+    "DeadlockError",
+    "ExactTest",
+    "install",
+    "patched_names",
+    "uninstall",
+]
