@@ -60,6 +60,8 @@ Processes
     objects shared with the child (`Lock`, `Event`, `Queue`, ...) must come from the same
     context, `process_context().Lock()`; pass `context=` ("spawn", "forkserver", "fork" or a
     context object) to choose another one.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

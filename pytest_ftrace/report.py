@@ -1,5 +1,8 @@
 """What a threaded run of one test comes to: passed, skipped, xfailed, or which executions
-failed and how, as a ConcurrencyError a maintainer can act on."""
+failed and how, as a ConcurrencyError a maintainer can act on.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
 
 from __future__ import annotations
 
