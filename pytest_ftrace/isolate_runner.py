@@ -90,10 +90,11 @@ class _Child:
             time.sleep(0.005)
         self.status = status
         for fd in (self.commands, self.messages):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         return status
 
 
@@ -101,11 +102,22 @@ class Isolator:
     """Runs each test in a forked child and logs the reports it sends back."""
 
     def __init__(self, config: pytest.Config, mode: str):
+        # What every child needs, imported once here rather than in each child (where, without
+        # cached bytecode, each import would be compiled again).
+        import faulthandler  # noqa: F401
+        import pickle  # noqa: F401
+        import select  # noqa: F401
+
+        from _pytest import runner as _pytest_runner  # noqa: F401
+
+        from pytest_ftrace import report, runner  # noqa: F401
+
         self.config = config
         self.mode = mode
         self.child: _Child | None = None
         self.groups: dict[int, tuple[list, int]] | None = None  # id(item) -> (group, position)
         self.fault_fd: int | None = None
+        self.retired: list[_Child] = []  # children done with their group, not reaped yet
         self.progress = None  # shared memory: (threads, round) of the child's threaded run
         self.forks = 0
         self.crashes = 0
@@ -176,6 +188,8 @@ class Isolator:
                     )
                 elif kind == "done":
                     _merge_extras(self.config, message[1])
+                    if position == len(group) - 1:  # the child exits by itself: reap it later
+                        self._retire(child)
                     break
                 elif kind in ("interrupt", "exit"):
                     stop = message
@@ -205,6 +219,7 @@ class Isolator:
         return _receive(child.messages)
 
     def _fork(self, group: list, position: int) -> _Child:
+        import gc
         import warnings
 
         if self.progress is None:
@@ -225,6 +240,9 @@ class Isolator:
                 stream.flush()
             except Exception:  # noqa: BLE001, S110
                 pass
+        # Keep the collector off the objects the child inherits: a full collection in the child
+        # would touch, and so copy, every page of the main process.
+        gc.freeze()
         with warnings.catch_warnings():
             # 3.12+ warns when forking with threads; the main process only waits meanwhile.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -243,6 +261,24 @@ class Isolator:
         os.close(messages_w)
         self.forks += 1
         return _Child(pid, commands_w, messages_r, group, position)
+
+    def _retire(self, child: _Child) -> None:
+        for fd in (child.commands, child.messages):
+            os.close(fd)
+        child.commands = child.messages = -1
+        self.child = None
+        self.retired.append(child)
+        self._reap_retired(block=False)
+
+    def _reap_retired(self, block: bool) -> None:
+        """Collect the children that finished their group (blocking: wait, then SIGKILL)."""
+        waiting = []
+        for child in self.retired:
+            if block:
+                child.reap(5.0)
+            elif not os.waitpid(child.pid, os.WNOHANG)[0]:
+                waiting.append(child)
+        self.retired = waiting
 
     def _stop_child(self, grace: float = 5.0) -> None:
         child, self.child = self.child, None
@@ -317,6 +353,7 @@ class Isolator:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self) -> None:
         self._stop_child()
+        self._reap_retired(block=True)
 
     def pytest_unconfigure(self) -> None:
         self._stop_child(grace=1.0)
@@ -600,6 +637,8 @@ def _child_main(
         finally:
             faulthandler.cancel_dump_traceback_later()
         _send(messages, ("done", _extras_since(config, mark)))
+        if nextitem is None:  # the group is done, and torn down: nothing left to wait for
+            return 0
     # Quit before the group's end (-x, or the session stopping): tear down what is set up.
     try:
         group[0].session._setupstate.teardown_exact(None)
