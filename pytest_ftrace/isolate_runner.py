@@ -197,6 +197,13 @@ class Isolator:
                 elif kind == "error":  # the child's own machinery failed: a crash, in effect
                     raise _Closed(message[1])
         except KeyboardInterrupt:
+            # A terminal's Ctrl-C reaches the child too; a signal to this process alone did not.
+            import signal
+
+            try:
+                os.kill(child.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
             self._stop_child(grace=2.0)
             raise
         except (_Closed, OSError) as exc:
@@ -547,9 +554,35 @@ def _extras_since(config, mark: tuple) -> dict:
     }
 
 
+def _warning_data(caught) -> tuple:
+    """A caught warning as plain data; the category by reference when it can be pickled."""
+    import pickle
+
+    category = caught.category
+    try:
+        pickle.dumps(category)
+    except Exception:  # noqa: BLE001 - a class defined where pickle cannot find it
+        category = None
+    return (str(caught.message), category, caught.category.__name__, caught.filename, caught.lineno)
+
+
+def _reissue_warnings(extras: dict) -> None:
+    """Issue the child's warnings here, inside pytest's recording of this test's warnings."""
+    import warnings
+
+    for message, category, name, filename, lineno in extras.get("warnings", ()):
+        if category is None:
+            category, message = UserWarning, f"{name}: {message}"
+        try:
+            warnings.warn_explicit(message, category, filename, lineno)
+        except Warning:  # turned into an error here; the child already applied the filters
+            pass
+
+
 def _merge_extras(config, extras: dict) -> None:
     from pytest_ftrace.plugin import STATE_KEY
 
+    _reissue_warnings(extras)
     state = config.stash.get(STATE_KEY, None)
     if state is None or not extras:
         return
@@ -600,6 +633,7 @@ def _child_main(
 ):
     """Run the tests the main process asks for, until it says quit; the exit code."""
     import faulthandler
+    import warnings
 
     from pytest_ftrace import runner
 
@@ -621,8 +655,12 @@ def _child_main(
         nextitem = group[position + 1] if position + 1 < len(group) else None
         mark = _extras_mark(config)
         faulthandler.dump_traceback_later(bound, exit=True, file=fault)
+        caught: list = []
         try:
-            runtestprotocol(item, nextitem=nextitem, log=False)
+            # The main process records the test's warnings around its runtest protocol; here
+            # they are caught (under the same filters) and sent back to be issued there again.
+            with warnings.catch_warnings(record=True) as caught:
+                runtestprotocol(item, nextitem=nextitem, log=False)
         except KeyboardInterrupt as exc:
             _send(messages, ("interrupt", _where(exc)))
             return 0
@@ -636,7 +674,9 @@ def _child_main(
             return 1
         finally:
             faulthandler.cancel_dump_traceback_later()
-        _send(messages, ("done", _extras_since(config, mark)))
+        extras = _extras_since(config, mark)
+        extras["warnings"] = [_warning_data(w) for w in caught]
+        _send(messages, ("done", extras))
         if nextitem is None:  # the group is done, and torn down: nothing left to wait for
             return 0
     # Quit before the group's end (-x, or the session stopping): tear down what is set up.

@@ -388,3 +388,68 @@ def test_crash_in_a_later_round_names_it_and_the_replay_reproduces(pytester):
     result.stdout.fnmatch_lines(
         ["*replay=t4i3*", "crashed: the test process was killed by SIGSEGV*", replay + " *"]
     )
+
+
+def test_warnings_from_the_children_reach_the_summary(pytester):
+    pytester.makepyfile(
+        """
+        import warnings
+        class LocalWarning(UserWarning):
+            pass
+        def test_warns():
+            warnings.warn("careful now", UserWarning)
+        def test_local():
+            warnings.warn("from here", LocalWarning)
+        def test_error():
+            warnings.warn("turned into an error", UserWarning)
+        """
+    )
+    result = run(pytester, "--ftrace-isolate", "-W", "error:turned into:UserWarning")
+    result.assert_outcomes(passed=2, failed=1, warnings=2)
+    result.stdout.fnmatch_lines(
+        ["*warnings summary*", "*::test_warns", "*UserWarning: careful now", "*LocalWarning: from*"]
+    )
+
+
+def test_ctrl_c_stops_the_session_and_leaves_no_child(pytester):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytester.makepyfile(
+        test_slow="""
+        import os, pathlib, time
+        def test_first():
+            pass
+        def test_slow():
+            pathlib.Path("child").write_text(str(os.getpid()))
+            time.sleep(60)
+        def test_next():
+            pass
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--ftrace-isolate", "-v"],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(600):
+            if (pytester.path / "child").exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # the main process only (a terminal signals both)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "KeyboardInterrupt" in out
+    assert "test_first PASSED" in out
+    assert "test_next" not in out
+    child = int((pytester.path / "child").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
