@@ -121,6 +121,7 @@ class Isolator:
         self.progress = None  # shared memory: (threads, round) of the child's threaded run
         self.forks = 0
         self.crashes = 0
+        self.between: list[tuple[str, str]] = []  # (next test, how) for children lost idle
 
     # The main process -------------------------------------------------------------------------
 
@@ -166,6 +167,8 @@ class Isolator:
         if child is not None and (child.group is not group or child.status is not None):
             self._stop_child()
             child = None
+        if child is not None and not self._alive(child, item):
+            child = None
         if child is None:
             child = self.child = self._fork(group, position)
         import time
@@ -210,6 +213,17 @@ class Isolator:
             detail = exc.args[0] if isinstance(exc, _Closed) and exc.args else None
             received.extend(self._crashed(item, child, received, started, detail))
         return received, stop
+
+    def _alive(self, child: _Child, item: pytest.Item) -> bool:
+        """Whether a module's child, idle between tests, is still there (if not: noted)."""
+        pid, status = os.waitpid(child.pid, os.WNOHANG)
+        if not pid:
+            return True
+        child.status = status
+        child.reap(0)
+        self.child = None
+        self.between.append((item.nodeid, _status_name(status)))
+        return False
 
     def _next_message(self, child: _Child, timeout: float):
         import select
@@ -369,6 +383,11 @@ class Isolator:
             self.fault_fd = None
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        for nodeid, how in self.between:
+            terminalreporter.line(
+                f"ftrace: the test process of a module ended ({how}) between tests, before "
+                f"{nodeid}: something an earlier test left running? A new one took over."
+            )
         if self.crashes:
             terminalreporter.section("ftrace: isolated crashes", sep="-", red=True)
             terminalreporter.line(

@@ -453,3 +453,33 @@ def test_ctrl_c_stops_the_session_and_leaves_no_child(pytester):
     child = int((pytester.path / "child").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_module_child_lost_between_tests_is_replaced(pytester):
+    # test_1 leaves a thread behind that ends its process a little later, while the main process
+    # is still logging test_1 (the conftest makes that take a while): test_2 gets a new child.
+    pytester.makeconftest(
+        """
+        import time
+        def pytest_runtest_logreport(report):
+            if report.when == "teardown" and report.nodeid.endswith("test_1"):
+                time.sleep(3)
+        """
+    )
+    pytester.makepyfile(
+        """
+        import os, threading
+        def test_1():
+            threading.Timer(0.1, os._exit, (5,)).start()
+        def test_2():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate=module")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "ftrace: the test process of a module ended (exit status 5) between tests, "
+            "before *::test_2*"
+        ]
+    )
