@@ -356,6 +356,47 @@ def test_gil_reenabled_in_one_isolated_test_stays_there(pytester):
     result.stdout.fnmatch_lines(["*ftrace: GIL re-enabled*", "test_gil_fault.py::test_imports*"])
 
 
+@only_free_threaded
+def test_generator_next_from_threads_crash_fails_only_that_test(pytester):
+    # Measured for issue 7: two threads calling next() on one generator at once can segfault
+    # CPython 3.13t. Whether it crashes in a given run is up to the scheduler; what must hold
+    # is that the session survives it and reports every test.
+    pytester.makepyfile(
+        test_gen="""
+        def numbers():
+            n = 0
+            while True:
+                n += 1
+                yield n
+
+        def test_before():
+            pass
+
+        def test_next_from_threads():
+            global shared
+            shared = numbers()
+            for _ in range(200000):
+                try:
+                    next(shared)
+                except ValueError:  # generator already executing
+                    pass
+
+        def test_after():
+            pass
+        """
+    )
+    args = ("--ftrace-isolate", "--ftrace", "--seed", SEED, "--threads", "8", "--iterations", "3")
+    result = run(pytester, *args)
+    found = cases(pytester)
+    assert sorted(found) == ["test_after", "test_before", "test_next_from_threads"]
+    assert found["test_before"]["outcome"] == found["test_after"]["outcome"] == "passed"
+    fault = found["test_next_from_threads"]
+    if fault["outcome"] != "passed":
+        assert "crashed: the test process was killed by SIG" in fault["message"], fault
+        assert f"ftrace: seed={SEED}" in fault["message"]
+        result.assert_outcomes(passed=2, failed=1)
+
+
 @pytest.mark.parametrize(
     ("args", "ini", "message"),
     [
