@@ -69,6 +69,8 @@ Limits: ``monkeypatch``, environment variables, the working directory, logger le
 ``caplog.set_level`` and ``--pdb`` are process-wide; tests that change them should be marked
 ``not_parallelizable``. Hooks that wrap ``pytest_runtest_protocol`` (e.g. pytest-timeout,
 pytest-rerunfailures, the faulthandler timeout) do not run for tests run by workers.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

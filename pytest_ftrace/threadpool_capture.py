@@ -6,6 +6,8 @@ time. While a wave of tests runs, the runner puts `RoutingStream`s in place of `
 `sys.stderr` and one `LogRouter` on the root logger. Each looks up the test that the writing
 thread is running (`current()`) and hands the text or record to that test's `Sink`. Writes from
 threads that run no test (the main thread, threads a test started) go where they went before.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

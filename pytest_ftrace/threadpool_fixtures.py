@@ -3,6 +3,8 @@
 Registered as a plugin only with --threadpool. pytest's own capsys replaces `sys.stdout` for the
 whole process, and pytest allows one at a time; these versions capture the writes of the test's
 own thread instead. In a test that runs the usual way they hand over to pytest's fixture.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The rules are documented in `pytest_ftrace.threadpool`. This module turns the collected items
 into a plan: a list of steps, each either one test run the usual way or a *wave* of tests that
 workers run concurrently.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The threadpool test loop: waves of tests run by worker threads, reported by the main thread."""
+"""The threadpool test loop: waves of tests run by worker threads, reported by the main thread.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
 
 from __future__ import annotations
 
@@ -308,6 +311,8 @@ class Runner:
                 last = wave.remaining == 0 and not wave.pending
             if context.fatal is not None:
                 fatal = context.fatal
+            if context.item is None:
+                continue
             if last and fatal is None:
                 return context
             self._report(context)
@@ -352,6 +357,25 @@ class Runner:
         thread.start()
 
     def _work(self, wave: _Wave) -> None:
+        try:
+            self._work_loop(wave)
+        except BaseException as exc:  # a bug of ours: stop the wave rather than hang the session
+            me = threading.current_thread()
+            context = ItemContext(None, self.capturing, worker=True)
+            context.fatal = exc
+            with wave.lock:
+                lost = [item for item, c in wave.inflight.items() if c.thread is me]
+                for item in lost:
+                    del wave.inflight[item]
+                dropped = len(wave.pending) + len(lost)
+                wave.stop = True
+                wave.pending.clear()
+                # The fatal context below is counted like one test.
+                wave.remaining -= dropped - 1
+                self.outcome.not_run += dropped
+            wave.done.put(context)
+
+    def _work_loop(self, wave: _Wave) -> None:
         me = threading.current_thread()
         while True:
             with wave.lock:

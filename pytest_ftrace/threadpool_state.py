@@ -14,6 +14,8 @@ runner is active they are made thread-aware, and the main thread sees exactly wh
   helpers) are replaced, on workers only, by per-test versions (see threadpool_capture).
 - `_pytest.runner._update_current_test_var` (PYTEST_CURRENT_TEST) is skipped on workers: the
   environment is process-wide, and racing updates could remove the variable twice.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import FREE_THREADED_BUILD
+from conftest import FREE_THREADED_BUILD, only_gil_build
 
 # Put in a conftest.py of each pytester run: a barrier helper and thread bookkeeping.
 CONFTEST = """
@@ -190,6 +190,182 @@ def test_marker_levels_and_priority(tp):
     result.assert_outcomes(passed=12)
 
 
+def test_scopes_at_each_level(tp):
+    """children, parameters and all on a function, a class, a module and a package."""
+    tp.makepyfile(
+        **{
+            "pkg/__init__.py": "import pytest\n"
+            "pytestmark = pytest.mark.parallelizable('parameters')\n",
+            "pkg/test_pkg_params.py": """
+            import pytest
+            from conftest import THREADS, meet
+
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_v(n):
+                meet("pkg-params")
+
+            def test_plain_1():
+                pass
+
+            def test_plain_2():
+                pass
+
+            def test_zz_check():
+                assert THREADS["test_v[1]"] and THREADS["test_v[2]"]
+                assert not THREADS["test_plain_1"] and not THREADS["test_plain_2"]
+            """,
+            "test_module_all.py": """
+            import pytest
+            from conftest import meet
+
+            pytestmark = pytest.mark.parallelizable("all")
+
+            # "all" on a module: every test below it, variants included, runs together.
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_v(n):
+                meet("module-all", 3)
+
+            def test_other():
+                meet("module-all", 3)
+            """,
+            "test_class_params.py": """
+            import pytest
+            from conftest import THREADS, meet
+            from pytest_ftrace import parallelizable
+
+            @parallelizable("parameters")
+            class TestParams:
+                @pytest.mark.parametrize("n", [1, 2])
+                def test_v(self, n):
+                    meet("class-params")
+
+                def test_alone_1(self):
+                    pass
+
+                def test_alone_2(self):
+                    pass
+
+            def test_zz_check():
+                assert THREADS["test_v[1]"] and THREADS["test_v[2]"]
+                assert not THREADS["test_alone_1"] and not THREADS["test_alone_2"]
+            """,
+            "test_function_level.py": """
+            import pytest
+            from conftest import THREADS, meet
+            from pytest_ftrace import parallelizable
+
+            # On a function every scope means its parametrized variants.
+            @parallelizable("children")
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_children(n):
+                meet("fn-children")
+
+            @pytest.mark.parallelizable("parameters")
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_parameters(n):
+                meet("fn-parameters")
+
+            @pytest.mark.parallelizable(scope="all")
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_all(n):
+                meet("fn-all")
+
+            @parallelizable("children")
+            def test_unparametrized_1():
+                pass
+
+            @parallelizable("children")
+            def test_unparametrized_2():
+                pass
+
+            def test_zz_check():
+                for name in ("test_children", "test_parameters", "test_all"):
+                    assert THREADS[f"{name}[1]"] and THREADS[f"{name}[2]"], name
+                assert not THREADS["test_unparametrized_1"]
+                assert not THREADS["test_unparametrized_2"]
+            """,
+        }
+    )
+    result = run(tp, "--threadpool", "3")
+    result.assert_outcomes(passed=5 + 3 + 5 + 9)
+
+
+def test_own_marker_beats_class_beats_module_beats_package(tp):
+    tp.makepyfile(
+        **{
+            "pkg/__init__.py": "import pytest\n"
+            "pytestmark = pytest.mark.parallelizable('children')\n",
+            "pkg/test_module_over_package.py": """
+            import pytest
+            from conftest import THREADS
+
+            # The module's "parameters" beats the package's "children".
+            pytestmark = pytest.mark.parallelizable("parameters")
+
+            def test_m1():
+                pass
+
+            def test_m2():
+                pass
+
+            def test_zz_check():
+                assert not THREADS["test_m1"] and not THREADS["test_m2"]
+            """,
+            "pkg/test_module_opts_out.py": """
+            import pytest
+            from conftest import THREADS
+            from pytest_ftrace import not_parallelizable
+
+            pytestmark = not_parallelizable
+
+            @pytest.mark.parallelizable("children")
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_v(n):
+                pass
+
+            def test_zz_check():
+                assert not THREADS["test_v[1]"] and not THREADS["test_v[2]"]
+            """,
+            "pkg/test_inherits_package.py": """
+            from conftest import meet
+
+            def test_p1():
+                meet("package")
+
+            def test_p2():
+                meet("package")
+            """,
+            "test_class_over_module.py": """
+            import pytest
+            from conftest import THREADS, meet
+
+            pytestmark = pytest.mark.parallelizable("children")
+
+            # The class's "parameters" beats the module's "children"...
+            @pytest.mark.parallelizable("parameters")
+            class TestNarrow:
+                def test_c1(self):
+                    pass
+
+                def test_c2(self):
+                    pass
+
+                # ...and a method's own marker beats the class's.
+                @pytest.mark.parametrize("n", [1, 2])
+                @pytest.mark.parallelizable("children")
+                def test_own(self, n):
+                    meet("own")
+
+            def test_zz_check():
+                assert not THREADS["test_c1"] and not THREADS["test_c2"]
+                assert THREADS["test_own[1]"] and THREADS["test_own[2]"]
+            """,
+        }
+    )
+    result = run(tp, "--threadpool", "2")
+    result.assert_outcomes(passed=3 + 3 + 2 + 5)
+
+
 def test_default_scope_makes_unmarked_tests_parallelizable(tp):
     tp.makepyfile(
         test_default="""
@@ -205,6 +381,62 @@ def test_default_scope_makes_unmarked_tests_parallelizable(tp):
     )
     tp.makeini("[pytest]\nftrace_threadpool = 2\nftrace_threadpool_default = all\n")
     run(tp).assert_outcomes(passed=2)
+    # The option beats the ini; not_parallelizable beats the default.
+    tp.makepyfile(
+        test_default="""
+        import pytest
+        from conftest import THREADS, meet
+        def test_a():
+            meet("default")
+        def test_b():
+            meet("default")
+        @pytest.mark.not_parallelizable
+        def test_out_1():
+            pass
+        @pytest.mark.not_parallelizable
+        def test_out_2():
+            pass
+        def test_zz_check():
+            assert THREADS["test_a"] and THREADS["test_b"]
+            assert not THREADS["test_out_1"] and not THREADS["test_out_2"]
+        """
+    )
+    run(tp, "test_default.py").assert_outcomes(passed=5)
+    tp.makepyfile(
+        test_override="""
+        from conftest import THREADS
+        def test_c():
+            pass
+        def test_d():
+            pass
+        def test_zz_check():
+            assert not THREADS["test_c"] and not THREADS["test_d"]
+        """
+    )
+    run(tp, "test_override.py").assert_outcomes(passed=2, failed=1)  # the ini's "all"
+    run(tp, "--ftrace-threadpool-default", "none", "test_override.py").assert_outcomes(passed=3)
+
+
+def test_ini_worker_count_and_auto(tp):
+    tp.makepyfile(
+        test_ini="""
+        import pytest
+        from conftest import meet
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_a():
+            meet("ini")
+        def test_b():
+            meet("ini")
+        """
+    )
+    tp.makeini("[pytest]\nthreadpool = 2\n")  # the short ini alias
+    result = run(tp)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["ftrace threadpool: 2 workers*"])
+    from pytest_ftrace.options import usable_cpus
+
+    result = run(tp, "--threadpool", "auto", "-k", "nothing")
+    result.stdout.fnmatch_lines([f"ftrace threadpool: {usable_cpus()} workers*"])
 
 
 def test_fixture_scopes(tp):
@@ -215,6 +447,17 @@ def test_fixture_scopes(tp):
         from conftest import meet, on_worker
 
         LOG = []
+
+        @pytest.fixture(scope="session")
+        def whole_session():
+            LOG.append(("session-setup", on_worker()))
+            yield object()
+            LOG.append(("session-teardown", on_worker()))
+
+        @pytest.fixture(scope="package")
+        def whole_package():
+            LOG.append(("package-setup", on_worker()))
+            yield object()
 
         @pytest.fixture(scope="module")
         def shared():
@@ -239,9 +482,13 @@ def test_fixture_scopes(tp):
         @pytest.mark.parallelizable("children")
         class TestGroup:
             @pytest.mark.parametrize("n", range(4))
-            def test_member(self, n, shared, per_class, own, tmp_path, request):
+            def test_member(
+                self, n, whole_session, whole_package, shared, per_class, own, tmp_path, request
+            ):
                 meet("group")  # two at a time: two workers
                 assert own == request.node.name
+                SEEN.setdefault("session", set()).add(id(whole_session))
+                SEEN.setdefault("package", set()).add(id(whole_package))
                 SEEN.setdefault("shared", set()).add(id(shared))
                 SEEN.setdefault("class", set()).add(id(per_class))
                 (tmp_path / "mine").write_text(own)
@@ -249,6 +496,10 @@ def test_fixture_scopes(tp):
 
         def test_after():
             assert len(SEEN["shared"]) == 1 and len(SEEN["class"]) == 1
+            assert len(SEEN["session"]) == 1 and len(SEEN["package"]) == 1
+            assert LOG.count(("session-setup", False)) == 1
+            assert LOG.count(("package-setup", False)) == 1
+            assert LOG.index(("session-setup", False)) < LOG.index(("function-setup", True))
             assert LOG.count(("module-setup", False)) == 1
             assert LOG.count(("class-setup", False)) == 1
             assert LOG.count(("class-teardown", False)) == 1
@@ -387,6 +638,41 @@ def test_dash_s_shows_live_output(tp):
     result = run(tp, "--threadpool", "2", "-s")
     result.assert_outcomes(passed=2)
     assert "LIVE-A" in result.stdout.str() and "LIVE-B" in result.stdout.str()
+
+
+def test_each_report_appears_as_its_test_finishes(tp):
+    """test_slow can only end after the report of test_fast has been logged."""
+    tp.makeconftest(
+        CONFTEST
+        + """
+FAST_REPORTED = threading.Event()
+
+def pytest_runtest_logreport(report):
+    if report.nodeid.endswith("test_fast") and report.when == "teardown":
+        assert threading.current_thread() is threading.main_thread()
+        FAST_REPORTED.set()
+"""
+    )
+    tp.makepyfile(
+        test_live_reports="""
+        import pytest
+        from conftest import FAST_REPORTED
+        pytestmark = pytest.mark.parallelizable("children")
+
+        def test_slow():
+            assert FAST_REPORTED.wait(30), "test_fast was not reported while this test ran"
+
+        def test_fast():
+            pass
+
+        def test_after():
+            pass
+        """
+    )
+    result = run(tp, "--threadpool", "2", "-v")
+    result.assert_outcomes(passed=3)
+    names = [line.split("::")[-1].split()[0] for line in result.outlines if " PASSED" in line]
+    assert names.index("test_fast") < names.index("test_slow"), names
 
 
 def test_exitfirst_stops_scheduling(tp):
@@ -544,6 +830,30 @@ def test_unknown_scope_is_a_usage_error_naming_it(tp):
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
+def test_unknown_scope_on_a_module_or_class_names_it(tp):
+    tp.makepyfile(
+        test_mod_scope="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable(scope="sideways")
+        def test_a(): pass
+        """
+    )
+    result = run(tp, "--threadpool", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_mod_scope.py*unknown parallelizable scope*sideways*"])
+    tp.makepyfile(
+        test_mod_scope="""
+        import pytest
+        @pytest.mark.parallelizable("children", "extra")
+        class TestC:
+            def test_a(self): pass
+        """
+    )
+    result = run(tp, "--threadpool", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_mod_scope.py::TestC*parallelizable() takes one scope*"])
+
+
 def test_parallelizable_helper_rejects_unknown_scope():
     from pytest_ftrace.threadpool import parallelizable
 
@@ -567,3 +877,54 @@ def test_combines_with_require_gil_disabled(tp):
         """
     )
     run(tp, "--threadpool", "2", "--require-gil-disabled").assert_outcomes(passed=2)
+
+
+@only_gil_build
+def test_require_gil_disabled_on_a_gil_build_is_a_usage_error(tp):
+    tp.makepyfile(
+        test_gil="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_a(): pass
+        def test_b(): pass
+        """
+    )
+    result = run(tp, "--threadpool", "8", "--require-gil-disabled")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "GIL" in result.stderr.str()
+    assert "passed" not in result.stdout.str()
+
+
+def test_importable_from_the_package():
+    import pytest_ftrace
+    from pytest_ftrace.threadpool import not_parallelizable, parallelizable
+
+    assert pytest_ftrace.parallelizable is parallelizable
+    assert pytest_ftrace.not_parallelizable is not_parallelizable
+    assert parallelizable("parameters").mark.args == ("parameters",)
+    assert not_parallelizable.mark.name == "not_parallelizable"
+
+
+def test_a_broken_worker_ends_the_session_instead_of_hanging(tp):
+    tp.makeconftest(
+        CONFTEST
+        + """
+from pytest_ftrace import threadpool_runner
+
+def _broken(self, wave):
+    raise RuntimeError("worker machinery broke")
+
+threadpool_runner.Runner._work_loop = _broken
+"""
+    )
+    tp.makepyfile(
+        test_broken="""
+        import pytest
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_a(): pass
+        def test_b(): pass
+        """
+    )
+    result = tp.runpytest_subprocess("-p", "no:randomly", "--threadpool", "2", timeout=120)
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR
+    assert "worker machinery broke" in result.stdout.str() + result.stderr.str()
