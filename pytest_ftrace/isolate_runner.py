@@ -89,13 +89,18 @@ class _Child:
                 break
             time.sleep(0.005)
         self.status = status
+        self.close()
+        return status
+
+    def close(self) -> None:
+        """Close the pipes to the child (it sees the end of its commands and exits)."""
         for fd in (self.commands, self.messages):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        return status
+        self.commands = self.messages = -1
 
 
 class Isolator:
@@ -114,6 +119,7 @@ class Isolator:
 
         self.config = config
         self.mode = mode
+        self.main_pid = os.getpid()
         self.child: _Child | None = None
         self.groups: dict[int, tuple[list, int]] | None = None  # id(item) -> (group, position)
         self.fault_fd: int | None = None
@@ -220,7 +226,7 @@ class Isolator:
         if not pid:
             return True
         child.status = status
-        child.reap(0)
+        child.close()
         self.child = None
         self.between.append((item.nodeid, _status_name(status)))
         return False
@@ -261,13 +267,17 @@ class Isolator:
                 stream.flush()
             except Exception:  # noqa: BLE001, S110
                 pass
-        # Keep the collector off the objects the child inherits: a full collection in the child
-        # would touch, and so copy, every page of the main process.
+        # Keep the child's collector off the objects it inherits: a full collection there would
+        # touch, and so copy, every page of the main process. (The main process unfreezes.)
         gc.freeze()
-        with warnings.catch_warnings():
-            # 3.12+ warns when forking with threads; the main process only waits meanwhile.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        try:
+            with warnings.catch_warnings():
+                # 3.12+ warns when forking with threads; the main process only waits meanwhile.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        finally:
+            if os.getpid() == self.main_pid:
+                gc.unfreeze()
         if pid == 0:  # the child: never returns
             code = 70
             try:
@@ -284,9 +294,7 @@ class Isolator:
         return _Child(pid, commands_w, messages_r, group, position)
 
     def _retire(self, child: _Child) -> None:
-        for fd in (child.commands, child.messages):
-            os.close(fd)
-        child.commands = child.messages = -1
+        child.close()
         self.child = None
         self.retired.append(child)
         self._reap_retired(block=False)
