@@ -31,6 +31,7 @@ import queue
 import sys
 import threading
 import time
+import types
 
 WATCHDOG_SECONDS = 1.0
 POLL_SECONDS = 0.0005  # free-running fallback: how often a would-be-blocked thread retries
@@ -43,8 +44,7 @@ _ORIGINAL: dict[tuple[object, str], object] = {}
 # The native run of the test in progress (exact mode), None between tests.
 _CURRENT = None
 # Per round: what each blocked managed thread waits for, by thread id (deadlock reports).
-_WAITING: dict[int, tuple[object, list[tuple]]] = {}
-_REPORTED: set[int] = set()  # rounds whose deadlock report was made
+_WAITING: dict[int, tuple[object, list[tuple], int | None]] = {}
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SKIP_FILES = {threading.__file__, queue.__file__, __file__}
 
@@ -59,6 +59,16 @@ def _managed():
     if run is not None and run.sched_me() is not None:
         return run
     return None
+
+
+def _from_user_code() -> bool:
+    """Whether the nearest caller outside this module is outside threading and queue too: a
+    lock taken inside Event, Semaphore or Queue is not a scheduling point of its own (the
+    user's call into them already was one), which keeps rounds short."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename not in _SKIP_FILES
 
 
 def _site(depth: int = 2) -> str:
@@ -91,7 +101,7 @@ def _stack_of(frame) -> list[tuple]:
 def _block(run, resource: int, timed: bool, what: object) -> str:
     """Block the calling managed thread on `resource`; returns the core's answer."""
     me = run.sched_me()
-    _WAITING[me] = (what, _stack_of(sys._getframe(2)))
+    _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_tid", None))
     answer = run.sched_block(resource, timed)
     if answer == "deadlock":
         raise DeadlockError(_deadlock_report(run, me))
@@ -100,19 +110,12 @@ def _block(run, resource: int, timed: bool, what: object) -> str:
 
 
 def _deadlock_report(run, me: int) -> str:
-    key = id(run)
-    if key in _REPORTED:
-        what = _WAITING.get(me, (None,))[0]
-        return (
-            f"deadlock: thread {me} was blocked on {_describe(what)} when every managed "
-            "thread was (the full report is in another thread's failure)"
-        )
-    _REPORTED.add(key)
+    """The same report in every deadlocked thread (its entry in _WAITING stays for the round),
+    so the runner groups them as one failure."""
     waiting = dict(_WAITING)
     lines = ["deadlock: every managed thread is blocked"]
     holds: dict[int, int] = {}
-    for tid, (what, _stack) in sorted(waiting.items()):
-        owner = getattr(what, "_owner_tid", None)
+    for tid, (what, _stack, owner) in sorted(waiting.items()):
         held = f" held by thread {owner}" if owner is not None else ""
         lines.append(f"  thread {tid} waits for {_describe(what)}{held}")
         if owner is not None:
@@ -120,9 +123,9 @@ def _deadlock_report(run, me: int) -> str:
     cycle = _cycle(holds)
     if cycle:
         lines.append("  wait-for cycle: " + " -> ".join(f"thread {t}" for t in cycle))
-    for tid, (_what, stack) in sorted(waiting.items()):
+    for tid, (_what, stack, _owner) in sorted(waiting.items()):
         lines.append(f"\nThread {tid} (most recent call last):")
-        shown = [s for s in stack if not s[0].startswith(_HERE)]
+        shown = [s for s in stack if not s[0].startswith(_HERE) and s[0] != threading.__file__]
         lines.extend(f'  File "{_relative(f)}", line {n}, in {name}' for f, n, name in shown[-8:])
     return "\n".join(lines)
 
@@ -186,7 +189,7 @@ class _CoopLock:
             raise ValueError("timeout value must be a non-negative number")
         me = _thread.get_ident()
         run = _managed()
-        if run is not None:
+        if run is not None and _from_user_code():
             run.sched_point()
         deadline = None if timeout < 0 else _real_monotonic() + timeout
         while True:
@@ -218,7 +221,7 @@ class _CoopLock:
         run = _CURRENT
         if run is not None:
             run.sched_wake(id(self))
-            if run.sched_me() is not None:
+            if run.sched_me() is not None and _from_user_code():
                 run.sched_point()
 
     def locked(self) -> bool:
@@ -432,6 +435,13 @@ def _thread_start(self) -> None:
             run.sched_exit()
 
     self.run = managed_run
+    # The new thread says it started before it attaches, from outside the core: a real
+    # Event makes start() wait for that in C, holding the turn, so the schedule does not
+    # depend on when the OS runs the new thread.
+    started = threading.Event.__new__(threading.Event)
+    started._cond = _ORIGINAL[(threading, "Condition")](_real_lock())
+    started._flag = False
+    self._started = started
     _ORIGINAL[(threading.Thread, "start")](self)
     run.sched_point()
     return None
@@ -470,20 +480,112 @@ _PATCHES = (
 )
 
 
-def install(run) -> None:
-    """Patch the threading names for the test whose native run is `run`."""
+_REAL_LOCK_TYPES = (type(_real_lock()), type(threading.RLock()))
+_SWAPPED: list[tuple[object, object, object, object]] = []  # (container, key, real, coop)
+
+
+def _swap_locks(scope) -> None:
+    """Stand cooperative locks in for the real, unheld locks that in-scope modules keep in their
+    globals or in the attributes of their module-level objects, for the test's duration.
+
+    A lock is swapped only when no closure, default argument, tuple or frame refers to it
+    (code could reach the real one there): every reference must be a module global, an
+    attribute of one of those objects or a list item, which are put back afterwards. Any
+    other lock stays real, and a wait on it is caught by the watchdog."""
+    if scope is None:
+        return
+    found: dict[int, object] = {}
+    owners: dict[int, object] = {}  # id(container dict) -> module or object
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file or not scope.contains(file, name):
+            continue
+        namespace = vars(module)
+        owners[id(namespace)] = module
+        for value in list(namespace.values()):
+            if isinstance(value, _REAL_LOCK_TYPES):
+                found[id(value)] = value
+            elif not isinstance(value, (type, types.ModuleType)) and hasattr(value, "__dict__"):
+                try:
+                    attrs = vars(value)
+                except TypeError:
+                    continue
+                if type(attrs) is not dict:
+                    continue
+                for attr in list(attrs.values()):
+                    if isinstance(attr, _REAL_LOCK_TYPES):
+                        found[id(attr)] = attr
+                        owners[id(attrs)] = value
+    if not found:
+        return
+    import gc
+
+    locks = list(found.values())
+    places: dict[int, list[tuple[object, object]]] = {key: [] for key in found}
+    bad: set[int] = set()
+    for referrer in gc.get_referrers(*locks):
+        if referrer is found or referrer is locks or isinstance(referrer, types.FrameType):
+            continue  # ours, or a frame's locals (this one's, on 3.13): transient
+        if (
+            type(referrer) is tuple
+            and len(referrer) == len(locks)
+            and all(a is b for a, b in zip(referrer, locks, strict=True))
+        ):
+            continue  # the call's own argument tuple (tracked on 3.13)
+        if type(referrer) is dict:
+            if id(referrer) not in owners:
+                continue  # e.g. a hook call's keyword arguments; not how the code reaches it
+            for key, value in referrer.items():
+                if id(value) in found and value is found[id(value)]:
+                    places[id(value)].append((referrer, key))
+        elif type(referrer) is list:
+            for index, value in enumerate(referrer):
+                if id(value) in found and value is found[id(value)]:
+                    places[id(value)].append((referrer, index))
+        else:
+            for value in gc.get_referents(referrer):
+                if id(value) in found:
+                    bad.add(id(value))
+    for key, lock in found.items():
+        if key in bad or not places[key]:
+            continue
+        if not lock.acquire(False):  # held now: leave it alone
+            continue
+        lock.release()
+        coop = _CoopRLock() if isinstance(lock, _REAL_LOCK_TYPES[1]) else _CoopLock()
+        coop._made_at = "outside the test (stands in for a real lock during it)"
+        for container, slot in places[key]:
+            container[slot] = coop
+            _SWAPPED.append((container, slot, lock, coop))
+    del locks, found
+
+
+def _restore_locks() -> None:
+    while _SWAPPED:
+        container, slot, real, coop = _SWAPPED.pop()
+        try:
+            if container[slot] is coop:
+                container[slot] = real
+        except (IndexError, KeyError):
+            pass
+
+
+def install(run, scope=None) -> None:
+    """Patch the threading names for the test whose native run is `run`; with the
+    instrumentation's `scope`, stand cooperative locks in for the in-scope modules' locks."""
     global _CURRENT
     for owner, name, replacement in _PATCHES:
         _ORIGINAL.setdefault((owner, name), getattr(owner, name))
         setattr(owner, name, replacement)
     _WAITING.clear()
-    _REPORTED.discard(id(run))
+    _swap_locks(scope)
     _CURRENT = run
 
 
 def uninstall() -> None:
     global _CURRENT
     _CURRENT = None
+    _restore_locks()
     for owner, name, _replacement in _PATCHES:
         original = _ORIGINAL.get((owner, name))
         if original is not None:
@@ -497,8 +599,9 @@ def uninstall() -> None:
 class ExactTest:
     """The runner hooks and the watchdog of one test in exact mode."""
 
-    def __init__(self, native, threads: int, seed_round: int | None = None):
+    def __init__(self, native, threads: int, seed_round: int | None = None, scope=None):
         self.native = native
+        self.scope = scope
         self.threads = threads
         self.seed_round = seed_round  # replaying by seed: every round reseeded as this one
         self._local = threading.local()
@@ -509,7 +612,7 @@ class ExactTest:
 
     # activation: patch the names and watch for unmanaged blocking
     def activate(self) -> None:
-        install(self.native)
+        install(self.native, self.scope)
         self._stop.clear()
         self._watchdog = threading.Thread(target=self._watch, name="ftrace-watchdog", daemon=True)
         self._watchdog.start()

@@ -402,7 +402,9 @@ class TestSession:
             seed_round = None
             if self.replay is not None and not self.replay_exact:
                 seed_round = self.replay.iteration  # no decision list: reschedule from the seed
-            self.exact = ExactTest(traced._native, threads, seed_round)
+            self.exact = ExactTest(
+                traced._native, threads, seed_round, session.instrumentation.scope
+            )
             self.traced = traced
             self.run = _ExactActivation(traced, self.exact)
         else:

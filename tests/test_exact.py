@@ -1,0 +1,359 @@
+"""--ftrace-mode exact end to end: real pytest sessions on small test files."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from pytest_ftrace import _native
+
+ONE_SHOT = """
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+ROUNDS = {}
+
+def test_one_shot(iteration_index, num_parallel_threads):
+    state = ROUNDS.setdefault(iteration_index, {"c": Counter(), "done": []})
+    state["c"].n += 1  # one racy read-modify-write per thread
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert state["c"].n == num_parallel_threads, f"lost update: {state['c'].n}"
+"""
+
+SYNCHRONISED = """
+import queue
+import threading
+import time
+
+ROUNDS = {}
+LOCK = threading.Lock()  # made outside the test: the real one
+
+def shared(name, iteration, factory):
+    key = (name, iteration)
+    with LOCK:
+        if key not in ROUNDS:
+            ROUNDS[key] = factory()
+        return ROUNDS[key]
+
+class Box:
+    def __init__(self):
+        self.n = 0
+        self.lock = threading.Lock()
+        self.rlock = threading.RLock()
+        self.cond = threading.Condition()
+        self.items = []
+
+def test_lock_and_rlock(iteration_index):
+    box = shared("lock", iteration_index, Box)
+    for _ in range(10):
+        with box.lock:
+            box.n += 1
+        with box.rlock:
+            with box.rlock:
+                box.n += 1
+    assert box.n > 0
+
+def test_condition_handoff(iteration_index, thread_index, num_parallel_threads):
+    box = shared("cond", iteration_index, Box)
+    if thread_index == 0:
+        for _ in range(num_parallel_threads - 1):
+            with box.cond:
+                box.cond.wait_for(lambda: box.items)
+                box.items.pop()
+    else:
+        with box.cond:
+            box.items.append(thread_index)
+            box.cond.notify_all()
+
+def test_semaphores(iteration_index):
+    state = shared("sem", iteration_index, lambda: {
+        "sem": threading.Semaphore(1), "bsem": threading.BoundedSemaphore(2), "inside": [0]})
+    for _ in range(5):
+        with state["sem"]:
+            state["inside"][0] += 1
+            assert state["inside"][0] == 1
+            state["inside"][0] -= 1
+        with state["bsem"]:
+            pass
+
+def test_event(iteration_index, thread_index):
+    state = shared("event", iteration_index, lambda: {"ev": threading.Event(), "v": []})
+    if thread_index == 0:
+        state["v"].append("set")
+        state["ev"].set()
+    else:
+        assert state["ev"].wait()
+        assert state["v"] == ["set"]
+
+def test_barrier(iteration_index, num_parallel_threads):
+    state = shared("barrier", iteration_index, lambda: {
+        "b": threading.Barrier(num_parallel_threads), "before": []})
+    state["before"].append(1)
+    state["b"].wait()
+    assert len(state["before"]) == num_parallel_threads
+
+def test_queue(iteration_index, thread_index, num_parallel_threads):
+    q = shared("queue", iteration_index, queue.Queue)
+    q.put(thread_index)
+    assert q.get(timeout=30) in range(num_parallel_threads)
+    q.task_done()
+
+def test_sleep_polling(iteration_index, thread_index):
+    state = shared("sleep", iteration_index, lambda: {"flag": False})
+    if thread_index == 0:
+        time.sleep(0.01)
+        state["flag"] = True
+    else:
+        while not state["flag"]:
+            time.sleep(0.001)
+
+def test_start_and_join(iteration_index):
+    box = Box()
+    def work():
+        for _ in range(5):
+            with box.lock:
+                box.n += 1
+    workers = [threading.Thread(target=work) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert box.n == 15
+"""
+
+CHILD_RACE = """
+import threading
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+def test_children_race():
+    c = Counter()
+    def bump():
+        c.n += 1
+    workers = [threading.Thread(target=bump) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert c.n == 2, f"lost update: {c.n}"
+"""
+
+DEADLOCK = """
+import threading
+
+ROUNDS = {}
+
+class Pair:
+    def __init__(self):
+        self.a = threading.Lock()
+        self.b = threading.Lock()
+        self.n = 0
+
+def test_two_locks(iteration_index, thread_index):
+    pair = ROUNDS.setdefault(iteration_index, Pair())
+    first, second = (pair.a, pair.b) if thread_index == 0 else (pair.b, pair.a)
+    with first:
+        pair.n += 1
+        with second:
+            pair.n += 1
+"""
+
+UNMANAGED = """
+import os
+import time
+
+PIPE = os.pipe()
+
+def test_pipe(thread_index):
+    if thread_index == 0:
+        assert os.read(PIPE[0], 1) == b"x"  # blocks in C until thread 1 writes
+    else:
+        time.sleep(0.01)  # hands the turn to thread 0
+        os.write(PIPE[1], b"x")
+"""
+
+
+def exact(pytester, *args):
+    return pytester.runpytest(
+        "--ftrace", "--ftrace-mode", "exact", "--ftrace-timeout", "120", *args
+    )
+
+
+def replay_args(result) -> list[str]:
+    lines = [line for line in result.stdout.lines if "replay: pytest " in line]
+    assert lines, result.stdout.str()
+    return shlex.split(lines[0].split("replay: pytest ", 1)[1])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_one_shot_race_fails_with_a_fixed_seed(pytester, seed):
+    pytester.makepyfile(ONE_SHOT)
+    result = exact(pytester, "--seed", str(seed), "--threads", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"ftrace: seed={seed} mode=exact scheduler=random",
+            "*AssertionError: lost update: 1*",
+            "*replay: pytest '*::test_one_shot' --ftrace --ftrace-mode exact "
+            f"--seed {seed} --ftrace-replay t2i*",
+        ]
+    )
+
+
+def test_the_same_seed_gives_the_same_failures(pytester):
+    pytester.makepyfile(ONE_SHOT)
+    runs = [
+        exact(pytester, "--seed", "7", "--threads", "3", "-p", "no:cacheprovider") for _ in range(3)
+    ]
+    summaries = {re.search(r"failing: .*", r.stdout.str()).group(0) for r in runs if r.ret == 1}
+    assert len(summaries) == 1, summaries
+    assert all(r.ret == 1 for r in runs)
+
+
+def test_pct_finds_the_one_shot_race_too(pytester):
+    pytester.makepyfile(ONE_SHOT)
+    # PCT's bound for a depth-2 bug: at least 1/(n*k) per round, k ~ 10 steps here.
+    result = exact(
+        pytester,
+        "--seed",
+        "1",
+        "--threads",
+        "2",
+        "--iterations",
+        "150",
+        "--ftrace-scheduler",
+        "pct2",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["ftrace: seed=1 mode=exact scheduler=pct2"])
+
+
+def test_replay_line_reproduces_on_every_run(pytester):
+    pytester.makepyfile(ONE_SHOT)
+    first = exact(pytester, "--seed", "3", "--threads", "2")
+    first.assert_outcomes(failed=1)
+    args = replay_args(first)
+    assert args[args.index("--ftrace-mode") + 1] == "exact"
+    for _ in range(3):
+        again = pytester.runpytest(*args)
+        again.assert_outcomes(failed=1)
+        again.stdout.fnmatch_lines(
+            [
+                "*replay: reproduced in 10/10 runs of round * (seed 3, mode exact, "
+                "following the recorded schedule)",
+            ]
+        )
+
+
+def test_replay_last_runs_only_the_last_failure(pytester):
+    pytester.makepyfile(test_race=ONE_SHOT, test_other="def test_fine():\n    pass\n")
+    first = exact(pytester, "--seed", "2", "--threads", "2")
+    first.assert_outcomes(failed=1, passed=1)
+    again = pytester.runpytest("--ftrace", "--ftrace-replay", "last")
+    again.assert_outcomes(failed=1, deselected=1)
+    again.stdout.fnmatch_lines(["*reproduced in 10/10 runs*following the recorded schedule*"])
+
+
+def test_replay_last_without_a_failure_is_a_usage_error(pytester):
+    pytester.makepyfile("def test_fine():\n    pass\n")
+    result = pytester.runpytest("--ftrace", "--ftrace-replay", "last", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--ftrace-replay last: no failure recorded*"])
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_synchronised_code_passes_and_stays_exact(pytester, seed):
+    pytester.makepyfile(SYNCHRONISED)
+    result = exact(pytester, "--seed", str(seed), "--threads", "3", "--iterations", "4")
+    result.assert_outcomes(passed=8)
+    out = result.stdout.str()
+    assert "not exact" not in out
+    assert "deadlock" not in out
+
+
+def test_threads_the_test_starts_are_scheduled(pytester):
+    pytester.makepyfile(CHILD_RACE)
+    result = exact(pytester, "--seed", "1", "--threads", "1", "--iterations", "100")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*lost update: 1*", "*replay: pytest *--ftrace-mode exact*"])
+    again = pytester.runpytest(*replay_args(result))
+    again.stdout.fnmatch_lines(["*reproduced in 10/10 runs*"])
+
+
+def test_two_lock_deadlock_is_reported_not_hung(pytester):
+    pytester.makepyfile(DEADLOCK)
+    result = exact(pytester, "--seed", "1", "--threads", "2", "--iterations", "20")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "did not finish" not in out
+    result.stdout.fnmatch_lines(
+        [
+            "*DeadlockError*deadlock: every managed thread is blocked*",
+            "*thread 0 waits for Lock made at test_two_lock_deadlock_is_reported_not_hung.py:*"
+            " held by thread 1*",
+            "*thread 1 waits for Lock made at *held by thread 0*",
+            "*wait-for cycle: thread 0 -> thread 1 -> thread 0*",
+            "*Thread 0 (most recent call last):*",
+            "*ftrace: seed=1 test-seed=* mode=exact*",
+            "*replay: pytest *--ftrace-mode exact --seed 1 --ftrace-replay t2i*",
+        ]
+    )
+
+
+def test_unmanaged_blocking_is_reported_and_the_round_completes(pytester):
+    pytester.makepyfile(UNMANAGED)
+    result = exact(pytester, "--seed", "1", "--threads", "2", "--iterations", "1")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*FtraceWarning: ftrace: round 0 was not exact: unmanaged blocking at "
+            "test_unmanaged_blocking_is_reported_and_the_round_completes.py:8*",
+        ]
+    )
+
+
+def test_chaos_stays_the_default(pytester):
+    pytester.makepyfile("def test_fine():\n    pass\n")
+    result = pytester.runpytest("--ftrace", "--seed", "1")
+    result.stdout.fnmatch_lines(["ftrace: seed=1 mode=chaos"])
+    pytester.makeini("[pytest]\nftrace_mode = exact\nftrace_scheduler = pct4\n")
+    result = pytester.runpytest("--ftrace", "--seed", "1")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["ftrace: seed=1 mode=exact scheduler=pct4"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ftrace-mode", "fast"], "*--ftrace-mode: invalid choice: 'fast'*"),
+        (["--ftrace-scheduler", "pct0"], "*pct depth must be at least 1*"),
+        (["--ftrace-scheduler", "fifo"], "*--ftrace-scheduler takes random, pct*"),
+        (["--ftrace-replay", "t2i1xZZ"], "*--ftrace-replay takes the token*"),
+    ],
+)
+def test_bad_exact_options_are_usage_errors(pytester, args, message):
+    pytester.makepyfile("def test_fine():\n    pass\n")
+    result = pytester.runpytest("--ftrace", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_native_run_checks_the_mode_and_scheduler():
+    assert _native.Run(1).mode == "chaos"
+    assert _native.Run(1, mode="exact").mode == "exact"
+    with pytest.raises(ValueError, match="mode must be"):
+        _native.Run(1, mode="fast")
+    with pytest.raises(ValueError, match="scheduler must be"):
+        _native.Run(1, mode="exact", scheduler="fifo")
+    run = _native.Run(1, mode="exact")
+    assert run.sched_me() is None
+    assert run.sched_round(0) is None
+    assert run.sched_point() == "free"  # a thread the run does not manage just goes on
