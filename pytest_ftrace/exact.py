@@ -488,23 +488,26 @@ def _swap_locks(scope) -> None:
     """Stand cooperative locks in for the real, unheld locks that in-scope modules keep in their
     globals or in the attributes of their module-level objects, for the test's duration.
 
-    A lock is swapped only when no closure, default argument, tuple or frame refers to it
-    (code could reach the real one there): every reference must be a module global, an
-    attribute of one of those objects or a list item, which are put back afterwards. Any
-    other lock stays real, and a wait on it is caught by the watchdog."""
+    A lock is swapped only when no closure, default argument, tuple or other object refers to
+    it (code could reach the real one there): the references found by the scan are put back
+    afterwards. Any other lock stays real, and a wait on it is caught by the watchdog."""
     if scope is None:
         return
     found: dict[int, object] = {}
-    owners: dict[int, object] = {}  # id(container dict) -> module or object
+    places: dict[int, list[tuple[dict, str]]] = {}
+
+    def note(container: dict, key: str, lock) -> None:
+        found[id(lock)] = lock
+        places.setdefault(id(lock), []).append((container, key))
+
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
         if not file or not scope.contains(file, name):
             continue
         namespace = vars(module)
-        owners[id(namespace)] = module
-        for value in list(namespace.values()):
+        for key, value in list(namespace.items()):
             if isinstance(value, _REAL_LOCK_TYPES):
-                found[id(value)] = value
+                note(namespace, key, value)
             elif not isinstance(value, (type, types.ModuleType)) and hasattr(value, "__dict__"):
                 try:
                     attrs = vars(value)
@@ -512,42 +515,33 @@ def _swap_locks(scope) -> None:
                     continue
                 if type(attrs) is not dict:
                     continue
-                for attr in list(attrs.values()):
-                    if isinstance(attr, _REAL_LOCK_TYPES):
-                        found[id(attr)] = attr
-                        owners[id(attrs)] = value
+                for attr, inner in list(attrs.items()):
+                    if isinstance(inner, _REAL_LOCK_TYPES):
+                        note(attrs, attr, inner)
     if not found:
         return
     import gc
 
     locks = list(found.values())
-    places: dict[int, list[tuple[object, object]]] = {key: [] for key in found}
     bad: set[int] = set()
+    # Best effort: other holders of a lock that code could use (not every build tracks every
+    # container, so this can miss some).
     for referrer in gc.get_referrers(*locks):
         if referrer is found or referrer is locks or isinstance(referrer, types.FrameType):
             continue  # ours, or a frame's locals (this one's, on 3.13): transient
+        if type(referrer) is dict:
+            continue  # a namespace the scan saw, or e.g. a hook call's keyword arguments
         if (
             type(referrer) is tuple
             and len(referrer) == len(locks)
             and all(a is b for a, b in zip(referrer, locks, strict=True))
         ):
             continue  # the call's own argument tuple (tracked on 3.13)
-        if type(referrer) is dict:
-            if id(referrer) not in owners:
-                continue  # e.g. a hook call's keyword arguments; not how the code reaches it
-            for key, value in referrer.items():
-                if id(value) in found and value is found[id(value)]:
-                    places[id(value)].append((referrer, key))
-        elif type(referrer) is list:
-            for index, value in enumerate(referrer):
-                if id(value) in found and value is found[id(value)]:
-                    places[id(value)].append((referrer, index))
-        else:
-            for value in gc.get_referents(referrer):
-                if id(value) in found:
-                    bad.add(id(value))
+        for value in gc.get_referents(referrer):
+            if id(value) in found:
+                bad.add(id(value))
     for key, lock in found.items():
-        if key in bad or not places[key]:
+        if key in bad:
             continue
         if not lock.acquire(False):  # held now: leave it alone
             continue
@@ -557,7 +551,6 @@ def _swap_locks(scope) -> None:
         for container, slot in places[key]:
             container[slot] = coop
             _SWAPPED.append((container, slot, lock, coop))
-    del locks, found
 
 
 def _restore_locks() -> None:
