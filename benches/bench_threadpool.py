@@ -2,17 +2,23 @@
 
 The I/O suite: 200 tests, each sleeping 20 ms, in one module marked
 ``pytestmark = pytest.mark.parallelizable("children")`` (both threadpool plugins read that
-marker; xdist ignores it). Sides, all on the same base interpreter (3.13 by default):
+marker; xdist ignores it). Sides, per interpreter (3.12, 3.13 and 3.13t by default), all on the
+same base interpreter:
 
 - ``sequential``: our venv (.venvs/<py>), plain pytest run (no --threadpool);
 - ``ours``: our venv, ``--threadpool 8``;
-- ``pytest-threadpool``: .venvs/bench-threadpool-<py> with pytest-threadpool 0.4.0 from PyPI
-  (it needs Python >= 3.13 and pytest <= 9.0.2), ``--threadpool 8``;
+- ``pytest-threadpool``: .venvs/bench-threadpool-<py> with pytest-threadpool 0.4.0 from PyPI,
+  ``--threadpool 8`` (it needs Python >= 3.13, so 3.12 has no such side);
 - ``xdist``: .venvs/bench-xdist-<py> with pytest-xdist from PyPI, ``-n 8``.
 
 The peer venvs are made on first use (``python -m venv`` from the same base interpreter and
-``pip install``). Each side runs K times, interleaved with the others, after one untimed warm-up;
-the table shows medians.
+``pip install``). Each side runs once untimed (warm-up: imports, .pyc files), then K trials; in
+each trial every side runs once, in an order rotated from trial to trial, so that load from
+other processes falls on all sides alike. The table shows medians over the trials.
+
+``PYTHONDONTWRITEBYTECODE`` is removed from the environment of the runs: the peers are installed
+into site-packages with their .pyc files, while our package is an editable install that would
+otherwise be compiled from source by every run.
 
 Two times per run:
 
@@ -24,17 +30,18 @@ Two times per run:
 
 *efficiency* is the sequential test phase divided by 8 times the side's test phase (1.0 is the
 ideal 8x speed-up of the test phase); *vs ideal* is 200 x 20 ms / 8 = 0.5 s divided by the
-side's test phase (the same with no per-test overhead at all). Goal: ours >= 0.90 efficiency,
-and a shorter test phase than both peers.
+side's test phase (the same with no per-test overhead at all). The ratios ours / peer are of
+the medians (below 1.0: ours is faster). Goal: ours >= 0.90 efficiency, and a shorter test
+phase and whole run than every peer.
 
-The CPU suite (``--cpu``, default on, run on the free-threaded interpreter if its venv exists):
-16 tests of pure-Python arithmetic, sequential against ``--threadpool 1`` and ``--threadpool 2``
-(the CPUs here); on a GIL build (3.13) the same for contrast. The speed-up of the test phase with
-2 workers over 1 shows how CPU-bound tests scale with cores.
+The CPU suite (on by default, run on 3.13t and, for contrast, 3.13): 16 tests of pure-Python
+arithmetic, sequential against ``--threadpool 1`` and ``--threadpool 2`` (the CPUs here). The
+speed-up of the test phase with 2 workers over 1 shows how CPU-bound tests scale with cores.
 
-Every run is checked: exit code 0 and exactly the expected number of passed tests.
+Every run is checked: exit code 0 and exactly the expected number of passed tests. The load
+average is printed before and after each table.
 
-    python3 benches/bench_threadpool.py [--python 3.13] [--repeat 5] [--no-cpu]
+    python3 benches/bench_threadpool.py [--python 3.13 ...] [--repeat 7] [--no-cpu] [--no-io]
 """
 
 from __future__ import annotations
@@ -63,7 +70,15 @@ PEERS = {
     "pytest-threadpool": ("bench-threadpool", ["pytest-threadpool==0.4.0"]),
     "xdist": ("bench-xdist", ["pytest-xdist"]),
 }
-DROP_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHON_GIL")
+DROP_ENV = (
+    "PYTEST_ADDOPTS",
+    "PYTEST_PLUGINS",
+    "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
+    "PYTHON_GIL",
+    "PYTHONDONTWRITEBYTECODE",
+)
+MIN_PYTHON = {"pytest-threadpool": (3, 13)}
+PYTHONS = ("3.12", "3.13", "3.13t")
 COMMON = ["-q", "-p", "no:cacheprovider"]
 
 CONFTEST = """
@@ -194,9 +209,15 @@ def measure(sides: list[Side], suite: Path, repeat: int) -> None:
         run_once(side, suite)  # warm-up (imports, .pyc files)
         side.phases.clear()
         side.walls.clear()
-    for _ in range(repeat):
-        for side in sides:
+    for trial in range(repeat):
+        shift = trial % len(sides)
+        for side in sides[shift:] + sides[:shift]:
             run_once(side, suite)
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def write_suite(root: Path, source: str) -> Path:
@@ -207,36 +228,55 @@ def write_suite(root: Path, source: str) -> Path:
     return root
 
 
-def io_bench(py: str, repeat: int, tmp: Path) -> bool:
+def version_of(python: Path) -> tuple[int, int]:
+    out = subprocess.check_output(
+        [str(python), "-c", "import sys; print(*sys.version_info[:2])"], text=True
+    )
+    major, minor = out.split()
+    return int(major), int(minor)
+
+
+def io_bench(py: str, repeat: int, tmp: Path) -> dict | None:
     ours = venv_python(py)
     if not ours.exists():
-        raise SystemExit(f"{ours} is missing: run scripts/test_all.py --python {py} first")
+        print(f"\n(I/O suite on {py}: {ours} is missing; run scripts/test_all.py --python {py})")
+        return None
     base = Path(
         subprocess.check_output([str(ours), "-c", "import sys; print(sys._base_executable)"])
         .decode()
         .strip()
     )
+    version = version_of(ours)
     sides = [
         Side("sequential", ours, [], IO_TESTS),
-        Side("ours --threadpool 8", ours, ["--threadpool", str(WORKERS)], IO_TESTS),
+        Side(f"ours --threadpool {WORKERS}", ours, ["--threadpool", str(WORKERS)], IO_TESTS),
     ]
+    skipped = []
     for label, (prefix, packages) in PEERS.items():
+        needs = MIN_PYTHON.get(label)
+        if needs is not None and version < needs:
+            skipped.append(f"{label} needs Python >= {needs[0]}.{needs[1]}")
+            continue
         python = ensure_peer(base, f"{prefix}-{py}", packages)
         if python is None:
+            skipped.append(f"{label} could not be installed")
             continue
-        args = ["--threadpool", str(WORKERS)] if label == "pytest-threadpool" else []
         if label == "xdist":
-            args = ["-n", str(WORKERS)]
-            label = f"xdist -n {WORKERS}"
+            args, label = ["-n", str(WORKERS)], f"xdist -n {WORKERS}"
         else:
-            label = f"{label} --threadpool {WORKERS}"
+            args, label = ["--threadpool", str(WORKERS)], f"{label} --threadpool {WORKERS}"
         sides.append(Side(label, python, args, IO_TESTS))
     suite = write_suite(tmp / f"io-{py}", IO_SUITE)
+    before = load()
     measure(sides, suite, repeat)
-    sequential = sides[0]
+    after = load()
+    sequential, ours_side, peers = sides[0], sides[1], sides[2:]
     ideal = IO_TESTS * IO_SLEEP / WORKERS
     print(f"\nI/O-bound: {IO_TESTS} tests x {IO_SLEEP * 1000:g} ms, Python {py}, ", end="")
     print(f"{os.cpu_count()} CPUs, median of {repeat}; ideal test phase {ideal:.2f} s")
+    print(f"before: {before}; after: {after}")
+    for note in skipped:
+        print(f"(no {note})")
     header = (
         f"{'side':32} {'test phase':>10} {'speed-up':>9} {'efficiency':>10} {'vs ideal':>8} "
         f"{'whole run':>10} {'speed-up':>9}"
@@ -249,9 +289,13 @@ def io_bench(py: str, repeat: int, tmp: Path) -> bool:
             f"{side.name:32} {side.phase:9.3f}s {speed:8.2f}x {speed / WORKERS:10.2f} "
             f"{ideal / side.phase:8.2f} {side.wall:9.3f}s {sequential.wall / side.wall:8.2f}x"
         )
-    ours_side = sides[1]
+    for peer in peers:
+        name = f"ours / {peer.name.split()[0]}"
+        print(
+            f"{name:32} {ours_side.phase / peer.phase:9.2f}  {'':30} "
+            f"{ours_side.wall / peer.wall:9.2f}"
+        )
     efficiency = sequential.phase / ours_side.phase / WORKERS
-    peers = sides[2:]
     ahead = all(ours_side.phase < p.phase for p in peers)
     ahead_wall = all(ours_side.wall < p.wall for p in peers)
     print(
@@ -259,12 +303,7 @@ def io_bench(py: str, repeat: int, tmp: Path) -> bool:
         f" ahead of every peer on the test phase: {'yes' if ahead else 'NO'},"
         f" on the whole run: {'yes' if ahead_wall else 'NO'}"
     )
-    for peer in peers:
-        print(
-            f"  ours / {peer.name}: test phase {ours_side.phase / peer.phase:.2f}, "
-            f"whole run {ours_side.wall / peer.wall:.2f}"
-        )
-    return efficiency >= GOAL and ahead
+    return {"efficiency": efficiency, "met": efficiency >= GOAL and ahead and ahead_wall}
 
 
 def cpu_bench(py: str, repeat: int, tmp: Path) -> None:
@@ -278,10 +317,13 @@ def cpu_bench(py: str, repeat: int, tmp: Path) -> None:
         Side("ours --threadpool 2", python, ["--threadpool", "2"], CPU_TESTS),
     ]
     suite = write_suite(tmp / f"cpu-{py}", CPU_SUITE)
+    before = load()
     measure(sides, suite, repeat)
+    after = load()
     one = sides[1]
     print(f"\nCPU-bound: {CPU_TESTS} tests of pure-Python arithmetic, Python {py}, ", end="")
     print(f"{os.cpu_count()} CPUs, median of {repeat}")
+    print(f"before: {before}; after: {after}")
     header = f"{'side':32} {'test phase':>10} {'vs 1 worker':>11} {'whole run':>10}"
     print(header)
     print("-" * len(header))
@@ -293,12 +335,21 @@ def cpu_bench(py: str, repeat: int, tmp: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--python", default="3.13", help="interpreter of the I/O comparison")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-cpu", action="store_true")
+    parser.add_argument(
+        "--python",
+        action="append",
+        help=f"interpreter of the I/O comparison (repeatable; default {' '.join(PYTHONS)})",
+    )
+    parser.add_argument("--repeat", type=int, default=7, help="timed trials per side")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU-bound suite")
+    parser.add_argument("--no-io", action="store_true", help="skip the I/O-bound suite")
     args = parser.parse_args()
+    met = True
     with tempfile.TemporaryDirectory(prefix="bench-threadpool-") as tmp:
-        met = io_bench(args.python, args.repeat, Path(tmp))
+        if not args.no_io:
+            for py in args.python or PYTHONS:
+                result = io_bench(py, args.repeat, Path(tmp))
+                met = met and result is not None and result["met"]
         if not args.no_cpu:
             for py in ("3.13t", "3.13"):
                 cpu_bench(py, args.repeat, Path(tmp))

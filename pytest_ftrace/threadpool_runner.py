@@ -31,6 +31,8 @@ from pytest_ftrace.threadpool_state import (
 )
 
 POLL_SECONDS = 0.25
+AHEAD_PER_WAKEUP = 4  # tests whose location the main thread works out per wake-up
+AHEAD_SECONDS = 0.002  # how often it wakes up for that while it has no report to make
 
 
 @dataclass
@@ -58,7 +60,12 @@ class _Wave:
         self.pending = collections.deque(items)
         self.inflight: dict[pytest.Item, ItemContext] = {}
         self.retired: set[threading.Thread] = set()
-        self.done: queue.Queue[ItemContext] = queue.Queue()
+        self.done: queue.SimpleQueue[ItemContext] = queue.SimpleQueue()
+        # Tests whose `location` the main thread works out while it waits (see _prepare_ahead).
+        self.ahead = collections.deque(items)
+        # The first workers wait for `go` until all of them exist: each then starts its first
+        # test as soon as it gets the GIL, instead of after the threads before it set theirs up.
+        self.go = threading.Event()
         self.stop = False
         self.remaining = len(items)
 
@@ -78,6 +85,7 @@ class Runner:
             self.reraise += (KeyboardInterrupt,)
         self.proxy: SetupStateProxy | None = None
         self._thread_ids = 0
+        self.setuponly = bool(self.config.getoption("setuponly", False))
         self.shared_lock = threading.Lock()
         self.extra_warnings: dict[pytest.Item, list] = {}
 
@@ -278,6 +286,7 @@ class Runner:
         """Run the wave; report each test as it ends; return the last one, not yet reported."""
         for _ in range(min(self.workers, len(wave.pending))):
             self._start_worker(wave)
+        wave.go.set()
         try:
             return self._collect(wave)
         except BaseException:  # Ctrl-C on the main thread: start no further test
@@ -300,8 +309,11 @@ class Runner:
                 remaining = wave.remaining
             if remaining == 0:
                 break
+            wait = self._wait_seconds(wave)
+            if wave.done.empty() and self._prepare_ahead(wave):
+                wait = min(wait, AHEAD_SECONDS)
             try:
-                context = wave.done.get(timeout=self._wait_seconds(wave))
+                context = wave.done.get(timeout=wait)
             except queue.Empty:
                 self._check_timeouts(wave)
                 continue
@@ -319,6 +331,27 @@ class Runner:
         if fatal is not None:
             raise fatal
         return None
+
+    def _prepare_ahead(self, wave: _Wave) -> bool:
+        """Work out `item.location` of a few tests not started yet; True while some are left.
+
+        Making a report needs it, and computing it (a stat and a source lookup) in a worker
+        lengthens the worker's turn between two tests, while other workers that woke up wait for
+        the GIL. The main thread is idle here, but it takes a few tests per wake-up only: a
+        thread that keeps the GIL busy makes the others wait for the switch interval (5 ms).
+        """
+        ahead = wave.ahead
+        for _ in range(AHEAD_PER_WAKEUP):
+            while ahead and "location" in ahead[0].__dict__:
+                ahead.popleft()
+            if not ahead:
+                return False
+            item = ahead.popleft()
+            try:
+                item.location  # noqa: B018 - a cached_property, filled in here
+            except Exception:
+                pass  # the worker's own report runs into it again, and reports it
+        return bool(ahead)
 
     def _wait_seconds(self, wave: _Wave) -> float:
         with wave.lock:
@@ -377,6 +410,7 @@ class Runner:
 
     def _work_loop(self, wave: _Wave) -> None:
         me = threading.current_thread()
+        wave.go.wait()
         while True:
             with wave.lock:
                 if wave.stop or not wave.pending or me in wave.retired:
@@ -386,6 +420,7 @@ class Runner:
                 context.thread = me
                 context.started = time.monotonic()
                 wave.inflight[item] = context
+            context.ihook = item.ihook
             self._run_item(context)
             with wave.lock:
                 if wave.inflight.pop(item, None) is None:
@@ -398,7 +433,7 @@ class Runner:
         try:
             context.setupstate = ThreadSetupState(self.proxy.real.stack, self.shared_lock)
             setup = self._phase(context, "setup")
-            if setup.passed and not self.config.getoption("setuponly", False):
+            if setup.passed and not self.setuponly:
                 self._phase(context, "call")
             index = self.position[item] + 1
             items = self.session.items
@@ -414,7 +449,7 @@ class Runner:
     def _phase(self, context: ItemContext, when: str, **kwds) -> pytest.TestReport:
         item = context.item
         context.phase = when
-        ihook = item.ihook
+        ihook = context.ihook
         hook = getattr(ihook, f"pytest_runtest_{when}")
         call = pytest.CallInfo.from_call(
             lambda: hook(item=item, **kwds), when=when, reraise=self.reraise

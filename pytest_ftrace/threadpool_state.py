@@ -21,6 +21,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 
@@ -51,6 +52,10 @@ class ItemContext:
         self.thread: threading.Thread | None = None
         self.started = 0.0
         self.fatal: BaseException | None = None
+        self.ihook = None
+        # LogCaptureHandlers of a worker's test (caplog's, the report's), made on first use and
+        # reset for each phase: making them takes logging's module lock.
+        self.phase_log_handlers: tuple[LogCaptureHandler, LogCaptureHandler] | None = None
 
 
 class ThreadSetupState:
@@ -150,19 +155,30 @@ class SetupStateProxy:
         return self._target().teardown_exact(nextitem)
 
 
+_local = capture._local
+_FUNCTION = Scope.Function
+_CLASS = Scope.Class
+
+
 def _worker_state(fixturedef) -> dict | None:
     """The worker-private state of a fixture definition, or None where it is shared."""
-    context = capture.current()
+    context = getattr(_local, "context", None)
     if context is None or not context.worker:
         return None
     scope = fixturedef.__dict__.get("_scope")
-    if scope is Scope.Function or (scope is Scope.Class and context.classless):
-        return context.fixture_state.setdefault(fixturedef, {})
+    if scope is _FUNCTION or (scope is _CLASS and context.classless):
+        state = context.fixture_state.get(fixturedef)
+        if state is None:
+            state = context.fixture_state[fixturedef] = {}
+        return state
     return None
 
 
 class _WorkerSlot:
-    """A FixtureDef attribute that is per-test on worker threads and plain elsewhere."""
+    """A FixtureDef attribute that is per-test on worker threads and plain elsewhere.
+
+    Read and written several times per fixture and test, so the common path is kept short.
+    """
 
     def __init__(self, name: str, empty: Callable[[], object]) -> None:
         self.name = name
@@ -171,18 +187,27 @@ class _WorkerSlot:
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
+        context = getattr(_local, "context", None)
+        if context is None or not context.worker:
+            try:
+                return obj.__dict__[self.name]
+            except KeyError:
+                raise AttributeError(self.name) from None
         state = _worker_state(obj)
         if state is None:
             try:
                 return obj.__dict__[self.name]
             except KeyError:
                 raise AttributeError(self.name) from None
-        if self.name not in state:
-            state[self.name] = self.empty()
-        return state[self.name]
+        try:
+            return state[self.name]
+        except KeyError:
+            value = state[self.name] = self.empty()
+            return value
 
     def __set__(self, obj, value) -> None:
-        state = _worker_state(obj)
+        context = getattr(_local, "context", None)
+        state = None if context is None or not context.worker else _worker_state(obj)
         if state is None:
             obj.__dict__[self.name] = value
         else:
@@ -302,7 +327,17 @@ def new_log_handlers(logging_plugin) -> tuple[LogCaptureHandler, LogCaptureHandl
 
 @contextlib.contextmanager
 def _worker_logs(logging_plugin, context: ItemContext, item: pytest.Item, when: str):
-    caplog_handler, report_handler = new_log_handlers(logging_plugin)
+    handlers = context.phase_log_handlers
+    if handlers is None:
+        handlers = context.phase_log_handlers = new_log_handlers(logging_plugin)
+    else:
+        # A new phase: fresh records and text (reset() replaces them, so the lists of the
+        # phases before stay as they are), and the level caplog.set_level may have changed.
+        level = logging_plugin.log_level if logging_plugin is not None else None
+        for handler in handlers:
+            handler.reset()
+            handler.setLevel(level if level is not None else logging.NOTSET)
+    caplog_handler, report_handler = handlers
     item.stash[caplog_records_key][when] = caplog_handler.records
     item.stash[caplog_handler_key] = caplog_handler
     context.log_handlers[:] = [caplog_handler, report_handler]
