@@ -8,9 +8,9 @@ run with many tests, or in an xdist worker (every worker uses the controller's s
 replays in a run of that test alone.
 
 Modes. `--ftrace-mode chaos` (the default) lets the threads run free and injects seeded yields
-and delays; `--ftrace-mode exact` runs them one at a time and lets a scheduler (uniform random,
-or PCT with `--ftrace-scheduler pct[D]`) choose who goes on at every hooked access (see
-`pytest_ftrace/exact.py` and `rust/sched/`).
+and delays; `--ftrace-mode exact` runs them one at a time and lets a scheduler choose who goes
+on at every hooked access (`--ftrace-scheduler`: mix, the default, draws aligned, uniform random
+or PCT per round; see `pytest_ftrace/exact.py` and `rust/sched/`).
 
 Replay. A failing test prints `replay: pytest '<nodeid>' --ftrace --seed N --ftrace-replay T`,
 where T = `t<threads>i<iteration>` names the thread count and the first failing round. Running it
@@ -52,7 +52,7 @@ MODES = ("chaos", "exact")
 DEFAULT_MODE = "chaos"
 MODE = DEFAULT_MODE  # kept for importers of the old constant
 _TOKEN = re.compile(r"^t(\d+)i(\d+)(?:x([0-9a-f]{6,40}))?$")
-_SCHEDULER = re.compile(r"^(random|pct)(\d*)$")
+_SCHEDULER = re.compile(r"^(random|mix|pct|aligned)(\d*)$")
 
 
 def add_options(group, parser, pluginmanager) -> None:
@@ -125,12 +125,15 @@ def add_options(group, parser, pluginmanager) -> None:
         dest="ftrace_scheduler",
         default=None,
         type=parse_scheduler,
-        metavar="random|pct[D]",
-        help="exact mode's policy: uniform random (default), or PCT with depth D (default 3). "
-        "ini: ftrace_scheduler",
+        metavar="mix|random|pct[D]|aligned[P]",
+        help="exact mode's policy: mix (default: each round draws aligned, random or pct3), "
+        "random (uniform), pct (PCT with depth D, default 3), aligned (threads kept abreast; "
+        "the one at a point goes on with P percent, default 50). ini: ftrace_scheduler",
     )
     parser.addini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
-    parser.addini("ftrace_scheduler", "exact mode's policy: random or pct[D]", default="")
+    parser.addini(
+        "ftrace_scheduler", "exact mode's policy: mix, random, pct[D] or aligned[P]", default=""
+    )
     parser.addini("ftrace_policy", "injection policy, KEY=VALUE per line", type="linelist")
     parser.addini("ftrace_seed", "session seed for --ftrace (N, last or random)", default="")
     parser.addini("ftrace_include", "module globs to instrument as well", type="linelist")
@@ -191,15 +194,20 @@ def resolve_policy(config: pytest.Config) -> dict:
 
 
 def parse_scheduler(value: str) -> tuple[str, int]:
+    """random, mix, pct[D] (depth, default 3) or aligned[P] (stay percent, default 50)."""
     match = _SCHEDULER.match(str(value).strip())
-    if not match or (match.group(1) == "random" and match.group(2)):
+    if not match or (match.group(1) in ("random", "mix") and match.group(2)):
         raise argparse.ArgumentTypeError(
-            f"--ftrace-scheduler takes random, pct or pct<depth> (e.g. pct3), not {value!r}"
+            "--ftrace-scheduler takes random, mix, pct, pct<depth> (e.g. pct3), aligned or "
+            f"aligned<stay percent> (e.g. aligned50), not {value!r}"
         )
-    depth = int(match.group(2) or 3)
-    if depth < 1:
+    name = match.group(1)
+    param = int(match.group(2) or (50 if name == "aligned" else 3))
+    if name == "pct" and param < 1:
         raise argparse.ArgumentTypeError("--ftrace-scheduler pct depth must be at least 1")
-    return match.group(1), depth
+    if name == "aligned" and param > 100:
+        raise argparse.ArgumentTypeError("--ftrace-scheduler aligned takes a percentage")
+    return name, param
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,7 @@ def resolve_scheduler(config: pytest.Config) -> tuple[str, int]:
     if value is None:
         raw = (options.ini_value(config, "ftrace_scheduler") or "").strip()
         try:
-            value = parse_scheduler(raw) if raw else ("random", 3)
+            value = parse_scheduler(raw) if raw else ("mix", 0)
         except argparse.ArgumentTypeError as exc:
             raise pytest.UsageError(f"ini key ftrace_scheduler: {exc}") from None
     return value
@@ -329,14 +337,18 @@ class FtraceSession:
         replay = f" replay={self.replay} x{self.replay_runs}" if self.replay else ""
         scheduler = ""
         if self.mode == "exact":
-            name, depth = self.scheduler
-            scheduler = f" scheduler={name}{depth if name == 'pct' else ''}"
+            name, param = self.scheduler
+            scheduler = f" scheduler={name}{param if name in ('pct', 'aligned') else ''}"
         return f"ftrace: seed={self.seed} mode={self.mode}{scheduler}{replay}"
 
     def exact_options(self, nodeid: str, replay: Token | None) -> dict:
         """Keyword arguments of the native run for one test in exact mode."""
-        name, depth = self.scheduler
-        kwargs: dict = {"mode": "exact", "scheduler": name, "pct_depth": depth}
+        name, param = self.scheduler
+        kwargs: dict = {"mode": "exact", "scheduler": name}
+        if name == "pct":
+            kwargs["pct_depth"] = param
+        elif name == "aligned":
+            kwargs["stay_percent"] = param
         if replay is not None and replay.key and self.cache is not None:
             stored = self.cache.get(REPLAY_KEY + replay.key, None)
             if stored and stored.get("nodeid") == nodeid:

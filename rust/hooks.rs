@@ -247,7 +247,8 @@ impl Run {
     #[new]
     #[pyo3(signature = (seed, *, yield_probability=None, delay_probability=None,
                         sleep_share=None, max_spin_ns=None, max_sleep_us=None,
-                        mode="chaos", scheduler="random", pct_depth=3, replay=None))]
+                        mode="chaos", scheduler="random", pct_depth=3, stay_percent=50,
+                        replay=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         seed: &Bound<'_, PyAny>,
@@ -259,6 +260,7 @@ impl Run {
         mode: &str,
         scheduler: &str,
         pct_depth: u32,
+        stay_percent: u32,
         replay: Option<Vec<u32>>,
     ) -> PyResult<Run> {
         let d = PolicyConfig::default();
@@ -275,12 +277,19 @@ impl Run {
             ("chaos", _, _) => None,
             ("exact", _, Some(list)) => Some(Core::new(seed, sched::Policy::Replay(list))),
             ("exact", "random", None) => Some(Core::new(seed, sched::Policy::Random)),
+            ("exact", "mix", None) => Some(Core::new(seed, sched::Policy::Mix)),
+            ("exact", "aligned", None) => Some(Core::new(
+                seed,
+                sched::Policy::Aligned {
+                    stay_percent: stay_percent.min(100),
+                },
+            )),
             ("exact", "pct", None) if pct_depth >= 1 => {
                 Some(Core::new(seed, sched::Policy::Pct { depth: pct_depth }))
             }
             ("exact", other, None) => {
                 return Err(PyValueError::new_err(format!(
-                    "scheduler must be 'random' or 'pct' (pct_depth >= 1), not {other:?}"
+                    "scheduler must be 'random', 'mix', 'aligned' or 'pct' (pct_depth >= 1), not {other:?}"
                 )))
             }
             (other, _, _) => {

@@ -198,7 +198,7 @@ def test_one_shot_race_fails_with_a_fixed_seed(pytester, seed):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            f"ftrace: seed={seed} mode=exact scheduler=random",
+            f"ftrace: seed={seed} mode=exact scheduler=mix",
             "*AssertionError: lost update: 1*",
             "*replay: pytest '*::test_one_shot' --ftrace --ftrace-mode exact "
             f"--seed {seed} --ftrace-replay t2i*",
@@ -335,7 +335,8 @@ def test_chaos_stays_the_default(pytester):
     [
         (["--ftrace-mode", "fast"], "*--ftrace-mode: invalid choice: 'fast'*"),
         (["--ftrace-scheduler", "pct0"], "*pct depth must be at least 1*"),
-        (["--ftrace-scheduler", "fifo"], "*--ftrace-scheduler takes random, pct*"),
+        (["--ftrace-scheduler", "fifo"], "*--ftrace-scheduler takes random, mix, pct*"),
+        (["--ftrace-scheduler", "aligned101"], "*aligned takes a percentage*"),
         (["--ftrace-replay", "t2i1xZZ"], "*--ftrace-replay takes the token*"),
     ],
 )

@@ -19,6 +19,7 @@
 //!   point for too long, blocked where the core cannot see) lets every thread run free until
 //!   the round ends; the round is recorded as not exact.
 
+pub mod aligned;
 pub mod pct;
 pub mod random;
 pub mod replay;
@@ -46,6 +47,13 @@ pub trait Scheduler: Send {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Policy {
     Random,
+    /// Threads kept abreast; the one at a point goes on with probability `stay` (percent).
+    Aligned {
+        stay_percent: u32,
+    },
+    /// Each round draws its policy from the round seed: aligned (6 in 8), random or PCT
+    /// (depth 3).
+    Mix,
     /// PCT with this depth; the step estimate `k` comes from the previous rounds.
     Pct {
         depth: u32,
@@ -575,6 +583,17 @@ pub fn make_scheduler(seed: u64, policy: &Policy, round: u64, k: u64) -> Box<dyn
     let round_seed = seed::derive_ok(seed, &[Part::Str("exact"), Part::Int(round as i128)]);
     match policy {
         Policy::Random => Box::new(random::RandomScheduler::new(round_seed)),
+        Policy::Aligned { stay_percent } => Box::new(aligned::AlignedScheduler::new(
+            round_seed,
+            *stay_percent as f64 / 100.0,
+        )),
+        // Aligned finds one-shot races between threads running the same body best (the
+        // plugin's case); uniform random and PCT (depth 3) cover other shapes.
+        Policy::Mix => match seed::mix64(round_seed) % 8 {
+            0..=5 => Box::new(aligned::AlignedScheduler::new(round_seed, 0.5)),
+            6 => Box::new(random::RandomScheduler::new(round_seed)),
+            _ => Box::new(pct::PctScheduler::new(round_seed, 3, k)),
+        },
         Policy::Pct { depth } => Box::new(pct::PctScheduler::new(round_seed, *depth, k)),
         Policy::Replay(list) => Box::new(replay::ReplayScheduler::new(list.clone())),
     }
