@@ -61,8 +61,9 @@ class _Wave:
         self.inflight: dict[pytest.Item, ItemContext] = {}
         self.retired: set[threading.Thread] = set()
         self.done: queue.SimpleQueue[ItemContext] = queue.SimpleQueue()
-        # Tests whose `location` the main thread works out while it waits (see _prepare_ahead).
+        # Tests the main thread prepares for while it waits (see Runner._prepare_ahead).
         self.ahead = collections.deque(items)
+        self.prepared: dict[pytest.Item, ItemContext] = {}
         # The first workers wait for `go` until all of them exist: each then starts its first
         # test as soon as it gets the GIL, instead of after the threads before it set theirs up.
         self.go = threading.Event()
@@ -333,17 +334,17 @@ class Runner:
         return None
 
     def _prepare_ahead(self, wave: _Wave) -> bool:
-        """Work out `item.location` of a few tests not started yet; True while some are left.
+        """Prepare a few tests not started yet; True while some are left.
 
-        Making a report needs it, and computing it (a stat and a source lookup) in a worker
-        lengthens the worker's turn between two tests, while other workers that woke up wait for
-        the GIL. The main thread is idle here, but it takes a few tests per wake-up only: a
-        thread that keeps the GIL busy makes the others wait for the switch interval (5 ms).
+        A worker's turn between two tests (teardown, reports, setup) holds the GIL, and other
+        workers that wake up meanwhile wait for it; so what can be done before a test starts is
+        done here, by the main thread, which is idle otherwise: the test's context (capture
+        buffers, log handlers, which take logging's module lock) and `item.location` (a stat
+        and a source lookup, needed for each report). It takes a few tests per wake-up only:
+        a thread that keeps the GIL busy makes the others wait for the switch interval (5 ms).
         """
-        ahead = wave.ahead
+        ahead, prepared = wave.ahead, wave.prepared
         for _ in range(AHEAD_PER_WAKEUP):
-            while ahead and "location" in ahead[0].__dict__:
-                ahead.popleft()
             if not ahead:
                 return False
             item = ahead.popleft()
@@ -351,7 +352,14 @@ class Runner:
                 item.location  # noqa: B018 - a cached_property, filled in here
             except Exception:
                 pass  # the worker's own report runs into it again, and reports it
+            prepared[item] = self._new_context(item)
         return bool(ahead)
+
+    def _new_context(self, item: pytest.Item) -> ItemContext:
+        context = ItemContext(item, self.capturing, worker=True)
+        if self.logging_plugin is not None:
+            context.phase_log_handlers = new_log_handlers(self.logging_plugin)
+        return context
 
     def _wait_seconds(self, wave: _Wave) -> float:
         with wave.lock:
@@ -416,7 +424,7 @@ class Runner:
                 if wave.stop or not wave.pending or me in wave.retired:
                     return
                 item = wave.pending.popleft()
-                context = ItemContext(item, self.capturing, worker=True)
+                context = wave.prepared.pop(item, None) or self._new_context(item)
                 context.thread = me
                 context.started = time.monotonic()
                 wave.inflight[item] = context
