@@ -209,6 +209,7 @@ class ThreadpoolPlugin:
         self.timeout = timeout
         self.default = default
         self.runner = None
+        self.decisions: dict = {}
 
     def pytest_report_header(self) -> list[str]:
         return [
@@ -218,7 +219,7 @@ class ThreadpoolPlugin:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        planning.validate(items, self.default)
+        self.decisions = planning.validate(items, self.default)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
@@ -228,7 +229,7 @@ class ThreadpoolPlugin:
         if config.pluginmanager.hasplugin("dsession") or hasattr(config, "workerinput"):
             return None  # pytest-xdist schedules the tests (-n with --threadpool: xdist wins)
 
-        self.runner = Runner(session, self.workers, self.timeout, self.default)
+        self.runner = Runner(session, self.workers, self.timeout, self.default, self.decisions)
         return self.runner.run()
 
     def pytest_terminal_summary(self, terminalreporter) -> None:

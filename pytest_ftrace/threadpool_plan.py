@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pytest
 
@@ -25,8 +25,11 @@ DEFAULT_SCOPES = ("none", *SCOPES)
 PROCESS_WIDE_FIXTURES = frozenset({"capfd", "capfdbinary", "capteesys"})
 
 
-@dataclass(frozen=True)
-class Decision:
+# Plain classes, not dataclasses: this module is imported at start-up, and making a dataclass
+# costs a few hundred microseconds.
+
+
+class Decision(NamedTuple):
     """The effective marker of one test: its scope and the node that carries it."""
 
     scope: str | None  # None: run sequentially
@@ -34,17 +37,23 @@ class Decision:
     where: str  # node id (or package name) the marker was found on
 
 
-@dataclass
 class Wave:
     """Consecutive tests with one parent and one set of shared fixture values."""
 
-    items: list[pytest.Item] = field(default_factory=list)
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[pytest.Item] | None = None) -> None:
+        self.items = items if items is not None else []
 
 
-@dataclass
 class Step:
-    item: pytest.Item | None = None  # a test run the usual way
-    wave: Wave | None = None
+    """One test run the usual way (`item`), or a wave of tests run by workers (`wave`)."""
+
+    __slots__ = ("item", "wave")
+
+    def __init__(self, item: pytest.Item | None = None, wave: Wave | None = None) -> None:
+        self.item = item
+        self.wave = wave
 
 
 def _marks_of(obj) -> list:
@@ -149,12 +158,19 @@ def _shared_params(item: pytest.Item) -> tuple:
     return tuple(out)
 
 
-def plan(items: Sequence[pytest.Item], default_scope: str) -> list[Step]:
+def plan(
+    items: Sequence[pytest.Item], default_scope: str, decisions: dict | None = None
+) -> list[Step]:
+    """The steps of the session; `decisions` are those `validate` returned, where known."""
+    decisions = decisions or {}
     steps: list[Step] = []
     previous_group: tuple | None = None
     previous_wave: tuple | None = None
     for item in items:
-        key = group_key(item, decide(item, default_scope))
+        decision = decisions.get(item)
+        if decision is None:
+            decision = decide(item, default_scope)
+        key = group_key(item, decision)
         if key is None:
             steps.append(Step(item=item))
             previous_group = previous_wave = None
@@ -169,7 +185,6 @@ def plan(items: Sequence[pytest.Item], default_scope: str) -> list[Step]:
     return [Step(item=s.wave.items[0]) if s.wave and len(s.wave.items) == 1 else s for s in steps]
 
 
-def validate(items: Sequence[pytest.Item], default_scope: str) -> None:
-    """Raise a UsageError naming the first bad parallelizable marker."""
-    for item in items:
-        decide(item, default_scope)
+def validate(items: Sequence[pytest.Item], default_scope: str) -> dict:
+    """Each test's decision; a UsageError names the first bad parallelizable marker."""
+    return {item: decide(item, default_scope) for item in items}

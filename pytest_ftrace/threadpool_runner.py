@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pytest
 from _pytest.outcomes import TEST_OUTCOME, Exit, Skipped
@@ -35,21 +35,20 @@ AHEAD_PER_WAKEUP = 4  # tests whose location the main thread works out per wake-
 AHEAD_SECONDS = 0.002  # how often it wakes up for that while it has no report to make
 
 
-@dataclass
-class Leak:
+class Leak(NamedTuple):
     nodeid: str
     thread_name: str
     phase: str
 
 
-@dataclass
 class Outcome:
     """What the runner tells the terminal summary."""
 
-    leaked: list[Leak] = field(default_factory=list)
-    not_run: int = 0
-    waves: int = 0
-    pooled: int = 0
+    def __init__(self) -> None:
+        self.leaked: list[Leak] = []
+        self.not_run = 0
+        self.waves = 0
+        self.pooled = 0
 
 
 class _Wave:
@@ -72,12 +71,20 @@ class _Wave:
 
 
 class Runner:
-    def __init__(self, session: pytest.Session, workers: int, timeout: float, default: str):
+    def __init__(
+        self,
+        session: pytest.Session,
+        workers: int,
+        timeout: float,
+        default: str,
+        decisions: dict | None = None,
+    ):
         self.session = session
         self.config = session.config
         self.workers = workers
         self.timeout = timeout
         self.default = default
+        self.decisions = decisions
         self.outcome = Outcome()
         self.capturing = self.config.option.capture != "no"
         self.logging_plugin = self.config.pluginmanager.getplugin("logging-plugin")
@@ -101,7 +108,7 @@ class Runner:
             )
         if self.config.option.collectonly:
             return True
-        steps = planning.plan(session.items, self.default)
+        steps = planning.plan(session.items, self.default, self.decisions)
         if not any(step.wave for step in steps):
             return self._sequential(session.items)
         position = {item: i for i, item in enumerate(session.items)}
