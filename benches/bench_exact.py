@@ -10,7 +10,7 @@ For each interpreter (3.12, 3.13, 3.13t; those whose venv exists under .venvs/):
   the number of those runs that reproduced the failure 10/10, and the worst k/10 seen.
 
     python3 benches/bench_exact.py [--runs 20] [--replays 3] [--python 3.12 ...]
-        [--scheduler random|pct3] [--json results.json]
+        [--scheduler mix|random|pct3|aligned50] [--json results.json]
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--replays", type=int, default=3)
     parser.add_argument("--python", action="append", choices=INTERPRETERS)
-    parser.add_argument("--scheduler", default="random")
+    parser.add_argument("--scheduler", default="mix")
     parser.add_argument("--json")
     ns = parser.parse_args()
     results = {}

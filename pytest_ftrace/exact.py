@@ -28,6 +28,7 @@ import _thread
 import collections
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -601,6 +602,7 @@ class ExactTest:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.blocking: list[str] = []  # unmanaged blocking reports, one per released round
+        self.exit_steps: dict[tuple[int, int], int] = {}  # (round, worker) -> step
         self.rounds_seen: set[int] = set()
 
     # activation: patch the names and watch for unmanaged blocking
@@ -636,6 +638,8 @@ class ExactTest:
         )
 
     def round_end(self, seconds: float) -> None:
+        # The step at which this thread's body ended: a failing thread's schedule ends here.
+        self.exit_steps[(self._local.round, self._local.index)] = self.native.sched_step()
         self.native.sched_exit()
         self.native.record_round(seconds)
 
@@ -683,6 +687,118 @@ def _where(frame) -> str:
     return text
 
 
+# -- the lane view ------------------------------------------------------------------------------
+
+_KINDS = {
+    "LOAD_ATTR": "load",
+    "STORE_ATTR": "store",
+    "DELETE_ATTR": "del",
+    "LOAD_SUPER_ATTR": "load",
+    "LOAD_GLOBAL": "load",
+    "STORE_GLOBAL": "store",
+    "DELETE_GLOBAL": "del",
+    "BINARY_SUBSCR": "load",
+    "STORE_SUBSCR": "store",
+    "DELETE_SUBSCR": "del",
+    "BINARY_SLICE": "load",
+    "STORE_SLICE": "store",
+    "LOAD_DEREF": "load",
+    "STORE_DEREF": "store",
+    "DELETE_DEREF": "del",
+    "CONTAINS_OP": "in",
+    "BINARY_OP": "load",
+}
+_DECODED: dict[int, tuple[object, dict[int, tuple[int | None, str]]]] = {}
+
+
+def describe_step(code, offset: int) -> str:
+    """'file:line kind name' for the hooked instruction at `offset` of `code`."""
+    if code is None:
+        return "(start)" if offset == 0 else "(lock/wait)"
+    entry = _DECODED.get(id(code))
+    if entry is None or entry[0] is not code:
+        import dis
+
+        lines = {}
+        for start, end, line in code.co_lines():
+            for off in range(start, end, 2):
+                lines[off] = line
+        table = {}
+        for ins in dis.get_instructions(code):
+            kind = _KINDS.get(ins.opname, ins.opname.lower())
+            name = ins.argval if isinstance(ins.argval, str) else ""
+            if ins.opname in ("LOAD_ATTR", "LOAD_SUPER_ATTR"):
+                name = "." + name
+                if "NULL|self" in (ins.argrepr or ""):
+                    kind = "call"
+            elif ins.opname in ("STORE_ATTR", "DELETE_ATTR"):
+                name = "." + name
+            elif "SUBSCR" in ins.opname or "SLICE" in ins.opname or ins.opname == "BINARY_OP":
+                name = "[]"
+            table[ins.offset] = (lines.get(ins.offset), f"{kind} {name}".strip())
+        entry = _DECODED[id(code)] = (code, table)
+    line, what = entry[1].get(offset, (None, f"@{offset}"))
+    return f"{os.path.basename(code.co_filename)}:{line} {what}"
+
+
+def _short(what: str, files: set[str]) -> str:
+    """Drop the file name when every step is in one file (the header names it)."""
+    if len(files) == 1 and ":" in what and what.split(":", 1)[0] in files:
+        return "line " + what.split(":", 1)[1]
+    return what
+
+
+_ASSERT_NOISE = re.compile(
+    r" (load|call) (@py|\.(_saferepr|_format_explanation|_call_reprcompare|_format_assertmsg|"
+    r"_should_repr_global_name|_format_boolop|_check_if_assertion_pass_impl|_reprcompare|"
+    r"locals)$)"
+)
+
+
+def lanes(steps: list, cut: int | None = None, rows: int = 16, failing: int | None = None) -> str:
+    """The schedule as lanes: one column per thread, one row per run of steps of one thread
+    (its first access, and how many steps the run took), the last `rows` runs up to `cut`, or
+    up to where thread `failing` started explaining a failed assertion (pytest's rewritten
+    asserts load @py... names only then)."""
+    steps = steps[:cut] if cut is not None else steps
+    if failing is not None:
+        for index, (tid, code, offset) in enumerate(steps):
+            if tid == failing and " load @py" in describe_step(code, offset):
+                steps = steps[:index]
+                break
+    runs: list[tuple[int, str, int]] = []
+    for tid, code, offset in steps:
+        what = describe_step(code, offset)
+        if _ASSERT_NOISE.search(what):
+            continue  # pytest's assertion rewriting explaining a failure, not the program
+        if runs and runs[-1][0] == tid:
+            runs[-1] = (tid, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((tid, what, 1))
+    threads = sorted({tid for tid, _code, _offset in steps})
+    width = max(24, min(44, 120 // max(1, len(threads))))
+    files = {what.split(":", 1)[0] for _tid, what, _n in runs if ":" in what}
+    runs = [(tid, _short(what, files), n) for tid, what, n in runs]
+    if not runs:
+        return "(no steps recorded)"
+    shown = runs[-rows:]
+    skipped = len(runs) - len(shown)
+
+    def cell(text: str) -> str:
+        return (text if len(text) <= width else text[: width - 1] + "~").ljust(width)
+
+    out = [f"  in {next(iter(files))}:"] if len(files) == 1 else []
+    out.append("  step  " + " | ".join(cell(f"thread {t}") for t in threads))
+    step = sum(n for _tid, _what, n in runs[:skipped])  # steps shown, noise left out
+    if skipped:
+        out.append(f"  ({skipped} earlier runs, {step} steps, not shown)")
+    for tid, what, n in shown:
+        text = what + (f" (+{n - 1})" if n > 1 else "")
+        out.append(f"  {step:>4}  " + " | ".join(cell(text if t == tid else "") for t in threads))
+        step += n
+    return "\n".join(line.rstrip() for line in out)
+
+
 def patched_names() -> list[str]:
     """The names exact mode patches while a test runs (for documentation and tests)."""
     return [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _replacement in _PATCHES]
@@ -691,7 +807,9 @@ def patched_names() -> list[str]:
 __all__ = [
     "DeadlockError",
     "ExactTest",
+    "describe_step",
     "install",
+    "lanes",
     "patched_names",
     "uninstall",
 ]

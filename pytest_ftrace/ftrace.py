@@ -493,11 +493,27 @@ class TestSession:
                     key = self.session.store_round(
                         self.item.nodeid, self.threads, first.iteration, record
                     )
+            if self.exact is not None:
+                self._lane_view(outcome, first)
             token = Token(self.threads, first.iteration, key)
             self.session.remember_failure(self.item.nodeid, token)
             outcome.notes.append(
                 "replay: " + replay_command(self.item, self.session.seed, token, mode)
             )
+
+    def _lane_view(self, outcome: Outcome, first) -> None:
+        from pytest_ftrace.exact import lanes
+
+        steps = self.exact.native.sched_steps(first.iteration)
+        if not steps:
+            return
+        cut = self.exact.exit_steps.get((first.iteration, first.thread))
+        record = self.exact.round(first.iteration) or {}
+        outcome.notes.append(
+            f"schedule of round {first.iteration} up to thread {first.thread}'s failure "
+            f"({record.get('preemptions', '?')} preemptions; a row is a run of steps of one "
+            "thread, shown by its first access):\n" + lanes(steps, cut, failing=first.thread)
+        )
 
     def _exact_notes(self, outcome: Outcome) -> None:
         """Rounds that were not exact (unmanaged blocking, deadlock), said once each."""

@@ -282,10 +282,11 @@ fn managed_core() -> Option<(Arc<Core>, u32)> {
     .flatten()
 }
 
-/// The scheduling point of a hooked access (the caller has released the interpreter).
-pub fn schedule_point() -> Wait {
+/// The scheduling point of a hooked access at `at` (the caller has released the
+/// interpreter).
+pub fn schedule_point(at: crate::sched::Location) -> Wait {
     match managed_core() {
-        Some((core, tid)) => core.point(tid),
+        Some((core, tid)) => core.point_at(tid, at),
         None => Wait::Free,
     }
 }

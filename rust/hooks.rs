@@ -4,6 +4,7 @@
 //! `pytest_ftrace.instrument` owns the sys.monitoring side (tool id, which code objects get
 //! INSTRUCTION events, when); this module only answers events.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 
@@ -110,8 +111,10 @@ unsafe extern "C" fn on_instruction(
     });
     match hooked {
         Ok(Some(Decision::Schedule)) => {
+            keep_code(code);
+            let at = (code as usize, offset as u32);
             let state = ffi::PyEval_SaveThread();
-            let _ = std::panic::catch_unwind(engine::schedule_point);
+            let _ = std::panic::catch_unwind(|| engine::schedule_point(at));
             ffi::PyEval_RestoreThread(state);
             ffi::Py_NewRef(ffi::Py_None())
         }
@@ -128,6 +131,23 @@ unsafe extern "C" fn on_instruction(
             p => ffi::Py_NewRef(p),
         },
     }
+}
+
+/// Exact mode: the code objects whose accesses the recorded steps name, kept alive (by
+/// address) so a lane view can resolve them; emptied when an exact run is made.
+static CODES: parking_lot::Mutex<Option<HashMap<usize, Py<PyAny>>>> = parking_lot::Mutex::new(None);
+
+/// Keep `code` alive for the lane view.
+///
+/// # Safety
+/// `code` is a live object and the calling thread is attached to the interpreter.
+unsafe fn keep_code(code: *mut ffi::PyObject) {
+    let mut codes = CODES.lock();
+    let map = codes.get_or_insert_with(HashMap::new);
+    map.entry(code as usize).or_insert_with(|| {
+        // SAFETY: attached, and `code` is a live object (see above); a new strong reference.
+        unsafe { Bound::from_borrowed_ptr(Python::assume_attached(), code).unbind() }
+    });
 }
 
 /// `sys.monitoring.DISABLE`, kept alive by [`DISABLE`] (set once at module init).
@@ -298,6 +318,9 @@ impl Run {
                 )))
             }
         };
+        if core.is_some() {
+            *CODES.lock() = None;
+        }
         Ok(Run {
             shared: RunShared::with_core(seed, policy, core),
         })
@@ -432,6 +455,32 @@ impl Run {
         d.set_item("divergences", rec.divergences)?;
         d.set_item("reason", rec.reason)?;
         Ok(Some(d))
+    }
+
+    /// Exact mode: where each chosen thread went on from in round `iteration`:
+    /// [(thread id, code object or None, offset)]; None with offset 0: the thread's start,
+    /// with offset 1: inside a lock, condition, join or sleep.
+    fn sched_steps(&self, py: Python<'_>, iteration: u64) -> Vec<(u32, Option<Py<PyAny>>, u32)> {
+        let Some(rec) = self.shared.core().and_then(|c| c.round(iteration)) else {
+            return Vec::new();
+        };
+        let codes = CODES.lock();
+        rec.decisions
+            .iter()
+            .zip(rec.steps.iter())
+            .map(|(&tid, &(code, offset))| {
+                let obj = codes
+                    .as_ref()
+                    .and_then(|m| m.get(&code))
+                    .map(|o| o.clone_ref(py));
+                (tid, obj, offset)
+            })
+            .collect()
+    }
+
+    /// Exact mode: decisions made so far in the current round.
+    fn sched_step(&self) -> u64 {
+        self.shared.core().map_or(0, |c| c.step())
     }
 
     #[getter]

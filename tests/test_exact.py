@@ -206,6 +206,22 @@ def test_one_shot_race_fails_with_a_fixed_seed(pytester, seed):
     )
 
 
+def test_the_failure_shows_the_schedule_as_lanes(pytester):
+    pytester.makepyfile(ONE_SHOT)
+    result = exact(pytester, "--seed", "1", "--threads", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*schedule of round * up to thread *'s failure (* preemptions*",
+            "*in test_the_failure_shows_the_schedule_as_lanes.py:",
+            "*step  thread 0 * | thread 1*",
+            "*line 9 load .n*",
+            "*line 9 store .n*",
+        ]
+    )
+    assert "@py" not in result.stdout.str().split("schedule of round", 1)[1]
+
+
 def test_the_same_seed_gives_the_same_failures(pytester):
     pytester.makepyfile(ONE_SHOT)
     runs = [

@@ -109,7 +109,17 @@ struct Thread {
     ident: u64,
     timed_out: bool,
     deadlocked: bool,
+    /// Where the thread waits to go on: (code object address, instruction offset), or
+    /// [`AT_START`] / [`AT_SYNC`].
+    at: Location,
 }
+
+/// A place in the program: (code object address, instruction offset).
+pub type Location = (usize, u32);
+/// A thread that has not reached a hooked access yet in this round.
+pub const AT_START: Location = (0, 0);
+/// A thread in a cooperative primitive (lock, condition, join, sleep).
+pub const AT_SYNC: Location = (0, 1);
 
 /// What one round came to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -125,6 +135,8 @@ pub struct RoundRecord {
     pub divergences: u64,
     /// Why the round stopped being exact, if it did.
     pub reason: Option<String>,
+    /// For each decision, where the chosen thread went on from (for the lane view).
+    pub steps: Vec<Location>,
 }
 
 struct State {
@@ -191,6 +203,8 @@ impl State {
         }
         self.step += 1;
         self.record.decisions.push(chosen);
+        let at = self.threads.get(&chosen).map_or(AT_START, |t| t.at);
+        self.record.steps.push(at);
         if current.is_some_and(|c| c != chosen) {
             self.record.preemptions += 1;
         }
@@ -296,6 +310,7 @@ impl Core {
                 ident,
                 timed_out: false,
                 deadlocked: false,
+                at: AT_START,
             },
         );
         st.first_arrival.get_or_insert_with(Instant::now);
@@ -340,6 +355,7 @@ impl Core {
                 ident: 0,
                 timed_out: false,
                 deadlocked: false,
+                at: AT_START,
             },
         );
         Some(tid)
@@ -362,9 +378,18 @@ impl Core {
 
     /// A scheduling point reached by `tid`.
     pub fn point(&self, tid: u32) -> Wait {
+        self.point_at(tid, AT_SYNC)
+    }
+
+    /// A scheduling point reached by `tid` at `at` (the access it is about to make).
+    pub fn point_at(&self, tid: u32, at: Location) -> Wait {
         let mut st = self.state.lock();
-        if st.free || !st.threads.contains_key(&tid) {
+        if st.free {
             return Wait::Free;
+        }
+        match st.threads.get_mut(&tid) {
+            Some(t) => t.at = at,
+            None => return Wait::Free,
         }
         st.progress += 1;
         if st.running == Some(tid) {
@@ -391,6 +416,7 @@ impl Core {
             Some(t) if t.status == Status::Runnable => {
                 t.status = Status::Blocked { resource, timed };
                 t.timed_out = false;
+                t.at = AT_SYNC;
             }
             _ => return Wait::Free,
         }
@@ -505,6 +531,11 @@ impl Core {
         st.threads
             .get(&tid)
             .is_some_and(|t| t.status != Status::Finished)
+    }
+
+    /// Decisions made so far in the current round.
+    pub fn step(&self) -> u64 {
+        self.state.lock().step
     }
 
     /// The record of a finished round.
@@ -777,5 +808,29 @@ mod tests {
         core.exit(0);
         let rec = core.round(0).unwrap();
         assert!(rec.exact && rec.decisions.contains(&1));
+        assert_eq!(rec.steps.len(), rec.decisions.len());
+    }
+
+    #[test]
+    fn steps_say_where_each_chosen_thread_went_on() {
+        let core = Arc::new(Core::new(2, Policy::Replay(vec![0, 1, 0, 1, 0, 1])));
+        std::thread::scope(|sc| {
+            for tid in 0..2u32 {
+                let core = Arc::clone(&core);
+                sc.spawn(move || {
+                    core.enter(tid, 0, 0, 0, 2);
+                    for i in 0..2 {
+                        core.point_at(tid, (100 + tid as usize, i));
+                    }
+                    core.exit(tid);
+                });
+            }
+        });
+        let rec = core.round(0).unwrap();
+        assert_eq!(&rec.decisions[..4], &[0, 1, 0, 1]);
+        assert_eq!(rec.steps[0], AT_START);
+        assert_eq!(rec.steps[1], AT_START);
+        assert_eq!(rec.steps[2], (100, 0));
+        assert_eq!(rec.steps[3], (101, 0));
     }
 }
