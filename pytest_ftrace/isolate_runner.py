@@ -128,6 +128,15 @@ class Isolator:
         self.forks = 0
         self.crashes = 0
         self.between: list[tuple[str, str]] = []  # (next test, how) for children lost idle
+        # With gdb on PATH a child that gets a fatal signal is held (see _hold) until its native
+        # stacks are taken. FTRACE_NATIVE_STACKS=0 turns that off.
+        self.gdb = None
+        if os.environ.get("FTRACE_NATIVE_STACKS", "1") != "0":
+            import shutil
+
+            self.gdb = shutil.which("gdb")
+        self.native: str | None = None
+        self.held_signal: int | None = None
 
     # The main process -------------------------------------------------------------------------
 
@@ -233,17 +242,57 @@ class Isolator:
 
     def _next_message(self, child: _Child, timeout: float):
         import select
+        import time
 
-        ready, _, _ = select.select([child.messages], [], [], timeout)
-        if not ready:  # even the child's own watchdog did not end it
-            import signal
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:  # even the child's own watchdog did not end it
+                import signal
 
-            try:
-                os.kill(child.pid, signal.SIGABRT)
-            except ProcessLookupError:
-                pass
-            raise _Closed(f"no word from the test process in {timeout:g}s; stopped with SIGABRT")
-        return _receive(child.messages)
+                try:
+                    os.kill(child.pid, signal.SIGABRT)
+                except ProcessLookupError:
+                    pass
+                raise _Closed(
+                    f"no word from the test process in {timeout:g}s; stopped with SIGABRT"
+                )
+            wait = min(remaining, _HOLD_POLL) if self.gdb else remaining
+            ready, _, _ = select.select([child.messages], [], [], wait)
+            if ready:
+                return _receive(child.messages)
+            if self.gdb:
+                self._catch_held(child)
+
+    def _catch_held(self, child: _Child) -> None:
+        """A child held after a fatal signal (see _hold): take its native stacks, then end it."""
+        if self.fault_fd is None or not os.fstat(self.fault_fd).st_size:
+            return
+        import time
+
+        # faulthandler writes its dump before the signal goes on to the holding handler: wait
+        # for the dump to be complete.
+        size, settled = -1, time.monotonic() + 1.0
+        while time.monotonic() < settled:
+            now = os.fstat(self.fault_fd).st_size
+            if now == size:
+                break
+            size = now
+            time.sleep(0.05)
+        head = os.pread(self.fault_fd, 200, 0).decode("utf-8", "replace")
+        number = _fatal_signal(head)
+        if number is None:
+            return
+        pid, status = os.waitpid(child.pid, os.WNOHANG)
+        if pid:  # it did not wait for us
+            child.status = status
+            raise _Closed(None)
+        self.native = _native_stacks(self.gdb, child.pid)
+        self.held_signal = number
+        import signal
+
+        os.kill(child.pid, signal.SIGKILL)
+        raise _Closed(None)
 
     def _fork(self, group: list, position: int) -> _Child:
         import gc
@@ -284,7 +333,13 @@ class Isolator:
                 os.close(commands_w)
                 os.close(messages_r)
                 code = _child_main(
-                    self.config, group, commands_r, messages_w, self.fault_fd, self.progress
+                    self.config,
+                    group,
+                    commands_r,
+                    messages_w,
+                    self.fault_fd,
+                    self.progress,
+                    hold=self.gdb is not None,
                 )
             finally:
                 os._exit(code)
@@ -324,6 +379,11 @@ class Isolator:
         import time
 
         status = child.reap(5.0)
+        native, self.native = self.native, None
+        if self.held_signal is not None:
+            # Held, then killed by us: report the signal it got (a wait status of a process
+            # killed by signal N is N).
+            status, self.held_signal = self.held_signal, None
         self.child = None
         self.crashes += 1
         stopped = time.time()
@@ -342,6 +402,8 @@ class Isolator:
         message = _crash_message(
             self.config, item, status, phase, text, detail, _read_progress(self.progress)
         )
+        if native:
+            message += "\n\nNative stacks (gdb, most recent call first):\n" + native
         sections = _captured_now(self.config, phase)
         from _pytest.reports import TestReport
 
@@ -639,6 +701,96 @@ class _ChildReporter:
         return report
 
 
+_HOLD_POLL = 0.25  # seconds between looks at the fault file while a test runs, with gdb
+_HELD_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL")
+_FATAL_ERRORS = {
+    "Segmentation fault": "SIGSEGV",
+    "Bus error": "SIGBUS",
+    "Floating-point exception": "SIGFPE",
+    "Illegal instruction": "SIGILL",
+    "Aborted": "SIGABRT",
+}
+
+
+def _hold() -> None:
+    """In the child: after faulthandler's dump, a fatal signal goes on to Python's own C-level
+    handler, which only notes it and returns; the faulting instruction faults again, and so the
+    thread stays where it crashed, with its native stack intact, until the main process has
+    taken the stacks with gdb and killed it. (faulthandler passes the signal on to the handler
+    that was there before it: this one.) The Python-level function runs only if another thread
+    gets to run Python code: it waits there for the end."""
+    import signal
+
+    def wait_for_the_end(signum, frame):  # pragma: no cover - runs in a doomed process
+        import time
+
+        while True:
+            time.sleep(60)
+
+    for name in _HELD_SIGNALS:
+        signal.signal(getattr(signal, name), wait_for_the_end)
+
+
+def _fatal_signal(head: str) -> int | None:
+    """The signal number that faulthandler's dump names in its first line, if any."""
+    first = head.lstrip().partition("\n")[0]
+    prefix = "Fatal Python error: "
+    if not first.startswith(prefix):
+        return None
+    name = _FATAL_ERRORS.get(first[len(prefix) :].strip())
+    if name is None:
+        return None
+    import signal
+
+    return int(getattr(signal, name))
+
+
+def _native_stacks(gdb: str, pid: int) -> str:
+    """Every thread's native stack, from gdb attached to the process, trimmed for reading."""
+    import subprocess
+
+    command = [gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 25"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(gdb did not give the stacks: {exc})"
+    import re
+
+    threads: list[list[str]] = []
+    for line in done.stdout.splitlines():
+        if re.match(r"Thread \d+ \(", line):
+            threads.append([line])
+        elif line.startswith("#") and threads:
+            threads[-1].append("  " + _short_frame(line))
+    lines = []
+    for thread in threads:
+        if any("faulthandler_thread" in frame for frame in thread):
+            continue  # the watchdog thread of the whole-test bound
+        lines.extend(("", *thread))
+    if not lines:
+        return f"(gdb did not give the stacks: {done.stderr.strip()[-300:]})"
+    return "\n".join(lines).strip("\n")
+
+
+def _short_frame(line: str) -> str:
+    """'#3  0x7f.. in func (a=1, b=...) at file.c:12' -> '#3  func at file.c:12'."""
+    import re
+
+    line = re.sub(r"^(#\d+\s+)0x[0-9a-f]+ in ", r"\1", line)
+    start = line.find(" (")
+    if start < 0:
+        return line
+    depth = 0
+    for index in range(start + 1, len(line)):
+        if line[index] == "(":
+            depth += 1
+        elif line[index] == ")":
+            depth -= 1
+            if depth == 0:
+                return line[:start] + line[index + 1 :]
+    return line
+
+
 def _where(exc: BaseException) -> str:
     """file:line where an exception was raised, relative to the working directory if inside."""
     import traceback
@@ -656,7 +808,13 @@ def _where(exc: BaseException) -> str:
 
 
 def _child_main(
-    config: pytest.Config, group: list, commands: int, messages: int, fault: int, progress
+    config: pytest.Config,
+    group: list,
+    commands: int,
+    messages: int,
+    fault: int,
+    progress,
+    hold: bool,
 ):
     """Run the tests the main process asks for, until it says quit; the exit code."""
     import faulthandler
@@ -664,6 +822,11 @@ def _child_main(
 
     from pytest_ftrace import runner
 
+    # Enabled already (pytest's faulthandler plugin): off first, so that enabling it again
+    # installs its handlers, with what is there then (the holding ones) to pass signals on to.
+    faulthandler.disable()
+    if hold:
+        _hold()
     faulthandler.enable(file=fault, all_threads=True)
     runner.ROUND_LISTENER = _progress_listener(progress)
     config.pluginmanager.register(_ChildReporter(config, messages), "ftrace-isolate-child")

@@ -6,6 +6,7 @@ session would fail the test instead of hanging the suite). Each test file has a 
 after the faulty one, and the test asserts that it passed.
 """
 
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -202,6 +203,10 @@ def test_segfault_under_isolation(pytester, mode):
         ]
     )
     result.stdout.fnmatch_lines(["FAILED test_segv.py::test_segfault - crashed: *"])
+    if shutil.which("gdb"):  # the native stacks, where the crash happened first
+        result.stdout.fnmatch_lines(
+            ["Native stacks (gdb, most recent call first):", "Thread * (Thread *", "*string_at*"]
+        )
     fault = assert_only_fault_failed(pytester, "test_segfault")
     assert fault["props"]["ftrace_crash"] == "SIGSEGV"
 

@@ -2,6 +2,7 @@
 
 import os
 import shlex
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -483,3 +484,34 @@ def test_module_child_lost_between_tests_is_replaced(pytester):
             "before *::test_2*"
         ]
     )
+
+
+@pytest.mark.skipif(not shutil.which("gdb"), reason="native stacks are taken with gdb")
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_native_stacks_with_gdb(pytester, monkeypatch, native):
+    monkeypatch.setenv("FTRACE_NATIVE_STACKS", native)
+    pytester.makepyfile(
+        """
+        import ctypes
+        def test_segfault():
+            ctypes.string_at(0)
+        def test_after():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["crashed: the test process was killed by SIGSEGV (Segmentation fault) during call"]
+    )
+    if native == "1":
+        result.stdout.fnmatch_lines(
+            [
+                "Native stacks (gdb, most recent call first):",
+                "Thread 1 (Thread *",
+                "  #0  *",
+                "  #* string_at *",
+            ]
+        )
+    else:
+        assert "Native stacks" not in result.stdout.str()
