@@ -292,7 +292,11 @@ class Runner:
 
     def _drive(self, wave: _Wave) -> ItemContext | None:
         """Run the wave; report each test as it ends; return the last one, not yet reported."""
-        for _ in range(min(self.workers, len(wave.pending))):
+        starting = min(self.workers, len(wave.pending))
+        # The first tests are prepared before the workers start: the first location also reads
+        # the test module's source, which would hold the GIL while the workers start.
+        self._prepare_ahead(wave, starting)
+        for _ in range(starting):
             self._start_worker(wave)
         wave.go.set()
         try:
@@ -340,7 +344,7 @@ class Runner:
             raise fatal
         return None
 
-    def _prepare_ahead(self, wave: _Wave) -> bool:
+    def _prepare_ahead(self, wave: _Wave, count: int = 0) -> bool:
         """Prepare a few tests not started yet; True while some are left.
 
         A worker's turn between two tests (teardown, reports, setup) holds the GIL, and other
@@ -351,7 +355,7 @@ class Runner:
         a thread that keeps the GIL busy makes the others wait for the switch interval (5 ms).
         """
         ahead, prepared = wave.ahead, wave.prepared
-        for _ in range(AHEAD_PER_WAKEUP):
+        for _ in range(count or AHEAD_PER_WAKEUP):
             if not ahead:
                 return False
             item = ahead.popleft()
