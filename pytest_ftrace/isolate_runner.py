@@ -69,6 +69,7 @@ class _Child:
         self.group = group
         self.start = start
         self.status: int | None = None
+        self.wakeups = -1  # parent reads: signal numbers the child's signal handlers saw
 
     def reap(self, timeout: float) -> int:
         """Wait for the child to end (SIGKILL after timeout); its wait status."""
@@ -94,13 +95,13 @@ class _Child:
 
     def close(self) -> None:
         """Close the pipes to the child (it sees the end of its commands and exits)."""
-        for fd in (self.commands, self.messages):
+        for fd in (self.commands, self.messages, self.wakeups):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self.commands = self.messages = -1
+        self.commands = self.messages = self.wakeups = -1
 
 
 class Isolator:
@@ -258,15 +259,25 @@ class Isolator:
                     f"no word from the test process in {timeout:g}s; stopped with SIGABRT"
                 )
             wait = min(remaining, _HOLD_POLL) if self.gdb else remaining
-            ready, _, _ = select.select([child.messages], [], [], wait)
-            if ready:
+            watched = [child.messages] + ([child.wakeups] if child.wakeups >= 0 else [])
+            ready, _, _ = select.select(watched, [], [], wait)
+            if child.messages in ready:
                 return _receive(child.messages)
+            signalled = None
+            if ready:  # a signal went to one of the child's Python-level handlers
+                data = os.read(child.wakeups, 256)
+                signalled = next((n for n in data if n in _held_numbers()), None)
             if self.gdb:
-                self._catch_held(child)
+                self._catch_held(child, signalled)
 
-    def _catch_held(self, child: _Child) -> None:
-        """A child held after a fatal signal (see _hold): take its native stacks, then end it."""
-        if self.fault_fd is None or not os.fstat(self.fault_fd).st_size:
+    def _catch_held(self, child: _Child, signalled: int | None) -> None:
+        """A child held after a fatal signal (see _hold): take its native stacks, then end it.
+
+        Noticed by faulthandler's dump appearing, or by the signal reaching the holding handler
+        (signalled: its number), which also covers a test that turned faulthandler off."""
+        if self.fault_fd is None:
+            return
+        if signalled is None and not os.fstat(self.fault_fd).st_size:
             return
         import time
 
@@ -280,7 +291,7 @@ class Isolator:
             size = now
             time.sleep(0.05)
         head = os.pread(self.fault_fd, 200, 0).decode("utf-8", "replace")
-        number = _fatal_signal(head)
+        number = _fatal_signal(head) or signalled
         if number is None:
             return
         pid, status = os.waitpid(child.pid, os.WNOHANG)
@@ -311,6 +322,7 @@ class Isolator:
         os.ftruncate(self.fault_fd, 0)
         commands_r, commands_w = os.pipe()
         messages_r, messages_w = os.pipe()
+        wakeups_r, wakeups_w = os.pipe() if self.gdb else (-1, -1)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -332,6 +344,8 @@ class Isolator:
             try:
                 os.close(commands_w)
                 os.close(messages_r)
+                if wakeups_r >= 0:
+                    os.close(wakeups_r)
                 code = _child_main(
                     self.config,
                     group,
@@ -339,14 +353,18 @@ class Isolator:
                     messages_w,
                     self.fault_fd,
                     self.progress,
-                    hold=self.gdb is not None,
+                    hold=wakeups_w if self.gdb else None,
                 )
             finally:
                 os._exit(code)
         os.close(commands_r)
         os.close(messages_w)
+        if wakeups_w >= 0:
+            os.close(wakeups_w)
         self.forks += 1
-        return _Child(pid, commands_w, messages_r, group, position)
+        child = _Child(pid, commands_w, messages_r, group, position)
+        child.wakeups = wakeups_r
+        return child
 
     def _retire(self, child: _Child) -> None:
         child.close()
@@ -712,7 +730,7 @@ _FATAL_ERRORS = {
 }
 
 
-def _hold() -> None:
+def _hold(wakeups: int) -> None:
     """In the child: after faulthandler's dump, a fatal signal goes on to Python's own C-level
     handler, which only notes it and returns; the faulting instruction faults again, and so the
     thread stays where it crashed, with its native stack intact, until the main process has
@@ -729,6 +747,16 @@ def _hold() -> None:
 
     for name in _HELD_SIGNALS:
         signal.signal(getattr(signal, name), wait_for_the_end)
+    # The C-level handler also writes the signal's number here, from the faulting thread: the
+    # main process learns of the crash even when faulthandler has been turned off.
+    os.set_blocking(wakeups, False)
+    signal.set_wakeup_fd(wakeups, warn_on_full_buffer=False)
+
+
+def _held_numbers() -> frozenset[int]:
+    import signal
+
+    return frozenset(int(getattr(signal, name)) for name in _HELD_SIGNALS)
 
 
 def _fatal_signal(head: str) -> int | None:
@@ -814,7 +842,7 @@ def _child_main(
     messages: int,
     fault: int,
     progress,
-    hold: bool,
+    hold: int | None,
 ):
     """Run the tests the main process asks for, until it says quit; the exit code."""
     import faulthandler
@@ -825,8 +853,8 @@ def _child_main(
     # Enabled already (pytest's faulthandler plugin): off first, so that enabling it again
     # installs its handlers, with what is there then (the holding ones) to pass signals on to.
     faulthandler.disable()
-    if hold:
-        _hold()
+    if hold is not None:
+        _hold(hold)
     faulthandler.enable(file=fault, all_threads=True)
     runner.ROUND_LISTENER = _progress_listener(progress)
     config.pluginmanager.register(_ChildReporter(config, messages), "ftrace-isolate-child")

@@ -515,3 +515,28 @@ def test_native_stacks_with_gdb(pytester, monkeypatch, native):
         )
     else:
         assert "Native stacks" not in result.stdout.str()
+
+
+@pytest.mark.skipif(not shutil.which("gdb"), reason="the held child is noticed for gdb")
+def test_crash_with_faulthandler_turned_off_by_the_test(pytester):
+    # No dump to notice: the signal's arrival at the holding handler says it instead.
+    pytester.makepyfile(
+        """
+        import ctypes, faulthandler
+        def test_segfault():
+            faulthandler.disable()
+            ctypes.string_at(0)
+        def test_after():
+            pass
+        """
+    )
+    result = run(pytester, "--ftrace-isolate")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "crashed: the test process was killed by SIGSEGV (Segmentation fault) during call",
+            "(no Python stacks: the process ended without a fatal-error dump)",
+            "Native stacks (gdb, most recent call first):",
+            "  #* string_at *",
+        ]
+    )
