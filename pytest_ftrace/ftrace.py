@@ -48,6 +48,7 @@ LAST_KEY = "ftrace/replay/last"
 DEFAULT_THREADS = 4
 DEFAULT_ITERATIONS = 10
 DEFAULT_REPLAY_RUNS = 10
+DEFAULT_SHRINK_SECONDS = 2.0
 MODES = ("chaos", "exact")
 DEFAULT_MODE = "chaos"
 MODE = DEFAULT_MODE  # kept for importers of the old constant
@@ -129,6 +130,15 @@ def add_options(group, parser, pluginmanager) -> None:
         help="exact mode's policy: mix (default: each round draws aligned, random or pct3), "
         "random (uniform), pct (PCT with depth D, default 3), aligned (threads kept abreast; "
         "the one at a point goes on with P percent, default 50). ini: ftrace_scheduler",
+    )
+    group.addoption(
+        "--ftrace-shrink",
+        dest="ftrace_shrink",
+        default=DEFAULT_SHRINK_SECONDS,
+        type=float,
+        metavar="SECONDS",
+        help="exact mode: after a failure, search this long for a schedule with fewer "
+        f"preemptions that fails the same way (default {DEFAULT_SHRINK_SECONDS:g}; 0: off)",
     )
     parser.addini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
     parser.addini(
@@ -312,6 +322,7 @@ class FtraceSession:
         self.seed = session_seed(config)
         self.replay = replay
         self.replay_runs: int = config.option.ftrace_replay_runs
+        self.shrink_seconds: float = max(0.0, config.option.ftrace_shrink)
         include = (config.option.ftrace_include or []) + list(
             options.ini_value(config, "ftrace_include") or []
         )
@@ -493,24 +504,146 @@ class TestSession:
                     key = self.session.store_round(
                         self.item.nodeid, self.threads, first.iteration, record
                     )
-            if self.exact is not None:
-                self._lane_view(outcome, first)
+                shrunk = self._shrink(first, record)
+                if shrunk is not None:
+                    small, steps, cut, before, lane_failure = shrunk
+                    small_key = self.session.store_round(
+                        self.item.nodeid, self.threads, first.iteration, small
+                    )
+                    hint = (
+                        f"; replay it with --ftrace-replay {Token(self.threads, 0, small_key)}"
+                        if small_key
+                        else ""
+                    )
+                    outcome.notes.append(
+                        f"shrunk: a schedule with {small['preemptions']} preemptions (from "
+                        f"{before}) fails the same way; the lanes below show it{hint} (it was "
+                        "found in this process after the run, so state the test keeps between "
+                        "rounds can make it go differently in a fresh one; the replay: line "
+                        "replays the round as it ran)"
+                    )
+                    self._lane_view(outcome, lane_failure, small, steps, cut, True)
+                else:
+                    steps = self.exact.native.sched_steps(first.iteration)
+                    cut = self.exact.exit_steps.get((first.iteration, first.thread))
+                    self._lane_view(outcome, first, record, steps, cut, False)
             token = Token(self.threads, first.iteration, key)
             self.session.remember_failure(self.item.nodeid, token)
             outcome.notes.append(
                 "replay: " + replay_command(self.item, self.session.seed, token, mode)
             )
 
-    def _lane_view(self, outcome: Outcome, first) -> None:
+    def _shrink(self, first, record: dict | None):
+        """Search, within --ftrace-shrink seconds, for a schedule of the failing round with
+        fewer preemptions that fails the same way (same exception type and place).
+
+        Candidates, each run as one more round of the test following its decision list:
+        prefixes of the list (past its end the running thread goes on until it blocks or
+        ends: no more preemptions), found by bisection; then the list with one run of steps of
+        one thread left out, from the last run back. A candidate counts when it fails the same
+        way twice in a row. Returns (record, steps, cut, preemptions before, failure) or
+        None."""
+        import time
+
+        from pytest_ftrace.report import location
+
+        budget = self.session.shrink_seconds
+        body = getattr(self.item.obj, "ftrace_body", None)
+        if (
+            not budget
+            or body is None
+            or record is None
+            or not record["exact"]
+            or record["preemptions"] == 0
+        ):
+            return None
+        want = (type(first.exc).__name__, location(first.exc))
+        deadline = time.monotonic() + budget
+        best = dict(record)
+        best_steps = None
+
+        def attempt(decisions):
+            result = self._run_schedule(body, decisions)
+            if result is None or result[0] != want:
+                return None
+            again = self._run_schedule(body, decisions)
+            if again is None or again[0] != want:
+                return None
+            return again
+
+        # 1. the shortest failing prefix
+        low, high = 0, len(best["decisions"])
+        while low < high and time.monotonic() < deadline:
+            middle = (low + high) // 2
+            found = attempt(best["decisions"][:middle])
+            if found is not None and found[1]["preemptions"] < best["preemptions"]:
+                high = middle
+                best, best_steps = found[1], found[2:]
+            else:
+                low = middle + 1
+        # 2. leave out one run of steps at a time
+        runs = _runs(best["decisions"])
+        index = len(runs) - 1
+        while index > 0 and time.monotonic() < deadline:
+            start, end = runs[index]
+            candidate = best["decisions"][:start] + best["decisions"][end:]
+            found = attempt(candidate)
+            if found is not None and found[1]["preemptions"] < best["preemptions"]:
+                best, best_steps = found[1], found[2:]
+                runs = _runs(best["decisions"])
+                index = min(index, len(runs) - 1)
+            else:
+                index -= 1
+        if best_steps is None:
+            return None
+        steps, cut, failure = best_steps
+        return best, steps, cut, record["preemptions"], failure
+
+    def _run_schedule(self, body, decisions):
+        """One round of the test following `decisions`: ((exception type, place) of the first
+        failure or None, round record, steps, cut), or None when it could not run."""
+        from pytest_ftrace.exact import ExactTest
+        from pytest_ftrace.report import location
+        from pytest_ftrace.runner import Hooks, ThreadedRun
+
+        original, takes_fixtures = body
+        traced = self.session.instrumentation.start_test(
+            self.item.nodeid, mode="exact", replay=list(decisions)
+        )
+        exact = ExactTest(traced._native, self.threads, None, self.session.instrumentation.scope)
+        hooks = Hooks(exact.thread_enter, exact.round_start, exact.round_end, exact.thread_exit)
+        run = ThreadedRun(
+            self.item, original, self.threads, 1, 60.0, hooks=hooks, takes_fixtures=takes_fixtures
+        )
+        traced.activate()
+        try:
+            exact.activate()
+            try:
+                outcome = run.run()
+            finally:
+                exact.deactivate()
+        finally:
+            traced.deactivate()
+        record = exact.round(0)
+        failures = [f for f in outcome.failures if f.iteration is not None]
+        if record is None or not record["exact"]:
+            return None
+        if not failures:
+            return (None, record, None, None, None)
+        failure = min(failures, key=lambda f: f.thread)
+        steps = traced._native.sched_steps(0)
+        cut = exact.exit_steps.get((0, failure.thread))
+        return ((type(failure.exc).__name__, location(failure.exc)), record, steps, cut, failure)
+
+    def _lane_view(self, outcome: Outcome, first, record, steps, cut, shrunk: bool) -> None:
         from pytest_ftrace.exact import lanes
 
-        steps = self.exact.native.sched_steps(first.iteration)
         if not steps:
             return
-        cut = self.exact.exit_steps.get((first.iteration, first.thread))
-        record = self.exact.round(first.iteration) or {}
+        record = record or {}
+        which = "shrunk schedule" if shrunk else f"schedule of round {first.iteration}"
         outcome.notes.append(
-            f"schedule of round {first.iteration} up to thread {first.thread}'s failure "
+            f"{which} up to thread {first.thread}'s failure "
             f"({record.get('preemptions', '?')} preemptions; a row is a run of steps of one "
             "thread, shown by its first access):\n" + lanes(steps, cut, failing=first.thread)
         )
@@ -567,6 +700,17 @@ class _OnlyTest:
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
+
+
+def _runs(decisions: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive decisions for one thread."""
+    out = []
+    start = 0
+    for i in range(1, len(decisions) + 1):
+        if i == len(decisions) or decisions[i] != decisions[start]:
+            out.append((start, i))
+            start = i
+    return out
 
 
 def replay_command(item: pytest.Item, seed: int, token: Token, mode: str = "chaos") -> str:

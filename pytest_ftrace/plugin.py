@@ -280,6 +280,7 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
         report.raise_outcome(outcome)
 
     run_in_threads.__name__ = getattr(original, "__name__", "test")
+    run_in_threads.ftrace_body = (original, takes_fixtures)  # exact mode re-runs it to shrink
     return run_in_threads
 
 

@@ -179,6 +179,39 @@ def test_pipe(thread_index):
 """
 
 
+SHRINKABLE = """
+import threading
+
+_local = threading.local()
+_shared = {}
+
+def per_round(factory):
+    # every thread's i-th call gets the same object: fresh state in every round
+    index = getattr(_local, "calls", 0)
+    _local.calls = index + 1
+    if index not in _shared:
+        _shared[index] = factory()
+    return _shared[index]
+
+class Ids:
+    def __init__(self):
+        self.next_id = 0
+        self.issued = {}
+
+    def new_id(self):
+        current = self.next_id
+        self.next_id = current + 1
+        return current
+
+def test_ids():
+    ids = per_round(Ids)
+    me = threading.get_ident()
+    for _ in range(30):
+        new = ids.new_id()
+        assert ids.issued.setdefault(new, me) == me, f"id {new} handed out twice"
+"""
+
+
 def exact(pytester, *args):
     return pytester.runpytest(
         "--ftrace", "--ftrace-mode", "exact", "--ftrace-timeout", "120", *args
@@ -220,6 +253,23 @@ def test_the_failure_shows_the_schedule_as_lanes(pytester):
         ]
     )
     assert "@py" not in result.stdout.str().split("schedule of round", 1)[1]
+
+
+def test_a_failure_is_shrunk_to_fewer_preemptions(pytester):
+    pytester.makepyfile(SHRINKABLE)
+    result = exact(pytester, "--seed", "1", "--ftrace-shrink", "5")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    match = re.search(r"shrunk: a schedule with (\d+) preemptions \(from (\d+)\)", out)
+    assert match, out
+    assert int(match.group(1)) < int(match.group(2))
+    result.stdout.fnmatch_lines(["*shrunk schedule up to thread *'s failure*"])
+    # the replay line still names the round as it ran, and reproduces it
+    again = pytester.runpytest(*replay_args(result))
+    again.stdout.fnmatch_lines(["*reproduced in 10/10 runs*following the recorded schedule*"])
+    off = exact(pytester, "--seed", "1", "--ftrace-shrink", "0")
+    off.assert_outcomes(failed=1)
+    assert "shrunk:" not in off.stdout.str()
 
 
 def test_the_same_seed_gives_the_same_failures(pytester):
