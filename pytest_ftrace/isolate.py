@@ -49,7 +49,8 @@ def add_options(group, parser, pluginmanager) -> None:
         type=parse_mode,
         metavar="test|module",
         help="run tests in a forked child process, one per test (default) or per module, so "
-        "a crash (segfault, abort, os._exit) fails only that test. ini: ftrace_isolate",
+        "a crash (segfault, abort, os._exit) fails only that test; each test is then also "
+        "bounded by twice --ftrace-timeout. ini: ftrace_isolate",
     )
     parser.addini("ftrace_isolate", "run tests in a child process: test, module or off", default="")
 
