@@ -74,6 +74,7 @@ class _Child:
     def reap(self, timeout: float) -> int:
         """Wait for the child to end (SIGKILL after timeout); its wait status."""
         if self.status is not None:
+            self.close()
             return self.status
         import time
 
@@ -384,7 +385,10 @@ class Isolator:
 
     def _stop_child(self, grace: float = 5.0) -> None:
         child, self.child = self.child, None
-        if child is None or child.status is not None:
+        if child is None:
+            return
+        if child.status is not None:
+            child.close()
             return
         try:
             _send(child.commands, ("quit",))

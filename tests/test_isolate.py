@@ -540,3 +540,32 @@ def test_crash_with_faulthandler_turned_off_by_the_test(pytester):
             "  #* string_at *",
         ]
     )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+@pytest.mark.parametrize("mode", ["test", "module"])
+def test_main_process_does_not_leak_descriptors(pytester, mode):
+    # Logging runs in the main process: count its open descriptors there, as tests crash.
+    pytester.makeconftest(
+        """
+        import os
+        def pytest_runtest_logfinish(nodeid):
+            with open("counts", "a") as f:
+                f.write(f"{len(os.listdir('/proc/self/fd'))}\\n")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import ctypes, os, pytest
+        @pytest.mark.parametrize("n", range(15))
+        def test_some_crash(n):
+            if n % 5 == 0:
+                ctypes.string_at(0)
+            if n % 5 in (1, 2):
+                os._exit(n)
+        """
+    )
+    result = run(pytester, f"--ftrace-isolate={mode}")
+    result.assert_outcomes(passed=6, failed=9)
+    counts = [int(n) for n in (pytester.path / "counts").read_text().split()]
+    assert max(counts[5:]) <= max(counts[:5]), counts  # the same after 3 rounds of crashes
