@@ -4,6 +4,8 @@ This module holds the option, its validation, and the SessionGuard (registered i
 it reports the threads a watchdog gave up on, and ends a process that still has them at
 shutdown with os._exit). The runner itself is in isolate_runner, imported only when
 --ftrace-isolate is on: the plugin is imported by every pytest run, so this stays small.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations

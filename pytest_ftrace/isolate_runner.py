@@ -15,6 +15,8 @@ Under isolation --ftrace-timeout also bounds each test as a whole (twice the val
 threaded watchdog of the stress runner speaks first): the child dumps its stacks and exits.
 
 Imported only when --ftrace-isolate is on (see isolate.configure).
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
