@@ -118,13 +118,17 @@ class ThreadedRun:
             outcome.notes.append(
                 f"leaked threads: {', '.join(t.name for t in leaked)} were still running when "
                 "the test was given up"
-                + (
-                    f"; {', '.join(blocking)} not daemon, so the process will exit with "
-                    "os._exit at the end of the session instead of waiting for them."
-                    if blocking
-                    else "; they are daemon threads and will not block exit."
-                )
+                + (f" ({', '.join(blocking)} not daemon)" if blocking else "")
+                + "; if they still are at the end of the session, the process exits with "
+                "os._exit instead of waiting for them."
             )
+            reached = max((r for r in self._rounds if r is not None), default=-1)
+            if reached < self.iterations - 1:
+                outcome.notes.append(
+                    f"iterations {reached + 1}-{self.iterations - 1} did not run"
+                    if reached + 1 < self.iterations - 1
+                    else f"iteration {reached + 1} did not run"
+                )
         if self._stopping is not None:
             raise self._stopping
         return outcome

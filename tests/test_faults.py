@@ -116,7 +116,10 @@ def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester):
             "Thread ftrace-1 (most recent call last):",
             "*helper.join()*",
             "Thread helper, started by the test, not daemon (most recent call last):",
-            "leaked threads: ftrace-1, helper *helper not daemon, so the process will exit*",
+            "leaked threads: ftrace-1, helper were still running when the test was given up "
+            "(helper not daemon); if they still are at the end of the session, the process "
+            "exits with os._exit instead of waiting for them.",
+            "iterations 1-9 did not run",
             f"ftrace: seed={SEED} *",
             f"replay: pytest 'test_hang.py::test_hangs' --ftrace --seed {SEED} "
             "--ftrace-replay t2i*",
