@@ -102,9 +102,8 @@ class SessionGuard:
         self.session = session
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        from pytest_ftrace.runner import leaked_alive
-
-        alive = leaked_alive()
+        runner = sys.modules.get("pytest_ftrace.runner")  # not loaded: no threaded test ran
+        alive = runner.leaked_alive() if runner is not None else []
         if not alive:
             return
         terminalreporter.section("ftrace: leaked threads", sep="-", yellow=True)
