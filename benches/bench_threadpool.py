@@ -14,7 +14,9 @@ same base interpreter:
 The peer venvs are made on first use (``python -m venv`` from the same base interpreter and
 ``pip install``). Each side runs once untimed (warm-up: imports, .pyc files), then K trials; in
 each trial every side runs once, in an order rotated from trial to trial, so that load from
-other processes falls on all sides alike. The table shows medians over the trials.
+other processes falls on all sides alike. The table shows medians over the trials. The slow
+sequential side (4+ s a run; it only gives the base of the speed-ups) runs in the first
+``--seq-repeat`` trials only.
 
 ``PYTHONDONTWRITEBYTECODE`` is removed from the environment of the runs: the peers are installed
 into site-packages with their .pyc files, while our package is an editable install that would
@@ -41,7 +43,8 @@ speed-up of the test phase with 2 workers over 1 shows how CPU-bound tests scale
 Every run is checked: exit code 0 and exactly the expected number of passed tests. The load
 average is printed before and after each table.
 
-    python3 benches/bench_threadpool.py [--python 3.13 ...] [--repeat 7] [--no-cpu] [--no-io]
+    python3 benches/bench_threadpool.py [--python 3.13 ...] [--repeat 11] [--seq-repeat 3]
+        [--no-cpu] [--no-io]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -142,8 +146,10 @@ class Side:
     python: Path
     args: list[str]
     tests: int
+    trials: int | None = None  # at most this many timed runs (None: every trial)
     phases: list[float] = field(default_factory=list)
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # user + system time of the process
 
     @property
     def phase(self) -> float:
@@ -152,6 +158,11 @@ class Side:
     @property
     def wall(self) -> float:
         return statistics.median(self.walls)
+
+    @property
+    def cores(self) -> float:
+        """CPU time per second of the whole run: how many cores the run kept busy."""
+        return statistics.median([c / w for c, w in zip(self.cpus, self.walls, strict=True)])
 
 
 def venv_python(name: str) -> Path:
@@ -180,6 +191,7 @@ def run_once(side: Side, suite: Path) -> None:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         span_file = handle.name
     env["BENCH_SPAN"] = span_file
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(
         [str(side.python), "-m", "pytest", *COMMON, *side.args, str(suite)],
@@ -190,6 +202,8 @@ def run_once(side: Side, suite: Path) -> None:
         timeout=600,
     )
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr[-500:]]
     passed = re.search(r"(\d+) passed", tail[0])
     if proc.returncode != 0 or not passed or int(passed.group(1)) != side.tests:
@@ -202,6 +216,7 @@ def run_once(side: Side, suite: Path) -> None:
         raise SystemExit(f"{side.name}: the conftest saw {span['tests']} tests")
     side.phases.append(span["stop"] - span["start"])
     side.walls.append(wall)
+    side.cpus.append(cpu)
 
 
 def measure(sides: list[Side], suite: Path, repeat: int) -> None:
@@ -209,10 +224,12 @@ def measure(sides: list[Side], suite: Path, repeat: int) -> None:
         run_once(side, suite)  # warm-up (imports, .pyc files)
         side.phases.clear()
         side.walls.clear()
+        side.cpus.clear()
     for trial in range(repeat):
         shift = trial % len(sides)
         for side in sides[shift:] + sides[:shift]:
-            run_once(side, suite)
+            if side.trials is None or trial < side.trials:
+                run_once(side, suite)
 
 
 def load() -> str:
@@ -236,7 +253,7 @@ def version_of(python: Path) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def io_bench(py: str, repeat: int, tmp: Path) -> dict | None:
+def io_bench(py: str, repeat: int, seq_repeat: int, tmp: Path) -> dict | None:
     ours = venv_python(py)
     if not ours.exists():
         print(f"\n(I/O suite on {py}: {ours} is missing; run scripts/test_all.py --python {py})")
@@ -248,7 +265,7 @@ def io_bench(py: str, repeat: int, tmp: Path) -> dict | None:
     )
     version = version_of(ours)
     sides = [
-        Side("sequential", ours, [], IO_TESTS),
+        Side("sequential", ours, [], IO_TESTS, trials=seq_repeat),
         Side(f"ours --threadpool {WORKERS}", ours, ["--threadpool", str(WORKERS)], IO_TESTS),
     ]
     skipped = []
@@ -273,13 +290,16 @@ def io_bench(py: str, repeat: int, tmp: Path) -> dict | None:
     sequential, ours_side, peers = sides[0], sides[1], sides[2:]
     ideal = IO_TESTS * IO_SLEEP / WORKERS
     print(f"\nI/O-bound: {IO_TESTS} tests x {IO_SLEEP * 1000:g} ms, Python {py}, ", end="")
-    print(f"{os.cpu_count()} CPUs, median of {repeat}; ideal test phase {ideal:.2f} s")
+    print(
+        f"{os.cpu_count()} CPUs, median of {repeat} (sequential: {min(repeat, seq_repeat)}); "
+        f"ideal test phase {ideal:.2f} s"
+    )
     print(f"before: {before}; after: {after}")
     for note in skipped:
         print(f"(no {note})")
     header = (
         f"{'side':32} {'test phase':>10} {'speed-up':>9} {'efficiency':>10} {'vs ideal':>8} "
-        f"{'whole run':>10} {'speed-up':>9}"
+        f"{'whole run':>10} {'speed-up':>9} {'CPU time':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -288,6 +308,7 @@ def io_bench(py: str, repeat: int, tmp: Path) -> dict | None:
         print(
             f"{side.name:32} {side.phase:9.3f}s {speed:8.2f}x {speed / WORKERS:10.2f} "
             f"{ideal / side.phase:8.2f} {side.wall:9.3f}s {sequential.wall / side.wall:8.2f}x"
+            f" {statistics.median(side.cpus):8.3f}s"
         )
     for peer in peers:
         name = f"ours / {peer.name.split()[0]}"
@@ -324,13 +345,18 @@ def cpu_bench(py: str, repeat: int, tmp: Path) -> None:
     print(f"\nCPU-bound: {CPU_TESTS} tests of pure-Python arithmetic, Python {py}, ", end="")
     print(f"{os.cpu_count()} CPUs, median of {repeat}")
     print(f"before: {before}; after: {after}")
-    header = f"{'side':32} {'test phase':>10} {'vs 1 worker':>11} {'whole run':>10}"
+    header = (
+        f"{'side':32} {'test phase':>10} {'vs 1 worker':>11} {'whole run':>10} {'cores used':>10}"
+    )
     print(header)
     print("-" * len(header))
     for side in sides:
         print(
             f"{side.name:32} {side.phase:9.3f}s {one.phase / side.phase:10.2f}x {side.wall:9.3f}s"
+            f" {side.cores:10.2f}"
         )
+    print("(cores used: CPU time of the run per second of its wall time; other processes on")
+    print(" the machine leave less than the full number of CPUs to the run)")
 
 
 def main() -> int:
@@ -340,7 +366,11 @@ def main() -> int:
         action="append",
         help=f"interpreter of the I/O comparison (repeatable; default {' '.join(PYTHONS)})",
     )
-    parser.add_argument("--repeat", type=int, default=7, help="timed trials per side")
+    parser.add_argument("--repeat", type=int, default=11, help="timed trials per side")
+    parser.add_argument(
+        "--seq-repeat", type=int, default=3, help="timed runs of the (slow) sequential side"
+    )
+    parser.add_argument("--cpu-repeat", type=int, default=5, help="timed trials, CPU suite")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU-bound suite")
     parser.add_argument("--no-io", action="store_true", help="skip the I/O-bound suite")
     args = parser.parse_args()
@@ -348,11 +378,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-threadpool-") as tmp:
         if not args.no_io:
             for py in args.python or PYTHONS:
-                result = io_bench(py, args.repeat, Path(tmp))
+                result = io_bench(py, args.repeat, args.seq_repeat, Path(tmp))
                 met = met and result is not None and result["met"]
         if not args.no_cpu:
             for py in ("3.13t", "3.13"):
-                cpu_bench(py, args.repeat, Path(tmp))
+                cpu_bench(py, args.cpu_repeat, Path(tmp))
     return 0 if met else 1
 
 
