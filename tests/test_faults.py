@@ -485,3 +485,21 @@ def test_junitxml_is_complete_when_several_tests_crash(pytester):
         assert f"test: test_many.py::{name}" in found[name]["message"]
         assert f"ftrace: seed={SEED}" in found[name]["message"]
     result.stdout.fnmatch_lines(["*3 test process(es) of 4 died*"])
+
+
+def test_a_nested_session_with_leaked_threads_does_not_end_the_outer_process(pytester):
+    # pytester's in-process run: the leaked (daemon) worker is still sleeping when the inner
+    # session ends, but this process is still running the outer session, so no os._exit.
+    pytester.makepyfile(
+        test_inner="""
+        import time
+        def test_sleeps(thread_index):
+            if thread_index == 0:
+                time.sleep(2)
+        """
+    )
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "--threads", "2", "--ftrace-timeout", "0.2"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*ftrace: leaked threads*", "*test_sleeps: thread ftrace-0*"])
