@@ -10,7 +10,11 @@ main process logs them through the item's pytest_runtest_logreport, so the termi
 When the child dies before the test is done (a signal, os._exit, a crash in an extension), the
 main process reports the phase that was running as failed, with the signal, the Python stack of
 every thread (faulthandler, written by the child to a file the main process reads), the output
-captured so far and, under --ftrace, the seed; then it forks a new child for the next test.
+captured so far and, under --ftrace, the seed and the round a threaded run was in (the child
+writes it to memory shared with the main process); then it forks a new child for the next test.
+With gdb on PATH the child is held at a fatal signal (see _hold) until gdb has read every
+thread's native stack. The child's warnings and the plugin's own records (tests run on one
+thread, GIL events, --ftrace statistics) come back with each test's last message.
 Under isolation --ftrace-timeout also bounds each test as a whole (twice the value, so the
 threaded watchdog of the stress runner speaks first): the child dumps its stacks and exits.
 
