@@ -299,7 +299,7 @@ class Isolator:
             time.sleep(0.05)
         head = os.pread(self.fault_fd, 200, 0).decode("utf-8", "replace")
         number = _fatal_signal(head) or signalled
-        if number is None:
+        if number not in _held_numbers():  # SIGABRT and the like are not held: it ends itself
             return
         pid, status = os.waitpid(child.pid, os.WNOHANG)
         if pid:  # it did not wait for us
