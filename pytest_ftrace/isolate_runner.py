@@ -273,6 +273,9 @@ class Isolator:
             signalled = None
             if ready:  # a signal went to one of the child's Python-level handlers
                 data = os.read(child.wakeups, 256)
+                if not data:  # closed over there (the child is ending): stop watching it
+                    os.close(child.wakeups)
+                    child.wakeups = -1
                 signalled = next((n for n in data if n in _held_numbers()), None)
             if self.gdb:
                 self._catch_held(child, signalled)
