@@ -336,10 +336,16 @@ def test_own_marker_beats_class_beats_module_beats_package(tp):
                 meet("package")
             """,
             "test_class_over_module.py": """
+            import threading
             import pytest
             from conftest import THREADS, meet
 
             pytestmark = pytest.mark.parallelizable("children")
+
+            NAMES = {}
+
+            def _name(key):
+                NAMES.setdefault(key, set()).add(threading.current_thread().name)
 
             # The class's "parameters" beats the module's "children"...
             @pytest.mark.parallelizable("parameters")
@@ -350,20 +356,33 @@ def test_own_marker_beats_class_beats_module_beats_package(tp):
                 def test_c2(self):
                     pass
 
-                # ...and a method's own marker beats the class's.
+            # ...and a method's own marker beats the class's: test_own's variants run with each
+            # other, in a wave (worker threads) of their own, not with test_x and test_y.
+            @pytest.mark.parallelizable("children")
+            class TestOwn:
+                def test_x(self):
+                    meet("xy")
+                    _name("xy")
+
+                def test_y(self):
+                    meet("xy")
+                    _name("xy")
+
                 @pytest.mark.parametrize("n", [1, 2])
-                @pytest.mark.parallelizable("children")
+                @pytest.mark.parallelizable("parameters")
                 def test_own(self, n):
                     meet("own")
+                    _name("own")
 
             def test_zz_check():
                 assert not THREADS["test_c1"] and not THREADS["test_c2"]
                 assert THREADS["test_own[1]"] and THREADS["test_own[2]"]
+                assert not NAMES["xy"] & NAMES["own"], NAMES
             """,
         }
     )
     result = run(tp, "--threadpool", "2")
-    result.assert_outcomes(passed=3 + 3 + 2 + 5)
+    result.assert_outcomes(passed=3 + 3 + 2 + 7)
 
 
 def test_default_scope_makes_unmarked_tests_parallelizable(tp):
