@@ -10,7 +10,10 @@ For each interpreter (3.12, 3.13, 3.13t; those whose venv exists under .venvs/):
   the number of those runs that reproduced the failure 10/10, and the worst k/10 seen.
 
     python3 benches/bench_exact.py [--runs 20] [--replays 3] [--python 3.12 ...]
-        [--scheduler mix|random|pct3|aligned50] [--json results.json]
+        [--scheduler mix|random|pct3|aligned50] [--shrink SECONDS] [--json results.json]
+
+Shrinking is off by default here (--shrink 0): it only changes what a failure report shows,
+and costs up to its budget per failing test.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def parse_replays(out: str) -> dict[str, str]:
     return replays
 
 
-def bench(python: Path, runs: int, replays: int, scheduler: str) -> dict:
+def bench(python: Path, runs: int, replays: int, scheduler: str, shrink: float) -> dict:
     detected: dict[str, int] = {}
     first_replay: dict[str, str] = {}
     cache = tempfile.mkdtemp(prefix="ftrace-bench-exact-")
@@ -86,6 +89,8 @@ def bench(python: Path, runs: int, replays: int, scheduler: str) -> dict:
                 scheduler,
                 "--seed",
                 str(seed),
+                "--ftrace-shrink",
+                str(shrink),
             ],
             cache,
         )
@@ -117,6 +122,9 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=3)
     parser.add_argument("--python", action="append", choices=INTERPRETERS)
     parser.add_argument("--scheduler", default="mix")
+    parser.add_argument(
+        "--shrink", type=float, default=0.0, help="--ftrace-shrink seconds (default 0: off)"
+    )
     parser.add_argument("--json")
     ns = parser.parse_args()
     results = {}
@@ -126,7 +134,7 @@ def main() -> int:
             print(f"{version}: no venv at {python}, skipped")
             continue
         print(f"== {version}: {ns.runs} runs, scheduler {ns.scheduler}", flush=True)
-        results[version] = res = bench(python, ns.runs, ns.replays, ns.scheduler)
+        results[version] = res = bench(python, ns.runs, ns.replays, ns.scheduler, ns.shrink)
         print(f"   corpus runs took {res['seconds']:.1f}s in all")
         print(f"   {'failed':>8}  {'replay (k/10 per rerun)':<28}  test")
         for node in sorted(res["detected"]):

@@ -62,6 +62,18 @@ def _managed():
     return None
 
 
+_WORKER = threading.local()  # .run: the exact run whose worker this thread is
+
+
+def _creates_cooperative() -> bool:
+    """Whether a lock made now should be cooperative: made by a managed thread, or by a worker
+    of the test outside its rounds (its own function-scoped fixtures)."""
+    run = _CURRENT
+    if run is None:
+        return False
+    return run.sched_me() is not None or getattr(_WORKER, "run", None) is run
+
+
 def _from_user_code() -> bool:
     """Whether the nearest caller outside this module is outside threading and queue too: a
     lock taken inside Event, Semaphore or Queue is not a scheduling point of its own (the
@@ -380,17 +392,17 @@ class _CoopCondition:
 
 
 def Lock():  # noqa: N802 - stands in for threading.Lock
-    return _CoopLock() if _managed() is not None else _real_lock()
+    return _CoopLock() if _creates_cooperative() else _real_lock()
 
 
 def RLock(*args, **kwargs):  # noqa: N802 - stands in for threading.RLock
-    if _managed() is not None:
+    if _creates_cooperative():
         return _CoopRLock()
     return _ORIGINAL[(threading, "RLock")](*args, **kwargs)
 
 
 def Condition(lock=None):  # noqa: N802 - stands in for threading.Condition
-    if _managed() is not None or isinstance(lock, _CoopLock):
+    if _creates_cooperative() or isinstance(lock, _CoopLock):
         return _CoopCondition(lock)
     return _ORIGINAL[(threading, "Condition")](lock)
 
@@ -483,11 +495,15 @@ _PATCHES = (
 
 _REAL_LOCK_TYPES = (type(_real_lock()), type(threading.RLock()))
 _SWAPPED: list[tuple[object, object, object, object]] = []  # (container, key, real, coop)
+_SCAN_LIMIT = 200  # items looked at per container
+_NOT_SCANNED = (type, types.ModuleType, types.FunctionType, types.MethodType)
 
 
-def _swap_locks(scope) -> None:
-    """Stand cooperative locks in for the real, unheld locks that in-scope modules keep in their
-    globals or in the attributes of their module-level objects, for the test's duration.
+def _swap_locks(scope, roots=()) -> None:
+    """Stand cooperative locks in for the real, unheld locks the test can reach, for the test's
+    duration: in-scope modules' globals and the attributes of their module-level objects, and
+    the values of `roots` (the test's shared fixtures) down to the attributes of the objects
+    they hold.
 
     A lock is swapped only when no closure, default argument, tuple or other object refers to
     it (code could reach the real one there): the references found by the scan are put back
@@ -495,11 +511,35 @@ def _swap_locks(scope) -> None:
     if scope is None:
         return
     found: dict[int, object] = {}
-    places: dict[int, list[tuple[dict, str]]] = {}
+    places: dict[int, list[tuple[object, object]]] = {}
+    seen: set[int] = set()
 
-    def note(container: dict, key: str, lock) -> None:
-        found[id(lock)] = lock
-        places.setdefault(id(lock), []).append((container, key))
+    def visit(container, key, value, depth: int) -> None:
+        if isinstance(value, _REAL_LOCK_TYPES):
+            if type(container) in (dict, list):
+                found[id(value)] = value
+                places.setdefault(id(value), []).append((container, key))
+            return
+        if depth <= 0 or id(value) in seen:
+            return
+        seen.add(id(value))
+        if type(value) is dict:
+            for k, v in list(value.items())[:_SCAN_LIMIT]:
+                visit(value, k, v, depth - 1)
+        elif type(value) is list:
+            for i, v in enumerate(value[:_SCAN_LIMIT]):
+                visit(value, i, v, depth - 1)
+        elif type(value) is tuple:
+            for v in value[:_SCAN_LIMIT]:
+                visit(value, None, v, depth - 1)
+        elif not isinstance(value, _NOT_SCANNED) and hasattr(value, "__dict__"):
+            try:
+                attrs = vars(value)
+            except TypeError:
+                return
+            if type(attrs) is dict:
+                for k, v in list(attrs.items())[:_SCAN_LIMIT]:
+                    visit(attrs, k, v, depth - 1)
 
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
@@ -507,18 +547,9 @@ def _swap_locks(scope) -> None:
             continue
         namespace = vars(module)
         for key, value in list(namespace.items()):
-            if isinstance(value, _REAL_LOCK_TYPES):
-                note(namespace, key, value)
-            elif not isinstance(value, (type, types.ModuleType)) and hasattr(value, "__dict__"):
-                try:
-                    attrs = vars(value)
-                except TypeError:
-                    continue
-                if type(attrs) is not dict:
-                    continue
-                for attr, inner in list(attrs.items()):
-                    if isinstance(inner, _REAL_LOCK_TYPES):
-                        note(attrs, attr, inner)
+            visit(namespace, key, value, 2)
+    for value in roots:
+        visit(None, None, value, 3)
     if not found:
         return
     import gc
@@ -530,8 +561,8 @@ def _swap_locks(scope) -> None:
     for referrer in gc.get_referrers(*locks):
         if referrer is found or referrer is locks or isinstance(referrer, types.FrameType):
             continue  # ours, or a frame's locals (this one's, on 3.13): transient
-        if type(referrer) is dict:
-            continue  # a namespace the scan saw, or e.g. a hook call's keyword arguments
+        if type(referrer) in (dict, list):
+            continue  # a container the scan saw, or e.g. a hook call's keyword arguments
         if (
             type(referrer) is tuple
             and len(referrer) == len(locks)
@@ -564,15 +595,16 @@ def _restore_locks() -> None:
             pass
 
 
-def install(run, scope=None) -> None:
+def install(run, scope=None, roots=()) -> None:
     """Patch the threading names for the test whose native run is `run`; with the
-    instrumentation's `scope`, stand cooperative locks in for the in-scope modules' locks."""
+    instrumentation's `scope`, stand cooperative locks in for the locks of the in-scope
+    modules and of `roots` (the shared fixture values)."""
     global _CURRENT
     for owner, name, replacement in _PATCHES:
         _ORIGINAL.setdefault((owner, name), getattr(owner, name))
         setattr(owner, name, replacement)
     _WAITING.clear()
-    _swap_locks(scope)
+    _swap_locks(scope, roots)
     _CURRENT = run
 
 
@@ -593,9 +625,10 @@ def uninstall() -> None:
 class ExactTest:
     """The runner hooks and the watchdog of one test in exact mode."""
 
-    def __init__(self, native, threads: int, seed_round: int | None = None, scope=None):
+    def __init__(self, native, threads: int, seed_round: int | None = None, scope=None, roots=()):
         self.native = native
         self.scope = scope
+        self.roots = tuple(roots)  # shared fixture values, scanned for locks to stand in for
         self.threads = threads
         self.seed_round = seed_round  # replaying by seed: every round reseeded as this one
         self._local = threading.local()
@@ -607,7 +640,7 @@ class ExactTest:
 
     # activation: patch the names and watch for unmanaged blocking
     def activate(self) -> None:
-        install(self.native, self.scope)
+        install(self.native, self.scope, self.roots)
         self._stop.clear()
         self._watchdog = threading.Thread(target=self._watch, name="ftrace-watchdog", daemon=True)
         self._watchdog.start()
@@ -622,6 +655,7 @@ class ExactTest:
     # runner hooks
     def thread_enter(self, index: int) -> None:
         self._local.index = index
+        _WORKER.run = self.native
         self.native.thread_enter(index)
 
     def round_start(self, iteration: int) -> None:
@@ -644,6 +678,7 @@ class ExactTest:
         self.native.record_round(seconds)
 
     def thread_exit(self) -> None:
+        _WORKER.run = None
         self.native.sched_exit()
         self.native.thread_exit()
 

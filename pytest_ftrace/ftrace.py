@@ -7,19 +7,21 @@ the test seed, its thread index and the round (see `_native.derive_seed`), so a 
 run with many tests, or in an xdist worker (every worker uses the controller's session seed),
 replays in a run of that test alone.
 
-Modes. `--ftrace-mode chaos` (the default) lets the threads run free and injects seeded yields
-and delays; `--ftrace-mode exact` runs them one at a time and lets a scheduler choose who goes
-on at every hooked access (`--ftrace-scheduler`: mix, the default, draws aligned, uniform random
-or PCT per round; see `pytest_ftrace/exact.py` and `rust/sched/`).
+Modes. `--ftrace-mode exact` (the default) runs the threads one at a time and lets a scheduler
+choose who goes on at every hooked access (`--ftrace-scheduler`: mix, the default, draws
+aligned, uniform random or PCT per round; see `pytest_ftrace/exact.py` and `rust/sched/`).
+`--ftrace-mode chaos` lets them run free and injects seeded yields and delays: that is what
+finds races inside native code on free-threaded builds.
 
 Replay. A failing test prints `replay: pytest '<nodeid>' --ftrace --seed N --ftrace-replay T`,
 where T = `t<threads>i<iteration>` names the thread count and the first failing round. Running it
-re-runs that round `--ftrace-replay-runs` times (default 10) with the same per-thread streams and
-reports how often the failure came back. In exact mode the line also has `--ftrace-mode exact`
-and T ends in `x<hash>`: the key under which the round's decision list (which thread took each
-step) is kept in the pytest cache; replaying follows that list, so the same interleaving comes
-back on every run. Without the cache entry, the round is re-scheduled from the seed.
-`--ftrace-replay last` replays the last failure recorded in the cache.
+re-runs that round `--ftrace-replay-runs` times (default 10) and reports how often the failure
+came back. In exact mode T ends in `x<hash>`: the key under which the round's decision list
+(which thread took each step) is kept in the pytest cache; replaying follows that list, so the
+same interleaving comes back on every run (without the cache entry the round is re-scheduled
+from the seed). In chaos mode the line has `--ftrace-mode chaos` and the round re-runs with the
+same per-thread streams, which reproduces often but not always. `--ftrace-replay last` replays
+the last failure recorded in the cache.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -48,9 +50,9 @@ LAST_KEY = "ftrace/replay/last"
 DEFAULT_THREADS = 4
 DEFAULT_ITERATIONS = 10
 DEFAULT_REPLAY_RUNS = 10
-DEFAULT_SHRINK_SECONDS = 2.0
+DEFAULT_SHRINK_SECONDS = 1.0
 MODES = ("chaos", "exact")
-DEFAULT_MODE = "chaos"
+DEFAULT_MODE = "exact"
 MODE = DEFAULT_MODE  # kept for importers of the old constant
 _TOKEN = re.compile(r"^t(\d+)i(\d+)(?:x([0-9a-f]{6,40}))?$")
 _SCHEDULER = re.compile(r"^(random|mix|pct|aligned)(\d*)$")
@@ -426,7 +428,11 @@ class TestSession:
             if self.replay is not None and not self.replay_exact:
                 seed_round = self.replay.iteration  # no decision list: reschedule from the seed
             self.exact = ExactTest(
-                traced._native, threads, seed_round, session.instrumentation.scope
+                traced._native,
+                threads,
+                seed_round,
+                session.instrumentation.scope,
+                tuple(getattr(item, "funcargs", {}).values()),
             )
             self.traced = traced
             self.run = _ExactActivation(traced, self.exact)
@@ -610,7 +616,13 @@ class TestSession:
         traced = self.session.instrumentation.start_test(
             self.item.nodeid, mode="exact", replay=list(decisions)
         )
-        exact = ExactTest(traced._native, self.threads, None, self.session.instrumentation.scope)
+        exact = ExactTest(
+            traced._native,
+            self.threads,
+            None,
+            self.session.instrumentation.scope,
+            tuple(getattr(self.item, "funcargs", {}).values()),
+        )
         hooks = Hooks(exact.thread_enter, exact.round_start, exact.round_end, exact.thread_exit)
         run = ThreadedRun(
             self.item, original, self.threads, 1, 60.0, hooks=hooks, takes_fixtures=takes_fixtures
@@ -716,8 +728,8 @@ def _runs(decisions: list[int]) -> list[tuple[int, int]]:
 def replay_command(item: pytest.Item, seed: int, token: Token, mode: str = "chaos") -> str:
     """A complete command, run from the rootdir, that re-runs this test's failing round."""
     nodeid = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
-    exact = " --ftrace-mode exact" if mode == "exact" else ""
-    return f"pytest {nodeid} --ftrace{exact} --seed {seed} --ftrace-replay {token}"
+    named = f" --ftrace-mode {mode}" if mode != DEFAULT_MODE else ""
+    return f"pytest {nodeid} --ftrace{named} --seed {seed} --ftrace-replay {token}"
 
 
 def pytest_configure_node(node) -> None:
