@@ -7,21 +7,23 @@ the test seed, its thread index and the round (see `_native.derive_seed`), so a 
 run with many tests, or in an xdist worker (every worker uses the controller's session seed),
 replays in a run of that test alone.
 
-Modes. `--ftrace-mode exact` (the default) runs the threads one at a time and lets a scheduler
-choose who goes on at every hooked access (`--ftrace-scheduler`: mix, the default, draws
-aligned, uniform random or PCT per round; see `pytest_ftrace/exact.py` and `rust/sched/`).
-`--ftrace-mode chaos` lets them run free and injects seeded yields and delays: that is what
-finds races inside native code on free-threaded builds.
+Modes. `--ftrace-mode chaos` (the default) lets the threads run free and injects seeded yields
+and delays: that is what finds races inside native code on free-threaded builds.
+`--ftrace-mode exact` runs them one at a time and lets a scheduler choose who goes on at every
+hooked access (`--ftrace-scheduler`: mix, the default, draws aligned, uniform random or PCT per
+round; see `pytest_ftrace/exact.py` and `rust/sched/`). Exact mode meets the goals of issue 5 on
+benches/corpus (benches/bench_exact.py); making it the default is one line (DEFAULT_MODE), left
+for when the tests and docs that describe chaos output are updated with it.
 
 Replay. A failing test prints `replay: pytest '<nodeid>' --ftrace --seed N --ftrace-replay T`,
 where T = `t<threads>i<iteration>` names the thread count and the first failing round. Running it
 re-runs that round `--ftrace-replay-runs` times (default 10) and reports how often the failure
-came back. In exact mode T ends in `x<hash>`: the key under which the round's decision list
-(which thread took each step) is kept in the pytest cache; replaying follows that list, so the
-same interleaving comes back on every run (without the cache entry the round is re-scheduled
-from the seed). In chaos mode the line has `--ftrace-mode chaos` and the round re-runs with the
-same per-thread streams, which reproduces often but not always. `--ftrace-replay last` replays
-the last failure recorded in the cache.
+came back. The line names `--ftrace-mode` when it is not the default. In exact mode T ends in
+`x<hash>`: the key under which the round's decision list (which thread took each step) is kept
+in the pytest cache; replaying follows that list, so the same interleaving comes back on every
+run (without the cache entry the round is re-scheduled from the seed). In chaos mode the round
+re-runs with the same per-thread streams, which reproduces often but not always.
+`--ftrace-replay last` replays the last failure recorded in the cache.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -52,7 +54,7 @@ DEFAULT_ITERATIONS = 10
 DEFAULT_REPLAY_RUNS = 10
 DEFAULT_SHRINK_SECONDS = 1.0
 MODES = ("chaos", "exact")
-DEFAULT_MODE = "exact"
+DEFAULT_MODE = "chaos"
 MODE = DEFAULT_MODE  # kept for importers of the old constant
 _TOKEN = re.compile(r"^t(\d+)i(\d+)(?:x([0-9a-f]{6,40}))?$")
 _SCHEDULER = re.compile(r"^(random|mix|pct|aligned)(\d*)$")
