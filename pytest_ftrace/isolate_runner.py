@@ -582,9 +582,14 @@ def _crash_message(config, item, status: int, phase: str, faults: str, detail, p
         if token is None and progress is not None:
             token = f"t{progress[0]}i{progress[1]}"
         replay = f" --ftrace-replay {token}" if token is not None else ""
-        lines.append(f"ftrace: seed={session.seed}")
+        from pytest_ftrace import ftrace
+
+        mode = getattr(session, "mode", None)
+        named = f" --ftrace-mode {mode}" if mode and mode != ftrace.DEFAULT_MODE else ""
+        lines.append(f"ftrace: seed={session.seed}" + (f" mode={mode}" if mode else ""))
         lines.append(
-            f"replay: pytest {nodeid} --ftrace --seed {session.seed}{replay} --ftrace-isolate"
+            f"replay: pytest {nodeid} --ftrace{named} --seed {session.seed}{replay} "
+            "--ftrace-isolate"
         )
     faults = _trim_stacks(faults.strip())
     if faults:

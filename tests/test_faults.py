@@ -13,6 +13,8 @@ import pytest
 from conftest import only_free_threaded
 
 SEED = "4242"
+# The stress runner's own watchdog and reports: chaos mode (exact mode has its own scheduler).
+FTRACE = ("--ftrace", "--ftrace-mode", "chaos", "--seed", SEED)
 RUN = ("-p", "no:cacheprovider", "--junitxml=out.xml")
 
 
@@ -67,7 +69,7 @@ DEADLOCK = """
 
 def test_deadlock_between_two_locks(pytester):
     pytester.makepyfile(test_dl=DEADLOCK)
-    result = run(pytester, "--ftrace", "--seed", SEED, "--threads", "2", "--ftrace-timeout", "1")
+    result = run(pytester, *FTRACE, "--threads", "2", "--ftrace-timeout", "1")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -79,7 +81,7 @@ def test_deadlock_between_two_locks(pytester):
             "*with theirs:*",
             "leaked threads: ftrace-0, ftrace-1 *",
             f"ftrace: seed={SEED} test-seed=* mode=chaos; first failure in thread *, iteration 0",
-            f"replay: pytest 'test_dl.py::test_deadlock' --ftrace --seed {SEED} "
+            f"replay: pytest 'test_dl.py::test_deadlock' --ftrace* --seed {SEED} "
             "--ftrace-replay t2i0",
         ]
     )
@@ -107,7 +109,7 @@ HANG = """
 
 def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester):
     pytester.makepyfile(test_hang=HANG)
-    result = run(pytester, "--ftrace", "--seed", SEED, "--threads", "2", "--ftrace-timeout", "1")
+    result = run(pytester, *FTRACE, "--threads", "2", "--ftrace-timeout", "1")
     result.assert_outcomes(passed=2, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(
@@ -121,7 +123,7 @@ def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester):
             "exits with os._exit instead of waiting for them.",
             "iterations 1-9 did not run",
             f"ftrace: seed={SEED} *",
-            f"replay: pytest 'test_hang.py::test_hangs' --ftrace --seed {SEED} "
+            f"replay: pytest 'test_hang.py::test_hangs' --ftrace* --seed {SEED} "
             "--ftrace-replay t2i*",
         ]
     )
@@ -152,14 +154,14 @@ def test_hanging_test_on_one_thread_under_isolation(pytester):
     )
     # --ftrace-timeout from the ini, to show that it is honoured there too.
     pytester.makeini("[pytest]\nftrace_timeout = 0.5\n")
-    args = ("--ftrace", "--seed", SEED, "--threads", "1", "--iterations", "1")
+    args = (*FTRACE, "--threads", "1", "--iterations", "1")
     result = run(pytester, *args, "--ftrace-isolate")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
             "timed out: test_sleepy.py::test_sleeps did not finish within 1s *stopped during call",
             "test: test_sleepy.py::test_sleeps",
-            f"ftrace: seed={SEED}",
+            f"ftrace: seed={SEED} mode=chaos",
             "Timeout (0:00:01)!",
             '*File "*test_sleepy.py", line 6 in test_sleeps',
             "*Captured stdout call*",
@@ -187,7 +189,7 @@ SEGFAULT = """
 @pytest.mark.parametrize("mode", ["test", "module"])
 def test_segfault_under_isolation(pytester, mode):
     pytester.makepyfile(test_segv=SEGFAULT)
-    args = ("--ftrace", "--seed", SEED, "--threads", "2", f"--ftrace-isolate={mode}")
+    args = (*FTRACE, "--threads", "2", f"--ftrace-isolate={mode}")
     result = run(pytester, *args)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
@@ -196,8 +198,8 @@ def test_segfault_under_isolation(pytester, mode):
             "crashed: the test process was killed by SIGSEGV (Segmentation fault) during call",
             "test: test_segv.py::test_segfault",
             "in the threaded run (2 threads), round 0 had started",
-            f"ftrace: seed={SEED}",
-            f"replay: pytest 'test_segv.py::test_segfault' --ftrace --seed {SEED} "
+            f"ftrace: seed={SEED} mode=chaos",
+            f"replay: pytest 'test_segv.py::test_segfault' --ftrace* --seed {SEED} "
             "--ftrace-replay t2i0 --ftrace-isolate",
             "Fatal Python error: Segmentation fault",
             "Current thread * (most recent call first):",
@@ -230,13 +232,13 @@ def test_os_exit_under_isolation(pytester):
             pass
         """
     )
-    result = run(pytester, "--ftrace", "--seed", SEED, "--threads", "2", "--ftrace-isolate")
+    result = run(pytester, *FTRACE, "--threads", "2", "--ftrace-isolate")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
             "crashed: the test process exited with status 17 during call*",
             "test: test_exits.py::test_exits",
-            f"ftrace: seed={SEED}",
+            f"ftrace: seed={SEED} mode=chaos",
         ]
     )
     fault = assert_only_fault_failed(pytester, "test_exits")
@@ -260,7 +262,7 @@ def test_system_exit_in_a_worker_thread(pytester, isolate):
             pass
         """
     )
-    result = run(pytester, "--ftrace", "--seed", SEED, "--threads", "2", *isolate)
+    result = run(pytester, *FTRACE, "--threads", "2", *isolate)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -268,7 +270,8 @@ def test_system_exit_in_a_worker_thread(pytester, isolate):
             "ConcurrencyError: *executions failed (2 threads x 10 iterations)*",
             "[[]1[]] SystemExit at test_sysexit.py:8 *",
             f"ftrace: seed={SEED} *",
-            f"replay: pytest 'test_sysexit.py::test_exits' --ftrace --seed {SEED} --ftrace-replay*",
+            f"replay: pytest 'test_sysexit.py::test_exits' --ftrace* --seed {SEED} "
+            "--ftrace-replay*",
         ]
     )
     assert_only_fault_failed(pytester, "test_exits")
@@ -291,7 +294,7 @@ def test_keyboard_interrupt_in_a_worker_thread(pytester, isolate):
             pass
         """
     )
-    result = run(pytester, "--ftrace", "--seed", SEED, "--threads", "2", "-v", *isolate)
+    result = run(pytester, *FTRACE, "--threads", "2", "-v", *isolate)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(
         [
@@ -328,7 +331,7 @@ def test_import_that_reenables_the_gil(pytester, isolate):
             pass
         """
     )
-    args = ("--ftrace", "--seed", SEED, "--threads", "2", "--require-gil-disabled", "-W", "ignore")
+    args = (*FTRACE, "--threads", "2", "--require-gil-disabled", "-W", "ignore")
     result = run(pytester, *args, *isolate)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
@@ -393,7 +396,7 @@ def test_generator_next_from_threads_crash_fails_only_that_test(pytester):
             pass
         """
     )
-    args = ("--ftrace-isolate", "--ftrace", "--seed", SEED, "--threads", "8", "--iterations", "3")
+    args = ("--ftrace-isolate", *FTRACE, "--threads", "8", "--iterations", "3")
     result = run(pytester, *args)
     found = cases(pytester)
     assert sorted(found) == ["test_after", "test_before", "test_next_from_threads"]
@@ -454,7 +457,7 @@ def test_junitxml_is_complete_when_several_tests_crash(pytester):
             pass
         """
     )
-    result = run(pytester, "--ftrace", "--seed", SEED, "--ftrace-isolate=module")
+    result = run(pytester, *FTRACE, "--ftrace-isolate=module")
     result.assert_outcomes(passed=2, failed=4, skipped=1)
     found = cases(pytester)
     assert sorted(found) == sorted(

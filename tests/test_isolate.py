@@ -255,15 +255,16 @@ def test_seed_and_replay_line_with_ftrace(pytester):
             pass
         """
     )
-    result = run(pytester, "--ftrace-isolate", "--ftrace", "--seed", "1234", "--threads", "2")
+    args = ("--ftrace", "--ftrace-mode", "chaos", "--seed", "1234", "--threads", "2")
+    result = run(pytester, "--ftrace-isolate", *args)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
             "crashed: the test process was killed by SIGSEGV*during call",
             "test: test_seed_and_replay_line_with_ftrace.py::test_crashes",
-            "ftrace: seed=1234",
+            "ftrace: seed=1234 mode=chaos",
             "replay: pytest 'test_seed_and_replay_line_with_ftrace.py::test_crashes' "
-            "--ftrace --seed 1234 --ftrace-replay t2i0 --ftrace-isolate",
+            "--ftrace* --seed 1234 --ftrace-replay t2i0 --ftrace-isolate",
             "Current thread * (most recent call first):",
             '*File "*test_seed_and_replay_line_with_ftrace.py", line 4 in test_crashes',
         ]
@@ -367,7 +368,10 @@ def test_collect_only_forks_nothing(pytester):
     assert "isolate=" not in result.stdout.str()
 
 
-def test_crash_in_a_later_round_names_it_and_the_replay_reproduces(pytester):
+@pytest.mark.parametrize("mode", ["chaos", "exact"])
+def test_crash_in_a_later_round_names_it_and_the_replay_reproduces(pytester, mode):
+    from pytest_ftrace import ftrace
+
     pytester.makepyfile(
         test_rounds="""
         import ctypes
@@ -376,10 +380,24 @@ def test_crash_in_a_later_round_names_it_and_the_replay_reproduces(pytester):
                 ctypes.string_at(0)
         """
     )
-    args = ("--ftrace", "--seed", "99", "--threads", "4", "--iterations", "6")
+    args = (
+        "--ftrace",
+        "--ftrace-mode",
+        mode,
+        "--seed",
+        "99",
+        "--threads",
+        "4",
+        "--iterations",
+        "6",
+    )
     result = run(pytester, *args, "--ftrace-isolate")
     result.assert_outcomes(failed=1)
-    replay = "replay: pytest 'test_rounds.py::test_crashes' --ftrace --seed 99 --ftrace-replay t4i3"
+    named = "" if mode == ftrace.DEFAULT_MODE else f" --ftrace-mode {mode}"
+    replay = (
+        f"replay: pytest 'test_rounds.py::test_crashes' --ftrace{named} --seed 99 "
+        "--ftrace-replay t4i3"
+    )
     result.stdout.fnmatch_lines(
         ["in the threaded run (4 threads), round 3 had started", replay + " --ftrace-isolate"]
     )
