@@ -51,6 +51,8 @@ GOAL = 0.95
 
 RUN_PARALLEL = ("pytest-run-parallel", "0.10.0")
 FREETHREADED = ("pytest-freethreaded", "0.1.0")
+MODE = re.compile(r"^ftrace: seed=\S+ mode=(\w+)", re.M)
+MODES_SEEN: dict[str, set] = {}  # tool label -> modes its --ftrace headers named
 OUTCOME = re.compile(
     r"^(?P<node>\S+::\S+)\s+(?:PARALLEL\s+)?(?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
 )
@@ -207,6 +209,7 @@ def run_group(tool: Tool, nodes: list[str], seed: int) -> dict[str, str]:
             out = exc.stdout or b""
             stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
             died, kind = True, "hung"
+        MODES_SEEN.setdefault(tool.name, set()).update(MODE.findall(stdout))
         seen = {}
         for line in stdout.splitlines():
             m = OUTCOME.match(line)
@@ -407,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report(results, nodes))
     print()
+    for name, modes in MODES_SEEN.items():
+        if modes:
+            print(f"  {name}: --ftrace mode(s) in the headers: {', '.join(sorted(modes))}")
     for key, values in results.seconds.items():
         print(f"  {key}: {sum(values) / len(values):.1f}s per run (all groups)")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
