@@ -91,6 +91,15 @@ def configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Isolator(config, mode), "ftrace-isolate")
 
 
+def _runner_if_loaded():
+    """The stress runner's module if a threaded test has loaded it (else no thread leaked).
+
+    Looked up on the package too: pytester's in-process runs take loaded modules out of
+    sys.modules afterwards, while the package keeps the one its code goes on using."""
+    package = sys.modules.get("pytest_ftrace")
+    return getattr(package, "runner", None) or sys.modules.get("pytest_ftrace.runner")
+
+
 class SessionGuard:
     """Reports leaked threads at the end of the session, and does not wait for them."""
 
@@ -102,7 +111,7 @@ class SessionGuard:
         self.session = session
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        runner = sys.modules.get("pytest_ftrace.runner")  # not loaded: no threaded test ran
+        runner = _runner_if_loaded()
         alive = runner.leaked_alive() if runner is not None else []
         if not alive:
             return
@@ -117,7 +126,7 @@ class SessionGuard:
     @pytest.hookimpl(trylast=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         _ACTIVE_CONFIGS[0] -= 1
-        runner = sys.modules.get("pytest_ftrace.runner")
+        runner = _runner_if_loaded()
         if runner is None or not runner.leaked_alive() or _ACTIVE_CONFIGS[0] > 0:
             return
         # A leaked thread may never finish: interpreter shutdown would wait for it (not daemon)
