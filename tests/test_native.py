@@ -247,3 +247,65 @@ def test_native_injection_keeps_gil_disabled():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def _exact_round(run, threads: int, points: int, iteration: int = 0) -> list[tuple[int, int]]:
+    """Managed threads taking `points` explicit scheduling points each; the order they ran."""
+    log: list[tuple[int, int]] = []
+
+    def worker(tid):
+        run.thread_enter(tid)
+        assert run.sched_enter(tid, iteration, threads) == "turn"
+        assert run.sched_me() == tid
+        for i in range(points):
+            log.append((tid, i))  # only the thread whose turn it is runs here
+            run.sched_point()
+        run.sched_exit()
+        assert run.sched_me() is None
+        run.thread_exit()
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert not any(w.is_alive() for w in workers)
+    return log
+
+
+def test_exact_run_serialises_and_replays_its_schedule():
+    first = _native.Run(21, mode="exact", scheduler="random")
+    log = _exact_round(first, 3, 20)
+    record = first.sched_round(0)
+    assert record["exact"] and not record["deadlock"]
+    assert record["preemptions"] > 0
+    assert len(first.sched_steps(0)) == len(record["decisions"])
+    assert _exact_round(_native.Run(21, mode="exact", scheduler="random"), 3, 20) == log
+    replay = _native.Run(999, mode="exact", replay=record["decisions"])
+    assert _exact_round(replay, 3, 20) == log
+    assert replay.sched_round(0)["divergences"] == 0
+
+
+def test_exact_block_and_wake_hand_the_turn_over():
+    run = _native.Run(3, mode="exact", replay=[0, 0, 1])
+    order = []
+
+    def waiter():
+        run.sched_enter(0, 0, 2)
+        order.append("0 blocks")
+        assert run.sched_block(77, False) == "woken"
+        order.append("0 woken")
+        run.sched_exit()
+
+    def waker():
+        run.sched_enter(1, 0, 2)
+        order.append("1 wakes")
+        assert run.sched_wake(77) == 1
+        run.sched_exit()
+
+    threads = [threading.Thread(target=waiter), threading.Thread(target=waker)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert order == ["0 blocks", "1 wakes", "0 woken"]
