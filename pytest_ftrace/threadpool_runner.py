@@ -31,8 +31,8 @@ from pytest_ftrace.threadpool_state import (
 )
 
 POLL_SECONDS = 0.25
-AHEAD_PER_WAKEUP = 4  # tests whose location the main thread works out per wake-up
-AHEAD_SECONDS = 0.002  # how often it wakes up for that while it has no report to make
+AHEAD_PER_WAKEUP = 8  # tests whose location the main thread works out per wake-up
+AHEAD_SECONDS = 0.004  # how often it wakes up for that while it has no report to make
 
 
 class Leak(NamedTuple):
