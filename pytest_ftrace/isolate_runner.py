@@ -136,6 +136,7 @@ class Isolator:
         self.forks = 0
         self.crashes = 0
         self.between: list[tuple[str, str]] = []  # (next test, how) for children lost idle
+        self.leaked: list[tuple[str, str, bool]] = []  # (test, thread, daemon) left in children
         # With gdb on PATH a child that gets a fatal signal is held (see _hold) until its native
         # stacks are taken. FTRACE_NATIVE_STACKS=0 turns that off.
         self.gdb = None
@@ -214,6 +215,7 @@ class Isolator:
                     )
                 elif kind == "done":
                     _merge_extras(self.config, message[1])
+                    self.leaked.extend(message[1].get("leaked", ()))
                     if position == len(group) - 1:  # the child exits by itself: reap it later
                         self._retire(child)
                     break
@@ -489,6 +491,17 @@ class Isolator:
                 f"ftrace: the test process of a module ended ({how}) between tests, before "
                 f"{nodeid}: something an earlier test left running? A new one took over."
             )
+        if self.leaked:
+            terminalreporter.section("ftrace: leaked threads", sep="-", yellow=True)
+            for nodeid, name, daemon in self.leaked:
+                kind = "daemon" if daemon else "not daemon"
+                terminalreporter.line(
+                    f"{nodeid}: thread {name} ({kind}) was still running when the test was done"
+                )
+            terminalreporter.line(
+                "their test process exited without waiting for them (os._exit), once its "
+                f"{self.mode} was done"
+            )
         if self.crashes:
             terminalreporter.section("ftrace: isolated crashes", sep="-", red=True)
             terminalreporter.line(
@@ -650,28 +663,39 @@ def _captured_now(config, phase: str) -> list[tuple[str, str]]:
 
 
 def _extras_mark(config) -> tuple:
+    from pytest_ftrace import runner
     from pytest_ftrace.plugin import STATE_KEY
 
     state = config.stash.get(STATE_KEY, None)
     if state is None:
-        return (0, 0, 0, 0)
+        return (0, 0, 0, 0, len(runner.LEAKED))
     ft = state.ftrace
     return (
         len(state.single),
         len(state.gil.events),
         len(ft.stats) if ft is not None else 0,
         len(ft.replays) if ft is not None else 0,
+        len(runner.LEAKED),
     )
 
 
 def _extras_since(config, mark: tuple) -> dict:
+    from pytest_ftrace import runner
     from pytest_ftrace.plugin import STATE_KEY
 
+    # Threads the watchdog gave up on in this test that are still running: the child's exit
+    # ends them, and the main process names them in its summary.
+    leaked = [
+        (nodeid, thread.name, thread.daemon)
+        for nodeid, thread in runner.LEAKED[mark[4] :]
+        if thread.is_alive()
+    ]
     state = config.stash.get(STATE_KEY, None)
     if state is None:
-        return {}
+        return {"leaked": leaked}
     ft = state.ftrace
     return {
+        "leaked": leaked,
         "single": state.single[mark[0] :],
         "gil": state.gil.events[mark[1] :],
         "stats": ft.stats[mark[2] :] if ft is not None else [],

@@ -107,9 +107,13 @@ HANG = """
 """
 
 
-def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester):
+@pytest.mark.parametrize(
+    "isolate", ["", "test", "module"], ids=["inline", "per-test", "per-module"]
+)
+def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester, isolate):
     pytester.makepyfile(test_hang=HANG)
-    result = run(pytester, *FTRACE, "--threads", "2", "--ftrace-timeout", "1")
+    args = (*FTRACE, "--threads", "2", "--ftrace-timeout", "1")
+    result = run(pytester, *args, *([f"--ftrace-isolate={isolate}"] if isolate else []))
     result.assert_outcomes(passed=2, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(
@@ -127,14 +131,22 @@ def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester):
             "--ftrace-replay t2i*",
         ]
     )
-    result.stdout.fnmatch_lines(
-        [
+    if isolate:  # the child left them running: the main process names them all the same
+        summary = [
+            "*ftrace: leaked threads*",
+            "test_hang.py::test_hangs: thread ftrace-1 (daemon) was still running when the test "
+            "was done",
+            "test_hang.py::test_hangs: thread helper (not daemon) was still running when*",
+            f"their test process exited without waiting for them (os._exit), once its {isolate} "
+            "was done",
+        ]
+    else:
+        summary = [
             "*ftrace: leaked threads*",
             "test_hang.py::test_hangs: thread helper (not daemon) is still running",
             "the process exits without waiting for them*",
-            "*1 failed, 2 passed*",
         ]
-    )
+    result.stdout.fnmatch_lines([*summary, "*1 failed, 2 passed*"])
     assert_only_fault_failed(pytester, "test_hangs")
 
 
@@ -162,6 +174,8 @@ def test_hanging_test_on_one_thread_under_isolation(pytester):
             "timed out: test_sleepy.py::test_sleeps did not finish within 1s *stopped during call",
             "test: test_sleepy.py::test_sleeps",
             f"ftrace: seed={SEED} mode=chaos",
+            f"replay: pytest 'test_sleepy.py::test_sleeps' --ftrace* --seed {SEED} "
+            "--ftrace-isolate",
             "Timeout (0:00:01)!",
             '*File "*test_sleepy.py", line 6 in test_sleeps',
             "*Captured stdout call*",
