@@ -107,7 +107,11 @@ class ThreadedRun:
             ]
             stuck = [workers.index(w) for w in alive]
             first = min(stuck, key=lambda k: (self._rounds[k] is None, self._rounds[k] or 0, k))
-            hang = self._hang_error(workers, alive, started)
+            # Threads running since before the test (a fixture's, an earlier test's): one of
+            # them may hold what the stuck ones wait for. The waiting thread is left out.
+            me = threading.current_thread()
+            earlier = [t for t in before if t is not me and t.is_alive()]
+            hang = self._hang_error(workers, alive, started, earlier)
             if self._rounds[first] is None:  # stuck before its first round (fixture set-up)
                 outcome.failures.append(Failure(None, None, hang, "call"))
             else:  # blamed on the earliest stuck round, so --ftrace prints its replay line
@@ -218,6 +222,7 @@ class ThreadedRun:
         workers: list[threading.Thread],
         alive: list[threading.Thread],
         started: list[threading.Thread],
+        earlier: list[threading.Thread],
     ) -> Hang:
         import traceback
 
@@ -226,14 +231,19 @@ class ThreadedRun:
             f"the test's threads did not finish within {self.timeout:g}s "
             f"(--ftrace-timeout); {len(alive)} of {self.threads} still running"
         ]
-        for thread in alive + started:
+        for thread in [*alive, *started, *earlier]:
             frame = frames.get(thread.ident)
+            daemon = "daemon" if thread.daemon else "not daemon"
             if thread in alive:
                 parts.append(f"\nThread {thread.name} (most recent call last):")
-            else:
-                daemon = "daemon" if thread.daemon else "not daemon"
+            elif thread in started:
                 parts.append(
                     f"\nThread {thread.name}, started by the test, {daemon} "
+                    "(most recent call last):"
+                )
+            else:
+                parts.append(
+                    f"\nThread {thread.name}, running since before the test, {daemon} "
                     "(most recent call last):"
                 )
             if frame is not None:

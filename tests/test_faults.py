@@ -150,6 +150,58 @@ def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester, 
     assert_only_fault_failed(pytester, "test_hangs")
 
 
+HELD_BY_A_FIXTURE = """
+    import threading
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def busy():
+        lock, ready = threading.Lock(), threading.Event()
+
+        def keep_it():
+            with lock:
+                ready.set()
+                threading.Event().wait()
+
+        threading.Thread(target=keep_it, name="keeper", daemon=True).start()
+        ready.wait()
+        return lock
+
+    def test_before():
+        pass
+
+    def test_waits(busy):
+        with busy:
+            pass
+
+    def test_after():
+        pass
+"""
+
+
+def test_hang_shows_the_thread_that_was_running_before_the_test(pytester):
+    # The stuck threads wait for a lock that a module fixture's thread holds: that thread's
+    # stack is what says why, so the report has it too (every thread, as faulthandler would).
+    pytester.makepyfile(test_keeper=HELD_BY_A_FIXTURE)
+    result = run(pytester, *FTRACE, "--threads", "2", "--ftrace-timeout", "1")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*did not finish within 1s (--ftrace-timeout); 2 of 2 still running*",
+            "Thread ftrace-0 (most recent call last):",
+            "*with busy:*",
+            "Thread ftrace-1 (most recent call last):",
+            "*with busy:*",
+            "Thread keeper, running since before the test, daemon (most recent call last):",
+            "*in keep_it",
+            "*threading.Event().wait()*",
+            f"replay: pytest 'test_keeper.py::test_waits' --ftrace* --seed {SEED} *",
+        ]
+    )
+    assert "Thread MainThread" not in result.stdout.str()  # the one waiting for the others
+    assert_only_fault_failed(pytester, "test_waits")
+
+
 def test_hanging_test_on_one_thread_under_isolation(pytester):
     # Without threads there is no stress-runner watchdog: the isolated child's own bound ends it.
     pytester.makepyfile(
