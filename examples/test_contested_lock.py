@@ -1,8 +1,9 @@
 """Code that must give up when someone else holds the lock, tested with the lock really held.
 
 `run_thread(lock)` makes another thread take `lock` and keep it for the whole `with` block;
-`run_process(...)` does the same from another process. Every test makes its own lock, so the
-tests also pass when pytest-ftrace runs them in several threads at once.
+`run_process(...)` does the same from another process. The `with` tests make their own lock, so
+they also pass when pytest-ftrace runs them in several threads at once; the decorated test
+shares one account between its threads, whose helpers then take turns holding it.
 """
 
 import os
@@ -11,7 +12,8 @@ import threading
 
 import pytest
 
-from pytest_ftrace.helpers import process_context, run_process, run_thread
+from pytest_ftrace import ThreadConfig, run_process, run_thread
+from pytest_ftrace.helpers import process_context
 
 try:
     import fcntl
@@ -56,6 +58,31 @@ def test_deposit_is_refused_while_the_account_is_busy():
         assert account.balance == 0
     assert account.try_deposit(10) is True
     assert account.balance == 10
+
+
+class HalfwayTransfer(ThreadConfig):
+    """Another thread in the middle of a transfer out of `account`: it holds the lock and has
+    taken the money out, but has not yet finished."""
+
+    def __init__(self, account, amount):
+        self.account = account
+        self.amount = amount
+
+    def set_up_thread(self):
+        self.account.lock.acquire()
+        self.account.balance -= self.amount
+
+    def tear_down_thread(self):
+        self.account.balance += self.amount
+        self.account.lock.release()
+
+
+SHARED = Account()
+
+
+@run_thread(HalfwayTransfer(SHARED, 50))
+def test_deposit_is_refused_during_a_transfer():
+    assert SHARED.try_deposit(10) is False
 
 
 def test_try_acquire_gives_up_while_another_process_holds_the_lock():

@@ -30,7 +30,8 @@ def parse_mode(value: str) -> str:
     import argparse
 
     hint = ""
-    if "/" in mode or mode.endswith(".py") or "::" in mode:
+    text = str(value).strip()
+    if "/" in mode or mode.endswith(".py") or "::" in mode or os.path.exists(text):
         hint = " (to run a path, write --ftrace-isolate=test before it)"
     raise argparse.ArgumentTypeError(
         f"--ftrace-isolate takes test, module or off, not {value!r}{hint}"

@@ -598,9 +598,23 @@ def test_contested_lock_example_passes(pytester, args):
     # fails it, as does a decorated or threaded run that shared one helper between threads.
     pytester.makepyfile(test_contested_lock=EXAMPLE.read_text())
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", *args, timeout=120)
-    expected = 4 if fcntl is not None else 3
-    result.assert_outcomes(passed=expected, skipped=4 - expected)
-    result.stdout.fnmatch_lines(["*test_try_acquire_gives_up_while_another_process_holds*PASSED*"])
+    expected = 5 if fcntl is not None else 4
+    result.assert_outcomes(passed=expected, skipped=5 - expected)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_deposit_is_refused_during_a_transfer PASSED*",
+            "*test_try_acquire_gives_up_while_another_process_holds_the_lock PASSED*",
+        ]
+    )
+
+
+def test_the_package_exports_the_helpers():
+    import pytest_ftrace
+    from pytest_ftrace import helpers
+
+    for name in ("run_thread", "run_process", "run_task", "ThreadConfig", "ProcessConfig"):
+        assert getattr(pytest_ftrace, name) is getattr(helpers, name)
+    assert pytest_ftrace.TaskConfig is helpers.TaskConfig
 
 
 def test_a_set_up_that_never_returns_fails_only_its_test_in_a_threaded_session(pytester):

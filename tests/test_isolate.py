@@ -348,6 +348,7 @@ def test_ini_key_and_off(pytester):
             "",
             "*write --ftrace-isolate=test before it*",
         ),
+        (("--ftrace-isolate", "tests"), "", "*not 'tests' (to run a path, write*"),
         ((), "ftrace_isolate = sometimes", "*ini key ftrace_isolate*sometimes*"),
         (("--ftrace-isolate", "--threadpool", "2"), "", "*cannot be combined*"),
     ],
@@ -356,6 +357,7 @@ def test_bad_values_are_usage_errors(pytester, args, ini, message):
     if ini:
         pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.makepyfile("def test_ok(): pass")
+    pytester.mkdir("tests")  # a folder named like a word: the value names a path all the same
     result = run(pytester, *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
