@@ -195,7 +195,8 @@ def configure(config: pytest.Config) -> None:
         options.positive_float("ftrace_timeout"),
         options.DEFAULT_TIMEOUT,
     )
-    from pytest_ftrace import threadpool_fixtures
+    # Imported here, with the plugins, rather than when the test loop starts.
+    from pytest_ftrace import threadpool_fixtures, threadpool_runner  # noqa: F401
 
     config.pluginmanager.register(ThreadpoolPlugin(workers, timeout, default), "ftrace-threadpool")
     config.pluginmanager.register(threadpool_fixtures, "ftrace-threadpool-fixtures")

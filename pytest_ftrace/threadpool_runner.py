@@ -16,7 +16,9 @@ import warnings
 from typing import NamedTuple
 
 import pytest
+from _pytest._code import getfslineno
 from _pytest.outcomes import TEST_OUTCOME, Exit, Skipped
+from _pytest.pathlib import absolutepath
 from _pytest.scope import Scope
 
 from pytest_ftrace import threadpool_capture as capture
@@ -31,8 +33,6 @@ from pytest_ftrace.threadpool_state import (
 )
 
 POLL_SECONDS = 0.25
-AHEAD_PER_WAKEUP = 8  # tests whose location the main thread works out per wake-up
-AHEAD_SECONDS = 0.004  # how often it wakes up for that while it has no report to make
 
 
 class Leak(NamedTuple):
@@ -58,16 +58,10 @@ class _Wave:
         self.lock = threading.Lock()
         self.pending = collections.deque(items)
         self.inflight: dict[pytest.Item, ItemContext] = {}
-        self.retired: set[threading.Thread] = set()
         self.done: queue.SimpleQueue[ItemContext] = queue.SimpleQueue()
-        # Tests the main thread prepares for while it waits (see Runner._prepare_ahead).
-        self.ahead = collections.deque(items)
-        self.prepared: dict[pytest.Item, ItemContext] = {}
-        # The first workers wait for `go` until all of them exist: each then starts its first
-        # test as soon as it gets the GIL, instead of after the threads before it set theirs up.
-        self.go = threading.Event()
         self.stop = False
         self.remaining = len(items)
+        self.first_due = float("inf")  # no timeout before then (set when the wave starts)
 
 
 class Runner:
@@ -93,9 +87,18 @@ class Runner:
             self.reraise += (KeyboardInterrupt,)
         self.proxy: SetupStateProxy | None = None
         self._thread_ids = 0
+        # The worker threads, started once per session and given one wave after the other
+        # (see _start_pool). `members` counts the threads that take part in the next wave.
+        self.pool = threading.Condition()
+        self.pool_wave: _Wave | None = None
+        self.pool_serial = 0
+        self.pool_closed = False
+        self.members = 0
+        self.retired: set[threading.Thread] = set()  # timed out: leave the pool
         self.setuponly = bool(self.config.getoption("setuponly", False))
         self.shared_lock = threading.Lock()
         self.extra_warnings: dict[pytest.Item, list] = {}
+        self._log_handlers = threading.local()
 
     # The loop ----------------------------------------------------------------------------------
 
@@ -113,6 +116,14 @@ class Runner:
             return self._sequential(session.items)
         position = {item: i for i, item in enumerate(session.items)}
         self.position = position
+        self._start_pool(min(self.workers, max(len(s.wave.items) for s in steps if s.wave)))
+        try:
+            return self._steps(steps, position)
+        finally:
+            self._close_pool()
+
+    def _steps(self, steps: list, position: dict) -> bool:
+        session = self.session
         self._install()
         for index, step in enumerate(steps):
             following = steps[index + 1] if index + 1 < len(steps) else None
@@ -292,13 +303,14 @@ class Runner:
 
     def _drive(self, wave: _Wave) -> ItemContext | None:
         """Run the wave; report each test as it ends; return the last one, not yet reported."""
-        starting = min(self.workers, len(wave.pending))
-        # The first tests are prepared before the workers start: the first location also reads
-        # the test module's source, which would hold the GIL while the workers start.
-        self._prepare_ahead(wave, starting)
-        for _ in range(starting):
-            self._start_worker(wave)
-        wave.go.set()
+        items = list(wave.pending)
+        starting = min(self.workers, len(items))
+        # Each report needs its test's location; working it out in a worker (a stat and a
+        # source lookup) would keep the GIL from the other workers, so it is done here: for
+        # the first tests before the wave starts, for the others while those first tests run.
+        _fill_locations(items[:starting])
+        self._publish(wave, starting)
+        _fill_locations(items[starting:])
         try:
             return self._collect(wave)
         except BaseException:  # Ctrl-C on the main thread: start no further test
@@ -311,21 +323,19 @@ class Runner:
         session = self.session
         fatal: BaseException | None = None
         while True:
-            with wave.lock:
-                if (session.shouldfail or session.shouldstop or fatal) and not wave.stop:
+            # One lock per report: `stop` and `remaining` are read without it (a stale value
+            # only makes this loop wait for the next report or poll once more).
+            if (session.shouldfail or session.shouldstop or fatal) and not wave.stop:
+                with wave.lock:
                     wave.stop = True
                     skipped = len(wave.pending)
                     wave.pending.clear()
                     wave.remaining -= skipped
                     self.outcome.not_run += skipped
-                remaining = wave.remaining
-            if remaining == 0:
+            if wave.remaining == 0:
                 break
-            wait = self._wait_seconds(wave)
-            if wave.done.empty() and self._prepare_ahead(wave):
-                wait = min(wait, AHEAD_SECONDS)
             try:
-                context = wave.done.get(timeout=wait)
+                context = wave.done.get(timeout=self._wait_seconds(wave))
             except queue.Empty:
                 self._check_timeouts(wave)
                 continue
@@ -344,35 +354,14 @@ class Runner:
             raise fatal
         return None
 
-    def _prepare_ahead(self, wave: _Wave, count: int = 0) -> bool:
-        """Prepare a few tests not started yet; True while some are left.
-
-        A worker's turn between two tests (teardown, reports, setup) holds the GIL, and other
-        workers that wake up meanwhile wait for it; so what can be done before a test starts is
-        done here, by the main thread, which is idle otherwise: the test's context (capture
-        buffers, log handlers, which take logging's module lock) and `item.location` (a stat
-        and a source lookup, needed for each report). It takes a few tests per wake-up only:
-        a thread that keeps the GIL busy makes the others wait for the switch interval (5 ms).
-        """
-        ahead, prepared = wave.ahead, wave.prepared
-        for _ in range(count or AHEAD_PER_WAKEUP):
-            if not ahead:
-                return False
-            item = ahead.popleft()
-            try:
-                item.location  # noqa: B018 - a cached_property, filled in here
-            except Exception:
-                pass  # the worker's own report runs into it again, and reports it
-            prepared[item] = self._new_context(item)
-        return bool(ahead)
-
-    def _new_context(self, item: pytest.Item) -> ItemContext:
+    def _new_context(self, item: pytest.Item, log_handlers) -> ItemContext:
         context = ItemContext(item, self.capturing, worker=True)
-        if self.logging_plugin is not None:
-            context.phase_log_handlers = new_log_handlers(self.logging_plugin)
+        context.phase_log_handlers = log_handlers
         return context
 
     def _wait_seconds(self, wave: _Wave) -> float:
+        if time.monotonic() + POLL_SECONDS < wave.first_due:
+            return POLL_SECONDS
         with wave.lock:
             starts = [c.started for c in wave.inflight.values()]
         if not starts:
@@ -382,31 +371,96 @@ class Runner:
 
     def _check_timeouts(self, wave: _Wave) -> None:
         now = time.monotonic()
+        if now < wave.first_due:
+            return  # no test of the wave can have run for that long yet
         expired = []
         with wave.lock:
             for item, context in list(wave.inflight.items()):
                 if now - context.started > self.timeout:
                     del wave.inflight[item]
-                    wave.retired.add(context.thread)
                     wave.remaining -= 1
                     expired.append(context)
             replace = min(len(expired), len(wave.pending))
         for context in expired:
+            with self.pool:
+                self.retired.add(context.thread)
+                self.members -= 1
             self._report_timeout(context)
-        for _ in range(replace):
-            self._start_worker(wave)
+        # Replacements join this wave at once (and the pool for the waves after it).
+        if replace:
+            with self.pool:
+                size = self.members + replace
+            self._ensure_members(size)
 
     # Workers ------------------------------------------------------------------------------------
 
-    def _start_worker(self, wave: _Wave) -> None:
+    def _start_pool(self, size: int) -> None:
+        """Start `size` worker threads, from a starter thread.
+
+        Thread.start() waits until the new thread runs; under load that takes milliseconds per
+        thread. The starter waits instead of the main thread, which meanwhile sets up the first
+        wave; a worker that starts late joins the wave that is running by then.
+        """
+        with self.pool:
+            self.members += size
+        starter = threading.Thread(
+            target=self._start_threads, args=(size,), name="ftrace-pool-starter", daemon=True
+        )
+        starter.start()
+
+    def _start_threads(self, count: int) -> None:
+        for _ in range(count):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
         self._thread_ids += 1
         thread = threading.Thread(
-            target=self._work,
-            args=(wave,),
-            name=f"ftrace-threadpool-{self._thread_ids}",
-            daemon=True,
+            target=self._pool_member, name=f"ftrace-threadpool-{self._thread_ids}", daemon=True
         )
         thread.start()
+
+    def _ensure_members(self, size: int) -> None:
+        """Start threads until the pool has `size` members (after timeouts, or a bigger wave)."""
+        with self.pool:
+            missing = max(0, size - self.members)
+            self.members += missing
+        for _ in range(missing):
+            self._start_thread()
+
+    def _publish(self, wave: _Wave, size: int) -> None:
+        self._ensure_members(size)
+        wave.first_due = time.monotonic() + self.timeout
+        with self.pool:
+            self.pool_wave = wave
+            self.pool_serial += 1
+            self.pool.notify_all()
+
+    def _close_pool(self) -> None:
+        with self.pool:
+            self.pool_closed = True
+            self.pool_wave = None
+            self.pool.notify_all()
+
+    def _pool_member(self) -> None:
+        """A worker thread: runs tests of each wave the main thread publishes, until closed."""
+        me = threading.current_thread()
+        seen = 0
+        log_handlers = None
+        while True:
+            with self.pool:
+                while self.pool_serial == seen and not self.pool_closed:
+                    self.pool.wait()
+                if self.pool_closed:
+                    return
+                seen, wave = self.pool_serial, self.pool_wave
+            if log_handlers is None and self.logging_plugin is not None:
+                # Made once per thread and reset for each test and phase: making a handler
+                # takes logging's module lock, and freeing one takes it again.
+                log_handlers = new_log_handlers(self.logging_plugin)
+            self._log_handlers.value = log_handlers
+            self._work(wave)
+            if me in self.retired:
+                return
 
     def _work(self, wave: _Wave) -> None:
         try:
@@ -429,22 +483,28 @@ class Runner:
 
     def _work_loop(self, wave: _Wave) -> None:
         me = threading.current_thread()
-        wave.go.wait()
+        log_handlers = getattr(self._log_handlers, "value", None)
+        finished = None
         while True:
+            # One lock per test: the end of the one before and the start of the next.
             with wave.lock:
-                if wave.stop or not wave.pending or me in wave.retired:
-                    return
-                item = wave.pending.popleft()
-                context = wave.prepared.pop(item, None) or self._new_context(item)
-                context.thread = me
-                context.started = time.monotonic()
-                wave.inflight[item] = context
+                if finished is not None and wave.inflight.pop(finished.item, None) is None:
+                    return  # timed out: reported already, and this thread was replaced
+                if wave.stop or not wave.pending or me in self.retired:
+                    item = None
+                else:
+                    item = wave.pending.popleft()
+                    context = self._new_context(item, log_handlers)
+                    context.thread = me
+                    context.started = time.monotonic()
+                    wave.inflight[item] = context
+            if finished is not None:
+                wave.done.put(finished)
+            if item is None:
+                return
             context.ihook = item.ihook
             self._run_item(context)
-            with wave.lock:
-                if wave.inflight.pop(item, None) is None:
-                    return  # timed out: reported already, and this thread was replaced
-            wave.done.put(context)
+            finished = context
 
     def _run_item(self, context: ItemContext) -> None:
         item = context.item
@@ -547,6 +607,47 @@ class Runner:
         name = thread.name if thread is not None else "?"
         self.outcome.leaked.append(Leak(item.nodeid, name, phase))
         self._report(context)
+
+
+_ITEM_LOCATION = pytest.Item.__dict__.get("location")
+_FUNCTION_REPORTINFO = getattr(pytest.Function, "reportinfo", None)
+
+
+def _fill_locations(items: list[pytest.Item]) -> None:
+    """Work out `item.location` of each test, once per test function for its variants.
+
+    pytest's `Item.location` looks up the function's file and line (`getfslineno`: a stat and
+    a source lookup) for every parametrized variant again. For plain test functions the file
+    and line come from a cache here, and the rest of the tuple is made the way pytest makes
+    it; other items (own `reportinfo` or `location`) use their own.
+    """
+    found: dict[int, tuple] = {}
+    for item in items:
+        if "location" in item.__dict__:
+            continue
+        kind = type(item)
+        try:
+            if (
+                _ITEM_LOCATION is None
+                or getattr(kind, "location", None) is not _ITEM_LOCATION
+                or getattr(kind, "reportinfo", None) is not _FUNCTION_REPORTINFO
+            ):
+                item.location  # noqa: B018 - a cached_property, filled in here
+                continue
+            obj = item.obj
+            function = getattr(obj, "__func__", obj)
+            entry = found.get(id(function))
+            if entry is None or entry[0] is not function:
+                path, lineno = getfslineno(obj)
+                relpath = item.session._node_location_to_relpath(absolutepath(path))
+                entry = found[id(function)] = (function, relpath, lineno)
+            domain = item.getmodpath()
+            if type(domain) is not str:
+                item.location  # noqa: B018
+                continue
+            item.__dict__["location"] = (entry[1], entry[2], domain)
+        except Exception:
+            pass  # the worker's own report runs into it again, and reports it
 
 
 _MACHINERY = ("threading.py", "/pluggy/", "/_pytest/", "/pytest_ftrace/threadpool")

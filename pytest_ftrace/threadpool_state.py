@@ -53,8 +53,8 @@ class ItemContext:
         self.started = 0.0
         self.fatal: BaseException | None = None
         self.ihook = None
-        # LogCaptureHandlers of a worker's test (caplog's, the report's), made once (by the main
-        # thread, ahead) and reset for each phase: making them takes logging's module lock.
+        # LogCaptureHandlers of a worker's test (caplog's, the report's): the worker thread's,
+        # made once per thread and reset for each phase (making one takes logging's lock).
         self.phase_log_handlers: tuple[LogCaptureHandler, LogCaptureHandler] | None = None
 
 
@@ -330,9 +330,10 @@ def _worker_logs(logging_plugin, context: ItemContext, item: pytest.Item, when: 
     handlers = context.phase_log_handlers
     if handlers is None:
         handlers = context.phase_log_handlers = new_log_handlers(logging_plugin)
-    elif when != "setup":
-        # A new phase: fresh records and text (reset() replaces them, so the lists of the
-        # phases before stay as they are), and the level caplog.set_level may have changed.
+    else:
+        # The worker's handlers, used by its tests one after the other: fresh records and text
+        # for each phase (reset() replaces them, so the lists of the phases and tests before
+        # stay as they are), and the level that caplog.set_level may have changed.
         level = logging_plugin.log_level if logging_plugin is not None else None
         for handler in handlers:
             handler.reset()

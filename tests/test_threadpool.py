@@ -336,16 +336,17 @@ def test_own_marker_beats_class_beats_module_beats_package(tp):
                 meet("package")
             """,
             "test_class_over_module.py": """
-            import threading
             import pytest
             from conftest import THREADS, meet
 
             pytestmark = pytest.mark.parallelizable("children")
 
-            NAMES = {}
+            WAVES = {}
 
-            def _name(key):
-                NAMES.setdefault(key, set()).add(threading.current_thread().name)
+            def _wave(key, request):
+                # The wave the worker threads run now (the runner counts the waves it starts).
+                runner = request.config.pluginmanager.get_plugin("ftrace-threadpool").runner
+                WAVES.setdefault(key, set()).add(runner.pool_serial)
 
             # The class's "parameters" beats the module's "children"...
             @pytest.mark.parallelizable("parameters")
@@ -357,27 +358,28 @@ def test_own_marker_beats_class_beats_module_beats_package(tp):
                     pass
 
             # ...and a method's own marker beats the class's: test_own's variants run with each
-            # other, in a wave (worker threads) of their own, not with test_x and test_y.
+            # other, in a wave of their own, not with test_x and test_y.
             @pytest.mark.parallelizable("children")
             class TestOwn:
-                def test_x(self):
+                def test_x(self, request):
                     meet("xy")
-                    _name("xy")
+                    _wave("xy", request)
 
-                def test_y(self):
+                def test_y(self, request):
                     meet("xy")
-                    _name("xy")
+                    _wave("xy", request)
 
                 @pytest.mark.parametrize("n", [1, 2])
                 @pytest.mark.parallelizable("parameters")
-                def test_own(self, n):
+                def test_own(self, n, request):
                     meet("own")
-                    _name("own")
+                    _wave("own", request)
 
             def test_zz_check():
                 assert not THREADS["test_c1"] and not THREADS["test_c2"]
                 assert THREADS["test_own[1]"] and THREADS["test_own[2]"]
-                assert not NAMES["xy"] & NAMES["own"], NAMES
+                assert len(WAVES["xy"]) == len(WAVES["own"]) == 1, WAVES
+                assert WAVES["xy"] != WAVES["own"], WAVES
             """,
         }
     )
