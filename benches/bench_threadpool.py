@@ -22,12 +22,21 @@ sequential side (4+ s a run; it only gives the base of the speed-ups) runs in th
 into site-packages with their .pyc files, while our package is an editable install that would
 otherwise be compiled from source by every run.
 
-Two times per run:
+Three times per run:
 
-- *test phase*: from the start of the first test's setup to the end of the last test's teardown,
-  taken from the ``start``/``stop`` wall-clock stamps of the setup and teardown reports, which a
-  conftest hook (``pytest_runtest_logreport``, main process; xdist forwards its workers' reports
-  there with their stamps) collects and writes to a JSON file at session end;
+- *test phase*: the wall time of ``pytest_runtestloop``, taken by a wrapper in the suite's
+  conftest that encloses every plugin's implementation: everything a side does to run the
+  tests and report them (setting up, running, tearing down, reporting), nothing of start-up or
+  collection. For xdist, whose controller's loop also waits for its workers to start and
+  collect, it is the *reports* span instead;
+- *reports* (last column): from the start of the first test's setup to the end of the last
+  test's teardown, from the ``start``/``stop`` stamps of the setup and teardown reports that a
+  ``pytest_runtest_logreport`` hook in the conftest sees (in xdist's controller, which gets its
+  workers' reports with their stamps). It leaves out what a side does before its first setup
+  report's stamp and after its last teardown: pytest-threadpool runs the setup hooks of every
+  test of a group on its main thread before its workers start, and makes the setup report it
+  logs from the worker's own setup call, so that span leaves out its per-test hook work;
+  which is why the test loop is the test phase here;
 - *whole run*: wall time of the pytest subprocess, start-up and collection included.
 
 *efficiency* is the sequential test phase divided by 8 times the side's test phase (1.0 is the
@@ -86,14 +95,23 @@ PYTHONS = ("3.12", "3.13", "3.13t")
 COMMON = ["-q", "-p", "no:cacheprovider"]
 
 CONFTEST = """
-import json, os, threading
+import json, os, threading, time
 import pytest
 
 _lock = threading.Lock()
-_span = {"start": None, "stop": None, "tests": 0}
+_span = {"start": None, "stop": None, "tests": 0, "loop": None}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "parallelizable(scope): run concurrently")
+
+# A wrapper encloses every plugin's pytest_runtestloop (ours, pytest-threadpool's, pytest's).
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtestloop(session):
+    started = time.time()
+    try:
+        return (yield)
+    finally:
+        _span["loop"] = time.time() - started
 
 def pytest_runtest_logreport(report):
     with _lock:
@@ -147,13 +165,19 @@ class Side:
     args: list[str]
     tests: int
     trials: int | None = None  # at most this many timed runs (None: every trial)
+    by_reports: bool = False  # test phase from the report stamps (xdist), not the test loop
     phases: list[float] = field(default_factory=list)
+    spans: list[float] = field(default_factory=list)  # first setup start to last teardown stop
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)  # user + system time of the process
 
     @property
     def phase(self) -> float:
         return statistics.median(self.phases)
+
+    @property
+    def span(self) -> float:
+        return statistics.median(self.spans)
 
     @property
     def wall(self) -> float:
@@ -214,7 +238,9 @@ def run_once(side: Side, suite: Path) -> None:
     os.unlink(span_file)
     if span["tests"] != side.tests:
         raise SystemExit(f"{side.name}: the conftest saw {span['tests']} tests")
-    side.phases.append(span["stop"] - span["start"])
+    reports = span["stop"] - span["start"]
+    side.spans.append(reports)
+    side.phases.append(reports if side.by_reports or span["loop"] is None else span["loop"])
     side.walls.append(wall)
     side.cpus.append(cpu)
 
@@ -223,6 +249,7 @@ def measure(sides: list[Side], suite: Path, repeat: int) -> None:
     for side in sides:
         run_once(side, suite)  # warm-up (imports, .pyc files)
         side.phases.clear()
+        side.spans.clear()
         side.walls.clear()
         side.cpus.clear()
     for trial in range(repeat):
@@ -282,7 +309,7 @@ def io_bench(py: str, repeat: int, seq_repeat: int, tmp: Path) -> dict | None:
             args, label = ["-n", str(WORKERS)], f"xdist -n {WORKERS}"
         else:
             args, label = ["--threadpool", str(WORKERS)], f"{label} --threadpool {WORKERS}"
-        sides.append(Side(label, python, args, IO_TESTS))
+        sides.append(Side(label, python, args, IO_TESTS, by_reports=label.startswith("xdist")))
     suite = write_suite(tmp / f"io-{py}", IO_SUITE)
     before = load()
     measure(sides, suite, repeat)
@@ -299,7 +326,7 @@ def io_bench(py: str, repeat: int, seq_repeat: int, tmp: Path) -> dict | None:
         print(f"(no {note})")
     header = (
         f"{'side':32} {'test phase':>10} {'speed-up':>9} {'efficiency':>10} {'vs ideal':>8} "
-        f"{'whole run':>10} {'speed-up':>9} {'CPU time':>9}"
+        f"{'whole run':>10} {'speed-up':>9} {'CPU time':>9} {'reports':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -308,7 +335,7 @@ def io_bench(py: str, repeat: int, seq_repeat: int, tmp: Path) -> dict | None:
         print(
             f"{side.name:32} {side.phase:9.3f}s {speed:8.2f}x {speed / WORKERS:10.2f} "
             f"{ideal / side.phase:8.2f} {side.wall:9.3f}s {sequential.wall / side.wall:8.2f}x"
-            f" {statistics.median(side.cpus):8.3f}s"
+            f" {statistics.median(side.cpus):8.3f}s {side.span:7.3f}s"
         )
     for peer in peers:
         name = f"ours / {peer.name.split()[0]}"
