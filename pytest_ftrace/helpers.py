@@ -24,9 +24,11 @@ How they are used
     `with run_thread(obj):`, `with run_process(obj):` and `async with run_task(obj):`; or as
     decorators: `@run_thread(obj)` / `@run_process(obj)` on a test function (plain or async), and
     `@run_task(obj)` on an async function. A decorated function gets a fresh helper on every
-    call, so it may run in several threads at once (under `--threads N`), though each call then
-    contends for `obj` with the others; a test that shares one `obj` between its threads should
-    be marked `thread_unsafe`. One helper object serves one `with` block at a time.
+    call, so it may run in several threads at once (under `--threads N`); each call's helper
+    then enters the same `obj`. For a lock that means the calls take turns (each helper's
+    set-up waits, within its timeout, for the one before to let go); an object that cannot be
+    entered from several threads at once calls for marking the test `thread_unsafe`. One helper
+    object serves one `with` block at a time.
 
     `with ... as held:` gives the helper itself: `held.value` is what `__enter__` or the set-up
     returned (threads and tasks), `held.thread`, `held.process` / `held.pid` and `held.task` the
