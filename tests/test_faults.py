@@ -468,10 +468,20 @@ def test_generator_next_from_threads_crash_fails_only_that_test(pytester):
     assert sorted(found) == ["test_after", "test_before", "test_next_from_threads"]
     assert found["test_before"]["outcome"] == found["test_after"]["outcome"] == "passed"
     fault = found["test_next_from_threads"]
-    if fault["outcome"] != "passed":
+    if fault["outcome"] != "passed":  # it crashed (every run on 3.13.5t, here)
         assert "crashed: the test process was killed by SIG" in fault["message"], fault
+        assert "test: test_gen.py::test_next_from_threads" in fault["message"]
         assert f"ftrace: seed={SEED}" in fault["message"]
+        assert fault["props"]["ftrace_seed"] == SEED
+        assert fault["props"]["ftrace_crash"].startswith("SIG")
         result.assert_outcomes(passed=2, failed=1)
+        result.stdout.fnmatch_lines(
+            [
+                "in the threaded run (8 threads), round * had started",
+                f"replay: pytest 'test_gen.py::test_next_from_threads' --ftrace* --seed {SEED} "
+                "--ftrace-replay t8i* --ftrace-isolate",
+            ]
+        )
 
 
 @pytest.mark.parametrize(
