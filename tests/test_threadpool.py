@@ -69,6 +69,8 @@ def test_marked_tests_really_run_concurrently(tp):
     result = run(tp, "--threadpool", "2")
     result.assert_outcomes(passed=4)
     assert "ftrace threadpool: 2 workers" in result.stdout.str()
+    # The usual progress: one dot per test on the file's line, then the percentage.
+    result.stdout.re_match_lines([r"test_conc\.py \.{4}\s+\[100%\]$"])
 
 
 def test_without_the_option_marked_tests_run_the_usual_way(tp):
@@ -387,6 +389,64 @@ def test_own_marker_beats_class_beats_module_beats_package(tp):
     result.assert_outcomes(passed=3 + 3 + 2 + 7)
 
 
+def test_package_markers_inner_package_first_and_not_parallelizable_on_a_package(tp):
+    tp.makepyfile(
+        **{
+            "outer/__init__.py": "import pytest\n"
+            "pytestmark = pytest.mark.parallelizable('children')\n",
+            "outer/test_outer.py": """
+            from conftest import meet
+
+            def test_o1():
+                meet("outer")
+
+            def test_o2():
+                meet("outer")
+            """,
+            "outer/inner/__init__.py": "import pytest\n"
+            "pytestmark = pytest.mark.parallelizable('parameters')\n",
+            "outer/inner/test_inner.py": """
+            import pytest
+            from conftest import THREADS, meet
+
+            # The inner package's "parameters" beats the outer package's "children".
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_v(n):
+                meet("inner-params")
+
+            def test_plain_1():
+                pass
+
+            def test_plain_2():
+                pass
+
+            def test_zz_check():
+                assert THREADS["test_v[1]"] and THREADS["test_v[2]"]
+                assert not THREADS["test_plain_1"] and not THREADS["test_plain_2"]
+            """,
+            "closed/__init__.py": "import pytest\npytestmark = pytest.mark.not_parallelizable\n",
+            "closed/test_closed.py": """
+            import pytest
+            from conftest import THREADS
+
+            # not_parallelizable on the package beats the module's, class's and own markers.
+            pytestmark = pytest.mark.parallelizable("children")
+
+            @pytest.mark.parallelizable("children")
+            class TestC:
+                @pytest.mark.parallelizable("all")
+                @pytest.mark.parametrize("n", [1, 2])
+                def test_w(self, n):
+                    pass
+
+            def test_zz_closed():
+                assert not THREADS["test_w[1]"] and not THREADS["test_w[2]"]
+            """,
+        }
+    )
+    run(tp, "--threadpool", "2").assert_outcomes(passed=3 + 2 + 5)
+
+
 def test_default_scope_makes_unmarked_tests_parallelizable(tp):
     tp.makepyfile(
         test_default="""
@@ -608,20 +668,30 @@ def test_capture_is_per_test(tp):
             warnings.warn(f"warning-of-{who}")
             assert False, who
 
+        # Both write, then both read: each sees only what its own test wrote.
         def test_capsys(capsys):
             meet("fixtures")
             print("mine")
-            assert capsys.readouterr().out == "mine\\n"
+            logging.getLogger("t").warning("logged by the capsys test")
+            meet("written")
+            assert capsys.readouterr() == ("mine\\n", "")
             print("left for the report")
 
         def test_caplog(caplog):
             meet("fixtures")
+            print("printed by the caplog test")
             logging.getLogger("t").warning("only this one")
+            meet("written")
             assert [r.getMessage() for r in caplog.records] == ["only this one"]
+            assert "printed by the caplog test" not in caplog.text
+
+        def test_capsysbinary(capsysbinary):
+            sys.stdout.write("bytes of mine")
+            assert capsysbinary.readouterr().out == b"bytes of mine"
         """
     )
     result = run(tp, "--threadpool", "3", "-rA")
-    result.assert_outcomes(failed=3, passed=2)
+    result.assert_outcomes(failed=3, passed=3)
     text = result.stdout.str()
     for who in ["alpha", "beta", "gamma"]:
         block = _block(text, f"test_noisy[{who}]")
@@ -654,11 +724,17 @@ def test_dash_s_shows_live_output(tp):
                 pass
         def test_b():
             print("LIVE-B")
+            assert False
         """
     )
     result = run(tp, "--threadpool", "2", "-s")
-    result.assert_outcomes(passed=2)
-    assert "LIVE-A" in result.stdout.str() and "LIVE-B" in result.stdout.str()
+    result.assert_outcomes(passed=1, failed=1)
+    text = result.stdout.str()
+    # Written to the terminal as the tests ran: before the failure report, and not kept in
+    # a "Captured stdout" section of it.
+    failures = text.index("= FAILURES =")
+    assert "LIVE-A" in text[:failures] and "LIVE-B" in text[:failures]
+    assert "Captured stdout" not in text
 
 
 def test_each_report_appears_as_its_test_finishes(tp):
@@ -804,6 +880,59 @@ def test_a_hanging_test_times_out_and_the_session_goes_on(tp):
     )
 
 
+def test_a_timed_out_worker_is_replaced_in_its_wave_and_after_it(tp):
+    tp.makeconftest(
+        CONFTEST
+        + """
+TIMED_OUT = threading.Event()
+
+def pytest_runtest_logreport(report):
+    if report.nodeid.endswith("test_hangs") and report.failed:
+        TIMED_OUT.set()
+"""
+    )
+    tp.makepyfile(
+        test_replaced="""
+        import threading
+        import time
+        import pytest
+        from conftest import TIMED_OUT, meet
+        pytestmark = pytest.mark.parallelizable("children")
+
+        def test_hangs():
+            threading.Event().wait()
+
+        # The other worker is kept busy until the hung test has timed out (each of these
+        # runs for less than the timeout)...
+        def test_busy_1():
+            time.sleep(1)
+
+        def test_busy_2():
+            assert TIMED_OUT.wait(30)
+
+        # ...so these two can only meet if the hung worker was replaced at once.
+        def test_meet_1():
+            meet("same wave")
+
+        def test_meet_2():
+            meet("same wave")
+
+        # And the next wave has both workers too.
+        class TestNextWave:
+            def test_x(self):
+                meet("next wave")
+
+            def test_y(self):
+                meet("next wave")
+        """
+    )
+    result = tp.runpytest_subprocess(
+        "-p", "no:randomly", "--threadpool", "2", "--ftrace-timeout", "3", timeout=120
+    )
+    result.assert_outcomes(passed=6, failed=1)
+    result.stdout.fnmatch_lines(["*leaked worker thread ftrace-threadpool-*test_hangs*"])
+
+
 def test_pytest_exit_in_a_worker_ends_the_session(tp):
     tp.makepyfile(
         test_exit="""
@@ -819,11 +948,21 @@ def test_pytest_exit_in_a_worker_ends_the_session(tp):
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "abc"])
-def test_bad_worker_count_is_a_usage_error(tp, value):
-    result = run(tp, f"--threadpool={value}")
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "--threadpool must be >= 1, not 0"),
+        ("-3", "--threadpool must be >= 1, not -3"),
+        ("abc", "--threadpool must be a whole number >= 1 or 'auto', not 'abc'"),
+    ],
+)
+@pytest.mark.parametrize("spelling", ["separate", "equals"])
+def test_bad_worker_count_is_a_usage_error(tp, value, message, spelling):
+    args = ["--threadpool", value] if spelling == "separate" else [f"--threadpool={value}"]
+    result = run(tp, *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--threadpool" in result.stderr.str() and value in result.stderr.str()
+    assert message in result.stderr.str()
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
 def test_bad_ini_values_are_usage_errors(tp):
