@@ -253,10 +253,14 @@ fn policy_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
-/// Run(seed, *, yield_probability, delay_probability, sleep_share, max_spin_ns, max_sleep_us)
+/// Run(seed, *, yield_probability, delay_probability, sleep_share, max_spin_ns, max_sleep_us,
+///     mode, scheduler, pct_depth, stay_percent, switch_budget, sched_k, replay)
 ///
 /// One test run: its seed (already derived for the test), its injection policy and its
-/// statistics. At most one run is active in the process at a time.
+/// statistics. At most one run is active in the process at a time. In exact mode,
+/// `scheduler` picks the policy (`switch_budget`: the mix policy's hand-overs in a long
+/// round), `sched_k` fixes every round's step estimate (a replay from the seed), and
+/// `replay` is a decision list every round follows.
 #[pyclass(frozen, module = "pytest_ftrace._native")]
 struct Run {
     shared: Arc<RunShared>,
@@ -268,7 +272,7 @@ impl Run {
     #[pyo3(signature = (seed, *, yield_probability=None, delay_probability=None,
                         sleep_share=None, max_spin_ns=None, max_sleep_us=None,
                         mode="chaos", scheduler="random", pct_depth=3, stay_percent=50,
-                        replay=None))]
+                        switch_budget=sched::DEFAULT_SWITCH_BUDGET, sched_k=None, replay=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         seed: &Bound<'_, PyAny>,
@@ -281,6 +285,8 @@ impl Run {
         scheduler: &str,
         pct_depth: u32,
         stay_percent: u32,
+        switch_budget: u32,
+        sched_k: Option<u64>,
         replay: Option<Vec<u32>>,
     ) -> PyResult<Run> {
         let d = PolicyConfig::default();
@@ -297,7 +303,12 @@ impl Run {
             ("chaos", _, _) => None,
             ("exact", _, Some(list)) => Some(Core::new(seed, sched::Policy::Replay(list))),
             ("exact", "random", None) => Some(Core::new(seed, sched::Policy::Random)),
-            ("exact", "mix", None) => Some(Core::new(seed, sched::Policy::Mix)),
+            ("exact", "mix", None) if switch_budget >= 1 => Some(Core::new(
+                seed,
+                sched::Policy::Mix {
+                    budget: switch_budget,
+                },
+            )),
             ("exact", "aligned", None) => Some(Core::new(
                 seed,
                 sched::Policy::Aligned {
@@ -318,6 +329,7 @@ impl Run {
                 )))
             }
         };
+        let core = core.map(|c| c.with_k(sched_k));
         if core.is_some() {
             *CODES.lock() = None;
         }
@@ -454,6 +466,7 @@ impl Run {
         d.set_item("deadlock", rec.deadlock)?;
         d.set_item("divergences", rec.divergences)?;
         d.set_item("reason", rec.reason)?;
+        d.set_item("k", rec.k)?;
         Ok(Some(d))
     }
 

@@ -22,6 +22,7 @@ pub struct AlignedScheduler {
 }
 
 impl AlignedScheduler {
+    /// `stay`: probability that the thread at a point goes on (clamped to 0..=1).
     pub fn new(seed: u64, stay: f64) -> AlignedScheduler {
         AlignedScheduler {
             rng: seed::stream(seed),

@@ -52,8 +52,10 @@ pub enum Policy {
         stay_percent: u32,
     },
     /// Each round draws its policy from the round seed: aligned (6 in 8), random or PCT
-    /// (depth 3).
-    Mix,
+    /// (depth 3); aligned and random hand over about `budget` times in a long round.
+    Mix {
+        budget: u32,
+    },
     /// PCT with this depth; the step estimate `k` comes from the previous rounds.
     Pct {
         depth: u32,
@@ -66,6 +68,8 @@ pub enum Policy {
 pub const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// When every managed thread is blocked, how long to wait for a wake from outside.
 pub const STALL_GRACE: Duration = Duration::from_millis(200);
+/// Waiting threads are spread over this many condition variables, by id.
+pub const WAIT_SLOTS: usize = 32;
 /// PCT's step estimate before a round has been seen.
 pub const DEFAULT_K: u64 = 200;
 
@@ -137,6 +141,9 @@ pub struct RoundRecord {
     pub reason: Option<String>,
     /// For each decision, where the chosen thread went on from (for the lane view).
     pub steps: Vec<Location>,
+    /// The step estimate the round's scheduler was made with (PCT's k; the mix policy's
+    /// switch rate): a replay from the seed needs the same one to make the same choices.
+    pub k: u64,
 }
 
 struct State {
@@ -226,8 +233,13 @@ impl State {
 pub struct Core {
     seed: u64,
     policy: Policy,
+    /// The step estimate every round's scheduler is made with, when fixed (a replay from the
+    /// seed: the round it replays was made with this one); otherwise the longest round so far.
+    fixed_k: Option<u64>,
     state: Mutex<State>,
-    cv: Condvar,
+    /// One condition variable per slot (thread id modulo [`WAIT_SLOTS`]): a hand-over wakes
+    /// the chosen thread only, not every waiter.
+    cvs: [Condvar; WAIT_SLOTS],
 }
 
 impl Core {
@@ -236,6 +248,7 @@ impl Core {
         Core {
             seed,
             policy,
+            fixed_k: None,
             state: Mutex::new(State {
                 round: None,
                 threads: BTreeMap::new(),
@@ -257,12 +270,36 @@ impl Core {
                 history: HashMap::new(),
                 pending: HashSet::new(),
             }),
-            cv: Condvar::new(),
+            cvs: std::array::from_fn(|_| Condvar::new()),
         }
+    }
+
+    /// Make every round's scheduler with step estimate `k` (see [`RoundRecord::k`]).
+    pub fn with_k(mut self, k: Option<u64>) -> Core {
+        self.fixed_k = k.map(|k| k.max(1));
+        self
     }
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    fn slot(&self, tid: u32) -> &Condvar {
+        &self.cvs[tid as usize % WAIT_SLOTS]
+    }
+
+    /// Wake the thread whose turn it now is (and any other thread sharing its slot).
+    fn notify_turn(&self, st: &State) {
+        if let Some(running) = st.running {
+            self.slot(running).notify_all();
+        }
+    }
+
+    /// Wake every waiting thread: the round started, runs free, or deadlocked.
+    fn notify_every(&self) {
+        for cv in &self.cvs {
+            cv.notify_all();
+        }
     }
 
     /// Worker `tid` (OS thread `ident`) starts round `round`, in which `expected` workers
@@ -279,11 +316,11 @@ impl Core {
     ) -> Wait {
         let mut st = self.state.lock();
         if st.round != Some(round) && !st.live() {
-            let k = if st.max_steps > 0 {
+            let k = self.fixed_k.unwrap_or(if st.max_steps > 0 {
                 st.max_steps
             } else {
                 DEFAULT_K
-            };
+            });
             st.finish_round_if_pending();
             st.round = Some(round);
             st.threads.clear();
@@ -299,6 +336,7 @@ impl Core {
             };
             st.free = false;
             st.pending.clear();
+            st.record.k = k;
             st.sched = make_scheduler(self.seed, &self.policy, seed_round, k);
             st.next_child = expected.max(1) as u32;
         }
@@ -326,14 +364,14 @@ impl Core {
                 if arrived || late {
                     st.started = true;
                     st.choose(None);
-                    self.cv.notify_all();
+                    self.notify_turn(&st);
                     break;
                 }
-                self.cv.wait_for(&mut st, Duration::from_millis(50));
+                self.slot(tid).wait_for(&mut st, Duration::from_millis(50));
             }
         } else if st.running.is_none() {
             st.choose(None);
-            self.cv.notify_all();
+            self.notify_turn(&st);
         }
         self.wait_turn(&mut st, tid)
     }
@@ -371,7 +409,7 @@ impl Core {
         st.progress += 1;
         if st.running.is_none() && st.started {
             st.choose(None);
-            self.cv.notify_all();
+            self.notify_turn(&st);
         }
         self.wait_turn(&mut st, tid)
     }
@@ -397,7 +435,7 @@ impl Core {
             if st.running == Some(tid) {
                 return Wait::Turn;
             }
-            self.cv.notify_all();
+            self.notify_turn(&st);
         }
         self.wait_turn(&mut st, tid)
     }
@@ -423,7 +461,7 @@ impl Core {
         st.progress += 1;
         if st.running == Some(tid) || st.running.is_none() {
             st.choose(None);
-            self.cv.notify_all();
+            self.notify_turn(&st);
         }
         match self.wait_turn(&mut st, tid) {
             Wait::Turn => {
@@ -465,7 +503,7 @@ impl Core {
             st.progress += 1;
             if st.started && st.running.is_none() && !st.free {
                 st.choose(None);
-                self.cv.notify_all();
+                self.notify_turn(&st);
             }
         }
         n
@@ -487,7 +525,11 @@ impl Core {
             st.finish_round();
             st.round_done();
         }
-        self.cv.notify_all();
+        if st.live() {
+            self.notify_turn(&st);
+        } else {
+            self.notify_every();
+        }
     }
 
     /// Let every thread of the current round run free until it ends (watchdog).
@@ -498,7 +540,7 @@ impl Core {
             st.record.exact = false;
             st.record.reason.get_or_insert_with(|| reason.to_string());
         }
-        self.cv.notify_all();
+        self.notify_every();
     }
 
     /// (running thread, its OS ident, progress counter, threads waiting, free, started).
@@ -572,7 +614,7 @@ impl Core {
                     }
                 }
             }
-            self.cv.wait_for(st, Duration::from_millis(50));
+            self.slot(tid).wait_for(st, Duration::from_millis(50));
         }
     }
 
@@ -589,7 +631,7 @@ impl Core {
         }
         st.free = true;
         st.stalled_since = None;
-        self.cv.notify_all();
+        self.notify_every();
     }
 }
 
@@ -609,6 +651,17 @@ impl State {
     }
 }
 
+/// Hand-overs the mix policy aims at per round by default, once a round's length is known:
+/// each one wakes another OS thread (microseconds), where a scheduling point at which the
+/// thread goes on costs well under one.
+pub const DEFAULT_SWITCH_BUDGET: u32 = 48;
+
+/// The mix policy's draw rate at a scheduling point for rounds of about `k` steps: 1 for short
+/// rounds, `budget / k` for long ones.
+pub fn mix_switch_rate(budget: u32, k: u64) -> f64 {
+    (f64::from(budget) / k.max(1) as f64).min(1.0)
+}
+
 /// The scheduler of one round: seeded from (test seed, "exact", round).
 pub fn make_scheduler(seed: u64, policy: &Policy, round: u64, k: u64) -> Box<dyn Scheduler> {
     let round_seed = seed::derive_ok(seed, &[Part::Str("exact"), Part::Int(round as i128)]);
@@ -619,12 +672,17 @@ pub fn make_scheduler(seed: u64, policy: &Policy, round: u64, k: u64) -> Box<dyn
             *stay_percent as f64 / 100.0,
         )),
         // Aligned finds one-shot races between threads running the same body best (the
-        // plugin's case); uniform random and PCT (depth 3) cover other shapes.
-        Policy::Mix => match seed::mix64(round_seed) % 8 {
-            0..=5 => Box::new(aligned::AlignedScheduler::new(round_seed, 0.5)),
-            6 => Box::new(random::RandomScheduler::new(round_seed)),
-            _ => Box::new(pct::PctScheduler::new(round_seed, 3, k)),
-        },
+        // plugin's case); uniform random and PCT (depth 3) cover other shapes. Aligned and
+        // random hand the turn over at a rate capped by the switch budget: a short round
+        // keeps the full rate, a long one gets about MIX_SWITCH_BUDGET hand-overs.
+        Policy::Mix { budget } => {
+            let rate = mix_switch_rate(*budget, k);
+            match seed::mix64(round_seed) % 8 {
+                0..=5 => Box::new(aligned::AlignedScheduler::new(round_seed, 1.0 - rate / 2.0)),
+                6 => Box::new(random::RandomScheduler::with_switch_rate(round_seed, rate)),
+                _ => Box::new(pct::PctScheduler::new(round_seed, 3, k)),
+            }
+        }
         Policy::Pct { depth } => Box::new(pct::PctScheduler::new(round_seed, *depth, k)),
         Policy::Replay(list) => Box::new(replay::ReplayScheduler::new(list.clone())),
     }
@@ -680,6 +738,34 @@ mod tests {
         assert!(ra.preemptions > 5);
         let (lc, _) = round(&a, 1, 3, 20);
         assert_ne!(la, lc, "another round, another schedule");
+    }
+
+    #[test]
+    fn the_mix_budget_bounds_hand_overs_in_long_rounds() {
+        let switches = |budget: u32| -> u64 {
+            let core = Arc::new(Core::new(5, Policy::Mix { budget }));
+            // Round 0 measures the length; the later rounds are made with it as k.
+            (0..9).map(|r| round(&core, r, 4, 500).1.preemptions).skip(1).sum()
+        };
+        let (small, large) = (switches(4), switches(400));
+        assert!(small < 8 * 40, "budget 4: {small} preemptions in 8 rounds of 2000 steps");
+        assert!(large > 4 * small, "budget 400: {large}, budget 4: {small}");
+    }
+
+    #[test]
+    fn a_fixed_k_makes_a_round_the_same_without_its_history() {
+        // A round made after others (k from their length) equals the same round run alone
+        // with that k: what a replay from the seed does.
+        let full = Arc::new(Core::new(8, Policy::Mix { budget: 16 }));
+        for r in 0..3 {
+            round(&full, r, 3, 200);
+        }
+        let (log, rec) = round(&full, 3, 3, 200);
+        assert_ne!(rec.k, DEFAULT_K);
+        let alone = Arc::new(Core::new(8, Policy::Mix { budget: 16 }).with_k(Some(rec.k)));
+        let (again, rec2) = round(&alone, 3, 3, 200);
+        assert_eq!(rec2.decisions, rec.decisions);
+        assert_eq!(again, log);
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Uniform random policy: at every scheduling point, each runnable thread is equally likely to
-//! run next. Cheap, and good at shallow bugs, because it switches threads often.
+//! run next. Good at shallow bugs, because it switches threads often.
+//!
+//! With a switch rate below 1 (the mix policy's budget), a scheduling point is a random draw
+//! only with that probability; otherwise the thread that reached it goes on. Every hand-over
+//! costs a wake-up of another OS thread, so a long round gets a bounded number of them.
 
 use rand::RngExt;
 use rand_pcg::Pcg32;
@@ -9,19 +13,32 @@ use crate::seed;
 
 pub struct RandomScheduler {
     rng: Pcg32,
+    switch: f64,
 }
 
 impl RandomScheduler {
     /// A scheduler whose choices are a function of `seed` (and of what it is asked).
     pub fn new(seed: u64) -> RandomScheduler {
+        RandomScheduler::with_switch_rate(seed, 1.0)
+    }
+
+    /// Draw at a point with probability `switch` (clamped to 0..=1); else the current thread
+    /// goes on.
+    pub fn with_switch_rate(seed: u64, switch: f64) -> RandomScheduler {
         RandomScheduler {
             rng: seed::stream(seed),
+            switch: switch.clamp(0.0, 1.0),
         }
     }
 }
 
 impl Scheduler for RandomScheduler {
-    fn choose(&mut self, _step: u64, runnable: &[u32], _current: Option<u32>) -> u32 {
+    fn choose(&mut self, _step: u64, runnable: &[u32], current: Option<u32>) -> u32 {
+        if let Some(c) = current {
+            if self.switch < 1.0 && !self.rng.random_bool(self.switch) {
+                return c;
+            }
+        }
         runnable[self.rng.random_range(0..runnable.len())]
     }
 }
@@ -54,6 +71,29 @@ mod tests {
             );
         }
         assert!(t.iter().all(|x| [0, 1, 2, 5].contains(x)));
+    }
+
+    #[test]
+    fn a_switch_rate_bounds_the_hand_overs() {
+        let mut s = RandomScheduler::with_switch_rate(5, 0.02);
+        let mut current = 0;
+        let mut switches = 0;
+        for i in 0..5000 {
+            let c = s.choose(i, &[0, 1, 2, 3], Some(current));
+            switches += u32::from(c != current);
+            current = c;
+        }
+        // 5000 points x 0.02 draws x 3/4 chance that a draw picks another thread: ~75.
+        assert!((35..130).contains(&switches), "{switches} switches");
+        let mut full = RandomScheduler::new(5);
+        let mut current = 0;
+        let mut all = 0;
+        for i in 0..5000 {
+            let c = full.choose(i, &[0, 1, 2, 3], Some(current));
+            all += u32::from(c != current);
+            current = c;
+        }
+        assert!(all > 3000, "{all} switches at rate 1");
     }
 
     #[test]
