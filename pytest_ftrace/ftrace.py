@@ -53,10 +53,13 @@ DEFAULT_THREADS = 4
 DEFAULT_ITERATIONS = 10
 DEFAULT_REPLAY_RUNS = 10
 DEFAULT_SHRINK_SECONDS = 1.0
+# Exact mode, mix policy: about this many hand-overs between threads in a long round (each
+# wakes an OS thread; short rounds keep a hand-over chance of 1/2 at every point).
+DEFAULT_SWITCH_BUDGET = 48
 MODES = ("chaos", "exact")
-DEFAULT_MODE = "chaos"
+DEFAULT_MODE = "exact"
 MODE = DEFAULT_MODE  # kept for importers of the old constant
-_TOKEN = re.compile(r"^t(\d+)i(\d+)(?:x([0-9a-f]{6,40}))?$")
+_TOKEN = re.compile(r"^t(\d+)i(\d+)(?:k(\d+))?(?:x([0-9a-f]{6,40}))?$")
 _SCHEDULER = re.compile(r"^(random|mix|pct|aligned)(\d*)$")
 
 
@@ -130,8 +133,9 @@ def add_options(group, parser, pluginmanager) -> None:
         dest="ftrace_scheduler",
         default=None,
         type=parse_scheduler,
-        metavar="mix|random|pct[D]|aligned[P]",
-        help="exact mode's policy: mix (default: each round draws aligned, random or pct3), "
+        metavar="mix[B]|random|pct[D]|aligned[P]",
+        help="exact mode's policy: mix (default: each round draws aligned, random or pct3, "
+        f"with about B hand-overs in a long round, default {DEFAULT_SWITCH_BUDGET}), "
         "random (uniform), pct (PCT with depth D, default 3), aligned (threads kept abreast; "
         "the one at a point goes on with P percent, default 50). ini: ftrace_scheduler",
     )
@@ -146,7 +150,7 @@ def add_options(group, parser, pluginmanager) -> None:
     )
     parser.addini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
     parser.addini(
-        "ftrace_scheduler", "exact mode's policy: mix, random, pct[D] or aligned[P]", default=""
+        "ftrace_scheduler", "exact mode's policy: mix[B], random, pct[D] or aligned[P]", default=""
     )
     parser.addini("ftrace_policy", "injection policy, KEY=VALUE per line", type="linelist")
     parser.addini("ftrace_seed", "session seed for --ftrace (N, last or random)", default="")
@@ -208,17 +212,22 @@ def resolve_policy(config: pytest.Config) -> dict:
 
 
 def parse_scheduler(value: str) -> tuple[str, int]:
-    """random, mix, pct[D] (depth, default 3) or aligned[P] (stay percent, default 50)."""
+    """random, mix[B] (hand-over budget per round, default DEFAULT_SWITCH_BUDGET), pct[D]
+    (depth, default 3) or aligned[P] (stay percent, default 50)."""
     match = _SCHEDULER.match(str(value).strip())
-    if not match or (match.group(1) in ("random", "mix") and match.group(2)):
+    if not match or (match.group(1) == "random" and match.group(2)):
         raise argparse.ArgumentTypeError(
-            "--ftrace-scheduler takes random, mix, pct, pct<depth> (e.g. pct3), aligned or "
-            f"aligned<stay percent> (e.g. aligned50), not {value!r}"
+            "--ftrace-scheduler takes random, mix, mix<hand-overs per round> (e.g. mix48), pct, "
+            "pct<depth> (e.g. pct3), aligned or aligned<stay percent> (e.g. aligned50), "
+            f"not {value!r}"
         )
     name = match.group(1)
-    param = int(match.group(2) or (50 if name == "aligned" else 3))
+    defaults = {"aligned": 50, "mix": DEFAULT_SWITCH_BUDGET, "pct": 3}
+    param = int(match.group(2) or defaults.get(name, 0))
     if name == "pct" and param < 1:
         raise argparse.ArgumentTypeError("--ftrace-scheduler pct depth must be at least 1")
+    if name == "mix" and param < 1:
+        raise argparse.ArgumentTypeError("--ftrace-scheduler mix budget must be at least 1")
     if name == "aligned" and param > 100:
         raise argparse.ArgumentTypeError("--ftrace-scheduler aligned takes a percentage")
     return name, param
@@ -229,9 +238,13 @@ class Token:
     threads: int
     iteration: int
     key: str | None = None  # exact mode: cache key suffix of the decision list
+    # exact mode: the round's step estimate, which its scheduler was made with; a replay
+    # from the seed (no decision list in the cache) needs it to make the same choices
+    k: int | None = None
 
     def __str__(self) -> str:
-        return f"t{self.threads}i{self.iteration}" + (f"x{self.key}" if self.key else "")
+        k = f"k{self.k}" if self.k is not None else ""
+        return f"t{self.threads}i{self.iteration}{k}" + (f"x{self.key}" if self.key else "")
 
 
 LAST = "last"
@@ -247,7 +260,8 @@ def parse_token(value: str) -> Token | str:
             "--ftrace-replay takes the token of a replay: line, such as t8i3, or 'last', "
             f"not {value!r}"
         )
-    return Token(int(match.group(1)), int(match.group(2)), match.group(3))
+    k = int(match.group(3)) if match.group(3) is not None else None
+    return Token(int(match.group(1)), int(match.group(2)), match.group(4), k)
 
 
 def resolve_mode(config: pytest.Config) -> str:
@@ -265,7 +279,7 @@ def resolve_scheduler(config: pytest.Config) -> tuple[str, int]:
     if value is None:
         raw = (options.ini_value(config, "ftrace_scheduler") or "").strip()
         try:
-            value = parse_scheduler(raw) if raw else ("mix", 0)
+            value = parse_scheduler(raw) if raw else ("mix", DEFAULT_SWITCH_BUDGET)
         except argparse.ArgumentTypeError as exc:
             raise pytest.UsageError(f"ini key ftrace_scheduler: {exc}") from None
     return value
@@ -353,7 +367,8 @@ class FtraceSession:
         scheduler = ""
         if self.mode == "exact":
             name, param = self.scheduler
-            scheduler = f" scheduler={name}{param if name in ('pct', 'aligned') else ''}"
+            shown = name in ("pct", "aligned") or (name == "mix" and param != DEFAULT_SWITCH_BUDGET)
+            scheduler = f" scheduler={name}{param if shown else ''}"
         return f"ftrace: seed={self.seed} mode={self.mode}{scheduler}{replay}"
 
     def exact_options(self, nodeid: str, replay: Token | None) -> dict:
@@ -364,6 +379,10 @@ class FtraceSession:
             kwargs["pct_depth"] = param
         elif name == "aligned":
             kwargs["stay_percent"] = param
+        elif name == "mix":
+            kwargs["switch_budget"] = param
+        if replay is not None and replay.k is not None:
+            kwargs["sched_k"] = replay.k
         if replay is not None and replay.key and self.cache is not None:
             stored = self.cache.get(REPLAY_KEY + replay.key, None)
             if stored and stored.get("nodeid") == nodeid:
@@ -506,13 +525,25 @@ class TestSession:
         )
         if first is not None:
             key = None
+            k = None
             if self.exact is not None:
                 record = self.exact.round(first.iteration)
+                if record is not None and record.get("k"):
+                    k = record["k"]
                 if record is not None and record["decisions"]:
                     key = self.session.store_round(
                         self.item.nodeid, self.threads, first.iteration, record
                     )
                 shrunk = self._shrink(first, record)
+                if shrunk is not None and shrunk[0]["preemptions"] == 0:
+                    # Failing without any preemption after the run: what fails is the state
+                    # the test kept from the rounds that ran, not an interleaving.
+                    outcome.notes.append(
+                        "shrinking: after the run, a schedule without preemptions fails too "
+                        "(the test keeps state between rounds, e.g. in a module-scoped "
+                        "fixture), so the lanes show the round as it ran"
+                    )
+                    shrunk = None
                 if shrunk is not None:
                     small, steps, cut, before, lane_failure = shrunk
                     small_key = self.session.store_round(
@@ -535,7 +566,7 @@ class TestSession:
                     steps = self.exact.native.sched_steps(first.iteration)
                     cut = self.exact.exit_steps.get((first.iteration, first.thread))
                     self._lane_view(outcome, first, record, steps, cut, False)
-            token = Token(self.threads, first.iteration, key)
+            token = Token(self.threads, first.iteration, key, k)
             self.session.remember_failure(self.item.nodeid, token)
             outcome.notes.append(
                 "replay: " + replay_command(self.item, self.session.seed, token, mode)

@@ -227,7 +227,7 @@ class Instrumentation:
         """A run for one test, seeded with derive_seed(session_seed, "test", nodeid).
 
         `exact`: keyword arguments of `_native.Run` for exact mode (mode="exact", scheduler,
-        pct_depth, replay)."""
+        pct_depth, stay_percent, switch_budget, sched_k, replay)."""
         if self._closed:
             raise RuntimeError("Instrumentation is closed")
         seed = _native.derive_seed(self.session_seed, "test", nodeid)

@@ -233,8 +233,8 @@ def test_one_shot_race_fails_with_a_fixed_seed(pytester, seed):
         [
             f"ftrace: seed={seed} mode=exact scheduler=mix",
             "*AssertionError: lost update: 1*",
-            "*replay: pytest '*::test_one_shot' --ftrace --ftrace-mode exact "
-            f"--seed {seed} --ftrace-replay t2i*",
+            # exact is the default mode: the replay line does not name it
+            f"*replay: pytest '*::test_one_shot' --ftrace --seed {seed} --ftrace-replay t2i*",
         ]
     )
 
@@ -307,7 +307,7 @@ def test_replay_line_reproduces_on_every_run(pytester):
     first = exact(pytester, "--seed", "3", "--threads", "2")
     first.assert_outcomes(failed=1)
     args = replay_args(first)
-    assert args[args.index("--ftrace-mode") + 1] == "exact"
+    assert "--ftrace-mode" not in args  # exact, the default
     for _ in range(3):
         again = pytester.runpytest(*args)
         again.assert_outcomes(failed=1)
@@ -316,6 +316,24 @@ def test_replay_line_reproduces_on_every_run(pytester):
                 "*replay: reproduced in 10/10 runs of round * (seed 3, mode exact, "
                 "following the recorded schedule)",
             ]
+        )
+
+
+def test_replay_from_the_seed_without_a_cache_is_exact(pytester):
+    # No cache, so no decision list: the replay reschedules the round from the seed, with the
+    # step estimate the token carries (k), and makes the same choices every time.
+    pytester.makepyfile(SHRINKABLE)
+    no_cache = ("-p", "no:cacheprovider", "--ftrace-shrink", "0")
+    first = exact(pytester, "--seed", "5", "--threads", "2", "--iterations", "4", *no_cache)
+    first.assert_outcomes(failed=1)
+    args = replay_args(first)
+    token = args[args.index("--ftrace-replay") + 1]
+    assert re.fullmatch(r"t2i\d+k\d+", token), token
+    for _ in range(3):
+        again = pytester.runpytest(*args, *no_cache)
+        again.assert_outcomes(failed=1)
+        again.stdout.fnmatch_lines(
+            ["*replay: reproduced in 10/10 runs of round * (seed 5, mode exact, rescheduled*"]
         )
 
 
@@ -350,7 +368,7 @@ def test_threads_the_test_starts_are_scheduled(pytester):
     result = exact(pytester, "--seed", "1", "--threads", "1", "--iterations", "100")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
-        ["*lost update: 1*", "*replay: pytest *--ftrace-mode exact --seed 1 --ftrace-replay t1i*"]
+        ["*lost update: 1*", "*replay: pytest *--ftrace --seed 1 --ftrace-replay t1i*"]
     )
     again = pytester.runpytest(*replay_args(result))
     again.stdout.fnmatch_lines(["*reproduced in 10/10 runs*"])
@@ -371,7 +389,7 @@ def test_two_lock_deadlock_is_reported_not_hung(pytester):
             "*wait-for cycle: thread 0 -> thread 1 -> thread 0*",
             "*Thread 0 (most recent call last):*",
             "*ftrace: seed=1 test-seed=* mode=exact*",
-            "*replay: pytest *--ftrace-mode exact --seed 1 --ftrace-replay t2i*",
+            "*replay: pytest *--ftrace --seed 1 --ftrace-replay t2i*",
         ]
     )
 
@@ -388,14 +406,19 @@ def test_unmanaged_blocking_is_reported_and_the_round_completes(pytester):
     )
 
 
-def test_chaos_stays_the_default_and_ini_picks_exact(pytester):
+def test_exact_is_the_default_and_ini_or_option_picks_chaos(pytester):
     pytester.makepyfile("def test_fine():\n    pass\n")
     result = pytester.runpytest("--ftrace", "--seed", "1")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["ftrace: seed=1 mode=chaos"])
-    pytester.makeini("[pytest]\nftrace_mode = exact\nftrace_scheduler = pct4\n")
+    result.stdout.fnmatch_lines(["ftrace: seed=1 mode=exact scheduler=mix"])
+    result = pytester.runpytest("--ftrace", "--seed", "1", "--ftrace-scheduler", "mix16")
+    result.stdout.fnmatch_lines(["ftrace: seed=1 mode=exact scheduler=mix16"])
+    pytester.makeini("[pytest]\nftrace_mode = chaos\n")
     result = pytester.runpytest("--ftrace", "--seed", "1")
     result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["ftrace: seed=1 mode=chaos"])
+    pytester.makeini("[pytest]\nftrace_scheduler = pct4\n")
+    result = pytester.runpytest("--ftrace", "--seed", "1")
     result.stdout.fnmatch_lines(["ftrace: seed=1 mode=exact scheduler=pct4"])
     result = pytester.runpytest("--ftrace", "--seed", "1", "--ftrace-mode", "chaos")
     result.stdout.fnmatch_lines(["ftrace: seed=1 mode=chaos"])
@@ -406,7 +429,9 @@ def test_chaos_stays_the_default_and_ini_picks_exact(pytester):
     [
         (["--ftrace-mode", "fast"], "*--ftrace-mode: invalid choice: 'fast'*"),
         (["--ftrace-scheduler", "pct0"], "*pct depth must be at least 1*"),
-        (["--ftrace-scheduler", "fifo"], "*--ftrace-scheduler takes random, mix, pct*"),
+        (["--ftrace-scheduler", "fifo"], "*--ftrace-scheduler takes random, mix, mix<*"),
+        (["--ftrace-scheduler", "mix0"], "*mix budget must be at least 1*"),
+        (["--ftrace-scheduler", "random3"], "*--ftrace-scheduler takes random, mix*"),
         (["--ftrace-scheduler", "aligned101"], "*aligned takes a percentage*"),
         (["--ftrace-replay", "t2i1xZZ"], "*--ftrace-replay takes the token*"),
     ],
