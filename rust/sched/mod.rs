@@ -745,10 +745,16 @@ mod tests {
         let switches = |budget: u32| -> u64 {
             let core = Arc::new(Core::new(5, Policy::Mix { budget }));
             // Round 0 measures the length; the later rounds are made with it as k.
-            (0..9).map(|r| round(&core, r, 4, 500).1.preemptions).skip(1).sum()
+            (0..9)
+                .map(|r| round(&core, r, 4, 500).1.preemptions)
+                .skip(1)
+                .sum()
         };
         let (small, large) = (switches(4), switches(400));
-        assert!(small < 8 * 40, "budget 4: {small} preemptions in 8 rounds of 2000 steps");
+        assert!(
+            small < 8 * 40,
+            "budget 4: {small} preemptions in 8 rounds of 2000 steps"
+        );
         assert!(large > 4 * small, "budget 400: {large}, budget 4: {small}");
     }
 
