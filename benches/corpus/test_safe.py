@@ -175,3 +175,73 @@ def test_local_state_only():
     for _ in range(N):
         local["n"] += 1
     assert local["n"] == N
+
+
+class Publication:
+    """One thread publishes a value and sets an event; the others wait for it."""
+
+    def __init__(self):
+        self.claim = threading.Lock()
+        self.claimed = False
+        self.ready = threading.Event()
+        self.value = None
+
+
+def test_event_publishes_once():
+    pub = slot("s-event", Publication)
+    with pub.claim:
+        mine = not pub.claimed
+        pub.claimed = True
+    if mine:
+        pub.value = [1, 2, 3]
+        pub.ready.set()
+    assert pub.ready.wait(timeout=5)
+    assert pub.value == [1, 2, 3]
+
+
+class Gate:
+    """At most two threads inside at once, counted under a lock."""
+
+    def __init__(self):
+        self.slots = threading.BoundedSemaphore(2)
+        self.lock = threading.Lock()
+        self.inside = 0
+
+
+def test_semaphore_bounds_the_section():
+    gate = slot("s-semaphore", Gate)
+    for _ in range(N // 4):
+        with gate.slots:
+            with gate.lock:
+                gate.inside += 1
+                assert gate.inside <= 2
+            with gate.lock:
+                gate.inside -= 1
+
+
+class Meeting:
+    """The first two threads of a round meet at a two-party barrier, then read each other's
+    value; any other thread of the round passes by (no test needs the thread count). Run on one
+    thread, the first waits in vain and passes; so does a pair that a free-running runner let
+    drift apart by more than the timeout."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.arrived = 0
+        self.barrier = threading.Barrier(2, timeout=2)
+        self.values = {}
+
+
+def test_barrier_meeting():
+    meeting = slot("s-barrier", Meeting)
+    with meeting.lock:
+        me = meeting.arrived
+        meeting.arrived += 1
+    if me >= 2:
+        return
+    meeting.values[me] = me * 10
+    try:
+        meeting.barrier.wait()
+    except threading.BrokenBarrierError:
+        return  # alone (one thread), or the partner came after the timeout: nobody to meet
+    assert meeting.values[1 - me] == (1 - me) * 10
