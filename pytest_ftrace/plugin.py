@@ -1,4 +1,10 @@
-"""The pytest plugin: a thin layer of hooks over the modules of this package.
+"""The pytest plugin (the pytest11 entry point). The hooks are in hooks.py.
+
+pytest loads this module, and every module of an installed plugin's package, through its
+assertion-rewriting import hook. The hook reads its own cached copy of each module, which costs
+start-up time in proportion to the module's size, on every pytest run. So this module stays
+small, and it takes the package out of the hook before anything else is imported: every module
+here says PYTEST_DONT_REWRITE, so the hook would load them unchanged anyway.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -7,332 +13,36 @@ from __future__ import annotations
 
 import sys
 
-import pytest
 
-from pytest_ftrace import ftrace, gil, isolate, markers, options, threadpool
-from pytest_ftrace.fixtures import (  # noqa: F401 - registered as fixtures
+def _skip_assertion_rewriting() -> None:
+    """Let Python's own loader import the rest of the package. The hook's attributes are
+    private; where they are missing, the modules just go through the hook, as before."""
+    for finder in sys.meta_path:
+        marked = getattr(finder, "_must_rewrite", None)
+        if isinstance(marked, set) and __package__ in marked:
+            marked.discard(__package__)
+            cache = getattr(finder, "_marked_for_rewrite_cache", None)
+            if isinstance(cache, dict):
+                cache.clear()
+
+
+_skip_assertion_rewriting()
+
+from pytest_ftrace.fixtures import (  # noqa: E402, F401 - pytest finds the fixtures here
     iteration_index,
     num_iterations,
     num_parallel_threads,
     thread_index,
 )
-
-
-def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
-    group = parser.getgroup("ftrace", "thread-safety testing (pytest-ftrace)")
-    group.addoption(
-        "--ftrace",
-        action="store_true",
-        default=False,
-        help="inject seeded yields and delays at shared-state accesses so races fail every run",
-    )
-    opt = options
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-threads",
-        aliases=("--threads", "--parallel-threads"),
-        dest="ftrace_threads",
-        type=opt.positive_int_or_auto("--threads"),
-        default=None,
-        metavar="N|auto",
-        help="run each test body in N threads at once (auto: usable CPUs). ini: ftrace_threads",
-    )
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-iterations",
-        aliases=("--iterations", "--executions"),
-        dest="ftrace_iterations",
-        type=opt.positive_int("--iterations"),
-        default=None,
-        metavar="M",
-        help="rounds per test; each thread runs the body once per round. ini: ftrace_iterations",
-    )
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-require-gil-disabled",
-        aliases=("--require-gil-disabled",),
-        dest="ftrace_require_gil_disabled",
-        action="store_true",
-        default=None,
-        help="refuse a build whose GIL is on, and fail the run if a module re-enables it. "
-        "ini: ftrace_require_gil_disabled",
-    )
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-timeout",
-        dest="ftrace_timeout",
-        type=opt.positive_float("--ftrace-timeout"),
-        default=None,
-        metavar="SECONDS",
-        help="bound each test's threaded execution; on expiry the test fails with every "
-        f"thread's stack (default {opt.DEFAULT_TIMEOUT:g}). ini: ftrace_timeout",
-    )
-    parser.addini("ftrace_threads", "threads per test (N or auto)", default="")
-    parser.addini("ftrace_iterations", "rounds per test", default="")
-    parser.addini("ftrace_require_gil_disabled", "refuse a GIL-enabled build", type="bool")
-    parser.addini("ftrace_timeout", "seconds a test's threaded execution may take", default="")
-    opt.add_ini(
-        parser,
-        pluginmanager,
-        "thread_unsafe_fixtures",
-        "fixtures that make a test run on one thread (added to the built-in list)",
-        type="linelist",
-        default=[],
-    )
-    ftrace.add_options(group, parser, pluginmanager)
-    threadpool.add_options(group, parser, pluginmanager)
-    isolate.add_options(group, parser, pluginmanager)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    peers = options.active_peers(config.pluginmanager)
-    for line in markers.MARKERS:
-        config.addinivalue_line("markers", line)
-    for peer, lines in markers.PEER_MARKERS.items():
-        if peer not in peers:
-            for line in lines:
-                config.addinivalue_line("markers", line)
-    settings = _settings(config)
-    if settings.require_gil_disabled and gil.enabled():
-        why = "this is a GIL build" if not gil.FREE_THREADED_BUILD else "the GIL is enabled"
-        raise pytest.UsageError(
-            f"--require-gil-disabled: {why} (Python {sys.version.split()[0]} at "
-            f"{sys.executable}); run the tests with a free-threaded Python such as python3.13t "
-            "(with PYTHON_GIL unset or 0)"
-        )
-    state = config.stash[STATE_KEY] = SessionState(settings, peers)
-    if config.option.ftrace:
-        state.ftrace = config.stash[ftrace.SESSION_KEY] = ftrace.FtraceSession(config)
-        if config.pluginmanager.hasplugin("xdist"):
-            config.pluginmanager.register(_XdistSeed(), "ftrace-xdist")
-    threadpool.configure(config)
-    isolate.configure(config)
-
-
-class _XdistSeed:
-    pytest_configure_node = staticmethod(ftrace.pytest_configure_node)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    state = config.stash.get(STATE_KEY, None)
-    if state is not None and state.ftrace is not None:
-        state.ftrace.close()
-
-
-def _settings(config: pytest.Config) -> options.Settings:
-    unsafe = set(markers.BUILTIN_THREAD_UNSAFE)
-    unsafe.update(options.ini_value(config, "thread_unsafe_fixtures") or ())
-    on = config.option.ftrace
-    require = config.option.ftrace_require_gil_disabled
-    if require is None:
-        require = bool(options.ini_value(config, "ftrace_require_gil_disabled"))
-    return options.Settings(
-        threads=options.resolve(
-            config,
-            "ftrace_threads",
-            "ftrace_threads",
-            options.positive_int_or_auto("threads"),
-            ftrace.DEFAULT_THREADS if on else 1,
-        ),
-        iterations=options.resolve(
-            config,
-            "ftrace_iterations",
-            "ftrace_iterations",
-            options.positive_int("iterations"),
-            ftrace.DEFAULT_ITERATIONS if on else 1,
-        ),
-        require_gil_disabled=require,
-        thread_unsafe_fixtures=frozenset(unsafe),
-        timeout=options.resolve(
-            config,
-            "ftrace_timeout",
-            "ftrace_timeout",
-            options.positive_float("ftrace_timeout"),
-            options.DEFAULT_TIMEOUT,
-        ),
-    )
-
-
-class SessionState:
-    def __init__(self, settings: options.Settings, peers: set[str]):
-        self.settings = settings
-        self.peers = peers
-        self.single: list[tuple[str, str]] = []  # (nodeid, reason) of tests run on one thread
-        self.gil = gil.Watch()
-        self.ftrace: ftrace.FtraceSession | None = None
-
-
-STATE_KEY = pytest.StashKey[SessionState]()
-
-
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    from pytest_ftrace import _native
-
-    info = _native.build_info()
-    state = config.stash[STATE_KEY]
-    settings = state.settings
-    lines = [
-        f"ftrace: threads={settings.threads} iterations={settings.iterations} "
-        f"timeout={settings.timeout:g}s, GIL {gil.state()}, "
-        f"native {info['version']} (pyo3 {info['pyo3']})"
-    ]
-    if state.ftrace is not None:
-        lines.append(state.ftrace.header())
-    return lines
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_pycollect_makeitem(collector, name, obj):
-    result = yield
-    state = collector.config.stash[STATE_KEY]
-    items = result if isinstance(result, list) else [result]
-    for item in items:
-        if isinstance(item, pytest.Item):
-            try:
-                markers.check_markers(item, state.peers)
-            except markers.MarkerError as exc:
-                raise pytest.Collector.CollectError(f"{item.name}: {exc}") from None
-    return result
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_make_collect_report(collector: pytest.Collector):
-    state = collector.config.stash[STATE_KEY]
-    state.gil.before()
-    report = yield
-    message = state.gil.after(collector.nodeid or "collection")
-    if message and state.settings.require_gil_disabled and report.outcome != "failed":
-        report.outcome = "failed"
-        report.longrepr = message
-    return report
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    state = item.config.stash[STATE_KEY]
-    plan = markers.plan_for(item, state.settings, state.peers)
-    item.stash[markers.PLAN_KEY] = plan
-    if plan.single_reason is not None:
-        state.single.append((item.nodeid, plan.single_reason))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem):
-    item.config.stash[STATE_KEY].gil.before()
-    return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    plan = item.stash.get(markers.PLAN_KEY, None)
-    if plan is None or not plan.threaded:
-        return (yield)
-    state = item.config.stash[STATE_KEY]
-    original = item.obj
-    item.obj = _threaded(item, original, plan, state)
-    try:
-        return (yield)
-    finally:
-        item.obj = original
-
-
-def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionState):
-    # unittest is only loaded when a session has TestCase tests; don't import it for the others
-    unittest = sys.modules.get("unittest")
-    takes_fixtures = unittest is None or not isinstance(
-        getattr(original, "__self__", None), unittest.TestCase
-    )
-
-    from pytest_ftrace import report, runner
-
-    def run_in_threads(*args, **kwargs):
-        __tracebackhide__ = True
-        threads, iterations, hooks = plan.threads, plan.iterations, runner.Hooks()
-        traced = state.ftrace.start(item, threads, iterations) if state.ftrace else None
-        if traced is not None:
-            threads, iterations, hooks = traced.threads, traced.iterations, traced.hooks()
-        run = runner.ThreadedRun(
-            item,
-            original,
-            threads,
-            iterations,
-            state.settings.timeout,
-            hooks=hooks,
-            takes_fixtures=takes_fixtures,
-        )
-        if traced is None:
-            outcome = run.run()
-        else:
-            traced.run.activate()
-            try:
-                outcome = run.run()
-            finally:
-                traced.run.deactivate()
-            traced.finish(outcome)
-        report.raise_outcome(outcome)
-
-    run_in_threads.__name__ = getattr(original, "__name__", "test")
-    run_in_threads.ftrace_body = (original, takes_fixtures)  # exact mode re-runs it to shrink
-    return run_in_threads
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    rep = yield
-    if call.excinfo is not None and call.excinfo.typename == "ConcurrencyError":
-        from pytest_ftrace.report import ConcurrencyError
-
-        if isinstance(call.excinfo.value, ConcurrencyError):
-            rep.longrepr = f"ConcurrencyError: {call.excinfo.value}"
-    state = item.config.stash[STATE_KEY]
-    message = state.gil.after(item.nodeid)
-    if message:
-        if state.settings.require_gil_disabled:
-            rep.outcome = "failed"
-            rep.longrepr = message if rep.longrepr is None else f"{rep.longrepr}\n\n{message}"
-        else:
-            rep.sections.append(("ftrace: GIL re-enabled", message))
-    return rep
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    state = config.stash.get(STATE_KEY, None)
-    if state is None:
-        return
-    if state.gil.events:
-        terminalreporter.section("ftrace: GIL re-enabled", sep="-", yellow=True)
-        for where, message in state.gil.events:
-            terminalreporter.line(f"{where}: {message}")
-    if state.ftrace is not None:
-        ftrace_summary(terminalreporter, state.ftrace, config.option.verbose)
-    if state.single and config.option.verbose > 0:
-        terminalreporter.section("ftrace: tests run on one thread", sep="-")
-        for nodeid, reason in state.single:
-            terminalreporter.line(f"{nodeid}: {reason}")
-
-
-def ftrace_summary(tr, session: ftrace.FtraceSession, verbose: int) -> None:
-    for nodeid, reproduced, runs in session.replays:
-        tr.line(f"ftrace replay: {nodeid}: reproduced {reproduced}/{runs}")
-    if verbose <= 0 or not session.stats:
-        return
-    tr.section(f"ftrace statistics (seed {session.seed})", sep="-")
-    tr.line(
-        f"{'executions':>10} {'hooked':>10} {'yields':>8} {'delays':>8} "
-        f"{'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
-    )
-    for nodeid, st in session.stats:
-        tr.line(
-            f"{st.get('executions', 0):>10} {st.get('hooked', 0):>10} "
-            f"{st.get('yields', 0):>8} {st.get('delays', 0):>8} "
-            f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
-            f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
-        )
+from pytest_ftrace.hooks import (  # noqa: E402, F401 - and the hooks
+    STATE_KEY,
+    SessionState,
+    pytest_addoption,
+    pytest_configure,
+    pytest_make_collect_report,
+    pytest_report_header,
+    pytest_runtest_call,
+    pytest_runtest_makereport,
+    pytest_runtest_setup,
+    pytest_terminal_summary,
+)

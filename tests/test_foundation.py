@@ -72,3 +72,30 @@ def test_no_ftrace_disables_the_plugin(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess("-p", "no:ftrace", "--ftrace")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*unrecognized arguments: --ftrace*"])
+
+
+def test_plugin_modules_skip_the_rewriting_hook_and_tests_keep_it(pytester: pytest.Pytester):
+    """The plugin's modules load with Python's own loader (pytest's assertion-rewriting hook
+    costs start-up time on every run), while the tests' asserts are still rewritten."""
+    pytester.makepyfile(
+        """
+        import sys
+        from _pytest.assertion.rewrite import AssertionRewritingHook
+
+        def test_loaders():
+            names = ["hooks", "options", "markers", "gil", "ftrace", "threadpool"]
+            through_hook = [
+                name for name in names
+                if isinstance(sys.modules["pytest_ftrace." + name].__loader__,
+                              AssertionRewritingHook)
+            ]
+            assert through_hook == []
+
+        def test_rewritten():
+            value = 1
+            assert value + 1 == 3
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["E       assert (1 + 1) == 3"])
