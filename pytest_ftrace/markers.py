@@ -100,6 +100,7 @@ def _args(mark: pytest.Mark, names: tuple[str, ...]) -> dict:
 
 
 COUNT_MARKERS = frozenset({"parallel_threads", "iterations", "freethreaded", "ftrace"})
+OURS = COUNT_MARKERS | {"thread_unsafe"}  # the markers check_markers looks at
 
 
 def check_markers(item: pytest.Item, peers: set[str]) -> None:

@@ -30,11 +30,16 @@ PEER_NAMES: dict[str, frozenset[str]] = {
 def installed_peers() -> frozenset[str]:
     """Entry-point names of the installed peer plugins. Scanning the installed distributions
     takes milliseconds, so it is done once per process (pytester runs many sessions in one)."""
+    found: set[str] = set()
     try:
-        eps = importlib.metadata.entry_points(group="pytest11")
+        for dist in importlib.metadata.distributions():
+            # Most distributions are not pytest plugins: look at the text before parsing it.
+            text = dist.read_text("entry_points.txt")
+            if text and "pytest11" in text:
+                found.update(ep.name for ep in dist.entry_points if ep.group == "pytest11")
     except Exception:  # a broken distribution must not break option parsing
         return frozenset()
-    return frozenset(ep.name for ep in eps if ep.name in PEER_NAMES)
+    return frozenset(found & PEER_NAMES.keys())
 
 
 def active_peers(pluginmanager: pytest.PytestPluginManager) -> set[str]:
@@ -46,13 +51,38 @@ def active_peers(pluginmanager: pytest.PytestPluginManager) -> set[str]:
     return found
 
 
+# The names defined on the last parser seen: (parser, its option and ini count then, names).
+# add_option and add_ini keep it up to date, so registering our options reads the parser's
+# options once, not once per option.
+_DEFINED: list = [None, -1, frozenset()]
+
+
+def _size(parser: pytest.Parser) -> int:
+    groups = [parser._anonymous, *parser._groups]
+    return sum(len(group.options) for group in groups) + len(parser._inidict)
+
+
+def _defined(parser: pytest.Parser) -> set[str]:
+    size = _size(parser)
+    if _DEFINED[0] is not parser or _DEFINED[1] != size:
+        names: set[str] = set(parser._inidict)
+        for group in [parser._anonymous, *parser._groups]:
+            for option in group.options:
+                names.update(option.names())
+        _DEFINED[:] = [parser, size, names]
+    return _DEFINED[2]
+
+
+def _defined_now(parser: pytest.Parser, names) -> None:
+    """Record names we have just registered on the parser."""
+    if _DEFINED[0] is parser:
+        _DEFINED[2].update(names)
+        _DEFINED[1] = _size(parser)
+
+
 def taken_names(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> set[str]:
     """Option and ini names we must not register: already defined, or owned by a peer."""
-    taken: set[str] = set()
-    for group in [parser._anonymous, *parser._groups]:
-        for option in group.options:
-            taken.update(option.names())
-    taken.update(parser._inidict)
+    taken = set(_defined(parser))
     for peer in active_peers(pluginmanager):
         taken |= PEER_NAMES[peer]
     return taken
@@ -123,11 +153,13 @@ def add_option(group, parser, pluginmanager, canonical: str, aliases=(), **kwarg
     taken = taken_names(parser, pluginmanager)
     names = [canonical] + [a for a in aliases if a not in taken]
     group.addoption(*names, **kwargs)
+    _defined_now(parser, names)
 
 
 def add_ini(parser, pluginmanager, name: str, help: str, **kwargs) -> None:
     if name not in taken_names(parser, pluginmanager):
         parser.addini(name, help, **kwargs)
+        _defined_now(parser, (name,))
 
 
 def ini_value(config: pytest.Config, name: str):

@@ -96,6 +96,29 @@ def test_bad_markers_are_collection_errors(pytester, marker, message):
     assert "INTERNALERROR" not in result.stdout.str()
 
 
+@pytest.mark.parametrize("where", ["class", "module"])
+def test_bad_marker_on_a_class_or_module_is_a_collection_error(pytester, where):
+    marker = "@pytest.mark.ftrace(threads=-3)"
+    pytester.makepyfile(
+        f"""
+        import pytest
+        {"pytestmark = " + marker[1:] if where == "module" else ""}
+        {marker if where == "class" else ""}
+        class TestGroup:
+            def test_inner(self):
+                pass
+        def test_other():
+            pass
+        """
+    )
+    result = run(pytester, "--threads", "2")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(
+        ["*ERROR collecting*", "*@pytest.mark.ftrace: threads must be * not -3*"]
+    )
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
 def test_require_gil_disabled_on_a_gil_build(pytester):
     from conftest import FREE_THREADED_BUILD
 
