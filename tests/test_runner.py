@@ -1,5 +1,8 @@
 """The stress runner: threads, rounds, outcomes and fixtures, in real pytest sessions."""
 
+import os
+import sys
+
 import pytest
 
 RUN = ("-p", "no:cacheprovider")
@@ -120,11 +123,15 @@ def test_same_failure_everywhere_reads_like_a_plain_failure(pytester):
     assert "ConcurrencyError" not in result.stdout.str()
 
 
-@pytest.mark.parametrize("code", ["sys.exit(3)", "raise SystemExit", "raise BaseException('odd')"])
+@pytest.mark.parametrize(
+    "code",
+    ["sys.exit(3)", "raise SystemExit", "raise BaseException('odd')", "pytest.fail('one thread')"],
+)
 def test_thread_that_exits_never_hangs_the_others(pytester, code):
     pytester.makepyfile(
         f"""
         import os, sys
+        import pytest
         def test_exits(thread_index):
             if thread_index == 1:
                 {code}
@@ -320,6 +327,30 @@ def test_thread_unsafe_fixtures_run_on_one_thread(pytester):
     assert "test_threaded: " not in result.stdout.str()
 
 
+def test_every_builtin_thread_unsafe_fixture_runs_on_one_thread(pytester):
+    from pytest_ftrace.markers import BUILTIN_THREAD_UNSAFE
+
+    # recwarn is on the list unless warnings are context-aware (Python 3.14+ can make them so)
+    expected = ["capsys", "capfd", "capsysbinary", "capfdbinary", "monkeypatch"]
+    if not getattr(sys.flags, "context_aware_warnings", False):
+        expected.append("recwarn")
+    assert sorted(BUILTIN_THREAD_UNSAFE) == sorted(expected)
+    pytester.makepyfile(
+        "".join(
+            f"def test_{name}({name}, num_parallel_threads):\n"
+            "    assert num_parallel_threads == 1\n"
+            for name in expected
+        )
+        + "def test_threaded(num_parallel_threads):\n    assert num_parallel_threads == 3\n"
+    )
+    result = run(pytester, "--threads", "3", "-v")
+    result.assert_outcomes(passed=len(expected) + 1)
+    result.stdout.fnmatch_lines(
+        ["*ftrace: tests run on one thread*"]
+        + [f"*::test_{name}: uses thread-unsafe fixture '{name}'" for name in expected]
+    )
+
+
 def test_markers_and_precedence(pytester):
     pytester.makeini(
         """
@@ -405,7 +436,10 @@ def test_unittest_testcase(pytester):
 def test_header_says_what_runs(pytester):
     pytester.makepyfile("def test_ok(): pass")
     result = run(pytester, "--threads", "5", "--iterations", "7")
-    result.stdout.fnmatch_lines(["ftrace: threads=5 iterations=7 timeout=300s, GIL *, native *"])
+    from conftest import FREE_THREADED_BUILD
+
+    gil = "disabled" if FREE_THREADED_BUILD and os.environ.get("PYTHON_GIL") != "1" else "enabled"
+    result.stdout.fnmatch_lines([f"ftrace: threads=5 iterations=7 timeout=300s, GIL {gil}*"])
 
 
 def test_hang_is_reported_and_the_session_goes_on(pytester):
