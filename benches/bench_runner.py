@@ -14,6 +14,11 @@ expected number of tests passed and nothing else, and a counter test that fails 
 body ran threads x iterations times), so a broken run is never timed as a fast one.
 
     python3 benches/bench_runner.py [--python 3.12 --python 3.13t] [--repeat 5]
+        [--collect-repeat 15] [--instructions] [--no-bytecode-cache] [--keep]
+
+Collection is also shown as the fastest run, the CPU time and, with --instructions, the
+instructions one run executes (valgrind; the same whatever the load): start-up costs of a few
+percent drown in the wall-time noise of a shared machine.
 """
 
 from __future__ import annotations
@@ -583,6 +588,27 @@ def run_once(side: Side, suite: Path, expected: int, record: bool) -> float:
     return wall
 
 
+def instructions(side: Side, suite: Path, expected: int) -> int:
+    """Instructions the run executes, counted by valgrind (hash seed fixed): the same on every
+    run whatever the load, so a few percent of start-up cost shows up exactly."""
+    env = _env(side.executions, side.tag)
+    env["PYTHONHASHSEED"] = "0"
+    proc = subprocess.run(
+        ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+        + side.command(suite),
+        cwd=suite,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=RUN_TIMEOUT,
+    )
+    _check(side, proc, expected)
+    match = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
+    if match is None:
+        raise BrokenRun(f"{side.label}: no instruction count from valgrind\n{proc.stderr[-2000:]}")
+    return int(match[1].replace(",", ""))
+
+
 def interleaved(sides: list[Side], suite: Path, expected: int, repeat: int) -> None:
     """One untimed warm-up each, then `repeat` rounds; the side that goes first rotates."""
     for side in sides:
@@ -632,6 +658,12 @@ def _pair(ours: float, peer: float) -> str:
     return f"{ours:.2f} / {peer:.2f} = {ours / peer:.2f}x"
 
 
+def _ratio3(values) -> str:
+    """'1.021x, 1.034x' for (ours, ours+opts, plain)."""
+    ours, opts, plain = values
+    return f"{ours / plain:.3f}x, {opts / plain:.3f}x"
+
+
 def _verdict(ratio: float, goal: float) -> str:
     return f"<= {goal:.2f}x " + ("met" if ratio <= goal else "MISSED")
 
@@ -654,17 +686,34 @@ def main(argv: list[str] | None = None) -> int:
         choices=INTERPRETERS,
         help="interpreter to measure (repeatable; default: each whose .venvs/<py> exists)",
     )
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per side (default 5)")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="timed runs per side of the stress runs (default 5)"
+    )
+    parser.add_argument(
+        "--collect-repeat",
+        type=int,
+        default=15,
+        help="timed runs per side of the collection comparison (default 15; each takes well "
+        "under a second, and a 5%% goal needs more runs than a 10%% one to stand out of the noise)",
+    )
     parser.add_argument(
         "--no-bytecode-cache",
         action="store_true",
         help="write no .pyc: every run compiles the plugin and the suite (as with "
         "PYTHONDONTWRITEBYTECODE=1)",
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count the instructions of one collection run per side under valgrind "
+        "(about 20 s a run): a ratio that does not move with the machine's load",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated suite")
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be >= 1")
+    if args.repeat < 1 or args.collect_repeat < 1:
+        parser.error("--repeat and --collect-repeat must be >= 1")
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions needs valgrind on PATH")
     tags = args.python or [t for t in INTERPRETERS if _venv_python(VENVS / t).exists()]
     if not tags:
         print("no venv under .venvs/ for 3.12, 3.13 or 3.13t; run scripts/test_all.py first")
@@ -682,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     bytecode = "off (every run compiles)" if PYCACHE is None else f"cached in {PYCACHE}"
     print(
         f"suite: {expected} tests in {suite}; {THREADS} threads x {ITERATIONS} iterations; "
-        f"median of {args.repeat} interleaved runs per side (after 1 warm-up each); "
+        f"median of {args.repeat} interleaved runs per side (collection: "
+        f"{args.collect_repeat}), after 1 warm-up each; "
         f"bytecode {bytecode}"
     )
     print(f"machine: {cpus} usable CPUs, load average (1/5/15 min) at start: {start_load}")
@@ -691,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     stress = ["--threads", str(THREADS), "--iterations", str(ITERATIONS)]
     peer_stress = ["--parallel-threads", str(THREADS), "--iterations", str(ITERATIONS)]
     wall_rows, collect_rows, inner_rows, load_rows, notes = [], [], [], [], []
+    collect_other_rows: list[list[str]] = []
     try:
         for tag in tags:
             ours_python = _venv_python(VENVS / tag)
@@ -734,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             plain = Side("plain", ours_python, [*collect, "-p", "no:ftrace"], "collected", tag)
             ours_c = Side("ours", ours_python, collect, "collected", tag)
             ours_cs = Side("ours+opts", ours_python, [*collect, *stress], "collected", tag)
-            interleaved([ours_cs, plain, ours_c], suite, expected, args.repeat)
+            interleaved([ours_cs, plain, ours_c], suite, expected, args.collect_repeat)
             p, c, cs = _median(plain.walls), _median(ours_c.walls), _median(ours_cs.walls)
             collect_rows.append(
                 [
@@ -747,6 +798,17 @@ def main(argv: list[str] | None = None) -> int:
                     _verdict(max(c, cs) / p, COLLECT_GOAL),
                 ]
             )
+            collect_other_rows.append(
+                [
+                    name,
+                    _ratio3(min(c.walls) for c in (ours_c, ours_cs, plain)),
+                    _ratio3(_median(c.cpu) for c in (ours_c, ours_cs, plain)),
+                    _ratio3(_median(c.inner) for c in (ours_c, ours_cs, plain)),
+                ]
+            )
+            if args.instructions:
+                counts = [instructions(c, suite, expected) for c in (ours_c, ours_cs, plain)]
+                collect_other_rows[-1].append(f"{counts[2] / 1e6:.0f}M; {_ratio3(counts)}")
             load_after = _load()
             load_rows.append([name, load_before, load_runs, load_after])
             print(f"  collection done; load: {load_after}", flush=True)
@@ -768,13 +830,18 @@ def main(argv: list[str] | None = None) -> int:
         "  fastest wall: min of the runs; cpu: median of the child's user+system time;\n"
         "  pytest session: median of pytest's own 'in X.XXs' (no interpreter start-up)"
     )
-    print(f"\nCollection, --collect-only -q (median of {args.repeat})")
+    print(f"\nCollection, --collect-only -q (median of {args.collect_repeat})")
     header = ["interpreter", "plain (s)", "ours (s)", "ratio", "ours+opts (s)", "ratio", "goal"]
     print(_table(header, collect_rows))
     print(
         "  plain: -p no:ftrace; ours: plugin on, no options; ours+opts: plugin on with\n"
         f"  --threads {THREADS} --iterations {ITERATIONS}; goal judged on the worse of the two"
     )
+    print("\nThe same collection runs seen other ways (ours / plain, ours+opts / plain):")
+    header = ["interpreter", "fastest wall", "cpu user+sys", "pytest session"]
+    if args.instructions:
+        header.append("instructions (plain; ratios)")
+    print(_table(header, collect_other_rows))
     print("\nLoad average (1/5/15 min)")
     print(_table(["interpreter", "before", "after runs", "after collection"], load_rows))
     for note in notes:
