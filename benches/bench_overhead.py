@@ -12,7 +12,9 @@ and prints one table. Columns:
 - hook ns/ev: extra time per hooked access with the native callback and a policy that never
   injects (every other instruction DISABLEd): the bare cost of the mechanism.
 - slowdown: hooked time / plain time, with that passive policy (goal: <= 3x).
-- inject: slowdown with the default policy (yields and delays included).
+- inject: slowdown with the default chaos policy (yields and delays included).
+- exact: slowdown in exact mode, the default of --ftrace: one managed thread, every hooked
+  access a scheduling point at which it goes on (the cost of a point without a hand-over).
 - activation: one activate() + a window of code + deactivate(), in microseconds, for the
   design used (global PY_START discovers code objects, in-scope ones get local INSTRUCTION
   events) and for global INSTRUCTION events; the "small" window calls one in-scope function,
@@ -157,6 +159,30 @@ def injected_slowdown(fn, n, rounds=3):
     return hooked / plain
 
 
+def exact_slowdown(fn, n, rounds=3):
+    """Slowdown in exact mode (the default of --ftrace): one managed thread, so every hooked
+    access is a scheduling point at which the same thread goes on, without a hand-over."""
+    from pytest_ftrace.instrument import Instrumentation
+
+    plain = hooked = float("inf")
+    with Instrumentation(7, str(HERE), [], []) as inst:
+        run = inst.start_test("exact", mode="exact", scheduler="mix")
+        native = run._native
+        native.thread_enter(0)
+        try:
+            for r in range(rounds):
+                plain = min(plain, timed(fn, n))
+                with run:
+                    native.round_start(r)
+                    native.sched_enter(0, r, 1, r)
+                    fn(10)  # first hits: DISABLE what is not hooked
+                    hooked = min(hooked, timed(fn, n))
+                    native.sched_exit()
+        finally:
+            native.thread_exit()
+    return hooked / plain
+
+
 def small_window(box):
     attr_loop(box, 1)
 
@@ -267,6 +293,7 @@ def measure(trials):
                 else None,
                 "slowdown": best["hooked"] / plain,
                 "inject_slowdown": injected_slowdown(fn, n // 10),
+                "exact_slowdown": exact_slowdown(fn, n // 10),
             }
         )
     r2 = races(trials, 2)
@@ -288,7 +315,7 @@ def measure(trials):
 def print_table(results):
     head = (
         f"{'python':7} {'workload':12} {'plain ns/it':>11} {'floor ns/ev':>11} "
-        f"{'hooked/it':>9} {'hook ns/ev':>10} {'slowdown':>8} {'inject':>7}"
+        f"{'hooked/it':>9} {'hook ns/ev':>10} {'slowdown':>8} {'inject':>7} {'exact':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -298,7 +325,8 @@ def print_table(results):
             print(
                 f"{res['python']:7} {r['workload']:12} {r['plain_ns_per_it']:11.1f} "
                 f"{r['floor_ns_per_event']:11.1f} {r['hooked_per_it']:9.1f} {per_ev:>10} "
-                f"{r['slowdown']:7.2f}x {r['inject_slowdown']:6.1f}x"
+                f"{r['slowdown']:7.2f}x {r['inject_slowdown']:6.1f}x "
+                f"{r['exact_slowdown']:6.1f}x"
             )
     print()
     print("activate + window + deactivate, us: PY_START discovery (used) vs global INSTRUCTION")

@@ -291,6 +291,30 @@ pub fn schedule_point(at: crate::sched::Location) -> Wait {
     }
 }
 
+/// The part of a scheduling point that never waits (see [`Core::try_point_at`]); may be
+/// called with the interpreter held. `None`: call [`schedule_wait`] with it released.
+pub fn schedule_point_try(at: crate::sched::Location) -> Option<Wait> {
+    SLOT.try_with(|cell| {
+        let Ok(s) = cell.try_borrow() else {
+            return Some(Wait::Free);
+        };
+        match (s.core.as_ref(), s.managed) {
+            (Some(core), Some(tid)) => core.try_point_at(tid, at),
+            _ => Some(Wait::Free),
+        }
+    })
+    .unwrap_or(Some(Wait::Free))
+}
+
+/// Wait for this thread's turn after [`schedule_point_try`] said so (the caller has released
+/// the interpreter).
+pub fn schedule_wait() -> Wait {
+    match managed_core() {
+        Some((core, tid)) => core.await_turn(tid),
+        None => Wait::Free,
+    }
+}
+
 /// Exact mode: this thread's (core, id), joining `run` as a foreign thread if it has not.
 pub fn exact_slot(run: &Arc<RunShared>) -> Result<(Arc<Core>, Option<u32>), String> {
     let core = run.core.clone().ok_or("this run is not in exact mode")?;

@@ -5,7 +5,7 @@
 //! INSTRUCTION events, when); this module only answers events.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -113,9 +113,13 @@ unsafe extern "C" fn on_instruction(
         Ok(Some(Decision::Schedule)) => {
             keep_code(code);
             let at = (code as usize, offset as u32);
-            let state = ffi::PyEval_SaveThread();
-            let _ = std::panic::catch_unwind(|| engine::schedule_point(at));
-            ffi::PyEval_RestoreThread(state);
+            // Most points keep the turn: decided without letting go of the interpreter.
+            let kept = std::panic::catch_unwind(|| engine::schedule_point_try(at));
+            if !matches!(kept, Ok(Some(_))) {
+                let state = ffi::PyEval_SaveThread();
+                let _ = std::panic::catch_unwind(engine::schedule_wait);
+                ffi::PyEval_RestoreThread(state);
+            }
             ffi::Py_NewRef(ffi::Py_None())
         }
         Ok(Some(d)) => {
@@ -137,12 +141,29 @@ unsafe extern "C" fn on_instruction(
 /// address) so a lane view can resolve them; emptied when an exact run is made.
 static CODES: parking_lot::Mutex<Option<HashMap<usize, Py<PyAny>>>> = parking_lot::Mutex::new(None);
 
+/// Bumped whenever [`CODES`] is emptied, so that [`LAST_KEPT`] of an older run never counts.
+static CODES_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// (generation of [`CODES`], code object address) last kept by this thread.
+    static LAST_KEPT: std::cell::Cell<(u64, usize)> = const { std::cell::Cell::new((u64::MAX, 0)) };
+}
+
 /// Keep `code` alive for the lane view.
 ///
 /// # Safety
 /// `code` is a live object and the calling thread is attached to the interpreter.
 unsafe fn keep_code(code: *mut ffi::PyObject) {
+    // Consecutive points are mostly in one code object: skip the shared map for those.
+    let generation = CODES_GENERATION.load(Ordering::Acquire);
+    if LAST_KEPT.with(|k| k.get()) == (generation, code as usize) {
+        return;
+    }
     let mut codes = CODES.lock();
+    if CODES_GENERATION.load(Ordering::Acquire) != generation {
+        return; // emptied meanwhile by a new exact run; this point belongs to the old one
+    }
+    LAST_KEPT.with(|k| k.set((generation, code as usize)));
     let map = codes.get_or_insert_with(HashMap::new);
     map.entry(code as usize).or_insert_with(|| {
         // SAFETY: attached, and `code` is a live object (see above); a new strong reference.
@@ -331,7 +352,9 @@ impl Run {
         };
         let core = core.map(|c| c.with_k(sched_k));
         if core.is_some() {
-            *CODES.lock() = None;
+            let mut codes = CODES.lock();
+            *codes = None;
+            CODES_GENERATION.fetch_add(1, Ordering::AcqRel);
         }
         Ok(Run {
             shared: RunShared::with_core(seed, policy, core),

@@ -7,8 +7,6 @@
 //! thread) need them, while the random runs decide who gets through a window first. Uniform
 //! random choice lets the threads drift apart, so two of them rarely meet in a short window.
 
-use std::collections::HashMap;
-
 use rand::RngExt;
 use rand_pcg::Pcg32;
 
@@ -18,7 +16,8 @@ use crate::seed;
 pub struct AlignedScheduler {
     rng: Pcg32,
     stay: f64,
-    taken: HashMap<u32, u64>,
+    /// Steps taken this round, by thread id.
+    taken: Vec<u64>,
 }
 
 impl AlignedScheduler {
@@ -27,8 +26,14 @@ impl AlignedScheduler {
         AlignedScheduler {
             rng: seed::stream(seed),
             stay: stay.clamp(0.0, 1.0),
-            taken: HashMap::new(),
+            taken: Vec::new(),
         }
+    }
+}
+
+impl AlignedScheduler {
+    fn steps_of(&self, tid: u32) -> u64 {
+        self.taken.get(tid as usize).copied().unwrap_or(0)
     }
 }
 
@@ -44,17 +49,21 @@ impl Scheduler for AlignedScheduler {
                     .collect();
                 let least = others
                     .iter()
-                    .map(|t| self.taken.get(t).copied().unwrap_or(0))
+                    .map(|&t| self.steps_of(t))
                     .min()
                     .expect("runnable has another thread");
                 let behind: Vec<u32> = others
                     .into_iter()
-                    .filter(|t| self.taken.get(t).copied().unwrap_or(0) == least)
+                    .filter(|&t| self.steps_of(t) == least)
                     .collect();
                 behind[self.rng.random_range(0..behind.len())]
             }
         };
-        *self.taken.entry(chosen).or_insert(0) += 1;
+        let i = chosen as usize;
+        if i >= self.taken.len() {
+            self.taken.resize(i + 1, 0);
+        }
+        self.taken[i] += 1;
         chosen
     }
 }

@@ -167,6 +167,10 @@ struct State {
     /// waiter's check and its block) is never lost. A spurious return is harmless: every
     /// caller checks its condition again.
     pending: HashSet<u64>,
+    /// The runnable threads, ascending; rebuilt when `runnable_dirty` (set by every change
+    /// of a thread's status or of the set of threads).
+    runnable_buf: Vec<u32>,
+    runnable_dirty: bool,
 }
 
 impl State {
@@ -177,21 +181,35 @@ impl State {
     /// Choose the next thread. `current` is the thread that reached the point, if runnable.
     /// Returns whether someone was chosen (false: nothing can run now).
     fn choose(&mut self, current: Option<u32>) -> bool {
-        let mut runnable: Vec<u32> = self
-            .threads
-            .iter()
-            .filter(|(_, t)| t.status == Status::Runnable)
-            .map(|(&id, _)| id)
-            .collect();
+        // A choice is made at every scheduling point; the runnable list only changes when a
+        // thread comes, blocks, wakes or finishes, so it is kept until then.
+        let mut runnable = std::mem::take(&mut self.runnable_buf);
+        if self.runnable_dirty {
+            runnable.clear();
+            runnable.extend(
+                self.threads
+                    .iter()
+                    .filter(|(_, t)| t.status == Status::Runnable)
+                    .map(|(&id, _)| id),
+            );
+            self.runnable_dirty = false;
+        }
+        let chosen = self.choose_among(&mut runnable, current);
+        self.runnable_buf = runnable;
+        chosen
+    }
+
+    fn choose_among(&mut self, runnable: &mut Vec<u32>, current: Option<u32>) -> bool {
         let mut timeout_wake = false;
         if runnable.is_empty() {
-            // Virtual time: a timed block ends when nothing else can run.
-            runnable = self
-                .threads
-                .iter()
-                .filter(|(_, t)| matches!(t.status, Status::Blocked { timed: true, .. }))
-                .map(|(&id, _)| id)
-                .collect();
+            self.runnable_dirty = true; // the list below is not the runnable one
+                                        // Virtual time: a timed block ends when nothing else can run.
+            runnable.extend(
+                self.threads
+                    .iter()
+                    .filter(|(_, t)| matches!(t.status, Status::Blocked { timed: true, .. }))
+                    .map(|(&id, _)| id),
+            );
             timeout_wake = true;
         }
         if runnable.is_empty() {
@@ -202,7 +220,7 @@ impl State {
             return false;
         }
         self.stalled_since = None;
-        let chosen = self.sched.choose(self.step, &runnable, current);
+        let chosen = self.sched.choose(self.step, runnable, current);
         if timeout_wake {
             let t = self.threads.get_mut(&chosen).expect("chosen thread exists");
             t.status = Status::Runnable;
@@ -269,6 +287,8 @@ impl Core {
                 max_steps: 0,
                 history: HashMap::new(),
                 pending: HashSet::new(),
+                runnable_buf: Vec::new(),
+                runnable_dirty: true,
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
         }
@@ -324,6 +344,7 @@ impl Core {
             st.finish_round_if_pending();
             st.round = Some(round);
             st.threads.clear();
+            st.runnable_dirty = true;
             st.expected = expected;
             st.started = false;
             st.first_arrival = None;
@@ -341,6 +362,7 @@ impl Core {
             st.next_child = expected.max(1) as u32;
         }
         st.progress += 1;
+        st.runnable_dirty = true;
         st.threads.insert(
             tid,
             Thread {
@@ -386,6 +408,7 @@ impl Core {
         let tid = st.next_child;
         st.next_child += 1;
         st.progress += 1;
+        st.runnable_dirty = true;
         st.threads.insert(
             tid,
             Thread {
@@ -421,22 +444,39 @@ impl Core {
 
     /// A scheduling point reached by `tid` at `at` (the access it is about to make).
     pub fn point_at(&self, tid: u32, at: Location) -> Wait {
+        match self.try_point_at(tid, at) {
+            Some(w) => w,
+            None => self.await_turn(tid),
+        }
+    }
+
+    /// The part of [`Core::point_at`] that never waits: the choice is made, and when `tid`
+    /// goes on (or is not managed) that is the answer. `None`: another thread was chosen,
+    /// and the caller must [`Core::await_turn`], with the interpreter released. A thread that
+    /// keeps the turn thus never lets go of the interpreter, which is most points.
+    pub fn try_point_at(&self, tid: u32, at: Location) -> Option<Wait> {
         let mut st = self.state.lock();
         if st.free {
-            return Wait::Free;
+            return Some(Wait::Free);
         }
         match st.threads.get_mut(&tid) {
             Some(t) => t.at = at,
-            None => return Wait::Free,
+            None => return Some(Wait::Free),
         }
         st.progress += 1;
         if st.running == Some(tid) {
             st.choose(Some(tid));
             if st.running == Some(tid) {
-                return Wait::Turn;
+                return Some(Wait::Turn);
             }
             self.notify_turn(&st);
         }
+        None
+    }
+
+    /// Wait until it is `tid`'s turn again (or the round runs free).
+    pub fn await_turn(&self, tid: u32) -> Wait {
+        let mut st = self.state.lock();
         self.wait_turn(&mut st, tid)
     }
 
@@ -458,6 +498,7 @@ impl Core {
             }
             _ => return Wait::Free,
         }
+        st.runnable_dirty = true;
         st.progress += 1;
         if st.running == Some(tid) || st.running.is_none() {
             st.choose(None);
@@ -500,6 +541,7 @@ impl Core {
         if n == 0 {
             st.pending.insert(resource);
         } else {
+            st.runnable_dirty = true;
             st.progress += 1;
             if st.started && st.running.is_none() && !st.free {
                 st.choose(None);
@@ -516,6 +558,7 @@ impl Core {
             Some(t) if t.status != Status::Finished => t.status = Status::Finished,
             _ => return,
         }
+        st.runnable_dirty = true;
         st.progress += 1;
         if st.running == Some(tid) {
             st.choose(None);
@@ -593,12 +636,14 @@ impl Core {
             if me.deadlocked {
                 me.deadlocked = false;
                 me.status = Status::Runnable;
+                st.runnable_dirty = true;
                 return Wait::Deadlock;
             }
             if st.free {
                 if let Some(me) = st.threads.get_mut(&tid) {
                     if matches!(me.status, Status::Blocked { .. }) {
                         me.status = Status::Runnable;
+                        st.runnable_dirty = true;
                     }
                 }
                 return Wait::Free;
