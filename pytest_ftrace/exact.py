@@ -111,11 +111,13 @@ def _stack_of(frame) -> list[tuple]:
     return out
 
 
-def _block(run, resource: int, timed: bool, what: object) -> str:
-    """Block the calling managed thread on `resource`; returns the core's answer."""
+def _block(run, resource: int, timed: bool, what: object, timeout: float | None = None) -> str:
+    """Block the calling managed thread on `resource`; returns the core's answer. A timed
+    block ends (virtually) when nothing else can run, the one with the shortest `timeout`
+    first."""
     me = run.sched_me()
     _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_tid", None))
-    answer = run.sched_block(resource, timed)
+    answer = run.sched_block(resource, timed, timeout)
     if answer == "deadlock":
         raise DeadlockError(_deadlock_report(run, me))
     _WAITING.pop(me, None)
@@ -212,7 +214,7 @@ class _CoopLock:
             if not blocking:
                 return False
             if run is not None:
-                answer = _block(run, id(self), timeout >= 0, self)
+                answer = _block(run, id(self), timeout >= 0, self, timeout)
                 if answer == "timeout":
                     return False
                 if answer != "free":
@@ -270,6 +272,11 @@ class _CoopLock:
 class _CoopRLock(_CoopLock):
     _reentrant = True
     _kind = "RLock"
+
+    def _recursion_count(self) -> int:
+        """How often the calling thread holds it (0 if it does not), as RLock says; the
+        standard library asks (multiprocessing's resource tracker, for one)."""
+        return self._count if self._owner == _thread.get_ident() else 0
 
 
 class _Waiter:
@@ -339,7 +346,7 @@ class _CoopCondition:
             while not waiter.notified:
                 run = _managed()
                 if run is not None:
-                    answer = _block(run, id(waiter), timeout is not None, self)
+                    answer = _block(run, id(waiter), timeout is not None, self, timeout)
                     if answer == "timeout":
                         return waiter.notified
                     if answer != "free":
@@ -423,9 +430,10 @@ def sleep(seconds: float) -> None:
     if seconds == 0:
         run.sched_point()
         return None
-    # Virtual time: the sleeper goes on once nothing else can run (or is woken never).
+    # Virtual time: the sleeper goes on once nothing else can run and no shorter timed wait
+    # is pending (it is woken by nobody).
     sleeper = _Sleeper()
-    if _block(run, id(sleeper), True, sleeper) == "free":
+    if _block(run, id(sleeper), True, sleeper, seconds) == "free":
         _real_sleep(seconds)
     return None
 
@@ -466,7 +474,7 @@ def _thread_join(self, timeout: float | None = None) -> None:
     if run is not None and tid is not None and getattr(self, "_ftrace_run", None) is run:
         waited = _ThreadWait(self, tid)
         while run.sched_live(tid):
-            answer = _block(run, id(self), timeout is not None, waited)
+            answer = _block(run, id(self), timeout is not None, waited, timeout)
             if answer == "timeout":
                 return None
             if answer == "free":

@@ -423,11 +423,29 @@ impl Run {
     }
 
     /// Exact mode: block the calling thread on `resource` until it is woken (or, `timed`, until
-    /// nothing else can run): "woken", "timeout", "deadlock" or "free".
-    fn sched_block(&self, py: Python<'_>, resource: u64, timed: bool) -> PyResult<&'static str> {
+    /// nothing else can run; of several such threads, the one whose `timeout` in seconds ends
+    /// first on the round's virtual clock): "woken", "timeout", "deadlock" or "free".
+    #[pyo3(signature = (resource, timed, timeout=None))]
+    fn sched_block(
+        &self,
+        py: Python<'_>,
+        resource: u64,
+        timed: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<&'static str> {
         let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         let Some(tid) = tid else { return Ok("free") };
-        Ok(py.detach(move || core.block(tid, resource, timed)).name())
+        let timeout_ns = timed.then(|| {
+            let seconds = timeout.unwrap_or(0.0);
+            if seconds.is_finite() && seconds > 0.0 {
+                (seconds * 1e9).min(u64::MAX as f64 / 2.0) as u64
+            } else {
+                0
+            }
+        });
+        Ok(py
+            .detach(move || core.block_for(tid, resource, timeout_ns))
+            .name())
     }
 
     /// Exact mode: make the threads blocked on `resource` runnable; returns how many.

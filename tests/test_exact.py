@@ -454,3 +454,49 @@ def test_native_run_checks_the_mode_and_scheduler():
     assert run.sched_me() is None
     assert run.sched_round(0) is None
     assert run.sched_point() == "free"  # a thread the run does not manage just goes on
+
+
+HELPER_HOLDS_A_LOCK = """
+import threading
+from pytest_ftrace import ThreadConfig, run_thread
+
+class Account:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.balance = 100
+
+    def try_deposit(self, amount):
+        if not self.lock.acquire(timeout=0.1):
+            return False
+        try:
+            self.balance += amount
+            return True
+        finally:
+            self.lock.release()
+
+class Holding(ThreadConfig):
+    def __init__(self, account):
+        self.account = account
+
+    def set_up_thread(self):
+        self.account.lock.acquire()
+
+    def tear_down_thread(self):
+        self.account.lock.release()
+
+SHARED = Account()
+
+@run_thread(Holding(SHARED))
+def test_refused_while_held():
+    assert SHARED.try_deposit(10) is False
+"""
+
+
+def test_a_helper_holding_a_lock_takes_turns_with_the_other_threads(pytester):
+    # Each thread's helper waits (30 s timeout) for the lock the other helper holds, while
+    # that thread's deposit gives up after 0.1 s: virtual time ends the shorter wait first,
+    # so no helper set-up times out.
+    pytester.makepyfile(HELPER_HOLDS_A_LOCK)
+    result = exact(pytester, "--seed", "1", "--threads", "2", "--iterations", "5")
+    result.assert_outcomes(passed=1)
+    assert "HelperTimeout" not in result.stdout.str()

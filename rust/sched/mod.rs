@@ -113,6 +113,8 @@ struct Thread {
     ident: u64,
     timed_out: bool,
     deadlocked: bool,
+    /// When a timed block ends, on the round's virtual clock (ns).
+    wake_at: u64,
     /// Where the thread waits to go on: (code object address, instruction offset), or
     /// [`AT_START`] / [`AT_SYNC`].
     at: Location,
@@ -171,6 +173,8 @@ struct State {
     /// of a thread's status or of the set of threads).
     runnable_buf: Vec<u32>,
     runnable_dirty: bool,
+    /// The round's virtual clock (ns): advanced only when every thread waits with a timeout.
+    vnow: u64,
 }
 
 impl State {
@@ -202,14 +206,25 @@ impl State {
     fn choose_among(&mut self, runnable: &mut Vec<u32>, current: Option<u32>) -> bool {
         let mut timeout_wake = false;
         if runnable.is_empty() {
+            // Virtual time: when nothing else can run, the clock jumps to the earliest end of
+            // a timed block, and the threads whose block ends then may go on (timed out).
             self.runnable_dirty = true; // the list below is not the runnable one
-                                        // Virtual time: a timed block ends when nothing else can run.
-            runnable.extend(
-                self.threads
-                    .iter()
-                    .filter(|(_, t)| matches!(t.status, Status::Blocked { timed: true, .. }))
-                    .map(|(&id, _)| id),
-            );
+            let timed = |t: &Thread| matches!(t.status, Status::Blocked { timed: true, .. });
+            if let Some(first) = self
+                .threads
+                .values()
+                .filter(|t| timed(t))
+                .map(|t| t.wake_at)
+                .min()
+            {
+                self.vnow = self.vnow.max(first);
+                runnable.extend(
+                    self.threads
+                        .iter()
+                        .filter(|(_, t)| timed(t) && t.wake_at == first)
+                        .map(|(&id, _)| id),
+                );
+            }
             timeout_wake = true;
         }
         if runnable.is_empty() {
@@ -289,6 +304,7 @@ impl Core {
                 pending: HashSet::new(),
                 runnable_buf: Vec::new(),
                 runnable_dirty: true,
+                vnow: 0,
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
         }
@@ -345,6 +361,7 @@ impl Core {
             st.round = Some(round);
             st.threads.clear();
             st.runnable_dirty = true;
+            st.vnow = 0;
             st.expected = expected;
             st.started = false;
             st.first_arrival = None;
@@ -370,6 +387,7 @@ impl Core {
                 ident,
                 timed_out: false,
                 deadlocked: false,
+                wake_at: 0,
                 at: AT_START,
             },
         );
@@ -416,6 +434,7 @@ impl Core {
                 ident: 0,
                 timed_out: false,
                 deadlocked: false,
+                wake_at: 0,
                 at: AT_START,
             },
         );
@@ -483,6 +502,14 @@ impl Core {
     /// `tid` cannot go on until `resource` is woken (or, when `timed`, until nothing else
     /// can run). Another thread is chosen meanwhile.
     pub fn block(&self, tid: u32, resource: u64, timed: bool) -> Wait {
+        self.block_for(tid, resource, timed.then_some(0))
+    }
+
+    /// [`Core::block`] with the timeout in nanoseconds (None: untimed). When nothing can run,
+    /// the block that ends first on the round's virtual clock times out first, so a thread
+    /// waiting 0.1 s gives up before one waiting 30 s, as it would in real time.
+    pub fn block_for(&self, tid: u32, resource: u64, timeout_ns: Option<u64>) -> Wait {
+        let timed = timeout_ns.is_some();
         let mut st = self.state.lock();
         if st.free {
             return Wait::Free;
@@ -490,11 +517,13 @@ impl Core {
         if st.pending.remove(&resource) {
             return Wait::Woken;
         }
+        let vnow = st.vnow;
         match st.threads.get_mut(&tid) {
             Some(t) if t.status == Status::Runnable => {
                 t.status = Status::Blocked { resource, timed };
                 t.timed_out = false;
                 t.at = AT_SYNC;
+                t.wake_at = vnow.saturating_add(timeout_ns.unwrap_or(0));
             }
             _ => return Wait::Free,
         }
@@ -871,6 +900,41 @@ mod tests {
         assert_eq!(core.block(0, 5, true), Wait::TimedOut);
         core.exit(0);
         assert!(core.round(0).unwrap().exact);
+    }
+
+    #[test]
+    fn the_shortest_timed_block_times_out_first() {
+        // Thread 0 waits 30 s, thread 1 waits 0.1 s, thread 2 for a wake that never comes:
+        // with nothing else to run, virtual time ends thread 1's wait first.
+        for seed in 0..8 {
+            let core = Arc::new(Core::new(seed, Policy::Random));
+            let order = Arc::new(Mutex::new(Vec::new()));
+            std::thread::scope(|sc| {
+                for (tid, timeout) in [
+                    (0u32, Some(30_000_000_000u64)),
+                    (1, Some(100_000_000)),
+                    (2, None),
+                ] {
+                    let (core, order) = (Arc::clone(&core), Arc::clone(&order));
+                    sc.spawn(move || {
+                        core.enter(tid, tid as u64, 0, 0, 3);
+                        let w = core.block_for(tid, 100 + tid as u64, timeout);
+                        order.lock().push((tid, w));
+                        if tid == 1 {
+                            core.wake(102); // let thread 2 go too
+                        }
+                        core.exit(tid);
+                    });
+                }
+            });
+            let order = order.lock().clone();
+            assert_eq!(order[0], (1, Wait::TimedOut), "seed {seed}: {order:?}");
+            assert!(order.contains(&(2, Wait::Woken)), "seed {seed}: {order:?}");
+            assert!(
+                order.contains(&(0, Wait::TimedOut)),
+                "seed {seed}: {order:?}"
+            );
+        }
     }
 
     #[test]
