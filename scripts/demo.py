@@ -2,8 +2,11 @@
 """Install pytest-ftrace into a fresh venv and show it at work on examples/.
 
 Uses the newest supported interpreter it finds (3.13t, 3.13, then 3.12; or --python), makes
-.venvs/demo-<name>, installs the package (building the extension), and runs pytest on examples/
-twice: plainly, then with the plugin's options. Extra arguments go to the second pytest run.
+.venvs/demo-<name>, installs the package (building the extension), and runs pytest twice: on
+examples/ without the plugin (everything passes on one thread), then on examples/test_ids.py
+with `--ftrace` (the racy id generator fails, with its seed, schedule and replay line; its
+locked twin passes). Extra arguments go to the second run. Exits 0 when the second run fails
+exactly the racy test, as it should.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from test_all import NAMES, ROOT, find_interpreter, run
 
 DEMO_ARGS = ["examples/", "-v", "-p", "no:cacheprovider"]
+RACE_ARGS = ["examples/test_ids.py", "-v", "-p", "no:cacheprovider", "--ftrace"]
 
 
 def main() -> int:
@@ -36,8 +40,13 @@ def main() -> int:
         return 2
     print(f"\n### examples/ with plain pytest ({name}): all pass on one thread", flush=True)
     run([str(bin_python), "-m", "pytest", *DEMO_ARGS, "-p", "no:ftrace"])
-    print(f"\n### examples/ with pytest-ftrace ({name})", flush=True)
-    return run([str(bin_python), "-m", "pytest", *DEMO_ARGS, *args.pytest_args])
+    print(f"\n### examples/test_ids.py with pytest-ftrace --ftrace ({name})", flush=True)
+    rc = run([str(bin_python), "-m", "pytest", *RACE_ARGS, *args.pytest_args])
+    if rc == 1:
+        print("\ndemo: --ftrace made the racy id generator fail, and its locked twin passed.")
+        return 0
+    print(f"\ndemo: expected the racy test to fail (pytest exit 1), got exit {rc}")
+    return 1
 
 
 if __name__ == "__main__":
