@@ -1,4 +1,5 @@
-"""Per-thread fixture instances, and the thread-aware fixtures.
+"""Per-thread fixture instances (the thread-aware fixtures themselves are in hooks.py, which
+pytest loads in every session; this module is loaded with the runner).
 
 pytest sets a test's fixtures up once, in the main thread, and caches each value for the test.
 For a threaded run every worker thread needs its own instances of the function-scoped fixtures
@@ -23,8 +24,6 @@ from typing import Any
 
 import pytest
 from _pytest.fixtures import resolve_fixture_function
-
-from pytest_ftrace.markers import PLAN_KEY
 
 THREAD_AWARE = ("thread_index", "iteration_index", "num_parallel_threads", "num_iterations")
 
@@ -100,33 +99,3 @@ def _finish_generator(name: str, generator) -> None:
     except StopIteration:
         return
     raise ValueError(f"fixture {name!r} has more than one 'yield'")
-
-
-# The thread-aware fixtures. In a threaded run each worker gets its own values; on the main
-# thread (a plain or single-threaded run) they describe that single execution.
-
-
-@pytest.fixture
-def thread_index() -> int:
-    """Index of the thread running the test body, 0..num_parallel_threads-1."""
-    return 0
-
-
-@pytest.fixture
-def iteration_index() -> int:
-    """Index of the current round, 0..num_iterations-1."""
-    return 0
-
-
-@pytest.fixture
-def num_parallel_threads(request: pytest.FixtureRequest) -> int:
-    """Threads running this test's body at once."""
-    plan = request.node.stash.get(PLAN_KEY, None)
-    return plan.threads if plan is not None and plan.threaded else 1
-
-
-@pytest.fixture
-def num_iterations(request: pytest.FixtureRequest) -> int:
-    """Rounds each thread runs the body for."""
-    plan = request.node.stash.get(PLAN_KEY, None)
-    return plan.iterations if plan is not None and plan.threaded else 1

@@ -173,6 +173,36 @@ class SessionState:
 STATE_KEY = pytest.StashKey[SessionState]()
 
 
+# The thread-aware fixtures. In a threaded run each worker gets its own values; on the main
+# thread (a plain or single-threaded run) they describe that single execution.
+
+
+@pytest.fixture
+def thread_index() -> int:
+    """Index of the thread running the test body, 0..num_parallel_threads-1."""
+    return 0
+
+
+@pytest.fixture
+def iteration_index() -> int:
+    """Index of the current round, 0..num_iterations-1."""
+    return 0
+
+
+@pytest.fixture
+def num_parallel_threads(request: pytest.FixtureRequest) -> int:
+    """Threads running this test's body at once."""
+    plan = request.node.stash.get(markers.PLAN_KEY, None)
+    return plan.threads if plan is not None and plan.threaded else 1
+
+
+@pytest.fixture
+def num_iterations(request: pytest.FixtureRequest) -> int:
+    """Rounds each thread runs the body for."""
+    plan = request.node.stash.get(markers.PLAN_KEY, None)
+    return plan.iterations if plan is not None and plan.threaded else 1
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from pytest_ftrace import _native
 

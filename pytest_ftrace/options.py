@@ -26,20 +26,33 @@ PEER_NAMES: dict[str, frozenset[str]] = {
 }
 
 
+# The distribution each peer plugin comes in.
+PEER_DISTRIBUTIONS = {
+    "run-parallel": "pytest-run-parallel",
+    "freethreaded": "pytest-freethreaded",
+    "threadpool": "pytest-threadpool",
+}
+
+
 @functools.cache
 def installed_peers() -> frozenset[str]:
-    """Entry-point names of the installed peer plugins. Scanning the installed distributions
-    takes milliseconds, so it is done once per process (pytester runs many sessions in one)."""
-    found: set[str] = set()
-    try:
-        for dist in importlib.metadata.distributions():
-            # Most distributions are not pytest plugins: look at the text before parsing it.
-            text = dist.read_text("entry_points.txt")
-            if text and "pytest11" in text:
-                found.update(ep.name for ep in dist.entry_points if ep.group == "pytest11")
-    except Exception:  # a broken distribution must not break option parsing
-        return frozenset()
-    return frozenset(found & PEER_NAMES.keys())
+    """Entry-point names of the installed peer plugins, once per process (pytester runs many
+    sessions in one). Each peer's distribution is looked up by name, which reads no file
+    unless it is installed: reading every distribution's entry points would cost each pytest
+    run time in proportion to the size of the environment."""
+    found = set()
+    for peer in PEER_NAMES:
+        name = PEER_DISTRIBUTIONS[peer]  # every peer needs its distribution's name here
+        try:
+            dist = importlib.metadata.distribution(name)
+            eps = dist.entry_points
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        except Exception:  # a broken distribution must not break option parsing
+            continue
+        if any(ep.group == "pytest11" and ep.name == peer for ep in eps):
+            found.add(peer)
+    return frozenset(found)
 
 
 def active_peers(pluginmanager: pytest.PytestPluginManager) -> set[str]:

@@ -28,15 +28,12 @@ def _skip_assertion_rewriting() -> None:
 
 _skip_assertion_rewriting()
 
-from pytest_ftrace.fixtures import (  # noqa: E402, F401 - pytest finds the fixtures here
+from pytest_ftrace.hooks import (  # noqa: E402, F401 - pytest finds hooks and fixtures here
+    STATE_KEY,
+    SessionState,
     iteration_index,
     num_iterations,
     num_parallel_threads,
-    thread_index,
-)
-from pytest_ftrace.hooks import (  # noqa: E402, F401 - and the hooks
-    STATE_KEY,
-    SessionState,
     pytest_addoption,
     pytest_configure,
     pytest_make_collect_report,
@@ -45,4 +42,5 @@ from pytest_ftrace.hooks import (  # noqa: E402, F401 - and the hooks
     pytest_runtest_makereport,
     pytest_runtest_setup,
     pytest_terminal_summary,
+    thread_index,
 )
