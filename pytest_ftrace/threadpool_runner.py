@@ -338,6 +338,7 @@ class Runner:
                 context = wave.done.get(timeout=self._wait_seconds(wave))
             except queue.Empty:
                 self._check_timeouts(wave)
+                self._ensure_members(min(self.workers, len(wave.pending)))
                 continue
             self._check_timeouts(wave)
             with wave.lock:
@@ -409,8 +410,15 @@ class Runner:
         starter.start()
 
     def _start_threads(self, count: int) -> None:
-        for _ in range(count):
-            self._start_thread()
+        for started in range(count):
+            try:
+                self._start_thread()
+            except BaseException:
+                # The main thread sees the pool short and starts the missing threads itself
+                # (or raises the error there): a wave never waits for threads that never come.
+                with self.pool:
+                    self.members -= count - started
+                return
 
     def _start_thread(self) -> None:
         self._thread_ids += 1

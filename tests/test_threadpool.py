@@ -933,6 +933,40 @@ def pytest_runtest_logreport(report):
     result.stdout.fnmatch_lines(["*leaked worker thread ftrace-threadpool-*test_hangs*"])
 
 
+def test_workers_the_starter_thread_cannot_start_are_started_by_the_main_thread(tp):
+    tp.makeconftest(
+        CONFTEST
+        + """
+import time
+
+_start = threading.Thread.start
+
+def _start_on_main_only(self):
+    if self.name.startswith("ftrace-threadpool") and (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        time.sleep(0.5)  # fail after the wave has been handed to the pool
+        raise RuntimeError("can't start new thread")
+    return _start(self)
+
+threading.Thread.start = _start_on_main_only
+"""
+    )
+    tp.makepyfile(
+        test_start="""
+        import pytest
+        from conftest import meet
+        pytestmark = pytest.mark.parallelizable("children")
+        def test_a():
+            meet("started")
+        def test_b():
+            meet("started")
+        """
+    )
+    result = tp.runpytest_subprocess("-p", "no:randomly", "--threadpool", "2", timeout=60)
+    result.assert_outcomes(passed=2)
+
+
 def test_pytest_exit_in_a_worker_ends_the_session(tp):
     tp.makepyfile(
         test_exit="""
