@@ -167,6 +167,14 @@ def _describe(what: object) -> str:
 # -- cooperative primitives -------------------------------------------------------------------
 
 
+# Where a cooperative stand-in for a lock or condition made outside the test came from.
+OUTSIDE = "made outside the test (a cooperative stand-in for the real one during it)"
+
+
+def _origin(made_at: str) -> str:
+    return made_at if made_at == OUTSIDE else f"made at {made_at}"
+
+
 class _CoopLock:
     """A lock whose waits go through the core. Owner-checked like RLock when reentrant."""
 
@@ -181,11 +189,11 @@ class _CoopLock:
         self._made_at = _site(3)
 
     def _ftrace_describe(self) -> str:
-        return f"{self._kind} made at {self._made_at}"
+        return f"{self._kind} {_origin(self._made_at)}"
 
     def __repr__(self) -> str:
         state = "locked" if self._owner is not None else "unlocked"
-        return f"<cooperative {self._kind} {state}, made at {self._made_at}>"
+        return f"<cooperative {self._kind} {state}, {_origin(self._made_at)}>"
 
     def _try(self, me: int, tid) -> bool:
         with self._mutex:
@@ -297,7 +305,7 @@ class _CoopCondition:
         self._made_at = _site(2)
 
     def _ftrace_describe(self) -> str:
-        return f"Condition made at {self._made_at}"
+        return f"Condition {_origin(self._made_at)}"
 
     @property
     def _owner_tid(self):
@@ -502,6 +510,7 @@ _PATCHES = (
 
 
 _REAL_LOCK_TYPES = (type(_real_lock()), type(threading.RLock()))
+_REAL_CONDITION = threading.Condition
 _SWAPPED: list[tuple[object, object, object, object]] = []  # (container, key, real, coop)
 _SCAN_LIMIT = 200  # items looked at per container
 _NOT_SCANNED = (type, types.ModuleType, types.FunctionType, types.MethodType)
@@ -523,7 +532,9 @@ def _swap_locks(scope, roots=()) -> None:
     seen: set[int] = set()
 
     def visit(container, key, value, depth: int) -> None:
-        if isinstance(value, _REAL_LOCK_TYPES):
+        if isinstance(value, _REAL_LOCK_TYPES) or type(value) is _REAL_CONDITION:
+            # A real Condition is swapped whole (it holds bound methods of its lock): that
+            # covers the Event, Semaphore, Barrier and Queue objects built on one.
             if type(container) in (dict, list):
                 found[id(value)] = value
                 places.setdefault(id(value), []).append((container, key))
@@ -583,14 +594,38 @@ def _swap_locks(scope, roots=()) -> None:
     for key, lock in found.items():
         if key in bad:
             continue
+        if type(lock) is _REAL_CONDITION:
+            coop = _cooperative_condition(lock)
+            if coop is None:
+                continue
+            for container, slot in places[key]:
+                container[slot] = coop
+                _SWAPPED.append((container, slot, lock, coop))
+            continue
         if not lock.acquire(False):  # held now: leave it alone
             continue
         lock.release()
         coop = _CoopRLock() if isinstance(lock, _REAL_LOCK_TYPES[1]) else _CoopLock()
-        coop._made_at = "outside the test (stands in for a real lock during it)"
+        coop._made_at = OUTSIDE
         for container, slot in places[key]:
             container[slot] = coop
             _SWAPPED.append((container, slot, lock, coop))
+
+
+def _cooperative_condition(real):
+    """A cooperative condition to stand in for `real` during the test, or None when it is in
+    use now (a waiter, or its lock held)."""
+    if real._waiters:
+        return None
+    inner = real._lock
+    if not inner.acquire(False):
+        return None
+    inner.release()
+    lock = _CoopRLock() if isinstance(inner, _REAL_LOCK_TYPES[1]) else _CoopLock()
+    lock._made_at = OUTSIDE
+    coop = _CoopCondition(lock)
+    coop._made_at = OUTSIDE
+    return coop
 
 
 def _restore_locks() -> None:

@@ -500,3 +500,46 @@ def test_a_helper_holding_a_lock_takes_turns_with_the_other_threads(pytester):
     result = exact(pytester, "--seed", "1", "--threads", "2", "--iterations", "5")
     result.assert_outcomes(passed=1)
     assert "HelperTimeout" not in result.stdout.str()
+
+
+MODULE_LEVEL_PRIMITIVES = """
+import threading
+
+first, second = threading.Lock(), threading.Lock()
+both_hold_one = threading.Barrier(2)
+ready = threading.Event()
+slots = threading.BoundedSemaphore(1)
+
+def test_event_and_semaphore_made_at_import(thread_index):
+    if thread_index == 0:
+        ready.set()
+    assert ready.wait(timeout=5)
+    with slots:
+        pass
+
+def test_opposite_lock_order(thread_index):
+    mine, theirs = (first, second) if thread_index == 0 else (second, first)
+    with mine:
+        both_hold_one.wait()
+        with theirs:
+            pass
+"""
+
+
+def test_primitives_made_at_import_are_cooperative(pytester):
+    # The Barrier, Event and Semaphore are built on real Conditions made before the test:
+    # they stand in cooperative ones, so the lock-order deadlock is found at once (not by
+    # the --ftrace-timeout watchdog) and the safe test never waits in C.
+    pytester.makepyfile(MODULE_LEVEL_PRIMITIVES)
+    result = exact(pytester, "--seed", "3", "--threads", "2", "--iterations", "3")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert "unmanaged blocking" not in out
+    assert "did not finish within" not in out
+    result.stdout.fnmatch_lines(
+        [
+            "*DeadlockError: deadlock: every managed thread is blocked",
+            "*thread 0 waits for Lock made outside the test* held by thread 1",
+            "*wait-for cycle: thread 0 -> thread 1 -> thread 0",
+        ]
+    )
