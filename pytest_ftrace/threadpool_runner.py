@@ -28,6 +28,7 @@ from pytest_ftrace.threadpool_state import (
     Patches,
     SetupStateProxy,
     ThreadSetupState,
+    cache_hook_proxies,
     new_log_handlers,
     patch_plugins,
 )
@@ -147,6 +148,7 @@ class Runner:
     def _install(self) -> None:
         Patches.install()
         self._restore_plugins = patch_plugins(self.config)
+        self._restore_hook_proxies = cache_hook_proxies(self.session)
         self.proxy = SetupStateProxy(self.session._setupstate)
         self.session._setupstate = self.proxy
 
@@ -156,6 +158,7 @@ class Runner:
         if self.proxy is None:
             return
         self._restore_plugins()
+        self._restore_hook_proxies()
         Patches.uninstall()
         self.proxy = None
 

@@ -595,6 +595,53 @@ def test_fixture_scopes(tp):
     run(tp, "--threadpool", "2").assert_outcomes(passed=5)
 
 
+def test_a_conftest_hook_applies_only_below_its_directory(tp):
+    """The runner caches each path's hook proxy; conftests below a path still count only there."""
+    hook = """
+def pytest_runtest_setup(item):
+    item.stash.setdefault(SEEN, []).append(DIRECTORY)
+"""
+    tp.makepyfile(
+        **{
+            "a/conftest.py": "import pytest\nSEEN = pytest.StashKey()\nDIRECTORY = 'a'\n" + hook,
+            "b/conftest.py": "import pytest\nSEEN = pytest.StashKey()\nDIRECTORY = 'b'\n" + hook,
+            "a/test_a.py": """
+            import pytest
+            from conftest import meet
+            pytestmark = pytest.mark.parallelizable("children")
+
+            def _seen(node):
+                import a.conftest
+                import b.conftest
+                return node.stash.get(a.conftest.SEEN, []) + node.stash.get(b.conftest.SEEN, [])
+
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_a(n, request):
+                meet("a")
+                assert _seen(request.node) == ["a"]
+            """,
+            "b/test_b.py": """
+            import pytest
+            from conftest import meet
+            pytestmark = pytest.mark.parallelizable("children")
+
+            def _seen(node):
+                import a.conftest
+                import b.conftest
+                return node.stash.get(a.conftest.SEEN, []) + node.stash.get(b.conftest.SEEN, [])
+
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_b(n, request):
+                meet("b")
+                assert _seen(request.node) == ["b"]
+            """,
+            "a/__init__.py": "",
+            "b/__init__.py": "",
+        }
+    )
+    run(tp, "--threadpool", "2").assert_outcomes(passed=4)
+
+
 def test_fixture_errors_are_reported_against_the_right_test(tp):
     tp.makepyfile(
         test_errors="""
