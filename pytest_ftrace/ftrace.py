@@ -50,7 +50,7 @@ CACHE_KEY = "ftrace/seed"
 REPLAY_KEY = "ftrace/replay/"  # + hash: one failing round's decision list (exact mode)
 LAST_KEY = "ftrace/replay/last"
 DEFAULT_THREADS = 4
-DEFAULT_ITERATIONS = 20
+DEFAULT_ITERATIONS = 40
 DEFAULT_REPLAY_RUNS = 10
 DEFAULT_SHRINK_SECONDS = 1.0
 # Exact mode, mix policy: about this many hand-overs between threads in a long round (each
