@@ -3,7 +3,7 @@
 For each interpreter (3.12, 3.13, 3.13t; those whose venv exists under .venvs/):
 
 - detection: R runs (seeds 1..R) of `pytest benches/corpus --ftrace --ftrace-mode exact
-  --seed S` (the --ftrace defaults: 4 threads x 20 rounds); for each corpus test, in how many
+  --seed S` (the --ftrace defaults: 4 threads x 40 rounds); for each corpus test, in how many
   runs it failed.
   Racy tests should fail in every run (goal: at least 95 %), safe ones in none.
 - replay fidelity: for each racy test, the replay: line of its first failing run is run
