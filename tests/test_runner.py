@@ -487,6 +487,9 @@ def test_ctrl_c_during_a_threaded_test_stops_the_session(pytester):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A suite started in the background (`cmd &`) inherits SIGINT ignored, and Python
+        # then installs no KeyboardInterrupt handler: give the child the default back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for _ in range(600):
