@@ -530,6 +530,9 @@ def _swap_locks(scope, roots=()) -> None:
     found: dict[int, object] = {}
     places: dict[int, list[tuple[object, object]]] = {}
     seen: set[int] = set()
+    # Objects whose attribute dict the scan went through: on 3.13 such an object refers to
+    # its attribute values itself (inline values), which a swap in the dict replaces too.
+    owners: set[int] = set()
 
     def visit(container, key, value, depth: int) -> None:
         if isinstance(value, _REAL_LOCK_TYPES) or type(value) is _REAL_CONDITION:
@@ -557,6 +560,7 @@ def _swap_locks(scope, roots=()) -> None:
             except TypeError:
                 return
             if type(attrs) is dict:
+                owners.add(id(value))
                 for k, v in list(attrs.items())[:_SCAN_LIMIT]:
                     visit(attrs, k, v, depth - 1)
 
@@ -582,6 +586,8 @@ def _swap_locks(scope, roots=()) -> None:
             continue  # ours, or a frame's locals (this one's, on 3.13): transient
         if type(referrer) in (dict, list):
             continue  # a container the scan saw, or e.g. a hook call's keyword arguments
+        if id(referrer) in owners:
+            continue  # holds it through the attribute dict the scan saw
         if (
             type(referrer) is tuple
             and len(referrer) == len(locks)
