@@ -7,13 +7,13 @@ the test seed, its thread index and the round (see `_native.derive_seed`), so a 
 run with many tests, or in an xdist worker (every worker uses the controller's session seed),
 replays in a run of that test alone.
 
-Modes. `--ftrace-mode chaos` (the default) lets the threads run free and injects seeded yields
-and delays: that is what finds races inside native code on free-threaded builds.
-`--ftrace-mode exact` runs them one at a time and lets a scheduler choose who goes on at every
-hooked access (`--ftrace-scheduler`: mix, the default, draws aligned, uniform random or PCT per
-round; see `pytest_ftrace/exact.py` and `rust/sched/`). Exact mode meets the goals of issue 5 on
-benches/corpus (benches/bench_exact.py); making it the default is one line (DEFAULT_MODE), left
-for when the tests and docs that describe chaos output are updated with it.
+Modes. `--ftrace-mode exact` (the default) runs the threads one at a time and lets a scheduler
+choose who goes on at every hooked access (`--ftrace-scheduler`: mix, the default, draws
+aligned, uniform random or PCT per round; see `pytest_ftrace/exact.py` and `rust/sched/`), so a
+failing interleaving replays exactly. `--ftrace-mode chaos` lets the threads run free and
+injects seeded yields and delays: that is what finds races inside native code on free-threaded
+builds. The options themselves are registered in options.py, so that this module loads only in
+runs that use --ftrace.
 
 Replay. A failing test prints `replay: pytest '<nodeid>' --ftrace --seed N --ftrace-replay T`,
 where T = `t<threads>i<iteration>` names the thread count and the first failing round. Running it
@@ -41,6 +41,15 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_ftrace import options
+from pytest_ftrace.options import (  # noqa: F401 - the defaults live with the options
+    DEFAULT_ITERATIONS,
+    DEFAULT_MODE,
+    DEFAULT_REPLAY_RUNS,
+    DEFAULT_SHRINK_SECONDS,
+    DEFAULT_SWITCH_BUDGET,
+    DEFAULT_THREADS,
+    MODES,
+)
 
 if TYPE_CHECKING:  # imported when a threaded test runs, not when pytest starts
     from pytest_ftrace.report import Outcome
@@ -49,113 +58,10 @@ if TYPE_CHECKING:  # imported when a threaded test runs, not when pytest starts
 CACHE_KEY = "ftrace/seed"
 REPLAY_KEY = "ftrace/replay/"  # + hash: one failing round's decision list (exact mode)
 LAST_KEY = "ftrace/replay/last"
-DEFAULT_THREADS = 4
-DEFAULT_ITERATIONS = 40
-DEFAULT_REPLAY_RUNS = 10
-DEFAULT_SHRINK_SECONDS = 1.0
-# Exact mode, mix policy: about this many hand-overs between threads in a long round (each
-# wakes an OS thread; short rounds keep a hand-over chance of 1/2 at every point).
-DEFAULT_SWITCH_BUDGET = 48
-MODES = ("chaos", "exact")
-DEFAULT_MODE = "exact"
+
 MODE = DEFAULT_MODE  # kept for importers of the old constant
 _TOKEN = re.compile(r"^t(\d+)i(\d+)(?:k(\d+))?(?:x([0-9a-f]{6,40}))?$")
 _SCHEDULER = re.compile(r"^(random|mix|pct|aligned)(\d*)$")
-
-
-def add_options(group, parser, pluginmanager) -> None:
-    options.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-seed",
-        aliases=("--seed",),
-        dest="ftrace_seed",
-        default=None,
-        type=parse_seed_option,
-        metavar="N|last|random",
-        help="session seed for --ftrace: a whole number, 'last' (the previous run's, from the "
-        "pytest cache) or 'random' (default). ini: ftrace_seed",
-    )
-    group.addoption(
-        "--ftrace-include",
-        action="append",
-        dest="ftrace_include",
-        default=None,
-        metavar="GLOB",
-        help="module glob to instrument as well (repeatable). ini: ftrace_include",
-    )
-    group.addoption(
-        "--ftrace-exclude",
-        action="append",
-        dest="ftrace_exclude",
-        default=None,
-        metavar="GLOB",
-        help="module glob never to instrument (repeatable). ini: ftrace_exclude",
-    )
-    group.addoption(
-        "--ftrace-replay",
-        dest="ftrace_replay",
-        default=None,
-        type=parse_token,
-        metavar="TOKEN",
-        help="re-run the failing round a replay: line names, and report how often it failed",
-    )
-    group.addoption(
-        "--ftrace-replay-runs",
-        dest="ftrace_replay_runs",
-        default=DEFAULT_REPLAY_RUNS,
-        type=options.positive_int("--ftrace-replay-runs"),
-        metavar="K",
-        help=f"how many times --ftrace-replay re-runs the round (default {DEFAULT_REPLAY_RUNS})",
-    )
-    group.addoption(
-        "--ftrace-policy",
-        action="append",
-        dest="ftrace_policy",
-        default=None,
-        type=parse_policy_item,
-        metavar="KEY=VALUE",
-        help="tune the injection (repeatable): yield_probability, delay_probability, "
-        "sleep_share, max_spin_ns, max_sleep_us. ini: ftrace_policy",
-    )
-    group.addoption(
-        "--ftrace-mode",
-        dest="ftrace_mode",
-        default=None,
-        choices=MODES,
-        help="exact: run the threads one at a time and choose who goes on at every hooked "
-        "access (replays exactly); chaos: free-running threads with injected yields and delays "
-        f"(default {DEFAULT_MODE}). ini: ftrace_mode",
-    )
-    group.addoption(
-        "--ftrace-scheduler",
-        dest="ftrace_scheduler",
-        default=None,
-        type=parse_scheduler,
-        metavar="mix[B]|random|pct[D]|aligned[P]",
-        help="exact mode's policy: mix (default: each round draws aligned, random or pct3, "
-        f"with about B hand-overs in a long round, default {DEFAULT_SWITCH_BUDGET}), "
-        "random (uniform), pct (PCT with depth D, default 3), aligned (threads kept abreast; "
-        "the one at a point goes on with P percent, default 50). ini: ftrace_scheduler",
-    )
-    group.addoption(
-        "--ftrace-shrink",
-        dest="ftrace_shrink",
-        default=DEFAULT_SHRINK_SECONDS,
-        type=float,
-        metavar="SECONDS",
-        help="exact mode: after a failure, search this long for a schedule with fewer "
-        f"preemptions that fails the same way (default {DEFAULT_SHRINK_SECONDS:g}; 0: off)",
-    )
-    parser.addini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
-    parser.addini(
-        "ftrace_scheduler", "exact mode's policy: mix[B], random, pct[D] or aligned[P]", default=""
-    )
-    parser.addini("ftrace_policy", "injection policy, KEY=VALUE per line", type="linelist")
-    parser.addini("ftrace_seed", "session seed for --ftrace (N, last or random)", default="")
-    parser.addini("ftrace_include", "module globs to instrument as well", type="linelist")
-    parser.addini("ftrace_exclude", "module globs never to instrument", type="linelist")
 
 
 def parse_seed_option(value: str) -> int | str:

@@ -7,84 +7,21 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_ftrace import ftrace, gil, isolate, markers, options, threadpool
+from pytest_ftrace import gil, markers, options
+
+if TYPE_CHECKING:  # loaded only in the runs that use them
+    from pytest_ftrace.ftrace import FtraceSession
+
+# The sessions configured in this process, innermost last (pytester runs nest them).
+ACTIVE_CONFIGS: list[pytest.Config] = []
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
-    group = parser.getgroup("ftrace", "thread-safety testing (pytest-ftrace)")
-    group.addoption(
-        "--ftrace",
-        action="store_true",
-        default=False,
-        help="inject seeded yields and delays at shared-state accesses so races fail every run",
-    )
-    opt = options
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-threads",
-        aliases=("--threads", "--parallel-threads"),
-        dest="ftrace_threads",
-        type=opt.positive_int_or_auto("--threads"),
-        default=None,
-        metavar="N|auto",
-        help="run each test body in N threads at once (auto: usable CPUs). ini: ftrace_threads",
-    )
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-iterations",
-        aliases=("--iterations", "--executions"),
-        dest="ftrace_iterations",
-        type=opt.positive_int("--iterations"),
-        default=None,
-        metavar="M",
-        help="rounds per test; each thread runs the body once per round. ini: ftrace_iterations",
-    )
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-require-gil-disabled",
-        aliases=("--require-gil-disabled",),
-        dest="ftrace_require_gil_disabled",
-        action="store_true",
-        default=None,
-        help="refuse a build whose GIL is on, and fail the run if a module re-enables it. "
-        "ini: ftrace_require_gil_disabled",
-    )
-    opt.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-timeout",
-        dest="ftrace_timeout",
-        type=opt.positive_float("--ftrace-timeout"),
-        default=None,
-        metavar="SECONDS",
-        help="bound each test's threaded execution; on expiry the test fails with every "
-        f"thread's stack (default {opt.DEFAULT_TIMEOUT:g}). ini: ftrace_timeout",
-    )
-    parser.addini("ftrace_threads", "threads per test (N or auto)", default="")
-    parser.addini("ftrace_iterations", "rounds per test", default="")
-    parser.addini("ftrace_require_gil_disabled", "refuse a GIL-enabled build", type="bool")
-    parser.addini("ftrace_timeout", "seconds a test's threaded execution may take", default="")
-    opt.add_ini(
-        parser,
-        pluginmanager,
-        "thread_unsafe_fixtures",
-        "fixtures that make a test run on one thread (added to the built-in list)",
-        type="linelist",
-        default=[],
-    )
-    ftrace.add_options(group, parser, pluginmanager)
-    threadpool.add_options(group, parser, pluginmanager)
-    isolate.add_options(group, parser, pluginmanager)
+    options.add_options(parser, pluginmanager)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -104,23 +41,38 @@ def pytest_configure(config: pytest.Config) -> None:
             "(with PYTHON_GIL unset or 0)"
         )
     state = config.stash[STATE_KEY] = SessionState(settings, peers)
+    ACTIVE_CONFIGS.append(config)
+    config.add_cleanup(lambda: ACTIVE_CONFIGS.remove(config))
     if config.option.ftrace:
+        from pytest_ftrace import ftrace
+
         state.ftrace = config.stash[ftrace.SESSION_KEY] = ftrace.FtraceSession(config)
         config.pluginmanager.register(_FtraceClose(state.ftrace), "ftrace-close")
         if config.pluginmanager.hasplugin("xdist"):
             config.pluginmanager.register(_XdistSeed(), "ftrace-xdist")
-    threadpool.configure(config)
-    isolate.configure(config)
+    workers = options.threadpool_workers(config)
+    if workers is not None:
+        from pytest_ftrace import threadpool
+
+        threadpool.configure(config, workers)
+    if options.isolate_requested(config):
+        from pytest_ftrace import isolate
+
+        isolate.configure(config)
 
 
 class _XdistSeed:
-    pytest_configure_node = staticmethod(ftrace.pytest_configure_node)
+    @staticmethod
+    def pytest_configure_node(node) -> None:
+        from pytest_ftrace.ftrace import pytest_configure_node
+
+        pytest_configure_node(node)
 
 
 class _FtraceClose:
     """Registered with --ftrace only: every hook the plugin has costs each session time."""
 
-    def __init__(self, session: ftrace.FtraceSession) -> None:
+    def __init__(self, session: FtraceSession) -> None:
         self.session = session
 
     def pytest_unconfigure(self) -> None:
@@ -140,14 +92,14 @@ def _settings(config: pytest.Config) -> options.Settings:
             "ftrace_threads",
             "ftrace_threads",
             options.positive_int_or_auto("threads"),
-            ftrace.DEFAULT_THREADS if on else 1,
+            options.DEFAULT_THREADS if on else 1,
         ),
         iterations=options.resolve(
             config,
             "ftrace_iterations",
             "ftrace_iterations",
             options.positive_int("iterations"),
-            ftrace.DEFAULT_ITERATIONS if on else 1,
+            options.DEFAULT_ITERATIONS if on else 1,
         ),
         require_gil_disabled=require,
         thread_unsafe_fixtures=frozenset(unsafe),
@@ -167,7 +119,7 @@ class SessionState:
         self.peers = peers
         self.single: list[tuple[str, str]] = []  # (nodeid, reason) of tests run on one thread
         self.gil = gil.Watch()
-        self.ftrace: ftrace.FtraceSession | None = None
+        self.ftrace: FtraceSession | None = None
 
 
 STATE_KEY = pytest.StashKey[SessionState]()
@@ -355,7 +307,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             terminalreporter.line(f"{nodeid}: {reason}")
 
 
-def ftrace_summary(tr, session: ftrace.FtraceSession, verbose: int) -> None:
+def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
     for nodeid, reproduced, runs in session.replays:
         tr.line(f"ftrace replay: {nodeid}: reproduced {reproduced}/{runs}")
     if verbose <= 0 or not session.stats:

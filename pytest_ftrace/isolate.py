@@ -1,9 +1,10 @@
 """--ftrace-isolate: run tests in a child process so an interpreter crash fails only that test.
 
-This module holds the option, its validation, and the SessionGuard (registered in every session:
-it reports the threads a watchdog gave up on, and ends a process that still has them at
-shutdown with os._exit). The runner itself is in isolate_runner, imported only when
---ftrace-isolate is on: the plugin is imported by every pytest run, so this stays small.
+This module holds the option's validation, and the SessionGuard (registered in every session
+once a watchdog has given up on a thread: it reports those threads, and ends a process that
+still has them at shutdown with os._exit). The option itself is registered in options.py, and
+this module is imported only when it is given or a thread leaks; the runner is in
+isolate_runner, imported only when --ftrace-isolate is on.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -17,7 +18,6 @@ import pytest
 
 MODES = ("test", "module")
 _OFF = ("off", "no", "none", "false", "0")
-_ACTIVE_CONFIGS = [0]  # sessions configured in this process (pytester runs nest them)
 
 
 def parse_mode(value: str) -> str:
@@ -41,23 +41,6 @@ def parse_mode(value: str) -> str:
 parse_mode.__name__ = "--ftrace-isolate"
 
 
-def add_options(group, parser, pluginmanager) -> None:
-    """Register --ftrace-isolate and its ini key."""
-    group.addoption(
-        "--ftrace-isolate",
-        dest="ftrace_isolate",
-        nargs="?",
-        const="test",
-        default=None,
-        type=parse_mode,
-        metavar="test|module",
-        help="run tests in a forked child process, one per test (default) or per module, so "
-        "a crash (segfault, abort, os._exit) fails only that test; each test is then also "
-        "bounded by twice --ftrace-timeout. ini: ftrace_isolate",
-    )
-    parser.addini("ftrace_isolate", "run tests in a child process: test, module or off", default="")
-
-
 def resolve_mode(config: pytest.Config) -> str | None:
     value = config.getoption("ftrace_isolate", None)
     if value is not None:
@@ -78,8 +61,7 @@ def resolve_mode(config: pytest.Config) -> str | None:
 
 
 def configure(config: pytest.Config) -> None:
-    """Register the session guard, and the isolating runner when --ftrace-isolate is given."""
-    config.pluginmanager.register(SessionGuard(), "ftrace-guard")
+    """Register the isolating runner (called when --ftrace-isolate or its ini key is given)."""
     mode = resolve_mode(config)
     if mode is None or config.getoption("collectonly", False):
         return
@@ -101,15 +83,20 @@ def _runner_if_loaded():
     return getattr(package, "runner", None) or sys.modules.get("pytest_ftrace.runner")
 
 
+def guard_sessions(configs: list[pytest.Config]) -> None:
+    """Register a SessionGuard in each configured session that has none (called by the stress
+    runner when it leaks a thread: the sessions that enclose a pytester run need one too)."""
+    for config in configs:
+        if not config.pluginmanager.has_plugin("ftrace-guard"):
+            config.pluginmanager.register(SessionGuard(config, configs), "ftrace-guard")
+
+
 class SessionGuard:
     """Reports leaked threads at the end of the session, and does not wait for them."""
 
-    def __init__(self) -> None:
-        self.session: pytest.Session | None = None
-        _ACTIVE_CONFIGS[0] += 1
-
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        self.session = session
+    def __init__(self, config: pytest.Config, configs: list[pytest.Config]) -> None:
+        self.config = config
+        self.configs = configs  # the sessions configured in this process, innermost last
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         runner = _runner_if_loaded()
@@ -126,13 +113,15 @@ class SessionGuard:
 
     @pytest.hookimpl(trylast=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
-        _ACTIVE_CONFIGS[0] -= 1
         runner = _runner_if_loaded()
-        if runner is None or not runner.leaked_alive() or _ACTIVE_CONFIGS[0] > 0:
+        # An enclosing session (pytester) is still running while this one is in the list too.
+        nested = any(other is not config for other in self.configs)
+        if runner is None or not runner.leaked_alive() or nested:
             return
         # A leaked thread may never finish: interpreter shutdown would wait for it (not daemon)
         # or run while it still holds locks (daemon). Everything is reported by now.
-        status = getattr(self.session, "exitstatus", 1)
+        session = config.pluginmanager.get_plugin("session")
+        status = getattr(session, "exitstatus", 1)
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             try:
                 stream.flush()

@@ -21,6 +21,9 @@ MARKERS = [
     "ftrace(threads=None, iterations=None): run this test's body in `threads` threads for "
     "`iterations` rounds (pytest-ftrace)",
     "thread_unsafe(reason=None): run this test on one thread (pytest-ftrace)",
+    "parallelizable(scope): under --threadpool, let tests below this node run concurrently; "
+    "scope: children, parameters or all",
+    "not_parallelizable: under --threadpool, run these tests one at a time",
 ]
 PEER_MARKERS = {
     "run-parallel": [

@@ -12,11 +12,22 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.metadata
+import importlib.util
 import os
 
 import pytest
 
 DEFAULT_TIMEOUT = 300.0
+# --ftrace (ftrace.py re-exports these; the help texts below need them without importing it)
+DEFAULT_THREADS = 4
+DEFAULT_ITERATIONS = 40
+DEFAULT_REPLAY_RUNS = 10
+DEFAULT_SHRINK_SECONDS = 1.0
+# Exact mode, mix policy: about this many hand-overs between threads in a long round (each
+# wakes an OS thread; short rounds keep a hand-over chance of 1/2 at every point).
+DEFAULT_SWITCH_BUDGET = 48
+MODES = ("chaos", "exact")
+DEFAULT_MODE = "exact"
 
 # Names that installed peer plugins (by pytest11 entry-point name) define themselves.
 PEER_NAMES: dict[str, frozenset[str]] = {
@@ -26,29 +37,31 @@ PEER_NAMES: dict[str, frozenset[str]] = {
 }
 
 
-# The distribution each peer plugin comes in.
+# The distribution each peer plugin comes in, and the top-level module its plugin is in.
 PEER_DISTRIBUTIONS = {
-    "run-parallel": "pytest-run-parallel",
-    "freethreaded": "pytest-freethreaded",
-    "threadpool": "pytest-threadpool",
+    "run-parallel": ("pytest-run-parallel", "pytest_run_parallel"),
+    "freethreaded": ("pytest-freethreaded", "pytest_freethreaded"),
+    "threadpool": ("pytest-threadpool", "pytest_threadpool"),
 }
 
 
 @functools.cache
 def installed_peers() -> frozenset[str]:
     """Entry-point names of the installed peer plugins, once per process (pytester runs many
-    sessions in one). Each peer's distribution is looked up by name, which reads no file
-    unless it is installed: reading every distribution's entry points would cost each pytest
-    run time in proportion to the size of the environment."""
+    sessions in one).
+
+    A peer whose module cannot be found cannot be loaded either: that check reads the import
+    system's cached directory listings. Only then is its distribution looked up, by name. A
+    lookup costs about 0.4 ms per name even when nothing is found, and reading every
+    distribution's entry points would cost in proportion to the size of the environment."""
     found = set()
     for peer in PEER_NAMES:
-        name = PEER_DISTRIBUTIONS[peer]  # every peer needs its distribution's name here
+        dist_name, module = PEER_DISTRIBUTIONS[peer]  # every peer needs both here
         try:
-            dist = importlib.metadata.distribution(name)
-            eps = dist.entry_points
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        except Exception:  # a broken distribution must not break option parsing
+            if importlib.util.find_spec(module) is None:
+                continue
+            eps = importlib.metadata.distribution(dist_name).entry_points
+        except Exception:  # not installed, or broken: it must not break option parsing
             continue
         if any(ep.group == "pytest11" and ep.name == peer for ep in eps):
             found.add(peer)
@@ -64,38 +77,14 @@ def active_peers(pluginmanager: pytest.PytestPluginManager) -> set[str]:
     return found
 
 
-# The names defined on the last parser seen: (parser, its option and ini count then, names).
-# add_option and add_ini keep it up to date, so registering our options reads the parser's
-# options once, not once per option.
-_DEFINED: list = [None, -1, frozenset()]
-
-
-def _size(parser: pytest.Parser) -> int:
-    groups = [parser._anonymous, *parser._groups]
-    return sum(len(group.options) for group in groups) + len(parser._inidict)
-
-
-def _defined(parser: pytest.Parser) -> set[str]:
-    size = _size(parser)
-    if _DEFINED[0] is not parser or _DEFINED[1] != size:
-        names: set[str] = set(parser._inidict)
-        for group in [parser._anonymous, *parser._groups]:
-            for option in group.options:
-                names.update(option.names())
-        _DEFINED[:] = [parser, size, names]
-    return _DEFINED[2]
-
-
-def _defined_now(parser: pytest.Parser, names) -> None:
-    """Record names we have just registered on the parser."""
-    if _DEFINED[0] is parser:
-        _DEFINED[2].update(names)
-        _DEFINED[1] = _size(parser)
-
-
 def taken_names(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> set[str]:
-    """Option and ini names we must not register: already defined, or owned by a peer."""
-    taken = set(_defined(parser))
+    """Option and ini names we must not register: already defined, or owned by a peer.
+
+    Read once per session: our own names do not clash with each other."""
+    taken: set[str] = set(parser._inidict)
+    for group in [parser._anonymous, *parser._groups]:
+        for option in group.options:
+            taken.update(option.names())
     for peer in active_peers(pluginmanager):
         taken |= PEER_NAMES[peer]
     return taken
@@ -161,18 +150,268 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def add_option(group, parser, pluginmanager, canonical: str, aliases=(), **kwargs) -> None:
-    """Register `canonical` plus each alias that no other plugin has taken."""
-    taken = taken_names(parser, pluginmanager)
-    names = [canonical] + [a for a in aliases if a not in taken]
-    group.addoption(*names, **kwargs)
-    _defined_now(parser, names)
+def lazy_type(module: str, name: str, what: str):
+    """An argparse type that imports `module` and calls its `name` when the option is given.
+
+    pytest imports the plugin and registers its options in every run; the modules behind
+    --ftrace, --threadpool and --ftrace-isolate load only in runs that use them."""
+
+    def parse(value: str):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(value)
+
+    parse.__name__ = what
+    return parse
 
 
-def add_ini(parser, pluginmanager, name: str, help: str, **kwargs) -> None:
-    if name not in taken_names(parser, pluginmanager):
-        parser.addini(name, help, **kwargs)
-        _defined_now(parser, (name,))
+class _Registrar:
+    """Registers options and ini keys, leaving out the aliases another plugin has taken."""
+
+    def __init__(self, parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager):
+        self.parser = parser
+        self.group = parser.getgroup("ftrace", "thread-safety testing (pytest-ftrace)")
+        self.taken = taken_names(parser, pluginmanager)
+
+    def option(self, canonical: str, *aliases: str, **kwargs) -> None:
+        names = [canonical, *(alias for alias in aliases if alias not in self.taken)]
+        self.group.addoption(*names, **kwargs)
+
+    def ini(self, name: str, help: str, **kwargs) -> None:
+        if name not in self.taken:
+            self.parser.addini(name, help, **kwargs)
+
+
+def add_options(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """Every option and ini key of the plugin (its pytest_addoption)."""
+    add = _Registrar(parser, pluginmanager)
+    _add_runner_options(add)
+    _add_ftrace_options(add)
+    _add_threadpool_options(add)
+    _add_isolate_options(add)
+
+
+def _add_runner_options(add: _Registrar) -> None:
+    add.option(
+        "--ftrace",
+        action="store_true",
+        default=False,
+        help="inject seeded yields and delays at shared-state accesses so races fail every run",
+    )
+    add.option(
+        "--ftrace-threads",
+        "--threads",
+        "--parallel-threads",
+        dest="ftrace_threads",
+        type=positive_int_or_auto("--threads"),
+        default=None,
+        metavar="N|auto",
+        help="run each test body in N threads at once (auto: usable CPUs). ini: ftrace_threads",
+    )
+    add.option(
+        "--ftrace-iterations",
+        "--iterations",
+        "--executions",
+        dest="ftrace_iterations",
+        type=positive_int("--iterations"),
+        default=None,
+        metavar="M",
+        help="rounds per test; each thread runs the body once per round. ini: ftrace_iterations",
+    )
+    add.option(
+        "--ftrace-require-gil-disabled",
+        "--require-gil-disabled",
+        dest="ftrace_require_gil_disabled",
+        action="store_true",
+        default=None,
+        help="refuse a build whose GIL is on, and fail the run if a module re-enables it. "
+        "ini: ftrace_require_gil_disabled",
+    )
+    add.option(
+        "--ftrace-timeout",
+        dest="ftrace_timeout",
+        type=positive_float("--ftrace-timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="bound each test's threaded execution; on expiry the test fails with every "
+        f"thread's stack (default {DEFAULT_TIMEOUT:g}). ini: ftrace_timeout",
+    )
+    add.ini("ftrace_threads", "threads per test (N or auto)", default="")
+    add.ini("ftrace_iterations", "rounds per test", default="")
+    add.ini("ftrace_require_gil_disabled", "refuse a GIL-enabled build", type="bool")
+    add.ini("ftrace_timeout", "seconds a test's threaded execution may take", default="")
+    add.ini(
+        "thread_unsafe_fixtures",
+        "fixtures that make a test run on one thread (added to the built-in list)",
+        type="linelist",
+        default=[],
+    )
+
+
+def _add_ftrace_options(add: _Registrar) -> None:
+    ftrace = "pytest_ftrace.ftrace"
+    add.option(
+        "--ftrace-seed",
+        "--seed",
+        dest="ftrace_seed",
+        default=None,
+        type=lazy_type(ftrace, "parse_seed_option", "--seed"),
+        metavar="N|last|random",
+        help="session seed for --ftrace: a whole number, 'last' (the previous run's, from the "
+        "pytest cache) or 'random' (default). ini: ftrace_seed",
+    )
+    add.option(
+        "--ftrace-include",
+        action="append",
+        dest="ftrace_include",
+        default=None,
+        metavar="GLOB",
+        help="module glob to instrument as well (repeatable). ini: ftrace_include",
+    )
+    add.option(
+        "--ftrace-exclude",
+        action="append",
+        dest="ftrace_exclude",
+        default=None,
+        metavar="GLOB",
+        help="module glob never to instrument (repeatable). ini: ftrace_exclude",
+    )
+    add.option(
+        "--ftrace-replay",
+        dest="ftrace_replay",
+        default=None,
+        type=lazy_type(ftrace, "parse_token", "--ftrace-replay"),
+        metavar="TOKEN",
+        help="re-run the failing round a replay: line names, and report how often it failed",
+    )
+    add.option(
+        "--ftrace-replay-runs",
+        dest="ftrace_replay_runs",
+        default=DEFAULT_REPLAY_RUNS,
+        type=positive_int("--ftrace-replay-runs"),
+        metavar="K",
+        help=f"how many times --ftrace-replay re-runs the round (default {DEFAULT_REPLAY_RUNS})",
+    )
+    add.option(
+        "--ftrace-policy",
+        action="append",
+        dest="ftrace_policy",
+        default=None,
+        type=lazy_type(ftrace, "parse_policy_item", "--ftrace-policy"),
+        metavar="KEY=VALUE",
+        help="tune the injection (repeatable): yield_probability, delay_probability, "
+        "sleep_share, max_spin_ns, max_sleep_us. ini: ftrace_policy",
+    )
+    add.option(
+        "--ftrace-mode",
+        dest="ftrace_mode",
+        default=None,
+        choices=MODES,
+        help="exact: run the threads one at a time and choose who goes on at every hooked "
+        "access (replays exactly); chaos: free-running threads with injected yields and delays "
+        f"(default {DEFAULT_MODE}). ini: ftrace_mode",
+    )
+    add.option(
+        "--ftrace-scheduler",
+        dest="ftrace_scheduler",
+        default=None,
+        type=lazy_type(ftrace, "parse_scheduler", "--ftrace-scheduler"),
+        metavar="mix[B]|random|pct[D]|aligned[P]",
+        help="exact mode's policy: mix (default: each round draws aligned, random or pct3, "
+        f"with about B hand-overs in a long round, default {DEFAULT_SWITCH_BUDGET}), "
+        "random (uniform), pct (PCT with depth D, default 3), aligned (threads kept abreast; "
+        "the one at a point goes on with P percent, default 50). ini: ftrace_scheduler",
+    )
+    add.option(
+        "--ftrace-shrink",
+        dest="ftrace_shrink",
+        default=DEFAULT_SHRINK_SECONDS,
+        type=float,
+        metavar="SECONDS",
+        help="exact mode: after a failure, search this long for a schedule with fewer "
+        f"preemptions that fails the same way (default {DEFAULT_SHRINK_SECONDS:g}; 0: off)",
+    )
+    add.ini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
+    add.ini(
+        "ftrace_scheduler", "exact mode's policy: mix[B], random, pct[D] or aligned[P]", default=""
+    )
+    add.ini("ftrace_policy", "injection policy, KEY=VALUE per line", type="linelist")
+    add.ini("ftrace_seed", "session seed for --ftrace (N, last or random)", default="")
+    add.ini("ftrace_include", "module globs to instrument as well", type="linelist")
+    add.ini("ftrace_exclude", "module globs never to instrument", type="linelist")
+
+
+def _add_threadpool_options(add: _Registrar) -> None:
+    add.option(
+        "--ftrace-threadpool",
+        "--threadpool",
+        dest="ftrace_threadpool",
+        type=positive_int_or_auto("--threadpool"),
+        default=None,
+        metavar="N|auto",
+        help="run tests marked parallelizable concurrently in N worker threads "
+        "(auto: usable CPUs). ini: ftrace_threadpool",
+    )
+    add.option(
+        "--ftrace-threadpool-default",
+        dest="ftrace_threadpool_default",
+        type=lazy_type(
+            "pytest_ftrace.threadpool", "parse_default_scope", "--ftrace-threadpool-default"
+        ),
+        default=None,
+        metavar="SCOPE",
+        help="parallelizable scope of unmarked tests under --threadpool: none (default), "
+        "children, parameters or all. ini: ftrace_threadpool_default",
+    )
+    add.ini("ftrace_threadpool", "worker threads for --threadpool (N or auto)", default="")
+    add.ini("threadpool", "worker threads (N or auto); alias", default="")
+    add.ini(
+        "ftrace_threadpool_default",
+        "parallelizable scope of unmarked tests: none, children, parameters or all",
+        default="",
+    )
+
+
+def _add_isolate_options(add: _Registrar) -> None:
+    add.option(
+        "--ftrace-isolate",
+        dest="ftrace_isolate",
+        nargs="?",
+        const="test",
+        default=None,
+        type=lazy_type("pytest_ftrace.isolate", "parse_mode", "--ftrace-isolate"),
+        metavar="test|module",
+        help="run tests in a forked child process, one per test (default) or per module, so "
+        "a crash (segfault, abort, os._exit) fails only that test; each test is then also "
+        "bounded by twice --ftrace-timeout. ini: ftrace_isolate",
+    )
+    add.ini("ftrace_isolate", "run tests in a child process: test, module or off", default="")
+
+
+def threadpool_workers(config: pytest.Config) -> int | None:
+    """--threadpool's worker count (option > ini), or None when it is off."""
+    workers = resolve(
+        config,
+        "ftrace_threadpool",
+        "ftrace_threadpool",
+        positive_int_or_auto("ftrace_threadpool"),
+        None,
+    )
+    if workers is None and "threadpool" not in active_peers(config.pluginmanager):
+        raw = ini_value(config, "threadpool")
+        if raw is not None:
+            try:
+                workers = positive_int_or_auto("threadpool")(raw)
+            except argparse.ArgumentTypeError as exc:
+                raise pytest.UsageError(f"ini key threadpool: {exc}") from None
+    return workers
+
+
+def isolate_requested(config: pytest.Config) -> bool:
+    """--ftrace-isolate or its ini key is given (possibly as off: isolate.configure decides)."""
+    if config.option.ftrace_isolate is not None:
+        return True
+    return ini_value(config, "ftrace_isolate") is not None
 
 
 def ini_value(config: pytest.Config, name: str):

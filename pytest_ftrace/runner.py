@@ -39,6 +39,13 @@ def leaked_alive() -> list[tuple[str, threading.Thread]]:
     return [(nodeid, thread) for nodeid, thread in LEAKED if thread.is_alive()]
 
 
+def _guard_sessions() -> None:
+    """Make every session in this process report the leak and not wait for it at exit."""
+    from pytest_ftrace import hooks, isolate
+
+    isolate.guard_sessions(hooks.ACTIVE_CONFIGS)
+
+
 class Hang(Exception):
     """The test's threaded execution did not finish within the timeout."""
 
@@ -118,6 +125,7 @@ class ThreadedRun:
                 outcome.failures.append(Failure(first, self._rounds[first], hang, "call"))
             leaked = alive + started
             LEAKED.extend((self.item.nodeid, t) for t in leaked)
+            _guard_sessions()
             blocking = [t.name for t in started if not t.daemon]
             outcome.notes.append(
                 f"leaked threads: {', '.join(t.name for t in leaked)} were still running when "

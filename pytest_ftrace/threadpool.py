@@ -102,41 +102,6 @@ not_parallelizable: pytest.MarkDecorator = pytest.mark.not_parallelizable
 """Run the marked tests one at a time, whatever the markers above them say."""
 
 
-def add_options(group, parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
-    """Register the threadpool options and ini keys (called from plugin.pytest_addoption)."""
-    options.add_option(
-        group,
-        parser,
-        pluginmanager,
-        "--ftrace-threadpool",
-        aliases=("--threadpool",),
-        dest="ftrace_threadpool",
-        type=options.positive_int_or_auto("--threadpool"),
-        default=None,
-        metavar="N|auto",
-        help="run tests marked parallelizable concurrently in N worker threads "
-        "(auto: usable CPUs). ini: ftrace_threadpool",
-    )
-    group.addoption(
-        "--ftrace-threadpool-default",
-        dest="ftrace_threadpool_default",
-        type=_default_scope("--ftrace-threadpool-default"),
-        default=None,
-        metavar="SCOPE",
-        help="parallelizable scope of unmarked tests under --threadpool: none (default), "
-        "children, parameters or all. ini: ftrace_threadpool_default",
-    )
-    parser.addini("ftrace_threadpool", "worker threads for --threadpool (N or auto)", default="")
-    options.add_ini(
-        parser, pluginmanager, "threadpool", "worker threads (N or auto); alias", default=""
-    )
-    parser.addini(
-        "ftrace_threadpool_default",
-        "parallelizable scope of unmarked tests: none, children, parameters or all",
-        default="",
-    )
-
-
 def _default_scope(what: str):
     def parse(value: str) -> str:
         value = str(value).strip()
@@ -150,37 +115,12 @@ def _default_scope(what: str):
     return parse
 
 
-def _workers(config: pytest.Config) -> int | None:
-    workers = options.resolve(
-        config,
-        "ftrace_threadpool",
-        "ftrace_threadpool",
-        options.positive_int_or_auto("ftrace_threadpool"),
-        None,
-    )
-    if workers is None and "threadpool" not in options.active_peers(config.pluginmanager):
-        raw = options.ini_value(config, "threadpool")
-        if raw is not None:
-            try:
-                workers = options.positive_int_or_auto("threadpool")(raw)
-            except argparse.ArgumentTypeError as exc:
-                raise pytest.UsageError(f"ini key threadpool: {exc}") from None
-    return workers
+parse_default_scope = _default_scope("--ftrace-threadpool-default")
 
 
-def configure(config: pytest.Config) -> None:
-    """Validate the options and register the threadpool runner (called from pytest_configure)."""
-    config.addinivalue_line(
-        "markers",
-        "parallelizable(scope): under --threadpool, let tests below this node run concurrently; "
-        "scope: children, parameters or all",
-    )
-    config.addinivalue_line(
-        "markers", "not_parallelizable: under --threadpool, run these tests one at a time"
-    )
-    workers = _workers(config)
-    if workers is None:
-        return
+def configure(config: pytest.Config, workers: int) -> None:
+    """Validate the options and register the threadpool runner (called from pytest_configure
+    when --threadpool is on: options.threadpool_workers)."""
     default = options.resolve(
         config,
         "ftrace_threadpool_default",

@@ -104,3 +104,44 @@ def test_plugin_modules_skip_the_rewriting_hook_and_tests_keep_it(pytester: pyte
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["E       assert (1 + 1) == 3"])
+
+
+_LOADED_PROBE = """
+import json, os, sys
+
+def test_probe():
+    names = sorted(n for n in sys.modules if n.startswith("pytest_ftrace."))
+    with open(os.environ["FTRACE_PROBE_OUT"], "w") as f:
+        json.dump(names, f)
+"""
+
+
+def _loaded_modules(pytester: pytest.Pytester, *args: str) -> set[str]:
+    import json
+
+    out = pytester.path / "loaded.json"
+    pytester.makepyfile(test_probe=_LOADED_PROBE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTRACE_PROBE_OUT", str(out))
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", *args)
+    assert result.ret == 0, result.stdout.str()
+    return set(json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize(
+    "args, needed",
+    [
+        ((), set()),
+        (("--ftrace", "--ftrace-seed", "5"), {"pytest_ftrace.ftrace"}),
+        (("--threadpool", "2"), {"pytest_ftrace.threadpool"}),
+        (("--ftrace-isolate",), {"pytest_ftrace.isolate"}),
+        (("--ftrace-isolate=off",), {"pytest_ftrace.isolate"}),
+    ],
+)
+def test_feature_modules_load_only_in_the_runs_that_use_them(pytester, args, needed):
+    """Every pytest run imports the plugin: --ftrace, --threadpool and --ftrace-isolate have
+    their options registered without importing their modules (start-up time, issue 3)."""
+    features = {"pytest_ftrace.ftrace", "pytest_ftrace.threadpool", "pytest_ftrace.isolate"}
+    loaded = _loaded_modules(pytester, *args)
+    assert {"pytest_ftrace.hooks", "pytest_ftrace.options"} <= loaded
+    assert loaded & features == needed
