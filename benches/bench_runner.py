@@ -6,15 +6,17 @@ For each interpreter (3.12, 3.13, 3.13t; those whose venv exists under .venvs/):
   our venv (.venvs/<py>) and with `--parallel-threads 8 --iterations 25` in a separate venv
   holding pytest-run-parallel 0.10.0 (.venvs/bench-run-parallel-<py>, made on first use from
   the same base interpreter, with the same pytest version as ours);
-- time `--collect-only -q` with our plugin against plain pytest (`-p no:ftrace`), same venv.
+- time `--collect-only -q` with our plugin against plain pytest (`-p no:ftrace`), same venv,
+  and plain pytest against itself (the noise floor).
 
-The two sides of each comparison run interleaved, K times each, one untimed warm-up first;
-each side's median is compared. Every run's outcome is checked (exit code, exactly the
+The sides of each comparison run interleaved, K times each, one untimed warm-up first; the
+collection rounds run their four sides in a shuffled order and are compared round by round,
+with a 95% confidence interval. Every run's outcome is checked (exit code, exactly the
 expected number of tests passed and nothing else, and a counter test that fails unless the
 body ran threads x iterations times), so a broken run is never timed as a fast one.
 
     python3 benches/bench_runner.py [--python 3.12 --python 3.13t] [--repeat 5]
-        [--collect-repeat 25] [--instructions] [--collection-only] [--no-bytecode-cache] [--keep]
+        [--collect-repeat 60] [--instructions] [--collection-only] [--no-bytecode-cache] [--keep]
 
 Collection is also shown as the fastest run, the CPU time and, with --instructions, the
 instructions one run executes (valgrind; the same whatever the load): start-up costs of a few
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -619,6 +622,20 @@ def interleaved(sides: list[Side], suite: Path, expected: int, repeat: int) -> N
             run_once(side, suite, expected, record=True)
 
 
+def shuffled(sides: list[Side], suite: Path, expected: int, repeat: int) -> None:
+    """One untimed warm-up each, then `repeat` rounds, each in its own order (seeded, so every
+    run of the benchmark uses the same orders): a side that always ran first, or after the
+    same other side, would carry whatever that position costs."""
+    order_rng = random.Random(20261201)
+    for side in sides:
+        run_once(side, suite, expected, record=False)
+    for _ in range(repeat):
+        order = list(sides)
+        order_rng.shuffle(order)
+        for side in order:
+            run_once(side, suite, expected, record=True)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -658,9 +675,30 @@ def _pair(ours: float, peer: float) -> str:
     return f"{ours:.2f} / {peer:.2f} = {ours / peer:.2f}x"
 
 
-def _paired(side: Side, base: Side) -> float:
-    """Median over the rounds of side's time / base's time in the same round."""
-    return _median([a / b for a, b in zip(side.walls, base.walls, strict=True)])
+def _median_ci(values: list[float]) -> tuple[float, float, float]:
+    """(median, low, high): a distribution-free 95% confidence interval for the median, from
+    the order statistics (the binomial count of values under the median, normal-approximated)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 1.96 * n**0.5 / 2
+    low = max(0, int(n / 2 - half))
+    high = min(n - 1, int(n / 2 + half + 0.999))
+    return statistics.median(ordered), ordered[low], ordered[high]
+
+
+def _paired_ci(side: Side, bases: list[Side]) -> tuple[float, float, float]:
+    """Median (and its 95% interval) over the rounds of side's time / the mean of the bases'
+    times in the same round."""
+    ratios = [
+        wall * len(bases) / sum(base.walls[k] for base in bases)
+        for k, wall in enumerate(side.walls)
+    ]
+    return _median_ci(ratios)
+
+
+def _ci(value: tuple[float, float, float]) -> str:
+    median, low, high = value
+    return f"{median:.3f}x [{low:.3f}-{high:.3f}]"
 
 
 def _ratio3(values) -> str:
@@ -697,9 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--collect-repeat",
         type=int,
-        default=25,
-        help="timed runs per side of the collection comparison (default 25; each takes well "
-        "under a second, and a 5%% goal needs more runs than a 10%% one to stand out of the noise)",
+        default=60,
+        help="rounds of the collection comparison, one timed run per side each (default 60; "
+        "a run takes well under a second, and a 5%% goal needs many to stand out of the noise)",
     )
     parser.add_argument(
         "--no-bytecode-cache",
@@ -792,24 +830,29 @@ def main(argv: list[str] | None = None) -> int:
 
             collect = ["--collect-only"]
             plain = Side("plain", ours_python, [*collect, "-p", "no:ftrace"], "collected", tag)
+            # The same command again: how far two runs of one thing differ on this machine now.
+            again = Side("plain again", ours_python, plain.args, "collected", tag)
             ours_c = Side("ours", ours_python, collect, "collected", tag)
             ours_cs = Side("ours+opts", ours_python, [*collect, *stress], "collected", tag)
-            interleaved([ours_cs, plain, ours_c], suite, expected, args.collect_repeat)
+            shuffled([plain, again, ours_c, ours_cs], suite, expected, args.collect_repeat)
             p, c, cs = _median(plain.walls), _median(ours_c.walls), _median(ours_cs.walls)
-            # Each round runs the three sides back to back, so they share the machine's load:
-            # the median of the rounds' own ratios moves far less with other work than the
-            # ratio of the medians does. The goal is judged on it.
-            rc, rcs = _paired(ours_c, plain), _paired(ours_cs, plain)
+            # Each round runs the four sides back to back (in a shuffled order), so they share
+            # the machine's speed then: the median of the rounds' own ratios moves far less
+            # with other work than the ratio of the medians does. The goal is judged on it.
+            rc, rcs = _paired_ci(ours_c, [plain, again]), _paired_ci(ours_cs, [plain, again])
+            aa = _paired_ci(again, [plain])
+            worse = max(rc[0], rcs[0])
             collect_rows.append(
                 [
                     name,
                     f"{p:.3f}",
                     f"{c:.3f}",
-                    f"{c / p:.3f}x",
                     f"{cs:.3f}",
-                    f"{cs / p:.3f}x",
-                    f"{rc:.3f}x, {rcs:.3f}x",
-                    _verdict(max(rc, rcs), COLLECT_GOAL),
+                    _ci(rc),
+                    _ci(rcs),
+                    _ci(aa),
+                    _verdict(worse, COLLECT_GOAL)
+                    + ("" if max(rc[2], rcs[2]) <= COLLECT_GOAL else " (CI reaches over)"),
                 ]
             )
             collect_other_rows.append(
@@ -849,15 +892,16 @@ def main(argv: list[str] | None = None) -> int:
             "  fastest wall: min of the runs; cpu: median of the child's user+system time;\n"
             "  pytest session: median of pytest's own 'in X.XXs' (no interpreter start-up)"
         )
-    print(f"\nCollection, --collect-only -q (median of {args.collect_repeat})")
-    header = ["interpreter", "plain (s)", "ours (s)", "ratio", "ours+opts (s)", "ratio"]
-    header += ["paired ratios", "goal"]
+    print(f"\nCollection, --collect-only -q ({args.collect_repeat} rounds)")
+    header = ["interpreter", "plain (s)", "ours (s)", "ours+opts (s)", "ours / plain"]
+    header += ["ours+opts / plain", "plain again / plain", "goal"]
     print(_table(header, collect_rows))
     print(
         "  plain: -p no:ftrace; ours: plugin on, no options; ours+opts: plugin on with\n"
-        f"  --threads {THREADS} --iterations {ITERATIONS}; paired: median over the rounds of each\n"
-        "  round's own ratio (the sides of a round run back to back); goal judged on the worse\n"
-        "  paired ratio"
+        f"  --threads {THREADS} --iterations {ITERATIONS}; plain again: plain once more, the\n"
+        "  noise floor. Each round runs the four in a shuffled order; a ratio is the median over\n"
+        "  the rounds of the round's own ratio (to the mean of its two plain runs), with a 95%\n"
+        "  confidence interval for that median in brackets. Goal judged on the worse median."
     )
     print("\nThe same collection runs seen other ways (ours / plain, ours+opts / plain):")
     header = ["interpreter", "fastest wall", "cpu user+sys", "pytest session"]

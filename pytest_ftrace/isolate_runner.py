@@ -539,7 +539,7 @@ def _progress_listener(progress):
 
 
 def _whole_test_bound(config: pytest.Config) -> float:
-    from pytest_ftrace.plugin import STATE_KEY
+    from pytest_ftrace.hooks import STATE_KEY
 
     state = config.stash.get(STATE_KEY, None)
     timeout = state.settings.timeout if state is not None else 300.0
@@ -664,7 +664,7 @@ def _captured_now(config, phase: str) -> list[tuple[str, str]]:
 
 def _extras_mark(config) -> tuple:
     from pytest_ftrace import runner
-    from pytest_ftrace.plugin import STATE_KEY
+    from pytest_ftrace.hooks import STATE_KEY
 
     state = config.stash.get(STATE_KEY, None)
     if state is None:
@@ -681,7 +681,7 @@ def _extras_mark(config) -> tuple:
 
 def _extras_since(config, mark: tuple) -> dict:
     from pytest_ftrace import runner
-    from pytest_ftrace.plugin import STATE_KEY
+    from pytest_ftrace.hooks import STATE_KEY
 
     # Threads the watchdog gave up on in this test that are still running: the child's exit
     # ends them, and the main process names them in its summary.
@@ -729,7 +729,7 @@ def _reissue_warnings(extras: dict) -> None:
 
 
 def _merge_extras(config, extras: dict) -> None:
-    from pytest_ftrace.plugin import STATE_KEY
+    from pytest_ftrace.hooks import STATE_KEY
 
     _reissue_warnings(extras)
     state = config.stash.get(STATE_KEY, None)

@@ -9,8 +9,6 @@ here says PYTEST_DONT_REWRITE, so the hook would load them unchanged anyway.
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
-from __future__ import annotations
-
 import sys
 
 
@@ -29,8 +27,6 @@ def _skip_assertion_rewriting() -> None:
 _skip_assertion_rewriting()
 
 from pytest_ftrace.hooks import (  # noqa: E402, F401 - pytest finds hooks and fixtures here
-    STATE_KEY,
-    SessionState,
     iteration_index,
     num_iterations,
     num_parallel_threads,
@@ -44,3 +40,6 @@ from pytest_ftrace.hooks import (  # noqa: E402, F401 - pytest finds hooks and f
     pytest_terminal_summary,
     thread_index,
 )
+
+# pytest looks at every name here for hooks and fixtures, twice per session: keep only those.
+del sys, _skip_assertion_rewriting
