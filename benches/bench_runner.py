@@ -9,11 +9,12 @@ For each interpreter (3.12, 3.13, 3.13t; those whose venv exists under .venvs/):
 - time `--collect-only -q` with our plugin against plain pytest (`-p no:ftrace`), same venv,
   and plain pytest against itself (the noise floor).
 
-The sides of each comparison run interleaved, K times each, one untimed warm-up first; the
-collection rounds run their four sides in a shuffled order and are compared round by round,
-with a 95% confidence interval. Every run's outcome is checked (exit code, exactly the
-expected number of tests passed and nothing else, and a counter test that fails unless the
-body ran threads x iterations times), so a broken run is never timed as a fast one.
+The two sides of the stress comparison run interleaved, K times each, one untimed warm-up
+first. For collection, each round runs plain pytest at the same time as each of the other
+three, one per CPU, and compares the pair; the median pair ratio gets a 95% interval. Every
+run's outcome is checked (exit code, exactly the expected number of tests passed and nothing
+else, and a counter test that fails unless the body ran threads x iterations times), so a
+broken run is never timed as a fast one.
 
     python3 benches/bench_runner.py [--python 3.12 --python 3.13t] [--repeat 5]
         [--collect-repeat 60] [--instructions] [--collection-only] [--no-bytecode-cache] [--keep]
@@ -622,18 +623,73 @@ def interleaved(sides: list[Side], suite: Path, expected: int, repeat: int) -> N
             run_once(side, suite, expected, record=True)
 
 
-def shuffled(sides: list[Side], suite: Path, expected: int, repeat: int) -> None:
-    """One untimed warm-up each, then `repeat` rounds, each in its own order (seeded, so every
-    run of the benchmark uses the same orders): a side that always ran first, or after the
-    same other side, would carry whatever that position costs."""
-    order_rng = random.Random(20261201)
-    for side in sides:
-        run_once(side, suite, expected, record=False)
+def run_pair(first: Side, second: Side, suite: Path, expected: int) -> tuple[float, float]:
+    """Run the two at the same time, one per CPU, so that both see the machine as it is
+    then; returns (first's wall, second's wall) and records walls and CPU times.
+
+    Run one after the other, the same command on this machine takes from 0.35 s to 0.65 s
+    of CPU time, as the host's speed changes within seconds: the ratio of two sequential
+    runs moves by +-15%. Two runs side by side share those changes."""
+    procs, outputs = [], []
+    started = time.perf_counter()
+    for side in (first, second):
+        out = tempfile.TemporaryFile("w+")
+        outputs.append(out)
+        procs.append(
+            subprocess.Popen(
+                side.command(suite),
+                cwd=suite,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=_env(side.executions, side.tag),
+            )
+        )
+    times: dict[int, tuple[float, float, int]] = {}
+    while len(times) < 2:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in (procs[0].pid, procs[1].pid):
+            wall = time.perf_counter() - started
+            times[pid] = (wall, usage.ru_utime + usage.ru_stime, os.waitstatus_to_exitcode(status))
+    walls = []
+    for side, proc, out in zip((first, second), procs, outputs, strict=True):
+        wall, cpu, code = times[proc.pid]
+        proc.returncode = code
+        out.seek(0)
+        text = out.read()
+        out.close()
+        done = subprocess.CompletedProcess(proc.args, code, text, "")
+        side.inner.append(_check(side, done, expected))
+        side.walls.append(wall)
+        side.cpu.append(cpu)
+        walls.append(wall)
+    return walls[0], walls[1]
+
+
+def paired_rounds(base: Side, others: list[Side], suite: Path, expected: int, repeat: int):
+    """`repeat` rounds; each runs base beside every other side once, in a shuffled order and
+    with either one started first (seeded: every run of the benchmark makes the same
+    choices). Returns, per other side, the list of its wall / base's wall, pair by pair."""
+    rng = random.Random(20261201)
+    ratios: dict[str, list[float]] = {side.label: [] for side in others}
+    cpu_ratios: dict[str, list[float]] = {side.label: [] for side in others}
+    for side in others:  # warm-up: bytecode written, files in the page cache
+        run_pair(base, side, suite, expected)
+    for side in [base, *others]:
+        side.walls.clear()
+        side.inner.clear()
+        side.cpu.clear()
     for _ in range(repeat):
-        order = list(sides)
-        order_rng.shuffle(order)
+        order = list(others)
+        rng.shuffle(order)
         for side in order:
-            run_once(side, suite, expected, record=True)
+            if rng.random() < 0.5:
+                base_wall, wall = run_pair(base, side, suite, expected)
+            else:
+                wall, base_wall = run_pair(side, base, suite, expected)
+            ratios[side.label].append(wall / base_wall)
+            cpu_ratios[side.label].append(side.cpu[-1] / base.cpu[-1])
+    return ratios, cpu_ratios
 
 
 # --------------------------------------------------------------------------- report
@@ -684,16 +740,6 @@ def _median_ci(values: list[float]) -> tuple[float, float, float]:
     low = max(0, int(n / 2 - half))
     high = min(n - 1, int(n / 2 + half + 0.999))
     return statistics.median(ordered), ordered[low], ordered[high]
-
-
-def _paired_ci(side: Side, bases: list[Side]) -> tuple[float, float, float]:
-    """Median (and its 95% interval) over the rounds of side's time / the mean of the bases'
-    times in the same round."""
-    ratios = [
-        wall * len(bases) / sum(base.walls[k] for base in bases)
-        for k, wall in enumerate(side.walls)
-    ]
-    return _median_ci(ratios)
 
 
 def _ci(value: tuple[float, float, float]) -> str:
@@ -834,20 +880,18 @@ def main(argv: list[str] | None = None) -> int:
             again = Side("plain again", ours_python, plain.args, "collected", tag)
             ours_c = Side("ours", ours_python, collect, "collected", tag)
             ours_cs = Side("ours+opts", ours_python, [*collect, *stress], "collected", tag)
-            shuffled([plain, again, ours_c, ours_cs], suite, expected, args.collect_repeat)
-            p, c, cs = _median(plain.walls), _median(ours_c.walls), _median(ours_cs.walls)
-            # Each round runs the four sides back to back (in a shuffled order), so they share
-            # the machine's speed then: the median of the rounds' own ratios moves far less
-            # with other work than the ratio of the medians does. The goal is judged on it.
-            rc, rcs = _paired_ci(ours_c, [plain, again]), _paired_ci(ours_cs, [plain, again])
-            aa = _paired_ci(again, [plain])
+            ratios, cpu_ratios = paired_rounds(
+                plain, [again, ours_c, ours_cs], suite, expected, args.collect_repeat
+            )
+            rc, rcs = _median_ci(ratios["ours"]), _median_ci(ratios["ours+opts"])
+            aa = _median_ci(ratios["plain again"])
             worse = max(rc[0], rcs[0])
             collect_rows.append(
                 [
                     name,
-                    f"{p:.3f}",
-                    f"{c:.3f}",
-                    f"{cs:.3f}",
+                    f"{_median(plain.walls):.3f}",
+                    f"{_median(ours_c.walls):.3f}",
+                    f"{_median(ours_cs.walls):.3f}",
                     _ci(rc),
                     _ci(rcs),
                     _ci(aa),
@@ -859,8 +903,8 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     name,
                     _ratio3(min(c.walls) for c in (ours_c, ours_cs, plain)),
-                    _ratio3(_median(c.cpu) for c in (ours_c, ours_cs, plain)),
-                    _ratio3(_median(c.inner) for c in (ours_c, ours_cs, plain)),
+                    f"{_median(cpu_ratios['ours']):.3f}x, {_median(cpu_ratios['ours+opts']):.3f}x",
+                    f"{_median(cpu_ratios['plain again']):.3f}x",
                 ]
             )
             if args.instructions:
@@ -898,13 +942,14 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(header, collect_rows))
     print(
         "  plain: -p no:ftrace; ours: plugin on, no options; ours+opts: plugin on with\n"
-        f"  --threads {THREADS} --iterations {ITERATIONS}; plain again: plain once more, the\n"
-        "  noise floor. Each round runs the four in a shuffled order; a ratio is the median over\n"
-        "  the rounds of the round's own ratio (to the mean of its two plain runs), with a 95%\n"
-        "  confidence interval for that median in brackets. Goal judged on the worse median."
+        f"  --threads {THREADS} --iterations {ITERATIONS}; plain again: plain once more (the\n"
+        "  noise floor). Each round runs plain beside each of the other three, at the same\n"
+        "  time on the two CPUs; a ratio is the median over the rounds of the pair's own\n"
+        "  ratio, with a 95% confidence interval for that median in brackets. Times: medians.\n"
+        "  Goal judged on the worse median."
     )
     print("\nThe same collection runs seen other ways (ours / plain, ours+opts / plain):")
-    header = ["interpreter", "fastest wall", "cpu user+sys", "pytest session"]
+    header = ["interpreter", "fastest wall", "cpu user+sys (paired)", "cpu, plain again"]
     if args.instructions:
         header.append("instructions (plain; ratios)")
     print(_table(header, collect_other_rows))
