@@ -9,12 +9,12 @@ here says PYTEST_DONT_REWRITE, so the hook would load them unchanged anyway.
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
-import sys
-
 
 def _skip_assertion_rewriting() -> None:
     """Let Python's own loader import the rest of the package. The hook's attributes are
     private; where they are missing, the modules just go through the hook, as before."""
+    import sys
+
     for finder in sys.meta_path:
         marked = getattr(finder, "_must_rewrite", None)
         if isinstance(marked, set) and __package__ in marked:
@@ -42,4 +42,4 @@ from pytest_ftrace.hooks import (  # noqa: E402, F401 - pytest finds hooks and f
 )
 
 # pytest looks at every name here for hooks and fixtures, twice per session: keep only those.
-del sys, _skip_assertion_rewriting
+del _skip_assertion_rewriting
