@@ -17,7 +17,7 @@ else, and a counter test that fails unless the body ran threads x iterations tim
 broken run is never timed as a fast one.
 
     python3 benches/bench_runner.py [--python 3.12 --python 3.13t] [--repeat 5]
-        [--collect-repeat 60] [--instructions] [--collection-only] [--no-bytecode-cache] [--keep]
+        [--collect-repeat 100] [--instructions] [--collection-only] [--no-bytecode-cache] [--keep]
 
 Collection is also shown as the fastest run, the CPU time and, with --instructions, the
 instructions one run executes (valgrind; the same whatever the load): start-up costs of a few
@@ -781,8 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--collect-repeat",
         type=int,
-        default=60,
-        help="rounds of the collection comparison, one timed run per side each (default 60; "
+        default=100,
+        help="rounds of the collection comparison, one timed run per side each (default 100; "
         "a run takes well under a second, and a 5%% goal needs many to stand out of the noise)",
     )
     parser.add_argument(
