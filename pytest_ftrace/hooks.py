@@ -24,6 +24,22 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     options.add_options(parser, pluginmanager)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser, args: list[str]) -> None:
+    """`--ftrace-isolate PATH`: the path is a path (rewritten to `--ftrace-isolate=test PATH`
+    before pytest parses the command line for good, and before it looks for conftests)."""
+    if "--ftrace-isolate" not in args:
+        return
+    before = list(args)
+    options.split_isolate_path(args)
+    if args != before:
+        import copy
+
+        namespace = parser.parse_known_args(args, namespace=copy.copy(early_config.option))
+        early_config.known_args_namespace.file_or_dir = namespace.file_or_dir
+        early_config.known_args_namespace.ftrace_isolate = namespace.ftrace_isolate
+
+
 def pytest_configure(config: pytest.Config) -> None:
     peers = options.active_peers(config.pluginmanager)
     for line in markers.MARKERS:
@@ -120,6 +136,7 @@ class SessionState:
         self.single: list[tuple[str, str]] = []  # (nodeid, reason) of tests run on one thread
         self.gil = gil.Watch()
         self.ftrace: FtraceSession | None = None
+        self.enabled: set[str] = set()  # feature markers seen at collection (_enable_for_markers)
 
 
 STATE_KEY = pytest.StashKey[SessionState]()
@@ -177,7 +194,7 @@ def pytest_make_collect_report(collector: pytest.Collector):
     state.gil.before()
     report = yield
     if report.outcome == "passed":
-        message = _bad_marker(collector, report.result, state.peers)
+        message = _bad_marker(collector, report.result, state)
         if message is not None:  # a collection error, like any other one in this collector
             report.outcome = "failed"
             report.longrepr = message
@@ -189,11 +206,12 @@ def pytest_make_collect_report(collector: pytest.Collector):
     return report
 
 
-def _bad_marker(collector: pytest.Collector, nodes: list, peers: set[str]) -> str | None:
+def _bad_marker(collector: pytest.Collector, nodes: list, state: SessionState) -> str | None:
     """The error for the first collected test whose markers of ours have wrong arguments.
 
     Checked once per collector: a test is looked at closely only if it, or a node above it,
-    carries one of our marker names (most tests have none)."""
+    carries one of our marker names (most tests have none). A test marked `forked` or
+    `ftrace_concurrent` turns on the feature behind the marker for the session."""
     inherited = None
     for node in nodes:
         if not isinstance(node, pytest.Item):
@@ -203,10 +221,28 @@ def _bad_marker(collector: pytest.Collector, nodes: list, peers: set[str]) -> st
         own = node.own_markers  # most tests have none
         if inherited or (own and any(mark.name in markers.OURS for mark in own)):
             try:
-                markers.check_markers(node, peers)
+                markers.check_markers(node, state.peers)
             except markers.MarkerError as exc:
                 return f"{node.name}: {exc}"
+            _enable_for_markers(node, state)
     return None
+
+
+def _enable_for_markers(item: pytest.Item, state: SessionState) -> None:
+    """Register the runner a feature marker needs, once, when the first test carrying it is
+    collected (the runners' hooks are then there for the rest of collection and the run)."""
+    for name in markers.FEATURE_MARKERS - state.enabled:
+        if item.get_closest_marker(name) is None:
+            continue
+        state.enabled.add(name)
+        if name == "forked" and "pytest_forked" not in state.peers:
+            from pytest_ftrace import isolate
+
+            isolate.configure_marked(item.config)
+        elif name == "ftrace_concurrent":
+            from pytest_ftrace import threadpool
+
+            threadpool.configure_implicit(item.config)
 
 
 @pytest.hookimpl(tryfirst=True)

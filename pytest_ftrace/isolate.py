@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-MODES = ("test", "module")
-_OFF = ("off", "no", "none", "false", "0")
+from pytest_ftrace.options import ISOLATE_MODES as MODES
+from pytest_ftrace.options import ISOLATE_OFF as _OFF
 
 
 def parse_mode(value: str) -> str:
@@ -32,7 +32,7 @@ def parse_mode(value: str) -> str:
     hint = ""
     text = str(value).strip()
     if "/" in mode or mode.endswith(".py") or "::" in mode or os.path.exists(text):
-        hint = " (to run a path, write --ftrace-isolate=test before it)"
+        hint = " (to run a path, write --ftrace-isolate=test PATH or --ftrace-isolate PATH)"
     raise argparse.ArgumentTypeError(
         f"--ftrace-isolate takes test, module or off, not {value!r}{hint}"
     )
@@ -41,27 +41,38 @@ def parse_mode(value: str) -> str:
 parse_mode.__name__ = "--ftrace-isolate"
 
 
+def _checked(value: str, where: str) -> str:
+    import argparse
+
+    try:
+        return parse_mode(value)
+    except argparse.ArgumentTypeError as exc:
+        raise pytest.UsageError(f"{where}{exc}") from None
+
+
 def resolve_mode(config: pytest.Config) -> str | None:
+    """The isolation mode of the whole session: --ftrace-isolate > --forked > ini; None: off."""
     value = config.getoption("ftrace_isolate", None)
     if value is not None:
-        return None if value == "off" else value
+        mode = _checked(value, "")
+        return None if mode == "off" else mode
+    if config.getoption("ftrace_forked", False) or config.getoption(
+        "ftrace_forked_subprocess", False
+    ):
+        return "test"
     try:
         raw = config.getini("ftrace_isolate")
     except ValueError:
         raw = ""
     if not raw:
         return None
-    import argparse
-
-    try:
-        mode = parse_mode(raw)
-    except argparse.ArgumentTypeError as exc:
-        raise pytest.UsageError(f"ini key ftrace_isolate: {exc}") from None
+    mode = _checked(raw, "ini key ftrace_isolate: ")
     return None if mode == "off" else mode
 
 
 def configure(config: pytest.Config) -> None:
-    """Register the isolating runner (called when --ftrace-isolate or its ini key is given)."""
+    """Register the isolating runner (called when --ftrace-isolate, --forked or the ini key is
+    given)."""
     mode = resolve_mode(config)
     if mode is None or config.getoption("collectonly", False):
         return
@@ -72,6 +83,23 @@ def configure(config: pytest.Config) -> None:
     from pytest_ftrace.isolate_runner import Isolator
 
     config.pluginmanager.register(Isolator(config, mode), "ftrace-isolate")
+
+
+def configure_marked(config: pytest.Config) -> None:
+    """Isolate the tests marked `forked` (pytest-forked's marker), each in a child of its own;
+    the other tests run in the main process. Called at collection, when the first such test is
+    found. Nothing to do when the whole session is isolated already, or isolation is off."""
+    manager = config.pluginmanager
+    if manager.has_plugin("ftrace-isolate") or config.getoption("collectonly", False):
+        return
+    value = config.getoption("ftrace_isolate", None)
+    if value is not None and _checked(value, "") == "off":
+        return
+    if not hasattr(os, "fork"):
+        return  # as without a plugin that knows the marker: the tests run in this process
+    from pytest_ftrace.isolate_runner import Isolator
+
+    manager.register(Isolator(config, "test", only_marked=True), "ftrace-isolate")
 
 
 def _runner_if_loaded():

@@ -114,7 +114,7 @@ class _Child:
 class Isolator:
     """Runs each test in a forked child and logs the reports it sends back."""
 
-    def __init__(self, config: pytest.Config, mode: str):
+    def __init__(self, config: pytest.Config, mode: str, only_marked: bool = False):
         # What every child needs, imported once here rather than in each child (where, without
         # cached bytecode, each import would be compiled again).
         import faulthandler  # noqa: F401
@@ -127,6 +127,9 @@ class Isolator:
 
         self.config = config
         self.mode = mode
+        # Only the tests marked `forked` (pytest-forked's marker) run in a child; the others run
+        # here, so the main process keeps its fixtures set up between them (see _run_marked).
+        self.only_marked = only_marked
         self.main_pid = os.getpid()
         self.child: _Child | None = None
         self.groups: dict[int, tuple[list, int]] | None = None  # id(item) -> (group, position)
@@ -150,6 +153,8 @@ class Isolator:
     # The main process -------------------------------------------------------------------------
 
     def pytest_report_header(self, config: pytest.Config) -> str:
+        if self.only_marked:
+            return "ftrace: isolate=marked (each test marked forked in a forked child process)"
         return f"ftrace: isolate={self.mode} (each {self.mode} in a forked child process)"
 
     def _group_items(self, session: pytest.Session) -> None:
@@ -167,9 +172,14 @@ class Isolator:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
-        if self.groups is None:
-            self._group_items(item.session)
-        where = self.groups.get(id(item))  # type: ignore[union-attr]
+        if self.only_marked:
+            if item.get_closest_marker("forked") is None:
+                return None  # runs here, the usual way
+            where = ([item], 0)
+        else:
+            if self.groups is None:
+                self._group_items(item.session)
+            where = self.groups.get(id(item))  # type: ignore[union-attr]
         if where is None:  # an item not in session.items (another plugin runs it): one of its own
             where = ([item], 0)
         ihook = item.ihook
@@ -177,6 +187,8 @@ class Isolator:
         reports, stop = self._run(item, *where)
         for report in reports:
             ihook.pytest_runtest_logreport(report=report)
+        if self.only_marked and stop is None:
+            self._teardown_here(item, nextitem)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         if stop is not None:
             self._stop_child()
@@ -184,6 +196,18 @@ class Isolator:
                 raise KeyboardInterrupt(f"in {item.nodeid}, at {stop[1]} (isolated test process)")
             pytest.exit(stop[1], returncode=stop[2])
         return True
+
+    def _teardown_here(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        """After a marked test ran in a child: tear down here what this process set up for the
+        tests before it and the next test does not need (as pytest's teardown of the marked
+        test would have done here); an error in it is reported as the marked test's."""
+        from _pytest.runner import CallInfo
+
+        state = item.session._setupstate
+        call = CallInfo.from_call(lambda: state.teardown_exact(nextitem), "teardown")
+        if call.excinfo is not None:
+            report = item.ihook.pytest_runtest_makereport(item=item, call=call)
+            item.ihook.pytest_runtest_logreport(report=report)
 
     def _run(self, item: pytest.Item, group: list, position: int):
         """Run one test in the child; its reports and how the session must stop, if it must."""
@@ -366,6 +390,7 @@ class Isolator:
                     self.fault_fd,
                     self.progress,
                     hold=wakeups_w if self.gdb else None,
+                    own_part=self.only_marked,
                 )
             finally:
                 os._exit(code)
@@ -885,8 +910,12 @@ def _child_main(
     fault: int,
     progress,
     hold: int | None,
+    own_part: bool = False,
 ):
-    """Run the tests the main process asks for, until it says quit; the exit code."""
+    """Run the tests the main process asks for, until it says quit; the exit code.
+
+    own_part: the main process goes on using what it had set up before the fork (it runs the
+    unmarked tests itself), so the test's teardown here undoes only what was set up here."""
     import faulthandler
     import warnings
 
@@ -902,6 +931,8 @@ def _child_main(
     config.pluginmanager.register(_ChildReporter(config, messages), "ftrace-isolate-child")
     from _pytest.runner import runtestprotocol
 
+    if own_part:
+        _teardown_own_part_only(group[0].session._setupstate)
     bound = _whole_test_bound(config)
     while True:
         try:
@@ -945,3 +976,48 @@ def _child_main(
     except BaseException:  # noqa: BLE001, S110 - nobody is left to report it to
         pass
     return 0
+
+
+def _teardown_own_part_only(state) -> None:
+    """Make this child's SetupState tear down only what was set up in the child: the nodes it
+    pushed, and the finalizers it added to the nodes it inherited (fixtures of a wider scope
+    first used by the test). The main process still holds the rest, and tears it down there.
+
+    The child's own SetupState is changed (its teardown_exact replaced): the child is
+    disposable, and runs one test."""
+    inherited = {node: len(finalizers) for node, (finalizers, _) in state.stack.items()}
+
+    def teardown_exact(nextitem) -> None:
+        errors: list[BaseException] = []
+        while state.stack:
+            node, (finalizers, _) = next(reversed(state.stack.items()))
+            keep = inherited.get(node)
+            if keep is None:
+                state.stack.popitem()
+                keep = 0
+            own = finalizers[keep:]
+            del finalizers[keep:]
+            for finalizer in reversed(own):
+                try:
+                    finalizer()
+                except BaseException as exc:  # noqa: BLE001 - raised below, as pytest does
+                    errors.append(exc)
+            if node in inherited:
+                # Nodes below it were inherited too: only their added finalizers are ours.
+                for lower, (lower_finalizers, _) in reversed(list(state.stack.items())):
+                    if lower is node:
+                        continue
+                    extra = lower_finalizers[inherited[lower] :]
+                    del lower_finalizers[inherited[lower] :]
+                    for finalizer in reversed(extra):
+                        try:
+                            finalizer()
+                        except BaseException as exc:  # noqa: BLE001
+                            errors.append(exc)
+                break
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise BaseExceptionGroup("errors during test teardown", errors[::-1])
+
+    state.teardown_exact = teardown_exact

@@ -24,15 +24,21 @@ MARKERS = [
     "parallelizable(scope): under --threadpool, let tests below this node run concurrently; "
     "scope: children, parameters or all",
     "not_parallelizable: under --threadpool, run these tests one at a time",
+    "ftrace_concurrent: set by generate_tests (pytest-threaded spelling): run concurrently with "
+    "the other such tests of the module, in the thread pool",
 ]
 PEER_MARKERS = {
     "run-parallel": [
         "parallel_threads(n): run this test in n threads (pytest-run-parallel spelling)",
         "iterations(n): rounds per thread (pytest-run-parallel spelling)",
     ],
+    "pytest_forked": [
+        "forked: run this test in a forked child process (pytest-forked spelling of "
+        "--ftrace-isolate for one test)",
+    ],
     "freethreaded": [
-        "freethreaded(threads=n, iterations=m): run this test in n threads for m rounds "
-        "(pytest-freethreaded spelling)",
+        "freethreaded(threads=n, executions=m): run this test in n threads for m rounds "
+        "(pytest-freethreaded spelling; iterations=m is the same as executions=m)",
     ],
 }
 
@@ -103,7 +109,9 @@ def _args(mark: pytest.Mark, names: tuple[str, ...]) -> dict:
 
 
 COUNT_MARKERS = frozenset({"parallel_threads", "iterations", "freethreaded", "ftrace"})
-OURS = COUNT_MARKERS | {"thread_unsafe"}  # the markers check_markers looks at
+# Markers that turn a feature on for the session when a collected test carries one (hooks.py).
+FEATURE_MARKERS = frozenset({"forked", "ftrace_concurrent"})
+OURS = COUNT_MARKERS | {"thread_unsafe"} | FEATURE_MARKERS  # the markers the collector looks at
 
 
 def check_markers(item: pytest.Item, peers: set[str]) -> None:
@@ -129,11 +137,18 @@ def marker_counts(item: pytest.Item, peers: set[str]) -> tuple[int | None, int |
     if "freethreaded" not in peers:
         mark = item.get_closest_marker("freethreaded")
         if mark is not None:
-            args = _args(mark, ("threads", "iterations"))
+            # pytest-freethreaded's own keyword is `executions`; `iterations` is ours.
+            args = _args(mark, ("threads", "iterations", "executions"))
+            if "iterations" in args and "executions" in args:
+                raise MarkerError(
+                    "@pytest.mark.freethreaded: give executions or iterations, not both "
+                    "(they are the same count)"
+                )
             if "threads" in args:
                 threads = _count(mark.name, "threads", args["threads"], allow_auto=True)
-            if "iterations" in args:
-                iterations = _count(mark.name, "iterations", args["iterations"], allow_auto=False)
+            for key in ("iterations", "executions"):
+                if key in args:
+                    iterations = _count(mark.name, key, args[key], allow_auto=False)
     mark = item.get_closest_marker("ftrace")
     if mark is not None:
         args = _args(mark, ("threads", "iterations"))

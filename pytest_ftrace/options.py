@@ -34,6 +34,8 @@ PEER_NAMES: dict[str, frozenset[str]] = {
     "run-parallel": frozenset({"--parallel-threads", "--iterations", "thread_unsafe_fixtures"}),
     "freethreaded": frozenset({"--threads", "--iterations", "--require-gil-disabled"}),
     "threadpool": frozenset({"--threadpool", "threadpool"}),
+    # pytest-forked has no --forked-subprocess; it is ours only as a spelling of --forked.
+    "pytest_forked": frozenset({"--forked", "--forked-subprocess"}),
 }
 
 
@@ -42,6 +44,7 @@ PEER_DISTRIBUTIONS = {
     "run-parallel": ("pytest-run-parallel", "pytest_run_parallel"),
     "freethreaded": ("pytest-freethreaded", "pytest_freethreaded"),
     "threadpool": ("pytest-threadpool", "pytest_threadpool"),
+    "pytest_forked": ("pytest-forked", "pytest_forked"),
 }
 
 
@@ -372,6 +375,41 @@ def _add_threadpool_options(add: _Registrar) -> None:
     )
 
 
+ISOLATE_MODES = ("test", "module")
+ISOLATE_OFF = ("off", "no", "none", "false", "0")
+
+
+def isolate_word(value: str) -> bool:
+    """Whether `value` is one of --ftrace-isolate's own values (a mode, or a word for off)."""
+    return str(value).strip().lower() in ISOLATE_MODES + ISOLATE_OFF
+
+
+def _isolate_value(value: str) -> str:
+    """--ftrace-isolate's value, checked later (isolate.resolve_mode): while pytest parses the
+    command line early, before pytest_load_initial_conftests has put a path that follows the
+    flag back in its place (see split_isolate_path), a path can still stand here."""
+    return str(value).strip()
+
+
+_isolate_value.__name__ = "--ftrace-isolate"
+
+
+def split_isolate_path(args: list[str]) -> None:
+    """`--ftrace-isolate PATH` means the default mode and then a path: rewritten in place to
+    `--ftrace-isolate=test PATH`, so that `--ftrace-isolate` can stand where `--forked` stood.
+    Only the values test, module and off (and off's synonyms) are taken as the flag's value;
+    anything after `--` is left alone."""
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return
+        if arg != "--ftrace-isolate" or index + 1 >= len(args):
+            continue
+        following = str(args[index + 1])
+        if following.startswith("-") or isolate_word(following):
+            continue
+        args[index] = "--ftrace-isolate=test"
+
+
 def _add_isolate_options(add: _Registrar) -> None:
     add.option(
         "--ftrace-isolate",
@@ -379,11 +417,29 @@ def _add_isolate_options(add: _Registrar) -> None:
         nargs="?",
         const="test",
         default=None,
-        type=lazy_type("pytest_ftrace.isolate", "parse_mode", "--ftrace-isolate"),
-        metavar="test|module",
+        type=_isolate_value,
+        metavar="test|module|off",
         help="run tests in a forked child process, one per test (default) or per module, so "
         "a crash (segfault, abort, os._exit) fails only that test; each test is then also "
-        "bounded by twice --ftrace-timeout. ini: ftrace_isolate",
+        "bounded by twice --ftrace-timeout. A path after the bare flag is a path. "
+        "ini: ftrace_isolate",
+    )
+    add.option(
+        "--ftrace-forked",
+        "--forked",
+        dest="ftrace_forked",
+        action="store_true",
+        default=False,
+        help="pytest-forked spelling: the same as --ftrace-isolate=test",
+    )
+    add.option(
+        "--ftrace-forked-subprocess",
+        "--forked-subprocess",
+        dest="ftrace_forked_subprocess",
+        action="store_true",
+        default=False,
+        help="accepted for set-ups written for pytest-forked: each test already runs in a "
+        "child process of its own, so this is the same as --ftrace-isolate=test",
     )
     add.ini("ftrace_isolate", "run tests in a child process: test, module or off", default="")
 
@@ -408,8 +464,10 @@ def threadpool_workers(config: pytest.Config) -> int | None:
 
 
 def isolate_requested(config: pytest.Config) -> bool:
-    """--ftrace-isolate or its ini key is given (possibly as off: isolate.configure decides)."""
-    if config.option.ftrace_isolate is not None:
+    """--ftrace-isolate, --forked or the ini key is given (possibly as off: isolate.configure
+    decides)."""
+    option = config.option
+    if option.ftrace_isolate is not None or option.ftrace_forked or option.ftrace_forked_subprocess:
         return True
     return ini_value(config, "ftrace_isolate") is not None
 

@@ -32,6 +32,7 @@ from pytest_ftrace.hooks import (  # noqa: E402, F401 - pytest finds hooks and f
     num_parallel_threads,
     pytest_addoption,
     pytest_configure,
+    pytest_load_initial_conftests,
     pytest_make_collect_report,
     pytest_report_header,
     pytest_runtest_call,

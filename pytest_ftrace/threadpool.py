@@ -142,6 +142,28 @@ def configure(config: pytest.Config, workers: int) -> None:
     config.pluginmanager.register(threadpool_fixtures, "ftrace-threadpool-fixtures")
 
 
+def configure_implicit(config: pytest.Config) -> None:
+    """Turn the thread pool on for the tests that generate_tests made (pytest-threaded's API),
+    which run concurrently without any option. Called at collection, when the first of them is
+    found; nothing to do when --threadpool is on already. Under --ftrace-isolate, under
+    pytest-xdist, or with --collect-only they run one after another."""
+    manager = config.pluginmanager
+    if manager.has_plugin("ftrace-threadpool") or config.getoption("collectonly", False):
+        return
+    if manager.has_plugin("ftrace-isolate") or options.isolate_requested(config):
+        return
+    if manager.hasplugin("dsession") or hasattr(config, "workerinput"):
+        return
+    configure(config, implicit_workers())
+
+
+def implicit_workers() -> int:
+    """As many workers as concurrent.futures.ThreadPoolExecutor has by default (pytest-threaded
+    ran its tests in one): a few more than the CPUs, for tests that wait on each other or on
+    I/O."""
+    return min(32, options.usable_cpus() + 4)
+
+
 class ThreadpoolPlugin:
     """The hooks of --threadpool, registered only when it is given."""
 

@@ -17,6 +17,7 @@ import pytest
 
 MARK = "parallelizable"
 NOT_MARK = "not_parallelizable"
+CONCURRENT_MARK = "ftrace_concurrent"  # put on the tests generate_tests makes
 SCOPES = ("children", "parameters", "all")
 DEFAULT_SCOPES = ("none", *SCOPES)
 
@@ -33,7 +34,8 @@ class Decision(NamedTuple):
     """The effective marker of one test: its scope and the node that carries it."""
 
     scope: str | None  # None: run sequentially
-    level: str  # "function", "class", "module", "package", "default" or "not_parallelizable"
+    level: str  # "function", "class", "module", "package", "concurrent", "default", "unmarked"
+    # or "not_parallelizable"
     where: str  # node id (or package name) the marker was found on
 
 
@@ -102,6 +104,10 @@ def decide(item: pytest.Item, default_scope: str) -> Decision:
     for _level, where, marks in levels:
         if any(m.name == NOT_MARK for m in marks):
             return Decision(None, "not_parallelizable", where)
+    if any(m.name == CONCURRENT_MARK for m in item.own_markers):
+        # Made by generate_tests: concurrent with the module's other generated tests.
+        parent = item.getparent(pytest.Module)
+        return Decision("children", "concurrent", parent.nodeid if parent else "")
     for level, where, marks in levels:
         for mark in marks:
             if mark.name == MARK:
@@ -118,6 +124,8 @@ def runs_alone_reason(item: pytest.Item) -> str | None:
     used = PROCESS_WIDE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
     if used:
         return f"uses {', '.join(sorted(used))}"
+    if item.get_closest_marker("forked") is not None:
+        return "marked forked (runs in a child process)"
     if item.get_closest_marker("filterwarnings") is not None:
         return "has a filterwarnings mark (warning filters are process-wide)"
     callspec = getattr(item, "callspec", None)

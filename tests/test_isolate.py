@@ -342,13 +342,15 @@ def test_ini_key_and_off(pytester):
 @pytest.mark.parametrize(
     ("args", "ini", "message"),
     [
-        (("--ftrace-isolate", "bogus"), "", "*--ftrace-isolate takes test, module or off*bogus*"),
+        (("--ftrace-isolate=bogus",), "", "*--ftrace-isolate takes test, module or off*bogus*"),
         (
-            ("--ftrace-isolate", "tests/test_x.py"),
+            ("--ftrace-isolate=tests/test_x.py",),
             "",
-            "*write --ftrace-isolate=test before it*",
+            "*write --ftrace-isolate=test PATH*",
         ),
-        (("--ftrace-isolate", "tests"), "", "*not 'tests' (to run a path, write*"),
+        (("--ftrace-isolate=tests",), "", "*not 'tests' (to run a path, write*"),
+        # After the bare flag a word that is not a mode is a path (here: one that is not there).
+        (("--ftrace-isolate", "bogus"), "", "*file or directory not found: bogus*"),
         ((), "ftrace_isolate = sometimes", "*ini key ftrace_isolate*sometimes*"),
         (("--ftrace-isolate", "--threadpool", "2"), "", "*cannot be combined*"),
     ],
