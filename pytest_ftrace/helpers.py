@@ -53,15 +53,20 @@ Timeouts
     the timeout included.
 
 Processes
-    The object is sent to the new process with pickle, so it must be picklable and its class
-    importable there (a class defined in a test module is fine: the child gets the parent's
-    `sys.path`); changes made to it over there are not seen by the test. The process is started
-    with the `forkserver` method where the platform has it, `spawn` elsewhere, never `fork`: a
-    test process usually has threads (the stress runner's, for a start), and a forked child
-    inherits their locks in whatever state they were, sometimes held for good. Multiprocessing
-    objects shared with the child (`Lock`, `Event`, `Queue`, ...) must come from the same
-    context, `process_context().Lock()`; pass `context=` ("spawn", "forkserver", "fork" or a
-    context object) to choose another one.
+    On Linux the child is started with the `fork` start method: it is a copy of the test
+    process, so it sees the test module's state as it is, module-level multiprocessing objects
+    included (a `multiprocessing.Lock()` made at import time is the same lock in the child, as
+    seamstress users expect), and the object is not pickled. Forking a process that has other
+    threads (the stress runner's, say) copies their locks in whatever state they are: the child
+    only enters and leaves the object, and if it ever hangs on such a lock its step times out
+    and it is terminated. Python 3.12+ warns about that fork (a DeprecationWarning); the helper
+    silences that one warning for its own fork only. Elsewhere (and with `context="forkserver"`
+    or `"spawn"`) the child is a new interpreter: the object is sent with pickle, so it must be
+    picklable and its class importable there (a class defined in a test module is fine: the
+    child gets the parent's `sys.path`), the test module is imported again there (its module
+    state is new), and multiprocessing objects shared with the child must come from the same
+    context, `process_context().Lock()`. Changes the child makes to the object are never seen
+    by the test. Pass `context=` ("fork", "forkserver", "spawn" or a context object) to choose.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -330,15 +335,39 @@ class run_thread(_SyncHelper):  # noqa: N801 - used like a function, as contextl
 
 
 def process_context(method: str | None = None):
-    """The multiprocessing context run_process uses by default (or the one named `method`).
+    """The multiprocessing context run_process uses by default (or the one named `method`):
+    fork on Linux (the child shares the test module's state), else forkserver where the
+    platform has it, else spawn.
 
     Create the multiprocessing objects you share with the child from it:
     `process_context().Lock()`.
     """
     if method is None:
         available = multiprocessing.get_all_start_methods()
-        method = "forkserver" if "forkserver" in available else "spawn"
+        if sys.platform.startswith("linux") and "fork" in available:
+            method = "fork"
+        else:
+            method = "forkserver" if "forkserver" in available else "spawn"
     return multiprocessing.get_context(method)
+
+
+# The warning os.fork gives on 3.12+ when the process has other threads. run_process forks on
+# purpose (see "Processes" above), so it silences this one warning around its own fork.
+_FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
+# warnings.catch_warnings saves and restores the process-wide filter list: two of our starts at
+# once (from threads of one test) must not restore each other's lists.
+_FORK_WARNING_LOCK = threading.Lock()
+
+
+def _start_process(process, method: str) -> None:
+    if method != "fork":
+        process.start()
+        return
+    import warnings
+
+    with _FORK_WARNING_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FORK_WARNING, category=DeprecationWarning)
+        process.start()
 
 
 class _SysPath:
@@ -436,7 +465,7 @@ class run_process(_SyncHelper):  # noqa: N801 - used like a function, as context
             daemon=True,
         )
         try:
-            self.process.start()
+            _start_process(self.process, self._context.get_start_method())
         except Exception as exc:
             self._conn.close()
             exc.add_note(
@@ -567,6 +596,12 @@ class run_task:  # noqa: N801 - used like a function, as contextlib's classes ar
     await the task. `obj` is an async or plain context manager or a `TaskConfig` instance; each
     step is bounded by `timeout` seconds, after which the task is cancelled. Use it with
     `async with`, or as a decorator on an async function.
+
+    From synchronous code (a plain test function, seamstress's `with run_task(...)` in a
+    TestCase method) it also works with a plain `with`, or as a decorator on a plain function:
+    the task then runs on an event loop of its own, in a thread of its own, which is closed
+    when the block ends. Objects bound to an event loop (an asyncio.Lock that has had waiters,
+    a connection) are then used from that loop. Inside a running event loop use `async with`.
     """
 
     def __init__(self, obj: Any, *, timeout: float = TASK_TIMEOUT) -> None:
@@ -623,10 +658,14 @@ class run_task:  # noqa: N801 - used like a function, as contextlib's classes ar
 
     def __call__(self, func: Callable) -> Callable:
         if not inspect.iscoroutinefunction(func):
-            raise TypeError(
-                f"{self!r} decorates async functions only, not {func!r}; "
-                "use run_thread for a plain function"
-            )
+
+            @functools.wraps(func)
+            def run_sync(*args, **kwargs):
+                __tracebackhide__ = True
+                with run_task(self._obj, timeout=self._timeout):
+                    return func(*args, **kwargs)
+
+            return run_sync
 
         @functools.wraps(func)
         async def run(*args, **kwargs):
@@ -635,6 +674,81 @@ class run_task:  # noqa: N801 - used like a function, as contextlib's classes ar
                 return await func(*args, **kwargs)
 
         return run
+
+    # The synchronous form: the task on an event loop of its own, in a thread of its own.
+
+    def __enter__(self) -> run_task:
+        __tracebackhide__ = True
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                f"{self!r}: inside a running event loop use `async with`, not `with` (a plain "
+                "`with` would block this loop while the task is held on another one)"
+            )
+        if self._active:
+            raise RuntimeError(
+                f"{self!r} is already in use; make a new run_task(...) for each with block"
+            )
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=loop.run_forever, name=f"run_task-loop-{next(_numbers)}", daemon=True
+        )
+        thread.start()
+        self._loop_thread = (loop, thread)
+        try:
+            self._on_own_loop(self.__aenter__(), self._steps[2])
+        except BaseException:
+            self._close_own_loop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        __tracebackhide__ = True
+        if getattr(self, "_loop_thread", None) is None:
+            return
+        try:
+            self._on_own_loop(self.__aexit__(*exc_info), self._steps[3])
+        finally:
+            self._close_own_loop()
+
+    def _on_own_loop(self, coroutine, step: str):
+        """Run one step on the task's own loop and wait for it (its own timeout, plus a margin
+        for a step that blocks that loop, so that its timeout cannot fire)."""
+        __tracebackhide__ = True
+        import concurrent.futures
+
+        loop, thread = self._loop_thread
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        try:
+            return future.result(self._timeout + 5.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            frame = sys._current_frames().get(thread.ident)
+            self._loop_thread = None  # the loop is stuck: leave its (daemon) thread behind
+            raise HelperTimeout(
+                f"{self!r}: {step} blocked its event loop beyond the timeout of "
+                f"{self._timeout:g}s; thread {thread.name!r} is left running as a daemon thread. "
+                "Its stack:\n" + _stack_of(frame)
+            ) from None
+
+    def _close_own_loop(self) -> None:
+        held = getattr(self, "_loop_thread", None)
+        self._loop_thread = None
+        if held is None:
+            return
+        loop, thread = held
+
+        async def shut_down() -> None:
+            await loop.shutdown_asyncgens()
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shut_down(), loop)
+        thread.join(self._timeout)
+        if not thread.is_alive():
+            loop.close()
 
     async def _hold(self) -> None:
         __tracebackhide__ = True
