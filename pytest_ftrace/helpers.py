@@ -407,8 +407,27 @@ def _send(conn, message) -> None:
         pass
 
 
-def _process_main(_path: None, obj: Any, conn) -> None:
+def _leave_ftrace() -> None:
+    """In a forked child: stop --ftrace's hooks and patches, which the child inherited from a
+    threaded round that goes on in the parent without it. Its scheduler would wait there for
+    threads the child does not have; the child only enters and leaves the object."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is not None:
+        events = monitoring.events
+        for tool in range(6):
+            if monitoring.get_tool(tool) == "pytest-ftrace":
+                monitoring.set_events(tool, 0)
+                for event in (events.INSTRUCTION, events.PY_START, events.PY_RESUME):
+                    monitoring.register_callback(tool, event, None)
+    exact = sys.modules.get("pytest_ftrace.exact")
+    if exact is not None and getattr(exact, "_CURRENT", None) is not None:
+        exact.uninstall()
+
+
+def _process_main(_path: None, obj: Any, conn, forked: bool = False) -> None:
     """The child's side: enter, report, wait for the word (or the parent's end), leave, report."""
+    if forked:
+        _leave_ftrace()
     enter, leave, _, _ = _sync_steps(
         obj, ProcessConfig, "set_up_process", "tear_down_process", "run_process"
     )
@@ -460,7 +479,12 @@ class run_process(_SyncHelper):  # noqa: N801 - used like a function, as context
         self._conn, child_end = self._context.Pipe()
         self.process = self._context.Process(
             target=_process_main,
-            args=(_SysPath(sys.path), self._obj, child_end),
+            args=(
+                _SysPath(sys.path),
+                self._obj,
+                child_end,
+                self._context.get_start_method() == "fork",
+            ),
             name=f"run_process-{next(_numbers)}",
             daemon=True,
         )

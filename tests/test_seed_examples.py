@@ -544,6 +544,19 @@ def test_seamstress_process_example_in_a_threaded_process_has_no_fork_warning(py
     assert "warnings summary" not in result.stdout.str()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is the default on Linux")
+@pytest.mark.parametrize("mode", ["exact", "chaos"])
+def test_seamstress_process_example_under_ftrace(pytester, mode):
+    """The forked child leaves --ftrace's hooks behind: its scheduler would wait there for the
+    threads of the round, which the child does not have."""
+    pytester.makepyfile(pay_individual=PAY_INDIVIDUAL_PROCESS)
+    pytester.makepyfile(test_pay_individual=PROCESS_TEST.format(extra=""))
+    args = ("--ftrace", "--ftrace-mode", mode, "--threads", "2", "--iterations", "2")
+    include = ("--ftrace-include", "pay_individual", "--ftrace-include", "test_pay_individual")
+    result = run(pytester, *args, *include, "--ftrace-timeout", "120")
+    result.assert_outcomes(passed=2)
+
+
 def test_seamstress_process_explicit_context_still_works(pytester):
     pytester.makepyfile(
         test_ctx="""
@@ -653,3 +666,56 @@ def test_seamstress_task_plain_with_inside_a_running_loop_says_async_with(pytest
         """
     )
     run(pytester).assert_outcomes(passed=2)
+
+
+@pytest.mark.slow
+def test_forked_stays_pytest_forked_while_it_is_installed(pytester, tmp_path):
+    """With pytest-forked installed, --forked and the forked marker are its own: both plugins
+    load, and our isolation takes no part in its runs."""
+    import subprocess
+
+    from test_compat import make_peer_venv
+
+    python = make_peer_venv(tmp_path, "pytest-forked==1.6.0", "py==1.11.0")  # it needs py.process
+    pytester.makepyfile(
+        test_forked="""
+        import os
+        import pytest
+
+        MAIN = os.getpid()
+
+        @pytest.mark.forked
+        def test_marked():
+            assert os.getpid() != MAIN
+
+        def test_plain():
+            pass
+        """
+    )
+
+    def pytest_in_venv(*args):
+        return subprocess.run(
+            [str(python), "-m", "pytest", "-p", "no:cacheprovider", *args],
+            cwd=pytester.path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    helped = pytest_in_venv("--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "--ftrace-forked" in helped.stdout and "--forked " in helped.stdout
+    # (pytest-forked 1.6.0 cannot send its reports back under pytest 9: its forked test fails
+    # the same way without our plugin. What counts here is that ours takes no part.)
+    for args in ((), ("--forked",)):
+        done = pytest_in_venv(*args)
+        alone = pytest_in_venv("-p", "no:ftrace", *args)
+        assert "ftrace: isolate" not in done.stdout
+        assert done.returncode == alone.returncode, done.stdout + done.stderr
+        assert done.stdout.splitlines()[-1].split(" in ")[0] == (
+            alone.stdout.splitlines()[-1].split(" in ")[0]
+        )
+    # Ours is still there under its own name.
+    done = pytest_in_venv("--ftrace-forked")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ftrace: isolate=test" in done.stdout
