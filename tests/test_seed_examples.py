@@ -712,8 +712,9 @@ def test_forked_stays_pytest_forked_while_it_is_installed(pytester, tmp_path):
         alone = pytest_in_venv("-p", "no:ftrace", *args)
         assert "ftrace: isolate" not in done.stdout
         assert done.returncode == alone.returncode, done.stdout + done.stderr
-        assert done.stdout.splitlines()[-1].split(" in ")[0] == (
-            alone.stdout.splitlines()[-1].split(" in ")[0]
+        assert (
+            done.stdout.splitlines()[-1].split(" in ")[0]
+            == (alone.stdout.splitlines()[-1].split(" in ")[0])
         )
     # Ours is still there under its own name.
     done = pytest_in_venv("--ftrace-forked")
