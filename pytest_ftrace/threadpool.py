@@ -118,7 +118,7 @@ def _default_scope(what: str):
 parse_default_scope = _default_scope("--ftrace-threadpool-default")
 
 
-def configure(config: pytest.Config, workers: int) -> None:
+def configure(config: pytest.Config, workers: int, implicit: bool = False) -> None:
     """Validate the options and register the threadpool runner (called from pytest_configure
     when --threadpool is on: options.threadpool_workers)."""
     default = options.resolve(
@@ -138,7 +138,8 @@ def configure(config: pytest.Config, workers: int) -> None:
     # Imported here, with the plugins, rather than when the test loop starts.
     from pytest_ftrace import threadpool_fixtures, threadpool_runner  # noqa: F401
 
-    config.pluginmanager.register(ThreadpoolPlugin(workers, timeout, default), "ftrace-threadpool")
+    plugin = ThreadpoolPlugin(workers, timeout, default, implicit)
+    config.pluginmanager.register(plugin, "ftrace-threadpool")
     config.pluginmanager.register(threadpool_fixtures, "ftrace-threadpool-fixtures")
 
 
@@ -154,7 +155,7 @@ def configure_implicit(config: pytest.Config) -> None:
         return
     if manager.hasplugin("dsession") or hasattr(config, "workerinput"):
         return
-    configure(config, implicit_workers())
+    configure(config, implicit_workers(), implicit=True)
 
 
 def implicit_workers() -> int:
@@ -167,8 +168,9 @@ def implicit_workers() -> int:
 class ThreadpoolPlugin:
     """The hooks of --threadpool, registered only when it is given."""
 
-    def __init__(self, workers: int, timeout: float, default: str) -> None:
+    def __init__(self, workers: int, timeout: float, default: str, implicit: bool = False) -> None:
         self.workers = workers
+        self.implicit = implicit  # on for generate_tests' tests only (configure_implicit)
         self.timeout = timeout
         self.default = default
         self.runner = None
@@ -183,6 +185,13 @@ class ThreadpoolPlugin:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         self.decisions = planning.validate(items, self.default)
+        if self.implicit:
+            # Turned on for generate_tests' tests only: without --threadpool, the
+            # parallelizable markers stay inert, as pytest-threadpool's are without its option.
+            unmarked = planning.Decision(None, "unmarked", "")
+            for item, decision in self.decisions.items():
+                if decision.level != "concurrent":
+                    self.decisions[item] = unmarked
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool | None:

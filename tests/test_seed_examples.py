@@ -233,6 +233,49 @@ def test_threaded_failure_is_reported_against_its_test(pytester):
     assert "good output" not in result.stdout.str()
 
 
+def test_threaded_tests_leave_parallelizable_markers_inert_without_threadpool(pytester):
+    """The pool that generate_tests turns on runs only its tests concurrently: pytest-threadpool's
+    markers still need --threadpool (without it a run is sequential, as that plugin says)."""
+    pytester.makepyfile(
+        test_usage="""
+        import threading
+        from pytest_ftrace import concurrent_test, generate_tests, parallelizable
+
+        alone = threading.Barrier(2, timeout=1)
+
+        @parallelizable("children")
+        class TestMarked:
+            # Run one after the other, each waits alone at the barrier and it breaks.
+            def test_a(self):
+                try:
+                    alone.wait()
+                except threading.BrokenBarrierError:
+                    return
+                raise AssertionError("ran concurrently with test_b")
+
+            def test_b(self):
+                try:
+                    alone.wait()
+                except threading.BrokenBarrierError:
+                    return
+                raise AssertionError("ran concurrently with test_a")
+
+        together = threading.Barrier(2, timeout=60)
+
+        @concurrent_test
+        def first():
+            together.wait()
+
+        @concurrent_test
+        def second():
+            together.wait()
+
+        generate_tests(globals())
+        """
+    )
+    run(pytester, "-v").assert_outcomes(passed=4)
+
+
 # --- pytest-threadpool ---------------------------------------------------------------------------
 
 
