@@ -487,7 +487,7 @@ def test_generator_next_from_threads_crash_fails_only_that_test(pytester):
 @pytest.mark.parametrize(
     ("args", "ini", "message"),
     [
-        (("--ftrace-isolate", "bogus"), "", "*--ftrace-isolate takes test, module or off*"),
+        (("--ftrace-isolate=bogus",), "", "*--ftrace-isolate takes test, module or off*"),
         (("--ftrace-timeout", "0"), "", "*--ftrace-timeout must be > 0, not 0*"),
         (("--ftrace-timeout", "-2"), "", "*--ftrace-timeout must be > 0*"),
         (("--ftrace-timeout", "soon"), "", "*--ftrace-timeout must be a number, not 'soon'*"),
