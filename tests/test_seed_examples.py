@@ -305,6 +305,39 @@ def test_threadpool_example(pytester):
     run(pytester).assert_outcomes(passed=9)
 
 
+def test_threadpool_shared_state_example(pytester):
+    pytester.makepyfile(
+        test_shared="""
+        import threading
+        import pytest
+        class SharedState:
+            lock = threading.Lock() # not pickleable
+            event = threading.Event() # not pickleable
+            results = {}
+        @pytest.mark.parallelizable("children")
+        class TestGroupA:
+            def test_a1(self):
+                with SharedState.lock:
+                    SharedState.results["a1"] = True
+            def test_a2(self):
+                with SharedState.lock:
+                    SharedState.results["a2"] = True
+        @pytest.mark.parallelizable("children")
+        class TestGroupB:
+            def test_b1(self):
+                SharedState.event.set()
+                with SharedState.lock:
+                    SharedState.results["b1"] = True
+            def test_b2(self):
+                assert SharedState.event.wait(timeout=10)
+                with SharedState.lock:
+                    SharedState.results["b2"] = True
+        """
+    )
+    run(pytester, "--threadpool", "auto").assert_outcomes(passed=4)
+    run(pytester).assert_outcomes(passed=4)
+
+
 # --- pytest-forked (a PyO3 project's set-up) -----------------------------------------------------
 
 FORKED_TESTS = """
