@@ -136,6 +136,7 @@ def _loaded_modules(pytester: pytest.Pytester, *args: str) -> set[str]:
         (("--threadpool", "2"), {"pytest_ftrace.threadpool"}),
         (("--ftrace-isolate",), {"pytest_ftrace.isolate"}),
         (("--ftrace-isolate=off",), {"pytest_ftrace.isolate"}),
+        (("--forked",), {"pytest_ftrace.isolate"}),
     ],
 )
 def test_feature_modules_load_only_in_the_runs_that_use_them(pytester, args, needed):
