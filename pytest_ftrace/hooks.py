@@ -168,6 +168,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if state.ftrace is not None:
         lines.append(state.ftrace.header())
+    import pytest_ftrace
+
+    if pytest_ftrace._STAND_IN is not None:
+        lines.append(f"ftrace: {pytest_ftrace._STAND_IN}")
     return lines
 
 
