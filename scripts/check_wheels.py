@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -60,8 +59,8 @@ def examples(python: str, cwd: Path, env: dict, where: str) -> list[str]:
 
 
 def check_wheel(wheel: Path, work: Path, clone: Path) -> list[str]:
-    match = re.search(r"-(cp3\d+t?)-", wheel.name)
-    name = TAGS.get(match.group(1)) if match else None
+    parts = wheel.name.split("-")  # name, version, python tag, ABI tag (cp313t), platform
+    name = TAGS.get(parts[3]) if len(parts) == 5 else None
     if name is None:
         return [f"{wheel.name}: not a wheel for CPython 3.12, 3.13 or 3.13t"]
     python = find_interpreter(name)
@@ -110,6 +109,8 @@ def check_source_without_rust(clone: Path, work: Path) -> list[str]:
         problems.append("pip install <clone> without cargo tried to fetch a Rust toolchain")
     if problems:
         print(text[-3000:], flush=True)
+    else:
+        print(next(line for line in text.splitlines() if NO_RUST_LINE in line).strip())
     return problems
 
 
