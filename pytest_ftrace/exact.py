@@ -1025,6 +1025,19 @@ def has_accesses(steps: list, cut: int | None = None, failing: int | None = None
     return any(not _idle(what) for _tid, what, _n in lane_runs(steps, cut, failing))
 
 
+def shows_interleaving(steps: list, cut: int | None = None, failing: int | None = None) -> bool:
+    """Whether the lanes of `steps` show threads interleaving at accesses: an access, and a
+    thread that goes on again after another one ran (lanes where each thread only runs once,
+    from its start, show no race)."""
+    runs = lane_runs(steps, cut, failing)
+    seen: set[int] = set()
+    again = False
+    for tid, _what, _n in runs:
+        again |= tid in seen
+        seen.add(tid)
+    return again and any(not _idle(what) for _tid, what, _n in runs)
+
+
 def _idle(what: str) -> bool:
     return what in _IDLE
 

@@ -499,16 +499,17 @@ class TestSession:
         prefixes of the list (past its end the running thread goes on until it blocks or
         ends: no more preemptions), found by bisection; then the list with one run of steps of
         one thread left out, from the last run back. A candidate counts when it fails the same
-        way twice in a row. Returns (record, steps, cut, preemptions before, failure) or
-        None.
+        way twice in a row. Returns (record, steps, cut, preemptions before, failure, thread
+        labels) or None.
 
         The search is bounded by a count of candidates (SHRINK_CANDIDATES), so that the same
         seed shrinks to the same schedule on every run; --ftrace-shrink bounds its time too,
         and a search it cuts short is said in the note. A shrunk schedule whose lanes would
-        show no access of the test's code (only starts and lock/waits) is not used."""
+        show no interleaving (no access of the test's code, or each thread running once from
+        its start) is not used: the lanes show the round as it ran."""
         import time
 
-        from pytest_ftrace.exact import has_accesses
+        from pytest_ftrace.exact import shows_interleaving
         from pytest_ftrace.report import location
 
         budget = self.session.shrink_seconds
@@ -568,7 +569,7 @@ class TestSession:
         if best_steps is None:
             return None
         steps, cut, failure, labels = best_steps
-        if not has_accesses(steps, cut, failure.thread):
+        if not shows_interleaving(steps, cut, failure.thread):
             return None
         return best, steps, cut, record["preemptions"], failure, labels
 

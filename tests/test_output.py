@@ -166,6 +166,54 @@ def test_a_run_that_starts_with_the_thread_start_shows_its_first_access(pytester
     assert not re.search(r"\(start\)( \(\+\d+\))?\s*(\||$)", block, re.M), block
 
 
+def test_lanes_where_each_thread_runs_once_show_no_interleaving():
+    import threading
+
+    from pytest_ftrace.exact import shows_interleaving
+
+    code = threading.Thread.run.__code__
+    once = [(0, None, 0), (0, code, 0), (1, None, 0), (1, code, 0)]
+    assert not shows_interleaving(once)
+    assert shows_interleaving(once + [(0, code, 2)])
+    assert not shows_interleaving([(0, None, 0), (1, None, 0), (0, None, 1)])
+
+
+def test_a_shrunk_schedule_without_interleaving_is_not_shown(pytester):
+    """The example's generator lives in a module-scoped fixture: after the run, any schedule
+    fails on the state the rounds left, so the shrunk lanes would show threads that each ran
+    once from their start; the lanes show the round as it ran instead."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "test_ids.py"
+    pytester.makepyfile(test_ids=example.read_text())
+    for seed in ("1", "5", "8", "14"):
+        result = run(pytester, "test_ids.py::test_racy_ids_are_unique", "--seed", seed)
+        result.assert_outcomes(failed=1)
+        block = lane_block(result)
+        if block[0].startswith("shrunk schedule"):
+            rows = lane_rows(block)
+            assert len(set(rows)) < len(rows), "\n".join(block)  # a thread goes on again
+
+
+def lane_rows(block: list[str]) -> list[int]:
+    """The thread of each row of the lanes, in order (column or list form)."""
+    header = next(line for line in block if line.strip().startswith("step  "))
+    rows = []
+    if header.split()[1:3] == ["thread", "access"]:  # the list form
+        for line in block:
+            match = re.match(r"\s+\d+\s+(\d+)\s", line)
+            if match:
+                rows.append(int(match.group(1)))
+        return rows
+    threads = [int(n) for n in re.findall(r"thread (\d+)", header)]
+    for line in block:
+        match = re.match(r"(\s+\d+\s\s)(.*)", line)
+        if match and line is not header:
+            cells = match.group(2).split(" | ")
+            rows.append(threads[next(i for i, cell in enumerate(cells) if cell.strip())])
+    return rows
+
+
 def test_lanes_of_starts_and_waits_only_have_no_access_to_show():
     import threading
 
