@@ -46,6 +46,10 @@ _ORIGINAL: dict[tuple[object, str], object] = {}
 _CURRENT = None
 # Per round: what each blocked managed thread waits for, by thread id (deadlock reports).
 _WAITING: dict[int, tuple[object, list[tuple], int | None]] = {}
+_TEST = None  # the ExactTest being run: threads the test starts are noted in its .spawned
+# One entry per blocking wait of a managed thread while a test is installed (list.append is
+# safe from any thread on every build); the statistics count them.
+_BLOCKS: list[int] = []
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SKIP_FILES = {threading.__file__, queue.__file__, __file__}
 
@@ -116,6 +120,7 @@ def _block(run, resource: int, timed: bool, what: object, timeout: float | None 
     block ends (virtually) when nothing else can run, the one with the shortest `timeout`
     first."""
     me = run.sched_me()
+    _BLOCKS.append(me)
     _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_tid", None))
     answer = run.sched_block(resource, timed, timeout)
     if answer == "deadlock":
@@ -453,6 +458,9 @@ def _thread_start(self) -> None:
         return _ORIGINAL[(threading.Thread, "start")](self)
     self._ftrace_tid = tid
     self._ftrace_run = run
+    test = _TEST
+    if test is not None:  # who started it, and where: the lanes name the thread by it
+        test.spawned[(test.current_round, tid)] = (self.name, run.sched_me(), _site())
     body = self.run
 
     def managed_run():
@@ -653,6 +661,7 @@ def install(run, scope=None, roots=()) -> None:
         _ORIGINAL.setdefault((owner, name), getattr(owner, name))
         setattr(owner, name, replacement)
     _WAITING.clear()
+    _BLOCKS.clear()
     _swap_locks(scope, roots)
     _CURRENT = run
 
@@ -686,10 +695,16 @@ class ExactTest:
         self.blocking: list[str] = []  # unmanaged blocking reports, one per released round
         self.exit_steps: dict[tuple[int, int], int] = {}  # (round, worker) -> step
         self.rounds_seen: set[int] = set()
+        self.waits = 0  # blocking waits of managed threads (locks, conditions, joins, sleeps)
+        self.current_round = 0
+        # (round, thread id) -> (name, id of the thread that started it, file:line of start())
+        self.spawned: dict[tuple[int, int], tuple[str, int | None, str]] = {}
 
     # activation: patch the names and watch for unmanaged blocking
     def activate(self) -> None:
+        global _TEST
         install(self.native, self.scope, self.roots)
+        _TEST = self
         self._stop.clear()
         self._watchdog = threading.Thread(target=self._watch, name="ftrace-watchdog", daemon=True)
         self._watchdog.start()
@@ -699,7 +714,30 @@ class ExactTest:
         if self._watchdog is not None:
             self._watchdog.join(5)
             self._watchdog = None
+        self.waits += len(_BLOCKS)
+        _clear_test(self)
         uninstall()
+
+    def summary(self) -> dict:
+        """What exact mode did in this test's rounds: scheduling points (decisions), hand-overs
+        (a decision for another thread than the previous one), preemptions (hand-overs away
+        from a thread that could have gone on), rounds, and blocking waits."""
+        points = handovers = preemptions = 0
+        for iteration in self.rounds_seen:
+            record = self.round(iteration)
+            if record is None:
+                continue
+            decisions = record["decisions"]
+            points += len(decisions)
+            handovers += sum(1 for a, b in zip(decisions, decisions[1:], strict=False) if a != b)
+            preemptions += record["preemptions"]
+        return {
+            "rounds": len(self.rounds_seen),
+            "points": points,
+            "handovers": handovers,
+            "preemptions": preemptions,
+            "waits": self.waits,
+        }
 
     # runner hooks
     def thread_enter(self, index: int) -> None:
@@ -711,6 +749,7 @@ class ExactTest:
         self.native.round_start(iteration)
         if iteration not in self.rounds_seen:  # every worker is here, none runs yet
             self.rounds_seen.add(iteration)
+            self.current_round = iteration
             _WAITING.clear()
         self._local.round = iteration
         self.native.sched_enter(
@@ -734,6 +773,15 @@ class ExactTest:
     def round(self, iteration: int) -> dict | None:
         return self.native.sched_round(iteration)
 
+    def thread_labels(self, iteration: int) -> dict[int, str]:
+        """thread id -> who started it and where, for the threads the test started in round
+        `iteration` (the lanes print them under the table)."""
+        return {
+            tid: f"{name}, started by thread {parent} at {site}"
+            for (round_, tid), (name, parent, site) in self.spawned.items()
+            if round_ == iteration
+        }
+
     def _watch(self) -> None:
         last = None
         since = _real_monotonic()
@@ -753,6 +801,12 @@ class ExactTest:
             self.native.sched_release(reason)
             self.blocking.append(reason)
             last = None
+
+
+def _clear_test(test) -> None:
+    global _TEST
+    if _TEST is test:
+        _TEST = None
 
 
 def _where(frame) -> str:
@@ -827,9 +881,20 @@ def describe_step(code, offset: int) -> str:
 
 def _short(what: str, files: set[str]) -> str:
     """Drop the file name when every step is in one file (the header names it)."""
-    if len(files) == 1 and ":" in what and what.split(":", 1)[0] in files:
-        return "line " + what.split(":", 1)[1]
-    return what
+    prefix, access = _split_idle(what)
+    if len(files) == 1 and ":" in access and access.split(":", 1)[0] in files:
+        access = "line " + access.split(":", 1)[1]
+    return f"{prefix} {access}" if prefix and access else prefix or access
+
+
+def _split_idle(what: str) -> tuple[str, str]:
+    """('(start)', 'f.py:3 load .x') for '(start) f.py:3 load .x'; ('', what) for an access."""
+    for idle in ("(start)", "(lock/wait)"):
+        if what == idle:
+            return idle, ""
+        if what.startswith(idle + " "):
+            return idle, what[len(idle) + 1 :]
+    return "", what
 
 
 _ASSERT_NOISE = re.compile(
@@ -839,48 +904,153 @@ _ASSERT_NOISE = re.compile(
 )
 
 
-def lanes(steps: list, cut: int | None = None, rows: int = 16, failing: int | None = None) -> str:
+_LOCK_WAIT_NOTE = (
+    "(lock/wait): the thread went on inside a lock, condition, sleep, or a thread's start or "
+    "join, where exact mode hands the turn over too; not an access of the test's code"
+)
+_IDLE = ("(start)", "(lock/wait)")
+_MIN_CELL = 20  # narrower columns than this: the lanes become a list, one row per line
+
+
+def lanes(
+    steps: list,
+    cut: int | None = None,
+    rows: int = 16,
+    failing: int | None = None,
+    width: int = 120,
+    labels: dict[int, str] | None = None,
+) -> str:
     """The schedule as lanes: one column per thread, one row per run of steps of one thread
     (its first access, and how many steps the run took), the last `rows` runs up to `cut`, or
     up to where thread `failing` started explaining a failed assertion (pytest's rewritten
-    asserts load @py... names only then)."""
+    asserts load @py... names only then).
+
+    Every line fits in `width` columns: a cell's text wraps rather than being cut; when the
+    columns would be too narrow, threads that made no access in the rows shown are left out
+    (and named below the table); when they still would be, the rows are printed as a list.
+    `labels` names the threads the test started (who started each, and where); a
+    `(lock/wait)` row is explained below the table when there is one."""
+    import textwrap
+
+    runs = lane_runs(steps, cut, failing)
+    if not runs:
+        return "(no steps recorded)"
+    accesses = [_split_idle(what)[1] for _tid, what, _n in runs]
+    files = {access.split(":", 1)[0] for access in accesses if ":" in access}
+    runs = [(tid, _short(what, files), n) for tid, what, n in runs]
+    width = max(40, width)
+    shown = runs[-rows:]
+    skipped = len(runs) - len(shown)
+    threads = sorted({tid for tid, _what, _n in runs})
+
+    def cell_width(count: int) -> int:
+        return min(44, (width - 8 - 3 * (count - 1)) // max(1, count))
+
+    left_out: list[int] = []
+    if cell_width(len(threads)) < _MIN_CELL:
+        busy = {tid for tid, what, _n in shown if not _idle(what)} | {failing}
+        left_out = [t for t in threads if t not in busy]
+        threads = [t for t in threads if t in busy]
+        shown = [run for run in shown if run[0] in busy]
+    cw = cell_width(len(threads))
+    out = [f"  in {next(iter(files))}:"] if len(files) == 1 else []
+    step = sum(n for _tid, _what, n in runs[:skipped])  # steps shown, noise left out
+    if skipped:
+        out.append(f"  ({skipped} earlier runs, {step} steps, not shown)")
+    texts = []
+    for tid, what, n in runs[skipped:]:
+        texts.append((step, tid, what + (f" (+{n - 1})" if n > 1 else "")))
+        step += n
+    texts = [t for t in texts if t[1] in threads]
+    if cw >= _MIN_CELL:
+        out.append("  step  " + " | ".join(f"thread {t}".ljust(cw) for t in threads))
+        for at, tid, text in texts:
+            pieces = textwrap.wrap(text, cw, break_on_hyphens=False) or [""]
+            for i, piece in enumerate(pieces):
+                number = f"{at:>4}" if i == 0 else "    "
+                cells = [(piece if t == tid else "").ljust(cw) for t in threads]
+                out.append(f"  {number}  " + " | ".join(cells))
+    else:
+        out.append("  step  thread  access")
+        room = width - 16
+        for at, tid, text in texts:
+            pieces = textwrap.wrap(text, room, break_on_hyphens=False) or [""]
+            for i, piece in enumerate(pieces):
+                head = f"  {at:>4}  {tid:<6}  " if i == 0 else " " * 16
+                out.append(head + piece)
+    notes = []
+    if left_out:
+        notes.append(
+            f"threads {_ranges(left_out)} made no access in these rows and are not shown "
+            "(too many columns for the terminal)"
+        )
+    for tid in threads:
+        if labels and tid in labels:
+            notes.append(f"thread {tid}: {labels[tid]}")
+    if any(text.startswith("(lock/wait)") for _at, _tid, text in texts):
+        notes.append(_LOCK_WAIT_NOTE)
+    for note in notes:
+        out.extend(textwrap.wrap(note, width - 2, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(line.rstrip() for line in out)
+
+
+def lane_runs(steps: list, cut: int | None = None, failing: int | None = None) -> list:
+    """[(thread id, what, steps)]: the runs of steps of one thread that the lanes show, up to
+    `cut`, or up to where thread `failing` started explaining a failed assertion. A run is
+    shown by its first access; one that starts at the thread's start or at a lock/wait shows
+    that and its first access ("(start) line 5 load .x")."""
     steps = steps[:cut] if cut is not None else steps
     if failing is not None:
         for index, (tid, code, offset) in enumerate(steps):
             if tid == failing and " load @py" in describe_step(code, offset):
                 steps = steps[:index]
                 break
-    runs: list[tuple[int, str, int]] = []
+    runs: list[list] = []
     for tid, code, offset in steps:
         what = describe_step(code, offset)
         if _ASSERT_NOISE.search(what):
             continue  # pytest's assertion rewriting explaining a failure, not the program
         if runs and runs[-1][0] == tid:
-            runs[-1] = (tid, runs[-1][1], runs[-1][2] + 1)
+            runs[-1][2] += 1
+            if runs[-1][1] in _IDLE and what not in _IDLE:
+                runs[-1][1] = f"{runs[-1][1]} {what}"
         else:
-            runs.append((tid, what, 1))
-    threads = sorted({tid for tid, _code, _offset in steps})
-    width = max(24, min(44, 120 // max(1, len(threads))))
-    files = {what.split(":", 1)[0] for _tid, what, _n in runs if ":" in what}
-    runs = [(tid, _short(what, files), n) for tid, what, n in runs]
-    if not runs:
-        return "(no steps recorded)"
-    shown = runs[-rows:]
-    skipped = len(runs) - len(shown)
+            runs.append([tid, what, 1])
+    return [tuple(run) for run in runs]
 
-    def cell(text: str) -> str:
-        return (text if len(text) <= width else text[: width - 1] + "~").ljust(width)
 
-    out = [f"  in {next(iter(files))}:"] if len(files) == 1 else []
-    out.append("  step  " + " | ".join(cell(f"thread {t}") for t in threads))
-    step = sum(n for _tid, _what, n in runs[:skipped])  # steps shown, noise left out
-    if skipped:
-        out.append(f"  ({skipped} earlier runs, {step} steps, not shown)")
-    for tid, what, n in shown:
-        text = what + (f" (+{n - 1})" if n > 1 else "")
-        out.append(f"  {step:>4}  " + " | ".join(cell(text if t == tid else "") for t in threads))
-        step += n
-    return "\n".join(line.rstrip() for line in out)
+def has_accesses(steps: list, cut: int | None = None, failing: int | None = None) -> bool:
+    """Whether the lanes of `steps` show any access of the test's code (not only starts and
+    lock/waits)."""
+    return any(not _idle(what) for _tid, what, _n in lane_runs(steps, cut, failing))
+
+
+def shows_interleaving(steps: list, cut: int | None = None, failing: int | None = None) -> bool:
+    """Whether the lanes of `steps` show threads interleaving at accesses: an access, and a
+    thread that goes on again after another one ran (lanes where each thread only runs once,
+    from its start, show no race)."""
+    runs = lane_runs(steps, cut, failing)
+    seen: set[int] = set()
+    again = False
+    for tid, _what, _n in runs:
+        again |= tid in seen
+        seen.add(tid)
+    return again and any(not _idle(what) for _tid, what, _n in runs)
+
+
+def _idle(what: str) -> bool:
+    return what in _IDLE
+
+
+def _ranges(numbers: list[int]) -> str:
+    """'4-7, 9' for [4, 5, 6, 7, 9]."""
+    parts = []
+    for n in sorted(numbers):
+        if parts and parts[-1][1] == n - 1:
+            parts[-1][1] = n
+        else:
+            parts.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
 
 
 def patched_names() -> list[str]:

@@ -55,6 +55,11 @@ if TYPE_CHECKING:  # imported when a threaded test runs, not when pytest starts
     from pytest_ftrace.report import Outcome
     from pytest_ftrace.runner import Hooks
 
+# Shrinking tries at most this many candidate schedules (each run twice): a count, not a time,
+# so that the same seed shrinks to the same schedule on every run.
+SHRINK_CANDIDATES = 40
+# What the statistics show of exact mode (see exact.ExactTest.summary).
+EXACT_STATS = ("rounds", "points", "handovers", "preemptions", "waits")
 CACHE_KEY = "ftrace/seed"
 REPLAY_KEY = "ftrace/replay/"  # + hash: one failing round's decision list (exact mode)
 LAST_KEY = "ftrace/replay/last"
@@ -344,6 +349,7 @@ class TestSession:
         self.threads = threads
         self.iterations = iterations
         self.exact = None
+        self.shrink_cut_short: int | None = None  # candidates tried when time ran out
         self.replay_exact = False  # following a recorded decision list
         if self.mode == "exact":
             from pytest_ftrace.exact import ExactTest
@@ -387,6 +393,9 @@ class TestSession:
     def finish(self, outcome: Outcome) -> None:
         """Add the seed, the replay line and the statistics to the outcome and the report."""
         stats = self.traced.stats()
+        stats["mode"] = self.mode
+        if self.exact is not None:
+            stats.update(self.exact.summary())
         self.session.stats.append((self.item.nodeid, stats))
         mode = self.mode
         if self.exact is not None:
@@ -394,7 +403,8 @@ class TestSession:
         props = self.item.user_properties
         props.append(("ftrace_seed", self.session.seed))
         props.append(("ftrace_test_seed", self.traced.seed))
-        for key in ("executions", "hooked", "yields", "delays"):
+        keys = EXACT_STATS if self.exact is not None else ("yields", "delays")
+        for key in ("executions", "hooked", *keys):
             if key in stats:
                 props.append((f"ftrace_{key}", stats[key]))
         if self.replay is not None:
@@ -441,37 +451,40 @@ class TestSession:
                         self.item.nodeid, self.threads, first.iteration, record
                     )
                 shrunk = self._shrink(first, record)
+                if self.shrink_cut_short is not None:
+                    outcome.notes.append(
+                        _wrap(
+                            f"shrinking: stopped by the --ftrace-shrink limit "
+                            f"({self.session.shrink_seconds:g} s) after {self.shrink_cut_short} "
+                            f"of {SHRINK_CANDIDATES} candidate schedules; give it more time for "
+                            "the same result on every run",
+                            self.item.config,
+                        )
+                    )
                 if shrunk is not None and shrunk[0]["preemptions"] == 0:
                     # Failing without any preemption after the run: what fails is the state
                     # the test kept from the rounds that ran, not an interleaving.
                     outcome.notes.append(
-                        "shrinking: after the run, a schedule without preemptions fails too "
-                        "(the test keeps state between rounds, e.g. in a module-scoped "
-                        "fixture), so the lanes show the round as it ran"
+                        _wrap(
+                            "shrinking: after the run, a schedule without preemptions fails too "
+                            "(the test keeps state between rounds, e.g. in a module-scoped "
+                            "fixture), so the lanes show the round as it ran",
+                            self.item.config,
+                        )
                     )
                     shrunk = None
                 if shrunk is not None:
-                    small, steps, cut, before, lane_failure = shrunk
-                    small_key = self.session.store_round(
-                        self.item.nodeid, self.threads, first.iteration, small
-                    )
-                    hint = (
-                        f"; replay it with --ftrace-replay {Token(self.threads, 0, small_key)}"
-                        if small_key
-                        else ""
-                    )
+                    small, steps, cut, before, lane_failure, labels = shrunk
                     outcome.notes.append(
                         f"shrunk: a schedule with {small['preemptions']} preemptions (from "
-                        f"{before}) fails the same way; the lanes below show it{hint} (it was "
-                        "found in this process after the run, so state the test keeps between "
-                        "rounds can make it go differently in a fresh one; the replay: line "
-                        "replays the round as it ran)"
+                        f"{before}) fails the same way; the lanes below show it"
                     )
-                    self._lane_view(outcome, lane_failure, small, steps, cut, True)
+                    self._lane_view(outcome, lane_failure, small, steps, cut, True, labels)
                 else:
                     steps = self.exact.native.sched_steps(first.iteration)
                     cut = self.exact.exit_steps.get((first.iteration, first.thread))
-                    self._lane_view(outcome, first, record, steps, cut, False)
+                    labels = self.exact.thread_labels(first.iteration)
+                    self._lane_view(outcome, first, record, steps, cut, False, labels)
             token = Token(self.threads, first.iteration, key, k)
             self.session.remember_failure(self.item.nodeid, token)
             outcome.notes.append(
@@ -486,10 +499,17 @@ class TestSession:
         prefixes of the list (past its end the running thread goes on until it blocks or
         ends: no more preemptions), found by bisection; then the list with one run of steps of
         one thread left out, from the last run back. A candidate counts when it fails the same
-        way twice in a row. Returns (record, steps, cut, preemptions before, failure) or
-        None."""
+        way twice in a row. Returns (record, steps, cut, preemptions before, failure, thread
+        labels) or None.
+
+        The search is bounded by a count of candidates (SHRINK_CANDIDATES), so that the same
+        seed shrinks to the same schedule on every run; --ftrace-shrink bounds its time too,
+        and a search it cuts short is said in the note. A shrunk schedule whose lanes would
+        show no interleaving (no access of the test's code, or each thread running once from
+        its start) is not used: the lanes show the round as it ran."""
         import time
 
+        from pytest_ftrace.exact import shows_interleaving
         from pytest_ftrace.report import location
 
         budget = self.session.shrink_seconds
@@ -506,8 +526,13 @@ class TestSession:
         deadline = time.monotonic() + budget
         best = dict(record)
         best_steps = None
+        tried = [0]
+
+        def more() -> bool:
+            return tried[0] < SHRINK_CANDIDATES and time.monotonic() < deadline
 
         def attempt(decisions):
+            tried[0] += 1
             result = self._run_schedule(body, decisions)
             if result is None or result[0] != want:
                 return None
@@ -518,7 +543,7 @@ class TestSession:
 
         # 1. the shortest failing prefix
         low, high = 0, len(best["decisions"])
-        while low < high and time.monotonic() < deadline:
+        while low < high and more():
             middle = (low + high) // 2
             found = attempt(best["decisions"][:middle])
             if found is not None and found[1]["preemptions"] < best["preemptions"]:
@@ -529,7 +554,7 @@ class TestSession:
         # 2. leave out one run of steps at a time
         runs = _runs(best["decisions"])
         index = len(runs) - 1
-        while index > 0 and time.monotonic() < deadline:
+        while index > 0 and more():
             start, end = runs[index]
             candidate = best["decisions"][:start] + best["decisions"][end:]
             found = attempt(candidate)
@@ -539,10 +564,14 @@ class TestSession:
                 index = min(index, len(runs) - 1)
             else:
                 index -= 1
+        if tried[0] < SHRINK_CANDIDATES and time.monotonic() >= deadline:
+            self.shrink_cut_short = tried[0]
         if best_steps is None:
             return None
-        steps, cut, failure = best_steps
-        return best, steps, cut, record["preemptions"], failure
+        steps, cut, failure, labels = best_steps
+        if not shows_interleaving(steps, cut, failure.thread):
+            return None
+        return best, steps, cut, record["preemptions"], failure, labels
 
     def _run_schedule(self, body, decisions):
         """One round of the test following `decisions`: ((exception type, place) of the first
@@ -580,24 +609,32 @@ class TestSession:
         if record is None or not record["exact"]:
             return None
         if not failures:
-            return (None, record, None, None, None)
+            return (None, record, None, None, None, None)
         failure = min(failures, key=lambda f: f.thread)
         steps = traced._native.sched_steps(0)
         cut = exact.exit_steps.get((0, failure.thread))
-        return ((type(failure.exc).__name__, location(failure.exc)), record, steps, cut, failure)
+        where = (type(failure.exc).__name__, location(failure.exc))
+        return (where, record, steps, cut, failure, exact.thread_labels(0))
 
-    def _lane_view(self, outcome: Outcome, first, record, steps, cut, shrunk: bool) -> None:
+    def _lane_view(
+        self, outcome: Outcome, first, record, steps, cut, shrunk: bool, labels=None
+    ) -> None:
+        import textwrap
+
         from pytest_ftrace.exact import lanes
 
         if not steps:
             return
         record = record or {}
+        width = _terminal_width(self.item.config)
         which = "shrunk schedule" if shrunk else f"schedule of round {first.iteration}"
-        outcome.notes.append(
+        intro = (
             f"{which} up to thread {first.thread}'s failure "
             f"({record.get('preemptions', '?')} preemptions; a row is a run of steps of one "
-            "thread, shown by its first access):\n" + lanes(steps, cut, failing=first.thread)
+            "thread, shown by its first access):"
         )
+        table = lanes(steps, cut, failing=first.thread, width=width, labels=labels)
+        outcome.notes.append("\n".join([*textwrap.wrap(intro, width), table]))
 
     def _exact_notes(self, outcome: Outcome) -> None:
         """Rounds that were not exact (unmanaged blocking, deadlock), said once each."""
@@ -651,6 +688,20 @@ class _OnlyTest:
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
+
+
+def _terminal_width(config: pytest.Config) -> int:
+    """The width the report is written in (pytest's terminal writer; 80 when it has none)."""
+    try:
+        return int(config.get_terminal_writer().fullwidth)
+    except Exception:
+        return 80
+
+
+def _wrap(text: str, config: pytest.Config) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, _terminal_width(config), subsequent_indent="  "))
 
 
 def _runs(decisions: list[int]) -> list[tuple[int, int]]:

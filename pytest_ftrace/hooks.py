@@ -178,13 +178,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     info = _native.build_info()
     state = config.stash[STATE_KEY]
     settings = state.settings
+    threads, iterations = settings.threads, settings.iterations
+    replay = state.ftrace.replay if state.ftrace is not None else None
+    if replay is not None:  # a replay runs the token's threads, --ftrace-replay-runs times
+        threads, iterations = replay.threads, state.ftrace.replay_runs
     lines = [
-        f"ftrace: threads={settings.threads} iterations={settings.iterations} "
+        f"ftrace: threads={threads} iterations={iterations} "
         f"timeout={settings.timeout:g}s, GIL {gil.state()}, "
         f"native {info['version']} (pyo3 {info['pyo3']})"
     ]
     if state.ftrace is not None:
         lines.append(state.ftrace.header())
+    import pytest_ftrace
+
+    if pytest_ftrace._STAND_IN is not None:
+        lines.append(f"ftrace: {pytest_ftrace._STAND_IN}")
     return lines
 
 
@@ -350,14 +358,34 @@ def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
     if verbose <= 0 or not session.stats:
         return
     tr.section(f"ftrace statistics (seed {session.seed})", sep="-")
-    tr.line(
-        f"{'executions':>10} {'hooked':>10} {'yields':>8} {'delays':>8} "
-        f"{'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
-    )
-    for nodeid, st in session.stats:
+    exact = [(nodeid, st) for nodeid, st in session.stats if st.get("mode") == "exact"]
+    chaos = [(nodeid, st) for nodeid, st in session.stats if st.get("mode") != "exact"]
+    if exact:
+        tr.line("exact mode: points = scheduling points (the scheduler chose who goes on);")
+        tr.line("  hand-overs = points where another thread went on; preempt = hand-overs away")
+        tr.line("  from a thread that could have gone on; waits = blocking waits of the threads")
+        tr.line("  (locks, conditions, joins, sleeps)")
         tr.line(
-            f"{st.get('executions', 0):>10} {st.get('hooked', 0):>10} "
-            f"{st.get('yields', 0):>8} {st.get('delays', 0):>8} "
-            f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
-            f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
+            f"{'executions':>10} {'rounds':>6} {'points':>9} {'hand-overs':>10} {'preempt':>8} "
+            f"{'waits':>7} {'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
         )
+        for nodeid, st in exact:
+            tr.line(
+                f"{st.get('executions', 0):>10} {st.get('rounds', 0):>6} "
+                f"{st.get('points', 0):>9} {st.get('handovers', 0):>10} "
+                f"{st.get('preemptions', 0):>8} {st.get('waits', 0):>7} "
+                f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
+                f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
+            )
+    if chaos:
+        tr.line(
+            f"{'executions':>10} {'hooked':>10} {'yields':>8} {'delays':>8} "
+            f"{'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
+        )
+        for nodeid, st in chaos:
+            tr.line(
+                f"{st.get('executions', 0):>10} {st.get('hooked', 0):>10} "
+                f"{st.get('yields', 0):>8} {st.get('delays', 0):>8} "
+                f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
+                f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
+            )

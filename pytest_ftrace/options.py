@@ -199,7 +199,11 @@ def _add_runner_options(add: _Registrar) -> None:
         "--ftrace",
         action="store_true",
         default=False,
-        help="inject seeded yields and delays at shared-state accesses so races fail every run",
+        help="run each test body in several threads and steer their interleaving at "
+        "shared-state accesses so races fail every run. Exact mode (the default) runs one "
+        "thread at a time and a seeded scheduler picks who goes on at every access, so a "
+        "failure replays exactly; chaos mode lets the threads run free and injects seeded "
+        "yields and delays (finds races inside native code). See --ftrace-mode",
     )
     add.option(
         "--ftrace-threads",
@@ -285,7 +289,8 @@ def _add_ftrace_options(add: _Registrar) -> None:
         default=None,
         type=lazy_type(ftrace, "parse_token", "--ftrace-replay"),
         metavar="TOKEN",
-        help="re-run the failing round a replay: line names, and report how often it failed",
+        help="re-run the failing round a replay: line names (TOKEN, e.g. t4i0k200x1a2b3c), or "
+        "'last': the last failure recorded in the pytest cache; reports how often it failed",
     )
     add.option(
         "--ftrace-replay-runs",
@@ -421,7 +426,8 @@ def _add_isolate_options(add: _Registrar) -> None:
         metavar="test|module|off",
         help="run tests in a forked child process, one per test (default) or per module, so "
         "a crash (segfault, abort, os._exit) fails only that test; each test is then also "
-        "bounded by twice --ftrace-timeout. A path after the bare flag is a path. "
+        "bounded by twice --ftrace-timeout; off: no child process (overrides the ini key). "
+        "A path after the bare flag is a path. "
         "ini: ftrace_isolate",
     )
     add.option(

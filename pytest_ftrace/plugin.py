@@ -26,6 +26,20 @@ def _skip_assertion_rewriting() -> None:
 
 _skip_assertion_rewriting()
 
+
+def _check_extension() -> None:
+    """A package without its built extension is a usage error of one line (what happened, what
+    to run), raised while pytest loads its plugins, instead of an INTERNALERROR later."""
+    import pytest_ftrace
+
+    if pytest_ftrace._PROBLEM is not None:
+        import pytest
+
+        raise pytest.UsageError(pytest_ftrace._PROBLEM)
+
+
+_check_extension()
+
 from pytest_ftrace.hooks import (  # noqa: E402, F401 - pytest finds hooks and fixtures here
     iteration_index,
     num_iterations,
@@ -43,4 +57,4 @@ from pytest_ftrace.hooks import (  # noqa: E402, F401 - pytest finds hooks and f
 )
 
 # pytest looks at every name here for hooks and fixtures, twice per session: keep only those.
-del _skip_assertion_rewriting
+del _skip_assertion_rewriting, _check_extension

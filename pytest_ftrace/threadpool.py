@@ -209,6 +209,14 @@ class ThreadpoolPlugin:
             return
         outcome = self.runner.outcome
         write = terminalreporter.write_line
+        marked = sum(1 for d in self.decisions.values() if d.scope is not None)
+        if self.decisions and not marked:
+            # Nothing to run side by side: the run was serial, which the header alone does not say.
+            write(
+                f"ftrace threadpool: 0 of {len(self.decisions)} tests are marked parallelizable; "
+                "see --threadpool in the README",
+                yellow=True,
+            )
         if outcome.not_run:
             write(f"ftrace threadpool: {outcome.not_run} tests not run (the session stopped)")
         for leak in outcome.leaked:

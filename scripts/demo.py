@@ -7,11 +7,16 @@ examples/ without the plugin (everything passes on one thread), then on examples
 with `--ftrace` (the racy id generator fails, with its seed, schedule and replay line; its
 locked twin passes). Extra arguments go to the second run. Exits 0 when the second run fails
 exactly the racy test, as it should.
+
+pytest runs as `python -P -m pytest`: -P keeps the current directory (this source tree, whose
+pytest_ftrace/ may have no built extension) off sys.path, so the runs use the package just
+installed into the venv.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from test_all import NAMES, ROOT, find_interpreter, run
@@ -36,12 +41,17 @@ def main() -> int:
     bin_python = venv / "bin" / "python"
     if not bin_python.exists() and run([python, "-m", "venv", str(venv)]) != 0:
         return 2
-    if run([str(bin_python), "-m", "pip", "install", "-q", "."]) != 0:
+    # The same target directory as scripts/test_all.py uses for this interpreter: a build made
+    # by either is reused by the other.
+    env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / f"py{name}"))
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    if run([str(bin_python), "-m", "pip", "install", "-q", "."], env=env) != 0:
         return 2
+    pytest = [str(bin_python), "-P", "-m", "pytest"]
     print(f"\n### examples/ with plain pytest ({name}): all pass on one thread", flush=True)
-    run([str(bin_python), "-m", "pytest", *DEMO_ARGS, "-p", "no:ftrace"])
+    run([*pytest, *DEMO_ARGS, "-p", "no:ftrace"])
     print(f"\n### examples/test_ids.py with pytest-ftrace --ftrace ({name})", flush=True)
-    rc = run([str(bin_python), "-m", "pytest", *RACE_ARGS, *args.pytest_args])
+    rc = run([*pytest, *RACE_ARGS, *args.pytest_args])
     if rc == 1:
         print("\ndemo: --ftrace made the racy id generator fail, and its locked twin passed.")
         return 0

@@ -8,7 +8,11 @@ CARGO_TARGET_DIR of its own so pyo3 is not rebuilt on every switch), then pytest
 An interpreter that is not found is reported as SKIPPED; with CI=true (or --strict) that is a
 failure. pytest's exit code 5 (no tests collected) is a failure.
 
-usage: python3 scripts/test_all.py [--python 3.12 ...] [--no-lint] [--strict] [-- PYTEST-ARGS]
+With --wheels (as CI runs it) it also builds the wheels and checks each one in a fresh venv
+without Rust (scripts/build_wheels.py and scripts/check_wheels.py).
+
+usage: python3 scripts/test_all.py [--python 3.12 ...] [--no-lint] [--strict] [--wheels]
+                                   [-- PYTEST-ARGS]
 """
 
 from __future__ import annotations
@@ -79,12 +83,33 @@ def prepare(name: str, python: str) -> tuple[Path, dict]:
     return bin_python, env
 
 
+def wheels(names: list[str]) -> str:
+    """Build the wheels into dist/test_all/ and check them; the step's status."""
+    out = ROOT / "dist" / "test_all"
+    if out.exists():
+        shutil.rmtree(out)
+    chosen = [f"--python={name}" for name in names]
+    rc = run([sys.executable, "scripts/build_wheels.py", *chosen, "--out", str(out)])
+    if rc != 0:
+        return "FAILED: building the wheels"
+    built = sorted(str(wheel) for wheel in out.glob("*.whl"))
+    rc = run([sys.executable, "scripts/check_wheels.py", *built])
+    return "passed" if rc == 0 else "FAILED: checking the wheels"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", action="append", choices=NAMES, help="only these interpreters")
     ap.add_argument("--no-lint", action="store_true", help="skip ruff, cargo fmt and clippy")
     ap.add_argument("--no-cargo", action="store_true", help="skip cargo test")
     ap.add_argument("--strict", action="store_true", help="a missing interpreter is a failure")
+    ap.add_argument(
+        "--wheels",
+        action="store_true",
+        help="also build the manylinux wheels and check each in a fresh venv without cargo "
+        "(scripts/build_wheels.py, scripts/check_wheels.py; about 3 minutes, fetches maturin, "
+        "ziglang and auditwheel from PyPI once; checks the committed tree)",
+    )
     ap.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     args = ap.parse_args()
     strict = args.strict or os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -108,6 +133,10 @@ def main() -> int:
         )
         status = {0: "passed", 5: "FAILED: no tests collected"}.get(rc, f"FAILED: pytest exit {rc}")
         results.append((f"pytest {name}", status, time.monotonic() - start))
+
+    if args.wheels:
+        start = time.monotonic()
+        results.append(("wheels", wheels(args.python or NAMES), time.monotonic() - start))
 
     if not args.no_cargo:
         start = time.monotonic()

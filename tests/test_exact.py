@@ -180,18 +180,21 @@ def test_pipe(thread_index):
 
 
 SHRINKABLE = """
+import itertools
 import threading
 
 _local = threading.local()
+_seq = itertools.count()
 _shared = {}
 
-def per_round(factory):
-    # every thread's i-th call gets the same object: fresh state in every round
-    index = getattr(_local, "calls", 0)
-    _local.calls = index + 1
-    if index not in _shared:
-        _shared[index] = factory()
-    return _shared[index]
+def per_round(factory, threads):
+    # every thread's i-th call gets the same object: fresh state in every round, and in every
+    # run of rounds (a shrink candidate runs in new threads: a new generation)
+    if not hasattr(_local, "gen"):
+        _local.gen, _local.calls = next(_seq) // threads, 0
+    key = (_local.gen, _local.calls)
+    _local.calls += 1
+    return _shared.setdefault(key, factory())
 
 class Ids:
     def __init__(self):
@@ -203,8 +206,8 @@ class Ids:
         self.next_id = current + 1
         return current
 
-def test_ids():
-    ids = per_round(Ids)
+def test_ids(num_parallel_threads):
+    ids = per_round(Ids, num_parallel_threads)
     me = threading.get_ident()
     for _ in range(30):
         new = ids.new_id()

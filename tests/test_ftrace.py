@@ -199,7 +199,7 @@ def test_test_seed_depends_on_the_node_id_not_the_rest_of_the_run(pytester):
 
 def test_verbose_summary_shows_statistics(pytester):
     pytester.makepyfile(test_safe=SAFE)
-    result = pytester.runpytest("--ftrace", "--seed", "3", "-v")
+    result = pytester.runpytest("--ftrace", "--ftrace-mode", "chaos", "--seed", "3", "-v")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*ftrace statistics (seed 3)*", "*executions*hooked*yields*"])
     row = next(line for line in result.stdout.lines if line.endswith("test_locked_counter"))
