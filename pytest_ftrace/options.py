@@ -383,7 +383,7 @@ def _add_isolate_options(add: _Registrar) -> None:
         metavar="test|module",
         help="run tests in a forked child process, one per test (default) or per module, so "
         "a crash (segfault, abort, os._exit) fails only that test; each test is then also "
-        "bounded by twice --ftrace-timeout. ini: ftrace_isolate",
+        "bounded by 3 x --ftrace-timeout + 2s. ini: ftrace_isolate",
     )
     add.ini("ftrace_isolate", "run tests in a child process: test, module or off", default="")
 
