@@ -611,21 +611,31 @@ def test_junitxml_is_complete_when_several_tests_crash(pytester):
 
 
 def test_a_nested_session_with_leaked_threads_does_not_end_the_outer_process(pytester):
-    # pytester's in-process run: the leaked (daemon) worker is still sleeping when the inner
+    # pytester's in-process run: the leaked (daemon) worker is still waiting when the inner
     # session ends, but this process is still running the outer session, so no os._exit.
+    # The worker waits (in C, where nothing interrupts it) until this test lets it go, so it
+    # is still there at the end of the inner session however slow the machine is.
+    import sys
+    import threading
+
+    release = sys._ftrace_test_release = threading.Event()
     pytester.makepyfile(
         test_inner="""
-        import time
-        def test_sleeps(thread_index):
+        import sys
+        def test_waits(thread_index):
             if thread_index == 0:
-                time.sleep(1)
+                sys._ftrace_test_release.wait(120)
         """
     )
-    result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "--threads", "2", "--ftrace-timeout", "0.2"
-    )
+    try:
+        result = pytester.runpytest_inprocess(
+            "-p", "no:cacheprovider", "--threads", "2", "--ftrace-timeout", "0.2"
+        )
+    finally:
+        release.set()
+    del sys._ftrace_test_release
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*ftrace: leaked threads*", "*test_sleeps: thread ftrace-0*"])
+    result.stdout.fnmatch_lines(["*ftrace: leaked threads*", "*test_waits: thread ftrace-0*"])
     # Let the leaked worker finish, so that this (outer) session has nothing left running.
     from pytest_ftrace.isolate import _runner_if_loaded
 
