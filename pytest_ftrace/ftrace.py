@@ -392,6 +392,10 @@ class TestSession:
         self.session.stats.append((self.item.nodeid, stats))
         mode = self.mode
         if self.exact is not None:
+            from pytest_ftrace.report import Failure, internal_error
+
+            for where, exc in self.exact.internal_errors:
+                outcome.failures.append(Failure(None, None, internal_error(where, exc), "internal"))
             self._exact_notes(outcome)
         props = self.item.user_properties
         props.append(("ftrace_seed", self.session.seed))

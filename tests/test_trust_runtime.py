@@ -335,3 +335,48 @@ def test_the_test_waits_for_the_threads_it_started(pytester, monkeypatch, args):
     result.assert_outcomes(passed=2)
     threads = 2 if "--threads" in args else 4
     assert sorted(p.name for p in out.iterdir()) == [f"written-{k}" for k in range(threads)]
+
+
+def test_an_error_of_the_machinery_in_a_thread_the_test_started_fails_the_test(pytester):
+    # Exact mode runs the threads a test starts under its scheduler too: the plugin's calls
+    # in them are machinery as well, and an error there fails the test, not the thread.
+    pytester.makeconftest(
+        """
+        from pytest_ftrace import exact
+
+        original = exact._managed
+
+        class Broken:
+            def __init__(self, run):
+                self._run = run
+
+            def __getattr__(self, name):
+                return getattr(self._run, name)
+
+            def sched_attach(self, tid):
+                raise RuntimeError("injected fault in the machinery")
+
+        def managed():
+            run = original()
+            return None if run is None else Broken(run)
+
+        exact._managed = managed
+        """
+    )
+    pytester.makepyfile(
+        test_child="""
+        import threading
+
+        def test_starts_a_thread():
+            child = threading.Thread(target=lambda: None)
+            child.start()
+            child.join()
+        """
+    )
+    result = run(pytester, *EXACT, "--threads", "2", "--iterations", "1")
+    found = cases(pytester)
+    assert found["test_starts_a_thread"][0] == "failure", found
+    message = found["test_starts_a_thread"][1]
+    assert "internal error of pytest-ftrace in a thread the test started" in message, message
+    assert "RuntimeError: injected fault in the machinery" in message, message
+    assert "PytestUnhandledThreadExceptionWarning" not in result.stdout.str()
