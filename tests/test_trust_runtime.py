@@ -380,3 +380,42 @@ def test_an_error_of_the_machinery_in_a_thread_the_test_started_fails_the_test(p
     assert "internal error of pytest-ftrace in a thread the test started" in message, message
     assert "RuntimeError: injected fault in the machinery" in message, message
     assert "PytestUnhandledThreadExceptionWarning" not in result.stdout.str()
+
+
+def test_pytest_timeout_keeps_its_own_bound(pytester):
+    # With pytest-timeout active for the test, its signal method owns SIGALRM: the phase bound
+    # is left to it (it fires first here, and its failure is the one reported).
+    pytest.importorskip("pytest_timeout")
+    pytester.makepyfile(
+        test_slow="""
+        import time
+        import pytest
+
+        @pytest.fixture
+        def stuck():
+            time.sleep(600)
+
+        def test_stuck(stuck):
+            pass
+
+        def test_after():
+            pass
+        """
+    )
+    result = run(
+        pytester,
+        "--threads",
+        "2",
+        "--ftrace-timeout",
+        "60",
+        "--timeout",
+        "1",
+        "--timeout-method",
+        "signal",
+    )
+    found = cases(pytester)
+    assert found["test_after"][0] == "passed", found
+    assert found["test_stuck"][0] in ("failure", "error"), found
+    assert "Timeout" in found["test_stuck"][1], found
+    assert "--ftrace-timeout" not in found["test_stuck"][1], found
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
