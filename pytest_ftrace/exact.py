@@ -44,6 +44,9 @@ _ORIGINAL: dict[tuple[object, str], object] = {}
 
 # The native run of the test in progress (exact mode), None between tests.
 _CURRENT = None
+# (where, exception) of the plugin's own errors in threads the test started (exact mode);
+# taken by the ExactTest of the test when it is deactivated.
+INTERNAL_ERRORS: list[tuple[str, BaseException]] = []
 # Per round: what each blocked managed thread waits for, by thread id (deadlock reports).
 _WAITING: dict[int, tuple[object, list[tuple], int | None]] = {}
 _TEST = None  # the ExactTest being run: threads the test starts are noted in its .spawned
@@ -464,12 +467,20 @@ def _thread_start(self) -> None:
     body = self.run
 
     def managed_run():
-        run.sched_attach(tid)
+        # The plugin's own calls here are guarded: an error of theirs fails the test (as an
+        # internal error, see ExactTest.internal_errors), never the user's thread.
+        try:
+            run.sched_attach(tid)
+        except Exception as exc:  # noqa: BLE001 - the machinery's: reported with the test
+            INTERNAL_ERRORS.append(("a thread the test started, joining the scheduler", exc))
         try:
             body()
         finally:
-            run.sched_wake(id(self))
-            run.sched_exit()
+            try:
+                run.sched_wake(id(self))
+                run.sched_exit()
+            except Exception as exc:  # noqa: BLE001 - the machinery's: reported with the test
+                INTERNAL_ERRORS.append(("a thread the test started, leaving the scheduler", exc))
 
     self.run = managed_run
     # The new thread says it started before it attaches, from outside the core: a real
@@ -699,10 +710,13 @@ class ExactTest:
         self.current_round = 0
         # (round, thread id) -> (name, id of the thread that started it, file:line of start())
         self.spawned: dict[tuple[int, int], tuple[str, int | None, str]] = {}
+        # (where, exception): the plugin's errors in threads the test started
+        self.internal_errors: list[tuple[str, BaseException]] = []
 
     # activation: patch the names and watch for unmanaged blocking
     def activate(self) -> None:
         global _TEST
+        INTERNAL_ERRORS.clear()
         install(self.native, self.scope, self.roots)
         _TEST = self
         self._stop.clear()
@@ -717,6 +731,8 @@ class ExactTest:
         self.waits += len(_BLOCKS)
         _clear_test(self)
         uninstall()
+        self.internal_errors.extend(INTERNAL_ERRORS)
+        INTERNAL_ERRORS.clear()
 
     def summary(self) -> dict:
         """What exact mode did in this test's rounds: scheduling points (decisions), hand-overs

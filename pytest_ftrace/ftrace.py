@@ -377,7 +377,9 @@ class TestSession:
 
         if self.exact is not None:
             e = self.exact
-            return Hooks(e.thread_enter, e.round_start, e.round_end, e.thread_exit)
+            return Hooks(
+                e.thread_enter, e.round_start, e.round_end, e.thread_exit, e.native.sched_release
+            )
         run = self.run
         if self.replay is None:
             round_start = run.round_start
@@ -399,6 +401,10 @@ class TestSession:
         self.session.stats.append((self.item.nodeid, stats))
         mode = self.mode
         if self.exact is not None:
+            from pytest_ftrace.report import Failure, internal_error
+
+            for where, exc in self.exact.internal_errors:
+                outcome.failures.append(Failure(None, None, internal_error(where, exc), "internal"))
             self._exact_notes(outcome)
         props = self.item.user_properties
         props.append(("ftrace_seed", self.session.seed))
@@ -591,7 +597,13 @@ class TestSession:
             self.session.instrumentation.scope,
             tuple(getattr(self.item, "funcargs", {}).values()),
         )
-        hooks = Hooks(exact.thread_enter, exact.round_start, exact.round_end, exact.thread_exit)
+        hooks = Hooks(
+            exact.thread_enter,
+            exact.round_start,
+            exact.round_end,
+            exact.thread_exit,
+            exact.native.sched_release,
+        )
         run = ThreadedRun(
             self.item, original, self.threads, 1, 60.0, hooks=hooks, takes_fixtures=takes_fixtures
         )

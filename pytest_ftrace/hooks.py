@@ -75,6 +75,22 @@ def pytest_configure(config: pytest.Config) -> None:
         from pytest_ftrace import isolate
 
         isolate.configure(config)
+    if workers is None and _bounds_phases(config, settings):
+        from pytest_ftrace import phase_timeout
+
+        phase_timeout.configure(config, settings.timeout)
+
+
+def _bounds_phases(config: pytest.Config, settings: options.Settings) -> bool:
+    """Whether --ftrace-timeout bounds every phase of each test: in the sessions that use the
+    plugin (a plain run is left as pytest has it)."""
+    return bool(
+        config.option.ftrace
+        or settings.threads != 1
+        or settings.iterations != 1
+        or config.option.ftrace_timeout is not None
+        or options.ini_value(config, "ftrace_timeout")
+    )
 
 
 class _XdistSeed:
@@ -288,28 +304,51 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
 
     def run_in_threads(*args, **kwargs):
         __tracebackhide__ = True
-        threads, iterations, hooks = plan.threads, plan.iterations, runner.Hooks()
-        traced = state.ftrace.start(item, threads, iterations) if state.ftrace else None
-        if traced is not None:
-            threads, iterations, hooks = traced.threads, traced.iterations, traced.hooks()
-        run = runner.ThreadedRun(
-            item,
-            original,
-            threads,
-            iterations,
-            state.settings.timeout,
-            hooks=hooks,
-            takes_fixtures=takes_fixtures,
-        )
-        if traced is None:
-            outcome = run.run()
-        else:
-            traced.run.activate()
-            try:
+        # Every step of the plugin's own machinery on this side (starting the test's
+        # instrumentation, activating it, supervising, reporting) is guarded the same way as
+        # in the workers: an exception there fails the test as an internal error of
+        # pytest-ftrace, never lets it pass. Ctrl-C and pytest.exit go on as they are.
+        step = "starting the threaded run"
+        try:
+            threads, iterations, hooks = plan.threads, plan.iterations, runner.Hooks()
+            traced = state.ftrace.start(item, threads, iterations) if state.ftrace else None
+            if traced is not None:
+                step = "setting up --ftrace for the test"
+                threads, iterations, hooks = traced.threads, traced.iterations, traced.hooks()
+            run = runner.ThreadedRun(
+                item,
+                original,
+                threads,
+                iterations,
+                state.settings.timeout,
+                hooks=hooks,
+                takes_fixtures=takes_fixtures,
+            )
+            if traced is None:
+                step = "the threaded run"
                 outcome = run.run()
-            finally:
-                traced.run.deactivate()
-            traced.finish(outcome)
+            else:
+                step = "activating --ftrace"
+                traced.run.activate()
+                try:
+                    step = "the threaded run"
+                    outcome = run.run()
+                finally:
+                    step = "deactivating --ftrace"
+                    traced.run.deactivate()
+                step = "the --ftrace report"
+                try:
+                    traced.finish(outcome)
+                except runner.STOPPING:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - keep the results, fail the test
+                    outcome.failures.append(
+                        report.Failure(None, None, report.internal_error(step, exc), "internal")
+                    )
+        except runner.STOPPING:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+            raise report.internal_error(step, exc) from None
         report.raise_outcome(outcome)
 
     run_in_threads.__name__ = getattr(original, "__name__", "test")

@@ -15,7 +15,12 @@ decides which code gets events and when:
 - In in-scope code, every instruction that is not a shared-state access (see
   `HOOKED_OPNAMES`) gets `DISABLE` at its first event. CPython forgets a `DISABLE` when the
   tool's events are switched off and on, so each activation re-learns this, once per offset.
-- `deactivate()` switches every event off again, so nothing fires between tests.
+- `deactivate()` switches every event off again, so nothing fires between tests, and closes
+  the test's exact-mode core: a thread the test left running never waits in it again.
+- At interpreter exit (atexit, before the interpreter finalizes), every core is closed and the
+  threads still inside the native core are waited for, so that none of them takes the
+  interpreter back in a Rust frame while it finalizes (CPython ends such a daemon thread with
+  `pthread_exit`, and unwinding through Rust aborts the process).
 
 `sys.monitoring.restart_events()` is never called: it would reset the other tools too.
 
@@ -24,6 +29,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import opcode
 import os
@@ -64,6 +70,37 @@ HOOKED_OPNAMES = (
     "DELETE_DEREF",
     "CONTAINS_OP",
 )
+
+# How long, at most, exit waits for the threads inside the native core to come back.
+EXIT_GRACE_SECONDS = 2.0
+
+
+def release_native(grace: float = EXIT_GRACE_SECONDS) -> int:
+    """Close every native core for good and wait (up to `grace` seconds, the interpreter
+    released) until no thread is inside one; returns how many still are."""
+    import time
+
+    inside = _native.release_all()
+    deadline = time.monotonic() + grace
+    while inside and time.monotonic() < deadline:
+        time.sleep(0.002)
+        inside = _native.threads_inside()
+    return inside
+
+
+def wait_native_idle(grace: float) -> int:
+    """Wait (up to `grace` seconds) until no thread is inside the native core."""
+    import time
+
+    inside = _native.threads_inside()
+    deadline = time.monotonic() + grace
+    while inside and time.monotonic() < deadline:
+        time.sleep(0.002)
+        inside = _native.threads_inside()
+    return inside
+
+
+atexit.register(release_native)
 
 # Native table entries (rust/opcodes.rs).
 _ALWAYS = 0x100
@@ -244,6 +281,9 @@ class Instrumentation:
             mon.register_callback(self.tool_id, event, None)
         mon.free_tool_id(self.tool_id)
         self._closed = True
+        # Every test's core was closed when it ended; the threads released then are back in
+        # Python within one wait slice.
+        wait_native_idle(1.0)
 
     def __enter__(self) -> Instrumentation:
         return self
@@ -273,6 +313,7 @@ class Instrumentation:
             mon.set_events(self.tool_id, 0)
             self._disarm_locked()
             run._native.deactivate()
+            run._native.sched_close()
 
     def _disarm(self) -> None:
         with self._lock:

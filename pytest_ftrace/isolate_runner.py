@@ -15,8 +15,9 @@ writes it to memory shared with the main process); then it forks a new child for
 With gdb on PATH the child is held at a fatal signal (see _hold) until gdb has read every
 thread's native stack. The child's warnings and the plugin's own records (tests run on one
 thread, GIL events, --ftrace statistics) come back with each test's last message.
-Under isolation --ftrace-timeout also bounds each test as a whole (twice the value, so the
-threaded watchdog of the stress runner speaks first): the child dumps its stacks and exits.
+Under isolation --ftrace-timeout also bounds each test as a whole (three times the value and
+WHOLE_TEST_GRACE seconds: each phase has its own bound of one timeout, which speaks first;
+this one catches what those cannot interrupt): the child dumps its stacks and exits.
 
 Imported only when --ftrace-isolate is on (see isolate.configure).
 
@@ -563,12 +564,17 @@ def _progress_listener(progress):
     return started
 
 
+WHOLE_TEST_GRACE = 2.0
+
+
 def _whole_test_bound(config: pytest.Config) -> float:
     from pytest_ftrace.hooks import STATE_KEY
 
     state = config.stash.get(STATE_KEY, None)
     timeout = state.settings.timeout if state is not None else 300.0
-    return 2 * timeout
+    # Set-up, call and tear-down are each bounded by one timeout, and the threaded runner
+    # takes a little longer than its timeout to report: this bound is only a backstop.
+    return 3 * timeout + WHOLE_TEST_GRACE
 
 
 def _status_name(status: int) -> str:
@@ -588,7 +594,8 @@ def _crash_message(config, item, status: int, phase: str, faults: str, detail, p
     if faults.lstrip().startswith("Timeout ("):
         bound = _whole_test_bound(config)
         lines.append(
-            f"timed out: {item.nodeid} did not finish within {bound:g}s (twice --ftrace-timeout, "
+            f"timed out: {item.nodeid} did not finish within {bound:g}s (3 x --ftrace-timeout + "
+            f"{WHOLE_TEST_GRACE:g}s, "
             f"the bound on a whole test under --ftrace-isolate); stopped during {phase}"
         )
     elif os.WIFSIGNALED(status):

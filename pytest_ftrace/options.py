@@ -426,7 +426,7 @@ def _add_isolate_options(add: _Registrar) -> None:
         metavar="test|module|off",
         help="run tests in a forked child process, one per test (default) or per module, so "
         "a crash (segfault, abort, os._exit) fails only that test; each test is then also "
-        "bounded by twice --ftrace-timeout; off: no child process (overrides the ini key). "
+        "bounded by 3 x --ftrace-timeout + 2s; off: no child process (overrides the ini key). "
         "A path after the bare flag is a path. "
         "ini: ftrace_isolate",
     )

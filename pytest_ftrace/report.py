@@ -25,12 +25,29 @@ class ConcurrencyError(Exception):
         self.failures = failures or []
 
 
+class FtraceInternalError(Exception):
+    """An exception from pytest-ftrace's own machinery while a test ran (a hook of a worker
+    thread, a wait, the scheduler, a report). It fails the test it happened in: a verdict the
+    plugin could not reach is never a pass."""
+
+
+def internal_error(where: str, exc: BaseException) -> FtraceInternalError:
+    """`exc`, raised by the plugin's machinery in `where`, as the failure of the test, with its
+    whole traceback (the plugin's frames included: they are the point here)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+    error = FtraceInternalError(
+        f"internal error of pytest-ftrace in {where}: {type(exc).__name__}: {exc}\n"
+        f"(please report it; the test's result is unknown, so it fails)\n{text}"
+    )
+    return error
+
+
 @dataclass
 class Failure:
     thread: int | None  # None: outside any thread's executions (e.g. a hang)
     iteration: int | None  # None: in the thread's fixture set-up or tear-down
     exc: BaseException
-    phase: str = "call"  # call, setup (per-thread fixtures), teardown
+    phase: str = "call"  # call, setup (per-thread fixtures), teardown, internal (the plugin's)
 
 
 @dataclass
@@ -123,7 +140,7 @@ def ranges(numbers: Iterable[int]) -> str:
 def _where(failures: list[Failure]) -> str:
     threads = [f.thread for f in failures if f.thread is not None]
     iterations = [f.iteration for f in failures if f.iteration is not None]
-    phases = sorted({f.phase for f in failures if f.phase != "call"})
+    phases = sorted({f.phase for f in failures if f.phase not in ("call", "internal")})
     parts = []
     if threads:
         parts.append(("thread " if len(set(threads)) == 1 else "threads ") + ranges(threads))
@@ -132,6 +149,8 @@ def _where(failures: list[Failure]) -> str:
         parts.append(word + ranges(iterations))
     if phases:
         parts.append("in per-thread fixture " + "/".join(phases))
+    if any(f.phase == "internal" for f in failures):
+        parts.append("in pytest-ftrace's own machinery")
     return "; ".join(parts)
 
 
@@ -160,9 +179,15 @@ def concurrency_message(outcome: Outcome) -> str:
         f"({_plural(outcome.threads, 'thread')} x {_plural(outcome.iterations, 'iteration')})"
     )
     lines = [head]
-    others = len(failures) - len(in_calls)
+    internal = sum(1 for f in failures if f.phase == "internal")
+    others = len(failures) - len(in_calls) - internal
     if others:
         lines[0] += f", and {_plural(others, 'per-thread fixture error')}"
+    if internal:
+        lines[0] = (
+            f"{_plural(internal, 'internal error')} of pytest-ftrace (the test's result is "
+            f"unknown, so it fails); {lines[0]}"
+        )
     lines.append(f"failing: {_where(failures)}")
     lines.append(f"distinct failures: {len(groups)}")
     for index, (key, members) in enumerate(groups, 1):
@@ -178,6 +203,9 @@ def concurrency_message(outcome: Outcome) -> str:
 def _describe(failure: Failure) -> str:
     if failure.thread is None:
         return "the supervising thread"
+    if failure.phase == "internal":
+        where = f", iteration {failure.iteration}" if failure.iteration is not None else ""
+        return f"thread {failure.thread}{where}, in pytest-ftrace's machinery"
     if failure.iteration is None:
         return f"thread {failure.thread}, fixture {failure.phase}"
     return f"thread {failure.thread}, iteration {failure.iteration}"
@@ -187,6 +215,14 @@ def raise_outcome(outcome: Outcome) -> None:
     """Turn the collected outcome into what pytest expects from a test call."""
     __tracebackhide__ = True
     failures = outcome.failures
+    if failures and all(f.phase == "internal" for f in failures):
+        # Only the plugin failed: say that first, not as a concurrency problem of the test.
+        exc = failures[0].exc
+        if len(failures) > 1:
+            exc.add_note(f"({len(failures)} internal errors in all; the first is shown)")
+        for note in outcome.notes:
+            exc.add_note(note)
+        raise exc
     if failures:
         groups = group_failures(failures)
         every_call_failed = (

@@ -5,7 +5,18 @@ Nothing can leave a thread waiting forever: each worker catches every exception 
 KeyboardInterrupt and pytest's outcome exceptions included) and goes on to the next round, the
 barrier has a timeout, and the supervising thread aborts the barrier and stops waiting once the
 deadline passes. Workers are daemon threads, so a body that never returns cannot keep the
-process alive at exit.
+process alive at exit; threads the test starts get the daemon flag they would get on the main
+thread (not daemon, unless the test says so), and the test waits for its non-daemon threads
+(within the timeout), so their work is not dropped.
+
+A verdict is never lost: an exception from the plugin's own machinery in a worker (the hooks
+--ftrace plugs in, the waits, anything but the test's body and fixtures) fails the test as an
+internal error of pytest-ftrace, with its traceback, and stops the run; it never ends as an
+unhandled-thread-exception warning.
+
+A worker given up on (its body still running at the deadline) is abandoned: an exception is
+raised in it at its next Python instruction, so a body spinning in Python stops instead of
+taking CPU (and, on a GIL build, the interpreter) from the tests that come after it.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -22,9 +33,16 @@ from typing import Any
 import pytest
 
 from pytest_ftrace.fixtures import ThreadFixtures
-from pytest_ftrace.report import OUTCOME_SKIP, OUTCOME_XFAIL, Failure, Outcome
+from pytest_ftrace.report import (
+    OUTCOME_SKIP,
+    OUTCOME_XFAIL,
+    Failure,
+    Outcome,
+    internal_error,
+)
 
 _STOPPING = (KeyboardInterrupt, pytest.exit.Exception)
+STOPPING = _STOPPING  # what stops the session: never turned into a test's failure
 
 # Called as (threads, iteration) by each worker as its round starts; --ftrace-isolate sets it
 # in the child process so that a crash can be blamed on its round.
@@ -50,6 +68,32 @@ class Hang(Exception):
     """The test's threaded execution did not finish within the timeout."""
 
 
+class Abandoned(BaseException):  # noqa: N818 - not an error of the test: it was given up on
+    """Raised in a worker the runner gave up on, so that a body still spinning stops."""
+
+
+def abandon(thread: threading.Thread) -> None:
+    """Raise `Abandoned` in `thread` at its next Python instruction (a thread blocked in C
+    gets it when it comes back, if ever)."""
+    import ctypes
+
+    if thread.ident is None or not thread.is_alive():
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(Abandoned)
+    )
+
+
+def _waited_for(thread: threading.Thread) -> bool:
+    """Whether the test waits for `thread`, one it started: a non-daemon thread other than a
+    pool's worker (an executor's threads live as long as the executor, not the test)."""
+    if thread.daemon:
+        return False
+    futures = sys.modules.get("concurrent.futures.thread")
+    target = getattr(thread, "_target", None)
+    return futures is None or target is not getattr(futures, "_worker", None)
+
+
 @dataclass
 class Hooks:
     """Calls the runner makes in each worker thread; --ftrace plugs its instrumentation in here."""
@@ -58,6 +102,9 @@ class Hooks:
     round_start: Callable[[int], None] | None = None
     round_end: Callable[[float], None] | None = None
     thread_exit: Callable[[], None] | None = None
+    # Called with a reason when the run stops early (an internal error): whatever waits in
+    # the plugin's machinery (the exact-mode scheduler) is let go.
+    release: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -82,6 +129,8 @@ class ThreadedRun:
         # for teardown; the workers alone suffice, the supervisor joins them.
         self._barrier = threading.Barrier(self.threads, timeout=self.timeout)
         self._rounds: list[int | None] = [None] * self.threads  # the round each worker is in
+        self._abandoned = False  # the supervisor gave up on the workers still running
+        self._steps = ["thread set-up"] * self.threads  # what each worker does (for errors)
         before = set(threading.enumerate())
         workers = [
             threading.Thread(target=self._worker, args=(k,), name=f"ftrace-{k}", daemon=True)
@@ -105,24 +154,47 @@ class ThreadedRun:
             for worker in workers:
                 worker.join(max(0.0, grace - time.monotonic()))
         alive = [w for w in workers if w.is_alive()]
-        if alive:
+        unfinished: list[threading.Thread] = []
+        if not alive:
+            # The non-daemon threads the test started: the process would wait for them at
+            # exit, so the test does, within its timeout (their work is part of the test).
+            pending = [
+                t
+                for t in threading.enumerate()
+                if t not in before and t not in workers and t.is_alive() and _waited_for(t)
+            ]
+            for thread in pending:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            unfinished = [t for t in pending if t.is_alive()]
+        if alive or unfinished:
             # Threads the body started and left running (a deadlocked helper thread, say).
             started = [
                 t
                 for t in threading.enumerate()
                 if t not in before and t not in workers and t.is_alive()
             ]
-            stuck = [workers.index(w) for w in alive]
-            first = min(stuck, key=lambda k: (self._rounds[k] is None, self._rounds[k] or 0, k))
             # Threads running since before the test (a fixture's, an earlier test's): one of
             # them may hold what the stuck ones wait for. The waiting thread is left out.
             me = threading.current_thread()
             earlier = [t for t in before if t is not me and t.is_alive()]
             hang = self._hang_error(workers, alive, started, earlier)
-            if self._rounds[first] is None:  # stuck before its first round (fixture set-up)
+            stuck = [workers.index(w) for w in alive]
+            first = min(
+                stuck,
+                key=lambda k: (self._rounds[k] is None, self._rounds[k] or 0, k),
+                default=None,
+            )
+            if first is None or self._rounds[first] is None:
+                # stuck before its first round (fixture set-up), or only the test's threads
                 outcome.failures.append(Failure(None, None, hang, "call"))
             else:  # blamed on the earliest stuck round, so --ftrace prints its replay line
                 outcome.failures.append(Failure(first, self._rounds[first], hang, "call"))
+            # The workers still running are given up on: a body spinning in Python stops at
+            # once, instead of slowing every test after this one.
+            self._abandoned = True
+            for worker in alive:
+                worker._daemonic = True  # ours: back to what it was started as
+                abandon(worker)
             leaked = alive + started
             LEAKED.extend((self.item.nodeid, t) for t in leaked)
             _guard_sessions()
@@ -134,6 +206,12 @@ class ThreadedRun:
                 + "; if they still are at the end of the session, the process exits with "
                 "os._exit instead of waiting for them."
             )
+            if alive:
+                outcome.notes.append(
+                    f"interrupted: the test's body in {', '.join(t.name for t in alive)} gets "
+                    "an exception at its next Python instruction, so that it stops instead of "
+                    "slowing the tests after this one."
+                )
             reached = max((r for r in self._rounds if r is not None), default=-1)
             if reached < self.iterations - 1:
                 outcome.notes.append(
@@ -151,6 +229,8 @@ class ThreadedRun:
 
     def _record(self, failure: Failure) -> None:
         exc = failure.exc
+        if self._abandoned:
+            return  # the run is over and reported; an abandoned worker's news is not news
         with self._lock:
             if isinstance(exc, OUTCOME_XFAIL):
                 self._outcome.xfailed.append(failure)
@@ -163,7 +243,38 @@ class ThreadedRun:
         if isinstance(exc, _STOPPING):
             self._abort()
 
+    def _internal(self, index: int, iteration: int | None, where: str, exc: BaseException):
+        """An exception from the plugin's machinery in worker `index`: the test fails with it,
+        and the run stops (its other results cannot be trusted to be complete)."""
+        if self._abandoned or isinstance(exc, Abandoned):
+            return
+        if isinstance(exc, _STOPPING):  # Ctrl-C or pytest.exit landing in the machinery
+            self._record(Failure(index, iteration, exc))
+            return
+        self._record(
+            Failure(index, iteration, internal_error(f"{where} of thread {index}", exc), "internal")
+        )
+        self._abort()
+        release = self.hooks.release
+        if release is not None:
+            try:
+                release(f"internal error of pytest-ftrace in thread {index}")
+            except BaseException:  # noqa: BLE001, S110 - already failing; the run is stopping
+                pass
+
     def _worker(self, index: int) -> None:
+        # The test's own threads get the daemon flag they would get when started from the
+        # main thread; the worker itself was started as a daemon thread.
+        threading.current_thread()._daemonic = False
+        self._steps[index] = "thread set-up"
+        try:
+            self._work(index)
+        except BaseException as exc:  # noqa: BLE001 - only the machinery's can get here
+            self._internal(index, self._rounds[index], self._steps[index], exc)
+        finally:
+            threading.current_thread()._daemonic = True
+
+    def _work(self, index: int) -> None:
         hooks = self.hooks
         fixtures = ThreadFixtures(
             self.item,
@@ -175,15 +286,24 @@ class ThreadedRun:
             },
         )
         kwargs: dict[str, Any] | None = None
-        try:
-            if hooks.thread_enter is not None:
+        if hooks.thread_enter is not None:
+            self._steps[index] = "thread_enter"
+            try:
                 hooks.thread_enter(index)
+            except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+                self._internal(index, None, "thread_enter", exc)
+                self._leave(index, fixtures)
+                return
+        try:
             kwargs = fixtures.setup() if self.takes_fixtures else {}
         except BaseException as exc:  # noqa: BLE001 - reported as this thread's failure
+            if self._abandoned:
+                return
             self._record(Failure(index, None, exc, "setup"))
         iteration_arg = kwargs is not None and "iteration_index" in kwargs
         try:
             for iteration in range(self.iterations):
+                self._steps[index] = "the round barrier"
                 if not self._wait():
                     return
                 if kwargs is None:
@@ -191,6 +311,7 @@ class ThreadedRun:
                 if iteration_arg:
                     kwargs["iteration_index"] = iteration
                 self._rounds[index] = iteration
+                self._steps[index] = "round_start"
                 if ROUND_LISTENER is not None:
                     ROUND_LISTENER(self.threads, iteration)
                 if hooks.round_start is not None:
@@ -199,21 +320,35 @@ class ThreadedRun:
                 try:
                     self.body(**kwargs)
                 except BaseException as exc:  # noqa: BLE001 - every outcome is collected
+                    if self._abandoned:
+                        return
                     self._record(Failure(index, iteration, exc))
                     if isinstance(exc, _STOPPING):
                         return
+                self._steps[index] = "round_end"
                 if hooks.round_end is not None:
                     hooks.round_end(time.perf_counter() - started)
             # Tear down only once every thread has finished its last round.
+            self._steps[index] = "the last barrier"
             self._wait()
+        except BaseException as exc:  # noqa: BLE001 - only the machinery's can get here
+            self._internal(index, self._rounds[index], self._steps[index], exc)
         finally:
-            for exc in fixtures.teardown():
-                self._record(Failure(index, None, exc, "teardown"))
-            if hooks.thread_exit is not None:
-                try:
-                    hooks.thread_exit()
-                except BaseException as exc:  # noqa: BLE001
-                    self._record(Failure(index, None, exc, "teardown"))
+            self._leave(index, fixtures)
+
+    def _leave(self, index: int, fixtures: ThreadFixtures) -> None:
+        """Tear this worker's fixtures down and leave the machinery (not when abandoned: the
+        test is over, and its fixtures' tear-down must not run into the next test)."""
+        if self._abandoned:
+            return
+        for exc in fixtures.teardown():
+            self._record(Failure(index, None, exc, "teardown"))
+        if self.hooks.thread_exit is not None:
+            self._steps[index] = "thread_exit"
+            try:
+                self.hooks.thread_exit()
+            except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+                self._internal(index, None, "thread_exit", exc)
 
     def _wait(self) -> bool:
         """Wait for the round's barrier; False when the run is being stopped."""
@@ -235,10 +370,19 @@ class ThreadedRun:
         import traceback
 
         frames = sys._current_frames()
-        parts = [
-            f"the test's threads did not finish within {self.timeout:g}s "
-            f"(--ftrace-timeout); {len(alive)} of {self.threads} still running"
-        ]
+        if alive:
+            head = (
+                f"the test's threads did not finish within {self.timeout:g}s "
+                f"(--ftrace-timeout); {len(alive)} of {self.threads} still running"
+            )
+        else:
+            waited = [t for t in started if _waited_for(t)]
+            head = (
+                f"the threads the test started did not finish within {self.timeout:g}s "
+                f"(--ftrace-timeout): {', '.join(t.name for t in waited)} (not daemon, so "
+                "the test waits for them, as the process would at exit)"
+            )
+        parts = [head]
         for thread in [*alive, *started, *earlier]:
             frame = frames.get(thread.ident)
             daemon = "daemon" if thread.daemon else "not daemon"

@@ -5,7 +5,7 @@
 //! INSTRUCTION events, when); this module only answers events.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -30,6 +30,55 @@ extern "C" {
 }
 
 static DISABLE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Threads that have let go of the interpreter to wait in the core (or to sleep or spin for
+/// chaos mode) and have not taken it back yet. At interpreter shutdown, a daemon thread that
+/// takes the interpreter back is ended with `pthread_exit`, whose unwinding must never pass
+/// through Rust frames (the process aborts with "FATAL: exception not rethrown"): `release_all`
+/// (run at exit) makes every wait return and then waits for this count to reach 0.
+static INSIDE: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether the calling thread may let go of the interpreter to wait: counts it in [`INSIDE`]
+/// (the caller calls [`leave`] once it holds the interpreter again), or false once the
+/// interpreter shuts down (then it must not wait at all).
+fn may_wait() -> bool {
+    INSIDE.fetch_add(1, Ordering::SeqCst);
+    if sched::SHUTDOWN.load(Ordering::SeqCst) {
+        INSIDE.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    true
+}
+
+fn leave() {
+    INSIDE.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Run `f` (a wait in the core) with the interpreter released, counted in [`INSIDE`]; with it
+/// held once the interpreter shuts down (every core is closed then, so `f` does not wait).
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    if !may_wait() {
+        return f();
+    }
+    let out = py.detach(f);
+    leave();
+    out
+}
+
+/// release_all(): the interpreter is about to shut down: close every core (no thread waits in
+/// one again, and none lets go of the interpreter in a hook). Returns the threads still
+/// inside (the caller waits for them to come back, with the interpreter released).
+#[pyfunction]
+fn release_all() -> usize {
+    sched::SHUTDOWN.store(true, Ordering::SeqCst);
+    INSIDE.load(Ordering::SeqCst)
+}
+
+/// threads_inside() -> int: threads waiting in the native core (or in a chaos delay) now.
+#[pyfunction]
+fn threads_inside() -> usize {
+    INSIDE.load(Ordering::SeqCst)
+}
 
 fn disable_object(py: Python<'_>) -> PyResult<&Py<PyAny>> {
     DISABLE.get_or_try_init(py, || {
@@ -115,18 +164,20 @@ unsafe extern "C" fn on_instruction(
             let at = (code as usize, offset as u32);
             // Most points keep the turn: decided without letting go of the interpreter.
             let kept = std::panic::catch_unwind(|| engine::schedule_point_try(at));
-            if !matches!(kept, Ok(Some(_))) {
+            if !matches!(kept, Ok(Some(_))) && may_wait() {
                 let state = ffi::PyEval_SaveThread();
                 let _ = std::panic::catch_unwind(engine::schedule_wait);
                 ffi::PyEval_RestoreThread(state);
+                leave();
             }
             ffi::Py_NewRef(ffi::Py_None())
         }
         Ok(Some(d)) => {
-            if d != Decision::Continue {
+            if d != Decision::Continue && may_wait() {
                 let state = ffi::PyEval_SaveThread();
                 let _ = std::panic::catch_unwind(|| d.wait());
                 ffi::PyEval_RestoreThread(state);
+                leave();
             }
             ffi::Py_NewRef(ffi::Py_None())
         }
@@ -387,9 +438,10 @@ impl Run {
         engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
         let ident = thread_ident();
         let seed_round = seed_round.unwrap_or(iteration);
-        Ok(py
-            .detach(move || core.enter(tid, ident, iteration, seed_round, expected))
-            .name())
+        Ok(detached(py, move || {
+            core.enter(tid, ident, iteration, seed_round, expected)
+        })
+        .name())
     }
 
     /// Exact mode: a thread the test started, given `tid` by sched_spawn, starts running.
@@ -397,7 +449,7 @@ impl Run {
         let (core, _) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
         let ident = thread_ident();
-        Ok(py.detach(move || core.attach(tid, ident)).name())
+        Ok(detached(py, move || core.attach(tid, ident)).name())
     }
 
     /// Exact mode: the calling thread leaves the round (no-op when it is not managed).
@@ -419,7 +471,7 @@ impl Run {
     fn sched_point(&self, py: Python<'_>) -> PyResult<&'static str> {
         let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         let Some(tid) = tid else { return Ok("free") };
-        Ok(py.detach(move || core.point(tid)).name())
+        Ok(detached(py, move || core.point(tid)).name())
     }
 
     /// Exact mode: block the calling thread on `resource` until it is woken (or, `timed`, until
@@ -443,9 +495,7 @@ impl Run {
                 0
             }
         });
-        Ok(py
-            .detach(move || core.block_for(tid, resource, timeout_ns))
-            .name())
+        Ok(detached(py, move || core.block_for(tid, resource, timeout_ns)).name())
     }
 
     /// Exact mode: make the threads blocked on `resource` runnable; returns how many.
@@ -461,6 +511,14 @@ impl Run {
     /// Exact mode: whether managed thread `tid` is in the round and not finished.
     fn sched_live(&self, tid: u32) -> bool {
         self.shared.core().is_some_and(|c| c.is_live(tid))
+    }
+
+    /// Exact mode: the test is over: release every thread waiting in the core, and let every
+    /// later wait return at once (threads the test left running never wait here again).
+    fn sched_close(&self) {
+        if let Some(c) = self.shared.core() {
+            c.close();
+        }
     }
 
     /// Exact mode: let the round run free (the watchdog calls this with the reason).
@@ -630,6 +688,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(active_run_id, m)?)?;
     m.add_function(wrap_pyfunction!(policy_defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(release_all, m)?)?;
+    m.add_function(wrap_pyfunction!(threads_inside, m)?)?;
     m.add_class::<Run>()?;
     Ok(())
 }

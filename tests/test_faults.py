@@ -114,8 +114,22 @@ def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester, 
     pytester.makepyfile(test_hang=HANG)
     args = (*FTRACE, "--threads", "2", "--ftrace-timeout", "1")
     result = run(pytester, *args, *([f"--ftrace-isolate={isolate}"] if isolate else []))
+    # What must happen, whichever bound ends the test: only it fails, the session ends.
     result.assert_outcomes(passed=2, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert_only_fault_failed(pytester, "test_hangs")
+    out = result.stdout.str()
+    if isolate and "timed out: test_hang.py::test_hangs" in out:
+        # Under --ftrace-isolate the whole test also has a backstop bound (3 x the timeout
+        # + 2s): on a machine stalled long enough it can end the child before the runner's
+        # report is out. Then the child's stacks say where the test was.
+        result.stdout.fnmatch_lines(
+            [
+                "timed out: test_hang.py::test_hangs did not finish within *",
+                '*File "*test_hang.py", line 11 in test_hangs',
+            ]
+        )
+        return
     result.stdout.fnmatch_lines(
         [
             "*did not finish within 1s (--ftrace-timeout); 1 of 2 still running*",
@@ -147,7 +161,6 @@ def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester, 
             "the process exits without waiting for them*",
         ]
     result.stdout.fnmatch_lines([*summary, "*1 failed, 2 passed*"])
-    assert_only_fault_failed(pytester, "test_hangs")
 
 
 HELD_BY_A_FIXTURE = """
@@ -203,13 +216,15 @@ def test_hang_shows_the_thread_that_was_running_before_the_test(pytester):
 
 
 def test_hanging_test_on_one_thread_under_isolation(pytester):
-    # Without threads there is no stress-runner watchdog: the isolated child's own bound ends it.
+    # A hang the per-phase bound cannot interrupt (the test blocks the timer signal, as C code
+    # holding the GIL would keep it from running): the isolated child's own bound ends it.
     pytester.makepyfile(
         test_sleepy="""
-        import time
+        import signal, time
         def test_before():
             pass
         def test_sleeps():
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             print("going to sleep")
             time.sleep(600)
         def test_after():
@@ -223,15 +238,44 @@ def test_hanging_test_on_one_thread_under_isolation(pytester):
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "timed out: test_sleepy.py::test_sleeps did not finish within 1s *stopped during call",
+            "timed out: test_sleepy.py::test_sleeps did not finish within 3.5s *stopped during "
+            "call",
             "test: test_sleepy.py::test_sleeps",
             f"ftrace: seed={SEED} mode=chaos",
             f"replay: pytest 'test_sleepy.py::test_sleeps' --ftrace* --seed {SEED} "
             "--ftrace-isolate",
-            "Timeout (0:00:01)!",
-            '*File "*test_sleepy.py", line 6 in test_sleeps',
+            "Timeout (0:00:03*)!",
+            '*File "*test_sleepy.py", line 7 in test_sleeps',
             "*Captured stdout call*",
             "going to sleep",
+        ]
+    )
+    assert_only_fault_failed(pytester, "test_sleeps")
+
+
+@pytest.mark.parametrize("isolate", ["", "--ftrace-isolate"], ids=["inline", "isolated"])
+def test_hanging_test_on_one_thread_is_bounded_by_the_timeout(pytester, isolate):
+    # On one thread there is no stress runner: --ftrace-timeout bounds the call all the same,
+    # with or without isolation, and the session goes on.
+    pytester.makepyfile(
+        test_sleepy="""
+        import time
+        def test_before():
+            pass
+        def test_sleeps():
+            time.sleep(600)
+        def test_after():
+            pass
+        """
+    )
+    args = (*FTRACE, "--threads", "1", "--iterations", "1", "--ftrace-timeout", "0.5")
+    result = run(pytester, *args, *([isolate] if isolate else []))
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Hang: the test's call did not finish within 0.5s (--ftrace-timeout)*",
+            "*Thread MainThread (not daemon), the stuck one (most recent call last):",
+            "*time.sleep(600)",
         ]
     )
     assert_only_fault_failed(pytester, "test_sleeps")
@@ -567,21 +611,31 @@ def test_junitxml_is_complete_when_several_tests_crash(pytester):
 
 
 def test_a_nested_session_with_leaked_threads_does_not_end_the_outer_process(pytester):
-    # pytester's in-process run: the leaked (daemon) worker is still sleeping when the inner
+    # pytester's in-process run: the leaked (daemon) worker is still waiting when the inner
     # session ends, but this process is still running the outer session, so no os._exit.
+    # The worker waits (in C, where nothing interrupts it) until this test lets it go, so it
+    # is still there at the end of the inner session however slow the machine is.
+    import sys
+    import threading
+
+    release = sys._ftrace_test_release = threading.Event()
     pytester.makepyfile(
         test_inner="""
-        import time
-        def test_sleeps(thread_index):
+        import sys
+        def test_waits(thread_index):
             if thread_index == 0:
-                time.sleep(1)
+                sys._ftrace_test_release.wait(120)
         """
     )
-    result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "--threads", "2", "--ftrace-timeout", "0.2"
-    )
+    try:
+        result = pytester.runpytest_inprocess(
+            "-p", "no:cacheprovider", "--threads", "2", "--ftrace-timeout", "0.2"
+        )
+    finally:
+        release.set()
+    del sys._ftrace_test_release
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*ftrace: leaked threads*", "*test_sleeps: thread ftrace-0*"])
+    result.stdout.fnmatch_lines(["*ftrace: leaked threads*", "*test_waits: thread ftrace-0*"])
     # Let the leaked worker finish, so that this (outer) session has nothing left running.
     from pytest_ftrace.isolate import _runner_if_loaded
 

@@ -25,6 +25,7 @@ pub mod random;
 pub mod replay;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -72,6 +73,10 @@ pub const STALL_GRACE: Duration = Duration::from_millis(200);
 pub const WAIT_SLOTS: usize = 32;
 /// PCT's step estimate before a round has been seen.
 pub const DEFAULT_K: u64 = 200;
+
+/// Set once, when the interpreter is about to shut down: every core is closed from then on
+/// (see [`Core::close`]), so no thread waits in one while the interpreter finalizes.
+pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
 /// How a wait in the core ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,6 +278,8 @@ pub struct Core {
     /// One condition variable per slot (thread id modulo [`WAIT_SLOTS`]): a hand-over wakes
     /// the chosen thread only, not every waiter.
     cvs: [Condvar; WAIT_SLOTS],
+    /// Set by [`Core::close`] (the test is over): no thread waits in this core any more.
+    closed: AtomicBool,
 }
 
 impl Core {
@@ -307,6 +314,7 @@ impl Core {
                 vnow: 0,
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -318,6 +326,28 @@ impl Core {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Whether the core is closed (the test is over, or the interpreter shuts down).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || SHUTDOWN.load(Ordering::Acquire)
+    }
+
+    /// The test is over: every thread waiting in the core goes on at once (free), and every
+    /// later call returns at once, so a thread the test left running never waits here again.
+    /// The round records stay readable. Idempotent.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut st = self.state.lock();
+        if !st.free {
+            st.free = true;
+            st.record.exact = false;
+            st.record
+                .reason
+                .get_or_insert_with(|| "the test was over".to_string());
+        }
+        drop(st);
+        self.notify_every();
     }
 
     fn slot(&self, tid: u32) -> &Condvar {
@@ -350,6 +380,9 @@ impl Core {
         seed_round: u64,
         expected: usize,
     ) -> Wait {
+        if self.is_closed() {
+            return Wait::Free;
+        }
         let mut st = self.state.lock();
         if st.round != Some(round) && !st.live() {
             let k = self.fixed_k.unwrap_or(if st.max_steps > 0 {
@@ -397,6 +430,9 @@ impl Core {
                 if st.started {
                     break;
                 }
+                if self.is_closed() {
+                    return Wait::Free;
+                }
                 let arrived = st.threads.len() >= st.expected;
                 let late = st
                     .first_arrival
@@ -443,6 +479,9 @@ impl Core {
 
     /// A spawned thread starts running on OS thread `ident`: wait for its turn.
     pub fn attach(&self, tid: u32, ident: u64) -> Wait {
+        if self.is_closed() {
+            return Wait::Free;
+        }
         let mut st = self.state.lock();
         match st.threads.get_mut(&tid) {
             Some(t) if t.status != Status::Finished => t.ident = ident,
@@ -474,6 +513,9 @@ impl Core {
     /// and the caller must [`Core::await_turn`], with the interpreter released. A thread that
     /// keeps the turn thus never lets go of the interpreter, which is most points.
     pub fn try_point_at(&self, tid: u32, at: Location) -> Option<Wait> {
+        if self.is_closed() {
+            return Some(Wait::Free);
+        }
         let mut st = self.state.lock();
         if st.free {
             return Some(Wait::Free);
@@ -510,6 +552,9 @@ impl Core {
     /// waiting 0.1 s gives up before one waiting 30 s, as it would in real time.
     pub fn block_for(&self, tid: u32, resource: u64, timeout_ns: Option<u64>) -> Wait {
         let timed = timeout_ns.is_some();
+        if self.is_closed() {
+            return Wait::Free;
+        }
         let mut st = self.state.lock();
         if st.free {
             return Wait::Free;
@@ -659,6 +704,9 @@ impl Core {
 
     fn wait_turn(&self, st: &mut parking_lot::MutexGuard<'_, State>, tid: u32) -> Wait {
         loop {
+            if self.is_closed() {
+                return Wait::Free;
+            }
             let Some(me) = st.threads.get_mut(&tid) else {
                 return Wait::Free;
             };
@@ -935,6 +983,34 @@ mod tests {
                 "seed {seed}: {order:?}"
             );
         }
+    }
+
+    #[test]
+    fn close_releases_every_waiter_and_later_calls_pass_through() {
+        let core = Arc::new(Core::new(5, Policy::Random));
+        let results: Vec<Wait> = std::thread::scope(|sc| {
+            // Two of three expected workers arrive and block: nobody can finish the round.
+            let hs: Vec<_> = (0..2)
+                .map(|tid| {
+                    let core = Arc::clone(&core);
+                    sc.spawn(move || {
+                        core.enter(tid, 0, 0, 0, 3);
+                        core.block(tid, 100 + tid as u64, false)
+                    })
+                })
+                .collect();
+            while core.threads().len() < 2 {
+                std::thread::yield_now();
+            }
+            core.close();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(|w| *w == Wait::Free), "{results:?}");
+        assert!(core.is_closed());
+        assert_eq!(core.enter(2, 0, 1, 1, 3), Wait::Free);
+        assert_eq!(core.attach(7, 0), Wait::Free);
+        assert_eq!(core.point(0), Wait::Free);
+        assert_eq!(core.block(0, 1, false), Wait::Free);
     }
 
     #[test]
