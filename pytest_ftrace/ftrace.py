@@ -191,7 +191,7 @@ def parse_token(value) -> Token | str:
 def resolve_mode(config: pytest.Config) -> str:
     mode = config.option.ftrace_mode
     if mode is None:
-        raw = (options.ini_value(config, "ftrace_mode") or "").strip()
+        raw = str(options.ini_value(config, "ftrace_mode") or "").strip()
         if raw and raw not in MODES:
             raise pytest.UsageError(f"ini key ftrace_mode: exact or chaos, not {raw!r}")
         mode = raw or DEFAULT_MODE
@@ -201,7 +201,7 @@ def resolve_mode(config: pytest.Config) -> str:
 def resolve_scheduler(config: pytest.Config) -> tuple[str, int]:
     value = config.option.ftrace_scheduler
     if value is None:
-        raw = (options.ini_value(config, "ftrace_scheduler") or "").strip()
+        raw = str(options.ini_value(config, "ftrace_scheduler") or "").strip()
         try:
             value = parse_scheduler(raw) if raw else ("mix", DEFAULT_SWITCH_BUDGET)
         except argparse.ArgumentTypeError as exc:
@@ -350,8 +350,16 @@ class FtraceSession:
             self.instrumentation = Instrumentation(
                 self.seed, str(config.rootpath), include, exclude, **self.policy
             )
-        except ValueError as exc:
-            raise pytest.UsageError(f"--ftrace-policy: {exc}") from None
+        except ValueError as exc:  # the values together (each is checked on its own already)
+            sources = [
+                name
+                for name, given in (
+                    ("ini key ftrace_policy", options.ini_value(config, "ftrace_policy")),
+                    ("--ftrace-policy", config.option.ftrace_policy),
+                )
+                if given
+            ]
+            raise pytest.UsageError(f"{' with '.join(sources)}: {exc}") from None
         except NoFreeToolId as exc:
             raise pytest.UsageError(str(exc)) from None
         if self.replay is not None:

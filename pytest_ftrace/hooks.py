@@ -42,8 +42,10 @@ def pytest_configure(config: pytest.Config) -> None:
         isolate.refuse_with_threadpool(config)
     if settings.require_gil_disabled and gil.enabled():
         why = "this is a GIL build" if not gil.FREE_THREADED_BUILD else "the GIL is enabled"
+        given = config.option.ftrace_require_gil_disabled is not None
+        source = "--require-gil-disabled" if given else "ini key ftrace_require_gil_disabled"
         raise pytest.UsageError(
-            f"--require-gil-disabled: {why} (Python {sys.version.split()[0]} at "
+            f"{source}: {why} (Python {sys.version.split()[0]} at "
             f"{sys.executable}); run the tests with a free-threaded Python such as python3.13t "
             "(with PYTHON_GIL unset or 0)"
         )

@@ -242,16 +242,17 @@ class _Registrar:
 
 
 class _Recording:
-    """A registrar that also notes the dest of each option it registers in `dests`."""
+    """A registrar that also notes the dest of each option and the name of each ini key."""
 
-    def __init__(self, add: _Registrar, dests: set[str]):
-        self.add, self.dests = add, dests
+    def __init__(self, add: _Registrar, dests: set[str], inis: set[str]):
+        self.add, self.dests, self.inis = add, dests, inis
 
     def option(self, canonical: str, *aliases: str, **kwargs) -> None:
         self.dests.add(kwargs["dest"])
         self.add.option(canonical, *aliases, **kwargs)
 
     def ini(self, name: str, help: str, **kwargs) -> None:
+        self.inis.add(name)
         self.add.ini(name, help, **kwargs)
 
 
@@ -321,13 +322,15 @@ def _add_runner_options(add: _Registrar) -> None:
     )
 
 
-# Options that only mean something with --ftrace (all those _add_ftrace_options registers).
+# Options (by dest) and ini keys that only mean something with --ftrace: all those
+# _add_ftrace_options registers.
 FTRACE_ONLY: set[str] = set()
+FTRACE_ONLY_INI: set[str] = set()
 
 
 def _add_ftrace_options(add: _Registrar) -> None:
     ftrace = "pytest_ftrace.ftrace"
-    add = _Recording(add, FTRACE_ONLY)
+    add = _Recording(add, FTRACE_ONLY, FTRACE_ONLY_INI)
     add.option(
         "--ftrace-seed",
         "--seed",
