@@ -65,29 +65,39 @@ REPLAY_KEY = "ftrace/replay/"  # + hash: one failing round's decision list (exac
 LAST_KEY = "ftrace/replay/last"
 
 MODE = DEFAULT_MODE  # kept for importers of the old constant
-_TOKEN = re.compile(r"^t(\d+)i(\d+)(?:k(\d+))?(?:x([0-9a-f]{6,40}))?$")
-_SCHEDULER = re.compile(r"^(random|mix|pct|aligned)(\d*)$")
+_TOKEN = re.compile(r"^t([0-9]+)i([0-9]+)(?:k([0-9]+))?(?:x([0-9a-f]{6,40}))?$")
+_SCHEDULER = re.compile(r"^(random|mix|pct|aligned)([0-9]*)$")
 
 
-def parse_seed_option(value: str) -> int | str:
-    value = str(value).strip()
-    if value in ("last", "random"):
-        return value
+def parse_seed_option(value) -> int | str:
+    text = value.strip() if isinstance(value, str) else value
+    if text in ("last", "random"):
+        return text
     try:
-        seed = int(value, 0)
-    except ValueError:
+        return options.check_whole(text, "--seed", 0, options.U64)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"--seed must be a whole number, 'last' or 'random', not {value!r}"
+            "--seed must be a whole number between 0 and 2**64-1, 'last' or 'random', "
+            f"not {value!r}"
         ) from None
-    if not 0 <= seed < 2**64:
-        raise argparse.ArgumentTypeError(f"--seed must be between 0 and 2**64-1, not {seed}")
-    return seed
+
+
+def usable_seed(value) -> int | None:
+    """A seed read from the cache, or None where it is not one (a corrupt cache)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= options.U64:
+        return None
+    return value
 
 
 def policy_keys() -> dict:
     from pytest_ftrace import _native
 
     return dict(_native.policy_defaults())
+
+
+# The bounds of the policy's numbers: probabilities and shares are 0..1; a delay is at most a
+# second (each hooked access may take one).
+POLICY_MAX = {"max_spin_ns": 10**9, "max_sleep_us": 10**6}
 
 
 def parse_policy_item(value: str) -> tuple[str, float]:
@@ -98,14 +108,11 @@ def parse_policy_item(value: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(
             f"--ftrace-policy takes KEY=VALUE with KEY one of {', '.join(defaults)}, not {value!r}"
         )
-    kind = type(defaults[key])
-    try:
-        number = kind(raw.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--ftrace-policy {key} must be a {'whole ' if kind is int else ''}number, "
-            f"not {raw.strip()!r}"
-        ) from None
+    what = f"--ftrace-policy {key}"
+    if isinstance(defaults[key], int):
+        number = options.check_whole(raw, what, 0, POLICY_MAX.get(key, options.U32))
+    else:
+        number = options.check_real(raw, what, 0.0, 1.0)
     return key, number
 
 
@@ -134,14 +141,18 @@ def parse_scheduler(value: str) -> tuple[str, int]:
         )
     name = match.group(1)
     defaults = {"aligned": 50, "mix": DEFAULT_SWITCH_BUDGET, "pct": 3}
-    param = int(match.group(2) or defaults.get(name, 0))
-    if name == "pct" and param < 1:
-        raise argparse.ArgumentTypeError("--ftrace-scheduler pct depth must be at least 1")
-    if name == "mix" and param < 1:
-        raise argparse.ArgumentTypeError("--ftrace-scheduler mix budget must be at least 1")
-    if name == "aligned" and param > 100:
-        raise argparse.ArgumentTypeError("--ftrace-scheduler aligned takes a percentage")
+    # mix: hand-overs per round (u32 in the core); pct: depth (each level is a change point
+    # the scheduler draws and keeps); aligned: a percentage
+    low, high, what = {
+        "mix": (1, options.U32, "--ftrace-scheduler mix budget"),
+        "pct": (1, PCT_MAX_DEPTH, "--ftrace-scheduler pct depth"),
+        "aligned": (0, 100, "--ftrace-scheduler aligned stay percent"),
+    }.get(name, (0, 0, "--ftrace-scheduler"))
+    param = options.check_whole(match.group(2) or str(defaults.get(name, 0)), what, low, high)
     return name, param
+
+
+PCT_MAX_DEPTH = 1000
 
 
 @dataclass(frozen=True)
@@ -161,24 +172,31 @@ class Token:
 LAST = "last"
 
 
-def parse_token(value: str) -> Token | str:
-    value = str(value).strip()
-    if value == LAST:
+def parse_token(value) -> Token | str:
+    """A replay token, its numbers checked against what the native core takes: threads
+    1..MAX_THREADS, the round and the step estimate k in the u64 range."""
+    text = value.strip() if isinstance(value, str) else value
+    if text == LAST:
         return LAST
-    match = _TOKEN.match(value)
-    if not match or int(match.group(1)) < 1:
+    match = _TOKEN.match(text) if isinstance(text, str) else None
+    if not match:
         raise argparse.ArgumentTypeError(
             "--ftrace-replay takes the token of a replay: line, such as t8i3, or 'last', "
             f"not {value!r}"
         )
-    k = int(match.group(3)) if match.group(3) is not None else None
-    return Token(int(match.group(1)), int(match.group(2)), match.group(4), k)
+    what = f"--ftrace-replay {text}:"
+    threads = options.check_whole(match.group(1), f"{what} threads", 1, options.MAX_THREADS)
+    iteration = options.check_whole(match.group(2), f"{what} round", 0, options.U64)
+    k = None
+    if match.group(3) is not None:
+        k = options.check_whole(match.group(3), f"{what} step estimate k", 0, options.U64)
+    return Token(threads, iteration, match.group(4), k)
 
 
 def resolve_mode(config: pytest.Config) -> str:
     mode = config.option.ftrace_mode
     if mode is None:
-        raw = (options.ini_value(config, "ftrace_mode") or "").strip()
+        raw = str(options.ini_value(config, "ftrace_mode") or "").strip()
         if raw and raw not in MODES:
             raise pytest.UsageError(f"ini key ftrace_mode: exact or chaos, not {raw!r}")
         mode = raw or DEFAULT_MODE
@@ -188,7 +206,7 @@ def resolve_mode(config: pytest.Config) -> str:
 def resolve_scheduler(config: pytest.Config) -> tuple[str, int]:
     value = config.option.ftrace_scheduler
     if value is None:
-        raw = (options.ini_value(config, "ftrace_scheduler") or "").strip()
+        raw = str(options.ini_value(config, "ftrace_scheduler") or "").strip()
         try:
             value = parse_scheduler(raw) if raw else ("mix", DEFAULT_SWITCH_BUDGET)
         except argparse.ArgumentTypeError as exc:
@@ -196,8 +214,9 @@ def resolve_scheduler(config: pytest.Config) -> tuple[str, int]:
     return value
 
 
-def session_seed(config: pytest.Config) -> int:
-    """The session seed, resolved once: xdist controller's, option, ini, or a fresh one."""
+def session_seed(config: pytest.Config, notes: list[str] | None = None) -> int:
+    """The session seed, resolved once: xdist controller's, option, ini, or a fresh one.
+    `--seed last` with a corrupt cache entry goes on with a fresh seed, noted in `notes`."""
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "ftrace_seed" in workerinput:
         return int(workerinput["ftrace_seed"])
@@ -219,8 +238,80 @@ def session_seed(config: pytest.Config) -> int:
                 "--seed last: no previous seed in the pytest cache (run once with --ftrace first, "
                 "and keep the cache provider enabled)"
             )
-        return int(last)
+        seed = usable_seed(last)
+        if seed is None:
+            seed = random.Random().getrandbits(32)
+            if notes is not None:
+                notes.append(
+                    f"ftrace: --seed last has nothing usable: the pytest cache's {CACHE_KEY} "
+                    f"holds {_shown(last)}, not a seed (cached value ignored); this run uses "
+                    f"a fresh seed, {seed}"
+                )
+        return seed
     return int(value)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def last_failure(cache) -> tuple[str, Token, int, str]:
+    """`--ftrace-replay last`: (nodeid, token, seed, mode) of the failure the cache recorded.
+    A missing record is a usage error; an unusable one raises CorruptCache (ignored, noted)."""
+    last = cache.get(LAST_KEY, None) if cache is not None else None
+    if not last:
+        raise pytest.UsageError(
+            "--ftrace-replay last: no failure recorded in the pytest cache (run with "
+            "--ftrace first, and keep the cache provider enabled)"
+        )
+    problem = None
+    if not isinstance(last, dict):
+        problem = "is not a record"
+    elif not isinstance(last.get("nodeid"), str) or not last["nodeid"]:
+        problem = "names no test (nodeid)"
+    elif usable_seed(last.get("seed")) is None:
+        problem = f"has no usable seed ({_shown(last.get('seed'))})"
+    elif last.get("mode", DEFAULT_MODE) not in MODES:
+        problem = f"has an unknown mode {_shown(last.get('mode'))}"
+    else:
+        try:
+            token = parse_token(last.get("token"))
+        except argparse.ArgumentTypeError:
+            token = None
+        if not isinstance(token, Token):
+            problem = f"has an unusable token {_shown(last.get('token'))}"
+    if problem is not None:
+        raise CorruptCache(
+            f"ftrace: --ftrace-replay last has nothing usable: the pytest cache's {LAST_KEY} "
+            f"{problem} (cached value ignored); this run replays nothing"
+        )
+    return last["nodeid"], token, last["seed"], last.get("mode", DEFAULT_MODE)
+
+
+class CorruptCache(Exception):
+    """A cache entry the plugin wrote, holding something it would not have written."""
+
+
+def cached_schedule(stored, nodeid: str) -> tuple[list[int] | None, str | None]:
+    """A round's decision list from the cache, for `nodeid`: (list, None), or (None, why it
+    was ignored) where the entry is there but unusable."""
+    if stored is None:
+        return None, None
+    if not isinstance(stored, dict) or not isinstance(stored.get("decisions"), list):
+        return None, "the cached schedule is not one (cached value ignored)"
+    if stored.get("nodeid") != nodeid:
+        return None, None  # another test's: this one is rescheduled from the seed
+    decisions = stored["decisions"]
+    # thread ids: the core's are u32 (threads the test starts get ids of their own)
+    if not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= options.U32 for d in decisions
+    ):
+        return (
+            None,
+            "the cached schedule holds values that are not thread ids (cached value ignored)",
+        )
+    return decisions, None
 
 
 class FtraceSession:
@@ -235,20 +326,19 @@ class FtraceSession:
         self.scheduler = resolve_scheduler(config)
         self.replay: Token | None = None
         self.replay_nodeid: str | None = None  # `--ftrace-replay last`: the test to run
+        self.notes: list[str] = []  # cached values that were ignored, said in the report
         replay = config.option.ftrace_replay
         if replay == LAST:
-            last = self.cache.get(LAST_KEY, None) if self.cache is not None else None
-            if not last:
-                raise pytest.UsageError(
-                    "--ftrace-replay last: no failure recorded in the pytest cache (run with "
-                    "--ftrace first, and keep the cache provider enabled)"
-                )
-            replay = parse_token(last["token"])
-            self.replay_nodeid = last["nodeid"]
-            self.mode = last.get("mode", self.mode)
-            config.option.ftrace_seed = int(last["seed"])
-            config.pluginmanager.register(_OnlyTest(last["nodeid"]), "ftrace-replay-last")
-        self.seed = session_seed(config)
+            try:
+                nodeid, replay, seed, self.mode = last_failure(self.cache)
+            except CorruptCache as exc:
+                self.notes.append(str(exc))
+                replay = None
+            else:
+                self.replay_nodeid = nodeid
+                config.option.ftrace_seed = seed
+                config.pluginmanager.register(_OnlyTest(nodeid), "ftrace-replay-last")
+        self.seed = session_seed(config, self.notes)
         self.replay = replay
         self.replay_runs: int = config.option.ftrace_replay_runs
         self.shrink_seconds: float = max(0.0, config.option.ftrace_shrink)
@@ -259,12 +349,26 @@ class FtraceSession:
             options.ini_value(config, "ftrace_exclude") or []
         )
         self.policy = resolve_policy(config)
+        from pytest_ftrace.instrument import NoFreeToolId
+
         try:
             self.instrumentation = Instrumentation(
                 self.seed, str(config.rootpath), include, exclude, **self.policy
             )
-        except ValueError as exc:
-            raise pytest.UsageError(f"--ftrace-policy: {exc}") from None
+        except ValueError as exc:  # the values together (each is checked on its own already)
+            sources = [
+                name
+                for name, given in (
+                    ("ini key ftrace_policy", options.ini_value(config, "ftrace_policy")),
+                    ("--ftrace-policy", config.option.ftrace_policy),
+                )
+                if given
+            ]
+            raise pytest.UsageError(f"{' with '.join(sources)}: {exc}") from None
+        except NoFreeToolId as exc:
+            raise pytest.UsageError(str(exc)) from None
+        if self.replay is not None:
+            config.pluginmanager.register(_ReplayCheck(self), "ftrace-replay-check")
         self.stats: list[tuple[str, dict]] = []
         self.replays: list[tuple[str, int, int]] = []
         if self.cache is not None:
@@ -280,7 +384,8 @@ class FtraceSession:
             name, param = self.scheduler
             shown = name in ("pct", "aligned") or (name == "mix" and param != DEFAULT_SWITCH_BUDGET)
             scheduler = f" scheduler={name}{param if shown else ''}"
-        return f"ftrace: seed={self.seed} mode={self.mode}{scheduler}{replay}"
+        notes = "".join("\n" + note for note in self.notes)
+        return f"ftrace: seed={self.seed} mode={self.mode}{scheduler}{replay}{notes}"
 
     def exact_options(self, nodeid: str, replay: Token | None) -> dict:
         """Keyword arguments of the native run for one test in exact mode."""
@@ -295,9 +400,13 @@ class FtraceSession:
         if replay is not None and replay.k is not None:
             kwargs["sched_k"] = replay.k
         if replay is not None and replay.key and self.cache is not None:
-            stored = self.cache.get(REPLAY_KEY + replay.key, None)
-            if stored and stored.get("nodeid") == nodeid:
-                kwargs["replay"] = [int(t) for t in stored["decisions"]]
+            decisions, ignored = cached_schedule(
+                self.cache.get(REPLAY_KEY + replay.key, None), nodeid
+            )
+            if decisions is not None:
+                kwargs["replay"] = decisions
+            elif ignored is not None and ignored not in self.notes:
+                self.notes.append(f"ftrace: {REPLAY_KEY}{replay.key}: {ignored}")
         return kwargs
 
     def store_round(self, nodeid: str, threads: int, iteration: int, record: dict) -> str | None:
@@ -697,6 +806,11 @@ class _OnlyTest:
     def pytest_collection_modifyitems(self, config, items) -> None:
         keep = [item for item in items if item.nodeid == self.nodeid]
         drop = [item for item in items if item.nodeid != self.nodeid]
+        if not keep:
+            raise pytest.UsageError(
+                f"--ftrace-replay last: the last failure recorded is {self.nodeid!r}, which this "
+                f"run did not collect (renamed or removed? {len(items)} other test(s) collected)"
+            )
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
@@ -714,6 +828,73 @@ def _wrap(text: str, config: pytest.Config) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, _terminal_width(config), subsequent_indent="  "))
+
+
+class _ReplayCheck:
+    """--ftrace-replay: before any test runs, a token that cannot replay in this run is a usage
+    error (another test's schedule, another thread count, a test that runs on one thread)."""
+
+    def __init__(self, session: FtraceSession):
+        self.session = session
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        from pytest_ftrace import markers
+        from pytest_ftrace.hooks import STATE_KEY
+
+        token = self.session.replay
+        if not items or not isinstance(token, Token):
+            return
+        if self.session.replay_nodeid is not None:  # `last`: only that test is run
+            items = [item for item in items if item.nodeid == self.session.replay_nodeid]
+        shown = f"--ftrace-replay {token}"
+        stored = None
+        if token.key and self.session.cache is not None:
+            stored = self.session.cache.get(REPLAY_KEY + token.key, None)
+        if isinstance(stored, dict):
+            recorded_for = stored.get("nodeid")
+            if isinstance(recorded_for, str) and all(i.nodeid != recorded_for for i in items):
+                raise pytest.UsageError(
+                    f"{shown}: its schedule was recorded for {recorded_for!r}, which this run "
+                    f"does not select; run: pytest {_quoted(recorded_for)} --ftrace "
+                    f"--seed {self.session.seed} --ftrace-replay {token}"
+                )
+            recorded = stored.get("threads")
+            if isinstance(recorded, int) and recorded != token.threads:
+                raise pytest.UsageError(
+                    f"{shown}: the token says {token.threads} threads, but its schedule was "
+                    f"recorded with {recorded}"
+                )
+        state = config.stash[STATE_KEY]
+        explicit = config.option.ftrace_threads is not None or (
+            options.ini_value(config, "ftrace_threads") is not None
+        )
+        single = []
+        for item in items:
+            try:
+                marked, _ = markers.marker_counts(item, state.peers)
+            except markers.MarkerError:  # a collection error already
+                continue
+            threads = marked or (state.settings.threads if explicit else None)
+            if threads is not None and threads != token.threads:
+                source = "its marker" if marked else "--threads (or ini ftrace_threads)"
+                raise pytest.UsageError(
+                    f"{shown} replays a round of {token.threads} threads, but {item.nodeid} "
+                    f"runs in {threads} ({source}); drop one of them"
+                )
+            reason = markers.thread_unsafe_reason(item, state.settings)
+            if reason is not None:
+                single.append((item.nodeid, reason))
+        if single and len(single) == len(items):
+            nodeid, reason = single[0]
+            more = f" (and {len(single) - 1} more such test(s))" if len(single) > 1 else ""
+            raise pytest.UsageError(
+                f"{shown}: {nodeid} runs on one thread ({reason}){more}: nothing to replay"
+            )
+
+
+def _quoted(nodeid: str) -> str:
+    return "'" + nodeid.replace("'", "'\"'\"'") + "'"
 
 
 def _runs(decisions: list[int]) -> list[tuple[int, int]]:

@@ -49,10 +49,19 @@ def pytest_configure(config: pytest.Config) -> None:
             for line in lines:
                 config.addinivalue_line("markers", line)
     settings = _settings(config)
+    options.check_combinations(config, settings, peers)
+    workers = options.threadpool_workers(config)
+    isolating = options.isolate_requested(config)
+    if isolating and workers is not None:
+        from pytest_ftrace import isolate
+
+        isolate.refuse_with_threadpool(config)
     if settings.require_gil_disabled and gil.enabled():
         why = "this is a GIL build" if not gil.FREE_THREADED_BUILD else "the GIL is enabled"
+        given = config.option.ftrace_require_gil_disabled is not None
+        source = "--require-gil-disabled" if given else "ini key ftrace_require_gil_disabled"
         raise pytest.UsageError(
-            f"--require-gil-disabled: {why} (Python {sys.version.split()[0]} at "
+            f"{source}: {why} (Python {sys.version.split()[0]} at "
             f"{sys.executable}); run the tests with a free-threaded Python such as python3.13t "
             "(with PYTHON_GIL unset or 0)"
         )
@@ -66,12 +75,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_FtraceClose(state.ftrace), "ftrace-close")
         if config.pluginmanager.hasplugin("xdist"):
             config.pluginmanager.register(_XdistSeed(), "ftrace-xdist")
-    workers = options.threadpool_workers(config)
     if workers is not None:
         from pytest_ftrace import threadpool
 
         threadpool.configure(config, workers)
-    if options.isolate_requested(config):
+    if isolating:
         from pytest_ftrace import isolate
 
         isolate.configure(config)
@@ -123,14 +131,14 @@ def _settings(config: pytest.Config) -> options.Settings:
             config,
             "ftrace_threads",
             "ftrace_threads",
-            options.positive_int_or_auto("threads"),
+            options.positive_int_or_auto("ftrace_threads"),
             options.DEFAULT_THREADS if on else 1,
         ),
         iterations=options.resolve(
             config,
             "ftrace_iterations",
             "ftrace_iterations",
-            options.positive_int("iterations"),
+            options.positive_int("ftrace_iterations"),
             options.DEFAULT_ITERATIONS if on else 1,
         ),
         require_gil_disabled=require,
@@ -231,12 +239,14 @@ def pytest_make_collect_report(collector: pytest.Collector):
 
 
 def _bad_marker(collector: pytest.Collector, nodes: list, state: SessionState) -> str | None:
-    """The error for the first collected test whose markers of ours have wrong arguments.
+    """The errors of the collected tests whose markers of ours have wrong arguments, one line
+    per test (all of them: fixing one should not reveal the next).
 
     Checked once per collector: a test is looked at closely only if it, or a node above it,
     carries one of our marker names (most tests have none). A test marked `forked` or
     `ftrace_concurrent` turns on the feature behind the marker for the session."""
     inherited = None
+    errors = []
     for node in nodes:
         if not isinstance(node, pytest.Item):
             continue
@@ -247,9 +257,10 @@ def _bad_marker(collector: pytest.Collector, nodes: list, state: SessionState) -
             try:
                 markers.check_markers(node, state.peers)
             except markers.MarkerError as exc:
-                return f"{node.name}: {exc}"
+                errors.append(f"{node.name}: {exc}")
+                continue
             _enable_for_markers(node, state)
-    return None
+    return "\n".join(errors) if errors else None
 
 
 def _enable_for_markers(item: pytest.Item, state: SessionState) -> None:
@@ -392,6 +403,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 
 def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
+    for note in session.notes:
+        tr.line(note, yellow=True)
     for nodeid, reproduced, runs in session.replays:
         tr.line(f"ftrace replay: {nodeid}: reproduced {reproduced}/{runs}")
     if verbose <= 0 or not session.stats:

@@ -211,6 +211,10 @@ class Scope:
         return bool(directory and filename and _under(_norm(filename), directory))
 
 
+class NoFreeToolId(RuntimeError):
+    """Every sys.monitoring tool id is taken (by debuggers, coverage, profilers)."""
+
+
 def _claim_tool_id(preferred: Iterable[int]) -> int:
     for tool in preferred:
         if mon.get_tool(tool) is not None:
@@ -221,7 +225,7 @@ def _claim_tool_id(preferred: Iterable[int]) -> int:
             continue
         return tool
     owners = ", ".join(f"{t}={mon.get_tool(t)!r}" for t in range(6))
-    raise RuntimeError(
+    raise NoFreeToolId(
         "pytest-ftrace: no free sys.monitoring tool id for --ftrace; ids in use: "
         f"{owners}. Run without one of the other tools (debugger, coverage, profiler) "
         "or without --ftrace."

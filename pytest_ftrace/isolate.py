@@ -70,6 +70,26 @@ def resolve_mode(config: pytest.Config) -> str | None:
     return None if mode == "off" else mode
 
 
+def refuse_with_threadpool(config: pytest.Config) -> None:
+    """--threadpool is on (from the command line or an ini key): with isolation on as well,
+    from any source, that is a usage error (a worker thread cannot fork a child per test)."""
+    if resolve_mode(config) is None:
+        return
+    isolate = (
+        "--ftrace-isolate" if config.option.ftrace_isolate is not None else "ini ftrace_isolate"
+    )
+    if config.option.ftrace_threadpool is not None:
+        pool = "--threadpool"
+    else:
+        from pytest_ftrace import options
+
+        given = options.ini_value(config, "ftrace_threadpool") is not None
+        pool = "ini ftrace_threadpool" if given else "ini threadpool"
+    raise pytest.UsageError(
+        f"--ftrace-isolate and --threadpool cannot be combined ({isolate} with {pool})"
+    )
+
+
 def configure(config: pytest.Config) -> None:
     """Register the isolating runner (called when --ftrace-isolate, --forked or the ini key is
     given)."""
@@ -78,8 +98,6 @@ def configure(config: pytest.Config) -> None:
         return
     if not hasattr(os, "fork"):
         raise pytest.UsageError("--ftrace-isolate needs os.fork (Linux, macOS or another POSIX)")
-    if config.getoption("ftrace_threadpool", None):
-        raise pytest.UsageError("--ftrace-isolate and --threadpool cannot be combined")
     from pytest_ftrace.isolate_runner import Isolator
 
     config.pluginmanager.register(Isolator(config, mode), "ftrace-isolate")

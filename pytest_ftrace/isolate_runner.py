@@ -218,8 +218,6 @@ class Isolator:
             child = None
         if child is not None and not self._alive(child, item):
             child = None
-        if child is None:
-            child = self.child = self._fork(group, position)
         import time
 
         _clear_progress(self.progress)
@@ -228,6 +226,8 @@ class Isolator:
         stop = None
         bound = _whole_test_bound(self.config)
         try:
+            if child is None:
+                child = self.child = self._fork(group, position)
             _send(child.commands, ("run", position))
             while True:
                 message = self._next_message(child, bound + 30.0)
@@ -259,9 +259,33 @@ class Isolator:
                 pass
             self._stop_child(grace=2.0)
             raise
+        except (SystemExit, pytest.exit.Exception):
+            self._stop_child(grace=2.0)
+            raise
         except (_Closed, OSError) as exc:
             detail = exc.args[0] if isinstance(exc, _Closed) and exc.args else None
             received.extend(self._crashed(item, child, received, started, detail))
+        except BaseException as exc:  # noqa: BLE001 - reported against the test
+            # Raised in this process while it waited for the child: by another plugin's signal
+            # handler (pytest-timeout's SIGALRM raises Failed in whatever runs), or by this
+            # module. It is about the test that is running: stop its child, with its stacks
+            # dumped (faulthandler handles SIGABRT), and fail the test; the session goes on.
+            if child is None:
+                raise
+            import signal
+            import traceback
+
+            try:
+                os.kill(child.pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+            what = "".join(traceback.format_exception_only(exc)).strip()
+            headline = (
+                f"interrupted: {item.nodeid} was stopped during {{phase}}: the main process, "
+                "waiting for its test process, got an exception (from another plugin's signal "
+                f"handler, such as pytest-timeout's, or from pytest-ftrace itself): {what}"
+            )
+            received.extend(self._crashed(item, child, received, started, None, headline))
         return received, stop
 
     def _alive(self, child: _Child, item: pytest.Item) -> bool:
@@ -433,8 +457,11 @@ class Isolator:
             pass
         child.reap(grace)
 
-    def _crashed(self, item, child: _Child, received: list, started: float, detail) -> list:
-        """Reports for the rest of a test whose child died: the phase running, then teardown."""
+    def _crashed(
+        self, item, child: _Child, received: list, started: float, detail, headline=None
+    ) -> list:
+        """Reports for the rest of a test whose child died: the phase running, then teardown.
+        `headline`: the first line of the message instead of the crash's (with {phase})."""
         import time
 
         status = child.reap(5.0)
@@ -461,6 +488,8 @@ class Isolator:
         message = _crash_message(
             self.config, item, status, phase, text, detail, _read_progress(self.progress)
         )
+        if headline is not None:
+            message = headline.format(phase=phase) + "\n" + message.partition("\n")[2]
         if native:
             message += "\n\nNative stacks (gdb, most recent call first):\n" + native
         sections = _captured_now(self.config, phase)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from pytest_ftrace.options import Settings, usable_cpus
+from pytest_ftrace.options import MAX_ROUNDS, MAX_THREADS, Settings, usable_cpus
 
 MARKERS = [
     "ftrace(threads=None, iterations=None): run this test's body in `threads` threads for "
@@ -82,10 +82,13 @@ class MarkerError(Exception):
 
 
 def _count(marker_name: str, what: str, value, allow_auto: bool) -> int:
+    """A marker's thread count (allow_auto) or round count: an int (not text) within the
+    limits the options have."""
     if allow_auto and value == "auto":
-        return usable_cpus()
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a whole number >= 1" + (" or 'auto'" if allow_auto else "")
+        return min(usable_cpus(), MAX_THREADS)
+    high = MAX_THREADS if allow_auto else MAX_ROUNDS
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        expected = f"a whole number from 1 to {high}" + (" or 'auto'" if allow_auto else "")
         raise MarkerError(f"@pytest.mark.{marker_name}: {what} must be {expected}, not {value!r}")
     return value
 

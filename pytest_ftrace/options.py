@@ -13,7 +13,9 @@ import argparse
 import functools
 import importlib.metadata
 import importlib.util
+import math
 import os
+import re
 
 import pytest
 
@@ -93,55 +95,112 @@ def taken_names(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager
     return taken
 
 
-def positive_int_or_auto(what: str):
-    """An argparse type: a whole number >= 1, or 'auto' (the usable CPUs)."""
+# The limits every number the plugin takes is checked against, wherever it comes from (option,
+# ini key, marker, cache, replay token): beyond them a value cannot be what the user meant, or
+# does not fit the native core (its thread ids and counts are u32, its rounds and steps u64).
+MAX_THREADS = 1024  # threads of a test, and --threadpool workers
+MAX_ROUNDS = 10**9  # rounds of a test (--iterations, --ftrace-replay-runs)
+MAX_SECONDS = 1e9  # --ftrace-timeout, --ftrace-shrink: about 31 years, far below the OS limits
+U32 = 2**32 - 1
+U64 = 2**64 - 1
 
-    def parse(value: str) -> int:
-        value = str(value).strip()
-        if value == "auto":
-            return usable_cpus()
+
+def check_whole(value, what: str, low: int, high: int, *, auto: bool = False) -> int:
+    """The one parser of whole numbers: `value` (text from the command line or an ini file, or
+    an int from a TOML file, a marker or the cache) as an int in low..high, or 'auto' (the
+    usable CPUs) where `auto`. Anything else raises argparse.ArgumentTypeError naming `what`.
+
+    Decimal, with leading zeros allowed (010 is ten); 0x, 0o and 0b prefixes are read as such."""
+    expected = f"a whole number >= {low}" if high is None else _between(low, high)
+    if auto:
+        expected += " or 'auto'"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise argparse.ArgumentTypeError(f"{what} must be {expected}, not {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        if auto and text == "auto":
+            return min(usable_cpus(), high) if high is not None else usable_cpus()
+        number = _whole(text)
+        if number is None:
+            raise argparse.ArgumentTypeError(f"{what} must be {expected}, not {value!r}")
+    else:
+        number = value
+    if number < low:
+        raise argparse.ArgumentTypeError(f"{what} must be >= {low}, not {number}")
+    if high is not None and number > high:
+        raise argparse.ArgumentTypeError(f"{what} must be <= {high}, not {number}")
+    return number
+
+
+def _between(low: int, high: int) -> str:
+    return f"a whole number from {low} to {high}"
+
+
+def _whole(text: str) -> int | None:
+    if len(text) > 100:  # int() of a long digit string is slow, and nothing that long fits
+        return None
+    try:
+        return int(text, 10)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[+-]?0[xXoObB][0-9a-fA-F_]+", text):
         try:
-            number = int(value)
+            return int(text, 0)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be a whole number >= 1 or 'auto', not {value!r}"
-            ) from None
-        if number < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 1, not {number}")
-        return number
+            return None
+    return None
+
+
+def check_real(value, what: str, low: float, high: float, *, low_open: bool = False) -> float:
+    """The one parser of real numbers: finite, in low..high (above low where `low_open`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise argparse.ArgumentTypeError(f"{what} must be a number, not {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{what} must be a number, not {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{what} must be a finite number, not {value!r}")
+    if low_open and not number > low:
+        raise argparse.ArgumentTypeError(f"{what} must be > {low:g}, not {value}")
+    if not number >= low:
+        raise argparse.ArgumentTypeError(f"{what} must be >= {low:g}, not {value}")
+    if number > high:
+        raise argparse.ArgumentTypeError(f"{what} must be <= {high:g}, not {value}")
+    return number
+
+
+def whole(what: str, low: int = 1, high: int | None = None, *, auto: bool = False):
+    """An argparse type (and ini parser): check_whole with these bounds."""
+
+    def parse(value) -> int:
+        return check_whole(value, what, low, high, auto=auto)
 
     parse.__name__ = what  # argparse names the type in some messages
     return parse
 
 
-def positive_int(what: str):
-    def parse(value: str) -> int:
-        try:
-            number = int(str(value).strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be a whole number >= 1, not {value!r}"
-            ) from None
-        if number < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 1, not {number}")
-        return number
+def real(what: str, low: float = 0.0, high: float = MAX_SECONDS, *, low_open: bool = True):
+    """An argparse type (and ini parser): check_real with these bounds."""
+
+    def parse(value) -> float:
+        return check_real(value, what, low, high, low_open=low_open)
 
     parse.__name__ = what
     return parse
 
 
-def positive_float(what: str):
-    def parse(value: str) -> float:
-        try:
-            number = float(str(value).strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, not {value!r}") from None
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"{what} must be > 0, not {value}")
-        return number
+def positive_int_or_auto(what: str):
+    """A thread count: a whole number from 1 to MAX_THREADS, or 'auto' (the usable CPUs)."""
+    return whole(what, 1, MAX_THREADS, auto=True)
 
-    parse.__name__ = what
-    return parse
+
+def positive_int(what: str, high: int = MAX_ROUNDS):
+    return whole(what, 1, high)
+
+
+def positive_float(what: str, high: float = MAX_SECONDS):
+    return real(what, 0.0, high, low_open=True)
 
 
 def usable_cpus() -> int:
@@ -183,6 +242,21 @@ class _Registrar:
     def ini(self, name: str, help: str, **kwargs) -> None:
         if name not in self.taken:
             self.parser.addini(name, help, **kwargs)
+
+
+class _Recording:
+    """A registrar that also notes the dest of each option and the name of each ini key."""
+
+    def __init__(self, add: _Registrar, dests: set[str], inis: set[str]):
+        self.add, self.dests, self.inis = add, dests, inis
+
+    def option(self, canonical: str, *aliases: str, **kwargs) -> None:
+        self.dests.add(kwargs["dest"])
+        self.add.option(canonical, *aliases, **kwargs)
+
+    def ini(self, name: str, help: str, **kwargs) -> None:
+        self.inis.add(name)
+        self.add.ini(name, help, **kwargs)
 
 
 def add_options(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -255,8 +329,15 @@ def _add_runner_options(add: _Registrar) -> None:
     )
 
 
+# Options (by dest) and ini keys that only mean something with --ftrace: all those
+# _add_ftrace_options registers.
+FTRACE_ONLY: set[str] = set()
+FTRACE_ONLY_INI: set[str] = set()
+
+
 def _add_ftrace_options(add: _Registrar) -> None:
     ftrace = "pytest_ftrace.ftrace"
+    add = _Recording(add, FTRACE_ONLY, FTRACE_ONLY_INI)
     add.option(
         "--ftrace-seed",
         "--seed",
@@ -334,7 +415,7 @@ def _add_ftrace_options(add: _Registrar) -> None:
         "--ftrace-shrink",
         dest="ftrace_shrink",
         default=DEFAULT_SHRINK_SECONDS,
-        type=float,
+        type=real("--ftrace-shrink", 0.0, MAX_SECONDS, low_open=False),
         metavar="SECONDS",
         help="exact mode: after a failure, search this long for a schedule with fewer "
         f"preemptions that fails the same way (default {DEFAULT_SHRINK_SECONDS:g}; 0: off)",
@@ -450,6 +531,70 @@ def _add_isolate_options(add: _Registrar) -> None:
     add.ini("ftrace_isolate", "run tests in a child process: test, module or off", default="")
 
 
+def check_combinations(config: pytest.Config, settings: Settings, peers: set[str]) -> None:
+    """Usage errors for options that cannot go together, wherever each came from."""
+    if not config.option.ftrace:
+        given = command_line_options(config, FTRACE_ONLY)
+        if given:
+            raise pytest.UsageError(
+                f"{given[0]} only means something with --ftrace, which is missing (add --ftrace, "
+                f"or leave out {', '.join(given)})"
+            )
+    for peer in sorted(peers & PEER_THREADS.keys()):
+        dest, name, plugin = PEER_THREADS[peer]
+        theirs = getattr(config.option, dest, None)
+        if theirs is None or settings.threads <= 1:
+            continue
+        try:
+            nested = int(str(theirs).strip()) > 1
+        except ValueError:  # 'auto' and the like
+            nested = True
+        if nested:
+            raise pytest.UsageError(
+                f"{name} {theirs} ({plugin}) with pytest-ftrace's {settings.threads} threads "
+                "(--ftrace-threads, ini ftrace_threads, or --ftrace's default) would run each "
+                f"test nested in both plugins' threads; use one of them ({name} 1, or "
+                "--ftrace-threads 1)"
+            )
+
+
+# Peer plugins that run each test in threads themselves: (dest, option, distribution).
+PEER_THREADS = {
+    "run-parallel": ("parallel_threads", "--parallel-threads", "pytest-run-parallel"),
+    "freethreaded": ("threads", "--threads", "pytest-freethreaded"),
+}
+
+
+def command_line_options(config: pytest.Config, dests: set[str]) -> list[str]:
+    """The option strings of `dests` given on the command line or in PYTEST_ADDOPTS (not in
+    the ini file's addopts: a project may set them there for its --ftrace runs)."""
+    names: dict[str, str] = {}
+    parser = getattr(config, "_parser", None)
+    for group in [getattr(parser, "_anonymous", None), *getattr(parser, "_groups", ())]:
+        for option in getattr(group, "options", ()):
+            if option.dest in dests:
+                for name in option.names():
+                    names[name] = name
+    if not names:
+        return []
+    import shlex
+
+    try:
+        env = shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    except ValueError:
+        env = []
+    found: list[str] = []
+    for token in [*config.invocation_params.args, *env]:
+        if not isinstance(token, str):
+            continue
+        if token == "--":
+            break
+        name = token.partition("=")[0] if token.startswith("--") else token
+        if name in names and name not in found:
+            found.append(name)
+    return found
+
+
 def threadpool_workers(config: pytest.Config) -> int | None:
     """--threadpool's worker count (option > ini), or None when it is off."""
     workers = resolve(
@@ -479,11 +624,19 @@ def isolate_requested(config: pytest.Config) -> bool:
 
 
 def ini_value(config: pytest.Config, name: str):
-    """The ini value, or None where it is unset or the key is unknown."""
+    """The ini value, or None where it is unset or the key is unknown. A value pytest cannot
+    convert to the key's type (a boolean that is not one, say) is a usage error naming the key."""
     try:
         value = config.getini(name)
-    except ValueError:
-        return None
+    except (ValueError, TypeError, pytest.UsageError) as exc:
+        # pytest 8 raises ValueError for an unknown key and for a bad value alike; pytest 9
+        # raises UsageError for a bad value, not always naming the key
+        if name in getattr(getattr(config, "_parser", None), "_inidict", {}):
+            message = str(exc)
+            if not message.startswith(f"ini key {name}:"):
+                message = f"ini key {name}: {message}"
+            raise pytest.UsageError(message) from None
+        return None  # unknown: registered by nobody in this session
     if value in ("", [], None):
         return None
     return value

@@ -207,3 +207,34 @@ def test_xdist_workers_use_the_session_seed(pytester, tmp_path):
     alone = pytest_in_venv("test_race.py::test_lost_update", "--seed", seed)
     assert "1 failed" in alone.stdout, alone.stdout
     assert re.search(r"test-seed=(\d+)", alone.stdout).group(1) == test_seed
+
+
+@pytest.mark.slow
+def test_threads_of_both_plugins_at_once_are_a_usage_error(pytester, tmp_path):
+    """With pytest-run-parallel installed, our threads and its --parallel-threads would run each
+    test nested in both; that combination is refused, wherever our count comes from."""
+    python = make_peer_venv(tmp_path, "pytest-run-parallel==0.10.0")
+    pytester.makepyfile("def test_fails():\n    assert False\n")
+
+    def pytest_in_venv(*args):
+        return subprocess.run(
+            [str(python), "-m", "pytest", "-p", "no:cacheprovider", *args],
+            cwd=pytester.path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    for args in (
+        ["--threads", "4", "--parallel-threads", "3"],
+        ["--ftrace-threads", "2", "--parallel-threads", "auto"],
+        ["--ftrace", "--parallel-threads", "2"],  # --ftrace's default of 4 threads
+    ):
+        done = pytest_in_venv(*args)
+        assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
+        assert "would run each test nested in both plugins' threads" in done.stderr
+        assert "INTERNALERROR" not in done.stdout + done.stderr
+    # one plugin's threads at a time is fine
+    for args in (["--threads", "4"], ["--parallel-threads", "3"], ["--threads", "1"]):
+        done = pytest_in_venv(*args)
+        assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout + done.stderr

@@ -431,11 +431,11 @@ def test_exact_is_the_default_and_ini_or_option_picks_chaos(pytester):
     "args, message",
     [
         (["--ftrace-mode", "fast"], "*--ftrace-mode: invalid choice: 'fast'*"),
-        (["--ftrace-scheduler", "pct0"], "*pct depth must be at least 1*"),
+        (["--ftrace-scheduler", "pct0"], "*pct depth must be >= 1, not 0*"),
         (["--ftrace-scheduler", "fifo"], "*--ftrace-scheduler takes random, mix, mix<*"),
-        (["--ftrace-scheduler", "mix0"], "*mix budget must be at least 1*"),
+        (["--ftrace-scheduler", "mix0"], "*mix budget must be >= 1, not 0*"),
         (["--ftrace-scheduler", "random3"], "*--ftrace-scheduler takes random, mix*"),
-        (["--ftrace-scheduler", "aligned101"], "*aligned takes a percentage*"),
+        (["--ftrace-scheduler", "aligned101"], "*aligned stay percent must be <= 100*"),
         (["--ftrace-replay", "t2i1xZZ"], "*--ftrace-replay takes the token*"),
     ],
 )

@@ -119,7 +119,7 @@ def test_seed_from_ini(pytester):
     "args, message",
     [
         (["--seed", "abc"], "*--seed must be a whole number*'abc'*"),
-        (["--seed", "-1"], "*--seed must be between 0 and 2**64-1*"),
+        (["--seed", "-1"], "*--seed must be a whole number between 0 and 2**64-1*-1*"),
         (["--ftrace-replay", "x9"], "*--ftrace-replay takes the token*'x9'*"),
         (["--ftrace-policy", "yield_probability"], "*--ftrace-policy takes KEY=VALUE*"),
         (["--ftrace-policy", "nope=1"], "*--ftrace-policy takes KEY=VALUE*'nope=1'*"),

@@ -365,6 +365,75 @@ def test_bad_values_are_usage_errors(pytester, args, ini, message):
     result.stderr.fnmatch_lines([message])
 
 
+@pytest.mark.parametrize(
+    ("args", "ini", "env"),
+    [
+        (("--ftrace-isolate",), "threadpool = 2", ""),
+        (("--ftrace-isolate",), "ftrace_threadpool = 2", ""),
+        (("--threadpool", "2"), "ftrace_isolate = test", ""),
+        ((), "ftrace_isolate = module\nftrace_threadpool = auto", ""),
+        ((), "addopts = --ftrace-isolate --threadpool 2", ""),
+        ((), "", "--ftrace-isolate --threadpool=2"),
+        (("--ftrace-isolate",), "", "--threadpool 2"),
+    ],
+)
+def test_isolate_with_a_threadpool_from_any_source_is_a_usage_error(
+    pytester, monkeypatch, args, ini, env
+):
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    monkeypatch.setenv("PYTEST_ADDOPTS", env)
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.parallelizable("children")
+        def test_a():
+            pass
+        """
+    )
+    result = run(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines(["*--ftrace-isolate and --threadpool cannot be combined*"])
+    # off is off: the pool runs without isolation
+    result = run(pytester, "--ftrace-isolate=off", "--threadpool", "2")
+    result.assert_outcomes(passed=1)
+
+
+SLOW_AND_FAST = """
+    import time
+    def test_slow():
+        time.sleep(60)
+    def test_fast():
+        pass
+    """
+
+
+@pytest.mark.parametrize("mode", ["test", "module"])
+def test_a_timeout_signal_of_another_plugin_fails_only_the_test(pytester, mode):
+    """pytest-timeout's SIGALRM handler raises in the main process while it waits for the
+    child: the test fails with the plugin's message, the child is stopped, the session goes
+    on."""
+    pytest.importorskip("pytest_timeout")
+    pytester.makepyfile(SLOW_AND_FAST)
+    result = run(
+        pytester, f"--ftrace-isolate={mode}", "--timeout", "2", "--timeout-method", "signal"
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_slow*",
+            "interrupted: test_*.py::test_slow was stopped during call: the main process, "
+            "waiting for its test process, got an exception (from another plugin's signal "
+            "handler*): Failed: Timeout (>2.0s)*",
+            "*Python stacks when the test process ended*",
+            "*line 3 in test_slow*",
+        ]
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
 def test_collect_only_forks_nothing(pytester):
     pytester.makepyfile("def test_ok(): pass")
     result = run(pytester, "--ftrace-isolate", "--collect-only", "-q")

@@ -1034,7 +1034,7 @@ def test_pytest_exit_in_a_worker_ends_the_session(tp):
     [
         ("0", "--threadpool must be >= 1, not 0"),
         ("-3", "--threadpool must be >= 1, not -3"),
-        ("abc", "--threadpool must be a whole number >= 1 or 'auto', not 'abc'"),
+        ("abc", "--threadpool must be a whole number from 1 to 1024 or 'auto', not 'abc'"),
     ],
 )
 @pytest.mark.parametrize("spelling", ["separate", "equals"])
