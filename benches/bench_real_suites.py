@@ -387,6 +387,37 @@ def side_args(side: str, args) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
+def save(path: Path, name: str, results: list[Result]) -> None:
+    """What the tables need besides the logs: status and wall time of each run."""
+    rows = [
+        {"library": r.library, "side": r.side, "status": r.status, "wall": r.wall,
+         "log": str(r.log) if r.log else None}
+        for r in results
+    ]  # fmt: skip
+    path.write_text(json.dumps({"name": name, "results": rows}, indent=1))
+
+
+def load(path: Path) -> tuple[str, list[Result]]:
+    """An earlier run's results, its junitxml and logs parsed again (the logs are found beside
+    results.json, so the directory may have moved)."""
+    data = json.loads(path.read_text())
+    results = []
+    for row in data["results"]:
+        r = Result(row["library"], row["side"], status=row["status"], wall=row["wall"])
+        results.append(r)
+        if not row["log"]:
+            continue
+        r.log = path.parent / Path(row["log"]).name
+        junit = r.log.with_suffix(".xml")
+        if r.status != "TIMEOUT" and junit.exists():
+            parse_junit(junit, r)
+        else:
+            parse_partial(r.log, r)
+        collected = COLLECTED.findall(r.log.read_text(errors="replace"))
+        r.tests = int(collected[-1]) if collected else r.passed + r.failed + r.errors + r.skipped
+    return data["name"], results
+
+
 def _cell_wall(r: Result) -> str:
     if r.wall is None:
         return "-"
@@ -471,7 +502,14 @@ def main(argv: list[str] | None = None) -> int:
                         "no tests (pybreaker)")  # fmt: skip
     parser.add_argument("--top", type=int, default=3, help="failure kinds shown per side")
     parser.add_argument("--keep-logs", type=Path, help="write each run's log and junitxml here")
+    parser.add_argument("--report", type=Path, metavar="DIR",
+                        help="run nothing: print the tables of an earlier run's --keep-logs DIR "
+                        "(the junitxml and logs are parsed again)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.report:
+        for path in sorted(args.report.glob("*/results.json")):
+            print(report(*load(path), args.top) + "\n")
+        return 0
     sources: dict[str, str] = {}
     for item in args.source:
         name, sep, path = item.partition("=")
@@ -498,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== {tag}: SKIPPED (no python{tag} found)")
             continue
         print(f"\n=== {tag}: {base}", flush=True)
+        info = br._describe(Path(base))
+        name = f"{tag} ({info['python']}, GIL {'on' if info['gil'] else 'off'})"
         results: list[Result] = []
         try:
             ours = {"plain", "exact", "chaos"} & set(args.sides)
@@ -546,9 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 results.append(result)
-        ran = [r for r in results if r.wall is not None]
-        info = br._describe(pythons.get("ftrace") or pythons["run-parallel"]) if ran else {}
-        name = f"{tag} ({info.get('python', '?')}, GIL {'on' if info.get('gil', True) else 'off'})"
+                save(tag_logs / "results.json", name, results)
         tables.append(report(name, results, args.top))
         print("\n" + tables[-1], flush=True)
 
