@@ -243,20 +243,34 @@ class Result:
     skipped: int = 0
     wall: float | None = None
     partial: bool = False  # counts seen before a timeout, from the -v lines
-    kinds: collections.Counter = field(default_factory=collections.Counter)
+    outcomes: dict[str, str] = field(default_factory=dict)  # test -> passed/failed/errors/skipped
+    test_kinds: dict[str, list[str]] = field(default_factory=dict)  # test -> its failure kinds
     log: Path | None = None
+    stopped_in: str | None = None  # a TIMEOUT's last test started
+
+    @property
+    def kinds(self) -> collections.Counter:
+        """Failure kinds, each counted once per test it appears in."""
+        return collections.Counter(k for ks in self.test_kinds.values() for k in set(ks))
+
+    def count(self) -> None:
+        counts = collections.Counter(self.outcomes.values())
+        self.passed, self.failed = counts["passed"], counts["failed"]
+        self.errors, self.skipped = counts["errors"], counts["skipped"]
 
 
 VERBOSE = re.compile(r"^(\S+::\S*).*? (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+STARTED = re.compile(r"^\S+\.py::\S+")
 COLLECTED = re.compile(r"collected (\d+) items?")
 ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+LONG_NUMBER = re.compile(r"\b\d{7,}\b")  # ids, timestamps: they would split one kind in many
 
 
 DISTINCT = re.compile(r"^\[\d+\] (?P<what>.*?)(?: - \d+ times?\b.*)?$")
 
 
 def _shorten(kind: str) -> str:
-    kind = ADDRESS.sub("0x...", kind.strip())
+    kind = LONG_NUMBER.sub("N", ADDRESS.sub("0x...", kind.strip()))
     return kind if len(kind) <= 110 else kind[:107] + "..."
 
 
@@ -290,10 +304,17 @@ def _kinds(element: ET.Element) -> list[str]:
     return [_shorten(message.splitlines()[0])]
 
 
+def _node(verbose_id: str) -> str:
+    """tests/test_x.py::Cls::test_y -> tests.test_x.Cls::test_y, the junitxml's naming."""
+    parts = verbose_id.split("::")
+    module = parts[0].removesuffix(".py").replace("/", ".")
+    return ".".join([module, *parts[1:-1]]) + "::" + parts[-1]
+
+
 def parse_junit(path: Path, result: Result) -> None:
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    seen: dict[str, str] = {}
+    seen = result.outcomes
     for suite in suites:
         for case in suite.iter("testcase"):
             node = f"{case.get('classname')}::{case.get('name')}"
@@ -303,30 +324,29 @@ def parse_junit(path: Path, result: Result) -> None:
                     # an error at teardown of a failed test counts as the failure only
                     if outcome == "passed" or child.tag == "failure":
                         outcome = "failed" if child.tag == "failure" else "errors"
-                    result.kinds.update(_kinds(child))
+                    result.test_kinds.setdefault(node, []).extend(_kinds(child))
                 elif child.tag == "skipped" and outcome == "passed":
                     outcome = "skipped"
             seen[node] = outcome
-    counts = collections.Counter(seen.values())
-    result.passed, result.failed = counts["passed"], counts["failed"]
-    result.errors, result.skipped = counts["errors"], counts["skipped"]
+    result.count()
 
 
 def parse_partial(log: Path, result: Result) -> None:
     """Counts from pytest -v's progress lines: what had finished when the run was stopped."""
-    outcomes: dict[str, str] = {}
+    outcomes = result.outcomes
     text = log.read_text(errors="replace")
     for line in text.splitlines():
+        if STARTED.match(line):
+            result.stopped_in = line.split()[0]
         match = VERBOSE.match(line)
         if match:
             node, word = match.groups()
+            node = _node(node)
             if word == "ERROR" and outcomes.get(node) not in (None, "passed"):
                 continue
             outcomes[node] = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed",
                               "ERROR": "errors"}.get(word, "skipped")  # fmt: skip
-    counts = collections.Counter(outcomes.values())
-    result.passed, result.failed = counts["passed"], counts["failed"]
-    result.errors, result.skipped = counts["errors"], counts["skipped"]
+    result.count()
     result.partial = True
 
 
@@ -431,9 +451,27 @@ def _ratio(r: Result, base: Result | None) -> str:
     return f"{mark}{r.wall / base.wall:.2f}x"
 
 
+def _only_here_tests(r: Result, sides: dict[str, Result]) -> list[str]:
+    """Tests failing on side r that passed or were skipped under plain and run-parallel (those
+    of the two that ran and reported this test)."""
+    others = [sides[s] for s in ("plain", "run-parallel") if s in sides and sides[s] is not r]
+    fine = ("passed", "skipped")
+    return [
+        test
+        for test, outcome in r.outcomes.items()
+        if outcome not in fine and all(o.outcomes.get(test, "passed") in fine for o in others)
+    ]
+
+
+def _only_here(r: Result, sides: dict[str, Result]) -> str:
+    if r.side == "plain" or r.wall is None:
+        return "-"
+    return str(len(_only_here_tests(r, sides)))
+
+
 def report(name: str, results: list[Result], top: int) -> str:
     header = ["library", "side", "status", "tests", "passed", "failed", "errors", "skipped",
-              "wall (s)", "/ plain", "/ run-parallel"]  # fmt: skip
+              "only here", "wall (s)", "/ plain", "/ run-parallel"]  # fmt: skip
     rows = []
     by_lib: dict[str, dict[str, Result]] = collections.defaultdict(dict)
     for r in results:
@@ -441,18 +479,23 @@ def report(name: str, results: list[Result], top: int) -> str:
     for lib, sides in by_lib.items():
         for side, r in sides.items():
             if r.status.startswith("skipped"):
-                rows.append([lib, side, r.status, *["-"] * 8])
+                rows.append([lib, side, r.status, *["-"] * 9])
                 continue
             star = "*" if r.partial else ""
             rows.append(
                 [lib, side, r.status, "-" if r.tests is None else str(r.tests),
                  f"{r.passed}{star}", f"{r.failed}{star}", f"{r.errors}{star}",
-                 f"{r.skipped}{star}", _cell_wall(r), _ratio(r, sides.get("plain")),
+                 f"{r.skipped}{star}", _only_here(r, sides), _cell_wall(r),
+                 _ratio(r, sides.get("plain")),
                  _ratio(r, sides.get("run-parallel"))]
             )  # fmt: skip
     out = [f"{name}", br._table(header, rows)]
     if any(r.partial for r in results):
         out.append("  * counted from the -v lines printed before the run stopped (no junitxml)")
+    out.append(
+        "  only here: tests that failed or errored on this side but passed (or were skipped) "
+        "under plain pytest\n  and pytest-run-parallel: the failures the peer does not show"
+    )
     out.append("\nMost common failure kinds (exception line of each distinct failure; n tests)")
     if not any(r.kinds or r.status == "TIMEOUT" for r in results):
         out.append("  (none)")
@@ -465,9 +508,21 @@ def report(name: str, results: list[Result], top: int) -> str:
                 out.append(f"    {n:4d} x {kind}")
             if len(r.kinds) > top:
                 rest = sum(r.kinds.values()) - sum(n for _, n in r.kinds.most_common(top))
-                out.append(f"    {rest:4d} x ({len(r.kinds) - top} other kinds)")
+                out.append(
+                    f"         and {len(r.kinds) - top} other kinds ({rest} test-kind pairs)"
+                )
+            if r.side in ("exact", "chaos") and _only_here_tests(r, sides):
+                only = _only_here_tests(r, sides)
+                kinds = collections.Counter(
+                    k for t in only for k in set(r.test_kinds.get(t, ["(no report)"]))
+                )
+                out.append(f"    of which in the {len(only)} tests that fail only here:")
+                for kind, n in kinds.most_common(top):
+                    out.append(f"    {n:4d} x {kind}")
             if r.status == "TIMEOUT":
-                out.append(f"    run stopped after {r.wall:.0f}s; last lines in {r.log}")
+                out.append(
+                    f"    run stopped after {r.wall:.0f}s, in {r.stopped_in or '?'} (log: {r.log})"
+                )
     return "\n".join(out)
 
 
