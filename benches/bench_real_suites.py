@@ -20,13 +20,17 @@ For each interpreter and library (tenacity, pybreaker, boltons, pykka):
   the run reported as TIMEOUT, with the counts seen so far) and the ftrace runs also by
   `--ftrace-timeout` (per test).
 
-Results come from each run's junitxml. The table per interpreter gives tests, passed, failed,
-errors, skipped, wall time and its ratio to plain pytest and to pytest-run-parallel; below it,
-the most common failure kinds of each side (the first `E` line of each failure, grouped).
+Every run is rooted in the library's tree (`--rootdir`, and `-c` its own pytest configuration
+or an empty one). Results come from each run's junitxml. The table per interpreter gives tests,
+passed, failed, errors, skipped, "only here" (failing on this side, not under plain pytest nor
+pytest-run-parallel), wall time and its ratio to plain pytest and to pytest-run-parallel; below
+it, the most common failure kinds of each side (the exception line of each distinct failure),
+and for exact and chaos those of the "only here" tests.
 
     python3 benches/bench_real_suites.py [--python 3.12 ...] [--library pykka ...]
         [--sides plain,exact,chaos,run-parallel] [--timeout 1200] [--ftrace-timeout 120]
         [--threads 4] [--iterations 5] [--source pybreaker=PATH[@TAG]] [--keep-logs DIR]
+        [--report DIR]
 """
 
 from __future__ import annotations
@@ -350,6 +354,28 @@ def parse_partial(log: Path, result: Result) -> None:
     result.partial = True
 
 
+def _pytest_config(tree: Path) -> Path | None:
+    """The tree's own pytest configuration file, if it has one."""
+    for name, marker in (("pytest.ini", ""), ("pyproject.toml", "[tool.pytest.ini_options]"),
+                         ("tox.ini", "[pytest]"), ("setup.cfg", "[tool:pytest]")):  # fmt: skip
+        path = tree / name
+        if path.is_file() and marker in path.read_text(errors="replace"):
+            return path
+    return None
+
+
+def config_args(tree: Path) -> list[str]:
+    """Root the run in the library's tree: without this, a tree with no pytest configuration
+    of its own (pybreaker, pykka) under .venvs/ would take this repository's pyproject.toml as
+    its configuration and the repository as its rootdir."""
+    config = _pytest_config(tree)
+    if config is None:
+        config = CACHE / "empty-pytest.ini"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("[pytest]\n")
+    return ["--rootdir", str(tree), "-c", str(config)]
+
+
 def run_side(
     result: Result, python: Path, args: list[str], tree: Path, lib: Library, timeout: float,
     logs: Path,
@@ -359,7 +385,8 @@ def run_side(
     log = logs / f"{tag}.log"
     junit.unlink(missing_ok=True)
     cmd = [str(python), "-m", "pytest", "-v", "-p", "no:cacheprovider", "--color=no",
-           "-o", "addopts=", f"--junitxml={junit}", *lib.args, *args, *lib.tests]  # fmt: skip
+           "-o", "addopts=", *config_args(tree), f"--junitxml={junit}", *lib.args, *args,
+           *lib.tests]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in br.DROP_ENV}
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode goes to a private prefix, not the sources
     env["PYTHONPYCACHEPREFIX"] = str(CACHE / "pycache" / python.parent.parent.name)
