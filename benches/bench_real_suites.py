@@ -62,6 +62,7 @@ ROOT = br.ROOT
 VENVS = br.VENVS
 CACHE = VENVS / "bench-real"
 SIDES = ("plain", "exact", "chaos", "run-parallel")
+REPORTER = "bench_real_reporter"  # real_suites_plugin/bench_real_reporter.py
 RECIPE_VERSION = 1  # bump to remake every venv
 
 
@@ -279,11 +280,15 @@ def _shorten(kind: str) -> str:
 
 
 def _kinds(element: ET.Element) -> list[str]:
+    return kinds_of(element.text or "", element.get("message") or element.tag)
+
+
+def kinds_of(text: str, message: str = "") -> list[str]:
     """What went wrong, one line per distinct failure. A ConcurrencyError report lists its
     distinct failures as `[k] Type at file:line - N times`, each followed by a traceback: the
     kind is the exception line that ends the block's last traceback. Any other report: its
     first `E   ` line, else its message."""
-    lines = (element.text or "").splitlines()
+    lines = text.splitlines()
     blocks: list[list[str]] = []
     for line in lines:
         if DISTINCT.match(line):
@@ -304,7 +309,7 @@ def _kinds(element: ET.Element) -> list[str]:
     for line in lines:
         if line.startswith("E   ") and line[4:].strip():
             return [_shorten(line[4:])]
-    message = (element.get("message") or element.text or element.tag).strip() or element.tag
+    message = (message or text).strip() or "(no report)"
     return [_shorten(message.splitlines()[0])]
 
 
@@ -336,7 +341,8 @@ def parse_junit(path: Path, result: Result) -> None:
 
 
 def parse_partial(log: Path, result: Result) -> None:
-    """Counts from pytest -v's progress lines: what had finished when the run was stopped."""
+    """Counts from pytest -v's progress lines: what had finished when the run was stopped; the
+    failure kinds from the reports bench_real_reporter wrote as they came."""
     outcomes = result.outcomes
     text = log.read_text(errors="replace")
     for line in text.splitlines():
@@ -350,6 +356,13 @@ def parse_partial(log: Path, result: Result) -> None:
                 continue
             outcomes[node] = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed",
                               "ERROR": "errors"}.get(word, "skipped")  # fmt: skip
+    reports = log.with_suffix(".jsonl")
+    if reports.exists():
+        for line in reports.read_text(errors="replace").splitlines():
+            report = json.loads(line)
+            node = _node(report["nodeid"])
+            outcomes.setdefault(node, "failed" if report["when"] == "call" else "errors")
+            result.test_kinds.setdefault(node, []).extend(kinds_of(report["text"]))
     result.count()
     result.partial = True
 
@@ -384,12 +397,16 @@ def run_side(
     junit = logs / f"{tag}.xml"
     log = logs / f"{tag}.log"
     junit.unlink(missing_ok=True)
+    log.with_suffix(".jsonl").unlink(missing_ok=True)
     cmd = [str(python), "-m", "pytest", "-v", "-p", "no:cacheprovider", "--color=no",
-           "-o", "addopts=", *config_args(tree), f"--junitxml={junit}", *lib.args, *args,
-           *lib.tests]  # fmt: skip
+           "-o", "addopts=", *config_args(tree), f"--junitxml={junit}", "-p", REPORTER,
+           *lib.args, *args, *lib.tests]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in br.DROP_ENV}
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode goes to a private prefix, not the sources
     env["PYTHONPYCACHEPREFIX"] = str(CACHE / "pycache" / python.parent.parent.name)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "real_suites_plugin"),
+                                                      env.get("PYTHONPATH")]))  # fmt: skip
+    env["BENCH_REAL_REPORTS"] = str(log.with_suffix(".jsonl"))
     result.log = log
     with log.open("w") as out:
         out.write("$ cd " + str(tree) + " && " + " ".join(cmd) + "\n")
