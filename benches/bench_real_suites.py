@@ -662,9 +662,13 @@ def main(argv: list[str] | None = None) -> int:
                     pythons["ftrace"] = ensure_venv(
                         Path(f"{venv_base}-ftrace"), base, common, [str(wheel)]
                     )
-                    ours_pytest = ours_pytest or _version(pythons["ftrace"], "pytest")
                 if "run-parallel" in args.sides:
-                    pin = [f"pytest=={ours_pytest}"] if ours_pytest else ["pytest"]
+                    # the same pytest as ours: the dev venv's, else what the ftrace venv got
+                    # (kept out of the next library's recipe, which must not change per run)
+                    same = ours_pytest or (
+                        _version(pythons["ftrace"], "pytest") if wheel is not None else None
+                    )
+                    pin = [f"pytest=={same}"] if same else ["pytest"]
                     pythons["run-parallel"] = ensure_venv(
                         Path(f"{venv_base}-run-parallel"), base,
                         [*pin, str(tree), *lib.deps, f"{br.PEER}=={br.PEER_VERSION}"],
