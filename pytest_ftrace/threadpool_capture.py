@@ -150,6 +150,10 @@ class RoutingStream(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def close(self) -> None:
+        """The stand-in is ours, the stream under it is not: closing or collecting the stand-in
+        neither closes nor flushes the original (which its owner may have closed already)."""
+
     @property
     def encoding(self):
         return getattr(self._original, "encoding", "utf-8")

@@ -1169,3 +1169,20 @@ threadpool_runner.Runner._work_loop = _broken
     result = tp.runpytest_subprocess("-p", "no:randomly", "--threadpool", "2", timeout=120)
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
     assert "worker machinery broke" in result.stdout.str() + result.stderr.str()
+
+
+def test_closing_a_routing_stream_leaves_the_original_alone():
+    """A stand-in stream can outlive the stream under it (pytester's capture, closed at the
+    end of an inner run); closing the stand-in, as its finalizer does when it is collected,
+    must neither flush nor close the original (a closed one raised ValueError)."""
+    import io
+
+    from pytest_ftrace.threadpool_capture import RoutingStream
+
+    closed_under = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    stand_in = RoutingStream(closed_under, 0)
+    closed_under.close()
+    stand_in.close()  # no ValueError: I/O operation on closed file
+    still_open = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    RoutingStream(still_open, 1).close()
+    assert not still_open.closed
