@@ -24,7 +24,7 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_THREADS = 4
 DEFAULT_ITERATIONS = 40
 DEFAULT_REPLAY_RUNS = 10
-DEFAULT_SHRINK_SECONDS = 1.0
+DEFAULT_SHRINK_SECONDS = 10.0  # a safety bound: the count of candidates ends a search first
 # Exact mode, mix policy: about this many hand-overs between threads in a long round (each
 # wakes an OS thread; short rounds keep a hand-over chance of 1/2 at every point).
 DEFAULT_SWITCH_BUDGET = 48
