@@ -118,7 +118,7 @@ def free_tool():
 def compare(fn, code, n, rounds=7):
     """Best-of-`rounds` times of plain, floor and hooked runs of fn(n), taken round-robin so
     that all three see the same load on a shared machine. Returns the times and hooked/it."""
-    from pytest_ftrace.instrument import Instrumentation
+    from pytest_ftrace.ftrace.instrument import Instrumentation
 
     mon = sys.monitoring
     best = {"plain": float("inf"), "floor": float("inf"), "hooked": float("inf")}
@@ -147,7 +147,7 @@ def compare(fn, code, n, rounds=7):
 
 
 def injected_slowdown(fn, n, rounds=3):
-    from pytest_ftrace.instrument import Instrumentation
+    from pytest_ftrace.ftrace.instrument import Instrumentation
 
     plain = hooked = float("inf")
     with Instrumentation(7, str(HERE), [], []) as inst:
@@ -162,7 +162,7 @@ def injected_slowdown(fn, n, rounds=3):
 def exact_slowdown(fn, n, rounds=3):
     """Slowdown in exact mode (the default of --ftrace): one managed thread, so every hooked
     access is a scheduling point at which the same thread goes on, without a hand-over."""
-    from pytest_ftrace.instrument import Instrumentation
+    from pytest_ftrace.ftrace.instrument import Instrumentation
 
     plain = hooked = float("inf")
     with Instrumentation(7, str(HERE), [], []) as inst:
@@ -197,7 +197,7 @@ def library_window(box):
 def activation_us(window, cycles=200):
     """One activate() + window + deactivate(), as instrument does it: global PY_START discovers
     code objects, in-scope ones get local INSTRUCTION events."""
-    from pytest_ftrace.instrument import Instrumentation
+    from pytest_ftrace.ftrace.instrument import Instrumentation
 
     with Instrumentation(7, str(HERE), [], [], yield_probability=0, delay_probability=0) as inst:
         run = inst.start_test("act")
@@ -215,7 +215,7 @@ def global_instruction_us(window, cycles=200):
     """The alternative design: INSTRUCTION events for all code while active, every offset
     DISABLEd at its first event (the native callback, no scope check: a lower bound)."""
     from pytest_ftrace import _native
-    from pytest_ftrace.instrument import opcode_table
+    from pytest_ftrace.ftrace.instrument import opcode_table
 
     mon = sys.monitoring
     tool = free_tool()
@@ -261,7 +261,7 @@ def race_trial(inst, seed, threads, n, inject):
 
 
 def races(trials, threads, n=2000):
-    from pytest_ftrace.instrument import Instrumentation
+    from pytest_ftrace.ftrace.instrument import Instrumentation
 
     with Instrumentation(11, str(HERE), [], []) as inst:
         hit = sum(race_trial(inst, s, threads, n, True) for s in range(trials))

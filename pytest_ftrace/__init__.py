@@ -18,9 +18,9 @@ _LAZY = {
     "run_thread": "pytest_ftrace.helpers",
     "not_parallelizable": "pytest_ftrace.threadpool",
     "parallelizable": "pytest_ftrace.threadpool",
-    "concurrent_function_fixture": "pytest_ftrace.threaded",
-    "concurrent_test": "pytest_ftrace.threaded",
-    "generate_tests": "pytest_ftrace.threaded",
+    "concurrent_function_fixture": "pytest_ftrace.helpers.threaded",
+    "concurrent_test": "pytest_ftrace.helpers.threaded",
+    "generate_tests": "pytest_ftrace.helpers.threaded",
 }
 
 __all__ = list(_LAZY)

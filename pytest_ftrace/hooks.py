@@ -14,7 +14,7 @@ import pytest
 from pytest_ftrace import gil, markers, options
 
 if TYPE_CHECKING:  # loaded only in the runs that use them
-    from pytest_ftrace.ftrace import FtraceSession
+    from pytest_ftrace.ftrace.session import FtraceSession
 
 # The sessions configured in this process, innermost last (pytester runs nest them).
 ACTIVE_CONFIGS: list[pytest.Config] = []
@@ -69,7 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
     ACTIVE_CONFIGS.append(config)
     config.add_cleanup(lambda: ACTIVE_CONFIGS.remove(config))
     if config.option.ftrace:
-        from pytest_ftrace import ftrace
+        from pytest_ftrace.ftrace import session as ftrace
 
         state.ftrace = config.stash[ftrace.SESSION_KEY] = ftrace.FtraceSession(config)
         config.pluginmanager.register(_FtraceClose(state.ftrace), "ftrace-close")
@@ -104,7 +104,7 @@ def _bounds_phases(config: pytest.Config, settings: options.Settings) -> bool:
 class _XdistSeed:
     @staticmethod
     def pytest_configure_node(node) -> None:
-        from pytest_ftrace.ftrace import pytest_configure_node
+        from pytest_ftrace.ftrace.session import pytest_configure_node
 
         pytest_configure_node(node)
 
@@ -311,7 +311,8 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
         getattr(original, "__self__", None), unittest.TestCase
     )
 
-    from pytest_ftrace import report, runner
+    from pytest_ftrace import report
+    from pytest_ftrace.stress import runner
 
     def run_in_threads(*args, **kwargs):
         __tracebackhide__ = True

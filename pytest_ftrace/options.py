@@ -336,7 +336,7 @@ FTRACE_ONLY_INI: set[str] = set()
 
 
 def _add_ftrace_options(add: _Registrar) -> None:
-    ftrace = "pytest_ftrace.ftrace"
+    ftrace = "pytest_ftrace.ftrace.session"
     add = _Recording(add, FTRACE_ONLY, FTRACE_ONLY_INI)
     add.option(
         "--ftrace-seed",

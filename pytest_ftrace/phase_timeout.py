@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from pytest_ftrace.runner import Hang
+from pytest_ftrace.stress.runner import Hang
 
 _SIGNALS = hasattr(signal, "setitimer") and hasattr(signal, "SIGALRM")
 
@@ -168,7 +168,7 @@ class PhaseTimeout:
 def _how_to_rerun(item: pytest.Item, exc: Hang, timeout: float) -> None:
     """Under --ftrace: the seed, as a junitxml property and a note, and the command to run
     the test again."""
-    from pytest_ftrace import ftrace
+    from pytest_ftrace.ftrace import session as ftrace
 
     session = item.config.stash.get(ftrace.SESSION_KEY, None)
     if session is None:

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_ftrace import ftrace, markers, options
+from pytest_ftrace import markers, options
+from pytest_ftrace.ftrace import session as ftrace
 
 FAILING = "def test_fails():\n    assert False\n"
 

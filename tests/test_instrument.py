@@ -1,4 +1,4 @@
-"""pytest_ftrace.instrument: tool ids, scope, activation, and races made visible."""
+"""pytest_ftrace.ftrace.instrument: tool ids, scope, activation, and races made visible."""
 
 import dis
 import json
@@ -14,8 +14,8 @@ import _pytest.fixtures
 import pytest
 from conftest import FREE_THREADED_BUILD, only_free_threaded
 
-import pytest_ftrace.instrument as instrument
-from pytest_ftrace.instrument import HOOKED_OPNAMES, Instrumentation, Scope
+import pytest_ftrace.ftrace.instrument as instrument
+from pytest_ftrace.ftrace.instrument import HOOKED_OPNAMES, Instrumentation, Scope
 
 mon = sys.monitoring
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_scope_default_rules():
     assert not scope.contains(threading.__file__, "threading")
     assert not scope.contains(pytest.__file__, "pytest")
     assert not scope.contains(_pytest.fixtures.__file__, "_pytest.fixtures")
-    assert not scope.contains(instrument.__file__, "pytest_ftrace.instrument")
+    assert not scope.contains(instrument.__file__, "pytest_ftrace.ftrace.instrument")
     # pytest_ftrace lies under this rootdir: excluded by its directory too, whatever the name
     assert not scope.contains(instrument.__file__, None)
     venv_file = str(ROOT / ".venvs" / "x" / "lib" / "site-packages" / "pkg" / "m.py")
@@ -129,7 +129,7 @@ def test_scope_include_and_exclude_globs():
     assert scope.contains(json.decoder.__file__, "json.decoder")
     assert not scope.contains(__file__, __name__), "excluded by glob"
     assert not scope.contains(pytest.__file__, "pytest"), "never, whatever include says"
-    assert not scope.contains(instrument.__file__, "pytest_ftrace.instrument")
+    assert not scope.contains(instrument.__file__, "pytest_ftrace.ftrace.instrument")
 
 
 # The measuring helper must not count its own accesses: compiled under a pseudo file name
@@ -347,7 +347,7 @@ def test_instrumentation_keeps_gil_disabled(tmp_path):
         textwrap.dedent(
             """
             import sys, threading
-            from pytest_ftrace.instrument import Instrumentation
+            from pytest_ftrace.ftrace.instrument import Instrumentation
             class Box:
                 n = 0
             def bump(o, n):

@@ -443,7 +443,7 @@ def test_collect_only_forks_nothing(pytester):
 
 @pytest.mark.parametrize("mode", ["chaos", "exact"])
 def test_crash_in_a_later_round_names_it_and_the_replay_reproduces(pytester, mode):
-    from pytest_ftrace import ftrace
+    from pytest_ftrace.ftrace import session as ftrace
 
     pytester.makepyfile(
         test_rounds="""

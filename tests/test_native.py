@@ -9,7 +9,7 @@ import pytest
 from conftest import only_free_threaded
 
 from pytest_ftrace import _native
-from pytest_ftrace.instrument import opcode_table
+from pytest_ftrace.ftrace.instrument import opcode_table
 
 M64 = (1 << 64) - 1
 
@@ -229,7 +229,7 @@ def test_native_injection_keeps_gil_disabled():
     code = (
         "import sys, threading\n"
         "from pytest_ftrace import _native\n"
-        "from pytest_ftrace.instrument import opcode_table\n"
+        "from pytest_ftrace.ftrace.instrument import opcode_table\n"
         "_native.set_hooked_opcodes(opcode_table())\n"
         "def f(o):\n    o.a = o.b\n"
         "import dis\n"

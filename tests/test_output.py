@@ -171,7 +171,7 @@ def test_a_run_that_starts_with_the_thread_start_shows_its_first_access(pytester
 def test_lanes_where_each_thread_runs_once_show_no_interleaving():
     import threading
 
-    from pytest_ftrace.exact import shows_interleaving
+    from pytest_ftrace.ftrace.coop import shows_interleaving
 
     code = threading.Thread.run.__code__
     once = [(0, None, 0), (0, code, 0), (1, None, 0), (1, code, 0)]
@@ -219,7 +219,7 @@ def lane_rows(block: list[str]) -> list[int]:
 def test_lanes_of_starts_and_waits_only_have_no_access_to_show():
     import threading
 
-    from pytest_ftrace.exact import has_accesses
+    from pytest_ftrace.ftrace.coop import has_accesses
 
     code = threading.Thread.run.__code__
     idle = [(0, None, 0), (1, None, 0), (0, None, 1), (1, None, 1)]
@@ -260,7 +260,7 @@ def test_lanes_name_the_threads_the_test_started_and_explain_lock_wait(pytester,
 def test_lanes_wrap_long_cells_and_drop_idle_threads():
     import threading
 
-    from pytest_ftrace.exact import lanes
+    from pytest_ftrace.ftrace.coop import lanes
 
     code = threading.Thread.run.__code__
     steps = [(t, None, 0) for t in range(12)] + [(0, code, 0), (11, code, 2)] * 3

@@ -1150,7 +1150,7 @@ def test_a_broken_worker_ends_the_session_instead_of_hanging(tp):
     tp.makeconftest(
         CONFTEST
         + """
-from pytest_ftrace import threadpool_runner
+from pytest_ftrace.threadpool import runner as threadpool_runner
 
 def _broken(self, wave):
     raise RuntimeError("worker machinery broke")
@@ -1177,7 +1177,7 @@ def test_closing_a_routing_stream_leaves_the_original_alone():
     must neither flush nor close the original (a closed one raised ValueError)."""
     import io
 
-    from pytest_ftrace.threadpool_capture import RoutingStream
+    from pytest_ftrace.threadpool.capture import RoutingStream
 
     closed_under = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
     stand_in = RoutingStream(closed_under, 0)

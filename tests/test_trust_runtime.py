@@ -45,40 +45,45 @@ def cases(pytester: pytest.Pytester) -> dict[str, tuple[str, str]]:
 FAULTS = {
     "exact round_start": (
         EXACT,
-        "pytest_ftrace.exact.ExactTest",
+        "pytest_ftrace.ftrace.coop.ExactTest",
         "round_start",
         "round_start of thread",
     ),
-    "exact round_end": (EXACT, "pytest_ftrace.exact.ExactTest", "round_end", "round_end"),
+    "exact round_end": (EXACT, "pytest_ftrace.ftrace.coop.ExactTest", "round_end", "round_end"),
     "exact thread_exit": (
         EXACT,
-        "pytest_ftrace.exact.ExactTest",
+        "pytest_ftrace.ftrace.coop.ExactTest",
         "thread_exit",
         "thread_exit",
     ),
     "chaos round_start": (
         CHAOS,
-        "pytest_ftrace.instrument.TestRun",
+        "pytest_ftrace.ftrace.instrument.TestRun",
         "round_start",
         "round_start of thread",
     ),
     "chaos thread_enter": (
         CHAOS,
-        "pytest_ftrace.instrument.TestRun",
+        "pytest_ftrace.ftrace.instrument.TestRun",
         "thread_enter",
         "thread_enter",
     ),
     "plain fixtures": (
         PLAIN,
-        "pytest_ftrace.fixtures.ThreadFixtures",
+        "pytest_ftrace.stress.fixtures.ThreadFixtures",
         "teardown",
         "of thread",
     ),
-    "plain barrier": (PLAIN, "pytest_ftrace.runner.ThreadedRun", "_wait", "of thread"),
-    "the report": (EXACT, "pytest_ftrace.ftrace.TestSession", "finish", "the --ftrace report"),
+    "plain barrier": (PLAIN, "pytest_ftrace.stress.runner.ThreadedRun", "_wait", "of thread"),
+    "the report": (
+        EXACT,
+        "pytest_ftrace.ftrace.session.TestSession",
+        "finish",
+        "the --ftrace report",
+    ),
     "activation": (
         EXACT,
-        "pytest_ftrace.ftrace._ExactActivation",
+        "pytest_ftrace.ftrace.session._ExactActivation",
         "activate",
         "activating --ftrace",
     ),
@@ -110,7 +115,9 @@ def pytest_configure(config):
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_an_error_of_the_machinery_fails_the_test_as_an_internal_error(pytester, fault):
     args, owner, name, where = FAULTS[fault]
-    nth = 1 if owner.startswith("pytest_ftrace.ftrace.") else 2  # once per test, or per thread
+    nth = (
+        1 if owner.startswith("pytest_ftrace.ftrace.session.") else 2
+    )  # once per test, or per thread
     pytester.makeconftest(INJECT.format(owner=owner, name=name, nth=nth))
     pytester.makepyfile(
         test_ok="""
@@ -132,7 +139,7 @@ def test_an_error_of_the_machinery_fails_the_test_as_an_internal_error(pytester,
 
 def test_an_internal_error_does_not_stop_the_next_test(pytester):
     pytester.makeconftest(
-        INJECT.format(owner="pytest_ftrace.exact.ExactTest", name="round_end", nth=2)
+        INJECT.format(owner="pytest_ftrace.ftrace.coop.ExactTest", name="round_end", nth=2)
     )
     pytester.makepyfile(
         test_two="""
@@ -342,7 +349,7 @@ def test_an_error_of_the_machinery_in_a_thread_the_test_started_fails_the_test(p
     # in them are machinery as well, and an error there fails the test, not the thread.
     pytester.makeconftest(
         """
-        from pytest_ftrace import exact
+        from pytest_ftrace.ftrace.session import coop as exact
 
         original = exact._managed
 

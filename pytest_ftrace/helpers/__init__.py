@@ -419,7 +419,7 @@ def _leave_ftrace() -> None:
                 monitoring.set_events(tool, 0)
                 for event in (events.INSTRUCTION, events.PY_START, events.PY_RESUME):
                     monitoring.register_callback(tool, event, None)
-    exact = sys.modules.get("pytest_ftrace.exact")
+    exact = sys.modules.get("pytest_ftrace.ftrace.coop")
     if exact is not None and getattr(exact, "_CURRENT", None) is not None:
         exact.uninstall()
 

@@ -32,7 +32,7 @@ from _pytest.logging import LogCaptureHandler, caplog_handler_key, caplog_record
 from _pytest.outcomes import TEST_OUTCOME
 from _pytest.scope import Scope
 
-from pytest_ftrace import threadpool_capture as capture
+from pytest_ftrace.threadpool import capture
 
 
 class ItemContext:

@@ -21,9 +21,9 @@ from _pytest.outcomes import TEST_OUTCOME, Exit, Skipped
 from _pytest.pathlib import absolutepath
 from _pytest.scope import Scope
 
-from pytest_ftrace import threadpool_capture as capture
-from pytest_ftrace import threadpool_plan as planning
-from pytest_ftrace.threadpool_state import (
+from pytest_ftrace.threadpool import capture
+from pytest_ftrace.threadpool import plan as planning
+from pytest_ftrace.threadpool.state import (
     ItemContext,
     Patches,
     SetupStateProxy,

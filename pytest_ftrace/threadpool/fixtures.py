@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_ftrace import threadpool_capture as capture
+from pytest_ftrace.threadpool import capture
 
 try:
     from _pytest.capture import CaptureResult

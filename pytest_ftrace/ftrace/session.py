@@ -53,7 +53,7 @@ from pytest_ftrace.options import (  # noqa: F401 - the defaults live with the o
 
 if TYPE_CHECKING:  # imported when a threaded test runs, not when pytest starts
     from pytest_ftrace.report import Outcome
-    from pytest_ftrace.runner import Hooks
+    from pytest_ftrace.stress.runner import Hooks
 
 # Shrinking tries at most this many candidate schedules (each run twice): a count, not a time,
 # so that the same seed shrinks to the same schedule on every run.
@@ -318,7 +318,7 @@ class FtraceSession:
     """What --ftrace keeps for the whole session."""
 
     def __init__(self, config: pytest.Config):
-        from pytest_ftrace.instrument import Instrumentation
+        from pytest_ftrace.ftrace.instrument import Instrumentation
 
         self.config = config
         self.cache = getattr(config, "cache", None)
@@ -349,7 +349,7 @@ class FtraceSession:
             options.ini_value(config, "ftrace_exclude") or []
         )
         self.policy = resolve_policy(config)
-        from pytest_ftrace.instrument import NoFreeToolId
+        from pytest_ftrace.ftrace.instrument import NoFreeToolId
 
         try:
             self.instrumentation = Instrumentation(
@@ -461,7 +461,7 @@ class TestSession:
         self.shrink_cut_short: int | None = None  # candidates tried when time ran out
         self.replay_exact = False  # following a recorded decision list
         if self.mode == "exact":
-            from pytest_ftrace.exact import ExactTest
+            from pytest_ftrace.ftrace.coop import ExactTest
 
             kwargs = session.exact_options(item.nodeid, self.replay)
             self.replay_exact = "replay" in kwargs
@@ -482,7 +482,7 @@ class TestSession:
             self.traced = self.run = session.instrumentation.start_test(item.nodeid)
 
     def hooks(self) -> Hooks:
-        from pytest_ftrace.runner import Hooks
+        from pytest_ftrace.stress.runner import Hooks
 
         if self.exact is not None:
             e = self.exact
@@ -624,7 +624,7 @@ class TestSession:
         its start) is not used: the lanes show the round as it ran."""
         import time
 
-        from pytest_ftrace.exact import shows_interleaving
+        from pytest_ftrace.ftrace.coop import shows_interleaving
         from pytest_ftrace.report import location
 
         budget = self.session.shrink_seconds
@@ -691,9 +691,9 @@ class TestSession:
     def _run_schedule(self, body, decisions):
         """One round of the test following `decisions`: ((exception type, place) of the first
         failure or None, round record, steps, cut), or None when it could not run."""
-        from pytest_ftrace.exact import ExactTest
+        from pytest_ftrace.ftrace.coop import ExactTest
         from pytest_ftrace.report import location
-        from pytest_ftrace.runner import Hooks, ThreadedRun
+        from pytest_ftrace.stress.runner import Hooks, ThreadedRun
 
         original, takes_fixtures = body
         traced = self.session.instrumentation.start_test(
@@ -742,7 +742,7 @@ class TestSession:
     ) -> None:
         import textwrap
 
-        from pytest_ftrace.exact import lanes
+        from pytest_ftrace.ftrace.coop import lanes
 
         if not steps:
             return

@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 
-from pytest_ftrace.fixtures import ThreadFixtures
 from pytest_ftrace.report import (
     OUTCOME_SKIP,
     OUTCOME_XFAIL,
@@ -40,6 +39,7 @@ from pytest_ftrace.report import (
     Outcome,
     internal_error,
 )
+from pytest_ftrace.stress.fixtures import ThreadFixtures
 
 _STOPPING = (KeyboardInterrupt, pytest.exit.Exception)
 STOPPING = _STOPPING  # what stops the session: never turned into a test's failure

@@ -124,7 +124,7 @@ class Isolator:
 
         from _pytest import runner as _pytest_runner  # noqa: F401
 
-        from pytest_ftrace import report, runner  # noqa: F401
+        from pytest_ftrace.stress import runner  # noqa: F401
 
         self.config = config
         self.mode = mode
@@ -656,7 +656,7 @@ def _crash_message(config, item, status: int, phase: str, faults: str, detail, p
         if token is None and progress is not None:
             token = f"t{progress[0]}i{progress[1]}"
         replay = f" --ftrace-replay {token}" if token is not None else ""
-        from pytest_ftrace import ftrace
+        from pytest_ftrace.ftrace import session as ftrace
 
         mode = getattr(session, "mode", None)
         named = f" --ftrace-mode {mode}" if mode and mode != ftrace.DEFAULT_MODE else ""
@@ -698,7 +698,7 @@ def _trim_stacks(text: str) -> str:
 
 
 def _ftrace_session(config):
-    from pytest_ftrace import ftrace
+    from pytest_ftrace.ftrace import session as ftrace
 
     return config.stash.get(ftrace.SESSION_KEY, None)
 
@@ -724,8 +724,8 @@ def _captured_now(config, phase: str) -> list[tuple[str, str]]:
 
 
 def _extras_mark(config) -> tuple:
-    from pytest_ftrace import runner
     from pytest_ftrace.hooks import STATE_KEY
+    from pytest_ftrace.stress import runner
 
     state = config.stash.get(STATE_KEY, None)
     if state is None:
@@ -741,8 +741,8 @@ def _extras_mark(config) -> tuple:
 
 
 def _extras_since(config, mark: tuple) -> dict:
-    from pytest_ftrace import runner
     from pytest_ftrace.hooks import STATE_KEY
+    from pytest_ftrace.stress import runner
 
     # Threads the watchdog gave up on in this test that are still running: the child's exit
     # ends them, and the main process names them in its summary.
@@ -955,7 +955,7 @@ def _child_main(
     import faulthandler
     import warnings
 
-    from pytest_ftrace import runner
+    from pytest_ftrace.stress import runner
 
     # Enabled already (pytest's faulthandler plugin): off first, so that enabling it again
     # installs its handlers, with what is there then (the holding ones) to pass signals on to.

@@ -80,7 +80,7 @@ import argparse
 import pytest
 
 from pytest_ftrace import options
-from pytest_ftrace import threadpool_plan as planning
+from pytest_ftrace.threadpool import plan as planning
 
 __all__ = ["parallelizable", "not_parallelizable"]
 
@@ -136,7 +136,8 @@ def configure(config: pytest.Config, workers: int, implicit: bool = False) -> No
         options.DEFAULT_TIMEOUT,
     )
     # Imported here, with the plugins, rather than when the test loop starts.
-    from pytest_ftrace import threadpool_fixtures, threadpool_runner  # noqa: F401
+    from pytest_ftrace.threadpool import fixtures as threadpool_fixtures
+    from pytest_ftrace.threadpool import runner as threadpool_runner  # noqa: F401
 
     plugin = ThreadpoolPlugin(workers, timeout, default, implicit)
     config.pluginmanager.register(plugin, "ftrace-threadpool")
@@ -195,7 +196,7 @@ class ThreadpoolPlugin:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
-        from pytest_ftrace.threadpool_runner import Runner
+        from pytest_ftrace.threadpool.runner import Runner
 
         config = session.config
         if config.pluginmanager.hasplugin("dsession") or hasattr(config, "workerinput"):

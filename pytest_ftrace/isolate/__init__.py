@@ -98,7 +98,7 @@ def configure(config: pytest.Config) -> None:
         return
     if not hasattr(os, "fork"):
         raise pytest.UsageError("--ftrace-isolate needs os.fork (Linux, macOS or another POSIX)")
-    from pytest_ftrace.isolate_runner import Isolator
+    from pytest_ftrace.isolate.runner import Isolator
 
     config.pluginmanager.register(Isolator(config, mode), "ftrace-isolate")
 
@@ -115,7 +115,7 @@ def configure_marked(config: pytest.Config) -> None:
         return
     if not hasattr(os, "fork"):
         return  # as without a plugin that knows the marker: the tests run in this process
-    from pytest_ftrace.isolate_runner import Isolator
+    from pytest_ftrace.isolate.runner import Isolator
 
     manager.register(Isolator(config, "test", only_marked=True), "ftrace-isolate")
 
@@ -126,7 +126,8 @@ def _runner_if_loaded():
     Looked up on the package too: pytester's in-process runs take loaded modules out of
     sys.modules afterwards, while the package keeps the one its code goes on using."""
     package = sys.modules.get("pytest_ftrace")
-    return getattr(package, "runner", None) or sys.modules.get("pytest_ftrace.runner")
+    stress = getattr(package, "stress", None)
+    return getattr(stress, "runner", None) or sys.modules.get("pytest_ftrace.stress.runner")
 
 
 def guard_sessions(configs: list[pytest.Config]) -> None:
