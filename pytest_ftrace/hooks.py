@@ -12,12 +12,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_ftrace import gil, markers, options
+from pytest_ftrace.state import ACTIVE_CONFIGS, STATE_KEY, SessionState
 
 if TYPE_CHECKING:  # loaded only in the runs that use them
     from pytest_ftrace.ftrace.session import FtraceSession
-
-# The sessions configured in this process, innermost last (pytester runs nest them).
-ACTIVE_CONFIGS: list[pytest.Config] = []
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -65,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
             f"{sys.executable}); run the tests with a free-threaded Python such as python3.13t "
             "(with PYTHON_GIL unset or 0)"
         )
-    state = config.stash[STATE_KEY] = SessionState(settings, peers)
+    state = config.stash[STATE_KEY] = SessionState(settings, peers, gil.Watch())
     ACTIVE_CONFIGS.append(config)
     config.add_cleanup(lambda: ACTIVE_CONFIGS.remove(config))
     if config.option.ftrace:
@@ -151,19 +149,6 @@ def _settings(config: pytest.Config) -> options.Settings:
             options.DEFAULT_TIMEOUT,
         ),
     )
-
-
-class SessionState:
-    def __init__(self, settings: options.Settings, peers: set[str]):
-        self.settings = settings
-        self.peers = peers
-        self.single: list[tuple[str, str]] = []  # (nodeid, reason) of tests run on one thread
-        self.gil = gil.Watch()
-        self.ftrace: FtraceSession | None = None
-        self.enabled: set[str] = set()  # feature markers seen at collection (_enable_for_markers)
-
-
-STATE_KEY = pytest.StashKey[SessionState]()
 
 
 # The thread-aware fixtures. In a threaded run each worker gets its own values; on the main

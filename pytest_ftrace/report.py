@@ -251,3 +251,18 @@ def raise_outcome(outcome: Outcome) -> None:
 
 OUTCOME_SKIP = pytest.skip.Exception
 OUTCOME_XFAIL = pytest.xfail.Exception
+
+
+def terminal_width(config: pytest.Config) -> int:
+    """The width the report is written in (pytest's terminal writer; 80 when it has none)."""
+    try:
+        return int(config.get_terminal_writer().fullwidth)
+    except Exception:
+        return 80
+
+
+def wrap(text: str, config: pytest.Config) -> str:
+    """`text` wrapped to the report's width, continuation lines indented."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, terminal_width(config), subsequent_indent="  "))

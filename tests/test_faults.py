@@ -637,7 +637,7 @@ def test_a_nested_session_with_leaked_threads_does_not_end_the_outer_process(pyt
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*ftrace: leaked threads*", "*test_waits: thread ftrace-0*"])
     # Let the leaked worker finish, so that this (outer) session has nothing left running.
-    from pytest_ftrace.isolate import _runner_if_loaded
+    from pytest_ftrace import state
 
-    for _, thread in _runner_if_loaded().leaked_alive():
+    for _, thread in state.leaked_alive():
         thread.join(10)

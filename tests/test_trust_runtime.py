@@ -83,11 +83,14 @@ FAULTS = {
     ),
     "activation": (
         EXACT,
-        "pytest_ftrace.ftrace.session._ExactActivation",
+        "pytest_ftrace.ftrace.modes.exact.ExactMode",
         "activate",
         "activating --ftrace",
     ),
 }
+
+# faults in these are raised the first time: they are called once per test, not per thread
+ONCE_PER_TEST = ("pytest_ftrace.ftrace.session.", "pytest_ftrace.ftrace.modes.")
 
 INJECT = """
 import importlib
@@ -115,9 +118,7 @@ def pytest_configure(config):
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_an_error_of_the_machinery_fails_the_test_as_an_internal_error(pytester, fault):
     args, owner, name, where = FAULTS[fault]
-    nth = (
-        1 if owner.startswith("pytest_ftrace.ftrace.session.") else 2
-    )  # once per test, or per thread
+    nth = 1 if owner.startswith(ONCE_PER_TEST) else 2  # once per test, or per thread
     pytester.makeconftest(INJECT.format(owner=owner, name=name, nth=nth))
     pytester.makepyfile(
         test_ok="""
@@ -349,7 +350,7 @@ def test_an_error_of_the_machinery_in_a_thread_the_test_started_fails_the_test(p
     # in them are machinery as well, and an error there fails the test, not the thread.
     pytester.makeconftest(
         """
-        from pytest_ftrace.ftrace.session import coop as exact
+        from pytest_ftrace.ftrace import coop as exact
 
         original = exact._managed
 

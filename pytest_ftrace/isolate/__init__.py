@@ -1,10 +1,8 @@
 """--ftrace-isolate: run tests in a child process so an interpreter crash fails only that test.
 
-This module holds the option's validation, and the SessionGuard (registered in every session
-once a watchdog has given up on a thread: it reports those threads, and ends a process that
-still has them at shutdown with os._exit). The option itself is registered in options.py, and
-this module is imported only when it is given or a thread leaks; the runner is in
-isolate_runner, imported only when --ftrace-isolate is on.
+This module holds the option's validation and the entry the hooks call (`configure`,
+`configure_marked`). The option itself is registered in options.py, and this module is imported
+only when it is given; the runner is in isolate.runner, imported only when isolation is on.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -12,7 +10,6 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
@@ -118,60 +115,3 @@ def configure_marked(config: pytest.Config) -> None:
     from pytest_ftrace.isolate.runner import Isolator
 
     manager.register(Isolator(config, "test", only_marked=True), "ftrace-isolate")
-
-
-def _runner_if_loaded():
-    """The stress runner's module if a threaded test has loaded it (else no thread leaked).
-
-    Looked up on the package too: pytester's in-process runs take loaded modules out of
-    sys.modules afterwards, while the package keeps the one its code goes on using."""
-    package = sys.modules.get("pytest_ftrace")
-    stress = getattr(package, "stress", None)
-    return getattr(stress, "runner", None) or sys.modules.get("pytest_ftrace.stress.runner")
-
-
-def guard_sessions(configs: list[pytest.Config]) -> None:
-    """Register a SessionGuard in each configured session that has none (called by the stress
-    runner when it leaks a thread: the sessions that enclose a pytester run need one too)."""
-    for config in configs:
-        if not config.pluginmanager.has_plugin("ftrace-guard"):
-            config.pluginmanager.register(SessionGuard(config, configs), "ftrace-guard")
-
-
-class SessionGuard:
-    """Reports leaked threads at the end of the session, and does not wait for them."""
-
-    def __init__(self, config: pytest.Config, configs: list[pytest.Config]) -> None:
-        self.config = config
-        self.configs = configs  # the sessions configured in this process, innermost last
-
-    def pytest_terminal_summary(self, terminalreporter) -> None:
-        runner = _runner_if_loaded()
-        alive = runner.leaked_alive() if runner is not None else []
-        if not alive:
-            return
-        terminalreporter.section("ftrace: leaked threads", sep="-", yellow=True)
-        for nodeid, thread in alive:
-            kind = "daemon" if thread.daemon else "not daemon"
-            terminalreporter.line(f"{nodeid}: thread {thread.name} ({kind}) is still running")
-        terminalreporter.line(
-            "the process exits without waiting for them (os._exit, after the reports are written)"
-        )
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_unconfigure(self, config: pytest.Config) -> None:
-        runner = _runner_if_loaded()
-        # An enclosing session (pytester) is still running while this one is in the list too.
-        nested = any(other is not config for other in self.configs)
-        if runner is None or not runner.leaked_alive() or nested:
-            return
-        # A leaked thread may never finish: interpreter shutdown would wait for it (not daemon)
-        # or run while it still holds locks (daemon). Everything is reported by now.
-        session = config.pluginmanager.get_plugin("session")
-        status = getattr(session, "exitstatus", 1)
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001, S110 - a closed stream must not stop the exit
-                pass
-        os._exit(int(status))

@@ -597,7 +597,7 @@ WHOLE_TEST_GRACE = 2.0
 
 
 def _whole_test_bound(config: pytest.Config) -> float:
-    from pytest_ftrace.hooks import STATE_KEY
+    from pytest_ftrace.state import STATE_KEY
 
     state = config.stash.get(STATE_KEY, None)
     timeout = state.settings.timeout if state is not None else 300.0
@@ -724,31 +724,29 @@ def _captured_now(config, phase: str) -> list[tuple[str, str]]:
 
 
 def _extras_mark(config) -> tuple:
-    from pytest_ftrace.hooks import STATE_KEY
-    from pytest_ftrace.stress import runner
+    from pytest_ftrace.state import LEAKED, STATE_KEY
 
     state = config.stash.get(STATE_KEY, None)
     if state is None:
-        return (0, 0, 0, 0, len(runner.LEAKED))
+        return (0, 0, 0, 0, len(LEAKED))
     ft = state.ftrace
     return (
         len(state.single),
         len(state.gil.events),
         len(ft.stats) if ft is not None else 0,
         len(ft.replays) if ft is not None else 0,
-        len(runner.LEAKED),
+        len(LEAKED),
     )
 
 
 def _extras_since(config, mark: tuple) -> dict:
-    from pytest_ftrace.hooks import STATE_KEY
-    from pytest_ftrace.stress import runner
+    from pytest_ftrace.state import LEAKED, STATE_KEY
 
     # Threads the watchdog gave up on in this test that are still running: the child's exit
     # ends them, and the main process names them in its summary.
     leaked = [
         (nodeid, thread.name, thread.daemon)
-        for nodeid, thread in runner.LEAKED[mark[4] :]
+        for nodeid, thread in LEAKED[mark[4] :]
         if thread.is_alive()
     ]
     state = config.stash.get(STATE_KEY, None)
@@ -790,7 +788,7 @@ def _reissue_warnings(extras: dict) -> None:
 
 
 def _merge_extras(config, extras: dict) -> None:
-    from pytest_ftrace.hooks import STATE_KEY
+    from pytest_ftrace.state import STATE_KEY
 
     _reissue_warnings(extras)
     state = config.stash.get(STATE_KEY, None)

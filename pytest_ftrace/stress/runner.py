@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from pytest_ftrace import state
 from pytest_ftrace.report import (
     OUTCOME_SKIP,
     OUTCOME_XFAIL,
@@ -47,21 +48,6 @@ STOPPING = _STOPPING  # what stops the session: never turned into a test's failu
 # Called as (threads, iteration) by each worker as its round starts; --ftrace-isolate sets it
 # in the child process so that a crash can be blamed on its round.
 ROUND_LISTENER: Callable[[int, int], None] | None = None
-
-# (test node id, thread) for every thread a watchdog gave up on in this process.
-LEAKED: list[tuple[str, threading.Thread]] = []
-
-
-def leaked_alive() -> list[tuple[str, threading.Thread]]:
-    """The leaked threads that are still running."""
-    return [(nodeid, thread) for nodeid, thread in LEAKED if thread.is_alive()]
-
-
-def _guard_sessions() -> None:
-    """Make every session in this process report the leak and not wait for it at exit."""
-    from pytest_ftrace import hooks, isolate
-
-    isolate.guard_sessions(hooks.ACTIVE_CONFIGS)
 
 
 class Hang(Exception):
@@ -196,8 +182,8 @@ class ThreadedRun:
                 worker._daemonic = True  # ours: back to what it was started as
                 abandon(worker)
             leaked = alive + started
-            LEAKED.extend((self.item.nodeid, t) for t in leaked)
-            _guard_sessions()
+            state.LEAKED.extend((self.item.nodeid, t) for t in leaked)
+            state.guard_sessions()  # every session reports the leak and does not wait for it
             blocking = [t.name for t in started if not t.daemon]
             outcome.notes.append(
                 f"leaked threads: {', '.join(t.name for t in leaked)} were still running when "

@@ -1,0 +1,359 @@
+"""Exact mode: the threads of a test run one at a time and the native core's scheduler chooses
+who goes on at every scheduling point, so a failing interleaving replays exactly (from its
+recorded decision list), shrinks to fewer preemptions, and is drawn as lanes.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pytest_ftrace.ftrace.tokens import REPLAY_KEY, Token, cached_schedule
+from pytest_ftrace.options import DEFAULT_SWITCH_BUDGET
+from pytest_ftrace.report import terminal_width, wrap
+
+if TYPE_CHECKING:
+    from pytest_ftrace.ftrace.session import FtraceSession, TestSession
+    from pytest_ftrace.report import Failure, Outcome
+    from pytest_ftrace.stress.runner import Hooks
+
+# Shrinking tries at most this many candidate schedules (each run twice): a count, not a time,
+# so that the same seed shrinks to the same schedule on every run.
+SHRINK_CANDIDATES = 40
+# What the statistics show of exact mode (see coop.ExactTest.summary).
+EXACT_STATS = ("rounds", "points", "handovers", "preemptions", "waits")
+
+
+class FtraceWarning(pytest.PytestWarning):
+    """Something --ftrace could not do as asked (e.g. a round that was not exact)."""
+
+
+def native_options(session: FtraceSession, nodeid: str, replay: Token | None) -> dict:
+    """Keyword arguments of the native run for one test in exact mode."""
+    name, param = session.scheduler
+    kwargs: dict = {"mode": "exact", "scheduler": name}
+    if name == "pct":
+        kwargs["pct_depth"] = param
+    elif name == "aligned":
+        kwargs["stay_percent"] = param
+    elif name == "mix":
+        kwargs["switch_budget"] = param
+    if replay is not None and replay.k is not None:
+        kwargs["sched_k"] = replay.k
+    if replay is not None and replay.key and session.cache is not None:
+        decisions, ignored = cached_schedule(
+            session.cache.get(REPLAY_KEY + replay.key, None), nodeid
+        )
+        if decisions is not None:
+            kwargs["replay"] = decisions
+        elif ignored is not None and ignored not in session.notes:
+            session.notes.append(f"ftrace: {REPLAY_KEY}{replay.key}: {ignored}")
+    return kwargs
+
+
+class ExactMode:
+    stat_keys = EXACT_STATS
+
+    def __init__(self, test: TestSession):
+        from pytest_ftrace.ftrace.coop import ExactTest
+
+        self.test = test
+        session, item, replay = test.session, test.item, test.replay
+        self.shrink_cut_short: int | None = None  # candidates tried when time ran out
+        kwargs = native_options(session, item.nodeid, replay)
+        self.replay_exact = "replay" in kwargs  # following a recorded decision list
+        self.traced = session.instrumentation.start_test(item.nodeid, **kwargs)
+        seed_round = None
+        if replay is not None and not self.replay_exact:
+            seed_round = replay.iteration  # no decision list: reschedule from the seed
+        self.exact = ExactTest(
+            self.traced._native,
+            test.threads,
+            seed_round,
+            session.instrumentation.scope,
+            tuple(getattr(item, "funcargs", {}).values()),
+        )
+
+    @staticmethod
+    def header(session: FtraceSession) -> str:
+        name, param = session.scheduler
+        shown = name in ("pct", "aligned") or (name == "mix" and param != DEFAULT_SWITCH_BUDGET)
+        return f" scheduler={name}{param if shown else ''}"
+
+    def hooks(self) -> Hooks:
+        from pytest_ftrace.stress.runner import Hooks
+
+        e = self.exact
+        return Hooks(
+            e.thread_enter, e.round_start, e.round_end, e.thread_exit, e.native.sched_release
+        )
+
+    def activate(self) -> None:
+        self.traced.activate()
+        try:
+            self.exact.activate()
+        except BaseException:
+            self.traced.deactivate()
+            raise
+
+    def deactivate(self) -> None:
+        try:
+            self.exact.deactivate()
+        finally:
+            self.traced.deactivate()
+
+    def stats(self) -> dict:
+        stats = self.traced.stats()
+        stats.update(self.exact.summary())
+        return stats
+
+    def test_end(self, outcome: Outcome) -> None:
+        from pytest_ftrace.report import Failure, internal_error
+
+        for where, exc in self.exact.internal_errors:
+            outcome.failures.append(Failure(None, None, internal_error(where, exc), "internal"))
+        self._exact_notes(outcome)
+
+    def replay_note(self) -> str:
+        if self.replay_exact:
+            return ", following the recorded schedule"
+        return ", rescheduled from the seed (no recorded schedule in the cache)"
+
+    def failure_report(self, outcome: Outcome, first: Failure) -> tuple[str | None, int | None]:
+        """The recorded schedule (kept in the cache), its shrunk form and its lanes; returns
+        (cache key, k) for the replay token."""
+        key = None
+        k = None
+        config = self.test.item.config
+        record = self.exact.round(first.iteration)
+        if record is not None and record.get("k"):
+            k = record["k"]
+        if record is not None and record["decisions"]:
+            key = self.test.session.store_round(
+                self.test.item.nodeid, self.test.threads, first.iteration, record
+            )
+        shrunk = self._shrink(first, record)
+        if self.shrink_cut_short is not None:
+            outcome.notes.append(
+                wrap(
+                    f"shrinking: stopped by the --ftrace-shrink limit "
+                    f"({self.test.session.shrink_seconds:g} s) after {self.shrink_cut_short} "
+                    f"of {SHRINK_CANDIDATES} candidate schedules; give it more time for "
+                    "the same result on every run",
+                    config,
+                )
+            )
+        if shrunk is not None and shrunk[0]["preemptions"] == 0:
+            # Failing without any preemption after the run: what fails is the state
+            # the test kept from the rounds that ran, not an interleaving.
+            outcome.notes.append(
+                wrap(
+                    "shrinking: after the run, a schedule without preemptions fails too "
+                    "(the test keeps state between rounds, e.g. in a module-scoped "
+                    "fixture), so the lanes show the round as it ran",
+                    config,
+                )
+            )
+            shrunk = None
+        if shrunk is not None:
+            small, steps, cut, before, lane_failure, labels = shrunk
+            outcome.notes.append(
+                f"shrunk: a schedule with {small['preemptions']} preemptions (from "
+                f"{before}) fails the same way; the lanes below show it"
+            )
+            self._lane_view(outcome, lane_failure, small, steps, cut, True, labels)
+        else:
+            steps = self.exact.native.sched_steps(first.iteration)
+            cut = self.exact.exit_steps.get((first.iteration, first.thread))
+            labels = self.exact.thread_labels(first.iteration)
+            self._lane_view(outcome, first, record, steps, cut, False, labels)
+        return key, k
+
+    def _shrink(self, first, record: dict | None):
+        """Search, within --ftrace-shrink seconds, for a schedule of the failing round with
+        fewer preemptions that fails the same way (same exception type and place).
+
+        Candidates, each run as one more round of the test following its decision list:
+        prefixes of the list (past its end the running thread goes on until it blocks or
+        ends: no more preemptions), found by bisection; then the list with one run of steps of
+        one thread left out, from the last run back. A candidate counts when it fails the same
+        way twice in a row. Returns (record, steps, cut, preemptions before, failure, thread
+        labels) or None.
+
+        The search is bounded by a count of candidates (SHRINK_CANDIDATES), so that the same
+        seed shrinks to the same schedule on every run; --ftrace-shrink bounds its time too,
+        and a search it cuts short is said in the note. A shrunk schedule whose lanes would
+        show no interleaving (no access of the test's code, or each thread running once from
+        its start) is not used: the lanes show the round as it ran."""
+        import time
+
+        from pytest_ftrace.ftrace.coop import shows_interleaving
+        from pytest_ftrace.report import location
+
+        budget = self.test.session.shrink_seconds
+        body = getattr(self.test.item.obj, "ftrace_body", None)
+        if (
+            not budget
+            or body is None
+            or record is None
+            or not record["exact"]
+            or record["preemptions"] == 0
+        ):
+            return None
+        want = (type(first.exc).__name__, location(first.exc))
+        deadline = time.monotonic() + budget
+        best = dict(record)
+        best_steps = None
+        tried = [0]
+
+        def more() -> bool:
+            return tried[0] < SHRINK_CANDIDATES and time.monotonic() < deadline
+
+        def attempt(decisions):
+            tried[0] += 1
+            result = self._run_schedule(body, decisions)
+            if result is None or result[0] != want:
+                return None
+            again = self._run_schedule(body, decisions)
+            if again is None or again[0] != want:
+                return None
+            return again
+
+        # 1. the shortest failing prefix
+        low, high = 0, len(best["decisions"])
+        while low < high and more():
+            middle = (low + high) // 2
+            found = attempt(best["decisions"][:middle])
+            if found is not None and found[1]["preemptions"] < best["preemptions"]:
+                high = middle
+                best, best_steps = found[1], found[2:]
+            else:
+                low = middle + 1
+        # 2. leave out one run of steps at a time
+        runs = _runs(best["decisions"])
+        index = len(runs) - 1
+        while index > 0 and more():
+            start, end = runs[index]
+            candidate = best["decisions"][:start] + best["decisions"][end:]
+            found = attempt(candidate)
+            if found is not None and found[1]["preemptions"] < best["preemptions"]:
+                best, best_steps = found[1], found[2:]
+                runs = _runs(best["decisions"])
+                index = min(index, len(runs) - 1)
+            else:
+                index -= 1
+        if tried[0] < SHRINK_CANDIDATES and time.monotonic() >= deadline:
+            self.shrink_cut_short = tried[0]
+        if best_steps is None:
+            return None
+        steps, cut, failure, labels = best_steps
+        if not shows_interleaving(steps, cut, failure.thread):
+            return None
+        return best, steps, cut, record["preemptions"], failure, labels
+
+    def _run_schedule(self, body, decisions):
+        """One round of the test following `decisions`: ((exception type, place) of the first
+        failure or None, round record, steps, cut), or None when it could not run."""
+        from pytest_ftrace.ftrace.coop import ExactTest
+        from pytest_ftrace.report import location
+        from pytest_ftrace.stress.runner import Hooks, ThreadedRun
+
+        original, takes_fixtures = body
+        traced = self.test.session.instrumentation.start_test(
+            self.test.item.nodeid, mode="exact", replay=list(decisions)
+        )
+        exact = ExactTest(
+            traced._native,
+            self.test.threads,
+            None,
+            self.test.session.instrumentation.scope,
+            tuple(getattr(self.test.item, "funcargs", {}).values()),
+        )
+        hooks = Hooks(
+            exact.thread_enter,
+            exact.round_start,
+            exact.round_end,
+            exact.thread_exit,
+            exact.native.sched_release,
+        )
+        run = ThreadedRun(
+            self.test.item,
+            original,
+            self.test.threads,
+            1,
+            60.0,
+            hooks=hooks,
+            takes_fixtures=takes_fixtures,
+        )
+        traced.activate()
+        try:
+            exact.activate()
+            try:
+                outcome = run.run()
+            finally:
+                exact.deactivate()
+        finally:
+            traced.deactivate()
+        record = exact.round(0)
+        failures = [f for f in outcome.failures if f.iteration is not None]
+        if record is None or not record["exact"]:
+            return None
+        if not failures:
+            return (None, record, None, None, None, None)
+        failure = min(failures, key=lambda f: f.thread)
+        steps = traced._native.sched_steps(0)
+        cut = exact.exit_steps.get((0, failure.thread))
+        where = (type(failure.exc).__name__, location(failure.exc))
+        return (where, record, steps, cut, failure, exact.thread_labels(0))
+
+    def _lane_view(
+        self, outcome: Outcome, first, record, steps, cut, shrunk: bool, labels=None
+    ) -> None:
+        import textwrap
+
+        from pytest_ftrace.ftrace.coop import lanes
+
+        if not steps:
+            return
+        record = record or {}
+        width = terminal_width(self.test.item.config)
+        which = "shrunk schedule" if shrunk else f"schedule of round {first.iteration}"
+        intro = (
+            f"{which} up to thread {first.thread}'s failure "
+            f"({record.get('preemptions', '?')} preemptions; a row is a run of steps of one "
+            "thread, shown by its first access):"
+        )
+        table = lanes(steps, cut, failing=first.thread, width=width, labels=labels)
+        outcome.notes.append("\n".join([*textwrap.wrap(intro, width), table]))
+
+    def _exact_notes(self, outcome: Outcome) -> None:
+        """Rounds that were not exact (unmanaged blocking, deadlock), said once each."""
+        notes = []
+        for iteration in sorted(self.exact.rounds_seen):
+            record = self.exact.round(iteration)
+            if record is not None and not record["exact"] and not record["deadlock"]:
+                notes.append(
+                    f"ftrace: round {iteration} was not exact: {record['reason']}; "
+                    "it ran free from there"
+                )
+        if notes:
+            outcome.notes.extend(notes)
+            warnings.warn(FtraceWarning("\n".join(notes)), stacklevel=2)
+
+
+def _runs(decisions: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive decisions for one thread."""
+    out = []
+    start = 0
+    for i in range(1, len(decisions) + 1):
+        if i == len(decisions) or decisions[i] != decisions[start]:
+            out.append((start, i))
+            start = i
+    return out
+
+
+MODE = ExactMode
