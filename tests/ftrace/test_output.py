@@ -186,7 +186,7 @@ def test_a_shrunk_schedule_without_interleaving_is_not_shown(pytester):
     once from their start; the lanes show the round as it ran instead."""
     from pathlib import Path
 
-    example = Path(__file__).resolve().parent.parent / "examples" / "test_ids.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "test_ids.py"
     pytester.makepyfile(test_ids=example.read_text())
     for seed in ("1", "5", "8", "14"):
         result = run(pytester, "test_ids.py::test_racy_ids_are_unique", "--seed", seed)

@@ -582,7 +582,7 @@ def test_helpers_leave_no_threads_behind():
     assert set(threading.enumerate()) == before
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "test_contested_lock.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "test_contested_lock.py"
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import pytest_ftrace.ftrace.instrument as instrument
 from pytest_ftrace.ftrace.instrument import HOOKED_OPNAMES, Instrumentation, Scope
 
 mon = sys.monitoring
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HERE = str(Path(__file__).resolve().parent)
 QUIET = {"yield_probability": 0.0, "delay_probability": 0.0}
 
