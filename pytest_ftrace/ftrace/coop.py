@@ -53,7 +53,8 @@ _TEST = None  # the ExactTest being run: threads the test starts are noted in it
 # One entry per blocking wait of a managed thread while a test is installed (list.append is
 # safe from any thread on every build); the statistics count them.
 _BLOCKS: list[int] = []
-_HERE = os.path.dirname(os.path.abspath(__file__))
+# the plugin's package: frames of its code are machinery, not the test's
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _SKIP_FILES = {threading.__file__, queue.__file__, __file__}
 
 
