@@ -462,6 +462,7 @@ class TestSession:
         self.replay_exact = False  # following a recorded decision list
         if self.mode == "exact":
             from pytest_ftrace.exact import ExactTest
+            from pytest_ftrace.perthread import fixture_values
 
             kwargs = session.exact_options(item.nodeid, self.replay)
             self.replay_exact = "replay" in kwargs
@@ -474,7 +475,7 @@ class TestSession:
                 threads,
                 seed_round,
                 session.instrumentation.scope,
-                tuple(getattr(item, "funcargs", {}).values()),
+                fixture_values(item),
             )
             self.traced = traced
             self.run = _ExactActivation(traced, self.exact)
@@ -692,6 +693,7 @@ class TestSession:
         """One round of the test following `decisions`: ((exception type, place) of the first
         failure or None, round record, steps, cut), or None when it could not run."""
         from pytest_ftrace.exact import ExactTest
+        from pytest_ftrace.perthread import fixture_values
         from pytest_ftrace.report import location
         from pytest_ftrace.runner import Hooks, ThreadedRun
 
@@ -704,7 +706,7 @@ class TestSession:
             self.threads,
             None,
             self.session.instrumentation.scope,
-            tuple(getattr(self.item, "funcargs", {}).values()),
+            fixture_values(self.item),
         )
         hooks = Hooks(
             exact.thread_enter,
@@ -714,7 +716,14 @@ class TestSession:
             exact.native.sched_release,
         )
         run = ThreadedRun(
-            self.item, original, self.threads, 1, 60.0, hooks=hooks, takes_fixtures=takes_fixtures
+            self.item,
+            original,
+            self.threads,
+            1,
+            60.0,
+            hooks=hooks,
+            takes_fixtures=takes_fixtures,
+            context=getattr(self.item.obj, "ftrace_context", None),
         )
         traced.activate()
         try:
