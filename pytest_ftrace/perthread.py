@@ -282,10 +282,14 @@ class Crew:
         __tracebackhide__ = True
         if CREW_KEY in self.item.stash:
             del self.item.stash[CREW_KEY]
+        # Not the workers given up on, nor those still in a round the run stopped waiting for
+        # (Ctrl-C): the test is over, their tear-down must not run into the next test.
         live = [
             k
             for k, w in enumerate(self.workers)
-            if w not in self.abandoned and w.ident is not None
+            if w not in self.abandoned
+            and w.ident is not None
+            and (not self.used or self._done[k].is_set())
         ]
         for k in live:
             self._send(k, None)
