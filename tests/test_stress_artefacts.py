@@ -223,9 +223,25 @@ def test_unittest_failures_and_skips(pytester):
     run(pytester).assert_outcomes(failed=1, skipped=2, xfailed=1)
 
 
+# Each probe waits, inside the facility, until every thread of the round is inside it too
+# (`meet`): run on several threads at once, the facility breaks for sure, not by chance. Run on
+# one thread, there is no one else to wait for.
+MEET = """
+import threading
+_barriers = {}
+_lock = threading.Lock()
+
+def meet(threads, key):
+    with _lock:
+        barrier = _barriers.setdefault((key, threads), threading.Barrier(threads, timeout=10))
+    barrier.wait()
+"""
+
 MOCKED = """
 import os, sys, threading, pytest
 from unittest import mock
+
+REAL_GETCWD = os.getcwd
 
 def helper():
     return "real"
@@ -235,27 +251,32 @@ class Thing:
         return "real"
 
 @mock.patch("os.getcwd", return_value="/patched")
-def test_decorator(getcwd):
+def test_decorator(getcwd, num_parallel_threads):
+    meet(num_parallel_threads, "decorator")
     assert os.getcwd() == "/patched"
 
-def test_context_manager():
-    with mock.patch(f"{__name__}.helper", return_value="mocked"):
-        assert helper() == "mocked"
+def test_context_manager(num_parallel_threads, thread_index):
+    with mock.patch(f"{__name__}.helper", return_value=f"mocked {thread_index}"):
+        meet(num_parallel_threads, "context")
+        assert helper() == f"mocked {thread_index}"
     assert helper() == "real"
 
-def test_object():
-    with mock.patch.object(Thing, "value", return_value="mocked"):
-        assert Thing().value() == "mocked"
+def test_object(num_parallel_threads, thread_index):
+    with mock.patch.object(Thing, "value", return_value=thread_index):
+        meet(num_parallel_threads, "object")
+        assert Thing().value() == thread_index
 
 @mock.patch.dict(os.environ, {"FTRACE_PROBE": "1"})
-def test_dict():
+def test_dict(num_parallel_threads):
+    meet(num_parallel_threads, "dict")
     assert os.environ["FTRACE_PROBE"] == "1"
 
-def test_start_stop():
-    patcher = mock.patch(f"{__name__}.helper", return_value="mocked")
+def test_start_stop(num_parallel_threads, thread_index):
+    patcher = mock.patch(f"{__name__}.helper", return_value=thread_index)
     patcher.start()
     try:
-        assert helper() == "mocked"
+        meet(num_parallel_threads, "start")
+        assert helper() == thread_index
     finally:
         patcher.stop()
 
@@ -265,13 +286,19 @@ def test_fails_on_its_own_merits():
 
 def test_still_threaded(thread_index):
     assert threading.current_thread().name == f"ftrace-{thread_index}"
+
+@pytest.mark.thread_unsafe
+def test_zz_nothing_left_patched():
+    assert os.getcwd is REAL_GETCWD
+    assert helper() == "real" and Thing().value() == "real"
+    assert "FTRACE_PROBE" not in os.environ
 """
 
 
 def test_mock_patch_runs_on_one_thread(pytester):
-    pytester.makepyfile(MOCKED)
+    pytester.makepyfile(MEET + MOCKED)
     result = run(pytester, "-v")
-    result.assert_outcomes(passed=6, failed=1)
+    result.assert_outcomes(passed=7, failed=1)
     result.stdout.fnmatch_lines(
         [
             "*ftrace: tests run on one thread*",
@@ -281,10 +308,8 @@ def test_mock_patch_runs_on_one_thread(pytester):
     )
     result.stdout.no_fnmatch_line("*test_still_threaded: *")
     # its own failure, not a concurrency report
-    result.stdout.fnmatch_lines(["*AssertionError*"])
+    result.stdout.fnmatch_lines(["*_ test_fails_on_its_own_merits _*", "E*AssertionError*"])
     result.stdout.no_fnmatch_line("*executions failed*")
-    # The helper is not left patched after the tests.
-    assert "Patch is already started" not in result.stdout.str()
 
 
 WARNS = """
@@ -293,18 +318,21 @@ import threading, warnings, pytest
 def old():
     warnings.warn("old", DeprecationWarning)
 
-def test_pytest_warns():
+def test_pytest_warns(num_parallel_threads):
     with pytest.warns(DeprecationWarning):
+        meet(num_parallel_threads, "warns")
         old()
 
-def test_catch_warnings():
+def test_catch_warnings(num_parallel_threads):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        meet(num_parallel_threads, "catch")
         old()
     assert [w.category for w in caught] == [DeprecationWarning]
 
-def test_deprecated_call():
+def test_deprecated_call(num_parallel_threads):
     with pytest.deprecated_call():
+        meet(num_parallel_threads, "deprecated")
         old()
 
 def test_not_triggered():
@@ -318,39 +346,49 @@ def test_not_triggered():
     reason="context-aware warnings are per thread",
 )
 def test_warnings_capture_runs_on_one_thread(pytester):
-    pytester.makepyfile(WARNS)
+    pytester.makepyfile(MEET + WARNS)
     result = run(pytester, "-v")
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(
         [
             "*ftrace: tests run on one thread*",
             "*::test_pytest_warns: entered warnings capture * in a threaded round*",
+            "*::test_catch_warnings: entered warnings capture * in a threaded round*",
+            "*::test_deprecated_call: entered warnings capture * in a threaded round*",
         ]
     )
     result.stdout.fnmatch_lines(["*DID NOT WARN*"])
+    result.stdout.no_fnmatch_line("*executions failed*")
 
 
 def test_other_process_wide_facilities(pytester):
     pytester.makepyfile(
-        """
-        import contextlib, io, os, sys, pytest
+        MEET
+        + """
+import contextlib, io, os, sys, types, pytest
+state = types.SimpleNamespace(value=None)
 
-        def test_monkeypatch_context():
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(os, "sep", "#")
-                assert os.sep == "#"
-            assert os.sep != "#"
+def test_monkeypatch_context(num_parallel_threads, thread_index):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state, "value", thread_index)
+        meet(num_parallel_threads, "monkeypatch")
+        assert state.value == thread_index
+    assert state.value is None
 
-        def test_redirect_stdout():
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                print("hello")
-            assert out.getvalue() == "hello\\n"
+def test_redirect_stdout(num_parallel_threads, thread_index):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        meet(num_parallel_threads, "redirect")
+        print(thread_index)
+    assert out.getvalue() == f"{thread_index}\\n"
 
-        def test_chdir(tmp_path):
-            with contextlib.chdir(tmp_path):
-                assert os.getcwd() == str(tmp_path)
-        """
+def test_chdir(tmp_path, num_parallel_threads, thread_index):
+    mine = tmp_path / str(thread_index)
+    mine.mkdir()
+    with contextlib.chdir(mine):
+        meet(num_parallel_threads, "chdir")
+        assert os.getcwd() == str(mine)
+"""
     )
     result = run(pytester, "-v")
     result.assert_outcomes(passed=3)
