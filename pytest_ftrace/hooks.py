@@ -300,7 +300,10 @@ def pytest_runtest_setup(item: pytest.Item):
     if ftrace is not None and ftrace.replay is not None:
         if ftrace.replay_nodeid in (None, item.nodeid):  # as ftrace.TestSession runs it
             threads, iterations = ftrace.replay.threads, ftrace.replay_runs
-    perthread.start_crew(item, threads, iterations, state.settings.timeout)
+    reason = perthread.start_crew(item, threads, iterations, state.settings.timeout)
+    if reason is not None:  # a fixture entered a process-wide facility: one thread
+        item.stash[markers.PLAN_KEY] = markers.Plan(1, 1, reason)
+        state.single.append((item.nodeid, reason))
     return result
 
 

@@ -195,6 +195,8 @@ class Crew:
         self._jobs = [queue.SimpleQueue() for _ in range(threads)]
         self.abandoned: set[threading.Thread] = set()
         self.used = False  # a threaded run took the crew
+        self.finished = False
+        self.watch = None  # oneshot.Watch, while the fixtures are built
         self.workers = [
             threading.Thread(target=self._main, args=(k,), name=f"ftrace-{k}", daemon=True)
             for k in range(threads)
@@ -204,11 +206,16 @@ class Crew:
     def _main(self, index: int) -> None:
         me = threading.current_thread()
         me._daemonic = False  # threads a fixture starts get the main thread's default
+        watch = self.watch
+        if watch is not None:
+            watch.enter()
         try:
             self.kwargs[index] = self.contexts[index].setup()
         except BaseException as exc:  # noqa: BLE001 - reported in the set-up phase
             self._errors[index] = exc
         finally:
+            if watch is not None:
+                watch.leave()
             me._daemonic = True
             self._ready[index].set()
         while True:
@@ -230,16 +237,36 @@ class Crew:
         self._jobs[index].put(job)
 
     # the main thread's side
-    def start(self) -> None:
+    def start(self) -> str | None:
         """Start the workers and wait until each has built its fixtures; raise the first
-        error (a set-up error of the test) after tearing down what the others built."""
+        error (a set-up error of the test; the finalizer tears down what the others built).
+        When a fixture entered a process-wide facility (oneshot.py), every worker tears down
+        at once and the reason is returned: the test is to run on one thread."""
         __tracebackhide__ = True
+        from pytest_ftrace import oneshot
+
         self.item.addfinalizer(self.finish)
-        for worker in self.workers:
-            worker.start()
-        deadline = time.monotonic() + self.timeout
-        for event in self._ready:
-            event.wait(max(0.0, deadline - time.monotonic()))
+        watch = oneshot.watch_for(self.threads)
+        if watch is not None and watch.activate():
+            self.watch = watch
+        try:
+            for worker in self.workers:
+                worker.start()
+            deadline = time.monotonic() + self.timeout
+            for event in self._ready:
+                event.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            if self.watch is not None:
+                self.watch.deactivate()
+        if self.watch is not None and self.watch.reason is not None:
+            reason = self.watch.reason
+            try:
+                self.finish()
+            except Exception as exc:  # noqa: BLE001 - of a set-up that is dropped; said
+                reason += (
+                    f" (and tearing down the threads' fixtures failed: {type(exc).__name__}: {exc})"
+                )
+            return reason
         stuck = [k for k in range(self.threads) if not self._ready[k].is_set()]
         if stuck:
             from pytest_ftrace import runner
@@ -262,6 +289,7 @@ class Crew:
             if hasattr(exc, "add_note"):
                 exc.add_note(f"(per-thread fixture set-up {where}, pytest-ftrace)")
             raise exc
+        return None
 
     def submit(self, job: Callable[[int], None]) -> None:
         """Run `job(index)` in every worker (the call phase's rounds)."""
@@ -280,6 +308,9 @@ class Crew:
         """The item's finalizer: every worker tears its fixtures down; the first error is
         raised (the test's tear-down error)."""
         __tracebackhide__ = True
+        if self.finished:
+            return
+        self.finished = True
         if CREW_KEY in self.item.stash:
             del self.item.stash[CREW_KEY]
         # Not the workers given up on, nor those still in a round the run stopped waiting for
@@ -317,12 +348,26 @@ class Crew:
             raise exc
 
 
-def start_crew(item: pytest.Item, threads: int, iterations: int, timeout: float) -> None:
-    """After pytest's set-up of a threaded test: its workers, with their fixtures."""
+def start_crew(item: pytest.Item, threads: int, iterations: int, timeout: float) -> str | None:
+    """After pytest's set-up of a threaded test: its workers, with their fixtures. Returns
+    why the test runs on one thread instead (its fixtures were built here, by pytest), or
+    None."""
     __tracebackhide__ = True
     crew = Crew(item, threads, iterations, timeout)
     item.stash[CREW_KEY] = crew
-    crew.start()
+    reason = crew.start()
+    if reason is not None:
+        # As in a plain run: pytest builds them, on this thread, and tears them down.
+        funcargs = item.funcargs
+        for name in [n for n, v in funcargs.items() if isinstance(v, Placeholder)]:
+            del funcargs[name]
+        one = {"thread_index": 0, "iteration_index": 0, "num_parallel_threads": 1}
+        one["num_iterations"] = 1
+        for name, value in one.items():
+            if name in funcargs:
+                funcargs[name] = value
+        item._request._fillfixtures()
+    return reason
 
 
 def take_crew(item: pytest.Item, threads: int) -> Crew | None:

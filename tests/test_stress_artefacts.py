@@ -312,6 +312,35 @@ def test_mock_patch_runs_on_one_thread(pytester):
     result.stdout.no_fnmatch_line("*executions failed*")
 
 
+def test_mock_patch_in_a_fixture_runs_on_one_thread(pytester):
+    pytester.makepyfile(
+        MEET
+        + """
+import os, threading, pytest
+from unittest import mock
+REAL_GETCWD = os.getcwd
+
+@pytest.fixture
+def patched_cwd():
+    with mock.patch("os.getcwd", return_value="/patched") as getcwd:
+        in_worker = threading.current_thread().name.startswith("ftrace-")
+        meet(4 if in_worker else 1, "fixture")
+        yield getcwd
+
+def test_uses_it(patched_cwd, num_parallel_threads):
+    assert os.getcwd() == "/patched"
+    assert num_parallel_threads == 1
+
+@pytest.mark.thread_unsafe
+def test_zz_nothing_left_patched():
+    assert os.getcwd is REAL_GETCWD
+"""
+    )
+    result = run(pytester, "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*::test_uses_it: entered mock.patch * in a threaded round*"])
+
+
 WARNS = """
 import threading, warnings, pytest
 
