@@ -237,12 +237,11 @@ class Crew:
         self._jobs[index].put(job)
 
     # the main thread's side
-    def start(self) -> str | None:
-        """Start the workers and wait until each has built its fixtures; raise the first
-        error (a set-up error of the test; the finalizer tears down what the others built).
-        When a fixture entered a process-wide facility (oneshot.py), every worker tears down
-        at once and the reason is returned: the test is to run on one thread."""
-        __tracebackhide__ = True
+    def start(self) -> tuple[str | None, BaseException | None]:
+        """Start the workers and wait until each has built its fixtures; returns (None, the
+        first error: a set-up error of the test; the finalizer tears down what the others
+        built). When a fixture entered a process-wide facility (oneshot.py), every worker
+        tears down at once and the reason comes first: the test is to run on one thread."""
         from pytest_ftrace import oneshot
 
         self.item.addfinalizer(self.finish)
@@ -260,21 +259,19 @@ class Crew:
                 self.watch.deactivate()
         if self.watch is not None and self.watch.reason is not None:
             reason = self.watch.reason
-            try:
-                self.finish()
-            except Exception as exc:  # noqa: BLE001 - of a set-up that is dropped; said
+            exc = self._finish()
+            if exc is not None:  # of a set-up that is dropped: said with the reason
                 reason += (
                     f" (and tearing down the threads' fixtures failed: {type(exc).__name__}: {exc})"
                 )
-            return reason
+            return reason, None
         stuck = [k for k in range(self.threads) if not self._ready[k].is_set()]
         if stuck:
             from pytest_ftrace import runner
 
             self.abandoned.update(self.workers[k] for k in stuck)
-            for k in stuck:
-                runner.abandon(self.workers[k])
-            raise runner.Hang(
+            _give_up(self.item, [self.workers[k] for k in stuck])
+            return None, runner.Hang(
                 f"the per-thread fixtures of thread(s) {', '.join(map(str, stuck))} were not "
                 f"set up within {self.timeout:g}s (--ftrace-timeout)"
             )
@@ -288,8 +285,8 @@ class Crew:
             )
             if hasattr(exc, "add_note"):
                 exc.add_note(f"(per-thread fixture set-up {where}, pytest-ftrace)")
-            raise exc
-        return None
+            return None, exc
+        return None, None
 
     def submit(self, job: Callable[[int], None]) -> None:
         """Run `job(index)` in every worker (the call phase's rounds)."""
@@ -308,8 +305,20 @@ class Crew:
         """The item's finalizer: every worker tears its fixtures down; the first error is
         raised (the test's tear-down error)."""
         __tracebackhide__ = True
+        from pytest_ftrace import report, runner
+
+        try:
+            error = self._finish()
+        except runner.STOPPING:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+            raise report.internal_error("the per-thread fixtures' tear-down", exc) from None
+        if error is not None:
+            raise error
+
+    def _finish(self) -> BaseException | None:
         if self.finished:
-            return
+            return None
         self.finished = True
         if CREW_KEY in self.item.stash:
             del self.item.stash[CREW_KEY]
@@ -320,6 +329,7 @@ class Crew:
             for k, w in enumerate(self.workers)
             if w not in self.abandoned
             and w.ident is not None
+            and self._ready[k].is_set()
             and (not self.used or self._done[k].is_set())
         ]
         for k in live:
@@ -334,9 +344,8 @@ class Crew:
         if stuck:
             from pytest_ftrace import runner
 
-            for k in stuck:
-                runner.abandon(self.workers[k])
-            raise runner.Hang(
+            _give_up(self.item, [self.workers[k] for k in stuck])
+            return runner.Hang(
                 f"the per-thread fixtures of thread(s) {', '.join(map(str, stuck))} were not "
                 f"torn down within {self.timeout:g}s (--ftrace-timeout)"
             )
@@ -345,7 +354,19 @@ class Crew:
             if hasattr(exc, "add_note"):
                 more = f" ({len(errors)} tear-down errors in all)" if len(errors) > 1 else ""
                 exc.add_note(f"(per-thread fixture tear-down in thread {k}{more}, pytest-ftrace)")
-            raise exc
+            return exc
+        return None
+
+
+def _give_up(item: pytest.Item, workers: list[threading.Thread]) -> None:
+    """As the runner does with a stuck worker: interrupted, daemon again, reported as leaked."""
+    from pytest_ftrace import runner
+
+    for worker in workers:
+        worker._daemonic = True
+        runner.abandon(worker)
+    runner.LEAKED.extend((item.nodeid, worker) for worker in workers)
+    runner._guard_sessions()
 
 
 def start_crew(item: pytest.Item, threads: int, iterations: int, timeout: float) -> str | None:
@@ -353,9 +374,18 @@ def start_crew(item: pytest.Item, threads: int, iterations: int, timeout: float)
     why the test runs on one thread instead (its fixtures were built here, by pytest), or
     None."""
     __tracebackhide__ = True
-    crew = Crew(item, threads, iterations, timeout)
-    item.stash[CREW_KEY] = crew
-    reason = crew.start()
+    from pytest_ftrace import report, runner
+
+    try:
+        crew = Crew(item, threads, iterations, timeout)
+        item.stash[CREW_KEY] = crew
+        reason, error = crew.start()
+    except runner.STOPPING:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+        raise report.internal_error("starting the worker threads", exc) from None
+    if error is not None:
+        raise error
     if reason is not None:
         # As in a plain run: pytest builds them, on this thread, and tears them down.
         funcargs = item.funcargs

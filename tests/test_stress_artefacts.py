@@ -218,9 +218,23 @@ def test_unittest_failures_and_skips(pytester):
             @unittest.expectedFailure
             def test_expected(self):
                 self.assertEqual(1, 2)
+
+        class BrokenSetUp(unittest.TestCase):
+            def setUp(self):
+                raise RuntimeError("no loop")
+
+            def tearDown(self):
+                raise AssertionError("tearDown runs only after a setUp that passed")
+
+            def test_it(self):
+                pass
         """
     )
-    run(pytester).assert_outcomes(failed=1, skipped=2, xfailed=1)
+    result = run(pytester)
+    result.assert_outcomes(failed=2, skipped=2, xfailed=1)
+    # As unittest reports it: a failure of the test, with setUp's error.
+    result.stdout.fnmatch_lines(["E*RuntimeError: no loop", "*set-up of all 4 threads*"])
+    result.stdout.no_fnmatch_line("*tearDown runs only*")
 
 
 # Each probe waits, inside the facility, until every thread of the round is inside it too
