@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import queue
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -305,11 +306,11 @@ class Crew:
         """The item's finalizer: every worker tears its fixtures down; the first error is
         raised (the test's tear-down error)."""
         __tracebackhide__ = True
-        from pytest_ftrace import report, runner
+        from pytest_ftrace import report
 
         try:
             error = self._finish()
-        except runner.STOPPING:
+        except _passing():
             raise
         except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
             raise report.internal_error("the per-thread fixtures' tear-down", exc) from None
@@ -332,6 +333,14 @@ class Crew:
             and self._ready[k].is_set()
             and (not self.used or self._done[k].is_set())
         ]
+        unready = [
+            w
+            for k, w in enumerate(self.workers)
+            if w not in self.abandoned and w.ident is not None and not self._ready[k].is_set()
+        ]
+        if unready:  # still building its fixtures (the set-up phase was given up on)
+            self.abandoned.update(unready)
+            _give_up(self.item, unready)
         for k in live:
             self._send(k, None)
         deadline = time.monotonic() + self.timeout
@@ -358,6 +367,15 @@ class Crew:
         return None
 
 
+def _passing() -> tuple[type[BaseException], ...]:
+    """What goes through the guards as it is: Ctrl-C, pytest.exit, --ftrace-timeout's Hang."""
+    from pytest_ftrace import runner
+
+    phase_timeout = sys.modules.get("pytest_ftrace.phase_timeout")
+    landing = getattr(phase_timeout, "_AsyncHang", None)  # its watchdog's, off the main thread
+    return (*runner.STOPPING, runner.Hang, *((landing,) if landing is not None else ()))
+
+
 def _give_up(item: pytest.Item, workers: list[threading.Thread]) -> None:
     """As the runner does with a stuck worker: interrupted, daemon again, reported as leaked."""
     from pytest_ftrace import runner
@@ -374,13 +392,13 @@ def start_crew(item: pytest.Item, threads: int, iterations: int, timeout: float)
     why the test runs on one thread instead (its fixtures were built here, by pytest), or
     None."""
     __tracebackhide__ = True
-    from pytest_ftrace import report, runner
+    from pytest_ftrace import report
 
     try:
         crew = Crew(item, threads, iterations, timeout)
         item.stash[CREW_KEY] = crew
         reason, error = crew.start()
-    except runner.STOPPING:
+    except _passing():
         raise
     except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
         raise report.internal_error("starting the worker threads", exc) from None
@@ -410,7 +428,7 @@ def take_crew(item: pytest.Item, threads: int) -> Crew | None:
 
 
 def is_unittest(item: pytest.Item) -> bool:
-    unittest = __import__("sys").modules.get("unittest")
+    unittest = sys.modules.get("unittest")
     if unittest is None:
         return False
     return isinstance(getattr(item, "instance", None), unittest.TestCase)
