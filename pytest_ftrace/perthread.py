@@ -428,10 +428,9 @@ def take_crew(item: pytest.Item, threads: int) -> Crew | None:
 
 
 def is_unittest(item: pytest.Item) -> bool:
-    unittest = sys.modules.get("unittest")
-    if unittest is None:
-        return False
-    return isinstance(getattr(item, "instance", None), unittest.TestCase)
+    """Whether `item` is a unittest TestCase's test (its instance is not made here)."""
+    plugin = sys.modules.get("_pytest.unittest")
+    return plugin is not None and isinstance(item, plugin.TestCaseFunction)
 
 
 class UnitTestThread:
