@@ -190,6 +190,7 @@ class Crew:
         self.kwargs: list[dict[str, Any] | None] = [None] * threads
         self._errors: list[BaseException | None] = [None] * threads
         self._teardown_errors: list[list[BaseException]] = [[] for _ in range(threads)]
+        self._machinery: list[BaseException | None] = [None] * threads  # the plugin's errors
         self._ready = [threading.Event() for _ in range(threads)]
         self._done = [threading.Event() for _ in range(threads)]  # the current job is done
         self._gone = [threading.Event() for _ in range(threads)]  # torn down
@@ -205,6 +206,18 @@ class Crew:
 
     # the worker's side
     def _main(self, index: int) -> None:
+        from pytest_ftrace.runner import Abandoned
+
+        try:
+            self._serve(index)
+        except Abandoned:  # given up on (the runner or the set-up phase said so): just end
+            pass
+        except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+            self._machinery[index] = exc
+            for events in (self._ready, self._done, self._gone):  # nobody waits for it
+                events[index].set()
+
+    def _serve(self, index: int) -> None:
         me = threading.current_thread()
         me._daemonic = False  # threads a fixture starts get the main thread's default
         watch = self.watch
@@ -227,6 +240,8 @@ class Crew:
                 job(index)
             finally:
                 self._done[index].set()
+            if me in self.abandoned:  # its round was given up on: no tear-down
+                return
         me._daemonic = False
         try:
             self._teardown_errors[index] = self.contexts[index].teardown()
@@ -276,6 +291,12 @@ class Crew:
                 f"the per-thread fixtures of thread(s) {', '.join(map(str, stuck))} were not "
                 f"set up within {self.timeout:g}s (--ftrace-timeout)"
             )
+        broken = [(k, e) for k, e in enumerate(self._machinery) if e is not None]
+        if broken:
+            from pytest_ftrace import report
+
+            k, exc = broken[0]
+            return None, report.internal_error(f"the set-up of worker thread {k}", exc)
         failed = [(k, exc) for k, exc in enumerate(self._errors) if exc is not None]
         if failed:
             k, exc = failed[0]
@@ -350,6 +371,12 @@ class Crew:
             self.workers[k].join(max(0.0, deadline - time.monotonic()))
         stuck = [k for k in live if not self._gone[k].is_set()]
         errors = [(k, e) for k in live for e in self._teardown_errors[k]]
+        broken = [(k, e) for k, e in enumerate(self._machinery) if e is not None]
+        if broken:
+            from pytest_ftrace import report
+
+            k, exc = broken[0]
+            return report.internal_error(f"the per-thread fixtures' tear-down of thread {k}", exc)
         if stuck:
             from pytest_ftrace import runner
 
