@@ -232,6 +232,8 @@ class Crew:
                 watch.leave()
             me._daemonic = True
             self._ready[index].set()
+        if me in self.abandoned:  # stuck in its set-up, given up on: ends once it comes back
+            return
         while True:
             job = self._jobs[index].get()
             if job is None:
