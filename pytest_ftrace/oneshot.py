@@ -7,9 +7,10 @@ one thread, and say so.
 context-aware), `MonkeyPatch` used in the body (`pytest.MonkeyPatch.context()`; the
 `monkeypatch` fixture already makes a test run on one thread), `contextlib.chdir`,
 `contextlib.redirect_stdout` / `redirect_stderr`, `assertLogs` and `caplog.set_level` /
-`caplog.at_level` change state the whole process shares: several threads entering them at once
-break each other ("Patch is already started", a warning recorded by the wrong thread, a global
-left patched), which says nothing about the code under test.
+`caplog.at_level`, and, when loaded, freezegun, time_machine and pyfakefs change state the
+whole process shares: several threads entering them at once break each other ("Patch is
+already started", a warning recorded by the wrong thread, a global left patched), which says
+nothing about the code under test.
 
 Found at run time, not by reading the test's source: while a threaded round runs, a
 sys.monitoring tool (its own tool id, taken for the run and given back after it) watches the
@@ -55,6 +56,10 @@ TARGETS = (
     ("unittest.case", "_AssertLogsContext.__enter__", "assertLogs / assertNoLogs"),
     ("_pytest.logging", "LogCaptureFixture.set_level", "caplog.set_level"),
     ("_pytest.logging", "LogCaptureFixture.at_level", "caplog.at_level"),
+    # third-party ones that patch modules for the whole process (watched when loaded)
+    ("freezegun.api", "_freeze_time.start", "freezegun.freeze_time"),
+    ("time_machine", "travel.start", "time_machine.travel"),
+    ("pyfakefs.fake_filesystem_unittest", "Patcher.setUp", "pyfakefs (its Patcher)"),
 )
 
 

@@ -96,7 +96,13 @@ def prefill(item: pytest.Item) -> None:
     funcargs = getattr(item, "funcargs", None)
     if not isinstance(funcargs, dict):
         return
-    for name in per_thread_names(item):
+    try:
+        names = per_thread_names(item)
+    except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+        from pytest_ftrace import report
+
+        raise report.internal_error("finding the per-thread fixtures", exc) from None
+    for name in names:
         funcargs.setdefault(name, Placeholder(name))
 
 
