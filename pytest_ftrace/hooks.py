@@ -265,14 +265,37 @@ def _enable_for_markers(item: pytest.Item, state: SessionState) -> None:
             threadpool.configure_implicit(item.config)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
+@pytest.hookimpl(tryfirst=True, wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
     state = item.config.stash[STATE_KEY]
     state.gil.before()  # before the test's fixtures import anything
     plan = markers.plan_for(item, state.settings, state.peers)
     item.stash[markers.PLAN_KEY] = plan
     if plan.single_reason is not None:
         state.single.append((item.nodeid, plan.single_reason))
+    if not plan.threaded or "unittest" in sys.modules and _is_unittest(item):
+        return (yield)
+    # Each worker thread builds the test's function fixtures, and only it (perthread.py).
+    from pytest_ftrace.stress import perthread
+
+    perthread.prefill(item)
+    result = yield
+    threads, iterations = plan.threads, plan.iterations
+    ftrace = state.ftrace
+    if ftrace is not None and ftrace.replay is not None:
+        if ftrace.replay_nodeid in (None, item.nodeid):  # as ftrace.TestSession runs it
+            threads, iterations = ftrace.replay.threads, ftrace.replay_runs
+    reason = perthread.start_crew(item, threads, iterations, state.settings.timeout)
+    if reason is not None:  # a fixture entered a process-wide facility: one thread
+        item.stash[markers.PLAN_KEY] = markers.Plan(1, 1, reason)
+        state.single.append((item.nodeid, reason))
+    return result
+
+
+def _is_unittest(item: pytest.Item) -> bool:
+    from pytest_ftrace.stress.perthread import is_unittest
+
+    return is_unittest(item)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -282,7 +305,14 @@ def pytest_runtest_call(item: pytest.Item):
         return (yield)
     state = item.config.stash[STATE_KEY]
     original = item.obj
-    item.obj = _threaded(item, original, plan, state)
+    threaded = _threaded(item, original, plan, state)
+    if threaded.ftrace_context is not None:  # unittest: each thread runs its own instance
+        item.runtest = threaded  # pytest's runtest would run setUp/tearDown on its own one
+        try:
+            return (yield)
+        finally:
+            del item.runtest
+    item.obj = threaded
     try:
         return (yield)
     finally:
@@ -297,7 +327,10 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
     )
 
     from pytest_ftrace import report
-    from pytest_ftrace.stress import runner
+    from pytest_ftrace.stress import oneshot, perthread, runner
+
+    # unittest: each thread makes its own instance (perthread.UnitTestThread)
+    context = None if takes_fixtures else (lambda _index: perthread.UnitTestThread(item))
 
     def run_in_threads(*args, **kwargs):
         __tracebackhide__ = True
@@ -320,16 +353,19 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
                 state.settings.timeout,
                 hooks=hooks,
                 takes_fixtures=takes_fixtures,
+                crew=perthread.take_crew(item, threads) if takes_fixtures else None,
+                context=context,
+                watch=oneshot.watch_for(threads),
             )
             if traced is None:
                 step = "the threaded run"
-                outcome = run.run()
+                outcome = oneshot.run(run)
             else:
                 step = "activating --ftrace"
                 traced.run.activate()
                 try:
                     step = "the threaded run"
-                    outcome = run.run()
+                    outcome = oneshot.run(run)
                 finally:
                     step = "deactivating --ftrace"
                     traced.run.deactivate()
@@ -342,6 +378,10 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
                     outcome.failures.append(
                         report.Failure(None, None, report.internal_error(step, exc), "internal")
                     )
+            if run.watch is not None and run.watch.reason is not None:
+                step = "the run on one thread"
+                state.single.append((item.nodeid, run.watch.reason))
+                outcome = oneshot.once(run)
         except runner.STOPPING:
             raise
         except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
@@ -350,6 +390,7 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
 
     run_in_threads.__name__ = getattr(original, "__name__", "test")
     run_in_threads.ftrace_body = (original, takes_fixtures)  # exact mode re-runs it to shrink
+    run_in_threads.ftrace_context = context
     return run_in_threads
 
 

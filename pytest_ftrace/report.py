@@ -243,6 +243,16 @@ def raise_outcome(outcome: Outcome) -> None:
             for note in outcome.notes:
                 exc.add_note(note)
             raise exc
+        every_setup_failed = (
+            len(groups) == 1
+            and len(failures) == outcome.threads
+            and all(f.phase == "setup" for f in failures)
+        )
+        if every_setup_failed:
+            # A set-up (a unittest setUp) that fails in every thread: a plain failure too.
+            exc = failures[0].exc
+            exc.add_note(f"(failed the same way in the set-up of all {outcome.threads} threads)")
+            raise exc
         raise ConcurrencyError(concurrency_message(outcome), failures)
     if outcome.xfailed:
         raise outcome.xfailed[0].exc

@@ -9,7 +9,8 @@ arguments the same way, and tears the generator fixtures down in reverse order w
 
 What is shared between the threads, taken from pytest's own set-up:
 - fixtures of a broader scope (class, module, package, session), as pytest intends;
-- pytest's built-in fixtures (request, tmp_path, ...) and fixtures of parametrization;
+- pytest's built-in fixtures (request, capsys, ...) and fixtures of parametrization, except
+  tmp_path and tmpdir: each thread gets its own directory for each round (perthread.py);
 - parametrized fixtures and async fixtures, which need pytest's own machinery;
 - autouse fixtures the test does not name, which pytest has already run once for the test.
 
@@ -51,9 +52,22 @@ class ThreadFixtures:
     def setup(self) -> dict[str, Any]:
         """Make this thread's instances; returns the test function's keyword arguments."""
         __tracebackhide__ = True
+        from pytest_ftrace.stress.tmpdirs import ThreadTmp
+
         info = getattr(self._item, "_fixtureinfo", None)
         argnames = info.argnames if info is not None else ()
-        return {name: self._resolve(name) for name in argnames}
+        self._tmp = ThreadTmp(self._item, self._thread_values.get("thread_index", 0))
+        self._finalizers.append(self._tmp.cleanup)
+        kwargs = {name: self._resolve(name) for name in argnames if name not in self._tmp.names}
+        self._round_tmp = [name for name in argnames if name in self._tmp.names]
+        return self.for_round(kwargs, 0)
+
+    def for_round(self, kwargs: dict[str, Any], iteration: int) -> dict[str, Any]:
+        """`kwargs` with this round's tmp_path / tmpdir (a new directory for each round, unless
+        a fixture of this thread uses it: then the thread's one)."""
+        for name in self._round_tmp:
+            kwargs[name] = self._tmp.value(name, iteration)
+        return kwargs
 
     def _resolve(self, name: str) -> Any:
         __tracebackhide__ = True
@@ -61,6 +75,8 @@ class ThreadFixtures:
             return self._values[name]
         if name in self._thread_values:
             return self._thread_values[name]
+        if name in self._tmp.names:
+            return self._tmp.value(name, None)  # a fixture of this thread's: kept for the thread
         item = self._item
         fixturedefs = item._fixtureinfo.name2fixturedefs.get(name)
         if not fixturedefs or not _is_per_thread(fixturedefs[-1]):

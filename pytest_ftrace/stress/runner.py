@@ -102,6 +102,12 @@ class ThreadedRun:
     timeout: float
     hooks: Hooks = field(default_factory=Hooks)
     takes_fixtures: bool = True
+    # perthread.Crew: workers started in the set-up phase with their fixtures built
+    crew: Any = None
+    # index -> what a worker has of its own, instead of its fixtures (perthread.UnitTestThread)
+    context: Callable[[int], Any] | None = None
+    # oneshot.Watch: stops the run when a round enters a process-wide facility
+    watch: Any = None
 
     def run(self) -> Outcome:
         """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
@@ -118,28 +124,36 @@ class ThreadedRun:
         self._abandoned = False  # the supervisor gave up on the workers still running
         self._steps = ["thread set-up"] * self.threads  # what each worker does (for errors)
         before = set(threading.enumerate())
-        workers = [
-            threading.Thread(target=self._worker, args=(k,), name=f"ftrace-{k}", daemon=True)
-            for k in range(self.threads)
-        ]
+        crew = self.crew
+        workers = (
+            crew.workers
+            if crew is not None
+            else [
+                threading.Thread(target=self._worker, args=(k,), name=f"ftrace-{k}", daemon=True)
+                for k in range(self.threads)
+            ]
+        )
         deadline = time.monotonic() + self.timeout
-        for worker in workers:
-            worker.start()
+        if crew is not None:
+            crew.submit(self._worker)
+        else:
+            for worker in workers:
+                worker.start()
         try:
             for worker in workers:
-                worker.join(max(0.0, deadline - time.monotonic()))
+                self._join(worker, max(0.0, deadline - time.monotonic()))
         except BaseException:  # Ctrl-C in the main thread: let the workers stop, then go on
             self._abort()
             for worker in workers:
-                worker.join(1.0)
+                self._join(worker, 1.0)
             raise
-        if any(w.is_alive() for w in workers):
+        if any(self._running(w) for w in workers):
             # Let the threads that only wait at the barrier leave; the rest are stuck.
             self._abort()
             grace = time.monotonic() + 0.5
             for worker in workers:
-                worker.join(max(0.0, grace - time.monotonic()))
-        alive = [w for w in workers if w.is_alive()]
+                self._join(worker, max(0.0, grace - time.monotonic()))
+        alive = [w for w in workers if self._running(w)]
         unfinished: list[threading.Thread] = []
         if not alive:
             # The non-daemon threads the test started: the process would wait for them at
@@ -178,6 +192,8 @@ class ThreadedRun:
             # The workers still running are given up on: a body spinning in Python stops at
             # once, instead of slowing every test after this one.
             self._abandoned = True
+            if crew is not None:
+                crew.abandoned.update(alive)
             for worker in alive:
                 worker._daemonic = True  # ours: back to what it was started as
                 abandon(worker)
@@ -212,6 +228,31 @@ class ThreadedRun:
     def _abort(self) -> None:
         self._stop.set()
         self._barrier.abort()
+
+    def _join(self, worker: threading.Thread, timeout: float) -> None:
+        if self.crew is None:
+            worker.join(timeout)
+        else:  # a crew's worker lives on until the tear-down phase
+            self.crew.wait(worker, timeout)
+
+    def _running(self, worker: threading.Thread) -> bool:
+        return worker.is_alive() if self.crew is None else self.crew.running(worker)
+
+    def _context(self, index: int) -> Any:
+        """What worker `index` has of its own: its fixtures (or a TestCase instance)."""
+        if self.crew is not None:
+            return self.crew.contexts[index]
+        if self.context is not None:
+            return self.context(index)
+        return ThreadFixtures(
+            self.item,
+            {
+                "thread_index": index,
+                "iteration_index": 0,
+                "num_parallel_threads": self.threads,
+                "num_iterations": self.iterations,
+            },
+        )
 
     def _record(self, failure: Failure) -> None:
         exc = failure.exc
@@ -262,15 +303,7 @@ class ThreadedRun:
 
     def _work(self, index: int) -> None:
         hooks = self.hooks
-        fixtures = ThreadFixtures(
-            self.item,
-            {
-                "thread_index": index,
-                "iteration_index": 0,
-                "num_parallel_threads": self.threads,
-                "num_iterations": self.iterations,
-            },
-        )
+        fixtures = self._context(index)
         kwargs: dict[str, Any] | None = None
         if hooks.thread_enter is not None:
             self._steps[index] = "thread_enter"
@@ -281,14 +314,23 @@ class ThreadedRun:
                 self._leave(index, fixtures)
                 return
         try:
-            kwargs = fixtures.setup() if self.takes_fixtures else {}
+            if self.crew is not None:  # built in the set-up phase
+                kwargs = self.crew.kwargs[index]
+            else:
+                kwargs = fixtures.setup() if self.takes_fixtures or self.context else {}
         except BaseException as exc:  # noqa: BLE001 - reported as this thread's failure
             if self._abandoned:
                 return
             self._record(Failure(index, None, exc, "setup"))
         iteration_arg = kwargs is not None and "iteration_index" in kwargs
+        body = getattr(fixtures, "body", None) or self.body
+        for_round = getattr(fixtures, "for_round", None) if self.takes_fixtures else None
+        watch = self.watch
         try:
             for iteration in range(self.iterations):
+                if iteration and kwargs is not None and for_round is not None:
+                    self._steps[index] = "making the round's tmp_path"
+                    for_round(kwargs, iteration)
                 self._steps[index] = "the round barrier"
                 if not self._wait():
                     return
@@ -303,14 +345,23 @@ class ThreadedRun:
                 if hooks.round_start is not None:
                     hooks.round_start(iteration)
                 started = time.perf_counter()
+                if watch is not None:
+                    watch.enter()
                 try:
-                    self.body(**kwargs)
+                    body(**kwargs)
                 except BaseException as exc:  # noqa: BLE001 - every outcome is collected
                     if self._abandoned:
                         return
-                    self._record(Failure(index, iteration, exc))
+                    if watch is None or not watch.caught(exc):
+                        self._record(Failure(index, iteration, exc))
                     if isinstance(exc, _STOPPING):
                         return
+                finally:
+                    if watch is not None:
+                        watch.leave()
+                if watch is not None and watch.reason is not None:
+                    self._stop.set()  # the round goes on to its end; no round after it
+                    self._barrier.abort()
                 self._steps[index] = "round_end"
                 if hooks.round_end is not None:
                     hooks.round_end(time.perf_counter() - started)
@@ -327,7 +378,7 @@ class ThreadedRun:
         test is over, and its fixtures' tear-down must not run into the next test)."""
         if self._abandoned:
             return
-        for exc in fixtures.teardown():
+        for exc in fixtures.teardown() if self.crew is None else ():  # the crew's: later
             self._record(Failure(index, None, exc, "teardown"))
         if self.hooks.thread_exit is not None:
             self._steps[index] = "thread_exit"

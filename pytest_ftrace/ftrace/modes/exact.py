@@ -15,6 +15,7 @@ import pytest
 from pytest_ftrace.ftrace.tokens import REPLAY_KEY, Token, cached_schedule
 from pytest_ftrace.options import DEFAULT_SWITCH_BUDGET
 from pytest_ftrace.report import terminal_width, wrap
+from pytest_ftrace.stress.perthread import fixture_values
 
 if TYPE_CHECKING:
     from pytest_ftrace.ftrace.session import FtraceSession, TestSession
@@ -75,7 +76,7 @@ class ExactMode:
             test.threads,
             seed_round,
             session.instrumentation.scope,
-            tuple(getattr(item, "funcargs", {}).values()),
+            fixture_values(item),
         )
 
     @staticmethod
@@ -271,7 +272,7 @@ class ExactMode:
             self.test.threads,
             None,
             self.test.session.instrumentation.scope,
-            tuple(getattr(self.test.item, "funcargs", {}).values()),
+            fixture_values(self.test.item),
         )
         hooks = Hooks(
             exact.thread_enter,
