@@ -114,7 +114,11 @@ fn unwind(out: &mut [usize; RAW_FRAMES]) -> usize {
     // that the signal interrupted inside the crate; the closure only writes to `out`.
     unsafe {
         backtrace::trace_unsynchronized(|frame| {
-            out[count] = frame.ip() as usize;
+            let ip = frame.ip() as usize;
+            if ip == 0 {
+                return false; // the end of the stack
+            }
+            out[count] = ip;
             count += 1;
             count < RAW_FRAMES
         });
@@ -135,14 +139,19 @@ fn resolve(frames: &[usize]) -> Vec<String> {
         let lookup = if position == 0 { ip + 1 } else { ip };
         let module = module_of(ip);
         let mut found = false;
+        let mut last_name: Option<String> = None;
         // SAFETY: only the coordinating thread resolves, one address at a time.
         unsafe {
             backtrace::resolve_unsynchronized(lookup as *mut c_void, |symbol| {
                 if lines.len() >= MAX_FRAMES {
                     return;
                 }
-                found = true;
                 let name = symbol.name().map(|name| format!("{name:#}"));
+                if found && name.is_some() && name == last_name {
+                    return; // an inlined piece of the same function: shown once, innermost
+                }
+                found = true;
+                last_name.clone_from(&name);
                 let file = symbol.filename().map(|path| path.display().to_string());
                 let file = file.as_deref().zip(symbol.lineno());
                 lines.push(frame_line(
@@ -283,7 +292,8 @@ fn coordinate(pc: usize, fatal: Option<c_int>) {
     if silent > 0 {
         let _ = writeln!(
             text,
-            "\n({silent} other thread(s) block the dump signal: their stacks are not shown)"
+            "\n({silent} other thread(s) block signals, as faulthandler's timer thread does: their \
+             stacks are not shown)"
         );
     }
     let _ = writeln!(text, "{END}");
