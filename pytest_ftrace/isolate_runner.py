@@ -341,6 +341,16 @@ class Isolator:
                 signalled = next((n for n in data if n in _held_numbers()), None)
             if self.core_stacks:
                 self._catch_timed_out(child)
+                if self.stuck.check(child.pid, self.stacks_fd):
+                    import signal
+
+                    try:
+                        os.kill(child.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    raise _Closed(
+                        "its native stacks were never written, nor did it end; stopped with SIGKILL"
+                    )
             if self.gdb:
                 self._catch_held(child, signalled)
 
@@ -400,11 +410,11 @@ class Isolator:
 
         if self.stacks_fd is None:
             return False
-        text = native_stacks.read(self.stacks_fd)
+        text, frames = native_stacks.read(self.stacks_fd)
         if text:
             self.native = text
             self.native_source = native_stacks.CORE_LABEL
-        return bool(text)
+        return frames
 
     def _fork(self, group: list, position: int) -> _Child:
         import gc
@@ -422,6 +432,8 @@ class Isolator:
             self.fault_fd = handle
         os.ftruncate(self.fault_fd, 0)
         if self.core_stacks:
+            from pytest_ftrace import native_stacks
+
             if self.stacks_fd is None:
                 import tempfile
 
@@ -429,6 +441,7 @@ class Isolator:
                 os.unlink(path)
                 self.stacks_fd = handle
             os.ftruncate(self.stacks_fd, 0)
+            self.stuck = native_stacks.StuckDump()
         commands_r, commands_w = os.pipe()
         messages_r, messages_w = os.pipe()
         wakeups_r, wakeups_w = os.pipe() if self.gdb else (-1, -1)

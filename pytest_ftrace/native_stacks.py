@@ -57,6 +57,45 @@ def complete(fd: int) -> bool:
     return tail.rstrip("\n").endswith(_end())
 
 
+class StuckDump:
+    """Watches a child's dump of its stacks after a fatal signal: one that stops growing for
+    STUCK_WAIT seconds is stuck (resolving symbols allocates, and the crash may have happened
+    inside the allocator, with its lock held). Then the child is sent the dump signal, which
+    makes the fatal signal go on (faulthandler, then the default action); `check` says True
+    once even that did not end the child in STUCK_WAIT more."""
+
+    STUCK_WAIT = 5.0
+
+    def __init__(self) -> None:
+        self.size = -1
+        self.since = 0.0
+        self.rescued = False
+
+    def check(self, pid: int, fd: int) -> bool:
+        import time
+
+        size = os.fstat(fd).st_size
+        if not size or complete(fd):
+            self.size = -1
+            return False
+        now = time.monotonic()
+        if size != self.size:
+            self.size, self.since = size, now
+            return False
+        if now - self.since < self.STUCK_WAIT:
+            return False
+        if self.rescued:
+            return True
+        from pytest_ftrace import _native
+
+        try:
+            os.kill(pid, _native.stacks_signal())
+        except ProcessLookupError:
+            pass
+        self.rescued, self.since = True, now
+        return False
+
+
 def request(pid: int, fd: int, wait: float) -> bool:
     """Ask the child for its stacks (the dump signal) and wait up to `wait` seconds for them;
     whether they are complete. The child is not reaped here."""
@@ -80,12 +119,25 @@ def request(pid: int, fd: int, wait: float) -> bool:
     return True
 
 
-def read(fd: int) -> str:
-    """The stacks in the file, per thread as the gdb ones are shown; '' if it has no frame."""
-    text = os.pread(fd, 1 << 20, 0).decode("utf-8", "replace").strip("\n")
-    if not any(line.startswith("  #") for line in text.splitlines()):
-        return ""
+def read(fd: int) -> tuple[str, bool]:
+    """The stacks in the file, per thread as the gdb ones are shown ('' if none), and whether
+    they have any frame."""
+    from pytest_ftrace import _native
+
+    text = os.pread(fd, 1 << 20, 0).decode("utf-8", "replace")
+    text = text.removeprefix(_native.STACKS_STARTED).strip("\n")
+    frames = any(line.startswith("  #") for line in text.splitlines())
     end = _end()
     if text.endswith(end):
-        return text[: -len(end)].strip("\n")
-    return text + "\n(the dump stopped before its end: the process died or hung while writing it)"
+        return text[: -len(end)].strip("\n"), frames
+    if not text and not os.fstat(fd).st_size:
+        return "", False
+    if not frames:
+        return (
+            "(the test process started writing them but got stuck, and was ended: most likely "
+            "it had crashed or hung inside the memory allocator, which the symbol lookup needs)"
+        ), False
+    return (
+        text + "\n(the dump stopped before its end: the process died or hung while writing it)",
+        frames,
+    )

@@ -51,6 +51,15 @@ static TABLE: [AtomicUsize; RAW_FRAMES] = [const { AtomicUsize::new(0) }; RAW_FR
 /// How many entries of [`TABLE`] are filled; [`PENDING`] until the asked thread is done.
 static FILLED: AtomicUsize = AtomicUsize::new(PENDING);
 const PENDING: usize = usize::MAX;
+/// The fatal signal being dumped for (0: none, or a dump asked for) and the layer whose handler
+/// took it: what a rescue passes on (see [`on_dump`]).
+static FATAL_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static FATAL_LAYER: AtomicUsize = AtomicUsize::new(0);
+/// The first line of a dump, written before anything that can block: a file with it and
+/// without [`END`] is a dump under way, or stuck.
+pub const STARTED: &str = "(native stacks: being written)";
+/// Written when the main process rescues a stuck dump.
+const CUT: &str = "(native stacks: stuck, cut short by the main process)";
 
 /// Which of the signal's frames to show: from the interrupted instruction `pc` on (the frames
 /// before it are the signal handler's own). When `pc` is not among the frames (0: unknown, or
@@ -419,9 +428,21 @@ extern "C" fn on_fatal_outer(signal: c_int, info: *mut libc::siginfo_t, context:
 
 fn on_fatal(layer: usize, signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
     if !DUMPING.swap(true, Ordering::SeqCst) {
+        FATAL_LAYER.store(layer, Ordering::SeqCst);
+        FATAL_SIGNAL.store(signal, Ordering::SeqCst);
+        started();
         guarded(|| coordinate(context_pc(context), Some(signal)));
     }
     pass_on(layer, signal, info, context);
+}
+
+/// The first line of a dump: a plain write(2), before anything that could block.
+fn started() {
+    let fd = FD.load(Ordering::Acquire);
+    if fd >= 0 {
+        write_all(fd, STARTED.as_bytes());
+        write_all(fd, b"\n");
+    }
 }
 
 /// Hand the signal to what our handler replaced: another handler, or the default action
@@ -460,12 +481,34 @@ fn pass_on(layer: usize, signal: c_int, info: *mut libc::siginfo_t, context: *mu
     }
 }
 
-extern "C" fn on_dump(_signal: c_int, _info: *mut libc::siginfo_t, context: *mut c_void) {
+/// The dump signal: from the coordinator of a dump (`tgkill`, this process), a request for
+/// this thread's frames; from another process (the main process), a request for a dump, or,
+/// while a fatal signal's dump is under way, a rescue: that dump is stuck (resolving symbols
+/// allocates, and the crash may have happened inside the allocator, with its lock held), so
+/// the fatal signal goes on from here, to faulthandler and to the default action.
+extern "C" fn on_dump(_signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+    // SAFETY: getpid(2) cannot fail; the kernel's siginfo for this signal, when there is one.
+    let external = unsafe {
+        info.as_ref()
+            .is_some_and(|info| info.si_pid() != libc::getpid())
+    };
+    let fatal = FATAL_SIGNAL.load(Ordering::SeqCst);
+    if external && fatal != 0 {
+        let fd = FD.load(Ordering::Acquire);
+        if fd >= 0 {
+            write_all(fd, b"\n");
+            write_all(fd, CUT.as_bytes());
+            write_all(fd, b"\n");
+        }
+        pass_on(FATAL_LAYER.load(Ordering::SeqCst), fatal, info, context);
+        return;
+    }
     guarded(|| {
         let pc = context_pc(context);
         if TARGET.load(Ordering::SeqCst) == gettid() {
             answer(pc);
         } else if !DUMPING.swap(true, Ordering::SeqCst) {
+            started();
             coordinate(pc, None);
         }
     });
@@ -579,6 +622,7 @@ pub fn register(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()
     m.add_function(pyo3::wrap_pyfunction!(stacks_install, m)?)?;
     m.add_function(pyo3::wrap_pyfunction!(stacks_signal, m)?)?;
     m.add("STACKS_END", END)?;
+    m.add("STACKS_STARTED", STARTED)?;
     Ok(())
 }
 

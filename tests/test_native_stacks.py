@@ -143,6 +143,38 @@ def test_abort_keeps_its_signal(pytester, without_gdb):
     assert "os_abort" in thread_sections(result.stdout.str())[0]
 
 
+def test_crash_inside_the_allocator_still_ends_by_its_signal(pytester, without_gdb):
+    # glibc finds the double free with the heap's lock held and aborts: the dump, which
+    # allocates to resolve symbols, blocks on that lock. The main process sees it stuck and
+    # has the signal go on; the test fails as the crash it is, not as a timeout.
+    pytester.makepyfile(
+        """
+        import ctypes
+        def test_double_free():
+            libc = ctypes.CDLL(None)
+            libc.malloc.restype = ctypes.c_void_p
+            libc.free.argtypes = [ctypes.c_void_p]
+            block = libc.malloc(0x500)  # past the per-thread cache: freed under the heap's lock
+            libc.malloc(0x20)
+            libc.free(block)
+            libc.free(block)
+        def test_after():
+            pass
+        """
+    )
+    pytester.makeini("[pytest]\nftrace_timeout = 60\n")
+    result = run(pytester, "--ftrace-isolate")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "crashed: the test process was killed by SIGABRT (Aborted) during call",
+            "Fatal Python error: Aborted",
+            "Native stacks (pytest-ftrace core*",
+        ]
+    )
+    assert "timed out" not in result.stdout.str()
+
+
 def test_hang_in_c_shows_every_threads_native_stack(pytester, without_gdb):
     # Blocked where the per-phase bound cannot interrupt it (the timer signal is blocked), in
     # C on both threads: the whole-test bound ends the child, which first writes its stacks.
