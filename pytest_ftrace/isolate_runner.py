@@ -365,6 +365,9 @@ class Isolator:
         from pytest_ftrace import native_stacks
 
         native_stacks.request(child.pid, self.stacks_fd, wait=_STACKS_WAIT)
+        if not self._core_native() and self.gdb:  # no thread could answer (signals blocked?)
+            self.native = _native_stacks(self.gdb, child.pid)
+            self.native_source = native_stacks.GDB_LABEL
         import signal
 
         try:

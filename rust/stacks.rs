@@ -41,6 +41,16 @@ pub const END: &str = "(end of native stacks)";
 
 /// The file descriptor the stacks are written to; -1 until [`install`].
 static FD: AtomicI32 = AtomicI32::new(-1);
+/// The process the handlers were installed in. A process forked from it (by the test) keeps
+/// the handlers, and the descriptor, but not the job: there they only pass signals on.
+static OWNER: AtomicI32 = AtomicI32::new(0);
+
+/// Whether this is the process the handlers were installed for.
+fn owner() -> bool {
+    // SAFETY: getpid(2) cannot fail.
+    OWNER.load(Ordering::SeqCst) == unsafe { libc::getpid() }
+}
+
 /// Set by the first thread that starts a dump; never cleared (one dump per process).
 static DUMPING: AtomicBool = AtomicBool::new(false);
 /// The thread the coordinator asked for its stack; its negation once that thread claimed the
@@ -427,7 +437,7 @@ extern "C" fn on_fatal_outer(signal: c_int, info: *mut libc::siginfo_t, context:
 }
 
 fn on_fatal(layer: usize, signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
-    if !DUMPING.swap(true, Ordering::SeqCst) {
+    if owner() && !DUMPING.swap(true, Ordering::SeqCst) {
         FATAL_LAYER.store(layer, Ordering::SeqCst);
         FATAL_SIGNAL.store(signal, Ordering::SeqCst);
         started();
@@ -487,6 +497,9 @@ fn pass_on(layer: usize, signal: c_int, info: *mut libc::siginfo_t, context: *mu
 /// allocates, and the crash may have happened inside the allocator, with its lock held), so
 /// the fatal signal goes on from here, to faulthandler and to the default action.
 extern "C" fn on_dump(_signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+    if !owner() {
+        return;
+    }
     // SAFETY: getpid(2) cannot fail; the kernel's siginfo for this signal, when there is one.
     let external = unsafe {
         info.as_ref()
@@ -567,6 +580,8 @@ fn alternate_stack() {
 /// come with the inner layer.
 pub fn install(fd: c_int, outer: bool) -> std::io::Result<()> {
     FD.store(fd, Ordering::Release);
+    // SAFETY: getpid(2) cannot fail.
+    OWNER.store(unsafe { libc::getpid() }, Ordering::SeqCst);
     let layer = usize::from(outer);
     if outer {
         // After faulthandler.enable(), which sets up its own small one when it is the first.
@@ -596,6 +611,8 @@ pub fn install(fd: c_int, outer: bool) -> std::io::Result<()> {
 /// signal's handler must be installed.
 pub fn dump_now(fd: c_int) -> std::io::Result<()> {
     FD.store(fd, Ordering::Release);
+    // SAFETY: getpid(2) cannot fail.
+    OWNER.store(unsafe { libc::getpid() }, Ordering::SeqCst);
     set_handler(dump_signal(), on_dump, libc::SA_RESTART)?;
     if DUMPING.swap(true, Ordering::SeqCst) {
         return Ok(());

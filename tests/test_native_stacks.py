@@ -143,6 +143,33 @@ def test_abort_keeps_its_signal(pytester, without_gdb):
     assert "os_abort" in thread_sections(result.stdout.str())[0]
 
 
+def test_a_process_forked_by_the_test_does_not_write_to_the_stacks(pytester, without_gdb):
+    # The process the test forks inherits the handlers and the file: its crash is its own.
+    pytester.makepyfile(
+        """
+        import ctypes, os
+        def test_forks_then_crashes():
+            pid = os.fork()
+            if pid == 0:
+                ctypes.string_at(0)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 11
+            ctypes.string_at(0)
+        """
+    )
+    result = run(pytester, "--ftrace-isolate")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "crashed: the test process was killed by SIGSEGV (Segmentation fault) during call",
+            CORE,
+            "Thread 1 (LWP *, got SIGSEGV, main thread):",
+        ]
+    )
+    assert result.stdout.str().count("got SIGSEGV") == 1, result.stdout.str()
+
+
 def test_crash_inside_the_allocator_still_ends_by_its_signal(pytester, without_gdb):
     # glibc finds the double free with the heap's lock held and aborts: the dump, which
     # allocates to resolve symbols, blocks on that lock. The main process sees it stuck and
