@@ -157,6 +157,7 @@ class Isolator:
 
             self.gdb = shutil.which("gdb")
         self.stacks_fd: int | None = None  # where the child's core writes its native stacks
+        self.stuck = native_stacks.StuckDump()  # watches that writing, per child
         self.native: str | None = None
         self.native_source = native_stacks.GDB_LABEL
         self.held_signal: int | None = None
@@ -349,7 +350,8 @@ class Isolator:
                     except ProcessLookupError:
                         pass
                     raise _Closed(
-                        "its native stacks were never written, nor did it end; stopped with SIGKILL"
+                        "its dump of native stacks got stuck, and the process did not end; "
+                        "stopped with SIGKILL"
                     )
             if self.gdb:
                 self._catch_held(child, signalled)
