@@ -12,6 +12,8 @@ pub mod opcodes;
 pub mod policy;
 pub mod sched;
 pub mod seed;
+#[cfg(target_os = "linux")]
+pub mod stacks;
 pub mod stats;
 
 /// Facts about how this extension was built, for the terminal header and for tests.
@@ -30,5 +32,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     hooks::register(m)?;
+    #[cfg(target_os = "linux")]
+    stacks::register(m)?;
     Ok(())
 }

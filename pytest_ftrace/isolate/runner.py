@@ -12,12 +12,16 @@ main process reports the phase that was running as failed, with the signal, the 
 every thread (faulthandler, written by the child to a file the main process reads), the output
 captured so far and, under --ftrace, the seed and the round a threaded run was in (the child
 writes it to memory shared with the main process); then it forks a new child for the next test.
-With gdb on PATH the child is held at a fatal signal (see _hold) until gdb has read every
-thread's native stack. The child's warnings and the plugin's own records (tests run on one
-thread, GIL events, --ftrace statistics) come back with each test's last message.
+Every thread's native stack comes from the child itself (pytest_ftrace.isolate.stacks: the
+core's handlers write them on a fatal signal, or when the main process asks a child over its
+whole-test bound); with gdb on PATH the child is also held at a fatal signal (see _hold), and
+gdb reads them when the core gave none. The child's warnings and the plugin's own records
+(tests run on one thread, GIL events, --ftrace statistics) come back with each test's last
+message.
 Under isolation --ftrace-timeout also bounds each test as a whole (three times the value and
 WHOLE_TEST_GRACE seconds: each phase has its own bound of one timeout, which speaks first;
-this one catches what those cannot interrupt): the child dumps its stacks and exits.
+this one catches what those cannot interrupt): the child dumps its stacks and exits (with
+native stacks on, it waits after its dump until the main process has taken them and ends it).
 
 Imported only when --ftrace-isolate is on (see isolate.configure).
 
@@ -141,14 +145,21 @@ class Isolator:
         self.crashes = 0
         self.between: list[tuple[str, str]] = []  # (next test, how) for children lost idle
         self.leaked: list[tuple[str, str, bool]] = []  # (test, thread, daemon) left in children
-        # With gdb on PATH a child that gets a fatal signal is held (see _hold) until its native
-        # stacks are taken. FTRACE_NATIVE_STACKS=0 turns that off.
+        # Native stacks: written by the child itself (the core's handlers, see native_stacks),
+        # and with gdb on PATH a child that gets a fatal signal is held (see _hold) until they
+        # are taken, by gdb if the core gave none. FTRACE_NATIVE_STACKS chooses (0: none).
+        from pytest_ftrace.isolate import stacks as native_stacks
+
+        self.core_stacks, use_gdb = native_stacks.sources()
         self.gdb = None
-        if os.environ.get("FTRACE_NATIVE_STACKS", "1") != "0":
+        if use_gdb:
             import shutil
 
             self.gdb = shutil.which("gdb")
+        self.stacks_fd: int | None = None  # where the child's core writes its native stacks
+        self.stuck = native_stacks.StuckDump()  # watches that writing, per child
         self.native: str | None = None
+        self.native_source = native_stacks.GDB_LABEL
         self.held_signal: int | None = None
 
     # The main process -------------------------------------------------------------------------
@@ -316,7 +327,8 @@ class Isolator:
                 raise _Closed(
                     f"no word from the test process in {timeout:g}s; stopped with SIGABRT"
                 )
-            wait = min(remaining, _HOLD_POLL) if self.gdb else remaining
+            polls = self.gdb or self.core_stacks
+            wait = min(remaining, _HOLD_POLL) if polls else remaining
             watched = [child.messages] + ([child.wakeups] if child.wakeups >= 0 else [])
             ready, _, _ = select.select(watched, [], [], wait)
             if child.messages in ready:
@@ -328,8 +340,43 @@ class Isolator:
                     os.close(child.wakeups)
                     child.wakeups = -1
                 signalled = next((n for n in data if n in _held_numbers()), None)
+            if self.core_stacks:
+                self._catch_timed_out(child)
+                if self.stuck.check(child.pid, self.stacks_fd):
+                    import signal
+
+                    try:
+                        os.kill(child.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    raise _Closed(
+                        "its dump of native stacks got stuck, and the process did not end; "
+                        "stopped with SIGKILL"
+                    )
             if self.gdb:
                 self._catch_held(child, signalled)
+
+    def _catch_timed_out(self, child: _Child) -> None:
+        """A child over its whole-test bound: faulthandler has written its Python stacks and the
+        child waits (see _child_main); ask it for its native stacks, then end it."""
+        if self.fault_fd is None or not os.fstat(self.fault_fd).st_size:
+            return
+        if not os.pread(self.fault_fd, 40, 0).lstrip().startswith(b"Timeout ("):
+            return
+        _settle(self.fault_fd)
+        from pytest_ftrace.isolate import stacks as native_stacks
+
+        native_stacks.request(child.pid, self.stacks_fd, wait=_STACKS_WAIT)
+        if not self._core_native() and self.gdb:  # no thread could answer (signals blocked?)
+            self.native = _native_stacks(self.gdb, child.pid)
+            self.native_source = native_stacks.GDB_LABEL
+        import signal
+
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise _Closed(None)
 
     def _catch_held(self, child: _Child, signalled: int | None) -> None:
         """A child held after a fatal signal (see _hold): take its native stacks, then end it.
@@ -340,31 +387,39 @@ class Isolator:
             return
         if signalled is None and not os.fstat(self.fault_fd).st_size:
             return
-        import time
-
         # faulthandler writes its dump before the signal goes on to the holding handler: wait
         # for the dump to be complete.
-        size, settled = -1, time.monotonic() + 1.0
-        while time.monotonic() < settled:
-            now = os.fstat(self.fault_fd).st_size
-            if now == size:
-                break
-            size = now
-            time.sleep(0.05)
+        _settle(self.fault_fd)
         head = os.pread(self.fault_fd, 200, 0).decode("utf-8", "replace")
         number = _fatal_signal(head) or signalled
         if number not in _held_numbers():  # SIGABRT and the like are not held: it ends itself
             return
+        from pytest_ftrace.isolate import stacks as native_stacks
+
         pid, status = os.waitpid(child.pid, os.WNOHANG)
         if pid:  # it did not wait for us
             child.status = status
             raise _Closed(None)
-        self.native = _native_stacks(self.gdb, child.pid)
+        if not (self.core_stacks and self._core_native()):
+            self.native = _native_stacks(self.gdb, child.pid)
+            self.native_source = native_stacks.GDB_LABEL
         self.held_signal = number
         import signal
 
         os.kill(child.pid, signal.SIGKILL)
         raise _Closed(None)
+
+    def _core_native(self) -> bool:
+        """Take the stacks the child's core wrote, if it wrote any: whether it did."""
+        from pytest_ftrace.isolate import stacks as native_stacks
+
+        if self.stacks_fd is None:
+            return False
+        text, frames = native_stacks.read(self.stacks_fd)
+        if text:
+            self.native = text
+            self.native_source = native_stacks.CORE_LABEL
+        return frames
 
     def _fork(self, group: list, position: int) -> _Child:
         import gc
@@ -381,6 +436,17 @@ class Isolator:
             os.unlink(path)
             self.fault_fd = handle
         os.ftruncate(self.fault_fd, 0)
+        if self.core_stacks:
+            from pytest_ftrace.isolate import stacks as native_stacks
+
+            if self.stacks_fd is None:
+                import tempfile
+
+                handle, path = tempfile.mkstemp(prefix="ftrace-stacks-")
+                os.unlink(path)
+                self.stacks_fd = handle
+            os.ftruncate(self.stacks_fd, 0)
+            self.stuck = native_stacks.StuckDump()
         commands_r, commands_w = os.pipe()
         messages_r, messages_w = os.pipe()
         wakeups_r, wakeups_w = os.pipe() if self.gdb else (-1, -1)
@@ -416,6 +482,7 @@ class Isolator:
                     self.progress,
                     hold=wakeups_w if self.gdb else None,
                     own_part=self.only_marked,
+                    stacks=self.stacks_fd,
                 )
             finally:
                 os._exit(code)
@@ -465,6 +532,8 @@ class Isolator:
         import time
 
         status = child.reap(5.0)
+        if self.native is None and self.core_stacks:
+            self._core_native()
         native, self.native = self.native, None
         if self.held_signal is not None:
             # Held, then killed by us: report the signal it got (a wait status of a process
@@ -491,7 +560,8 @@ class Isolator:
         if headline is not None:
             message = headline.format(phase=phase) + "\n" + message.partition("\n")[2]
         if native:
-            message += "\n\nNative stacks (gdb, most recent call first):\n" + native
+            message += f"\n\nNative stacks ({self.native_source}, most recent call first):\n"
+            message += native
         sections = _captured_now(self.config, phase)
         from _pytest.reports import TestReport
 
@@ -539,6 +609,9 @@ class Isolator:
         if self.fault_fd is not None:
             os.close(self.fault_fd)
             self.fault_fd = None
+        if self.stacks_fd is not None:
+            os.close(self.stacks_fd)
+            self.stacks_fd = None
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         for nodeid, how in self.between:
@@ -820,7 +893,23 @@ class _ChildReporter:
         return report
 
 
-_HOLD_POLL = 0.25  # seconds between looks at the fault file while a test runs, with gdb
+_HOLD_POLL = 0.25  # seconds between looks at the fault file while a test runs (native stacks)
+_STACKS_WAIT = 10.0  # seconds a timed-out child has to write its native stacks
+
+
+def _settle(fd: int) -> None:
+    """Wait (up to a second) for a file that is being written to stop growing."""
+    import time
+
+    size, settled = -1, time.monotonic() + 1.0
+    while time.monotonic() < settled:
+        now = os.fstat(fd).st_size
+        if now == size:
+            break
+        size = now
+        time.sleep(0.05)
+
+
 _HELD_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL")
 _FATAL_ERRORS = {
     "Segmentation fault": "SIGSEGV",
@@ -852,6 +941,13 @@ def _hold(wakeups: int) -> None:
     # main process learns of the crash even when faulthandler has been turned off.
     os.set_blocking(wakeups, False)
     signal.set_wakeup_fd(wakeups, warn_on_full_buffer=False)
+
+
+def _wait_for_the_end() -> None:  # pragma: no cover - runs in a doomed process
+    import time
+
+    while True:
+        time.sleep(60)
 
 
 def _held_numbers() -> frozenset[int]:
@@ -945,11 +1041,13 @@ def _child_main(
     progress,
     hold: int | None,
     own_part: bool = False,
+    stacks: int | None = None,
 ):
     """Run the tests the main process asks for, until it says quit; the exit code.
 
     own_part: the main process goes on using what it had set up before the fork (it runs the
-    unmarked tests itself), so the test's teardown here undoes only what was set up here."""
+    unmarked tests itself), so the test's teardown here undoes only what was set up here.
+    stacks: where the core writes native stacks (see native_stacks), or None."""
     import faulthandler
     import warnings
 
@@ -960,7 +1058,13 @@ def _child_main(
     faulthandler.disable()
     if hold is not None:
         _hold(hold)
+    if stacks is not None:
+        from pytest_ftrace.isolate import stacks as native_stacks
+
+        native_stacks.install(stacks, outer=False)
     faulthandler.enable(file=fault, all_threads=True)
+    if stacks is not None:
+        native_stacks.install(stacks, outer=True)
     runner.ROUND_LISTENER = _progress_listener(progress)
     config.pluginmanager.register(_ChildReporter(config, messages), "ftrace-isolate-child")
     from _pytest.runner import runtestprotocol
@@ -979,7 +1083,9 @@ def _child_main(
         item = group[position]
         nextitem = group[position + 1] if position + 1 < len(group) else None
         mark = _extras_mark(config)
-        faulthandler.dump_traceback_later(bound, exit=True, file=fault)
+        # With native stacks, the child waits after the dump: the main process takes them, then
+        # ends it (see Isolator._catch_timed_out).
+        faulthandler.dump_traceback_later(bound, exit=stacks is None, file=fault)
         caught: list = []
         try:
             # The main process records the test's warnings around its runtest protocol; here
@@ -999,6 +1105,8 @@ def _child_main(
             return 1
         finally:
             faulthandler.cancel_dump_traceback_later()
+            if stacks is not None and os.fstat(fault).st_size:
+                _wait_for_the_end()  # the bound was over just as the test ended
         extras = _extras_since(config, mark)
         extras["warnings"] = [_warning_data(w) for w in caught]
         _send(messages, ("done", extras))

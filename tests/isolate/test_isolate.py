@@ -581,7 +581,7 @@ def test_module_child_lost_between_tests_is_replaced(pytester):
 
 
 @pytest.mark.skipif(not shutil.which("gdb"), reason="native stacks are taken with gdb")
-@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("native", ["gdb", "0"])
 def test_native_stacks_with_gdb(pytester, monkeypatch, native):
     monkeypatch.setenv("FTRACE_NATIVE_STACKS", native)
     pytester.makepyfile(
@@ -598,7 +598,7 @@ def test_native_stacks_with_gdb(pytester, monkeypatch, native):
     result.stdout.fnmatch_lines(
         ["crashed: the test process was killed by SIGSEGV (Segmentation fault) during call"]
     )
-    if native == "1":
+    if native == "gdb":
         result.stdout.fnmatch_lines(
             [
                 "Native stacks (gdb, most recent call first):",
@@ -612,8 +612,9 @@ def test_native_stacks_with_gdb(pytester, monkeypatch, native):
 
 
 @pytest.mark.skipif(not shutil.which("gdb"), reason="the held child is noticed for gdb")
-def test_crash_with_faulthandler_turned_off_by_the_test(pytester):
+def test_crash_with_faulthandler_turned_off_by_the_test(pytester, monkeypatch):
     # No dump to notice: the signal's arrival at the holding handler says it instead.
+    monkeypatch.setenv("FTRACE_NATIVE_STACKS", "gdb")
     pytester.makepyfile(
         """
         import ctypes, faulthandler

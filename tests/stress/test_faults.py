@@ -7,6 +7,7 @@ after the faulty one, and the test asserts that it passed.
 """
 
 import shutil
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -318,9 +319,9 @@ def test_segfault_under_isolation(pytester, mode):
         ]
     )
     result.stdout.fnmatch_lines(["FAILED test_segv.py::test_segfault - crashed: *"])
-    if shutil.which("gdb"):  # the native stacks, where the crash happened first
+    if sys.platform == "linux" or shutil.which("gdb"):  # native stacks: the core's, or gdb's
         result.stdout.fnmatch_lines(
-            ["Native stacks (gdb, most recent call first):", "Thread * (Thread *", "*string_at*"]
+            ["Native stacks (*, most recent call first):", "Thread * (*", "*string_at*"]
         )
     fault = assert_only_fault_failed(pytester, "test_segfault")
     assert fault["props"]["ftrace_crash"] == "SIGSEGV"
