@@ -519,7 +519,8 @@ class TestSession:
         props.append(("ftrace_seed", self.session.seed))
         props.append(("ftrace_test_seed", self.traced.seed))
         keys = EXACT_STATS if self.exact is not None else ("yields", "delays")
-        for key in ("executions", "hooked", *keys):
+        kinds = ("generator_points", "iteration_points", "generated_code")
+        for key in ("executions", "hooked", *kinds, *keys):
             if key in stats:
                 props.append((f"ftrace_{key}", stats[key]))
         if self.replay is not None:
