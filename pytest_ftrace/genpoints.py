@@ -1,10 +1,13 @@
 """Scheduling points beyond shared-state accesses (exact mode, `--ftrace`): generators,
 iteration over containers, and code generated at run time.
 
-- Generators and coroutines: a `yield` (also each step of `yield from` / `await`) and the first
-  instruction after a resumption are points, hooked through the opcode table (rust/opcodes.rs:
-  `YIELD_VALUE` is in the table with the generator kind, and `RESUME` with a non-zero "where"
-  marks the instruction after it).
+- Generators and coroutines: a `yield` (also each step of `yield from` / `await`) is a point,
+  hooked through the opcode table (rust/opcodes.rs: `YIELD_VALUE` is in the table with the
+  generator kind). While a thread stands there the generator is still executing, so another
+  thread's `next()` meets "generator already executing", and the code around the resumption
+  runs after another thread's turn. The table can also make the first instruction after a
+  resumption a point (`RESUME_POINTS`), off: it doubles the points of every generator step
+  (most generators are local: `sum(x for x in ...)`) and finds nothing the yield does not.
 - Iteration: a `FOR_ITER` step is a point when the iterator it advances is a dict, list, set or
   deque iterator. The native callback reads the iterator from the frame's value stack; where it
   lies there (the stack depth at that `FOR_ITER`) is computed here once per code object, by a
@@ -23,8 +26,13 @@ from __future__ import annotations
 import dis
 import fnmatch
 import sys
+import threading
+import weakref
 
-# The interpreters whose frame layout rust/hooks.rs reads (`_PyInterpreterFrame`).
+# Whether the first instruction after a generator resumed is a point too (see above).
+RESUME_POINTS = False
+
+# The interpreters whose frame layout rust/iterpoints.rs reads (`_PyInterpreterFrame`).
 ITER_POINTS = sys.version_info[:2] in ((3, 12), (3, 13))
 
 # Instructions after which the next one in bytecode order is never reached by falling through.
@@ -99,9 +107,24 @@ def stack_depths(code) -> dict[int, int]:
     return depth
 
 
+# code object -> its iter_slots(), computed once (code objects are armed again in every test).
+_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SLOTS_LOCK = threading.Lock()
+
+
 def iter_slots(code) -> list[tuple[int, int]]:
     """[(offset of a FOR_ITER, index in the frame's `localsplus` of the iterator it advances)].
     Empty when this interpreter has no iteration points or the analysis fails."""
+    with _SLOTS_LOCK:
+        found = _SLOTS.get(code)
+    if found is None:
+        found = _iter_slots(code)
+        with _SLOTS_LOCK:
+            _SLOTS[code] = found
+    return found
+
+
+def _iter_slots(code) -> list[tuple[int, int]]:
     if not ITER_POINTS or _FOR_ITER is None or _FOR_ITER not in code.co_code[::2]:
         return []
     try:
@@ -157,7 +180,7 @@ def table_entries() -> dict[int, int]:
     out = {}
     if "YIELD_VALUE" in dis.opmap:
         out[dis.opmap["YIELD_VALUE"]] = _ALWAYS | _KIND_GENERATOR
-    if "RESUME" in dis.opmap:
+    if RESUME_POINTS and "RESUME" in dis.opmap:
         out[dis.opmap["RESUME"]] = _RESUME_MARK
     if ITER_POINTS and _FOR_ITER is not None:
         out[_FOR_ITER] = _ALWAYS | _KIND_ITERATION

@@ -10,6 +10,7 @@
 //! and every read is checked against the code object the event names first.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::raw::{c_char, c_int};
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
@@ -18,8 +19,35 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
+/// A multiplicative hash of a (code address, offset) key: looked up at every loop step, where
+/// SipHash's strength against chosen keys buys nothing.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+type SlotMap = HashMap<(usize, u32), u32, BuildHasherDefault<KeyHasher>>;
+
 /// (code object address, FOR_ITER offset) -> index in `localsplus` of the iterator.
-static SLOTS: RwLock<Option<HashMap<(usize, u32), u32>>> = RwLock::new(None);
+static SLOTS: RwLock<Option<SlotMap>> = RwLock::new(None);
 /// Entries in [`SLOTS`], read without the lock: 0 means no loop is a point.
 static SLOT_COUNT: AtomicUsize = AtomicUsize::new(0);
 
@@ -165,7 +193,7 @@ fn set_iter_slots(code: &Bound<'_, PyAny>, slots: Vec<(u32, u32)>) -> PyResult<(
         return Ok(());
     }
     let mut map = SLOTS.write();
-    let m = map.get_or_insert_with(HashMap::new);
+    let m = map.get_or_insert_with(SlotMap::default);
     for (offset, index) in slots {
         m.insert((code.as_ptr() as usize, offset), index);
     }
