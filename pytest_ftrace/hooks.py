@@ -429,6 +429,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             terminalreporter.line(f"{nodeid}: {reason}")
 
 
+_KIND_HEADER = f" {'access':>9} {'gen':>7} {'iter':>7} {'gen-code':>8}"
+
+
+def _kinds(st: dict) -> str:
+    """The hooked events of one test by kind (ftrace/genpoints.py), for the stats table."""
+    gen, it = st.get("generator_points", 0), st.get("iteration_points", 0)
+    access = st.get("hooked", 0) - gen - it
+    return f" {access:>9} {gen:>7} {it:>7} {st.get('generated_code', 0):>8}"
+
+
 def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
     for note in session.notes:
         tr.line(note, yellow=True)
@@ -446,7 +456,7 @@ def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
         tr.line("  (locks, conditions, joins, sleeps)")
         tr.line(
             f"{'executions':>10} {'rounds':>6} {'points':>9} {'hand-overs':>10} {'preempt':>8} "
-            f"{'waits':>7} {'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
+            f"{'waits':>7} {'p50 us':>8} {'p99 us':>8} {'max us':>8}{_KIND_HEADER}  test"
         )
         for nodeid, st in exact:
             tr.line(
@@ -454,17 +464,20 @@ def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
                 f"{st.get('points', 0):>9} {st.get('handovers', 0):>10} "
                 f"{st.get('preemptions', 0):>8} {st.get('waits', 0):>7} "
                 f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
-                f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
+                f"{st.get('round_max_us', 0):>8.0f}{_kinds(st)}  {nodeid}"
             )
     if chaos:
         tr.line(
             f"{'executions':>10} {'hooked':>10} {'yields':>8} {'delays':>8} "
-            f"{'p50 us':>8} {'p99 us':>8} {'max us':>8}  test"
+            f"{'p50 us':>8} {'p99 us':>8} {'max us':>8}{_KIND_HEADER}  test"
         )
         for nodeid, st in chaos:
             tr.line(
                 f"{st.get('executions', 0):>10} {st.get('hooked', 0):>10} "
                 f"{st.get('yields', 0):>8} {st.get('delays', 0):>8} "
                 f"{st.get('round_p50_us', 0):>8.0f} {st.get('round_p99_us', 0):>8.0f} "
-                f"{st.get('round_max_us', 0):>8.0f}  {nodeid}"
+                f"{st.get('round_max_us', 0):>8.0f}{_kinds(st)}  {nodeid}"
             )
+    tr.line("hooked events by kind: access = shared-state accesses, gen = generator and")
+    tr.line("  coroutine suspensions, iter = loop steps over a dict, list, set or deque;")
+    tr.line("  gen-code = code objects compiled at run time that were hooked")

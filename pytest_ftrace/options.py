@@ -362,7 +362,8 @@ def _add_ftrace_options(add: _Registrar) -> None:
         dest="ftrace_exclude",
         default=None,
         metavar="GLOB",
-        help="module glob never to instrument (repeatable). ini: ftrace_exclude",
+        help="module glob never to instrument (repeatable; for code compiled at run time it "
+        "also matches the file name, e.g. '<generated*'). ini: ftrace_exclude",
     )
     add.option(
         "--ftrace-replay",

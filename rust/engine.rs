@@ -16,6 +16,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use rand_pcg::Pcg32;
 
+use crate::opcodes::Kind;
 use crate::policy::{Decision, Policy};
 use crate::sched::{Core, Wait};
 use crate::seed;
@@ -190,6 +191,12 @@ thread_local! {
 /// is active (an event that raced with deactivation) or while the thread is being torn down.
 #[inline]
 pub fn on_access() -> Decision {
+    on_point(Kind::Access)
+}
+
+/// One hooked point of `kind` on this thread (see [`on_access`]).
+#[inline]
+pub fn on_point(kind: Kind) -> Decision {
     let active = ACTIVE_ID.load(Ordering::Acquire);
     if active == 0 {
         return Decision::Continue;
@@ -200,6 +207,11 @@ pub fn on_access() -> Decision {
         };
         if s.run_id != active && !s.join_active(active) {
             return Decision::Continue;
+        }
+        match kind {
+            Kind::Access => {}
+            Kind::Generator => s.batch.generator += 1,
+            Kind::Iteration => s.batch.iteration += 1,
         }
         if s.core.is_some() {
             s.batch.hooked += 1;

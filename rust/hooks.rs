@@ -15,6 +15,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyInt, PyString, PyTuple};
 
 use crate::engine::{self, RunShared};
+use crate::iterpoints;
 use crate::opcodes;
 use crate::policy::{Decision, Policy, PolicyConfig};
 use crate::sched::{self, Core, Status};
@@ -90,33 +91,45 @@ fn disable_object(py: Python<'_>) -> PyResult<&Py<PyAny>> {
     })
 }
 
-/// Whether the instruction at `offset` of code object `ptr` is one the table hooks.
+/// What the instruction at `offset` of code object `ptr` is, when the table hooks it.
 ///
 /// # Safety
 /// `ptr` is a live object and the calling thread is attached to the interpreter.
-unsafe fn code_is_hooked(ptr: *mut ffi::PyObject, offset: usize) -> bool {
+unsafe fn code_kind(ptr: *mut ffi::PyObject, offset: usize) -> Option<opcodes::Kind> {
     // PyCode_GetCode is only called on a code object and returns a new reference to a bytes
     // object (or NULL with an error set), alive while its buffer is read, released after.
     unsafe {
         if ffi::PyCode_Check(ptr) == 0 {
-            return false;
+            return None;
         }
         let bytes = PyCode_GetCode(ptr);
         if bytes.is_null() {
             ffi::PyErr_Clear();
-            return false;
+            return None;
         }
         let len = ffi::PyBytes_Size(bytes);
         let data = ffi::PyBytes_AsString(bytes);
-        let hooked = !data.is_null()
-            && len >= 0
-            && opcodes::is_hooked(
+        let kind = if !data.is_null() && len >= 0 {
+            opcodes::kind(
                 std::slice::from_raw_parts(data.cast::<u8>(), len as usize),
                 offset,
-            );
+            )
+        } else {
+            None
+        };
         ffi::Py_DECREF(bytes);
-        hooked
+        kind
     }
+}
+
+/// What an INSTRUCTION event is.
+enum Event {
+    /// A point: the run's decision.
+    Point(Decision),
+    /// Not a point; never report this offset again (in this activation).
+    Disable,
+    /// Not a point this time.
+    Skip,
 }
 
 /// The sys.monitoring INSTRUCTION callback.
@@ -152,14 +165,22 @@ unsafe extern "C" fn on_instruction(
         return ffi::Py_NewRef(ffi::Py_None());
     }
     // A panic must not unwind into CPython: treat it as "not hooked".
-    let hooked = std::panic::catch_unwind(|| {
-        if !code_is_hooked(code, offset as usize) {
-            return None;
+    let event = std::panic::catch_unwind(|| {
+        let Some(kind) = code_kind(code, offset as usize) else {
+            return Event::Disable;
+        };
+        if kind == opcodes::Kind::Iteration {
+            match iterpoints::step(code, offset as u32) {
+                iterpoints::Step::Point => {}
+                iterpoints::Step::Disable => return Event::Disable,
+                iterpoints::Step::Skip => return Event::Skip,
+            }
         }
-        Some(engine::on_access())
-    });
-    match hooked {
-        Ok(Some(Decision::Schedule)) => {
+        Event::Point(engine::on_point(kind))
+    })
+    .unwrap_or(Event::Disable);
+    match event {
+        Event::Point(Decision::Schedule) => {
             keep_code(code);
             let at = (code as usize, offset as u32);
             // Most points keep the turn: decided without letting go of the interpreter.
@@ -172,7 +193,8 @@ unsafe extern "C" fn on_instruction(
             }
             ffi::Py_NewRef(ffi::Py_None())
         }
-        Ok(Some(d)) => {
+        Event::Skip => ffi::Py_NewRef(ffi::Py_None()),
+        Event::Point(d) => {
             if d != Decision::Continue && may_wait() {
                 let state = ffi::PyEval_SaveThread();
                 let _ = std::panic::catch_unwind(|| d.wait());
@@ -181,7 +203,7 @@ unsafe extern "C" fn on_instruction(
             }
             ffi::Py_NewRef(ffi::Py_None())
         }
-        Ok(None) | Err(_) => match DISABLE_PTR.load(Ordering::Acquire) {
+        Event::Disable => match DISABLE_PTR.load(Ordering::Acquire) {
             p if p.is_null() => ffi::Py_NewRef(ffi::Py_None()),
             p => ffi::Py_NewRef(p),
         },
@@ -645,6 +667,8 @@ impl Run {
         d.set_item("executions", s.executions)?;
         d.set_item("rounds", s.rounds)?;
         d.set_item("hooked", s.hooked)?;
+        d.set_item("generator_points", s.generator)?;
+        d.set_item("iteration_points", s.iteration)?;
         d.set_item("yields", s.yields)?;
         d.set_item("delays", s.delays)?;
         d.set_item("delay_ns", s.delay_ns)?;
@@ -691,5 +715,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(release_all, m)?)?;
     m.add_function(wrap_pyfunction!(threads_inside, m)?)?;
     m.add_class::<Run>()?;
+    iterpoints::register(m)?;
     Ok(())
 }

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 pub mod engine;
 mod hooks;
+mod iterpoints;
 pub mod opcodes;
 pub mod policy;
 pub mod sched;

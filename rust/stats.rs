@@ -13,6 +13,9 @@ use parking_lot::Mutex;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     pub hooked: u64,
+    /// Of `hooked`: generator points (yields, resumptions) and iteration steps.
+    pub generator: u64,
+    pub iteration: u64,
     pub yields: u64,
     pub delays: u64,
     pub delay_ns: u64,
@@ -29,6 +32,8 @@ pub struct RunStats {
     foreign_threads: AtomicU64,
     executions: AtomicU64,
     hooked: AtomicU64,
+    generator: AtomicU64,
+    iteration: AtomicU64,
     yields: AtomicU64,
     delays: AtomicU64,
     delay_ns: AtomicU64,
@@ -47,6 +52,9 @@ pub struct Snapshot {
     /// `record_round` calls.
     pub rounds: u64,
     pub hooked: u64,
+    /// Of `hooked`: generator points (yields, resumptions) and iteration steps.
+    pub generator: u64,
+    pub iteration: u64,
     pub yields: u64,
     pub delays: u64,
     /// Sum of the requested delay lengths.
@@ -67,6 +75,8 @@ impl Default for RunStats {
             foreign_threads: AtomicU64::new(0),
             executions: AtomicU64::new(0),
             hooked: AtomicU64::new(0),
+            generator: AtomicU64::new(0),
+            iteration: AtomicU64::new(0),
             yields: AtomicU64::new(0),
             delays: AtomicU64::new(0),
             delay_ns: AtomicU64::new(0),
@@ -82,6 +92,8 @@ impl RunStats {
             return;
         }
         self.hooked.fetch_add(b.hooked, Relaxed);
+        self.generator.fetch_add(b.generator, Relaxed);
+        self.iteration.fetch_add(b.iteration, Relaxed);
         self.yields.fetch_add(b.yields, Relaxed);
         self.delays.fetch_add(b.delays, Relaxed);
         self.delay_ns.fetch_add(b.delay_ns, Relaxed);
@@ -127,6 +139,8 @@ impl RunStats {
             executions: self.executions.load(Relaxed),
             rounds,
             hooked: self.hooked.load(Relaxed),
+            generator: self.generator.load(Relaxed),
+            iteration: self.iteration.load(Relaxed),
             yields: self.yields.load(Relaxed),
             delays: self.delays.load(Relaxed),
             delay_ns: self.delay_ns.load(Relaxed),
@@ -146,6 +160,8 @@ mod tests {
         let s = RunStats::default();
         s.add(Batch {
             hooked: 3,
+            generator: 2,
+            iteration: 1,
             yields: 1,
             delays: 2,
             delay_ns: 500,
@@ -163,6 +179,7 @@ mod tests {
             (snap.hooked, snap.yields, snap.delays, snap.delay_ns),
             (7, 1, 2, 500)
         );
+        assert_eq!((snap.generator, snap.iteration), (2, 1));
         assert_eq!(
             (snap.threads, snap.executions, snap.foreign_threads),
             (1, 2, 1)

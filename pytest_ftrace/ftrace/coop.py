@@ -862,6 +862,8 @@ _KINDS = {
     "DELETE_DEREF": "del",
     "CONTAINS_OP": "in",
     "BINARY_OP": "load",
+    "FOR_ITER": "next",  # a loop step over a container (pytest_ftrace.ftrace.genpoints)
+    "YIELD_VALUE": "yield",
 }
 _DECODED: dict[int, tuple[object, dict[int, tuple[int | None, str]]]] = {}
 
@@ -879,8 +881,12 @@ def describe_step(code, offset: int) -> str:
             for off in range(start, end, 2):
                 lines[off] = line
         table = {}
+        resumed = False
         for ins in dis.get_instructions(code):
             kind = _KINDS.get(ins.opname, ins.opname.lower())
+            if resumed and ins.opname not in _KINDS:
+                kind = "resume"  # the first instruction after a generator resumed
+            resumed = ins.opname == "RESUME" and bool((ins.arg or 0) & 3)
             name = ins.argval if isinstance(ins.argval, str) else ""
             if ins.opname in ("LOAD_ATTR", "LOAD_SUPER_ATTR"):
                 name = "." + name

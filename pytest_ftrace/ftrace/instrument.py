@@ -39,6 +39,7 @@ import threading
 from collections.abc import Iterable
 
 from pytest_ftrace import _native
+from pytest_ftrace.ftrace import genpoints
 
 mon = sys.monitoring
 E = mon.events
@@ -130,10 +131,15 @@ def hooked_opcodes() -> dict[str, tuple[int, int | None]]:
 
 
 def opcode_table() -> list[int]:
-    """The 256-entry table the extension filters instructions with."""
+    """The 256-entry table the extension filters instructions with: the shared-state
+    accesses, and the generator and iteration points of `pytest_ftrace.ftrace.genpoints`."""
+    from pytest_ftrace.ftrace import genpoints
+
     table = [0] * 256
     for op, arg in hooked_opcodes().values():
         table[op] = _ALWAYS if arg is None else _ONLY_ARG | arg
+    for op, entry in genpoints.table_entries().items():
+        table[op] = entry
     return table
 
 
@@ -252,8 +258,10 @@ class Instrumentation:
         self.policy = dict(policy)
         self._lock = threading.Lock()
         self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on
+        self.generated = 0  # generated code objects armed in this activation
         self._active: TestRun | None = None
         _native.set_hooked_opcodes(opcode_table())
+        genpoints.install()
         self.tool_id = _claim_tool_id(tool_ids)
         self._closed = False
         try:
@@ -307,6 +315,7 @@ class Instrumentation:
                 raise RuntimeError(f"test run {self._active.nodeid!r} is still active")
             run._native.activate()  # raises if another Instrumentation's run is active
             self._active = run
+            self.generated = 0
             mon.set_events(self.tool_id, E.PY_START | E.PY_RESUME)
 
     def _deactivate(self, run: TestRun) -> None:
@@ -314,6 +323,7 @@ class Instrumentation:
             if self._active is not run:
                 return
             self._active = None
+            run.generated_code = self.generated
             mon.set_events(self.tool_id, 0)
             self._disarm_locked()
             run._native.deactivate()
@@ -328,17 +338,35 @@ class Instrumentation:
         for code in self._armed.values():
             mon.set_local_events(self.tool_id, code, 0)
         self._armed.clear()
+        _native.clear_iter_slots()
 
     def _on_start(self, code, _offset):
         """PY_START/PY_RESUME: give in-scope code INSTRUCTION events, then go quiet."""
         if id(code) not in self._armed:
             frame = sys._getframe(1)
-            module = frame.f_globals.get("__name__") if frame.f_code is code else None
+            mine = frame.f_code is code
+            module = frame.f_globals.get("__name__") if mine else None
+            generated = False
             if self.scope.contains(code.co_filename, module):
-                with self._lock:
-                    if self._active is not None and id(code) not in self._armed:
-                        mon.set_local_events(self.tool_id, code, E.INSTRUCTION)
-                        self._armed[id(code)] = code
+                pass
+            elif (
+                mine
+                and genpoints.is_generated(code.co_filename)
+                and frame.f_back is not None
+                and id(frame.f_back.f_code) in self._armed
+                and generated_in_scope(code.co_filename, module, self.scope)
+            ):
+                generated = True  # compiled at run time, started from hooked code
+            else:
+                return mon.DISABLE
+            slots = genpoints.iter_slots(code)
+            with self._lock:
+                if self._active is not None and id(code) not in self._armed:
+                    mon.set_local_events(self.tool_id, code, E.INSTRUCTION)
+                    self._armed[id(code)] = code
+                    self.generated += generated
+                    if slots:
+                        _native.set_iter_slots(code, slots)
         return mon.DISABLE
 
     def armed_code(self) -> list:
@@ -358,6 +386,7 @@ class TestRun:
         self._native = native
         self.nodeid = nodeid
         self.seed: int = native.seed
+        self.generated_code = 0
 
     def activate(self) -> None:
         """Events on: hooked accesses in in-scope code now inject, on every thread."""
@@ -380,9 +409,14 @@ class TestRun:
         self._native.record_round(seconds)
 
     def stats(self) -> dict:
-        """threads, foreign_threads, executions (bodies run), rounds, hooked, yields, delays,
-        delay_ns, round_p50_us, round_p99_us, round_max_us."""
-        return self._native.stats()
+        """threads, foreign_threads, executions (bodies run), rounds, hooked (of which
+        generator_points and iteration_points), generated_code (code objects compiled at run
+        time that were hooked), yields, delays, delay_ns, round_p50_us, round_p99_us,
+        round_max_us."""
+        stats = self._native.stats()
+        active = self._inst._active is self
+        stats["generated_code"] = self._inst.generated if active else self.generated_code
+        return stats
 
     def __enter__(self) -> TestRun:
         self.activate()
@@ -390,3 +424,14 @@ class TestRun:
 
     def __exit__(self, *exc) -> None:
         self.deactivate()
+
+
+def generated_in_scope(filename: str, module: str | None, scope) -> bool:
+    """Whether generated code (started from hooked code) is hooked: not when its module is never
+    hooked or excluded, or an exclude glob matches its file name."""
+    if module is not None:
+        if any(module == n or module.startswith(n + ".") for n in NEVER_MODULES):
+            return False
+        if any(fnmatch.fnmatchcase(module, p) for p in scope.exclude):
+            return False
+    return not any(fnmatch.fnmatchcase(filename, p) for p in scope.exclude)

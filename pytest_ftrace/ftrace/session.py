@@ -207,7 +207,8 @@ class TestSession:
         props = self.item.user_properties
         props.append(("ftrace_seed", self.session.seed))
         props.append(("ftrace_test_seed", self.traced.seed))
-        for key in ("executions", "hooked", *run.stat_keys):
+        kinds = ("generator_points", "iteration_points", "generated_code")
+        for key in ("executions", "hooked", *kinds, *run.stat_keys):
             if key in stats:
                 props.append((f"ftrace_{key}", stats[key]))
         if self.replay is not None:
