@@ -917,9 +917,15 @@ class _ReplayCheck:
         if isinstance(stored, dict):
             recorded_for = stored.get("nodeid")
             if isinstance(recorded_for, str) and all(i.nodeid != recorded_for for i in items):
+                from pytest_ftrace.replay_options import command_line
+
+                opts = stored.get("options")
+                named = "".join(
+                    " " + p for p in command_line(opts if isinstance(opts, dict) else {})
+                )
                 raise pytest.UsageError(
                     f"{shown}: its schedule was recorded for {recorded_for!r}, which this run "
-                    f"does not select; run: pytest {_quoted(recorded_for)} --ftrace "
+                    f"does not select; run: pytest {_quoted(recorded_for)} --ftrace{named} "
                     f"--seed {self.session.seed} --ftrace-replay {token}"
                 )
             recorded = stored.get("threads")

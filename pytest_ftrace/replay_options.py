@@ -43,21 +43,25 @@ def run_options(session, iterations: int) -> dict:
 
 
 def command_line(opts: dict) -> list[str]:
-    """The options (after `--ftrace`) that make a run's schedule-shaping options these."""
+    """The options (after `--ftrace`) that make a run's schedule-shaping options these. Values
+    of the wrong type (a corrupt cache record) are left out."""
     out: list[str] = []
-    if opts.get("mode", DEFAULT_MODE) != DEFAULT_MODE:
-        out += ["--ftrace-mode", str(opts["mode"])]
+    mode = opts.get("mode", DEFAULT_MODE)
+    if isinstance(mode, str) and mode != DEFAULT_MODE:
+        out += ["--ftrace-mode", shlex.quote(mode)]
     scheduler = opts.get("scheduler")
-    if scheduler and scheduler != f"mix{DEFAULT_SWITCH_BUDGET}":
-        out += ["--ftrace-scheduler", scheduler]
-    for key, value in (opts.get("policy") or {}).items():
-        out += ["--ftrace-policy", f"{key}={value}"]
-    for glob in opts.get("include") or ():
-        out += ["--ftrace-include", shlex.quote(glob)]
-    for glob in opts.get("exclude") or ():
-        out += ["--ftrace-exclude", shlex.quote(glob)]
+    if isinstance(scheduler, str) and scheduler != f"mix{DEFAULT_SWITCH_BUDGET}":
+        out += ["--ftrace-scheduler", shlex.quote(scheduler)]
+    policy = opts.get("policy")
+    for key, value in policy.items() if isinstance(policy, dict) else ():
+        out += ["--ftrace-policy", shlex.quote(f"{key}={value}")]
+    for field in ("include", "exclude"):
+        globs = opts.get(field)
+        for glob in globs if isinstance(globs, list) else ():
+            if isinstance(glob, str):
+                out += [f"--ftrace-{field}", shlex.quote(glob)]
     iterations = opts.get("iterations")
-    if iterations is not None and iterations != DEFAULT_ITERATIONS:
+    if isinstance(iterations, int) and iterations != DEFAULT_ITERATIONS:
         out += ["--ftrace-iterations", str(iterations)]
     return out
 

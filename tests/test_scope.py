@@ -482,3 +482,42 @@ def test_corrupt_options_record_is_ignored(pytester):
     replay = pytester.runpytest(*args)
     replay.assert_outcomes(failed=1)
     assert "other options than the recorded" not in replay.stdout.str()
+
+
+TWO = """
+def test_x(thread_index):
+    assert thread_index == 0
+
+def test_y():
+    pass
+"""
+
+
+def test_replaying_another_tests_token_names_the_recorded_options(pytester):
+    pytester.makepyfile(test_two=TWO)
+    result = pytester.runpytest("--ftrace", "--seed", "5", "--ftrace-scheduler", "pct2")
+    args = replay_args(result)
+    token = args[args.index("--ftrace-replay") + 1]
+    other = pytester.runpytest(
+        "--ftrace", "--seed", "5", "test_two.py::test_y", "--ftrace-replay", token
+    )
+    assert other.ret == pytest.ExitCode.USAGE_ERROR
+    other.stderr.fnmatch_lines(
+        [
+            "*which this run does not select; run: pytest 'test_two.py::test_x' --ftrace "
+            f"--ftrace-scheduler pct2 --seed 5 --ftrace-replay {token}"
+        ]
+    )
+    # a corrupt options record in the round's record is left out of the hint, never a crash
+    key = token.split("x", 1)[1]
+    path = pytester.path / ".pytest_cache" / "v" / "ftrace" / "replay" / key
+    stored = json.loads(path.read_text())
+    stored["options"] = {"policy": [1], "include": "x", "iterations": "ten", "mode": 3}
+    path.write_text(json.dumps(stored))
+    other = pytester.runpytest(
+        "--ftrace", "--seed", "5", "test_two.py::test_y", "--ftrace-replay", token
+    )
+    assert other.ret == pytest.ExitCode.USAGE_ERROR
+    other.stderr.fnmatch_lines(
+        [f"*run: pytest 'test_two.py::test_x' --ftrace --seed 5 --ftrace-replay {token}"]
+    )
