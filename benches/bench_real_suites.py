@@ -536,7 +536,8 @@ def concurrency_split(results: list[Result]) -> str | None:
         by_lib[r.library][r.side] = r
     if not any("one-thread" in sides for sides in by_lib.values()):
         return None
-    header = ["library", "side", "failed", "also with 1 thread", "only with threads", "1 thread"]
+    header = ["library", "side", "failed", "also with 1 thread", "only with threads",
+              "not run on 1 thread", "1 thread"]  # fmt: skip
     rows, listed = [], []
     for lib, sides in by_lib.items():
         one = sides.get("one-thread")
@@ -547,12 +548,14 @@ def concurrency_split(results: list[Result]) -> str | None:
             if r is None or r.wall is None or r.status.startswith("skipped"):
                 continue
             failing = sorted(t for t, o in r.outcomes.items() if _fail(o))
-            # a test one-thread did not reach (it stopped early) counts as not failing there
+            # a test the one-thread side did not reach (it was stopped) is neither
             also = [t for t in failing if _fail(one.outcomes.get(t))]
-            only = [t for t in failing if not _fail(one.outcomes.get(t))]
+            only = [t for t in failing if one.outcomes.get(t) in ("passed", "skipped")]
+            unseen = [t for t in failing if t not in one.outcomes]
             star = "*" if r.partial or one.partial else ""
-            rows.append([lib, side, f"{len(failing)}{star}", str(len(also)), str(len(only)),
-                         f"{one.failed + one.errors} failed ({one.status})"])  # fmt: skip
+            counts = [str(len(also)), str(len(only)), str(len(unseen))]
+            one_side = f"{one.failed + one.errors} failed ({one.status})"
+            rows.append([lib, side, f"{len(failing)}{star}", *counts, one_side])
             for test in only:
                 kinds = sorted(set(r.test_kinds.get(test, ["(no report)"])))
                 listed.append(f"  {lib} / {side}: {test}\n      " + "\n      ".join(kinds))
