@@ -99,7 +99,14 @@ LIBRARIES = {
         Library("boltons", "26.2.0", ()),
         Library("pykka", "4.5.0", ("pytest-mock",)),
         Library("cachetools", "8.0.3", ()),
-        Library("blinker", "1.9.0", ("pytest-asyncio",)),
+        # blinker turns warnings into errors; pytest-asyncio warns at start when its loop scope
+        # is unset (blinker 1.9.0 predates that warning)
+        Library(
+            "blinker",
+            "1.9.0",
+            ("pytest-asyncio",),
+            args=("-o", "asyncio_default_fixture_loop_scope=function"),
+        ),
     )
 }
 
