@@ -1,7 +1,7 @@
 """Issue 14: real libraries' own test suites under plain pytest, `--ftrace` (exact and chaos
 mode) and pytest-run-parallel, at the same threads x iterations, in the same run.
 
-For each interpreter and library (tenacity, pybreaker, boltons, pykka):
+For each interpreter and library (tenacity, pybreaker, boltons, pykka, cachetools, blinker):
 
 - the library's sources with its tests: the sdist from PyPI (`pip download --no-binary :all:`)
   where it ships its tests, or a checkout given with `--source NAME=PATH` where it does not
@@ -15,10 +15,10 @@ For each interpreter and library (tenacity, pybreaker, boltons, pykka):
   plugins define `--iterations`.
 - the sides, one after the other (never two suites at once): `plain` (plain pytest,
   `-p no:ftrace`), `exact` (`--ftrace --threads T --iterations I`, the default mode), `chaos`
-  (the same with `--ftrace-mode chaos`) and `run-parallel` (`--parallel-threads T
-  --iterations I`). Every run is bounded by `--timeout` (the whole process group is killed and
-  the run reported as TIMEOUT, with the counts seen so far) and the ftrace runs also by
-  `--ftrace-timeout` (per test).
+  (the same with `--ftrace-mode chaos`), `one-thread` (exact mode with `--threads 1`, the same
+  iterations) and `run-parallel` (`--parallel-threads T --iterations I`). Every run is bounded
+  by `--timeout` (the whole process group is killed and the run reported as TIMEOUT, with the
+  counts seen so far) and the ftrace runs also by `--ftrace-timeout` (per test).
 
 Every run is rooted in the library's tree (`--rootdir`, and `-c` its own pytest configuration
 or an empty one). Results come from each run's junitxml. The table per interpreter gives tests,
@@ -27,8 +27,15 @@ pytest-run-parallel), wall time and its ratio to plain pytest and to pytest-run-
 it, the most common failure kinds of each side (the exception line of each distinct failure),
 and for exact and chaos those of the "only here" tests.
 
+With the `one-thread` side, a second table splits each library's failures under exact (and
+chaos) mode into those that also fail with `--threads 1` (the test fails on one thread too:
+round-to-round state, a test that is not repeatable, or a failure of its own) and those that do
+not: the concurrency-only failures, each listed with its failure kind, to be classified as a real
+race in the library, state the test itself shares between its threads, or a plugin artefact.
+
     python3 benches/bench_real_suites.py [--python 3.12 ...] [--library pykka ...]
-        [--sides plain,exact,chaos,run-parallel] [--timeout 1200] [--ftrace-timeout 120]
+        [--sides plain,exact,chaos,one-thread,run-parallel] [--timeout 1200]
+        [--ftrace-timeout 120]
         [--threads 4] [--iterations 5] [--source pybreaker=PATH[@TAG]] [--keep-logs DIR]
         [--report DIR]
 """
@@ -61,7 +68,7 @@ from test_all import find_interpreter  # noqa: E402
 ROOT = br.ROOT
 VENVS = br.VENVS
 CACHE = VENVS / "bench-real"
-SIDES = ("plain", "exact", "chaos", "run-parallel")
+SIDES = ("plain", "exact", "chaos", "one-thread", "run-parallel")
 REPORTER = "bench_real_reporter"  # real_suites_plugin/bench_real_reporter.py
 RECIPE_VERSION = 1  # bump to remake every venv
 
@@ -91,6 +98,15 @@ LIBRARIES = {
         ),
         Library("boltons", "26.2.0", ()),
         Library("pykka", "4.5.0", ("pytest-mock",)),
+        Library("cachetools", "8.0.3", ()),
+        # blinker turns warnings into errors; pytest-asyncio warns at start when its loop scope
+        # is unset (blinker 1.9.0 predates that warning)
+        Library(
+            "blinker",
+            "1.9.0",
+            ("pytest-asyncio",),
+            args=("-o", "asyncio_default_fixture_loop_scope=function"),
+        ),
     )
 }
 
@@ -444,6 +460,7 @@ def side_args(side: str, args) -> list[str]:
         "plain": ["-p", "no:ftrace"],
         "exact": ftrace,
         "chaos": [*ftrace, "--ftrace-mode", "chaos"],
+        "one-thread": [*ftrace[:4], "1", *ftrace[5:]],
         "run-parallel": ["--parallel-threads", t, "--iterations", i],
     }[side]
 
@@ -513,6 +530,52 @@ def _only_here(r: Result, sides: dict[str, Result]) -> str:
     return str(len(_only_here_tests(r, sides)))
 
 
+def _fail(outcome: str | None) -> bool:
+    return outcome not in (None, "passed", "skipped")
+
+
+def concurrency_split(results: list[Result]) -> str | None:
+    """Per library, the failures of exact and chaos mode split by whether the test also fails
+    with one thread (the `one-thread` side); the concurrency-only ones listed with their kinds.
+    None when no one-thread side ran."""
+    by_lib: dict[str, dict[str, Result]] = collections.defaultdict(dict)
+    for r in results:
+        by_lib[r.library][r.side] = r
+    if not any("one-thread" in sides for sides in by_lib.values()):
+        return None
+    header = ["library", "side", "failed", "also with 1 thread", "only with threads",
+              "not run on 1 thread", "1 thread"]  # fmt: skip
+    rows, listed = [], []
+    for lib, sides in by_lib.items():
+        one = sides.get("one-thread")
+        if one is None or one.wall is None or one.status.startswith("skipped"):
+            continue
+        for side in ("exact", "chaos"):
+            r = sides.get(side)
+            if r is None or r.wall is None or r.status.startswith("skipped"):
+                continue
+            failing = sorted(t for t, o in r.outcomes.items() if _fail(o))
+            # a test the one-thread side did not reach (it was stopped) is neither
+            also = [t for t in failing if _fail(one.outcomes.get(t))]
+            only = [t for t in failing if one.outcomes.get(t) in ("passed", "skipped")]
+            unseen = [t for t in failing if t not in one.outcomes]
+            star = "*" if r.partial or one.partial else ""
+            counts = [str(len(also)), str(len(only)), str(len(unseen))]
+            one_side = f"{one.failed + one.errors} failed ({one.status})"
+            rows.append([lib, side, f"{len(failing)}{star}", *counts, one_side])
+            for test in only:
+                kinds = sorted(set(r.test_kinds.get(test, ["(no report)"])))
+                listed.append(f"  {lib} / {side}: {test}\n      " + "\n      ".join(kinds))
+    out = [
+        "Failures under threads split by whether they also fail with --threads 1",
+        br._table(header, rows),
+    ]
+    if listed:
+        out.append("Concurrency-only failures (fail with threads, pass with --threads 1):")
+        out.extend(listed)
+    return "\n".join(out)
+
+
 def report(name: str, results: list[Result], top: int) -> str:
     header = ["library", "side", "status", "tests", "passed", "failed", "errors", "skipped",
               "only here", "wall (s)", "/ plain", "/ run-parallel"]  # fmt: skip
@@ -567,6 +630,9 @@ def report(name: str, results: list[Result], top: int) -> str:
                 out.append(
                     f"    run stopped after {r.wall:.0f}s, in {r.stopped_in or '?'} (log: {r.log})"
                 )
+    split = concurrency_split(results)
+    if split is not None:
+        out.append("\n" + split)
     return "\n".join(out)
 
 
@@ -639,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{tag} ({info['python']}, GIL {'on' if info['gil'] else 'off'})"
         results: list[Result] = []
         try:
-            ours = {"plain", "exact", "chaos"} & set(args.sides)
+            ours = {"plain", "exact", "chaos", "one-thread"} & set(args.sides)
             wheel = plugin_wheel(tag, base) if ours else None
         except Unavailable as exc:
             print(f"  cannot build the plugin:\n{exc}")
@@ -697,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nexact: --ftrace --seed {args.seed} --threads {args.threads} --iterations "
         f"{args.iterations} --ftrace-timeout {args.ftrace_timeout:g}; chaos: the same with "
-        f"--ftrace-mode chaos;\nrun-parallel: {br.PEER} {br.PEER_VERSION} --parallel-threads "
+        f"--ftrace-mode chaos; one-thread: exact with --threads 1;\n"
+        f"run-parallel: {br.PEER} {br.PEER_VERSION} --parallel-threads "
         f"{args.threads} --iterations {args.iterations}; plain: -p no:ftrace"
     )
     print(f"load average at end: {br._load()}; total {time.perf_counter() - began:.0f}s")

@@ -10,8 +10,8 @@ decides which code gets events and when:
   a code object starts in an activation, its scope is checked (by file and module name): an
   in-scope code object gets INSTRUCTION events of its own (`set_local_events`); every code
   object then gets `DISABLE` for PY_START, so this costs one callback per code object per
-  activation. Out-of-scope code (pytest, the standard library, installed packages, this
-  plugin) never gets INSTRUCTION events.
+  activation. Out-of-scope code (pytest, the standard library, installed packages but the
+  project's own, this plugin) never gets INSTRUCTION events.
 - In in-scope code, every instruction that is not a shared-state access (see
   `HOOKED_OPNAMES`) gets `DISABLE` at its first event. CPython forgets a `DISABLE` when the
   tool's events are switched off and on, so each activation re-learns this, once per offset.
@@ -162,16 +162,24 @@ class Scope:
 
     Default: code whose file lies under `rootdir`, except the standard library, installed
     packages (site-packages, dist-packages, anything under the interpreter's prefixes), and
-    the modules in NEVER_MODULES. `include` globs (fnmatch on module names, e.g. "mypkg.*")
-    add modules wherever their files are; `exclude` globs remove modules. NEVER_MODULES are
-    out whatever the globs say.
+    the modules in NEVER_MODULES. `packages` (the project's import packages, see
+    project_scope.py) are in with all their submodules wherever their files are, as are
+    modules matching the `include` globs (fnmatch on module names, e.g. "mypkg.*");
+    `exclude` globs remove modules. NEVER_MODULES are out whatever the globs say.
     """
 
-    def __init__(self, rootdir: str, include: Iterable[str] = (), exclude: Iterable[str] = ()):
+    def __init__(
+        self,
+        rootdir: str,
+        include: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+        packages: Iterable[str] = (),
+    ):
         self.rootdir = _norm(str(rootdir))
         self.rootdir_real = _norm(os.path.realpath(self.rootdir))
         self.include = tuple(include)
         self.exclude = tuple(exclude)
+        self.packages = tuple(packages)
         paths = sysconfig.get_paths()
         excluded = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
         for prefix in {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}:
@@ -199,7 +207,9 @@ class Scope:
                 return False
             if any(fnmatch.fnmatchcase(module, p) for p in self.exclude):
                 return False
-            if any(fnmatch.fnmatchcase(module, p) for p in self.include):
+            if any(fnmatch.fnmatchcase(module, p) for p in self.include) or any(
+                module == n or module.startswith(n + ".") for n in self.packages
+            ):
                 return not self._in_plugin(filename)
         if not filename or filename.startswith("<") or not os.path.isabs(filename):
             return False  # <string>, <frozen ...>, exec'd code: no file of the project
@@ -249,12 +259,14 @@ class Instrumentation:
         exclude: list[str],
         *,
         tool_ids: Iterable[int] = PREFERRED_TOOL_IDS,
+        packages: Iterable[str] = (),
         **policy,
     ):
-        """`policy`: keyword arguments of `_native.Run` (yield_probability, ...), checked now."""
+        """`policy`: keyword arguments of `_native.Run` (yield_probability, ...), checked now.
+        `packages`: the project's import packages, in scope wherever they are installed."""
         _native.Run(0, **policy)  # validate the policy before claiming anything
         self.session_seed = session_seed
-        self.scope = Scope(rootdir, include, exclude)
+        self.scope = Scope(rootdir, include, exclude, packages)
         self.policy = dict(policy)
         self._lock = threading.Lock()
         self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on

@@ -22,14 +22,17 @@ came back. The line names `--ftrace-mode` when it is not the default. In exact m
 `x<hash>`: the key under which the round's decision list (which thread took each step) is kept
 in the pytest cache; replaying follows that list, so the same interleaving comes back on every
 run (without the cache entry the round is re-scheduled from the seed). In chaos mode the round
-re-runs with the same per-thread streams, which reproduces often but not always.
-`--ftrace-replay last` replays the last failure recorded in the cache.
+re-runs with the same per-thread streams, which reproduces often but not always. The line also
+names every other option that shapes the schedule (replay_options.py), and a replay whose options
+differ from those recorded with the failure says so.
+`--ftrace-replay last` replays the last failure recorded in the cache, with its options.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from typing import TYPE_CHECKING
 
@@ -66,6 +69,7 @@ from pytest_ftrace.options import (  # noqa: F401 - the defaults live with the o
     DEFAULT_THREADS,
     MODES,
 )
+from pytest_ftrace.report import wrap
 
 if TYPE_CHECKING:  # imported when a threaded test runs, not when pytest starts
     from pytest_ftrace.report import Outcome
@@ -96,22 +100,31 @@ class FtraceSession:
                 self.replay_nodeid = nodeid
                 config.option.ftrace_seed = seed
                 config.pluginmanager.register(_OnlyTest(nodeid), "ftrace-replay-last")
+                _recorded_options(config, self.cache.get(LAST_KEY, None))
         self.seed = session_seed(config, self.notes)
         self.replay = replay
         self.replay_runs: int = config.option.ftrace_replay_runs
         self.shrink_seconds: float = max(0.0, config.option.ftrace_shrink)
-        include = (config.option.ftrace_include or []) + list(
-            options.ini_value(config, "ftrace_include") or []
-        )
-        exclude = (config.option.ftrace_exclude or []) + list(
-            options.ini_value(config, "ftrace_exclude") or []
-        )
+        include = (config.option.ftrace_include or []) + _globs(config, "ftrace_include")
+        exclude = (config.option.ftrace_exclude or []) + _globs(config, "ftrace_exclude")
+        self.include, self.exclude = include, exclude
         self.policy = resolve_policy(config)
-        from pytest_ftrace.ftrace.instrument import NoFreeToolId
+        from pytest_ftrace.ftrace.instrument import NEVER_MODULES, NoFreeToolId
+        from pytest_ftrace.ftrace.project_scope import find_project
 
+        # The project the rootdir belongs to: its packages are hooked wherever they are installed
+        self.project = find_project(str(config.rootpath))
+        self.project_packages = tuple(
+            p for p in (self.project.packages if self.project else ()) if p not in NEVER_MODULES
+        )
         try:
             self.instrumentation = Instrumentation(
-                self.seed, str(config.rootpath), include, exclude, **self.policy
+                self.seed,
+                str(config.rootpath),
+                include,
+                exclude,
+                packages=self.project_packages,
+                **self.policy,
             )
         except ValueError as exc:  # the values together (each is checked on its own already)
             sources = [
@@ -139,7 +152,39 @@ class FtraceSession:
         replay = f" replay={self.replay} x{self.replay_runs}" if self.replay else ""
         described = modes.mode_class(self.mode).header(self)
         notes = "".join("\n" + note for note in self.notes)
-        return f"ftrace: seed={self.seed} mode={self.mode}{described}{replay}{notes}"
+        from pytest_ftrace.ftrace.project_scope import describe
+
+        hooked = describe(self.config.rootpath, self.project, self.include, self.exclude)
+        return f"ftrace: seed={self.seed} mode={self.mode}{described}{replay}\n{hooked}{notes}"
+
+    def run_options(self) -> dict:
+        """This run's schedule-shaping options (replay_options.py)."""
+        from pytest_ftrace.ftrace.replay_options import run_options
+        from pytest_ftrace.state import STATE_KEY
+
+        return run_options(self, self.config.stash[STATE_KEY].settings.iterations)
+
+    def replay_options(self) -> str:
+        """The options a replay line names after --ftrace (empty, or starting with a space)."""
+        from pytest_ftrace.ftrace.replay_options import command_line
+
+        return "".join(" " + part for part in command_line(self.run_options()))
+
+    def options_differ(self, nodeid: str, token: Token) -> str | None:
+        """A replay: which of this run's options differ from those recorded with the failure
+        (None: the same, or no record in the cache)."""
+        from pytest_ftrace.ftrace import replay_options
+
+        if self.cache is None:
+            return None
+        key = replay_options.OPTIONS_KEY + replay_options.record_key(nodeid, self.seed, token)
+        found = replay_options.differences(self.cache.get(key, None), self.run_options())
+        if not found:
+            return None
+        return (
+            f"ftrace: this replay of {nodeid} runs with other options than the recorded "
+            f"failure, so the round may not come back: {'; '.join(found)}"
+        )
 
     def store_round(self, nodeid: str, threads: int, iteration: int, record: dict) -> str | None:
         """Keep a failing round's decision list in the cache; returns its key (None: no cache)."""
@@ -157,6 +202,7 @@ class FtraceSession:
                 "threads": threads,
                 "iteration": iteration,
                 "scheduler": list(self.scheduler),
+                "options": self.run_options(),
                 "decisions": decisions,
             },
         )
@@ -164,10 +210,21 @@ class FtraceSession:
 
     def remember_failure(self, nodeid: str, token: Token) -> None:
         if self.cache is not None:
+            from pytest_ftrace.ftrace import replay_options
+
+            opts = self.run_options()
             self.cache.set(
                 LAST_KEY,
-                {"nodeid": nodeid, "token": str(token), "seed": self.seed, "mode": self.mode},
+                {
+                    "nodeid": nodeid,
+                    "token": str(token),
+                    "seed": self.seed,
+                    "mode": self.mode,
+                    "options": opts,
+                },
             )
+            key = replay_options.record_key(nodeid, self.seed, token)
+            self.cache.set(replay_options.OPTIONS_KEY + key, opts)
 
     def start(self, item: pytest.Item, threads: int, iterations: int) -> TestSession:
         return TestSession(self, item, threads, iterations)
@@ -221,6 +278,11 @@ class TestSession:
                 f"round {self.replay.iteration} (seed {self.session.seed}, mode {mode}"
                 f"{run.replay_note()})"
             )
+            differ = self.session.options_differ(self.item.nodeid, self.replay)
+            if differ is not None:
+                outcome.notes.append(wrap(differ, self.item.config))
+                if differ not in self.session.notes:
+                    self.session.notes.append(differ)
             return
         if not outcome.failures:
             return
@@ -242,7 +304,10 @@ class TestSession:
             token = Token(self.threads, first.iteration, key, k)
             self.session.remember_failure(self.item.nodeid, token)
             outcome.notes.append(
-                "replay: " + replay_command(self.item, self.session.seed, token, mode)
+                "replay: "
+                + replay_command(
+                    self.item, self.session.seed, token, mode, self.session.replay_options()
+                )
             )
 
 
@@ -289,9 +354,15 @@ class _ReplayCheck:
         if isinstance(stored, dict):
             recorded_for = stored.get("nodeid")
             if isinstance(recorded_for, str) and all(i.nodeid != recorded_for for i in items):
+                from pytest_ftrace.ftrace.replay_options import command_line
+
+                opts = stored.get("options")
+                named = "".join(
+                    " " + p for p in command_line(opts if isinstance(opts, dict) else {})
+                )
                 raise pytest.UsageError(
                     f"{shown}: its schedule was recorded for {recorded_for!r}, which this run "
-                    f"does not select; run: pytest {_quoted(recorded_for)} --ftrace "
+                    f"does not select; run: pytest {_quoted(recorded_for)} --ftrace{named} "
                     f"--seed {self.session.seed} --ftrace-replay {token}"
                 )
             recorded = stored.get("threads")
@@ -332,11 +403,53 @@ def _quoted(nodeid: str) -> str:
     return "'" + nodeid.replace("'", "'\"'\"'") + "'"
 
 
-def replay_command(item: pytest.Item, seed: int, token: Token, mode: str = "chaos") -> str:
-    """A complete command, run from the rootdir, that re-runs this test's failing round."""
+def replay_command(
+    item: pytest.Item, seed: int, token: Token, mode: str = "chaos", named: str | None = None
+) -> str:
+    """A complete command, run from the rootdir, that re-runs this test's failing round.
+    `named`: the schedule-shaping options after --ftrace (FtraceSession.replay_options); by
+    default the mode alone."""
     nodeid = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
-    named = f" --ftrace-mode {mode}" if mode != DEFAULT_MODE else ""
+    if named is None:
+        named = f" --ftrace-mode {mode}" if mode != DEFAULT_MODE else ""
     return f"pytest {nodeid} --ftrace{named} --seed {seed} --ftrace-replay {token}"
+
+
+def _globs(config: pytest.Config, key: str) -> list[str]:
+    """The module globs of ini key `key`; a value that is not text (a TOML number) is a usage
+    error naming the key."""
+    globs = list(options.ini_value(config, key) or [])
+    for glob in globs:
+        if not isinstance(glob, str):
+            raise pytest.UsageError(f"ini key {key}: module globs are text, not {glob!r}")
+    return globs
+
+
+def _recorded_options(config: pytest.Config, last) -> None:
+    """`--ftrace-replay last`: the options recorded with the failure stand in for those the
+    command line leaves unset (include, exclude, scheduler, policy). A record without usable
+    options changes nothing; the replay then says what differs."""
+    opts = last.get("options") if isinstance(last, dict) else None
+    if not isinstance(opts, dict):
+        return
+    option = config.option
+    for dest, field in (("ftrace_include", "include"), ("ftrace_exclude", "exclude")):
+        globs = opts.get(field)
+        if getattr(option, dest, None) is None and isinstance(globs, list):
+            if all(isinstance(g, str) for g in globs):
+                setattr(option, dest, list(globs))
+    scheduler = opts.get("scheduler")
+    if option.ftrace_scheduler is None and isinstance(scheduler, str):
+        try:
+            option.ftrace_scheduler = parse_scheduler(scheduler)
+        except argparse.ArgumentTypeError:
+            pass
+    policy = opts.get("policy")
+    if option.ftrace_policy is None and isinstance(policy, dict):
+        try:
+            option.ftrace_policy = [parse_policy_item(f"{k}={v}") for k, v in policy.items()]
+        except argparse.ArgumentTypeError:
+            pass
 
 
 def pytest_configure_node(node) -> None:

@@ -733,6 +733,10 @@ def _crash_message(config, item, status: int, phase: str, faults: str, detail, p
 
         mode = getattr(session, "mode", None)
         named = f" --ftrace-mode {mode}" if mode and mode != ftrace.DEFAULT_MODE else ""
+        try:  # every option that shapes the schedule; the mode alone if they cannot be read
+            named = session.replay_options()
+        except Exception:
+            pass
         lines.append(f"ftrace: seed={session.seed}" + (f" mode={mode}" if mode else ""))
         lines.append(
             f"replay: pytest {nodeid} --ftrace{named} --seed {session.seed}{replay} "

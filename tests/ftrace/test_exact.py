@@ -371,7 +371,7 @@ def test_threads_the_test_starts_are_scheduled(pytester):
     result = exact(pytester, "--seed", "1", "--threads", "1", "--iterations", "100")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
-        ["*lost update: 1*", "*replay: pytest *--ftrace --seed 1 --ftrace-replay t1i*"]
+        ["*lost update: 1*", "*replay: pytest *--ftrace* --seed 1 --ftrace-replay t1i*"]
     )
     again = pytester.runpytest(*replay_args(result))
     again.stdout.fnmatch_lines(["*reproduced in 10/10 runs*"])
@@ -392,7 +392,7 @@ def test_two_lock_deadlock_is_reported_not_hung(pytester):
             "*wait-for cycle: thread 0 -> thread 1 -> thread 0*",
             "*Thread 0 (most recent call last):*",
             "*ftrace: seed=1 test-seed=* mode=exact*",
-            "*replay: pytest *--ftrace --seed 1 --ftrace-replay t2i*",
+            "*replay: pytest *--ftrace* --seed 1 --ftrace-replay t2i*",
         ]
     )
 

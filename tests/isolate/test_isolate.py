@@ -467,6 +467,7 @@ def test_crash_in_a_later_round_names_it_and_the_replay_reproduces(pytester, mod
     result = run(pytester, *args, "--ftrace-isolate")
     result.assert_outcomes(failed=1)
     named = "" if mode == ftrace.DEFAULT_MODE else f" --ftrace-mode {mode}"
+    named += " --ftrace-iterations 6"  # the line carries every option that shapes the run
     replay = (
         f"replay: pytest 'test_rounds.py::test_crashes' --ftrace{named} --seed 99 "
         "--ftrace-replay t4i3"
