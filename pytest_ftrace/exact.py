@@ -787,7 +787,9 @@ class ExactTest:
         self.native.thread_exit()
 
     def round(self, iteration: int) -> dict | None:
-        return self.native.sched_round(iteration)
+        from pytest_ftrace.vclock import name_free_run
+
+        return name_free_run(self.native.sched_round(iteration))
 
     def thread_labels(self, iteration: int) -> dict[int, str]:
         """thread id -> who started it and where, for the threads the test started in round

@@ -69,7 +69,10 @@ def pytest_configure(config: pytest.Config) -> None:
     ACTIVE_CONFIGS.append(config)
     config.add_cleanup(lambda: ACTIVE_CONFIGS.remove(config))
     if config.option.ftrace:
-        from pytest_ftrace import ftrace
+        from pytest_ftrace import ftrace, vclock
+
+        vclock.install()  # before collection imports the test modules
+        config.add_cleanup(vclock.uninstall)
 
         state.ftrace = config.stash[ftrace.SESSION_KEY] = ftrace.FtraceSession(config)
         config.pluginmanager.register(_FtraceClose(state.ftrace), "ftrace-close")

@@ -52,6 +52,13 @@ ROUND_LISTENER: Callable[[int, int], None] | None = None
 LEAKED: list[tuple[str, threading.Thread]] = []
 
 
+def _real_perf_counter() -> float:
+    """Real time in a managed thread too (exact mode's virtual clock stands in for
+    time.perf_counter there)."""
+    vclock = sys.modules.get("pytest_ftrace.vclock")
+    return (vclock.real("perf_counter") if vclock is not None else time.perf_counter)()
+
+
 def leaked_alive() -> list[tuple[str, threading.Thread]]:
     """The leaked threads that are still running."""
     return [(nodeid, thread) for nodeid, thread in LEAKED if thread.is_alive()]
@@ -316,7 +323,7 @@ class ThreadedRun:
                     ROUND_LISTENER(self.threads, iteration)
                 if hooks.round_start is not None:
                     hooks.round_start(iteration)
-                started = time.perf_counter()
+                started = _real_perf_counter()
                 try:
                     self.body(**kwargs)
                 except BaseException as exc:  # noqa: BLE001 - every outcome is collected
@@ -327,7 +334,7 @@ class ThreadedRun:
                         return
                 self._steps[index] = "round_end"
                 if hooks.round_end is not None:
-                    hooks.round_end(time.perf_counter() - started)
+                    hooks.round_end(_real_perf_counter() - started)
             # Tear down only once every thread has finished its last round.
             self._steps[index] = "the last barrier"
             self._wait()

@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+mod clock;
 pub mod engine;
 mod hooks;
 pub mod opcodes;
@@ -30,5 +31,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     hooks::register(m)?;
+    clock::register(m)?;
     Ok(())
 }

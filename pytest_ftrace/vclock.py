@@ -1,0 +1,100 @@
+"""Exact mode's virtual clock and free runs (issue 14, items 2 and 3).
+
+- `install` puts the native stand-ins of `time.time`, `time.monotonic`,
+  `time.perf_counter` (and their `_ns` variants) and `time.sleep` in the `time` module when a
+  session with `--ftrace` is configured, before the test modules are imported, so
+  `from time import monotonic` in user code gets them too; `uninstall` puts the real ones
+  back when the session ends (pytester sessions nest: the outermost one restores). No user
+  object is touched.
+- In a managed thread of a round they read and advance the round's one virtual clock in the
+  native core (rust/clock.rs, rust/sched/core.rs), the same one the timeouts of the
+  cooperative primitives use: a sleep of 0.25 s is 0.25 s on every clock, and the real time
+  scheduling takes does not count. Everywhere else (other threads, pytest, outside rounds)
+  they return what the real functions return.
+- `name_free_run` words the reason of a round that a thread made not exact by running
+  outside the schedule (it blocked in C while others were scheduled: see rust/sched/watch.rs).
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+NAMES = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "sleep")
+
+_depth = 0
+_real: dict[str, object] = {}
+_stand_ins: dict[str, object] = {}
+
+
+def install() -> None:
+    """Put the stand-ins in `time` (once for nested sessions)."""
+    global _depth
+    if _depth == 0:
+        from pytest_ftrace import _native
+
+        if not _stand_ins:
+            _real.update({name: getattr(time, name) for name in NAMES})
+            _stand_ins.update(_native.virtual_clock(dict(_real)))
+        for name in NAMES:
+            setattr(time, name, _stand_ins[name])
+    _depth += 1
+
+
+def uninstall() -> None:
+    """Put the real functions back when the outermost session ends (a name someone else
+    replaced meanwhile is left alone)."""
+    global _depth
+    if _depth == 0:
+        return
+    _depth -= 1
+    if _depth == 0:
+        for name in NAMES:
+            if getattr(time, name, None) is _stand_ins.get(name):
+                setattr(time, name, _real[name])
+
+
+def real(name: str):
+    """The real `time.<name>` (for the plugin's own measurements in managed threads)."""
+    return _real.get(name) or getattr(time, name)
+
+
+def name_free_run(record: dict | None) -> dict | None:
+    """Say in `record['reason']` which call made the round not exact by running outside the
+    schedule: where the thread was (its last access before it blocked in C)."""
+    if record is None:
+        return None
+    free_run = record.get("free_run")
+    reason = record.get("reason") or ""
+    if not free_run or not reason.startswith("unmanaged blocking in thread"):
+        return record
+    tid, code, offset = free_run
+    where = _site(code, offset)
+    record["reason"] = (
+        f"unmanaged blocking at {where} in thread {tid}: it blocked outside the scheduler "
+        "(in C: I/O, a real lock, a C extension's wait) and ran free while other threads "
+        "were scheduled"
+    )
+    return record
+
+
+def _site(code, offset: int) -> str:
+    """'file:line (what)' of the access at `offset` of `code`, relative to the current
+    directory when below it."""
+    if code is None:
+        return "the start of the thread" if offset == 0 else "a lock, wait or sleep"
+    from pytest_ftrace.exact import describe_step
+
+    what = describe_step(code, offset)  # "file.py:12 call .recv"
+    line = what.split(" ", 1)[0].rsplit(":", 1)[-1]
+    access = what.split(" ", 1)[1] if " " in what else ""
+    path = code.co_filename
+    try:
+        rel = os.path.relpath(path)
+        if not rel.startswith(".."):
+            path = rel
+    except ValueError:
+        pass
+    return f"{path}:{line} ({access})" if access else f"{path}:{line}"
