@@ -55,8 +55,9 @@ LEAKED: list[tuple[str, threading.Thread]] = []
 def _real_perf_counter() -> float:
     """Real time in a managed thread too (exact mode's virtual clock stands in for
     time.perf_counter there)."""
-    vclock = sys.modules.get("pytest_ftrace.vclock")
-    return (vclock.real("perf_counter") if vclock is not None else time.perf_counter)()
+    from pytest_ftrace import _native
+
+    return (_native.real_clock("perf_counter") or time.perf_counter)()
 
 
 def leaked_alive() -> list[tuple[str, threading.Thread]]:

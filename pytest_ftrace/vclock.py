@@ -22,43 +22,28 @@ from __future__ import annotations
 import os
 import time
 
-NAMES = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "sleep")
-
-_depth = 0
-_real: dict[str, object] = {}
-_stand_ins: dict[str, object] = {}
-
 
 def install() -> None:
-    """Put the stand-ins in `time` (once for nested sessions)."""
-    global _depth
-    if _depth == 0:
-        from pytest_ftrace import _native
+    """Put the stand-ins in `time` for this session (nested sessions count; the state lives
+    in the native module, which pytester sessions do not import again)."""
+    from pytest_ftrace import _native
 
-        if not _stand_ins:
-            _real.update({name: getattr(time, name) for name in NAMES})
-            _stand_ins.update(_native.virtual_clock(dict(_real)))
-        for name in NAMES:
-            setattr(time, name, _stand_ins[name])
-    _depth += 1
+    _native.install_clock(time)
 
 
 def uninstall() -> None:
-    """Put the real functions back when the outermost session ends (a name someone else
+    """This session ends: the last one puts the real functions back (a name someone else
     replaced meanwhile is left alone)."""
-    global _depth
-    if _depth == 0:
-        return
-    _depth -= 1
-    if _depth == 0:
-        for name in NAMES:
-            if getattr(time, name, None) is _stand_ins.get(name):
-                setattr(time, name, _real[name])
+    from pytest_ftrace import _native
+
+    _native.uninstall_clock(time)
 
 
 def real(name: str):
     """The real `time.<name>` (for the plugin's own measurements in managed threads)."""
-    return _real.get(name) or getattr(time, name)
+    from pytest_ftrace import _native
+
+    return _native.real_clock(name) or getattr(time, name)
 
 
 def name_free_run(record: dict | None) -> dict | None:

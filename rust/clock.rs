@@ -213,11 +213,20 @@ fn read_bases(real: &Bound<'_, PyDict>) -> PyResult<[i128; 3]> {
     Ok([wall - since, mono - since, perf - since])
 }
 
-/// virtual_clock(real) -> dict: the stand-ins for the real `time` functions in `real` (by
-/// name: time, time_ns, monotonic, monotonic_ns, perf_counter, perf_counter_ns, sleep).
-/// The first call takes the real clocks' readings the virtual ones start from.
-#[pyfunction]
-fn virtual_clock<'py>(real: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+/// The stand-ins' state, kept here rather than in `pytest_ftrace.vclock` (pytester sessions
+/// drop and import again the plugin's Python modules; this module stays).
+struct Installed {
+    /// Sessions that installed the stand-ins and have not ended (pytester nests them).
+    depth: usize,
+    real: Py<PyDict>,
+    stand_ins: Py<PyDict>,
+}
+
+static INSTALLED: parking_lot::Mutex<Option<Installed>> = parking_lot::Mutex::new(None);
+
+/// The stand-ins for the real functions in `real`; the first call takes the real clocks'
+/// readings the virtual ones start from.
+fn make_stand_ins<'py>(real: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
     let py = real.py();
     sched::clock_anchor();
     if BASES.get().is_none() {
@@ -244,7 +253,76 @@ fn virtual_clock<'py>(real: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>>
     Ok(out)
 }
 
+/// install_clock(time_module): put the stand-ins in `time_module` (the `time` module) for a
+/// session; nested sessions count, the first one makes them.
+#[pyfunction]
+fn install_clock(time_module: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = time_module.py();
+    let mut installed = INSTALLED.lock();
+    if installed.is_none() {
+        let real = PyDict::new(py);
+        for (name, _) in &DEFS {
+            real.set_item(*name, time_module.getattr(*name)?)?;
+        }
+        let stand_ins = make_stand_ins(&real)?;
+        *installed = Some(Installed {
+            depth: 0,
+            real: real.unbind(),
+            stand_ins: stand_ins.unbind(),
+        });
+    }
+    let state = installed.as_mut().expect("made above");
+    if state.depth == 0 {
+        for (name, f) in state.stand_ins.bind(py).iter() {
+            time_module.setattr(name.cast::<pyo3::types::PyString>()?, f)?;
+        }
+    }
+    state.depth += 1;
+    Ok(())
+}
+
+/// uninstall_clock(time_module): a session that installed the stand-ins ends; the last one
+/// puts the real functions back (a name someone else replaced meanwhile is left alone).
+#[pyfunction]
+fn uninstall_clock(time_module: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = time_module.py();
+    let mut installed = INSTALLED.lock();
+    let Some(state) = installed.as_mut() else {
+        return Ok(());
+    };
+    if state.depth == 0 {
+        return Ok(());
+    }
+    state.depth -= 1;
+    if state.depth == 0 {
+        let stand_ins = state.stand_ins.bind(py);
+        for (name, real) in state.real.bind(py).iter() {
+            let name = name.cast::<pyo3::types::PyString>()?;
+            let current = time_module.getattr(name)?;
+            if let Some(ours) = stand_ins.get_item(name)? {
+                if current.is(&ours) {
+                    time_module.setattr(name, real)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// real_clock(name) -> the real `time.<name>` the stand-ins were made for, or None before
+/// they were.
+#[pyfunction]
+fn real_clock(py: Python<'_>, name: &str) -> PyResult<Option<Py<PyAny>>> {
+    let installed = INSTALLED.lock();
+    let Some(state) = installed.as_ref() else {
+        return Ok(None);
+    };
+    Ok(state.real.bind(py).get_item(name)?.map(Bound::unbind))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(virtual_clock, m)?)?;
+    m.add_function(wrap_pyfunction!(install_clock, m)?)?;
+    m.add_function(wrap_pyfunction!(uninstall_clock, m)?)?;
+    m.add_function(wrap_pyfunction!(real_clock, m)?)?;
     Ok(())
 }

@@ -271,3 +271,42 @@ def test_blocking_in_c_is_handed_over_without_letting_the_round_go(pytester):
     for note in notes:
         assert f"unmanaged blocking at {name}:" in note, note
         assert any(f"{name}:{line} " in note for line in (11, 17)), note
+
+
+C_TIMEOUTS = """
+import asyncio
+import os
+import select
+import time
+
+def test_poll_until_the_clock_says(thread_index):
+    r, w = os.pipe()
+    deadline = time.monotonic() + 0.02
+    polls = 0
+    while polls < 200:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        select.select([r], [], [], left)  # waits in C with a timeout: real time passes
+        polls += 1
+    os.close(r)
+    os.close(w)
+    assert polls < 200, "the wait in C took no time on the clock"
+
+def test_asyncio_sleep(thread_index):
+    async def main():
+        for _ in range(3):
+            await asyncio.sleep(0.02)
+        return time.monotonic()
+
+    start = time.monotonic()
+    assert asyncio.run(main()) - start >= 0.06
+"""
+
+
+def test_real_time_waited_in_c_counts_on_the_clock(pytester):
+    """A loop that waits in C with a timeout until the clock says it is time (asyncio's
+    event loop does) ends: the time the thread waited in the kernel counts."""
+    pytester.makepyfile(C_TIMEOUTS)
+    result = exact(pytester, "--seed", "8", "--threads", "2", "--iterations", "3")
+    result.assert_outcomes(passed=2)

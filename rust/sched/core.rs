@@ -68,6 +68,12 @@ struct Thread {
     /// Running free, outside the schedule, since it blocked in C (see [`Core::watch`]):
     /// (the step at which it left, where it was). It rejoins at its next scheduling point.
     detached: Option<(u64, Location)>,
+    /// Real time (ns) the watcher saw the thread sleep in the kernel while it had the turn
+    /// or ran free (a C call that waits: `select` with a timeout, a socket, a real lock), not
+    /// yet on the virtual clock: it counts when the thread next reads a clock, so a loop that
+    /// waits in C until the clock says it is time (asyncio's) sees time pass. The time the
+    /// scheduling takes, the time others run and the time the OS did not run it do not count.
+    slept_ns: u64,
 }
 
 struct State {
@@ -113,6 +119,8 @@ struct State {
     free_at: Option<(Instant, u64)>,
     /// The watcher's view of the running thread: (thread, progress, since, its CPU ticks).
     watch: Option<(u32, u64, Instant, Option<u64>)>,
+    /// When the watcher last looked (the real time its samples stand for).
+    last_poll: Option<Instant>,
 }
 
 impl State {
@@ -351,6 +359,7 @@ impl Core {
                 idle_real: None,
                 free_at: None,
                 watch: None,
+                last_poll: None,
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
             closed: AtomicBool::new(false),
@@ -476,6 +485,7 @@ impl Core {
                 native: current_native_id(),
                 in_core: false,
                 detached: None,
+                slept_ns: 0,
             },
         );
         st.first_arrival.get_or_insert_with(Instant::now);
@@ -529,6 +539,7 @@ impl Core {
                 native: 0, // known once it attaches
                 in_core: false,
                 detached: None,
+                slept_ns: 0,
             },
         );
         Some(tid)
@@ -743,21 +754,44 @@ impl Core {
             return;
         }
         let mut st = self.state.lock();
-        let running = match st.running {
-            Some(r) if st.started && !st.free => r,
-            _ => {
-                st.watch = None;
-                return;
-            }
-        };
-        let Some(t) = st.threads.get(&running) else {
-            return;
-        };
-        let native = t.native;
-        if t.in_core || native == 0 {
-            st.watch = None; // chosen, not awake yet
+        let interval = st.last_poll.replace(now).map_or(0, |last| {
+            now.saturating_duration_since(last).as_nanos() as u64
+        });
+        if !st.started || st.free {
+            st.watch = None;
+            st.last_poll = None;
             return;
         }
+        // Sample who sleeps in the kernel: the running thread (unless it waits in the core
+        // for its turn) and the threads that run free; each sample stands for the time since
+        // the last one.
+        let mut running_state = None;
+        let running = st.running;
+        for (&id, t) in st.threads.iter_mut() {
+            let watched = if Some(id) == running {
+                !t.in_core
+            } else {
+                t.detached.is_some() && t.status != Status::Finished
+            };
+            if !watched || t.native == 0 {
+                continue;
+            }
+            let state = watch::thread_state(t.native);
+            if state == Some(watch::ThreadState::Sleeping) {
+                t.slept_ns = t.slept_ns.saturating_add(interval);
+            }
+            if Some(id) == running {
+                running_state = Some(state);
+            }
+        }
+        let Some(running) = running else {
+            st.watch = None;
+            return;
+        };
+        let Some(state) = running_state else {
+            st.watch = None; // chosen, not awake yet
+            return;
+        };
         let progress = st.progress;
         let (since, cpu0) = match st.watch {
             Some((who, seen, since, cpu)) if who == running && seen == progress => (since, cpu),
@@ -783,7 +817,7 @@ impl Core {
         if !others || starting {
             return;
         }
-        let detach = match watch::thread_state(native) {
+        let detach = match state {
             Some(watch::ThreadState::Sleeping) => true,
             Some(watch::ThreadState::Running { cpu_ticks }) => {
                 if cpu0.is_none() {
@@ -827,7 +861,15 @@ impl Core {
             st.timeline_end = st.timeline_end.max(now);
             return Some(now);
         }
-        if t.detached.is_none() {
+        let detached = t.detached.is_some();
+        if detached || st.running == Some(tid) {
+            let t = st.threads.get_mut(&tid).expect("checked above");
+            let slept = std::mem::take(&mut t.slept_ns);
+            st.vnow = st.vnow.saturating_add(slept);
+        }
+        if !detached {
+            // A thread that runs free reads without a tick: its reads are not part of the
+            // schedule.
             st.vnow = st.vnow.saturating_add(CLOCK_TICK_NS);
         }
         Some(st.timeline())
@@ -1334,12 +1376,31 @@ mod tests {
         core.enter(0, 0, 0, 0, 1);
         let a = core.clock_now(0).unwrap();
         let b = core.clock_now(0).unwrap();
-        assert_eq!(b - a, CLOCK_TICK_NS);
-        std::thread::sleep(Duration::from_millis(20)); // real time does not count
-        assert_eq!(core.clock_now(0).unwrap() - b, CLOCK_TICK_NS);
+        assert!(b - a >= CLOCK_TICK_NS);
+        // A wait in the kernel while the thread has the turn counts (a C call's timeout), as
+        // far as the watcher saw it.
+        let stop = AtomicU64::new(0);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while stop.load(Ordering::SeqCst) == 0 {
+                    core.watch(Instant::now());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            std::thread::sleep(Duration::from_millis(40));
+            stop.store(1, Ordering::SeqCst);
+        });
+        let b2 = core.clock_now(0).unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(b2 - b >= 20_000_000, "{}", b2 - b);
+        }
         assert_eq!(core.block_for(0, 3, Some(5_000_000_000)), Wait::TimedOut);
         let c = core.clock_now(0).unwrap();
-        assert!(c - b >= 5_000_000_000);
+        assert!(c - b2 >= 5_000_000_000);
+        assert!(
+            c - b2 < 5_010_000_000,
+            "the block took no virtual time of its own"
+        );
         core.exit(0);
         assert_eq!(core.clock_now(0), None, "finished: real time");
         core.enter(0, 0, 1, 1, 1);
