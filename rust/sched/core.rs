@@ -121,6 +121,9 @@ struct State {
     watch: Option<(u32, u64, Instant, Option<u64>)>,
     /// When the watcher last looked (the real time its samples stand for).
     last_poll: Option<Instant>,
+    /// Ids below this may still be used by threads the test started in an earlier round
+    /// that ran free and never finished: later rounds number their threads from above it.
+    reserved: u32,
 }
 
 impl State {
@@ -360,6 +363,7 @@ impl Core {
                 free_at: None,
                 watch: None,
                 last_poll: None,
+                reserved: 0,
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
             closed: AtomicBool::new(false),
@@ -440,6 +444,15 @@ impl Core {
             });
             st.finish_round_if_pending();
             st.round = Some(round);
+            if let Some(left) = st
+                .threads
+                .iter()
+                .filter(|(_, t)| t.status != Status::Finished)
+                .map(|(&id, _)| id)
+                .max()
+            {
+                st.reserved = st.reserved.max(left + 1);
+            }
             st.threads.clear();
             st.runnable_dirty = true;
             // The virtual clock starts at the real time, never behind where the last round's
@@ -469,7 +482,7 @@ impl Core {
             st.pending.clear();
             st.record.k = k;
             st.sched = make_scheduler(self.seed, &self.policy, seed_round, k);
-            st.next_child = expected.max(1) as u32;
+            st.next_child = (expected.max(1) as u32).max(st.reserved);
         }
         st.progress += 1;
         st.runnable_dirty = true;
