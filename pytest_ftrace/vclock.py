@@ -26,17 +26,27 @@ import time
 def install() -> None:
     """Put the stand-ins in `time` for this session (nested sessions count; the state lives
     in the native module, which pytester sessions do not import again)."""
+    import gc
+
     from pytest_ftrace import _native
 
     _native.install_clock(time)
+    if _native.gc_event not in gc.callbacks:  # the watcher tells a collection from C
+        gc.callbacks.append(_native.gc_event)
 
 
 def uninstall() -> None:
     """This session ends: the last one puts the real functions back (a name someone else
     replaced meanwhile is left alone)."""
+    import gc
+
     from pytest_ftrace import _native
 
-    _native.uninstall_clock(time)
+    if _native.uninstall_clock(time):
+        try:
+            gc.callbacks.remove(_native.gc_event)
+        except ValueError:
+            pass
 
 
 def real(name: str):

@@ -281,17 +281,18 @@ fn install_clock(time_module: &Bound<'_, PyAny>) -> PyResult<()> {
     Ok(())
 }
 
-/// uninstall_clock(time_module): a session that installed the stand-ins ends; the last one
-/// puts the real functions back (a name someone else replaced meanwhile is left alone).
+/// uninstall_clock(time_module) -> bool: a session that installed the stand-ins ends; the
+/// last one puts the real functions back (a name someone else replaced meanwhile is left
+/// alone) and gets True.
 #[pyfunction]
-fn uninstall_clock(time_module: &Bound<'_, PyAny>) -> PyResult<()> {
+fn uninstall_clock(time_module: &Bound<'_, PyAny>) -> PyResult<bool> {
     let py = time_module.py();
     let mut installed = INSTALLED.lock();
     let Some(state) = installed.as_mut() else {
-        return Ok(());
+        return Ok(false);
     };
     if state.depth == 0 {
-        return Ok(());
+        return Ok(false);
     }
     state.depth -= 1;
     if state.depth == 0 {
@@ -305,8 +306,17 @@ fn uninstall_clock(time_module: &Bound<'_, PyAny>) -> PyResult<()> {
                 }
             }
         }
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
+}
+
+/// gc_event(phase, info): a `gc.callbacks` entry: the watcher of exact mode does not take a
+/// thread the collector parked for one blocked in C.
+#[pyfunction]
+fn gc_event(phase: &str, info: &Bound<'_, PyAny>) {
+    let _ = info;
+    sched::watch::gc_phase(phase == "start");
 }
 
 /// real_clock(name) -> the real `time.<name>` the stand-ins were made for, or None before
@@ -324,5 +334,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install_clock, m)?)?;
     m.add_function(wrap_pyfunction!(uninstall_clock, m)?)?;
     m.add_function(wrap_pyfunction!(real_clock, m)?)?;
+    m.add_function(wrap_pyfunction!(gc_event, m)?)?;
     Ok(())
 }

@@ -117,8 +117,9 @@ struct State {
     idle_real: Option<(Instant, u64)>,
     /// The round runs free: since when (real), and the virtual timeline then.
     free_at: Option<(Instant, u64)>,
-    /// The watcher's view of the running thread: (thread, progress, since, its CPU ticks).
-    watch: Option<(u32, u64, Instant, Option<u64>)>,
+    /// The watcher's view of the running thread: (thread, progress, since, its CPU ticks,
+    /// the collector's epoch then).
+    watch: Option<(u32, u64, Instant, Option<u64>, u64)>,
     /// When the watcher last looked (the real time its samples stand for).
     last_poll: Option<Instant>,
     /// Ids below this may still be used by threads the test started in an earlier round
@@ -767,9 +768,13 @@ impl Core {
             return;
         }
         let mut st = self.state.lock();
-        let interval = st.last_poll.replace(now).map_or(0, |last| {
+        let mut interval = st.last_poll.replace(now).map_or(0, |last| {
             now.saturating_duration_since(last).as_nanos() as u64
         });
+        let (gc, collecting) = watch::gc_state();
+        if collecting {
+            interval = 0; // parked by the collector, not waiting in C
+        }
         if !st.started || st.free {
             st.watch = None;
             st.last_poll = None;
@@ -807,9 +812,13 @@ impl Core {
         };
         let progress = st.progress;
         let (since, cpu0) = match st.watch {
-            Some((who, seen, since, cpu)) if who == running && seen == progress => (since, cpu),
+            Some((who, seen, since, cpu, epoch))
+                if who == running && seen == progress && epoch == gc =>
+            {
+                (since, cpu)
+            }
             _ => {
-                st.watch = Some((running, progress, now, None));
+                st.watch = Some((running, progress, now, None, gc));
                 return;
             }
         };
@@ -834,7 +843,7 @@ impl Core {
             Some(watch::ThreadState::Sleeping) => true,
             Some(watch::ThreadState::Running { cpu_ticks }) => {
                 if cpu0.is_none() {
-                    st.watch = Some((running, progress, since, Some(cpu_ticks)));
+                    st.watch = Some((running, progress, since, Some(cpu_ticks), gc));
                 }
                 let spent = cpu_ticks.saturating_sub(cpu0.unwrap_or(cpu_ticks));
                 spent >= DETACH_CPU_TICKS && quiet >= DETACH_COMPUTING

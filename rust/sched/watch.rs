@@ -7,7 +7,7 @@
 //! `/proc/self/task/<tid>/stat` (Linux); elsewhere the state is unknown and only a long
 //! silence lets a thread run free.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,26 @@ pub const POLL: Duration = Duration::from_millis(2);
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
 static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Bumped when the garbage collector starts and when it stops (`gc.callbacks`): a thread
+/// parked while the collector runs (the world is stopped on a free-threaded build, the GIL is
+/// held on the others) is not blocked in C; the watcher starts over after a collection.
+static GC_EPOCH: AtomicU64 = AtomicU64::new(0);
+static GC_RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// The collector starts (`running`) or stops.
+pub fn gc_phase(running: bool) {
+    GC_RUNNING.store(running, Ordering::Release);
+    GC_EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// (collections started or stopped so far, whether one runs now).
+pub fn gc_state() -> (u64, bool) {
+    (
+        GC_EPOCH.load(Ordering::Acquire),
+        GC_RUNNING.load(Ordering::Acquire),
+    )
+}
 
 /// Start the watcher (once per process): `active` gives the core of the active run, if any.
 pub fn start(active: fn() -> Option<Arc<Core>>) {
