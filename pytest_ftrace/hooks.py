@@ -68,6 +68,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: ACTIVE_CONFIGS.remove(config))
     if config.option.ftrace:
         from pytest_ftrace.ftrace import session as ftrace
+        from pytest_ftrace.ftrace import vclock
+
+        vclock.install()  # before collection imports the test modules
+        config.add_cleanup(vclock.uninstall)
 
         state.ftrace = config.stash[ftrace.SESSION_KEY] = ftrace.FtraceSession(config)
         config.pluginmanager.register(_FtraceClose(state.ftrace), "ftrace-close")

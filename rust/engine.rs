@@ -369,6 +369,29 @@ pub fn flush_current(run: &RunShared) {
     });
 }
 
+/// Exact mode: `f` with the calling thread's core and managed id, when it has both and a run
+/// is active (an atomic load first, then the thread's slot: cheap for every other thread).
+#[inline]
+pub fn with_managed<T>(f: impl FnOnce(&Arc<Core>, u32) -> T) -> Option<T> {
+    if ACTIVE_ID.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    SLOT.try_with(|cell| {
+        let s = cell.try_borrow().ok()?;
+        Some(f(s.core.as_ref()?, s.managed?))
+    })
+    .ok()
+    .flatten()
+}
+
+/// Exact mode: the core of the active run (the watcher looks at it).
+pub fn active_core() -> Option<Arc<Core>> {
+    if ACTIVE_ID.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    ACTIVE.read().as_ref()?.core.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

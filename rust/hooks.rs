@@ -57,7 +57,7 @@ fn leave() {
 
 /// Run `f` (a wait in the core) with the interpreter released, counted in [`INSIDE`]; with it
 /// held once the interpreter shuts down (every core is closed then, so `f` does not wait).
-fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
     if !may_wait() {
         return f();
     }
@@ -425,6 +425,7 @@ impl Run {
         };
         let core = core.map(|c| c.with_k(sched_k));
         if core.is_some() {
+            sched::watch::start(engine::active_core);
             let mut codes = CODES.lock();
             *codes = None;
             CODES_GENERATION.fetch_add(1, Ordering::AcqRel);
@@ -588,6 +589,18 @@ impl Run {
         d.set_item("divergences", rec.divergences)?;
         d.set_item("reason", rec.reason)?;
         d.set_item("k", rec.k)?;
+        d.set_item("released", rec.released)?;
+        // The thread that ran outside the schedule and made the round not exact: (thread,
+        // code object or None, offset) of where it was when it left (as in sched_steps).
+        let free_run = rec.free_run.map(|(tid, (code, offset))| {
+            let codes = CODES.lock();
+            let obj = codes
+                .as_ref()
+                .and_then(|m| m.get(&code))
+                .map(|o| o.clone_ref(py));
+            (tid, obj, offset)
+        });
+        d.set_item("free_run", free_run)?;
         Ok(Some(d))
     }
 

@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+mod clock;
 pub mod engine;
 mod hooks;
 mod iterpoints;
@@ -35,5 +36,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     hooks::register(m)?;
     #[cfg(target_os = "linux")]
     stacks::register(m)?;
+    clock::register(m)?;
     Ok(())
 }

@@ -788,7 +788,7 @@ class ExactTest:
         self.native.thread_exit()
 
     def round(self, iteration: int) -> dict | None:
-        return self.native.sched_round(iteration)
+        return name_free_run(self.native.sched_round(iteration))
 
     def thread_labels(self, iteration: int) -> dict[int, str]:
         """thread id -> who started it and where, for the threads the test started in round
@@ -1090,3 +1090,40 @@ __all__ = [
     "patched_names",
     "uninstall",
 ]
+
+
+def name_free_run(record: dict | None) -> dict | None:
+    """Say in `record['reason']` which call made the round not exact by running outside the
+    schedule: where the thread was (its last access before it blocked in C)."""
+    if record is None:
+        return None
+    free_run = record.get("free_run")
+    reason = record.get("reason") or ""
+    if not free_run or not reason.startswith("unmanaged blocking in thread"):
+        return record
+    tid, code, offset = free_run
+    where = _site(code, offset)
+    record["reason"] = (
+        f"unmanaged blocking at {where} in thread {tid}: it blocked outside the scheduler "
+        "(in C: I/O, a real lock, a C extension's wait) and ran free while other threads "
+        "were scheduled"
+    )
+    return record
+
+
+def _site(code, offset: int) -> str:
+    """'file:line (what)' of the access at `offset` of `code`, relative to the current
+    directory when below it."""
+    if code is None:
+        return "the start of the thread" if offset == 0 else "a lock, wait or sleep"
+    what = describe_step(code, offset)  # "file.py:12 call .recv"
+    line = what.split(" ", 1)[0].rsplit(":", 1)[-1]
+    access = what.split(" ", 1)[1] if " " in what else ""
+    path = code.co_filename
+    try:
+        rel = os.path.relpath(path)
+        if not rel.startswith(".."):
+            path = rel
+    except ValueError:
+        pass
+    return f"{path}:{line} ({access})" if access else f"{path}:{line}"

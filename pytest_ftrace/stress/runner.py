@@ -50,6 +50,14 @@ STOPPING = _STOPPING  # what stops the session: never turned into a test's failu
 ROUND_LISTENER: Callable[[int, int], None] | None = None
 
 
+def _real_perf_counter() -> float:
+    """Real time in a managed thread too (exact mode's virtual clock stands in for
+    time.perf_counter there)."""
+    from pytest_ftrace import _native
+
+    return (_native.real_clock("perf_counter") or time.perf_counter)()
+
+
 class Hang(Exception):
     """The test's threaded execution did not finish within the timeout."""
 
@@ -344,7 +352,7 @@ class ThreadedRun:
                     ROUND_LISTENER(self.threads, iteration)
                 if hooks.round_start is not None:
                     hooks.round_start(iteration)
-                started = time.perf_counter()
+                started = _real_perf_counter()
                 if watch is not None:
                     watch.enter()
                 try:
@@ -364,7 +372,7 @@ class ThreadedRun:
                     self._barrier.abort()
                 self._steps[index] = "round_end"
                 if hooks.round_end is not None:
-                    hooks.round_end(time.perf_counter() - started)
+                    hooks.round_end(_real_perf_counter() - started)
             # Tear down only once every thread has finished its last round.
             self._steps[index] = "the last barrier"
             self._wait()

@@ -27,6 +27,28 @@ use parking_lot::{Condvar, Mutex};
 
 use super::*;
 
+/// The running thread has reached no scheduling point for this long and sleeps in the kernel:
+/// it runs free (longer than a GIL hand-over, which a thread may wait for up to the 5 ms
+/// switch interval).
+pub const DETACH_QUIET: Duration = Duration::from_millis(10);
+/// A thread computing without a scheduling point (a long C call, code outside the
+/// instrumentation) runs free after this long, when it used CPU time meanwhile (a thread the
+/// OS merely did not run is left alone).
+pub const DETACH_COMPUTING: Duration = Duration::from_millis(500);
+pub const DETACH_CPU_TICKS: u64 = 10;
+/// How far a clock read moves the virtual clock on.
+pub const CLOCK_TICK_NS: u64 = 1_000;
+
+/// The instant virtual timelines count from (the first use in the process).
+pub fn clock_anchor() -> Instant {
+    static ANCHOR: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ANCHOR.get_or_init(Instant::now)
+}
+
+fn current_native_id() -> u64 {
+    watch::native_id()
+}
+
 #[derive(Clone, Debug)]
 struct Thread {
     status: Status,
@@ -38,6 +60,20 @@ struct Thread {
     /// Where the thread waits to go on: (code object address, instruction offset), or
     /// [`AT_START`] / [`AT_SYNC`].
     at: Location,
+    /// The OS's id of the thread (`threading.get_native_id()`), 0 when unknown: the watcher
+    /// reads whether it sleeps in the kernel.
+    native: u64,
+    /// Waiting inside the core for its turn (chosen but not woken yet counts too).
+    in_core: bool,
+    /// Running free, outside the schedule, since it blocked in C (see [`Core::watch`]):
+    /// (the step at which it left, where it was). It rejoins at its next scheduling point.
+    detached: Option<(u64, Location)>,
+    /// Real time (ns) the watcher saw the thread sleep in the kernel while it had the turn
+    /// or ran free (a C call that waits: `select` with a timeout, a socket, a real lock), not
+    /// yet on the virtual clock: it counts when the thread next reads a clock, so a loop that
+    /// waits in C until the clock says it is time (asyncio's) sees time pass. The time the
+    /// scheduling takes, the time others run and the time the OS did not run it do not count.
+    slept_ns: u64,
 }
 
 struct State {
@@ -65,13 +101,121 @@ struct State {
     /// of a thread's status or of the set of threads).
     runnable_buf: Vec<u32>,
     runnable_dirty: bool,
-    /// The round's virtual clock (ns): advanced only when every thread waits with a timeout.
+    /// The round's virtual clock (ns since the round started): advanced by a timed block
+    /// that ends and by a tick at every clock read of a managed thread (see `clock.rs`);
+    /// never by the real time the scheduling takes.
     vnow: u64,
+    /// Real time when the round started, and how far the virtual timeline (ns since
+    /// [`clock_anchor`]) is ahead of it (so the clocks never go back from round to round).
+    origin: Instant,
+    carry: u64,
+    /// The furthest point of the virtual timeline seen so far (ns since the anchor).
+    timeline_end: u64,
+    /// The earliest end of a timed block (u64::MAX: none, or not known to be earlier).
+    next_wake: u64,
+    /// Nothing to schedule while a thread runs free: since when (real), and vnow then.
+    idle_real: Option<(Instant, u64)>,
+    /// The round runs free: since when (real), and the virtual timeline then.
+    free_at: Option<(Instant, u64)>,
+    /// The watcher's view of the running thread: (thread, progress, since, its CPU ticks,
+    /// the collector's epoch then).
+    watch: Option<(u32, u64, Instant, Option<u64>, u64)>,
+    /// When the watcher last looked (the real time its samples stand for).
+    last_poll: Option<Instant>,
+    /// Ids below this may still be used by threads the test started in an earlier round
+    /// that ran free and never finished: later rounds number their threads from above it.
+    reserved: u32,
 }
 
 impl State {
+    /// Whether the round goes on: a thread has not finished (a thread the test started that
+    /// runs free outside the schedule does not hold the round open; a worker does).
     fn live(&self) -> bool {
-        self.threads.values().any(|t| t.status != Status::Finished)
+        let workers = self.expected.max(1) as u32;
+        self.threads
+            .iter()
+            .any(|(&id, t)| t.status != Status::Finished && (t.detached.is_none() || id < workers))
+    }
+
+    fn any_detached(&self) -> bool {
+        self.threads
+            .values()
+            .any(|t| t.detached.is_some() && t.status != Status::Finished)
+    }
+
+    /// The virtual timeline now (ns since [`clock_anchor`]).
+    fn timeline(&self) -> u64 {
+        let origin = self.origin.saturating_duration_since(clock_anchor());
+        (origin.as_nanos() as u64)
+            .saturating_add(self.carry)
+            .saturating_add(self.vnow)
+    }
+
+    /// Nothing was scheduled while a thread ran free: when the earliest timed block would
+    /// have ended in the real time waited, the virtual clock moves on to its end (a poll
+    /// with a sleep waits in real time for a thread outside the schedule). Otherwise the
+    /// virtual clock stays: the wait for the free thread took real time, not virtual time.
+    fn advance_idle(&mut self) {
+        if let Some((since, v0)) = self.idle_real.take() {
+            let first = self
+                .threads
+                .values()
+                .filter(|t| matches!(t.status, Status::Blocked { timed: true, .. }))
+                .map(|t| t.wake_at)
+                .min();
+            let waited = since.elapsed().as_nanos() as u64;
+            if let Some(first) = first {
+                if v0.saturating_add(waited) >= first {
+                    self.vnow = self.vnow.max(first);
+                    self.next_wake = self.next_wake.min(first);
+                }
+            }
+        }
+    }
+
+    /// Timed blocks whose end the virtual clock has reached become runnable (timed out).
+    fn expire_timers(&mut self) {
+        if self.vnow < self.next_wake {
+            return;
+        }
+        let vnow = self.vnow;
+        let mut next = u64::MAX;
+        for t in self.threads.values_mut() {
+            if matches!(t.status, Status::Blocked { timed: true, .. }) {
+                if t.wake_at <= vnow {
+                    t.status = Status::Runnable;
+                    t.timed_out = true;
+                    self.runnable_dirty = true;
+                } else {
+                    next = next.min(t.wake_at);
+                }
+            }
+        }
+        self.next_wake = next;
+    }
+
+    /// A thread that ran free comes back to the schedule (at a scheduling point of its own):
+    /// when other threads were scheduled meanwhile, the round is no longer exact, and the
+    /// record names where it left.
+    fn rejoin(&mut self, tid: u32) {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return;
+        };
+        let Some((step, at)) = t.detached.take() else {
+            return;
+        };
+        self.runnable_dirty = true;
+        self.progress += 1;
+        if self.step > step && self.record.exact && !self.free {
+            self.record.exact = false;
+            self.record.free_run = Some((tid, at));
+            self.record.reason.get_or_insert_with(|| {
+                format!(
+                    "unmanaged blocking in thread {tid}: it ran outside the schedule while \
+                     other threads were scheduled"
+                )
+            });
+        }
     }
 
     /// Choose the next thread. `current` is the thread that reached the point, if runnable.
@@ -79,13 +223,15 @@ impl State {
     fn choose(&mut self, current: Option<u32>) -> bool {
         // A choice is made at every scheduling point; the runnable list only changes when a
         // thread comes, blocks, wakes or finishes, so it is kept until then.
+        self.advance_idle();
+        self.expire_timers();
         let mut runnable = std::mem::take(&mut self.runnable_buf);
         if self.runnable_dirty {
             runnable.clear();
             runnable.extend(
                 self.threads
                     .iter()
-                    .filter(|(_, t)| t.status == Status::Runnable)
+                    .filter(|(_, t)| t.status == Status::Runnable && t.detached.is_none())
                     .map(|(&id, _)| id),
             );
             self.runnable_dirty = false;
@@ -97,6 +243,16 @@ impl State {
 
     fn choose_among(&mut self, runnable: &mut Vec<u32>, current: Option<u32>) -> bool {
         let mut timeout_wake = false;
+        if runnable.is_empty() && self.any_detached() {
+            // A thread runs free outside the schedule (blocked in C, say on a socket another
+            // thread serves): wait for it in real time, the clock going on meanwhile, until
+            // it comes back or the earliest timed block ends (see `Core::wait_turn`).
+            self.runnable_dirty = true;
+            self.idle_real = Some((Instant::now(), self.vnow));
+            self.running = None;
+            self.stalled_since = None;
+            return false;
+        }
         if runnable.is_empty() {
             // Virtual time: when nothing else can run, the clock jumps to the earliest end of
             // a timed block, and the threads whose block ends then may go on (timed out).
@@ -146,6 +302,7 @@ impl State {
 
     fn finish_round(&mut self) {
         if let Some(round) = self.round {
+            self.timeline_end = self.timeline_end.max(self.timeline());
             let mut record = std::mem::take(&mut self.record);
             record.divergences = self.sched.divergences();
             self.max_steps = self.max_steps.max(record.decisions.len() as u64);
@@ -199,6 +356,15 @@ impl Core {
                 runnable_buf: Vec::new(),
                 runnable_dirty: true,
                 vnow: 0,
+                origin: Instant::now(),
+                carry: 0,
+                timeline_end: 0,
+                next_wake: u64::MAX,
+                idle_real: None,
+                free_at: None,
+                watch: None,
+                last_poll: None,
+                reserved: 0,
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
             closed: AtomicBool::new(false),
@@ -227,7 +393,7 @@ impl Core {
         self.closed.store(true, Ordering::Release);
         let mut st = self.state.lock();
         if !st.free {
-            st.free = true;
+            st.go_free();
             st.record.exact = false;
             st.record
                 .reason
@@ -279,9 +445,30 @@ impl Core {
             });
             st.finish_round_if_pending();
             st.round = Some(round);
+            if let Some(left) = st
+                .threads
+                .iter()
+                .filter(|(_, t)| t.status != Status::Finished)
+                .map(|(&id, _)| id)
+                .max()
+            {
+                st.reserved = st.reserved.max(left + 1);
+            }
             st.threads.clear();
             st.runnable_dirty = true;
+            // The virtual clock starts at the real time, never behind where the last round's
+            // clock got to.
+            let end = st.timeline().max(st.timeline_end);
+            st.timeline_end = end;
             st.vnow = 0;
+            st.origin = Instant::now();
+            st.carry = 0;
+            let start = st.timeline();
+            st.carry = end.saturating_sub(start);
+            st.next_wake = u64::MAX;
+            st.idle_real = None;
+            st.free_at = None;
+            st.watch = None;
             st.expected = expected;
             st.started = false;
             st.first_arrival = None;
@@ -296,7 +483,7 @@ impl Core {
             st.pending.clear();
             st.record.k = k;
             st.sched = make_scheduler(self.seed, &self.policy, seed_round, k);
-            st.next_child = expected.max(1) as u32;
+            st.next_child = (expected.max(1) as u32).max(st.reserved);
         }
         st.progress += 1;
         st.runnable_dirty = true;
@@ -309,6 +496,10 @@ impl Core {
                 deadlocked: false,
                 wake_at: 0,
                 at: AT_START,
+                native: current_native_id(),
+                in_core: false,
+                detached: None,
+                slept_ns: 0,
             },
         );
         st.first_arrival.get_or_insert_with(Instant::now);
@@ -359,6 +550,10 @@ impl Core {
                 deadlocked: false,
                 wake_at: 0,
                 at: AT_START,
+                native: 0, // known once it attaches
+                in_core: false,
+                detached: None,
+                slept_ns: 0,
             },
         );
         Some(tid)
@@ -371,9 +566,13 @@ impl Core {
         }
         let mut st = self.state.lock();
         match st.threads.get_mut(&tid) {
-            Some(t) if t.status != Status::Finished => t.ident = ident,
+            Some(t) if t.status != Status::Finished => {
+                t.ident = ident;
+                t.native = current_native_id();
+            }
             _ => return Wait::Free,
         }
+        st.rejoin(tid);
         st.progress += 1;
         if st.running.is_none() && st.started {
             st.choose(None);
@@ -408,7 +607,13 @@ impl Core {
             return Some(Wait::Free);
         }
         match st.threads.get_mut(&tid) {
-            Some(t) => t.at = at,
+            Some(t) => {
+                if t.detached.is_some() {
+                    st.rejoin(tid);
+                    return self.rejoin_turn(&mut st, tid);
+                }
+                t.at = at;
+            }
             None => return Some(Wait::Free),
         }
         st.progress += 1;
@@ -449,15 +654,20 @@ impl Core {
         if st.pending.remove(&resource) {
             return Wait::Woken;
         }
+        st.rejoin(tid);
         let vnow = st.vnow;
-        match st.threads.get_mut(&tid) {
+        let wake_at = match st.threads.get_mut(&tid) {
             Some(t) if t.status == Status::Runnable => {
                 t.status = Status::Blocked { resource, timed };
                 t.timed_out = false;
                 t.at = AT_SYNC;
                 t.wake_at = vnow.saturating_add(timeout_ns.unwrap_or(0));
+                t.wake_at
             }
             _ => return Wait::Free,
+        };
+        if timed {
+            st.next_wake = st.next_wake.min(wake_at);
         }
         st.runnable_dirty = true;
         st.progress += 1;
@@ -515,13 +725,14 @@ impl Core {
     /// `tid` leaves the round (its body returned or raised). Idempotent.
     pub fn exit(&self, tid: u32) {
         let mut st = self.state.lock();
+        st.rejoin(tid);
         match st.threads.get_mut(&tid) {
             Some(t) if t.status != Status::Finished => t.status = Status::Finished,
             _ => return,
         }
         st.runnable_dirty = true;
         st.progress += 1;
-        if st.running == Some(tid) {
+        if st.running == Some(tid) || (st.running.is_none() && st.started && !st.free) {
             st.choose(None);
         }
         if !st.live() {
@@ -540,11 +751,150 @@ impl Core {
     pub fn release(&self, reason: &str) {
         let mut st = self.state.lock();
         if !st.free {
-            st.free = true;
+            st.go_free();
             st.record.exact = false;
             st.record.reason.get_or_insert_with(|| reason.to_string());
         }
         self.notify_every();
+    }
+
+    /// The watcher's look at the round (every millisecond or two, see `watch.rs`): when the
+    /// running thread has reached no scheduling point for a while and sleeps in the kernel
+    /// (a socket, `select`, a real lock, a C extension's wait, a child process), or has
+    /// computed without one for long, it runs free from here, outside the schedule, and
+    /// another thread is chosen; it rejoins at its next scheduling point.
+    pub fn watch(&self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        let mut st = self.state.lock();
+        let mut interval = st.last_poll.replace(now).map_or(0, |last| {
+            now.saturating_duration_since(last).as_nanos() as u64
+        });
+        let (gc, collecting) = watch::gc_state();
+        if collecting {
+            interval = 0; // parked by the collector, not waiting in C
+        }
+        if !st.started || st.free {
+            st.watch = None;
+            st.last_poll = None;
+            return;
+        }
+        // Sample who sleeps in the kernel: the running thread (unless it waits in the core
+        // for its turn) and the threads that run free; each sample stands for the time since
+        // the last one.
+        let mut running_state = None;
+        let running = st.running;
+        for (&id, t) in st.threads.iter_mut() {
+            let watched = if Some(id) == running {
+                !t.in_core
+            } else {
+                t.detached.is_some() && t.status != Status::Finished
+            };
+            if !watched || t.native == 0 {
+                continue;
+            }
+            let state = watch::thread_state(t.native);
+            if state == Some(watch::ThreadState::Sleeping) {
+                t.slept_ns = t.slept_ns.saturating_add(interval);
+            }
+            if Some(id) == running {
+                running_state = Some(state);
+            }
+        }
+        let Some(running) = running else {
+            st.watch = None;
+            return;
+        };
+        let Some(state) = running_state else {
+            st.watch = None; // chosen, not awake yet
+            return;
+        };
+        let progress = st.progress;
+        let (since, cpu0) = match st.watch {
+            Some((who, seen, since, cpu, epoch))
+                if who == running && seen == progress && epoch == gc =>
+            {
+                (since, cpu)
+            }
+            _ => {
+                st.watch = Some((running, progress, now, None, gc));
+                return;
+            }
+        };
+        let quiet = now.saturating_duration_since(since);
+        if quiet < DETACH_QUIET {
+            return;
+        }
+        let others = st
+            .threads
+            .iter()
+            .any(|(&id, t)| id != running && t.status != Status::Finished);
+        // A thread being started, not attached yet: its starter waits in C for it on
+        // purpose, holding the turn (the schedule must not depend on when the OS runs it).
+        let starting = st
+            .threads
+            .values()
+            .any(|t| t.ident == 0 && t.status != Status::Finished);
+        if !others || starting {
+            return;
+        }
+        let detach = match state {
+            Some(watch::ThreadState::Sleeping) => true,
+            Some(watch::ThreadState::Running { cpu_ticks }) => {
+                if cpu0.is_none() {
+                    st.watch = Some((running, progress, since, Some(cpu_ticks), gc));
+                }
+                let spent = cpu_ticks.saturating_sub(cpu0.unwrap_or(cpu_ticks));
+                spent >= DETACH_CPU_TICKS && quiet >= DETACH_COMPUTING
+            }
+            Some(watch::ThreadState::Other) => false,
+            None => quiet >= DETACH_COMPUTING,
+        };
+        if !detach {
+            return;
+        }
+        let step = st.step;
+        let t = st.threads.get_mut(&running).expect("running thread exists");
+        t.detached = Some((step, t.at));
+        st.watch = None;
+        st.runnable_dirty = true;
+        st.progress += 1;
+        st.running = None;
+        st.choose(None);
+        self.notify_turn(&st);
+    }
+
+    /// The virtual timeline (ns since [`clock_anchor`]) as managed thread `tid` reads a clock:
+    /// each read moves it on by [`CLOCK_TICK_NS`] (two reads never see the same time), a
+    /// thread that runs free reads it as it is, and once the round runs free it goes on with
+    /// real time. None when `tid` is not in a round (it reads the real clocks).
+    pub fn clock_now(&self, tid: u32) -> Option<u64> {
+        if self.is_closed() {
+            return None;
+        }
+        let mut st = self.state.lock();
+        let t = st.threads.get(&tid)?;
+        if t.status == Status::Finished || !st.started {
+            return None;
+        }
+        if let Some((at, base)) = st.free_at {
+            let now = base.saturating_add(at.elapsed().as_nanos() as u64);
+            st.timeline_end = st.timeline_end.max(now);
+            return Some(now);
+        }
+        let detached = t.detached.is_some();
+        if detached || st.running == Some(tid) {
+            let t = st.threads.get_mut(&tid).expect("checked above");
+            let slept = std::mem::take(&mut t.slept_ns);
+            st.vnow = st.vnow.saturating_add(slept);
+        }
+        if !detached {
+            // A thread that runs free reads without a tick: its reads are not part of the
+            // schedule.
+            st.vnow = st.vnow.saturating_add(CLOCK_TICK_NS);
+        }
+        Some(st.timeline())
     }
 
     /// (running thread, its OS ident, progress counter, threads waiting, free, started).
@@ -590,6 +940,13 @@ impl Core {
     }
 
     fn wait_turn(&self, st: &mut parking_lot::MutexGuard<'_, State>, tid: u32) -> Wait {
+        if st.threads.get(&tid).is_some_and(|t| t.detached.is_some()) {
+            st.rejoin(tid); // a thread waiting here is at a scheduling point
+            if st.running.is_none() && st.started && !st.free {
+                st.choose(None);
+                self.notify_turn(st);
+            }
+        }
         loop {
             if self.is_closed() {
                 return Wait::Free;
@@ -613,8 +970,12 @@ impl Core {
                 return Wait::Free;
             }
             if st.running == Some(tid) {
+                if let Some(me) = st.threads.get_mut(&tid) {
+                    me.in_core = false;
+                }
                 return Wait::Turn;
             }
+            let mut nap = Duration::from_millis(50);
             if st.running.is_none() {
                 if let Some(since) = st.stalled_since {
                     if since.elapsed() >= STALL_GRACE {
@@ -622,8 +983,51 @@ impl Core {
                         continue;
                     }
                 }
+                if let Some((since, v0)) = st.idle_real {
+                    // Waiting for a thread that runs free: the earliest timed block ends when
+                    // as much real time has passed.
+                    if st.next_wake == u64::MAX {
+                        st.next_wake = st
+                            .threads
+                            .values()
+                            .filter(|t| matches!(t.status, Status::Blocked { timed: true, .. }))
+                            .map(|t| t.wake_at)
+                            .min()
+                            .unwrap_or(u64::MAX);
+                    }
+                    if st.next_wake != u64::MAX {
+                        let due = Duration::from_nanos(st.next_wake.saturating_sub(v0));
+                        let waited = since.elapsed();
+                        if waited >= due {
+                            st.choose(None);
+                            self.notify_turn(st);
+                            continue;
+                        }
+                        nap = nap.min(due - waited);
+                    }
+                }
             }
-            self.slot(tid).wait_for(st, Duration::from_millis(50));
+            if let Some(me) = st.threads.get_mut(&tid) {
+                me.in_core = true;
+            }
+            self.slot(tid).wait_for(st, nap);
+            if let Some(me) = st.threads.get_mut(&tid) {
+                me.in_core = false;
+            }
+        }
+    }
+
+    /// A thread that ran free came back at a scheduling point: it goes on when it is chosen
+    /// (at once when nothing else is scheduled). `None`: the caller waits for its turn.
+    fn rejoin_turn(&self, st: &mut parking_lot::MutexGuard<'_, State>, tid: u32) -> Option<Wait> {
+        if st.running.is_none() && st.started {
+            st.choose(None);
+            self.notify_turn(st);
+        }
+        if st.running == Some(tid) {
+            Some(Wait::Turn)
+        } else {
+            None
         }
     }
 
@@ -638,7 +1042,7 @@ impl Core {
                 t.deadlocked = true;
             }
         }
-        st.free = true;
+        st.go_free();
         st.stalled_since = None;
         self.notify_every();
     }
@@ -650,6 +1054,15 @@ impl State {
         if self.round.is_some() && !self.record.decisions.is_empty() {
             self.finish_round();
         }
+    }
+
+    /// The round runs free from now on: the clocks go on with real time from where the
+    /// virtual one got to.
+    fn go_free(&mut self) {
+        self.free = true;
+        self.record.released = true;
+        let now = self.timeline();
+        self.free_at = Some((Instant::now(), now));
     }
 
     fn round_done(&mut self) {
@@ -936,6 +1349,131 @@ mod tests {
         let rec = core.round(0).unwrap();
         assert!(rec.exact && rec.decisions.contains(&1));
         assert_eq!(rec.steps.len(), rec.decisions.len());
+    }
+
+    #[test]
+    fn a_thread_blocked_in_the_kernel_runs_free_and_the_others_go_on() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        // Thread 0 has the turn and blocks on a channel (in the kernel) that thread 1 fills:
+        // the watcher lets it run free, thread 1 is scheduled, and thread 0 rejoins.
+        let core = Arc::new(Core::new(1, Policy::Replay(vec![0, 0, 1])));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let done = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|sc| {
+            let c0 = Arc::clone(&core);
+            let d0 = Arc::clone(&done);
+            sc.spawn(move || {
+                c0.enter(0, 10, 0, 0, 2);
+                c0.point_at(0, (7, 3));
+                rx.recv().unwrap(); // blocks outside the core
+                c0.point(0); // rejoins
+                c0.exit(0);
+                d0.fetch_add(1, Ordering::SeqCst);
+            });
+            let c1 = Arc::clone(&core);
+            let d1 = Arc::clone(&done);
+            sc.spawn(move || {
+                c1.enter(1, 11, 0, 0, 2);
+                tx.send(()).unwrap();
+                c1.exit(1);
+                d1.fetch_add(1, Ordering::SeqCst);
+            });
+            while done.load(Ordering::SeqCst) < 2 {
+                core.watch(Instant::now());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let rec = core.round(0).unwrap();
+        assert!(!rec.exact && !rec.released, "{rec:?}");
+        assert_eq!(rec.free_run, Some((0, (7, 3))));
+        assert!(rec.reason.unwrap().contains("thread 0"));
+    }
+
+    #[test]
+    fn the_virtual_clock_moves_by_reads_and_timed_blocks_only_and_never_goes_back() {
+        let core = Core::new(1, Policy::Random);
+        assert_eq!(core.clock_now(0), None, "no round yet: real time");
+        core.enter(0, 0, 0, 0, 1);
+        let a = core.clock_now(0).unwrap();
+        let b = core.clock_now(0).unwrap();
+        assert!(b - a >= CLOCK_TICK_NS);
+        // A wait in the kernel while the thread has the turn counts (a C call's timeout), as
+        // far as the watcher saw it.
+        let stop = AtomicU64::new(0);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while stop.load(Ordering::SeqCst) == 0 {
+                    core.watch(Instant::now());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            std::thread::sleep(Duration::from_millis(40));
+            stop.store(1, Ordering::SeqCst);
+        });
+        let b2 = core.clock_now(0).unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(b2 - b >= 20_000_000, "{}", b2 - b);
+        }
+        assert_eq!(core.block_for(0, 3, Some(5_000_000_000)), Wait::TimedOut);
+        let c = core.clock_now(0).unwrap();
+        assert!(c - b2 >= 5_000_000_000);
+        assert!(
+            c - b2 < 5_010_000_000,
+            "the block took no virtual time of its own"
+        );
+        core.exit(0);
+        assert_eq!(core.clock_now(0), None, "finished: real time");
+        core.enter(0, 0, 1, 1, 1);
+        assert!(
+            core.clock_now(0).unwrap() > c,
+            "round 1 starts where round 0 got to"
+        );
+        core.release("test");
+        let d = core.clock_now(0).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            core.clock_now(0).unwrap() >= d + 5_000_000,
+            "free: real time again"
+        );
+        core.exit(0);
+    }
+
+    #[test]
+    fn a_read_that_passes_a_timed_block_ends_it() {
+        // Thread 1 waits 10 us; thread 0 reads the clock and never blocks: the reads end the
+        // wait (no jump of the clock is needed, nothing else ever stops).
+        let core = Arc::new(Core::new(3, Policy::Random));
+        let woke = Arc::new(Mutex::new(None));
+        std::thread::scope(|sc| {
+            let c1 = Arc::clone(&core);
+            let w = Arc::clone(&woke);
+            sc.spawn(move || {
+                c1.enter(1, 1, 0, 0, 2);
+                let answer = c1.block_for(1, 9, Some(10_000));
+                *w.lock() = Some(answer);
+                c1.exit(1);
+            });
+            let c0 = Arc::clone(&core);
+            let w = Arc::clone(&woke);
+            sc.spawn(move || {
+                c0.enter(0, 0, 0, 0, 2);
+                let mut seen = false;
+                for _ in 0..10_000 {
+                    c0.clock_now(0);
+                    c0.point(0);
+                    if w.lock().is_some() {
+                        seen = true;
+                        break;
+                    }
+                }
+                c0.exit(0);
+                assert!(seen, "the wait did not end while thread 0 ran");
+            });
+        });
+        assert_eq!(*woke.lock(), Some(Wait::TimedOut));
+        assert!(core.round(0).unwrap().exact);
     }
 
     #[test]

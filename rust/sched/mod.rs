@@ -3,11 +3,12 @@
 //! every scheduling point lives in [`core`].
 
 mod core;
-pub use self::core::Core;
+pub use self::core::{clock_anchor, Core};
 pub mod aligned;
 pub mod pct;
 pub mod random;
 pub mod replay;
+pub mod watch;
 
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -120,6 +121,11 @@ pub struct RoundRecord {
     /// The step estimate the round's scheduler was made with (PCT's k; the mix policy's
     /// switch rate): a replay from the seed needs the same one to make the same choices.
     pub k: u64,
+    /// The round ran free from some point on (watchdog, deadlock, end of the test).
+    pub released: bool,
+    /// The thread that ran outside the schedule (blocked in C) while others were scheduled,
+    /// which made the round not exact, and where it was when it left.
+    pub free_run: Option<(u32, Location)>,
 }
 
 /// Hand-overs the mix policy aims at per round by default, once a round's length is known:

@@ -337,10 +337,8 @@ class ExactMode:
         for iteration in sorted(self.exact.rounds_seen):
             record = self.exact.round(iteration)
             if record is not None and not record["exact"] and not record["deadlock"]:
-                notes.append(
-                    f"ftrace: round {iteration} was not exact: {record['reason']}; "
-                    "it ran free from there"
-                )
+                tail = "; it ran free from there" if record.get("released", True) else ""
+                notes.append(f"ftrace: round {iteration} was not exact: {record['reason']}{tail}")
         if notes:
             outcome.notes.extend(notes)
             warnings.warn(FtraceWarning("\n".join(notes)), stacklevel=2)

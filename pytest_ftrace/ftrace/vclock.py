@@ -1,0 +1,55 @@
+"""Exact mode's virtual clock and free runs (issue 14, items 2 and 3).
+
+- `install` puts the native stand-ins of `time.time`, `time.monotonic`,
+  `time.perf_counter` (and their `_ns` variants) and `time.sleep` in the `time` module when a
+  session with `--ftrace` is configured, before the test modules are imported, so
+  `from time import monotonic` in user code gets them too; `uninstall` puts the real ones
+  back when the session ends (pytester sessions nest: the outermost one restores). No user
+  object is touched.
+- In a managed thread of a round they read and advance the round's one virtual clock in the
+  native core (rust/clock.rs, rust/sched/core.rs), the same one the timeouts of the
+  cooperative primitives use: a sleep of 0.25 s is 0.25 s on every clock, and the real time
+  scheduling takes does not count. Everywhere else (other threads, pytest, outside rounds)
+  they return what the real functions return.
+- `name_free_run` words the reason of a round that a thread made not exact by running
+  outside the schedule (it blocked in C while others were scheduled: see rust/sched/watch.rs).
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def install() -> None:
+    """Put the stand-ins in `time` for this session (nested sessions count; the state lives
+    in the native module, which pytester sessions do not import again)."""
+    import gc
+
+    from pytest_ftrace import _native
+
+    _native.install_clock(time)
+    if _native.gc_event not in gc.callbacks:  # the watcher tells a collection from C
+        gc.callbacks.append(_native.gc_event)
+
+
+def uninstall() -> None:
+    """This session ends: the last one puts the real functions back (a name someone else
+    replaced meanwhile is left alone)."""
+    import gc
+
+    from pytest_ftrace import _native
+
+    if _native.uninstall_clock(time):
+        try:
+            gc.callbacks.remove(_native.gc_event)
+        except ValueError:
+            pass
+
+
+def real(name: str):
+    """The real `time.<name>` (for the plugin's own measurements in managed threads)."""
+    from pytest_ftrace import _native
+
+    return _native.real_clock(name) or getattr(time, name)

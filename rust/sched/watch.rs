@@ -1,0 +1,176 @@
+//! The watcher of exact mode: a plain OS thread (it never touches the interpreter) that looks
+//! at the active run's core every [`POLL`] and lets a running thread that blocks where the
+//! core cannot see (a socket, `select`, a real lock, a C extension's wait, a child process)
+//! run free, so the other threads go on being scheduled (see [`Core::watch`]).
+//!
+//! Whether a thread sleeps in the kernel or computes is read from
+//! `/proc/self/task/<tid>/stat` (Linux); elsewhere the state is unknown and only a long
+//! silence lets a thread run free.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Core, SHUTDOWN};
+
+/// How often the watcher looks while a run is active.
+pub const POLL: Duration = Duration::from_millis(2);
+/// How often it looks for an active run otherwise.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Bumped when the garbage collector starts and when it stops (`gc.callbacks`): a thread
+/// parked while the collector runs (the world is stopped on a free-threaded build, the GIL is
+/// held on the others) is not blocked in C; the watcher starts over after a collection.
+static GC_EPOCH: AtomicU64 = AtomicU64::new(0);
+static GC_RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// The collector starts (`running`) or stops.
+pub fn gc_phase(running: bool) {
+    GC_RUNNING.store(running, Ordering::Release);
+    GC_EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// (collections started or stopped so far, whether one runs now).
+pub fn gc_state() -> (u64, bool) {
+    (
+        GC_EPOCH.load(Ordering::Acquire),
+        GC_RUNNING.load(Ordering::Acquire),
+    )
+}
+
+/// Start the watcher (once per process): `active` gives the core of the active run, if any.
+pub fn start(active: fn() -> Option<Arc<Core>>) {
+    if STARTED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("ftrace-watcher".into())
+        .spawn(move || loop {
+            if SHUTDOWN.load(Ordering::Acquire) {
+                return;
+            }
+            match active() {
+                Some(core) => {
+                    core.watch(Instant::now());
+                    drop(core);
+                    std::thread::sleep(POLL);
+                }
+                None => std::thread::sleep(IDLE_POLL),
+            }
+        });
+    if spawned.is_err() {
+        STARTED.store(false, Ordering::Release);
+    }
+}
+
+/// What the kernel says a thread is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadState {
+    /// Waiting in the kernel (`S` or `D`): blocked in a system call.
+    Sleeping,
+    /// Running or ready to run (`R`), with the CPU time it has used (clock ticks).
+    Running { cpu_ticks: u64 },
+    /// Stopped, traced, a zombie: leave it alone.
+    Other,
+}
+
+/// The calling thread's id for the kernel (`threading.get_native_id()`), 0 when unknown.
+pub fn native_id() -> u64 {
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    {
+        extern "C" {
+            fn syscall(number: std::os::raw::c_long, ...) -> std::os::raw::c_long;
+        }
+        #[cfg(target_arch = "x86_64")]
+        const SYS_GETTID: std::os::raw::c_long = 186;
+        #[cfg(target_arch = "aarch64")]
+        const SYS_GETTID: std::os::raw::c_long = 178;
+        // SAFETY: gettid takes no arguments, cannot fail and touches no memory.
+        let tid = unsafe { syscall(SYS_GETTID) };
+        if tid > 0 {
+            return tid as u64;
+        }
+    }
+    0
+}
+
+/// The state of thread `native` of this process; None when it cannot be read.
+pub fn thread_state(native: u64) -> Option<ThreadState> {
+    if !cfg!(target_os = "linux") || native == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/self/task/{native}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Parse a `stat` line: `pid (comm) state ppid ... utime stime ...` (the command name may
+/// hold spaces and parentheses: the state follows the last `)`).
+fn parse_stat(text: &str) -> Option<ThreadState> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    let state = fields.first()?.chars().next()?;
+    Some(match state {
+        'S' | 'D' => ThreadState::Sleeping,
+        'R' => {
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            ThreadState::Running {
+                cpu_ticks: utime + stime,
+            }
+        }
+        _ => ThreadState::Other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_are_read_past_odd_command_names() {
+        let line = "12 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14";
+        assert_eq!(parse_stat(line), Some(ThreadState::Sleeping));
+        let line = "12 (x) R 1 2 3 4 5 6 7 8 9 10 70 5 13 14";
+        assert_eq!(
+            parse_stat(line),
+            Some(ThreadState::Running { cpu_ticks: 75 })
+        );
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_thread_blocked_in_the_kernel_is_seen_sleeping() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            tx.send(native_id()).unwrap();
+            let _ = stop_rx.recv_timeout(Duration::from_secs(5));
+        });
+        let native = rx.recv().unwrap();
+        assert_ne!(native, 0);
+        let mut seen = None;
+        for _ in 0..200 {
+            seen = thread_state(native);
+            if seen == Some(ThreadState::Sleeping) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(seen, Some(ThreadState::Sleeping));
+        drop(stop_tx);
+        h.join().unwrap();
+        assert!(matches!(
+            thread_state(native_id()),
+            Some(ThreadState::Running { .. })
+        ));
+    }
+}
