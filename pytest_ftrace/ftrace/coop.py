@@ -1102,7 +1102,7 @@ def name_free_run(record: dict | None) -> dict | None:
     if not free_run or not reason.startswith("unmanaged blocking in thread"):
         return record
     tid, code, offset = free_run
-    where = _site(code, offset)
+    where = _access_site(code, offset)
     record["reason"] = (
         f"unmanaged blocking at {where} in thread {tid}: it blocked outside the scheduler "
         "(in C: I/O, a real lock, a C extension's wait) and ran free while other threads "
@@ -1111,7 +1111,7 @@ def name_free_run(record: dict | None) -> dict | None:
     return record
 
 
-def _site(code, offset: int) -> str:
+def _access_site(code, offset: int) -> str:
     """'file:line (what)' of the access at `offset` of `code`, relative to the current
     directory when below it."""
     if code is None:
