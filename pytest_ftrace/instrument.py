@@ -29,6 +29,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import fnmatch
 import opcode
@@ -250,7 +251,8 @@ class Instrumentation:
         self.session_seed = session_seed
         self.scope = Scope(rootdir, include, exclude)
         self.policy = dict(policy)
-        self._lock = threading.Lock()
+        # A real lock (exact mode makes threading.Lock schedulable): the plugin's own.
+        self._lock = _thread.allocate_lock()
         self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on
         self._active: TestRun | None = None
         _native.set_hooked_opcodes(opcode_table())

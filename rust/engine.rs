@@ -272,6 +272,21 @@ pub fn thread_exit(run: &RunShared) -> Result<(), String> {
     })
 }
 
+/// Exact mode: whether the calling thread is managed by the active run (cheap: a thread-local
+/// read and an atomic load).
+#[inline]
+pub fn managed_now() -> bool {
+    let active = ACTIVE_ID.load(Ordering::Acquire);
+    if active == 0 {
+        return false;
+    }
+    SLOT.try_with(|cell| {
+        cell.try_borrow()
+            .is_ok_and(|s| s.run_id == active && s.managed.is_some())
+    })
+    .unwrap_or(false)
+}
+
 /// Exact mode: this thread's core and managed id, when it has both.
 fn managed_core() -> Option<(Arc<Core>, u32)> {
     SLOT.try_with(|cell| {

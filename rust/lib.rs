@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 pub mod engine;
 mod hooks;
+mod locks;
 pub mod opcodes;
 pub mod policy;
 pub mod sched;
@@ -30,5 +31,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     hooks::register(m)?;
+    locks::register(m)?;
     Ok(())
 }
