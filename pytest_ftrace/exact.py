@@ -103,12 +103,60 @@ def _block(run, resource: int, timed: bool, what: object, timeout: float | None 
     first."""
     me = run.sched_me()
     _BLOCKS.append(me)
+    if timed and _outside_threads(run):
+        # A wake may come from a thread exact mode does not manage: the wait must not end
+        # on the virtual clock before that thread had its chance (it ends as a deadlock
+        # would, and _not_a_deadlock lets it wait for real, not exact).
+        timed, timeout = False, None
     _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_ident", None))
     answer = run.sched_block(resource, timed, timeout)
     if answer == "deadlock":
-        raise DeadlockError(_deadlock_report(run, me))
+        why = _not_a_deadlock(run)
+        if why is None:
+            raise DeadlockError(_deadlock_report(run, me))
+        run.sched_not_deadlock(why)  # the round runs free from here, not exact
+        answer = "free"
     _WAITING.pop(me, None)
     return answer
+
+
+def _not_a_deadlock(run) -> str | None:
+    """Why every managed thread being blocked is not a deadlock (None: it is one). It is one
+    when the waits for locks form a cycle, or when no thread outside the round can wake a
+    waiter: every thread that is alive is managed, a worker of the test, exact mode's own, or
+    itself waiting for a lock."""
+    waiting = dict(_WAITING)
+    idents = {ident: tid for tid, ident, _status, _resource in run.sched_threads()}
+    holds: dict[int, int] = {}
+    for tid, (_what, _stack, owner_ident) in waiting.items():
+        if owner_ident and owner_ident in idents:
+            holds[tid] = idents[owner_ident]
+    if _cycle(holds):
+        return None
+    outside = _outside_threads(run)
+    if not outside:
+        return None
+    sites = sorted({what._ftrace_describe() for what, _s, _o in waiting.values() if what})
+    return (
+        f"every managed thread waited ({'; '.join(sites)}) for what thread "
+        f"{outside[0].name!r}, which exact mode does not manage, may do"
+    )
+
+
+def _outside_threads(run) -> list:
+    """The live threads that could wake a managed thread from outside the round: not
+    managed, not a worker of the test nor exact mode's own, not waiting for a lock."""
+    ours = {ident for _tid, ident, _status, _resource in run.sched_threads()}
+    ours.update(_native.native_waiters())
+    test = _TEST
+    if test is not None:
+        ours |= test.worker_idents
+        if test._watchdog is not None:
+            ours.add(test._watchdog.ident)
+    main = threading.main_thread()
+    return [
+        t for t in threading.enumerate() if t is not main and t.ident not in ours and t.is_alive()
+    ]
 
 
 def _deadlock_report(run, me: int) -> str:
@@ -280,6 +328,7 @@ def _thread_start(self) -> None:
     tid = run.sched_spawn() if run is not None else None
     if tid is None:
         return _ORIGINAL[(threading.Thread, "start")](self)
+    generation = run.sched_generation()
     self._ftrace_tid = tid
     self._ftrace_run = run
     test = _TEST
@@ -291,7 +340,7 @@ def _thread_start(self) -> None:
         # The plugin's own calls here are guarded: an error of theirs fails the test (as an
         # internal error, see ExactTest.internal_errors), never the user's thread.
         try:
-            run.sched_attach(tid)
+            run.sched_attach(tid, generation)
         except Exception as exc:  # noqa: BLE001 - the machinery's: reported with the test
             INTERNAL_ERRORS.append(("a thread the test started, joining the scheduler", exc))
         try:
@@ -419,6 +468,7 @@ class ExactTest:
         self.blocking: list[str] = []  # unmanaged blocking reports, one per released round
         self.exit_steps: dict[tuple[int, int], int] = {}  # (round, worker) -> step
         self.rounds_seen: set[int] = set()
+        self.worker_idents: set[int] = set()  # the runner's worker threads
         self.waits = 0  # blocking waits of managed threads (locks, conditions, joins, sleeps)
         self.current_round = 0
         # (round, thread id) -> (name, id of the thread that started it, file:line of start())
@@ -471,6 +521,7 @@ class ExactTest:
     # runner hooks
     def thread_enter(self, index: int) -> None:
         self._local.index = index
+        self.worker_idents.add(threading.get_ident())
         self.native.thread_enter(index)
 
     def round_start(self, iteration: int) -> None:

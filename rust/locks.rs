@@ -132,6 +132,51 @@ fn parse_timeout(blocking: bool, timeout: &Bound<'_, PyAny>) -> PyResult<Option<
     Ok(if t < 0.0 { None } else { Some(t) })
 }
 
+/// OS idents of the threads waiting in a contended blocking acquire outside the scheduler
+/// (exact mode tells a real deadlock from a wait for such a thread by it).
+/// Entries: (thread ident, address of the raw mutex it waits for). A release of that mutex
+/// while a test runs takes the entries out: those threads are about to go on.
+static NATIVE_WAITERS: parking_lot::Mutex<Vec<(u64, usize)>> = parking_lot::Mutex::new(Vec::new());
+static NATIVE_COUNT: AtomicU32 = AtomicU32::new(0);
+
+struct NativeWait(u64);
+
+impl NativeWait {
+    fn new(raw: &RawMutex) -> NativeWait {
+        let me = ident();
+        NATIVE_WAITERS
+            .lock()
+            .push((me, raw as *const RawMutex as usize));
+        NATIVE_COUNT.fetch_add(1, Ordering::SeqCst);
+        NativeWait(me)
+    }
+}
+
+impl Drop for NativeWait {
+    fn drop(&mut self) {
+        let mut w = NATIVE_WAITERS.lock();
+        if let Some(i) = w.iter().position(|&(x, _)| x == self.0) {
+            w.swap_remove(i);
+        }
+        NATIVE_COUNT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `raw` was released: its native waiters are about to go on (see [`native_waiters`]).
+fn released_native(raw: &RawMutex) {
+    if NATIVE_COUNT.load(Ordering::SeqCst) > 0 && HOOKS_ON.load(Ordering::Relaxed) {
+        let addr = raw as *const RawMutex as usize;
+        NATIVE_WAITERS.lock().retain(|&(_, a)| a != addr);
+    }
+}
+
+/// native_waiters() -> list[int]: the threads waiting for a native lock outside the scheduler
+/// that no release has let go on since.
+#[pyfunction]
+fn native_waiters() -> Vec<u64> {
+    NATIVE_WAITERS.lock().iter().map(|&(x, _)| x).collect()
+}
+
 /// How long one slice of a blocking wait lasts: signals are checked between slices.
 const SLICE: Duration = Duration::from_millis(20);
 
@@ -145,6 +190,7 @@ fn lock_blocking(py: Python<'_>, raw: &RawMutex, timeout: Option<f64>) -> PyResu
         return Ok(false);
     }
     let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+    let _waiting = NativeWait::new(raw);
     loop {
         let slice = match deadline {
             Some(d) => d.saturating_duration_since(Instant::now()).min(SLICE),
@@ -258,6 +304,7 @@ impl Lock {
         this.owner.store(0, Ordering::Relaxed);
         // SAFETY: the mutex is locked (checked above); a Lock may be released by any thread.
         unsafe { this.raw.unlock(GuardNoSend::new()) };
+        released_native(&this.raw);
         after_release(slf.as_any(), &this.waiters)
     }
 }
@@ -470,6 +517,7 @@ impl RLock {
         this.owner.store(0, Ordering::Relaxed);
         // SAFETY: held by the calling thread (checked above).
         unsafe { this.raw.unlock(GuardNoSend::new()) };
+        released_native(&this.raw);
         after_release(slf.as_any(), &this.waiters)
     }
 }
@@ -544,6 +592,7 @@ impl RLock {
         this.owner.store(0, Ordering::Relaxed);
         // SAFETY: locked (checked above).
         unsafe { this.raw.unlock(GuardNoSend::new()) };
+        released_native(&this.raw);
         after_release(slf.as_any(), &this.waiters)?;
         Ok(state)
     }
@@ -637,5 +686,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RLock>()?;
     m.add_function(wrap_pyfunction!(allocate_lock, m)?)?;
     m.add_function(wrap_pyfunction!(set_lock_hooks, m)?)?;
+    m.add_function(wrap_pyfunction!(native_waiters, m)?)?;
     Ok(())
 }
