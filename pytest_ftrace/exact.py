@@ -103,7 +103,7 @@ def _block(run, resource: int, timed: bool, what: object, timeout: float | None 
     first."""
     me = run.sched_me()
     _BLOCKS.append(me)
-    if timed and _outside_threads(run):
+    if timed and not isinstance(what, _Sleeper) and _outside_threads(run):
         # A wake may come from a thread exact mode does not manage: the wait must not end
         # on the virtual clock before that thread had its chance (it ends as a deadlock
         # would, and _not_a_deadlock lets it wait for real, not exact).
@@ -269,7 +269,7 @@ def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
         run.sched_point()
     if lock._ftrace_try():
         return True
-    if not blocking:
+    if not blocking or timeout == 0:
         return False
     what = None
     lock._ftrace_waiting(1)  # before the next try: a release after it wakes the core
@@ -420,8 +420,6 @@ _PATCHES = (
     (threading.Thread, "start", _thread_start),
     (threading.Thread, "join", _thread_join),
 )
-
-
 
 
 def install(run, scope=None, roots=()) -> None:

@@ -460,11 +460,13 @@ class TestSession:
         self.exact = None
         self.shrink_cut_short: int | None = None  # candidates tried when time ran out
         self.replay_exact = False  # following a recorded decision list
+        self.replay_decisions: list[int] | None = None
         if self.mode == "exact":
             from pytest_ftrace.exact import ExactTest
 
             kwargs = session.exact_options(item.nodeid, self.replay)
             self.replay_exact = "replay" in kwargs
+            self.replay_decisions = kwargs.get("replay")
             traced = session.instrumentation.start_test(item.nodeid, **kwargs)
             seed_round = None
             if self.replay is not None and not self.replay_exact:
@@ -529,11 +531,7 @@ class TestSession:
             )
             how = ""
             if self.exact is not None:
-                how = (
-                    ", following the recorded schedule"
-                    if self.replay_exact
-                    else ", rescheduled from the seed (no recorded schedule in the cache)"
-                )
+                how = self._replay_how()
             outcome.notes.append(
                 f"replay: reproduced in {len(failed_rounds)}/{self.session.replay_runs} runs of "
                 f"round {self.replay.iteration} (seed {self.session.seed}, mode {mode}{how})"
@@ -602,6 +600,13 @@ class TestSession:
                     self._lane_view(outcome, first, record, steps, cut, False, labels)
             token = Token(self.threads, first.iteration, key, k)
             self.session.remember_failure(self.item.nodeid, token)
+            if self.exact is not None:
+                record = self.exact.round(first.iteration)
+                if record is not None and not record["exact"] and not record["deadlock"]:
+                    outcome.notes.append(
+                        f"round {first.iteration} was not exact ({record['reason']}): the "
+                        "replay line below may not reproduce it"
+                    )
             outcome.notes.append(
                 "replay: " + replay_command(self.item, self.session.seed, token, mode)
             )
@@ -756,6 +761,47 @@ class TestSession:
         )
         table = lanes(steps, cut, failing=first.thread, width=width, labels=labels)
         outcome.notes.append("\n".join([*textwrap.wrap(intro, width), table]))
+
+    def _replay_how(self) -> str:
+        """How the replay's rounds were scheduled, honestly: whether each followed the recorded
+        schedule to its end (exact, every recorded decision taken, no more, no fewer), or
+        rescheduled from the seed exactly; the first one that did not, and why."""
+        planned = self.replay_decisions
+        runs = sorted(self.exact.rounds_seen)
+        followed = 0
+        first_off = None
+        for iteration in runs:
+            record = self.exact.round(iteration)
+            if record is None:
+                ok, why = False, "the round did not finish"
+            elif not record["exact"]:
+                ok, why = False, f"not exact: {record['reason']}"
+            elif planned is not None and record["divergences"]:
+                ok, why = False, f"{record['divergences']} decisions could not be followed"
+            elif planned is not None and len(record["decisions"]) != len(planned):
+                ok, why = (
+                    False,
+                    (
+                        f"it took {len(record['decisions'])} decisions, the recorded schedule "
+                        f"{len(planned)}"
+                    ),
+                )
+            else:
+                ok, why = True, ""
+            followed += ok
+            if not ok and first_off is None:
+                first_off = (iteration, why)
+        if planned is not None:
+            what = "following the recorded schedule"
+        else:
+            what = "rescheduled from the seed (no recorded schedule in the cache)"
+        if first_off is None:
+            return f", {what}"
+        iteration, why = first_off
+        return (
+            f", {what}; only {followed}/{len(runs)} runs did so to the end, so this is not an "
+            f"exact reproduction (run {iteration}: {why})"
+        )
 
     def _exact_notes(self, outcome: Outcome) -> None:
         """Rounds that were not exact (unmanaged blocking, deadlock), said once each."""

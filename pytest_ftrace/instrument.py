@@ -36,7 +36,6 @@ import opcode
 import os
 import sys
 import sysconfig
-import threading
 from collections.abc import Iterable
 
 from pytest_ftrace import _native

@@ -41,7 +41,7 @@ static INSIDE: AtomicUsize = AtomicUsize::new(0);
 /// Whether the calling thread may let go of the interpreter to wait: counts it in [`INSIDE`]
 /// (the caller calls [`leave`] once it holds the interpreter again), or false once the
 /// interpreter shuts down (then it must not wait at all).
-fn may_wait() -> bool {
+pub(crate) fn may_wait() -> bool {
     INSIDE.fetch_add(1, Ordering::SeqCst);
     if sched::SHUTDOWN.load(Ordering::SeqCst) {
         INSIDE.fetch_sub(1, Ordering::SeqCst);
@@ -50,7 +50,7 @@ fn may_wait() -> bool {
     true
 }
 
-fn leave() {
+pub(crate) fn leave() {
     INSIDE.fetch_sub(1, Ordering::SeqCst);
 }
 

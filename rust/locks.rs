@@ -24,24 +24,10 @@ use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueErro
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyTuple};
 
-use crate::engine;
+use crate::{engine, hooks, sched};
 
 extern "C" {
     fn PyThread_get_thread_ident() -> std::os::raw::c_ulong;
-    #[cfg(not(Py_3_13))]
-    fn _Py_IsFinalizing() -> std::os::raw::c_int;
-}
-
-fn is_finalizing() -> bool {
-    // SAFETY: reads a runtime flag; callable without an attached thread state.
-    #[cfg(Py_3_13)]
-    unsafe {
-        pyo3::ffi::Py_IsFinalizing() != 0
-    }
-    #[cfg(not(Py_3_13))]
-    unsafe {
-        _Py_IsFinalizing() != 0
-    }
 }
 
 fn ident() -> u64 {
@@ -196,25 +182,40 @@ fn lock_blocking(py: Python<'_>, raw: &RawMutex, timeout: Option<f64>) -> PyResu
             Some(d) => d.saturating_duration_since(Instant::now()).min(SLICE),
             None => SLICE,
         };
+        // A thread that takes the interpreter back once it finalizes is ended by pthread_exit,
+        // which must not unwind through these frames. So a wait is counted in the hooks'
+        // INSIDE count (the exit handler waits for it to come back, before finalizing), and
+        // once the interpreter shuts down a waiter that did not get the lock never takes the
+        // interpreter back: it sleeps until the process exits (it would be ended anyway:
+        // only daemon threads are left by then).
+        if !hooks::may_wait() {
+            if raw.try_lock().is_some() {
+                return Ok(true);
+            }
+            py.detach(park_forever);
+        }
         let got = py.detach(|| {
             let got = raw.try_lock_for(slice).is_some();
-            // A thread that takes the interpreter back once it finalizes is ended by
-            // pthread_exit, which must not unwind through these frames: such a thread stays
-            // here, asleep, until the process exits.
-            while is_finalizing() {
-                std::thread::sleep(Duration::from_secs(3600));
+            if !got && sched::SHUTDOWN.load(Ordering::SeqCst) {
+                hooks::leave();
+                park_forever();
             }
             got
         });
+        hooks::leave();
         if got {
             return Ok(true);
         }
-        if let Err(e) = py.check_signals() {
-            return Err(e);
-        }
+        py.check_signals()?;
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(raw.try_lock().is_some());
         }
+    }
+}
+
+fn park_forever() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 

@@ -329,3 +329,114 @@ def test_isinstance():
     )
     result = pytester.runpytest("--ftrace", "--seed", "1")
     result.assert_outcomes(passed=1)
+
+
+# -- threads the test starts, and honest exactness ------------------------------------------------
+
+STARTED_THREADS = """
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+POOL = ThreadPoolExecutor(2)  # made at import, shared by every round, never shut down
+
+def test_executor_in_the_test():
+    with ThreadPoolExecutor(2) as ex:
+        assert sorted(ex.map(lambda x: x * 2, range(4))) == [0, 2, 4, 6]
+
+def test_module_level_executor():
+    assert POOL.submit(lambda: 7).result(timeout=30) == 7
+
+def test_actor_left_running(thread_index):
+    inbox, outbox = queue.Queue(), queue.Queue()
+    def actor():
+        while True:  # never stopped: blocked for good once the round is over
+            outbox.put(inbox.get() + 1)
+    threading.Thread(target=actor, daemon=True).start()
+    inbox.put(thread_index)
+    assert outbox.get() == thread_index + 1
+"""
+
+
+def test_threads_the_test_starts_are_scheduled_and_may_outlive_the_round(pytester):
+    # In a process of its own: the threads it leaves must not outlive it here.
+    pytester.makepyfile(STARTED_THREADS)
+    result = pytester.runpytest_subprocess(*RUN, "--seed", "5")
+    result.assert_outcomes(passed=3)
+    clean(result)
+
+
+SLOW_SERVER = """
+import queue
+import threading
+import time
+
+import pytest
+
+@pytest.fixture
+def server():
+    requests = queue.Queue()
+    def serve():
+        while True:
+            reply, n = requests.get()
+            if reply is None:
+                return
+            time.sleep(0.3)  # longer than the scheduler waits for a wake from outside
+            reply.put(n * 10)
+    t = threading.Thread(target=serve, name="slow-server", daemon=True)
+    t.start()
+    yield requests
+    requests.put((None, None))
+    t.join()
+
+def test_ask_the_server(server, thread_index):
+    reply = queue.Queue()
+    server.put((reply, thread_index))
+    assert reply.get() == thread_index * 10
+"""
+
+
+def test_waiting_for_a_thread_outside_the_round_is_no_deadlock(pytester):
+    # The server thread (started by a fixture) is not managed: while it works, every managed
+    # thread waits, which is no deadlock; the round goes on free and says why.
+    pytester.makepyfile(SLOW_SERVER)
+    result = pytester.runpytest("--ftrace", "--threads", "2", "--iterations", "2", "--seed", "1")
+    result.assert_outcomes(passed=1, warnings=1)
+    out = result.stdout.str()
+    assert "DeadlockError" not in out
+    result.stdout.fnmatch_lines(["*round 0 was not exact*'slow-server'*"])
+
+
+NOT_EXACT_FAILURE = """
+import os
+import time
+
+PIPE = os.pipe()
+
+def test_pipe_then_fail(thread_index):
+    if thread_index == 0:
+        assert os.read(PIPE[0], 1) == b"x"  # blocks in C: the round cannot stay exact
+    else:
+        time.sleep(0.01)
+        os.write(PIPE[1], b"x")
+    assert thread_index == 5, "always fails"
+"""
+
+
+def test_a_replay_of_a_round_that_was_not_exact_says_so_and_names_the_call(pytester):
+    pytester.makepyfile(NOT_EXACT_FAILURE)
+    first = pytester.runpytest("--ftrace", "--threads", "2", "--iterations", "1", "--seed", "1")
+    first.assert_outcomes(failed=1)
+    first.stdout.fnmatch_lines(
+        ["*round 0 was not exact (unmanaged blocking at *.py:8*): the replay line*"]
+    )
+    line = next(x for x in first.stdout.lines if "replay: pytest " in x)
+    args = line.split("replay: pytest ", 1)[1].split()
+    args = [a.strip("'") for a in args]
+    again = pytester.runpytest(*args, "--ftrace-replay-runs", "2")
+    again.assert_outcomes(failed=1)
+    out = again.stdout.str()
+    again.stdout.fnmatch_lines(
+        ["*replay: reproduced in */2 runs*not an exact reproduction*unmanaged blocking at*.py:8*"]
+    )
+    assert "following the recorded schedule)" not in out
