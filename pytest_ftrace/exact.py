@@ -457,7 +457,7 @@ class ExactTest:
     def __init__(self, native, threads: int, seed_round: int | None = None, scope=None, roots=()):
         self.native = native
         self.scope = scope
-        self.roots = tuple(roots)  # shared fixture values, scanned for locks to stand in for
+        self.roots = tuple(roots)  # shared fixture values (no longer scanned: kept for callers)
         self.threads = threads
         self.seed_round = seed_round  # replaying by seed: every round reseeded as this one
         self._local = threading.local()
