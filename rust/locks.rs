@@ -163,6 +163,9 @@ fn native_waiters() -> Vec<u64> {
     NATIVE_WAITERS.lock().iter().map(|&(x, _)| x).collect()
 }
 
+/// The OS ident of the thread that imported the module (the main thread).
+static MAIN: AtomicU64 = AtomicU64::new(0);
+
 /// How long one slice of a blocking wait lasts: signals are checked between slices.
 const SLICE: Duration = Duration::from_millis(20);
 
@@ -188,21 +191,29 @@ fn lock_blocking(py: Python<'_>, raw: &RawMutex, timeout: Option<f64>) -> PyResu
         // once the interpreter shuts down a waiter that did not get the lock never takes the
         // interpreter back: it sleeps until the process exits (it would be ended anyway:
         // only daemon threads are left by then).
-        if !hooks::may_wait() {
-            if raw.try_lock().is_some() {
-                return Ok(true);
+        // The main thread finalizes the interpreter itself and is never ended that way: it
+        // waits as usual (an exit handler may wait for a lock).
+        let main = ident() == MAIN.load(Ordering::Relaxed);
+        let got = if main {
+            py.detach(|| raw.try_lock_for(slice).is_some())
+        } else {
+            if !hooks::may_wait() {
+                if raw.try_lock().is_some() {
+                    return Ok(true);
+                }
+                py.detach(park_forever);
             }
-            py.detach(park_forever);
-        }
-        let got = py.detach(|| {
-            let got = raw.try_lock_for(slice).is_some();
-            if !got && sched::SHUTDOWN.load(Ordering::SeqCst) {
-                hooks::leave();
-                park_forever();
-            }
+            let got = py.detach(|| {
+                let got = raw.try_lock_for(slice).is_some();
+                if !got && sched::SHUTDOWN.load(Ordering::SeqCst) {
+                    hooks::leave();
+                    park_forever();
+                }
+                got
+            });
+            hooks::leave();
             got
-        });
-        hooks::leave();
+        };
         if got {
             return Ok(true);
         }
@@ -683,6 +694,7 @@ fn allocate_lock(py: Python<'_>) -> Lock {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    MAIN.store(ident(), Ordering::Relaxed);
     m.add_class::<Lock>()?;
     m.add_class::<RLock>()?;
     m.add_function(wrap_pyfunction!(allocate_lock, m)?)?;
