@@ -36,7 +36,6 @@ import time
 from pytest_ftrace import _native
 
 WATCHDOG_SECONDS = 1.0
-POLL_SECONDS = 0.0005  # free-running fallback: how often a would-be-blocked thread retries
 
 _real_lock = _thread.allocate_lock
 _real_sleep = time.sleep
