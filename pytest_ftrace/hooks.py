@@ -25,7 +25,10 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser, args: list[str]) -> None:
     """`--ftrace-isolate PATH`: the path is a path (rewritten to `--ftrace-isolate=test PATH`
-    before pytest parses the command line for good, and before it looks for conftests)."""
+    before pytest parses the command line for good, and before it looks for conftests).
+    `--ftrace` in exact mode: schedulable locks from now on, before any conftest or test module
+    is imported."""
+    _install_locks(early_config, early_config.known_args_namespace)
     if "--ftrace-isolate" not in args:
         return
     before = list(args)
@@ -63,6 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
             f"{sys.executable}); run the tests with a free-threaded Python such as python3.13t "
             "(with PYTHON_GIL unset or 0)"
         )
+    _install_locks(config, config.option)
     state = config.stash[STATE_KEY] = SessionState(settings, peers, gil.Watch())
     ACTIVE_CONFIGS.append(config)
     config.add_cleanup(lambda: ACTIVE_CONFIGS.remove(config))
@@ -89,6 +93,29 @@ def pytest_configure(config: pytest.Config) -> None:
         from pytest_ftrace import phase_timeout
 
         phase_timeout.configure(config, settings.timeout)
+
+
+_LOCKS_KEY = pytest.StashKey[bool]()
+
+
+def _install_locks(config: pytest.Config, namespace) -> None:
+    """Under --ftrace in exact mode, make threading's locks schedulable for the session (once
+    per config; undone when the config is cleaned up)."""
+    if not getattr(namespace, "ftrace", False) or config.stash.get(_LOCKS_KEY, False):
+        return
+    mode = getattr(namespace, "ftrace_mode", None)
+    if mode is None:
+        try:
+            mode = str(config.getini("ftrace_mode") or "").strip() or options.DEFAULT_MODE
+        except (ValueError, TypeError, pytest.UsageError):
+            return  # the usage error comes at configure
+    if mode != "exact":
+        return
+    from pytest_ftrace.ftrace import locks
+
+    locks.install()
+    config.stash[_LOCKS_KEY] = True
+    config.add_cleanup(locks.uninstall)
 
 
 def _bounds_phases(config: pytest.Config, settings: options.Settings) -> bool:

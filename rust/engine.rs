@@ -116,6 +116,9 @@ struct Slot {
     /// Exact mode: the core of `run`, and this thread's id in it while it is managed.
     core: Option<Arc<Core>>,
     managed: Option<u32>,
+    /// The core's round generation when `managed` was set: a thread left from an earlier
+    /// round (released when the round ended) is not managed in a later one.
+    managed_gen: u64,
     rng: Pcg32,
     batch: Batch,
     pending: u32,
@@ -131,11 +134,20 @@ impl Slot {
             thread_index: None,
             core: None,
             managed: None,
+            managed_gen: 0,
             rng: seed::stream(0),
             batch: Batch::default(),
             pending: 0,
             flush_every: 1,
         }
+    }
+
+    /// This thread's managed id, if it is managed in the core's current round.
+    #[inline]
+    fn managed(&self) -> Option<u32> {
+        let tid = self.managed?;
+        let core = self.core.as_ref()?;
+        (core.generation() == self.managed_gen).then_some(tid)
     }
 
     fn flush(&mut self) {
@@ -219,7 +231,7 @@ pub fn on_point(kind: Kind) -> Decision {
             if s.pending >= s.flush_every {
                 s.flush();
             }
-            return if s.managed.is_some() {
+            return if s.managed().is_some() {
                 Decision::Schedule
             } else {
                 Decision::Continue
@@ -284,11 +296,26 @@ pub fn thread_exit(run: &RunShared) -> Result<(), String> {
     })
 }
 
+/// Exact mode: whether the calling thread is managed by the active run (cheap: a thread-local
+/// read and an atomic load).
+#[inline]
+pub fn managed_now() -> bool {
+    let active = ACTIVE_ID.load(Ordering::Acquire);
+    if active == 0 {
+        return false;
+    }
+    SLOT.try_with(|cell| {
+        cell.try_borrow()
+            .is_ok_and(|s| s.run_id == active && s.managed().is_some())
+    })
+    .unwrap_or(false)
+}
+
 /// Exact mode: this thread's core and managed id, when it has both.
 fn managed_core() -> Option<(Arc<Core>, u32)> {
     SLOT.try_with(|cell| {
         let s = cell.try_borrow().ok()?;
-        Some((Arc::clone(s.core.as_ref()?), s.managed?))
+        Some((Arc::clone(s.core.as_ref()?), s.managed()?))
     })
     .ok()
     .flatten()
@@ -310,7 +337,7 @@ pub fn schedule_point_try(at: crate::sched::Location) -> Option<Wait> {
         let Ok(s) = cell.try_borrow() else {
             return Some(Wait::Free);
         };
-        match (s.core.as_ref(), s.managed) {
+        match (s.core.as_ref(), s.managed()) {
             (Some(core), Some(tid)) => core.try_point_at(tid, at),
             _ => Some(Wait::Free),
         }
@@ -336,7 +363,7 @@ pub fn exact_slot(run: &Arc<RunShared>) -> Result<(Arc<Core>, Option<u32>), Stri
             run.stats.foreign_thread();
             s.attach(run, None, seed::foreign_seed(run.seed, n));
         }
-        (core, s.managed)
+        (core, s.managed())
     })
 }
 
@@ -345,7 +372,7 @@ pub fn managed_id(run: &RunShared) -> Option<u32> {
     SLOT.try_with(|cell| {
         let s = cell.try_borrow().ok()?;
         if s.run_id == run.id {
-            s.managed
+            s.managed()
         } else {
             None
         }
@@ -357,7 +384,10 @@ pub fn managed_id(run: &RunShared) -> Option<u32> {
 /// Exact mode: set (or clear) this thread's managed id in `run`.
 pub fn set_managed(run: &Arc<RunShared>, tid: Option<u32>) -> Result<(), String> {
     exact_slot(run)?;
-    with_slot(|s| s.managed = tid)
+    with_slot(|s| {
+        s.managed = tid;
+        s.managed_gen = s.core.as_ref().map_or(0, |c| c.generation());
+    })
 }
 
 /// Add this thread's pending counts for `run` (before reading statistics).

@@ -18,7 +18,7 @@ use crate::engine::{self, RunShared};
 use crate::iterpoints;
 use crate::opcodes;
 use crate::policy::{Decision, Policy, PolicyConfig};
-use crate::sched::{self, Core, Status};
+use crate::sched::{self, Core, Status, Wait};
 use crate::seed::{self, Part};
 
 extern "C" {
@@ -42,7 +42,7 @@ static INSIDE: AtomicUsize = AtomicUsize::new(0);
 /// Whether the calling thread may let go of the interpreter to wait: counts it in [`INSIDE`]
 /// (the caller calls [`leave`] once it holds the interpreter again), or false once the
 /// interpreter shuts down (then it must not wait at all).
-fn may_wait() -> bool {
+pub(crate) fn may_wait() -> bool {
     INSIDE.fetch_add(1, Ordering::SeqCst);
     if sched::SHUTDOWN.load(Ordering::SeqCst) {
         INSIDE.fetch_sub(1, Ordering::SeqCst);
@@ -51,7 +51,7 @@ fn may_wait() -> bool {
     true
 }
 
-fn leave() {
+pub(crate) fn leave() {
     INSIDE.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -461,18 +461,30 @@ impl Run {
         engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
         let ident = thread_ident();
         let seed_round = seed_round.unwrap_or(iteration);
-        Ok(detached(py, move || {
-            core.enter(tid, ident, iteration, seed_round, expected)
-        })
-        .name())
+        let wait = detached(py, {
+            let core = Arc::clone(&core);
+            move || core.enter(tid, ident, iteration, seed_round, expected)
+        });
+        // Managed in the round it entered (whose generation the enter may have started).
+        engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
+        Ok(wait.name())
     }
 
-    /// Exact mode: a thread the test started, given `tid` by sched_spawn, starts running.
-    fn sched_attach(&self, py: Python<'_>, tid: u32) -> PyResult<&'static str> {
+    /// Exact mode: a thread the test started, given `tid` by sched_spawn in round generation
+    /// `generation` (sched_generation), starts running.
+    fn sched_attach(&self, py: Python<'_>, tid: u32, generation: u64) -> PyResult<&'static str> {
         let (core, _) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        if generation != core.generation() {
+            return Ok(Wait::Free.name()); // its round is over: it runs unmanaged
+        }
         engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
         let ident = thread_ident();
-        Ok(detached(py, move || core.attach(tid, ident)).name())
+        Ok(detached(py, move || core.attach(tid, ident, generation)).name())
+    }
+
+    /// Exact mode: the current round's generation (see sched_attach).
+    fn sched_generation(&self) -> u64 {
+        self.shared.core().map_or(0, |c| c.generation())
     }
 
     /// Exact mode: the calling thread leaves the round (no-op when it is not managed).
@@ -541,6 +553,13 @@ impl Run {
     fn sched_close(&self) {
         if let Some(c) = self.shared.core() {
             c.close();
+        }
+    }
+
+    /// Exact mode: the deadlock the core declared was not one; the round runs free for `reason`.
+    fn sched_not_deadlock(&self, reason: &str) {
+        if let Some(c) = self.shared.core() {
+            c.not_deadlock(reason);
         }
     }
 

@@ -10,6 +10,7 @@ mod clock;
 pub mod engine;
 mod hooks;
 mod iterpoints;
+mod locks;
 pub mod opcodes;
 pub mod policy;
 pub mod sched;
@@ -37,5 +38,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     #[cfg(target_os = "linux")]
     stacks::register(m)?;
     clock::register(m)?;
+    locks::register(m)?;
     Ok(())
 }

@@ -361,7 +361,7 @@ def test_an_error_of_the_machinery_in_a_thread_the_test_started_fails_the_test(p
             def __getattr__(self, name):
                 return getattr(self._run, name)
 
-            def sched_attach(self, tid):
+            def sched_attach(self, *args):
                 raise RuntimeError("injected fault in the machinery")
 
         def managed():

@@ -6,13 +6,14 @@ This module is the Python side:
 - `ExactTest` plugs a test's threads into the core through the runner's hooks: a worker is
   managed from `round_start` to `round_end`, and waits for its turn in Rust with the
   interpreter released.
-- While a test runs, `threading.Lock`, `RLock`, `Condition`, `time.sleep` and
-  `Thread.start`/`join` are patched (`install`/`uninstall`). Objects made by a managed thread
-  are cooperative: a thread that would block tells the core, which hands the turn to another
-  thread, and a release wakes the waiters. `Semaphore`, `BoundedSemaphore`, `Event`, `Barrier`
-  and `queue.Queue` are built from `Lock` and `Condition` by the standard library, so the
-  ones a managed thread makes are cooperative too. Objects made elsewhere (module level,
-  fixtures) are the real ones.
+- From the start of the session, `threading.Lock`, `RLock` and `_allocate_lock` make the
+  native locks of `pytest_ftrace.ftrace.locks`; `Condition`, `Semaphore`, `BoundedSemaphore`,
+  `Event`, `Barrier` and `queue.Queue` are built on them by the standard library, wherever
+  they are made (module level, class attributes, fixtures, libraries). While a test runs,
+  a managed thread that would block on one tells the core, which hands the turn to another
+  thread, and a release wakes the waiters (`_acquire_hook`, `_release_hook`); `time.sleep`
+  and `Thread.start`/`join` are patched (`install`/`uninstall`). A lock made before the
+  session started is a real one, and a wait on it is caught by the watchdog.
 - A watchdog thread notices a running thread that reaches no scheduling point for
   `WATCHDOG_SECONDS` (blocked in I/O, in C, or on a lock made outside the test), reports
   "unmanaged blocking at <file:line>" and lets the rest of that round run free.
@@ -25,17 +26,16 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import _thread
-import collections
 import os
 import queue
 import re
 import sys
 import threading
 import time
-import types
+
+from pytest_ftrace import _native
 
 WATCHDOG_SECONDS = 1.0
-POLL_SECONDS = 0.0005  # free-running fallback: how often a would-be-blocked thread retries
 
 _real_lock = _thread.allocate_lock
 _real_sleep = time.sleep
@@ -68,28 +68,6 @@ def _managed():
     if run is not None and run.sched_me() is not None:
         return run
     return None
-
-
-_WORKER = threading.local()  # .run: the exact run whose worker this thread is
-
-
-def _creates_cooperative() -> bool:
-    """Whether a lock made now should be cooperative: made by a managed thread, or by a worker
-    of the test outside its rounds (its own function-scoped fixtures)."""
-    run = _CURRENT
-    if run is None:
-        return False
-    return run.sched_me() is not None or getattr(_WORKER, "run", None) is run
-
-
-def _from_user_code() -> bool:
-    """Whether the nearest caller outside this module is outside threading and queue too: a
-    lock taken inside Event, Semaphore or Queue is not a scheduling point of its own (the
-    user's call into them already was one), which keeps rounds short."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame = frame.f_back
-    return frame is not None and frame.f_code.co_filename not in _SKIP_FILES
 
 
 def _site(depth: int = 2) -> str:
@@ -125,12 +103,60 @@ def _block(run, resource: int, timed: bool, what: object, timeout: float | None 
     first."""
     me = run.sched_me()
     _BLOCKS.append(me)
-    _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_tid", None))
+    if timed and not isinstance(what, _Sleeper) and _outside_threads(run):
+        # A wake may come from a thread exact mode does not manage: the wait must not end
+        # on the virtual clock before that thread had its chance (it ends as a deadlock
+        # would, and _not_a_deadlock lets it wait for real, not exact).
+        timed, timeout = False, None
+    _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_ident", None))
     answer = run.sched_block(resource, timed, timeout)
     if answer == "deadlock":
-        raise DeadlockError(_deadlock_report(run, me))
+        why = _not_a_deadlock(run)
+        if why is None:
+            raise DeadlockError(_deadlock_report(run, me))
+        run.sched_not_deadlock(why)  # the round runs free from here, not exact
+        answer = "free"
     _WAITING.pop(me, None)
     return answer
+
+
+def _not_a_deadlock(run) -> str | None:
+    """Why every managed thread being blocked is not a deadlock (None: it is one). It is one
+    when the waits for locks form a cycle, or when no thread outside the round can wake a
+    waiter: every thread that is alive is managed, a worker of the test, exact mode's own, or
+    itself waiting for a lock."""
+    waiting = dict(_WAITING)
+    idents = {ident: tid for tid, ident, _status, _resource in run.sched_threads()}
+    holds: dict[int, int] = {}
+    for tid, (_what, _stack, owner_ident) in waiting.items():
+        if owner_ident and owner_ident in idents:
+            holds[tid] = idents[owner_ident]
+    if _cycle(holds):
+        return None
+    outside = _outside_threads(run)
+    if not outside:
+        return None
+    sites = sorted({what._ftrace_describe() for what, _s, _o in waiting.values() if what})
+    return (
+        f"every managed thread waited ({'; '.join(sites)}) for what thread "
+        f"{outside[0].name!r}, which exact mode does not manage, may do"
+    )
+
+
+def _outside_threads(run) -> list:
+    """The live threads that could wake a managed thread from outside the round: not
+    managed, not a worker of the test nor exact mode's own, not waiting for a lock."""
+    ours = {ident for _tid, ident, _status, _resource in run.sched_threads()}
+    ours.update(_native.native_waiters())
+    test = _TEST
+    if test is not None:
+        ours |= test.worker_idents
+        if test._watchdog is not None:
+            ours.add(test._watchdog.ident)
+    main = threading.main_thread()
+    return [
+        t for t in threading.enumerate() if t is not main and t.ident not in ours and t.is_alive()
+    ]
 
 
 def _deadlock_report(run, me: int) -> str:
@@ -139,7 +165,11 @@ def _deadlock_report(run, me: int) -> str:
     waiting = dict(_WAITING)
     lines = ["deadlock: every managed thread is blocked"]
     holds: dict[int, int] = {}
-    for tid, (what, _stack, owner) in sorted(waiting.items()):
+    idents = {ident: tid for tid, ident, _status, _resource in run.sched_threads()}
+    for tid, (what, _stack, owner_ident) in sorted(waiting.items()):
+        owner = getattr(what, "_owner_tid", None)
+        if owner_ident:
+            owner = idents.get(owner_ident)
         held = f" held by thread {owner}" if owner is not None else ""
         lines.append(f"  thread {tid} waits for {_describe(what)}{held}")
         if owner is not None:
@@ -173,262 +203,100 @@ def _describe(what: object) -> str:
     return describe() if describe is not None else repr(what)
 
 
-# -- cooperative primitives -------------------------------------------------------------------
+# -- schedulable primitives ---------------------------------------------------------------------
+#
+# `threading.Lock`, `RLock` and `_allocate_lock` are the native locks of `ftrace/locks.py`
+# from the start of the session, so `Condition`, `Event`, `Semaphore`, `Barrier` and `Queue`
+# (built on them by the standard library) are made of them too, wherever and whenever they
+# were made. While a test runs, a managed thread's acquire comes here (`_acquire_hook`): it
+# waits in the core instead of in the OS; a release that a managed thread makes, or that a
+# managed thread waits for, goes through `_release_hook`.
 
 
-# Where a cooperative stand-in for a lock or condition made outside the test came from.
-OUTSIDE = "made outside the test (a cooperative stand-in for the real one during it)"
+class _LockWait:
+    """What a blocked managed thread waits for: a lock, or (a wait inside
+    `threading.Condition.wait`) a condition, named by the user's line that waits."""
 
+    __slots__ = ("kind", "lock", "site")
 
-def _origin(made_at: str) -> str:
-    return made_at if made_at == OUTSIDE else f"made at {made_at}"
-
-
-class _CoopLock:
-    """A lock whose waits go through the core. Owner-checked like RLock when reentrant."""
-
-    _reentrant = False
-    _kind = "Lock"
-
-    def __init__(self):
-        self._mutex = _real_lock()
-        self._owner = None  # thread ident
-        self._owner_tid = None  # managed id of the owner, if it is managed
-        self._count = 0
-        self._made_at = _site(3)
-
-    def _ftrace_describe(self) -> str:
-        return f"{self._kind} {_origin(self._made_at)}"
-
-    def __repr__(self) -> str:
-        state = "locked" if self._owner is not None else "unlocked"
-        return f"<cooperative {self._kind} {state}, {_origin(self._made_at)}>"
-
-    def _try(self, me: int, tid) -> bool:
-        with self._mutex:
-            if self._owner is None:
-                self._owner, self._owner_tid, self._count = me, tid, 1
-                return True
-            if self._reentrant and self._owner == me:
-                self._count += 1
-                return True
-            return False
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if not blocking and timeout != -1:
-            raise ValueError("can't specify a timeout for a non-blocking call")
-        if timeout < 0 and timeout != -1:
-            raise ValueError("timeout value must be a non-negative number")
-        me = _thread.get_ident()
-        run = _managed()
-        if run is not None and _from_user_code():
-            run.sched_point()
-        deadline = None if timeout < 0 else _real_monotonic() + timeout
-        while True:
-            run = _managed()
-            if self._try(me, run.sched_me() if run is not None else None):
-                return True
-            if not blocking:
-                return False
-            if run is not None:
-                answer = _block(run, id(self), timeout >= 0, self, timeout)
-                if answer == "timeout":
-                    return False
-                if answer != "free":
-                    continue
-            if deadline is not None and _real_monotonic() >= deadline:
-                return False
-            _real_sleep(POLL_SECONDS)
-
-    def release(self) -> None:
-        with self._mutex:
-            if self._owner is None:
-                raise RuntimeError("release unlocked lock")
-            if self._reentrant and self._owner != _thread.get_ident():
-                raise RuntimeError("cannot release un-acquired lock")
-            self._count -= 1
-            if self._count:
-                return
-            self._owner = self._owner_tid = None
-        run = _CURRENT
-        if run is not None:
-            run.sched_wake(id(self))
-            if run.sched_me() is not None and _from_user_code():
-                run.sched_point()
-
-    def locked(self) -> bool:
-        return self._owner is not None
-
-    def _is_owned(self) -> bool:
-        return self._owner == _thread.get_ident()
-
-    def _release_save(self):
-        with self._mutex:
-            state = (self._count, self._owner, self._owner_tid)
-            self._count = 1
-        self.release()
-        return state
-
-    def _acquire_restore(self, state) -> None:
-        self.acquire()
-        with self._mutex:
-            self._count, self._owner, self._owner_tid = state
-
-    def _at_fork_reinit(self) -> None:
-        self._mutex = _real_lock()
-        self._owner = self._owner_tid = None
-        self._count = 0
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class _CoopRLock(_CoopLock):
-    _reentrant = True
-    _kind = "RLock"
-
-    def _recursion_count(self) -> int:
-        """How often the calling thread holds it (0 if it does not), as RLock says; the
-        standard library asks (multiprocessing's resource tracker, for one)."""
-        return self._count if self._owner == _thread.get_ident() else 0
-
-
-class _Waiter:
-    __slots__ = ("notified",)
-
-    def __init__(self):
-        self.notified = False
-
-
-class _CoopCondition:
-    """threading.Condition whose waits go through the core."""
-
-    def __init__(self, lock=None):
-        self._lock = lock if lock is not None else RLock()
-        self.acquire = self._lock.acquire
-        self.release = self._lock.release
-        self._waiters: collections.deque[_Waiter] = collections.deque()
-        self._made_at = _site(2)
+    def __init__(self, lock, caller):
+        self.lock = lock
+        if caller.f_code.co_filename == threading.__file__ and caller.f_code.co_name == "wait":
+            self.kind = "Condition"
+        else:
+            self.kind = type(lock).__name__.replace("lock", "Lock")
+        self.site = _site_from(caller)
 
     def _ftrace_describe(self) -> str:
-        return f"Condition {_origin(self._made_at)}"
+        if self.kind == "Condition":
+            return f"Condition (waited for at {self.site})"
+        made = self.lock._ftrace_made_at
+        if made is None:
+            return f"{self.kind} made outside the test (waited for at {self.site})"
+        return f"{self.kind} made at {_relative(made.rsplit(':', 1)[0])}:{made.rsplit(':', 1)[1]}"
 
     @property
-    def _owner_tid(self):
-        return None  # nobody holds a condition: it is waited for until notified
+    def _owner_ident(self):
+        """The OS ident of the thread holding it now (None: a condition, or free)."""
+        if self.kind == "Condition":
+            return None  # nobody holds a condition: it is waited for until notified
+        return self.lock._ftrace_owner() or None
 
-    def __enter__(self):
-        return self._lock.__enter__()
 
-    def __exit__(self, *exc):
-        return self._lock.__exit__(*exc)
+def _site_from(frame) -> str:
+    while frame is not None and frame.f_code.co_filename in _SKIP_FILES:
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    return f"{_relative(frame.f_code.co_filename)}:{frame.f_lineno}"
 
-    def __repr__(self) -> str:
-        return f"<cooperative Condition({self._lock!r}, {len(self._waiters)})>"
 
-    def _is_owned(self) -> bool:
-        owned = getattr(self._lock, "_is_owned", None)
-        if owned is not None:
-            return owned()
-        if self._lock.acquire(False):
-            self._lock.release()
-            return False
+def _user_file(filename: str) -> bool:
+    """Whether a lock operation called from `filename` is a scheduling point: not from
+    threading or queue (the user's call into them already was one, which keeps rounds short),
+    nor from the plugin's own code."""
+    return filename not in _SKIP_FILES and not filename.startswith(_HERE)
+
+
+def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
+    """A managed thread acquires a native lock: a scheduling point when the user's code (not
+    threading's or queue's) asks, then the lock, waiting in the core while it is held."""
+    run = _managed()
+    if run is None:  # no longer managed (the round ended): a plain acquire
+        return lock._ftrace_block(timeout) if blocking else lock._ftrace_try()
+    caller = sys._getframe(1)
+    if _user_file(caller.f_code.co_filename):
+        run.sched_point()
+    if lock._ftrace_try():
         return True
-
-    def _release_save(self):
-        save = getattr(self._lock, "_release_save", None)
-        if save is not None:
-            return save()
-        self._lock.release()
-        return None
-
-    def _acquire_restore(self, state) -> None:
-        restore = getattr(self._lock, "_acquire_restore", None)
-        if restore is not None:
-            restore(state)
-        else:
-            self._lock.acquire()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if not self._is_owned():
-            raise RuntimeError("cannot wait on un-acquired lock")
-        waiter = _Waiter()
-        self._waiters.append(waiter)
-        saved = self._release_save()
-        try:
-            deadline = None if timeout is None else _real_monotonic() + timeout
-            while not waiter.notified:
-                run = _managed()
-                if run is not None:
-                    answer = _block(run, id(waiter), timeout is not None, self, timeout)
-                    if answer == "timeout":
-                        return waiter.notified
-                    if answer != "free":
-                        continue
-                if deadline is not None and _real_monotonic() >= deadline:
-                    return waiter.notified
-                _real_sleep(POLL_SECONDS)
-            return True
-        finally:
-            self._acquire_restore(saved)
-            if not waiter.notified:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
-
-    def wait_for(self, predicate, timeout: float | None = None):
-        endtime = None
-        waittime = timeout
-        result = predicate()
-        while not result:
-            if waittime is not None:
-                if endtime is None:
-                    endtime = _real_monotonic() + waittime
-                else:
-                    waittime = endtime - _real_monotonic()
-                    if waittime <= 0:
-                        break
-            if not self.wait(waittime) and timeout is not None:
-                result = predicate()
-                break
-            result = predicate()
-        return result
-
-    def notify(self, n: int = 1) -> None:
-        if not self._is_owned():
-            raise RuntimeError("cannot notify on un-acquired lock")
-        run = _CURRENT
-        while n > 0 and self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.notified = True
-            n -= 1
-            if run is not None:
-                run.sched_wake(id(waiter))
-
-    def notify_all(self) -> None:
-        self.notify(len(self._waiters))
-
-    notifyAll = notify_all  # noqa: N815 - the threading name
+    if not blocking or timeout == 0:
+        return False
+    what = None
+    lock._ftrace_waiting(1)  # before the next try: a release after it wakes the core
+    try:
+        while True:
+            if lock._ftrace_try():
+                return True
+            if what is None:
+                what = _LockWait(lock, caller)
+            answer = _block(run, id(lock), timeout is not None, what, timeout)
+            if answer == "timeout":
+                return False
+            if answer == "free":
+                return lock._ftrace_block(timeout)
+    finally:
+        lock._ftrace_waiting(-1)
 
 
-def Lock():  # noqa: N802 - stands in for threading.Lock
-    return _CoopLock() if _creates_cooperative() else _real_lock()
-
-
-def RLock(*args, **kwargs):  # noqa: N802 - stands in for threading.RLock
-    if _creates_cooperative():
-        return _CoopRLock()
-    return _ORIGINAL[(threading, "RLock")](*args, **kwargs)
-
-
-def Condition(lock=None):  # noqa: N802 - stands in for threading.Condition
-    if _creates_cooperative() or isinstance(lock, _CoopLock):
-        return _CoopCondition(lock)
-    return _ORIGINAL[(threading, "Condition")](lock)
+def _release_hook(lock, managed: bool, waiting: bool) -> None:
+    """After a release by a managed thread, or of a lock a managed thread waits for."""
+    run = _CURRENT
+    if run is None:
+        return
+    if waiting:
+        run.sched_wake(id(lock))
+    if managed and _user_file(sys._getframe(1).f_code.co_filename):
+        run.sched_point()
 
 
 class _Sleeper:
@@ -460,6 +328,7 @@ def _thread_start(self) -> None:
     tid = run.sched_spawn() if run is not None else None
     if tid is None:
         return _ORIGINAL[(threading.Thread, "start")](self)
+    generation = run.sched_generation()
     self._ftrace_tid = tid
     self._ftrace_run = run
     test = _TEST
@@ -471,7 +340,7 @@ def _thread_start(self) -> None:
         # The plugin's own calls here are guarded: an error of theirs fails the test (as an
         # internal error, see ExactTest.internal_errors), never the user's thread.
         try:
-            run.sched_attach(tid)
+            run.sched_attach(tid, generation)
         except Exception as exc:  # noqa: BLE001 - the machinery's: reported with the test
             INTERNAL_ERRORS.append(("a thread the test started, joining the scheduler", exc))
         try:
@@ -487,13 +356,40 @@ def _thread_start(self) -> None:
     # The new thread says it started before it attaches, from outside the core: a real
     # Event makes start() wait for that in C, holding the turn, so the schedule does not
     # depend on when the OS runs the new thread.
-    started = threading.Event.__new__(threading.Event)
-    started._cond = _ORIGINAL[(threading, "Condition")](_real_lock())
-    started._flag = False
-    self._started = started
+    self._started = _StartedEvent()
     _ORIGINAL[(threading.Thread, "start")](self)
     run.sched_point()
     return None
+
+
+class _StartedEvent:
+    """The `_started` event of a thread a managed thread starts: made of a real lock, so the
+    parent waits for it in C, holding its turn."""
+
+    def __init__(self):
+        self._flag = False
+        self._lock = _real_lock()
+        self._lock.acquire()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    isSet = is_set  # noqa: N815 - the threading name
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._flag and self._lock.acquire(True, -1 if timeout is None else timeout):
+            self._lock.release()
+        return self._flag
+
+    def _at_fork_reinit(self) -> None:
+        self._lock = _real_lock()
+        if not self._flag:
+            self._lock.acquire()
 
 
 def _thread_join(self, timeout: float | None = None) -> None:
@@ -520,168 +416,31 @@ class _ThreadWait:
 
 
 _PATCHES = (
-    (threading, "Lock", Lock),
-    (threading, "RLock", RLock),
-    (threading, "Condition", Condition),
     (time, "sleep", sleep),
     (threading.Thread, "start", _thread_start),
     (threading.Thread, "join", _thread_join),
 )
 
 
-_REAL_LOCK_TYPES = (type(_real_lock()), type(threading.RLock()))
-_REAL_CONDITION = threading.Condition
-_SWAPPED: list[tuple[object, object, object, object]] = []  # (container, key, real, coop)
-_SCAN_LIMIT = 200  # items looked at per container
-_NOT_SCANNED = (type, types.ModuleType, types.FunctionType, types.MethodType)
-
-
-def _swap_locks(scope, roots=()) -> None:
-    """Stand cooperative locks in for the real, unheld locks the test can reach, for the test's
-    duration: in-scope modules' globals and the attributes of their module-level objects, and
-    the values of `roots` (the test's shared fixtures) down to the attributes of the objects
-    they hold.
-
-    A lock is swapped only when no closure, default argument, tuple or other object refers to
-    it (code could reach the real one there): the references found by the scan are put back
-    afterwards. Any other lock stays real, and a wait on it is caught by the watchdog."""
-    if scope is None:
-        return
-    found: dict[int, object] = {}
-    places: dict[int, list[tuple[object, object]]] = {}
-    seen: set[int] = set()
-    # Objects whose attribute dict the scan went through: on 3.13 such an object refers to
-    # its attribute values itself (inline values), which a swap in the dict replaces too.
-    owners: set[int] = set()
-
-    def visit(container, key, value, depth: int) -> None:
-        if isinstance(value, _REAL_LOCK_TYPES) or type(value) is _REAL_CONDITION:
-            # A real Condition is swapped whole (it holds bound methods of its lock): that
-            # covers the Event, Semaphore, Barrier and Queue objects built on one.
-            if type(container) in (dict, list):
-                found[id(value)] = value
-                places.setdefault(id(value), []).append((container, key))
-            return
-        if depth <= 0 or id(value) in seen:
-            return
-        seen.add(id(value))
-        if type(value) is dict:
-            for k, v in list(value.items())[:_SCAN_LIMIT]:
-                visit(value, k, v, depth - 1)
-        elif type(value) is list:
-            for i, v in enumerate(value[:_SCAN_LIMIT]):
-                visit(value, i, v, depth - 1)
-        elif type(value) is tuple:
-            for v in value[:_SCAN_LIMIT]:
-                visit(value, None, v, depth - 1)
-        elif not isinstance(value, _NOT_SCANNED) and hasattr(value, "__dict__"):
-            try:
-                attrs = vars(value)
-            except TypeError:
-                return
-            if type(attrs) is dict:
-                owners.add(id(value))
-                for k, v in list(attrs.items())[:_SCAN_LIMIT]:
-                    visit(attrs, k, v, depth - 1)
-
-    for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
-        if not file or not scope.contains(file, name):
-            continue
-        namespace = vars(module)
-        for key, value in list(namespace.items()):
-            visit(namespace, key, value, 2)
-    for value in roots:
-        visit(None, None, value, 3)
-    if not found:
-        return
-    import gc
-
-    locks = list(found.values())
-    bad: set[int] = set()
-    # Best effort: other holders of a lock that code could use (not every build tracks every
-    # container, so this can miss some).
-    for referrer in gc.get_referrers(*locks):
-        if referrer is found or referrer is locks or isinstance(referrer, types.FrameType):
-            continue  # ours, or a frame's locals (this one's, on 3.13): transient
-        if type(referrer) in (dict, list):
-            continue  # a container the scan saw, or e.g. a hook call's keyword arguments
-        if id(referrer) in owners:
-            continue  # holds it through the attribute dict the scan saw
-        if (
-            type(referrer) is tuple
-            and len(referrer) == len(locks)
-            and all(a is b for a, b in zip(referrer, locks, strict=True))
-        ):
-            continue  # the call's own argument tuple (tracked on 3.13)
-        for value in gc.get_referents(referrer):
-            if id(value) in found:
-                bad.add(id(value))
-    for key, lock in found.items():
-        if key in bad:
-            continue
-        if type(lock) is _REAL_CONDITION:
-            coop = _cooperative_condition(lock)
-            if coop is None:
-                continue
-            for container, slot in places[key]:
-                container[slot] = coop
-                _SWAPPED.append((container, slot, lock, coop))
-            continue
-        if not lock.acquire(False):  # held now: leave it alone
-            continue
-        lock.release()
-        coop = _CoopRLock() if isinstance(lock, _REAL_LOCK_TYPES[1]) else _CoopLock()
-        coop._made_at = OUTSIDE
-        for container, slot in places[key]:
-            container[slot] = coop
-            _SWAPPED.append((container, slot, lock, coop))
-
-
-def _cooperative_condition(real):
-    """A cooperative condition to stand in for `real` during the test, or None when it is in
-    use now (a waiter, or its lock held)."""
-    if real._waiters:
-        return None
-    inner = real._lock
-    if not inner.acquire(False):
-        return None
-    inner.release()
-    lock = _CoopRLock() if isinstance(inner, _REAL_LOCK_TYPES[1]) else _CoopLock()
-    lock._made_at = OUTSIDE
-    coop = _CoopCondition(lock)
-    coop._made_at = OUTSIDE
-    return coop
-
-
-def _restore_locks() -> None:
-    while _SWAPPED:
-        container, slot, real, coop = _SWAPPED.pop()
-        try:
-            if container[slot] is coop:
-                container[slot] = real
-        except (IndexError, KeyError):
-            pass
-
-
 def install(run, scope=None, roots=()) -> None:
-    """Patch the threading names for the test whose native run is `run`; with the
-    instrumentation's `scope`, stand cooperative locks in for the locks of the in-scope
-    modules and of `roots` (the shared fixture values)."""
+    """Patch `time.sleep` and `Thread.start`/`join` for the test whose native run is `run`,
+    and route the managed threads' lock operations to the core. No object of the test's or
+    the user's is changed: the locks are schedulable since the session started."""
     global _CURRENT
+    del scope, roots  # the locks need no scan any more (kept for callers)
     for owner, name, replacement in _PATCHES:
         _ORIGINAL.setdefault((owner, name), getattr(owner, name))
         setattr(owner, name, replacement)
     _WAITING.clear()
     _BLOCKS.clear()
-    _swap_locks(scope, roots)
     _CURRENT = run
+    _native.set_lock_hooks(_acquire_hook, _release_hook)
 
 
 def uninstall() -> None:
     global _CURRENT
+    _native.set_lock_hooks(None, None)
     _CURRENT = None
-    _restore_locks()
     for owner, name, _replacement in _PATCHES:
         original = _ORIGINAL.get((owner, name))
         if original is not None:
@@ -698,7 +457,7 @@ class ExactTest:
     def __init__(self, native, threads: int, seed_round: int | None = None, scope=None, roots=()):
         self.native = native
         self.scope = scope
-        self.roots = tuple(roots)  # shared fixture values, scanned for locks to stand in for
+        self.roots = tuple(roots)  # shared fixture values (no longer scanned: kept for callers)
         self.threads = threads
         self.seed_round = seed_round  # replaying by seed: every round reseeded as this one
         self._local = threading.local()
@@ -707,6 +466,7 @@ class ExactTest:
         self.blocking: list[str] = []  # unmanaged blocking reports, one per released round
         self.exit_steps: dict[tuple[int, int], int] = {}  # (round, worker) -> step
         self.rounds_seen: set[int] = set()
+        self.worker_idents: set[int] = set()  # the runner's worker threads
         self.waits = 0  # blocking waits of managed threads (locks, conditions, joins, sleeps)
         self.current_round = 0
         # (round, thread id) -> (name, id of the thread that started it, file:line of start())
@@ -759,7 +519,7 @@ class ExactTest:
     # runner hooks
     def thread_enter(self, index: int) -> None:
         self._local.index = index
-        _WORKER.run = self.native
+        self.worker_idents.add(threading.get_ident())
         self.native.thread_enter(index)
 
     def round_start(self, iteration: int) -> None:
@@ -783,7 +543,6 @@ class ExactTest:
         self.native.record_round(seconds)
 
     def thread_exit(self) -> None:
-        _WORKER.run = None
         self.native.sched_exit()
         self.native.thread_exit()
 

@@ -29,13 +29,13 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import fnmatch
 import opcode
 import os
 import sys
 import sysconfig
-import threading
 from collections.abc import Iterable
 
 from pytest_ftrace import _native
@@ -268,7 +268,8 @@ class Instrumentation:
         self.session_seed = session_seed
         self.scope = Scope(rootdir, include, exclude, packages)
         self.policy = dict(policy)
-        self._lock = threading.Lock()
+        # A real lock (exact mode makes threading.Lock schedulable): the plugin's own.
+        self._lock = _thread.allocate_lock()
         self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on
         self.generated = 0  # generated code objects armed in this activation
         self._active: TestRun | None = None

@@ -23,6 +23,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
+import _thread
 import sys
 import threading
 import time
@@ -121,7 +122,8 @@ class ThreadedRun:
         """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
         __tracebackhide__ = True
         outcome = Outcome(self.threads, self.iterations)
-        self._lock = threading.Lock()
+        # A real lock (exact mode makes threading.Lock schedulable): the plugin's own.
+        self._lock = _thread.allocate_lock()
         self._outcome = outcome
         self._stop = threading.Event()
         self._stopping: BaseException | None = None

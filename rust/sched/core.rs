@@ -20,7 +20,7 @@
 //!   the round ends; the round is recorded as not exact.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -324,6 +324,8 @@ pub struct Core {
     cvs: [Condvar; WAIT_SLOTS],
     /// Set by [`Core::close`] (the test is over): no thread waits in this core any more.
     closed: AtomicBool,
+    /// Bumped when a round starts: a thread's managed id is valid in one generation only.
+    generation: AtomicU64,
 }
 
 impl Core {
@@ -368,6 +370,7 @@ impl Core {
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
             closed: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -375,6 +378,11 @@ impl Core {
     pub fn with_k(mut self, k: Option<u64>) -> Core {
         self.fixed_k = k.map(|k| k.max(1));
         self
+    }
+
+    /// The current round's generation (see [`Core::enter`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn policy(&self) -> &Policy {
@@ -437,7 +445,15 @@ impl Core {
             return Wait::Free;
         }
         let mut st = self.state.lock();
+        // A round goes on while threads the test started in it run: the next one waits.
+        while st.round.is_some_and(|r| r != round) && st.live() {
+            if self.is_closed() {
+                return Wait::Free;
+            }
+            self.slot(tid).wait_for(&mut st, Duration::from_millis(50));
+        }
         if st.round != Some(round) && !st.live() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
             let k = self.fixed_k.unwrap_or(if st.max_steps > 0 {
                 st.max_steps
             } else {
@@ -559,9 +575,10 @@ impl Core {
         Some(tid)
     }
 
-    /// A spawned thread starts running on OS thread `ident`: wait for its turn.
-    pub fn attach(&self, tid: u32, ident: u64) -> Wait {
-        if self.is_closed() {
+    /// A spawned thread starts running on OS thread `ident`: wait for its turn. `generation`:
+    /// the one it was spawned in (a later round does not take it).
+    pub fn attach(&self, tid: u32, ident: u64, generation: u64) -> Wait {
+        if self.is_closed() || generation != self.generation() {
             return Wait::Free;
         }
         let mut st = self.state.lock();
@@ -671,6 +688,10 @@ impl Core {
         }
         st.runnable_dirty = true;
         st.progress += 1;
+        if st.end_if_leftovers_blocked() {
+            self.notify_every();
+            return Wait::Free;
+        }
         if st.running == Some(tid) || st.running.is_none() {
             st.choose(None);
             self.notify_turn(&st);
@@ -732,6 +753,10 @@ impl Core {
         }
         st.runnable_dirty = true;
         st.progress += 1;
+        if st.end_if_leftovers_blocked() {
+            self.notify_every();
+            return;
+        }
         if st.running == Some(tid) || (st.running.is_none() && st.started && !st.free) {
             st.choose(None);
         }
@@ -744,6 +769,16 @@ impl Core {
             self.notify_turn(&st);
         } else {
             self.notify_every();
+        }
+    }
+
+    /// The deadlock just declared was not one (a thread the core does not manage could still
+    /// wake a waiter): the round runs free, not exact, for `reason`.
+    pub fn not_deadlock(&self, reason: &str) {
+        let mut st = self.state.lock();
+        if st.record.deadlock {
+            st.record.deadlock = false;
+            st.record.reason = Some(reason.to_string());
         }
     }
 
@@ -954,6 +989,9 @@ impl Core {
             let Some(me) = st.threads.get_mut(&tid) else {
                 return Wait::Free;
             };
+            if me.status == Status::Finished {
+                return Wait::Free; // released when the round ended without it
+            }
             if me.deadlocked {
                 me.deadlocked = false;
                 me.status = Status::Runnable;
@@ -1049,6 +1087,34 @@ impl Core {
 }
 
 impl State {
+    /// Every worker of the round has finished, and the threads the test started that have
+    /// not are all blocked: nothing in the round can wake them, so they are blocked for good.
+    /// They leave the round (each one's wait returns `Free`, and it runs unmanaged from then
+    /// on) and the round ends. Returns whether it did.
+    fn end_if_leftovers_blocked(&mut self) -> bool {
+        let workers_done = (0..self.expected as u32).all(|id| {
+            self.threads
+                .get(&id)
+                .is_some_and(|t| t.status == Status::Finished)
+        });
+        let blocked_only = self
+            .threads
+            .values()
+            .all(|t| matches!(t.status, Status::Finished | Status::Blocked { .. }));
+        if !workers_done || !blocked_only || !self.live() {
+            return false;
+        }
+        for t in self.threads.values_mut() {
+            t.status = Status::Finished;
+        }
+        self.runnable_dirty = true;
+        self.running = None;
+        self.stalled_since = None;
+        self.finish_round();
+        self.round_done();
+        true
+    }
+
     fn finish_round_if_pending(&mut self) {
         // A round whose threads never all exited (e.g. a child thread never attached).
         if self.round.is_some() && !self.record.decisions.is_empty() {
@@ -1271,7 +1337,7 @@ mod tests {
         assert!(results.iter().all(|w| *w == Wait::Free), "{results:?}");
         assert!(core.is_closed());
         assert_eq!(core.enter(2, 0, 1, 1, 3), Wait::Free);
-        assert_eq!(core.attach(7, 0), Wait::Free);
+        assert_eq!(core.attach(7, 0, core.generation()), Wait::Free);
         assert_eq!(core.point(0), Wait::Free);
         assert_eq!(core.block(0, 1, false), Wait::Free);
     }
@@ -1334,7 +1400,7 @@ mod tests {
         std::thread::scope(|sc| {
             let c = Arc::clone(&core);
             sc.spawn(move || {
-                c.attach(child, 7);
+                c.attach(child, 7, c.generation());
                 for _ in 0..10 {
                     c.point(child);
                 }

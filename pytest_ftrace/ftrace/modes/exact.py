@@ -67,6 +67,7 @@ class ExactMode:
         self.shrink_cut_short: int | None = None  # candidates tried when time ran out
         kwargs = native_options(session, item.nodeid, replay)
         self.replay_exact = "replay" in kwargs  # following a recorded decision list
+        self.replay_decisions: list[int] | None = kwargs.get("replay")
         self.traced = session.instrumentation.start_test(item.nodeid, **kwargs)
         seed_round = None
         if replay is not None and not self.replay_exact:
@@ -120,9 +121,45 @@ class ExactMode:
         self._exact_notes(outcome)
 
     def replay_note(self) -> str:
-        if self.replay_exact:
-            return ", following the recorded schedule"
-        return ", rescheduled from the seed (no recorded schedule in the cache)"
+        """How the replay's rounds were scheduled, honestly: whether each followed the recorded
+        schedule to its end (exact, every recorded decision taken, no more, no fewer), or
+        rescheduled from the seed exactly; the first one that did not, and why."""
+        planned = self.replay_decisions
+        runs = sorted(self.exact.rounds_seen)
+        followed = 0
+        first_off = None
+        for iteration in runs:
+            record = self.exact.round(iteration)
+            if record is None:
+                ok, why = False, "the round did not finish"
+            elif not record["exact"]:
+                ok, why = False, f"not exact: {record['reason']}"
+            elif planned is not None and record["divergences"]:
+                ok, why = False, f"{record['divergences']} decisions could not be followed"
+            elif planned is not None and len(record["decisions"]) != len(planned):
+                ok, why = (
+                    False,
+                    (
+                        f"it took {len(record['decisions'])} decisions, the recorded schedule "
+                        f"{len(planned)}"
+                    ),
+                )
+            else:
+                ok, why = True, ""
+            followed += ok
+            if not ok and first_off is None:
+                first_off = (iteration, why)
+        if planned is not None:
+            what = "following the recorded schedule"
+        else:
+            what = "rescheduled from the seed (no recorded schedule in the cache)"
+        if first_off is None:
+            return f", {what}"
+        iteration, why = first_off
+        return (
+            f", {what}; only {followed}/{len(runs)} runs did so to the end, so this is not an "
+            f"exact reproduction (run {iteration}: {why})"
+        )
 
     def failure_report(self, outcome: Outcome, first: Failure) -> tuple[str | None, int | None]:
         """The recorded schedule (kept in the cache), its shrunk form and its lanes; returns
@@ -172,6 +209,11 @@ class ExactMode:
             cut = self.exact.exit_steps.get((first.iteration, first.thread))
             labels = self.exact.thread_labels(first.iteration)
             self._lane_view(outcome, first, record, steps, cut, False, labels)
+        if record is not None and not record["exact"] and not record["deadlock"]:
+            outcome.notes.append(
+                f"round {first.iteration} was not exact ({record['reason']}): the "
+                "replay line below may not reproduce it"
+            )
         return key, k
 
     def _shrink(self, first, record: dict | None):
