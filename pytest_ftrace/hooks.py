@@ -325,14 +325,22 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
                 step = "the threaded run"
                 outcome = run.run()
             else:
-                step = "activating --ftrace"
-                traced.run.activate()
-                try:
-                    step = "the threaded run"
-                    outcome = run.run()
-                finally:
-                    step = "deactivating --ftrace"
-                    traced.run.deactivate()
+                from pytest_ftrace.ftrace import fork
+
+                in_process = fork.reason_not_to_fork(item, traced)
+                if in_process is None:
+                    step = "the threaded run"  # each round in a child forked from here
+                    outcome = fork.run_rounds(traced, run)
+                else:
+                    step = "activating --ftrace"
+                    traced.run.activate()
+                    try:
+                        step = "the threaded run"
+                        outcome = run.run()
+                    finally:
+                        step = "deactivating --ftrace"
+                        traced.run.deactivate()
+                    fork.note_in_process(outcome, in_process)
                 step = "the --ftrace report"
                 try:
                     traced.finish(outcome)

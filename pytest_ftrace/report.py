@@ -68,7 +68,8 @@ def _hidden(tb: TracebackType) -> bool:
     frame = tb.tb_frame
     if frame.f_locals.get("__tracebackhide__") or frame.f_globals.get("__tracebackhide__"):
         return True
-    return os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR
+    # the plugin's own frames, in any of its packages (stress/, ftrace/, ...)
+    return os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def visible_frames(tb: TracebackType | None) -> list[tuple]:

@@ -358,6 +358,8 @@ class TestRun:
         self._native = native
         self.nodeid = nodeid
         self.seed: int = native.seed
+        # Counters of the rounds run in forked processes (ftrace/fork.py), added to stats()
+        self.forked: dict[str, int] = {}
 
     def activate(self) -> None:
         """Events on: hooked accesses in in-scope code now inject, on every thread."""
@@ -382,7 +384,10 @@ class TestRun:
     def stats(self) -> dict:
         """threads, foreign_threads, executions (bodies run), rounds, hooked, yields, delays,
         delay_ns, round_p50_us, round_p99_us, round_max_us."""
-        return self._native.stats()
+        stats = self._native.stats()
+        for key, value in self.forked.items():
+            stats[key] = stats.get(key, 0) + value
+        return stats
 
     def __enter__(self) -> TestRun:
         self.activate()

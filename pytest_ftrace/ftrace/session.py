@@ -82,6 +82,9 @@ class FtraceSession:
         self.cache = getattr(config, "cache", None)
         self.mode = resolve_mode(config)
         self.scheduler = resolve_scheduler(config)
+        from pytest_ftrace.ftrace.fork import rounds_setting
+
+        self.rounds = rounds_setting(config)  # fork or process (--ftrace-rounds)
         self.replay: Token | None = None
         self.replay_nodeid: str | None = None  # `--ftrace-replay last`: the test to run
         self.notes: list[str] = []  # cached values that were ignored, said in the report
@@ -190,6 +193,7 @@ class TestSession:
             threads, iterations = self.replay.threads, session.replay_runs
         self.threads = threads
         self.iterations = iterations
+        self.forked = False  # its rounds run in forked processes (ftrace/fork.py)
         self.run: modes.RunMode = modes.mode_class(self.mode)(self)
         self.traced = self.run.traced
 
@@ -241,7 +245,8 @@ class TestSession:
             token = Token(self.threads, first.iteration, key, k)
             self.session.remember_failure(self.item.nodeid, token)
             outcome.notes.append(
-                "replay: " + replay_command(self.item, self.session.seed, token, mode)
+                "replay: "
+                + replay_command(self.item, self.session.seed, token, mode, self.session.rounds)
             )
 
 
@@ -331,10 +336,14 @@ def _quoted(nodeid: str) -> str:
     return "'" + nodeid.replace("'", "'\"'\"'") + "'"
 
 
-def replay_command(item: pytest.Item, seed: int, token: Token, mode: str = "chaos") -> str:
+def replay_command(
+    item: pytest.Item, seed: int, token: Token, mode: str = "chaos", rounds: str = "fork"
+) -> str:
     """A complete command, run from the rootdir, that re-runs this test's failing round."""
     nodeid = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
     named = f" --ftrace-mode {mode}" if mode != DEFAULT_MODE else ""
+    if mode == "exact" and rounds != "fork":
+        named += f" --ftrace-rounds {rounds}"
     return f"pytest {nodeid} --ftrace{named} --seed {seed} --ftrace-replay {token}"
 
 

@@ -102,6 +102,8 @@ class ThreadedRun:
     timeout: float
     hooks: Hooks = field(default_factory=Hooks)
     takes_fixtures: bool = True
+    # Run only this round (a forked round's process, see ftrace/fork.py), not all of them.
+    only_round: int | None = None
 
     def run(self) -> Outcome:
         """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
@@ -199,7 +201,7 @@ class ThreadedRun:
                     "slowing the tests after this one."
                 )
             reached = max((r for r in self._rounds if r is not None), default=-1)
-            if reached < self.iterations - 1:
+            if reached < self.iterations - 1 and self.only_round is None:
                 outcome.notes.append(
                     f"iterations {reached + 1}-{self.iterations - 1} did not run"
                     if reached + 1 < self.iterations - 1
@@ -288,7 +290,8 @@ class ThreadedRun:
             self._record(Failure(index, None, exc, "setup"))
         iteration_arg = kwargs is not None and "iteration_index" in kwargs
         try:
-            for iteration in range(self.iterations):
+            rounds = range(self.iterations) if self.only_round is None else [self.only_round]
+            for iteration in rounds:
                 self._steps[index] = "the round barrier"
                 if not self._wait():
                     return
