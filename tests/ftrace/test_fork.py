@@ -55,7 +55,9 @@ RACES = {"first_fill": FIRST_FILL, "first_subscriber": FIRST_SUBSCRIBER}
 
 
 def run(pytester, *args):
-    return pytester.runpytest("--ftrace", "--ftrace-timeout", "120", *args)
+    # a process of its own: in this one, a thread another test left running would make the
+    # rounds run here (a forked round would not have it)
+    return pytester.runpytest_subprocess("--ftrace", "--ftrace-timeout", "120", *args, timeout=600)
 
 
 def replay_args(result) -> list[str]:
@@ -85,7 +87,7 @@ def test_the_replay_of_a_first_fill_race_reproduces_every_time(pytester, race):
     args = replay_args(result)
     token = args[args.index("--ftrace-replay") + 1]
     assert re.fullmatch(r"t4i\d+\w*", token), token
-    again = pytester.runpytest(*args, "--ftrace-timeout", "120")
+    again = pytester.runpytest_subprocess(*args, "--ftrace-timeout", "120", timeout=600)
     again.assert_outcomes(failed=1)
     again.stdout.fnmatch_lines(["*reproduced in 10/10 runs*following the recorded schedule*"])
 
@@ -173,7 +175,7 @@ def test_failures_read_the_same_as_from_rounds_in_this_process(pytester):
     forked.assert_outcomes(failed=2)
     out = forked.stdout.str()
     for expected in (
-        "Picklable at test_failures_read_the_same_as_from_rounds_in_this_process.py:11",
+        "Picklable at test_failures_read_the_same_as_from_rounds_in_this_process.py:10",
         "test_kinds.<locals>.Local: made in the test",
         "ValueError: chained",
         "AssertionError: thread 0 only",
@@ -323,6 +325,9 @@ def test_a_forked_round_that_hangs_fails_alone_and_leaves_no_thread_here(pyteste
         test_b_after="""
         import threading
 
+        import pytest
+
+        @pytest.mark.thread_unsafe  # on pytest's thread: no worker of its own to see
         def test_nothing_left_running():
             assert [t.name for t in threading.enumerate() if t.name.startswith("ftrace-")] == []
         """,
