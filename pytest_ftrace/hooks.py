@@ -328,9 +328,15 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
                 from pytest_ftrace.ftrace import fork
 
                 in_process = fork.reason_not_to_fork(item, traced)
-                if in_process is None:
-                    step = "the threaded run"  # each round in a child forked from here
-                    outcome = fork.run_rounds(traced, run)
+                if in_process is None:  # each round in a child forked from here
+                    step = "activating --ftrace"
+                    traced.run.activate(watchdog=False)
+                    try:
+                        step = "the threaded run"
+                        outcome = fork.run_rounds(traced, run)
+                    finally:
+                        step = "deactivating --ftrace"
+                        traced.run.deactivate()
                 else:
                     step = "activating --ftrace"
                     traced.run.activate()

@@ -717,11 +717,16 @@ class ExactTest:
         self.steps_of: dict[int, list] = {}
 
     # activation: patch the names and watch for unmanaged blocking
-    def activate(self) -> None:
+    def activate(self, watchdog: bool = True) -> None:
+        """`watchdog` False: start no thread (forked rounds: each child starts its own)."""
         global _TEST
         INTERNAL_ERRORS.clear()
         install(self.native, self.scope, self.roots)
         _TEST = self
+        if watchdog:
+            self.start_watchdog()
+
+    def start_watchdog(self) -> None:
         self._stop.clear()
         self._watchdog = threading.Thread(target=self._watch, name="ftrace-watchdog", daemon=True)
         self._watchdog.start()

@@ -481,11 +481,21 @@ def _status(status: int) -> str:
 
 def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     """Every round of `run` in a child of its own; the merged outcome. Raises what stops the
-    session (Ctrl-C, pytest.exit) as the in-process run does."""
-    from pytest_ftrace.report import Failure, Outcome, internal_error
+    session (Ctrl-C, pytest.exit) as the in-process run does.
+
+    The mode is active in this process meanwhile (activated once for all the rounds, as for
+    rounds run here, with `watchdog=False`: no thread is started here); each child inherits
+    the activation (the instrumentation's events, the patched names) and starts its own
+    watchdog. This process only waits, in the plugin's code, which is never instrumented."""
 
     test.forked = True
     _warm(test)
+    return _forked_rounds(test, run)
+
+
+def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
+    from pytest_ftrace.report import Failure, Outcome, internal_error
+
     outcome = Outcome(run.threads, run.iterations)
     for iteration in range(run.iterations):
         answer = in_child(
@@ -561,10 +571,10 @@ def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
     mode = test.run
     _fresh_records(mode)
     outcome = None
-    step = "activating --ftrace"
+    step = "starting the watchdog"
     with warnings.catch_warnings(record=True) as caught:
         try:
-            mode.activate()
+            mode.exact.start_watchdog()
             try:
                 step = "the threaded run"
                 outcome = run.run()

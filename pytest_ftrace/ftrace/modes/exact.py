@@ -92,10 +92,10 @@ class ExactMode:
             e.thread_enter, e.round_start, e.round_end, e.thread_exit, e.native.sched_release
         )
 
-    def activate(self) -> None:
+    def activate(self, watchdog: bool = True) -> None:
         self.traced.activate()
         try:
-            self.exact.activate()
+            self.exact.activate(watchdog)
         except BaseException:
             self.traced.deactivate()
             raise
