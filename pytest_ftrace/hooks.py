@@ -313,6 +313,8 @@ def pytest_runtest_setup(item: pytest.Item):
     result = yield
     threads, iterations = plan.threads, plan.iterations
     ftrace = state.ftrace
+    if ftrace is not None and ftrace.mode == "exact" and ftrace.rounds == "fork":
+        return result  # forked rounds: each round's process builds its threads' fixtures
     if ftrace is not None and ftrace.replay is not None:
         if ftrace.replay_nodeid in (None, item.nodeid):  # as ftrace.TestSession runs it
             threads, iterations = ftrace.replay.threads, ftrace.replay_runs
@@ -392,14 +394,29 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
                 step = "the threaded run"
                 outcome = oneshot.run(run)
             else:
-                step = "activating --ftrace"
-                traced.run.activate()
-                try:
-                    step = "the threaded run"
-                    outcome = oneshot.run(run)
-                finally:
-                    step = "deactivating --ftrace"
-                    traced.run.deactivate()
+                from pytest_ftrace.ftrace import fork
+
+                in_process = fork.reason_not_to_fork(item, traced)
+                if in_process is None:  # each round in a child forked from here
+                    run.watch = None  # the one-thread fallback watches rounds in this process
+                    step = "activating --ftrace"
+                    traced.run.activate(watchdog=False)
+                    try:
+                        step = "the threaded run"
+                        outcome = fork.run_rounds(traced, run)
+                    finally:
+                        step = "deactivating --ftrace"
+                        traced.run.deactivate()
+                else:
+                    step = "activating --ftrace"
+                    traced.run.activate()
+                    try:
+                        step = "the threaded run"
+                        outcome = oneshot.run(run)
+                    finally:
+                        step = "deactivating --ftrace"
+                        traced.run.deactivate()
+                    fork.note_in_process(outcome, in_process)
                 step = "the --ftrace report"
                 try:
                     traced.finish(outcome)

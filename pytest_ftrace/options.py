@@ -100,6 +100,8 @@ def taken_names(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager
 # does not fit the native core (its thread ids and counts are u32, its rounds and steps u64).
 MAX_THREADS = 1024  # threads of a test, and --threadpool workers
 MAX_ROUNDS = 10**9  # rounds of a test (--iterations, --ftrace-replay-runs)
+ROUNDS_WHERE = ("fork", "process")  # --ftrace-rounds
+DEFAULT_ROUNDS = "process"
 MAX_SECONDS = 1e9  # --ftrace-timeout, --ftrace-shrink: about 31 years, far below the OS limits
 U32 = 2**32 - 1
 U64 = 2**64 - 1
@@ -421,6 +423,17 @@ def _add_ftrace_options(add: _Registrar) -> None:
         help="exact mode: after a failure, search this long for a schedule with fewer "
         f"preemptions that fails the same way (default {DEFAULT_SHRINK_SECONDS:g}; 0: off)",
     )
+    add.option(
+        "--ftrace-rounds",
+        dest="ftrace_rounds",
+        default=None,
+        choices=ROUNDS_WHERE,
+        help="where exact mode runs each round (and each replay run and shrink attempt): process "
+        "(the default: this process, a round sees the state earlier rounds left) or fork (a "
+        "child process forked at the start of the test's call, where os.fork exists, so every "
+        "round starts from the test's starting state). ini: ftrace_rounds",
+    )
+    add.ini("ftrace_rounds", "fork or process (--ftrace-rounds)", default="")
     add.ini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
     add.ini(
         "ftrace_scheduler", "exact mode's policy: mix[B], random, pct[D] or aligned[P]", default=""

@@ -68,8 +68,8 @@ def _hidden(tb: TracebackType) -> bool:
     frame = tb.tb_frame
     if frame.f_locals.get("__tracebackhide__") or frame.f_globals.get("__tracebackhide__"):
         return True
-    folder = os.path.dirname(os.path.abspath(frame.f_code.co_filename))
-    return folder == _PACKAGE_DIR or folder.startswith(_PACKAGE_DIR + os.sep)
+    # the plugin's own frames, in any of its packages (stress/, ftrace/, ...)
+    return os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def visible_frames(tb: TracebackType | None) -> list[tuple]:

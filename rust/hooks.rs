@@ -740,6 +740,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     };
     m.add("on_instruction", callback)?;
     m.add_function(wrap_pyfunction!(derive_seed, m)?)?;
+    m.add_function(wrap_pyfunction!(fork_prepare, m)?)?;
+    m.add_function(wrap_pyfunction!(fork_parent, m)?)?;
+    m.add_function(wrap_pyfunction!(fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(set_hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(active_run_id, m)?)?;
@@ -749,4 +752,23 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Run>()?;
     iterpoints::register(m)?;
     Ok(())
+}
+
+/// Before `os.fork()` of a forked round: the core's watcher thread holds no lock until
+/// `fork_parent` / `fork_child` (a child inherits every lock as it was at the fork).
+#[pyfunction]
+fn fork_prepare(py: Python<'_>) {
+    py.detach(sched::watch::pause);
+}
+
+/// After `os.fork()`, in the process that forked.
+#[pyfunction]
+fn fork_parent() {
+    sched::watch::resume();
+}
+
+/// After `os.fork()`, in the child: its own watcher thread.
+#[pyfunction]
+fn fork_child() {
+    sched::watch::restart_in_child(engine::active_core);
 }

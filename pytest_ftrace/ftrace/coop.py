@@ -473,13 +473,21 @@ class ExactTest:
         self.spawned: dict[tuple[int, int], tuple[str, int | None, str]] = {}
         # (where, exception): the plugin's errors in threads the test started
         self.internal_errors: list[tuple[str, BaseException]] = []
+        # Rounds run in forked processes (ftrace/fork.py): their records and steps, by round
+        self.records: dict[int, dict] = {}
+        self.steps_of: dict[int, list] = {}
 
     # activation: patch the names and watch for unmanaged blocking
-    def activate(self) -> None:
+    def activate(self, watchdog: bool = True) -> None:
+        """`watchdog` False: start no thread (forked rounds: each child starts its own)."""
         global _TEST
         INTERNAL_ERRORS.clear()
         install(self.native, self.scope, self.roots)
         _TEST = self
+        if watchdog:
+            self.start_watchdog()
+
+    def start_watchdog(self) -> None:
         self._stop.clear()
         self._watchdog = threading.Thread(target=self._watch, name="ftrace-watchdog", daemon=True)
         self._watchdog.start()
@@ -547,7 +555,15 @@ class ExactTest:
         self.native.thread_exit()
 
     def round(self, iteration: int) -> dict | None:
+        if iteration in self.records:
+            return self.records[iteration]
         return name_free_run(self.native.sched_round(iteration))
+
+    def steps(self, iteration: int) -> list | None:
+        """The steps of round `iteration`: (thread id, code or its access as text, offset)."""
+        if iteration in self.steps_of:
+            return self.steps_of[iteration]
+        return self.native.sched_steps(iteration)
 
     def thread_labels(self, iteration: int) -> dict[int, str]:
         """thread id -> who started it and where, for the threads the test started in round
@@ -628,7 +644,10 @@ _DECODED: dict[int, tuple[object, dict[int, tuple[int | None, str]]]] = {}
 
 
 def describe_step(code, offset: int) -> str:
-    """'file:line kind name' for the hooked instruction at `offset` of `code`."""
+    """'file:line kind name' for the hooked instruction at `offset` of `code` (`code` may be
+    that text already: a forked round's steps come as text)."""
+    if isinstance(code, str):
+        return code
     if code is None:
         return "(start)" if offset == 0 else "(lock/wait)"
     entry = _DECODED.get(id(code))

@@ -400,6 +400,8 @@ class TestRun:
         self.nodeid = nodeid
         self.seed: int = native.seed
         self.generated_code = 0
+        # Counters of the rounds run in forked processes (ftrace/fork.py), added to stats()
+        self.forked: dict[str, int] = {}
 
     def activate(self) -> None:
         """Events on: hooked accesses in in-scope code now inject, on every thread."""
@@ -425,10 +427,12 @@ class TestRun:
         """threads, foreign_threads, executions (bodies run), rounds, hooked (of which
         generator_points and iteration_points), generated_code (code objects compiled at run
         time that were hooked), yields, delays, delay_ns, round_p50_us, round_p99_us,
-        round_max_us."""
+        round_max_us; with the counters of rounds run in forked processes added."""
         stats = self._native.stats()
         active = self._inst._active is self
         stats["generated_code"] = self._inst.generated if active else self.generated_code
+        for key, value in self.forked.items():
+            stats[key] = stats.get(key, 0) + value
         return stats
 
     def __enter__(self) -> TestRun:

@@ -18,10 +18,16 @@ from __future__ import annotations
 import hashlib
 import shlex
 
-from pytest_ftrace.options import DEFAULT_ITERATIONS, DEFAULT_MODE, DEFAULT_SWITCH_BUDGET
+from pytest_ftrace.options import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_MODE,
+    DEFAULT_ROUNDS,
+    DEFAULT_SWITCH_BUDGET,
+    ROUNDS_WHERE,
+)
 
 OPTIONS_KEY = "ftrace/options/"  # + key: the options of one recorded failure
-FIELDS = ("mode", "scheduler", "policy", "include", "exclude", "iterations", "project")
+FIELDS = ("mode", "scheduler", "policy", "include", "exclude", "iterations", "rounds", "project")
 
 
 def scheduler_text(scheduler) -> str:
@@ -38,6 +44,7 @@ def run_options(session, iterations: int) -> dict:
         "include": sorted(set(session.include)),
         "exclude": sorted(set(session.exclude)),
         "iterations": iterations,
+        "rounds": getattr(session, "rounds", DEFAULT_ROUNDS) if session.mode == "exact" else None,
         "project": list(session.project_packages),
     }
 
@@ -63,6 +70,9 @@ def command_line(opts: dict) -> list[str]:
     iterations = opts.get("iterations")
     if isinstance(iterations, int) and iterations != DEFAULT_ITERATIONS:
         out += ["--ftrace-iterations", str(iterations)]
+    rounds = opts.get("rounds")
+    if rounds in ROUNDS_WHERE and rounds != DEFAULT_ROUNDS:
+        out += ["--ftrace-rounds", rounds]
     return out
 
 
@@ -84,7 +94,7 @@ def differences(recorded, current: dict) -> list[str] | None:
             if not isinstance(was, list):
                 return None
             same = set(map(str, was)) == set(map(str, now or ()))
-        elif field == "scheduler" and (was is None or now is None):
+        elif field in ("scheduler", "rounds") and (was is None or now is None):
             same = True  # one of them ran in chaos mode: the mode differs already
         else:
             same = was == now

@@ -86,6 +86,9 @@ class FtraceSession:
         self.cache = getattr(config, "cache", None)
         self.mode = resolve_mode(config)
         self.scheduler = resolve_scheduler(config)
+        from pytest_ftrace.ftrace.fork import rounds_setting
+
+        self.rounds = rounds_setting(config)  # fork or process (--ftrace-rounds)
         self.replay: Token | None = None
         self.replay_nodeid: str | None = None  # `--ftrace-replay last`: the test to run
         self.notes: list[str] = []  # cached values that were ignored, said in the report
@@ -247,6 +250,7 @@ class TestSession:
             threads, iterations = self.replay.threads, session.replay_runs
         self.threads = threads
         self.iterations = iterations
+        self.forked = False  # its rounds run in forked processes (ftrace/fork.py)
         self.run: modes.RunMode = modes.mode_class(self.mode)(self)
         self.traced = self.run.traced
 
@@ -407,8 +411,8 @@ def replay_command(
     item: pytest.Item, seed: int, token: Token, mode: str = "chaos", named: str | None = None
 ) -> str:
     """A complete command, run from the rootdir, that re-runs this test's failing round.
-    `named`: the schedule-shaping options after --ftrace (FtraceSession.replay_options); by
-    default the mode alone."""
+    `named`: the schedule-shaping options after --ftrace (FtraceSession.replay_options: mode,
+    scheduler, policy, globs, iterations, rounds); by default the mode alone."""
     nodeid = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
     if named is None:
         named = f" --ftrace-mode {mode}" if mode != DEFAULT_MODE else ""

@@ -117,6 +117,8 @@ class ThreadedRun:
     context: Callable[[int], Any] | None = None
     # oneshot.Watch: stops the run when a round enters a process-wide facility
     watch: Any = None
+    # Run only this round (a forked round's process, see ftrace/fork.py), not all of them.
+    only_round: int | None = None
 
     def run(self) -> Outcome:
         """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
@@ -225,7 +227,7 @@ class ThreadedRun:
                     "slowing the tests after this one."
                 )
             reached = max((r for r in self._rounds if r is not None), default=-1)
-            if reached < self.iterations - 1:
+            if reached < self.iterations - 1 and self.only_round is None:
                 outcome.notes.append(
                     f"iterations {reached + 1}-{self.iterations - 1} did not run"
                     if reached + 1 < self.iterations - 1
@@ -337,7 +339,8 @@ class ThreadedRun:
         for_round = getattr(fixtures, "for_round", None) if self.takes_fixtures else None
         watch = self.watch
         try:
-            for iteration in range(self.iterations):
+            rounds = range(self.iterations) if self.only_round is None else [self.only_round]
+            for iteration in rounds:
                 if iteration and kwargs is not None and for_round is not None:
                     self._steps[index] = "making the round's tmp_path"
                     for_round(kwargs, iteration)

@@ -19,6 +19,32 @@ pub const POLL: Duration = Duration::from_millis(2);
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
 static STARTED: AtomicBool = AtomicBool::new(false);
+/// Set around a fork: the watcher holds no lock then (a child would inherit it held).
+static PAUSED: AtomicBool = AtomicBool::new(false);
+/// True while the watcher may hold a lock (between its pause check and the end of a look).
+static BUSY: AtomicBool = AtomicBool::new(false);
+
+/// Before a fork: returns once the watcher holds no lock, and keeps it so until `resume`.
+pub fn pause() {
+    PAUSED.store(true, Ordering::SeqCst);
+    while BUSY.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+}
+
+/// After a fork, in the process that forked.
+pub fn resume() {
+    PAUSED.store(false, Ordering::SeqCst);
+}
+
+/// After a fork, in the child: the watcher thread did not come along; start one of its own.
+pub fn restart_in_child(active: fn() -> Option<Arc<Core>>) {
+    BUSY.store(false, Ordering::SeqCst);
+    PAUSED.store(false, Ordering::SeqCst);
+    if STARTED.swap(false, Ordering::AcqRel) {
+        start(active);
+    }
+}
 
 /// Bumped when the garbage collector starts and when it stops (`gc.callbacks`): a thread
 /// parked while the collector runs (the world is stopped on a free-threaded build, the GIL is
@@ -51,13 +77,24 @@ pub fn start(active: fn() -> Option<Arc<Core>>) {
             if SHUTDOWN.load(Ordering::Acquire) {
                 return;
             }
+            // Paused around a fork (see `pause`): take no lock while a child may be made.
+            BUSY.store(true, Ordering::SeqCst);
+            if PAUSED.load(Ordering::SeqCst) {
+                BUSY.store(false, Ordering::SeqCst);
+                std::thread::sleep(POLL);
+                continue;
+            }
             match active() {
                 Some(core) => {
                     core.watch(Instant::now());
                     drop(core);
+                    BUSY.store(false, Ordering::SeqCst);
                     std::thread::sleep(POLL);
                 }
-                None => std::thread::sleep(IDLE_POLL),
+                None => {
+                    BUSY.store(false, Ordering::SeqCst);
+                    std::thread::sleep(IDLE_POLL);
+                }
             }
         });
     if spawned.is_err() {

@@ -244,7 +244,10 @@ def test_one_shot_race_fails_with_a_fixed_seed(pytester, seed):
 
 def test_the_failure_shows_the_schedule_as_lanes(pytester):
     pytester.makepyfile(ONE_SHOT)
-    result = exact(pytester, "--seed", "1", "--threads", "2", "-p", "no:cacheprovider")
+    # without shrinking: the lanes show the round as it ran (a shrunk one shows fewer rows)
+    result = exact(
+        pytester, "--seed", "1", "--threads", "2", "-p", "no:cacheprovider", "--ftrace-shrink", "0"
+    )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [

@@ -42,7 +42,7 @@ class ChaosMode:
 
         return Hooks(run.thread_enter, round_start, run.record_round, run.thread_exit)
 
-    def activate(self) -> None:
+    def activate(self, watchdog: bool = True) -> None:
         self.traced.activate()
 
     def deactivate(self) -> None:

@@ -94,10 +94,10 @@ class ExactMode:
             e.thread_enter, e.round_start, e.round_end, e.thread_exit, e.native.sched_release
         )
 
-    def activate(self) -> None:
+    def activate(self, watchdog: bool = True) -> None:
         self.traced.activate()
         try:
-            self.exact.activate()
+            self.exact.activate(watchdog)
         except BaseException:
             self.traced.deactivate()
             raise
@@ -205,7 +205,7 @@ class ExactMode:
             )
             self._lane_view(outcome, lane_failure, small, steps, cut, True, labels)
         else:
-            steps = self.exact.native.sched_steps(first.iteration)
+            steps = self.exact.steps(first.iteration)
             cut = self.exact.exit_steps.get((first.iteration, first.thread))
             labels = self.exact.thread_labels(first.iteration)
             self._lane_view(outcome, first, record, steps, cut, False, labels)
@@ -300,7 +300,15 @@ class ExactMode:
 
     def _run_schedule(self, body, decisions):
         """One round of the test following `decisions`: ((exception type, place) of the first
-        failure or None, round record, steps, cut), or None when it could not run."""
+        failure or None, round record, steps, cut), or None when it could not run. When the
+        test's rounds are forked, so is this one: it starts from the test's starting state."""
+        if self.test.forked:
+            from pytest_ftrace.ftrace import fork
+
+            return fork.schedule_in_child(lambda: self._run_schedule_here(body, decisions), 60.0)
+        return self._run_schedule_here(body, decisions)
+
+    def _run_schedule_here(self, body, decisions):
         from pytest_ftrace.ftrace.coop import ExactTest
         from pytest_ftrace.report import location
         from pytest_ftrace.stress.runner import Hooks, ThreadedRun
@@ -348,7 +356,7 @@ class ExactMode:
         if not failures:
             return (None, record, None, None, None, None)
         failure = min(failures, key=lambda f: f.thread)
-        steps = traced._native.sched_steps(0)
+        steps = exact.steps(0)
         cut = exact.exit_steps.get((0, failure.thread))
         where = (type(failure.exc).__name__, location(failure.exc))
         return (where, record, steps, cut, failure, exact.thread_labels(0))

@@ -1,0 +1,725 @@
+"""Forked rounds (exact mode): every round of a test, every replay run and every shrink attempt
+runs in a child process forked at the start of the test's call phase, so each one starts from
+the test's starting state. A first-fill race (a module-level cache filled on first use) then
+gets every round, not only the first; a replay starts from the state the original round had.
+
+The parent process never runs the test's body in the call phase: it forks a child per round,
+waits for it, and merges what the child sends back (plain data, through a pipe) into the run's
+Outcome and the mode's records, so that the report, the lanes, shrinking and the replay line
+are as they are for rounds run in this process:
+
+- the failures, each exception pickled (by reference to its class) with the frames the report
+  shows; in the parent it gets a traceback again, made of stand-in frames with the original
+  file, line, function name and first line, so pytest and the report print what they would;
+- exact mode's round record (decisions, steps, exactness), the steps as text, the step at
+  which each thread's body ended, the threads the test started, blocking waits, unmanaged
+  blocking and the plugin's own errors;
+- the statistics counters and the round's duration;
+- the round's output: what went to a stream pytest captures in memory (--capture=sys,
+  tee-sys) and the log records pytest's logging plugin caught; output to a file descriptor
+  (the default --capture=fd, or none) is written by the child itself.
+
+Rounds run in this process instead (as before) when fork cannot be used safely or would change
+what the test sees: no os.fork; under --ftrace-isolate (the test is in a child already);
+chaos mode; another thread of the process is running (a fixture's server thread would not be
+in the child); a thread is still inside the native core.
+
+A child is one fork of the parent, which never runs rounds itself: gc is frozen around the fork
+so that the child's collections do not copy every page it inherited, and the child ends with
+os._exit (no atexit handlers, no finalization, threads it leaves are gone with it).
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pytest_ftrace.ftrace.session import TestSession
+    from pytest_ftrace.report import Failure, Outcome
+    from pytest_ftrace.stress.runner import ThreadedRun
+
+# How much longer than the run's own timeout the parent waits for a child to answer (the
+# child's supervisor reports a hang itself; this is a backstop for a child stuck in C).
+GRACE_SECONDS = 30.0
+
+
+class RoundCrashed(Exception):
+    """A forked round's process ended without sending its results (a crash in C, os._exit,
+    a signal), or did not answer in time."""
+
+
+class ChildError(Exception):
+    """The plugin's own machinery failed in a forked round's process (its traceback text)."""
+
+
+def rounds_setting(config) -> str:
+    """--ftrace-rounds (ini ftrace_rounds): process (the default) or fork."""
+    import pytest
+
+    from pytest_ftrace import options
+
+    value = config.option.ftrace_rounds
+    if value is None:
+        raw = str(options.ini_value(config, "ftrace_rounds") or "").strip()
+        if raw and raw not in options.ROUNDS_WHERE:
+            raise pytest.UsageError(f"ini key ftrace_rounds: fork or process, not {raw!r}")
+        value = raw or options.DEFAULT_ROUNDS
+    return value
+
+
+def reason_not_to_fork(item, test: TestSession) -> str | None:
+    """Why this test's rounds run in this process, or None: they are forked."""
+    if test.session.rounds == "process":
+        return "--ftrace-rounds process"
+    if not hasattr(os, "fork"):
+        return "os.fork is not available"
+    if test.mode != "exact":
+        return "chaos mode runs its rounds in this process"
+    from pytest_ftrace.stress import runner
+
+    if runner.ROUND_LISTENER is not None:
+        return "the test runs in an --ftrace-isolate child already"
+    from pytest_ftrace import _native
+
+    if _native.threads_inside():
+        return "a thread of an earlier test is still inside the native core"
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        names = ", ".join(t.name for t in others[:3]) + (", ..." if len(others) > 3 else "")
+        return f"other threads are running ({names}): a forked round would not have them"
+    return None
+
+
+_CHOSEN = ("--ftrace-rounds process", "chaos mode runs its rounds in this process")
+
+
+def note_in_process(outcome: Outcome, reason: str) -> None:
+    """Say, with a failure, that exact mode's rounds ran in this process when fork was meant."""
+    if reason not in _CHOSEN:
+        outcome.notes.append(
+            f"ftrace: the rounds ran in this process ({reason}), so each round saw the state "
+            "the rounds before it left"
+        )
+
+
+# -- exceptions as data ---------------------------------------------------------------------------
+
+
+def pack_exc(exc: BaseException, depth: int = 0) -> dict:
+    """`exc` as plain data: pickled (or its type's name and message when it cannot be), the
+    frames the report shows, and its cause or context (a few levels)."""
+    import pickle
+
+    from pytest_ftrace.report import _hidden
+
+    try:
+        blob = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(blob)  # noqa: S301 - our own data, checked to come back here
+    except Exception:  # noqa: BLE001 - an exception that does not pickle: its name and text
+        blob = None
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        if not _hidden(tb):
+            code = tb.tb_frame.f_code
+            frames.append(
+                (
+                    code.co_filename,
+                    tb.tb_lineno,
+                    code.co_name,
+                    code.co_qualname,
+                    code.co_firstlineno,
+                    _positions(code, tb.tb_lasti),
+                )
+            )
+        tb = tb.tb_next
+    cls = type(exc)
+    data = {
+        "pickled": blob,
+        "module": cls.__module__,
+        "qualname": cls.__qualname__,
+        "base": "exception" if isinstance(exc, Exception) else "base",
+        "text": _text(exc),
+        "notes": list(getattr(exc, "__notes__", ()) or ()),
+        "frames": frames,
+        "cause": None,
+        "context": None,
+        "suppress": exc.__suppress_context__,
+    }
+    if depth < 5:
+        if exc.__cause__ is not None:
+            data["cause"] = pack_exc(exc.__cause__, depth + 1)
+        elif exc.__context__ is not None and not exc.__suppress_context__:
+            data["context"] = pack_exc(exc.__context__, depth + 1)
+    return data
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+_STAND_INS: dict[tuple[str, str, str], type] = {}
+
+
+def unpack_exc(data: dict) -> BaseException:
+    """The exception `pack_exc` described, with a traceback of stand-in frames."""
+    import pickle
+
+    exc = None
+    if data["pickled"] is not None:
+        try:
+            exc = pickle.loads(data["pickled"])  # noqa: S301 - sent by our own child
+        except Exception:  # noqa: BLE001 - its class is gone here: a stand-in below
+            exc = None
+    if not isinstance(exc, BaseException):
+        key = (data["module"], data["qualname"], data["base"])
+        cls = _STAND_INS.get(key)
+        if cls is None:
+            base = Exception if data["base"] == "exception" else BaseException
+            cls = type(data["qualname"].rpartition(".")[2], (base,), {})
+            cls.__module__, cls.__qualname__ = data["module"], data["qualname"]
+            _STAND_INS[key] = cls
+        exc = cls(data["text"])
+        if data["notes"]:
+            exc.__notes__ = list(data["notes"])
+    if data["cause"] is not None:
+        exc.__cause__ = unpack_exc(data["cause"])
+    elif data["context"] is not None:
+        exc.__context__ = unpack_exc(data["context"])
+    exc.__suppress_context__ = data["suppress"]
+    return exc.with_traceback(_traceback(data["frames"]))
+
+
+class _Raise(BaseException):  # noqa: N818 - raised only to make a frame
+    pass
+
+
+def _positions(code, lasti: int):
+    """(line, end line, column, end column) of the instruction at `lasti`, or None."""
+    try:
+        return next(iter(list(code.co_positions())[lasti // 2 :]), None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _traceback(frames: list[tuple]):
+    tb = None
+    for frame in reversed(frames):
+        try:
+            tb = _stand_in_frame(*frame, tb)
+        except Exception:  # noqa: BLE001, S112 - a frame we cannot stand in for is left out
+            continue
+    return tb
+
+
+def _raise(*_args):
+    raise _Raise
+
+
+def _stand_in_frame(filename, lineno, name, qualname, first, positions, tb_next):
+    """A traceback entry whose frame runs code of `filename` (so its source is read from
+    there), at `lineno`, in a function `name` that starts at line `first`, its instruction at
+    the same columns as the original one (pytest underlines them)."""
+    import types
+
+    lineno = max(1, lineno)
+    first = max(1, min(first, lineno))
+    _line, end_line, column, end_column = positions or (None, None, None, None)
+    span = None
+    if end_line == lineno and column is not None and end_column is not None:
+        span = end_column - column
+    if span is not None and span >= 4:
+        expression = "_e(" + " " * (span - 4) + ")"  # a call as wide as the original
+    elif span is not None and span >= 1:
+        expression = ("u", "_u", "_uu")[span - 1]  # an unknown name: a NameError
+    else:
+        expression = "_e(\n)"  # over two lines: nothing to underline
+    module_level = name == "<module>"
+    if module_level:
+        source = "\n" * (lineno - 1) + expression + "\n"
+    elif lineno == first:
+        source = "\n" * (first - 1) + "def _f(): " + expression + "\n"
+    else:
+        indent = " " * max(1, column or 0)
+        source = (
+            "\n" * (first - 1) + "def _f():\n" + "\n" * (lineno - first - 1) + indent + expression
+        ) + "\n"
+    code = compile(source, filename, "exec", dont_inherit=True)
+    if not module_level:
+        code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
+    code = code.replace(co_name=name, co_qualname=qualname)
+    namespace = {"_e": _raise, "__name__": "__ftrace_forked__"}
+    try:
+        if module_level:
+            exec(code, namespace)  # noqa: S102 - our own two lines, to get a frame
+        else:
+            types.FunctionType(code, namespace)()
+    except BaseException as raised:  # noqa: BLE001 - _Raise, or the NameError of a name
+        entry = raised.__traceback__
+    while entry is not None and entry.tb_frame.f_code is not code:
+        entry = entry.tb_next
+    return types.TracebackType(tb_next, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+
+
+def pack_failure(failure: Failure) -> tuple:
+    return (failure.thread, failure.iteration, pack_exc(failure.exc), failure.phase)
+
+
+def unpack_failure(data: tuple) -> Failure:
+    from pytest_ftrace.report import Failure
+
+    thread, iteration, exc, phase = data
+    return Failure(thread, iteration, unpack_exc(exc), phase)
+
+
+def pack_steps(steps) -> list | None:
+    """A round's steps with each code object's access as text (the lanes need nothing more)."""
+    if steps is None:
+        return None
+    from pytest_ftrace.ftrace.coop import describe_step
+
+    return [(tid, describe_step(code, offset), offset) for tid, code, offset in steps]
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _output_mark() -> dict:
+    """Where the in-memory streams and pytest's log handlers are now (in the child, at its
+    start): what is added after this is the round's output."""
+    import logging
+
+    streams = []
+    for stream in (sys.stdout, sys.stderr):
+        getvalue = getattr(stream, "getvalue", None)
+        streams.append(len(getvalue()) if getvalue is not None else None)
+    handlers = []
+    for handler in logging.getLogger().handlers:
+        records = getattr(handler, "records", None)
+        stream = getattr(handler, "stream", None)
+        getvalue = getattr(stream, "getvalue", None)
+        handlers.append(
+            (
+                len(records) if isinstance(records, list) else None,
+                len(getvalue()) if getvalue is not None else None,
+            )
+        )
+    return {"streams": streams, "handlers": handlers}
+
+
+def _output_since(mark: dict) -> dict:
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - a stream we cannot flush keeps its text
+            pass
+    texts = []
+    for stream, at in zip((sys.stdout, sys.stderr), mark["streams"], strict=True):
+        getvalue = getattr(stream, "getvalue", None)
+        texts.append(getvalue()[at:] if at is not None and getvalue is not None else "")
+    handlers = []
+    for handler, (records_at, text_at) in zip(
+        logging.getLogger().handlers, mark["handlers"], strict=False
+    ):
+        records = []
+        if records_at is not None:
+            for record in handler.records[records_at:]:
+                record = logging.makeLogRecord(record.__dict__)
+                record.msg, record.args = record.getMessage(), None
+                if record.exc_info:
+                    record.exc_text = record.exc_text or logging.Formatter().formatException(
+                        record.exc_info
+                    )
+                    record.exc_info = None
+                records.append(record.__dict__)
+        text = ""
+        if text_at is not None:
+            text = handler.stream.getvalue()[text_at:]
+        handlers.append((records, text))
+    return {"streams": texts, "handlers": handlers}
+
+
+def _replay_output(output: dict) -> None:
+    """In the parent: the child's round output, where the parent's own would have gone."""
+    import io
+    import logging
+
+    for stream, text in zip((sys.stdout, sys.stderr), output["streams"], strict=True):
+        if not text:
+            continue
+        if type(stream).__name__ == "TeeCaptureIO":  # the child wrote its copy to the terminal
+            io.TextIOWrapper.write(stream, text)
+        else:
+            stream.write(text)
+    for handler, (records, text) in zip(
+        logging.getLogger().handlers, output["handlers"], strict=False
+    ):
+        if records and isinstance(getattr(handler, "records", None), list):
+            handler.records.extend(logging.makeLogRecord(r) for r in records)
+        if text:
+            handler.stream.write(text)
+
+
+# -- one child ------------------------------------------------------------------------------------
+
+
+def in_child(work, timeout: float) -> tuple:
+    """Run `work()` in a forked child; ("ok", its result) - which must pickle - or ("error",
+    traceback text of an exception of `work`) or ("crash", what happened)."""
+    import gc
+    import pickle
+    import warnings
+
+    read_fd, write_fd = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # or the child would write what this process buffered again
+        except Exception:  # noqa: BLE001, S110
+            pass
+    from pytest_ftrace import _native
+
+    gc.freeze()
+    parent = os.getpid()
+    _native.fork_prepare()  # the core's watcher thread holds no lock across the fork
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            _native.fork_parent()
+            gc.unfreeze()
+    if pid == 0:  # the child: never returns
+        code = 70
+        try:
+            _native.fork_child()
+            os.close(read_fd)
+            try:
+                message = ("ok", work())
+            except BaseException as exc:  # noqa: BLE001 - sent to the parent, which reports it
+                import traceback
+
+                message = ("error", "".join(traceback.format_exception(exc)))
+            try:
+                data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:  # noqa: BLE001
+                import traceback
+
+                data = pickle.dumps(("error", "".join(traceback.format_exception(exc))))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_fd, view) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        return _collect(pid, read_fd, timeout)
+    finally:
+        os.close(read_fd)
+
+
+def _collect(pid: int, fd: int, timeout: float) -> tuple:
+    import pickle
+    import select
+    import signal
+    import time
+
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return ("crash", f"its process did not answer within {timeout:g}s; killed")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except BaseException:  # Ctrl-C, an alarm: the child goes, what stops us goes on
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+        raise
+    _, status = os.waitpid(pid, 0)
+    if chunks:
+        try:
+            return pickle.loads(b"".join(chunks))  # noqa: S301 - our own child's message
+        except Exception:  # noqa: BLE001, S110 - cut short: reported with the status below
+            pass
+    return ("crash", f"its process ended ({_status(status)}) without sending its results")
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        import signal
+
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"killed by signal {number}"
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    return f"wait status {status}"
+
+
+# -- the rounds of a test -------------------------------------------------------------------------
+
+
+def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
+    """Every round of `run` in a child of its own; the merged outcome. Raises what stops the
+    session (Ctrl-C, pytest.exit) as the in-process run does.
+
+    The mode is active in this process meanwhile (activated once for all the rounds, as for
+    rounds run here, with `watchdog=False`: no thread is started here); each child inherits
+    the activation (the instrumentation's events, the patched names) and starts its own
+    watchdog. This process only waits, in the plugin's code, which is never instrumented."""
+
+    test.forked = True
+    _warm(test)
+    return _forked_rounds(test, run)
+
+
+def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
+    from pytest_ftrace.report import Failure, Outcome, internal_error
+
+    outcome = Outcome(run.threads, run.iterations)
+    for iteration in range(run.iterations):
+        answer = in_child(
+            lambda i=iteration: _child_round(test, run, i), run.timeout + GRACE_SECONDS
+        )
+        if answer[0] == "crash":
+            outcome.failures.append(
+                Failure(None, iteration, RoundCrashed(f"round {iteration}: {answer[1]}"), "call")
+            )
+            _did_not_run(outcome, iteration, run.iterations)
+            break
+        if answer[0] == "error":
+            error = internal_error(
+                f"the forked process of round {iteration}", ChildError(answer[1])
+            )
+            outcome.failures.append(Failure(None, iteration, error, "internal"))
+            break
+        data = answer[1]
+        _replay_output(data["output"])
+        _reissue_warnings(data["warnings"])
+        if data["stop"] is not None:
+            raise unpack_exc(data["stop"])
+        if data["internal"] is not None:
+            step, exc = data["internal"]
+            raise internal_error(step, unpack_exc(exc))
+        _absorb(test, data)
+        for name in ("failures", "skipped", "xfailed"):
+            getattr(outcome, name).extend(unpack_failure(f) for f in data[name])
+        outcome.notes.extend(data["notes"])
+        if data["hang"] or any(f.phase == "internal" for f in outcome.failures):
+            _did_not_run(outcome, iteration, run.iterations)
+            break  # as in this process: a hung or broken run stops there
+    return outcome
+
+
+def _warm(test: TestSession) -> None:
+    """Decide here, once, what every child would decide again: which modules are in scope
+    (the children inherit the answers)."""
+    scope = test.session.instrumentation.scope
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file:
+            scope.contains(file, name)
+
+
+def _did_not_run(outcome: Outcome, iteration: int, iterations: int) -> None:
+    if iteration < iterations - 2:
+        outcome.notes.append(f"iterations {iteration + 1}-{iterations - 1} did not run")
+    elif iteration == iterations - 2:
+        outcome.notes.append(f"iteration {iteration + 1} did not run")
+
+
+def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
+    """In the child: run round `iteration` of the test, with the mode active; what the parent
+    needs of it, as plain data."""
+    import warnings
+
+    from pytest_ftrace.stress import runner
+
+    mark = _output_mark()
+    data: dict[str, Any] = {"stop": None, "internal": None, "hang": False}
+    durations: list[float] = []
+    hooks = run.hooks
+    ending = hooks.round_end
+
+    def round_end(seconds: float) -> None:
+        durations.append(seconds)
+        if ending is not None:
+            ending(seconds)
+
+    hooks.round_end = round_end
+    run.only_round = iteration
+    mode = test.run
+    _fresh_records(mode)
+    outcome = None
+    step = "starting the watchdog"
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            mode.exact.start_watchdog()
+            try:
+                step = "the threaded run"
+                outcome = run.run()
+            finally:
+                step = "deactivating --ftrace"
+                _settle(mode)
+        except runner.STOPPING as exc:
+            data["stop"] = pack_exc(exc)
+        except BaseException as exc:  # noqa: BLE001 - the machinery's: the parent fails the test
+            data["internal"] = (step, pack_exc(exc))
+    data["warnings"] = [_warning_data(w) for w in caught]
+    data["output"] = _output_since(mark)
+    if outcome is None:
+        data.update(failures=[], skipped=[], xfailed=[], notes=[], mode=None)
+        return data
+    data["failures"] = [pack_failure(f) for f in outcome.failures]
+    data["skipped"] = [pack_failure(f) for f in outcome.skipped]
+    data["xfailed"] = [pack_failure(f) for f in outcome.xfailed]
+    data["notes"] = [n for n in outcome.notes if "did not run" not in n]
+    data["hang"] = any(isinstance(f.exc, runner.Hang) for f in outcome.failures)
+    data["mode"] = _collect_exact(test, iteration, durations)
+    return data
+
+
+def _settle(mode) -> None:
+    """In the child, after its round: what deactivating would add to the records, without
+    switching the instrumentation off (the process ends next: that would only cost time)."""
+    from pytest_ftrace.ftrace import coop
+
+    exact = mode.exact
+    exact._stop.set()  # the watchdog: nothing more to watch
+    exact.waits += len(coop._BLOCKS)
+    exact.internal_errors.extend(coop.INTERNAL_ERRORS)
+
+
+def _fresh_records(mode) -> None:
+    """In the child: what the parent merged of the rounds before is not this round's."""
+    exact = mode.exact
+    exact.exit_steps, exact.spawned, exact.blocking = {}, {}, []
+    exact.internal_errors, exact.waits = [], 0
+    exact.records, exact.steps_of = {}, {}
+    exact.rounds_seen = set()
+    mode.traced.forked = {}
+
+
+def _collect_exact(test: TestSession, iteration: int, durations: list[float]) -> dict:
+    mode = test.run
+    exact = mode.exact
+    return {
+        "round": iteration,
+        "record": exact.round(iteration) if iteration in exact.rounds_seen else None,
+        "steps": pack_steps(exact.steps(iteration)) if iteration in exact.rounds_seen else None,
+        "exit_steps": dict(exact.exit_steps),
+        "spawned": dict(exact.spawned),
+        "waits": exact.waits,
+        "blocking": list(exact.blocking),
+        "internal_errors": [(where, pack_exc(exc)) for where, exc in exact.internal_errors],
+        "stats": mode.traced.stats(),
+        "durations": durations,
+    }
+
+
+_COUNTERS = (
+    "threads",
+    "foreign_threads",
+    "executions",
+    "hooked",
+    "generator_points",
+    "iteration_points",
+    "yields",
+    "delays",
+    "delay_ns",
+)
+
+
+def _absorb(test: TestSession, data: dict) -> None:
+    """In the parent: a child's round into the mode's records and statistics."""
+    got = data["mode"]
+    if got is None:
+        return
+    exact = test.run.exact
+    iteration = got["round"]
+    if got["record"] is not None:
+        exact.rounds_seen.add(iteration)
+        exact.records[iteration] = got["record"]
+        exact.steps_of[iteration] = got["steps"]
+    exact.exit_steps.update(got["exit_steps"])
+    exact.spawned.update(got["spawned"])
+    exact.waits += got["waits"]
+    exact.blocking.extend(got["blocking"])
+    exact.internal_errors.extend((w, unpack_exc(e)) for w, e in got["internal_errors"])
+    traced = test.run.traced
+    for key in _COUNTERS:
+        traced.forked[key] = traced.forked.get(key, 0) + got["stats"].get(key, 0)
+    for seconds in got["durations"]:
+        traced._native.record_round(seconds)
+
+
+def _warning_data(caught) -> tuple:
+    """A warning the round issued, as data; its category by reference when that pickles."""
+    import pickle
+
+    category = caught.category
+    try:
+        pickle.dumps(category)
+    except Exception:  # noqa: BLE001 - a class defined where pickle cannot find it
+        category = None
+    return (str(caught.message), category, caught.category.__name__, caught.filename, caught.lineno)
+
+
+def _reissue_warnings(warned: list) -> None:
+    """The child's warnings, issued again here, inside pytest's recording of the test's."""
+    import warnings
+
+    for message, category, name, filename, lineno in warned:
+        if category is None:
+            category, message = UserWarning, f"{name}: {message}"
+        try:
+            warnings.warn_explicit(message, category, filename, lineno)
+        except Warning:  # an error under the filters: the child raised it already
+            pass
+
+
+# -- a shrink attempt -----------------------------------------------------------------------------
+
+
+def schedule_in_child(run_here, timeout: float):
+    """`run_here()` (exact mode's one round following a decision list) in a child: its result
+    with the failure and steps as data and back, or None when it could not run."""
+
+    def work():
+        result = run_here()
+        if result is None:
+            return None
+        where, record, steps, cut, failure, labels = result
+        packed = pack_failure(failure) if failure is not None else None
+        return (where, record, pack_steps(steps), cut, packed, labels)
+
+    answer = in_child(work, timeout + GRACE_SECONDS)
+    if answer[0] != "ok" or answer[1] is None:
+        return None
+    where, record, steps, cut, failure, labels = answer[1]
+    return (where, record, steps, cut, unpack_failure(failure) if failure else None, labels)
