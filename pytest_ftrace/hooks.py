@@ -299,8 +299,10 @@ def _enable_for_markers(item: pytest.Item, state: SessionState) -> None:
 @pytest.hookimpl(tryfirst=True, wrapper=True)
 def pytest_runtest_setup(item: pytest.Item):
     state = item.config.stash[STATE_KEY]
-    state.gil.before()  # before the test's fixtures import anything
     plan = markers.plan_for(item, state.settings, state.peers)
+    if plan.threaded:  # the plugin's own imports come before the GIL watch looks
+        from pytest_ftrace.stress import oneshot, perthread, runner  # noqa: F401
+    state.gil.before()  # before the test's fixtures import anything
     item.stash[markers.PLAN_KEY] = plan
     if plan.single_reason is not None:
         state.single.append((item.nodeid, plan.single_reason))
