@@ -375,11 +375,14 @@ class Instrumentation:
             slots = genpoints.iter_slots(code)
             with self._lock:
                 if self._active is not None and id(code) not in self._armed:
+                    # the loop slots first: a thread already running this code (free-threaded
+                    # builds) may step a loop as soon as the events are on, and a step with no
+                    # slot known switches that loop's events off for good
+                    if slots:
+                        _native.set_iter_slots(code, slots)
                     mon.set_local_events(self.tool_id, code, E.INSTRUCTION)
                     self._armed[id(code)] = code
                     self.generated += generated
-                    if slots:
-                        _native.set_iter_slots(code, slots)
         return mon.DISABLE
 
     def armed_code(self) -> list:
