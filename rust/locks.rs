@@ -120,47 +120,68 @@ fn parse_timeout(blocking: bool, timeout: &Bound<'_, PyAny>) -> PyResult<Option<
 
 /// OS idents of the threads waiting in a contended blocking acquire outside the scheduler
 /// (exact mode tells a real deadlock from a wait for such a thread by it).
-/// Entries: (thread ident, address of the raw mutex it waits for). A release of that mutex
-/// while a test runs takes the entries out: those threads are about to go on.
-static NATIVE_WAITERS: parking_lot::Mutex<Vec<(u64, usize)>> = parking_lot::Mutex::new(Vec::new());
+/// Entries: (thread ident, address of the raw mutex it waits for, whether the wait has a
+/// timeout). A release of that mutex while a test runs takes the entries out: those threads
+/// are about to go on.
+static NATIVE_WAITERS: parking_lot::Mutex<Vec<(u64, usize, bool)>> =
+    parking_lot::Mutex::new(Vec::new());
 static NATIVE_COUNT: AtomicU32 = AtomicU32::new(0);
 
 struct NativeWait(u64);
 
 impl NativeWait {
-    fn new(raw: &RawMutex) -> NativeWait {
+    fn new(raw: &RawMutex, timed: bool) -> NativeWait {
         let me = ident();
         NATIVE_WAITERS
             .lock()
-            .push((me, raw as *const RawMutex as usize));
+            .push((me, raw as *const RawMutex as usize, timed));
         NATIVE_COUNT.fetch_add(1, Ordering::SeqCst);
         NativeWait(me)
+    }
+
+    /// A slice of the wait ended without the lock: another thread took it after the release
+    /// that took this waiter out of the list, so it waits again and is listed again.
+    fn still_waiting(&self, raw: &RawMutex, timed: bool) {
+        let mut w = NATIVE_WAITERS.lock();
+        if !w.iter().any(|&(x, _, _)| x == self.0) {
+            w.push((self.0, raw as *const RawMutex as usize, timed));
+        }
     }
 }
 
 impl Drop for NativeWait {
     fn drop(&mut self) {
         let mut w = NATIVE_WAITERS.lock();
-        if let Some(i) = w.iter().position(|&(x, _)| x == self.0) {
+        if let Some(i) = w.iter().position(|&(x, _, _)| x == self.0) {
             w.swap_remove(i);
         }
         NATIVE_COUNT.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// `raw` was released: its native waiters are about to go on (see [`native_waiters`]).
+/// `raw` was released: its native waiters are about to go on (see [`native_waiters`]). Also
+/// outside a test (the stress runner's one-thread run asks whether the threads a test left
+/// are blocked for good), and only while some thread waits natively at all.
 fn released_native(raw: &RawMutex) {
-    if NATIVE_COUNT.load(Ordering::SeqCst) > 0 && HOOKS_ON.load(Ordering::Relaxed) {
+    if NATIVE_COUNT.load(Ordering::SeqCst) > 0 {
         let addr = raw as *const RawMutex as usize;
-        NATIVE_WAITERS.lock().retain(|&(_, a)| a != addr);
+        NATIVE_WAITERS.lock().retain(|&(_, a, _)| a != addr);
     }
 }
 
-/// native_waiters() -> list[int]: the threads waiting for a native lock outside the scheduler
-/// that no release has let go on since.
+/// native_waiters(untimed=False) -> list[int]: the threads waiting for a native lock outside
+/// the scheduler that no release has let go on since; with `untimed`, only those whose wait
+/// has no timeout (nothing but a release ends it: the stress runner does not wait for a
+/// thread the test left blocked that way).
 #[pyfunction]
-fn native_waiters() -> Vec<u64> {
-    NATIVE_WAITERS.lock().iter().map(|&(x, _)| x).collect()
+#[pyo3(signature = (untimed=false))]
+fn native_waiters(untimed: bool) -> Vec<u64> {
+    NATIVE_WAITERS
+        .lock()
+        .iter()
+        .filter(|&&(_, _, timed)| !(untimed && timed))
+        .map(|&(x, _, _)| x)
+        .collect()
 }
 
 /// The OS ident of the thread that imported the module (the main thread).
@@ -179,7 +200,7 @@ fn lock_blocking(py: Python<'_>, raw: &RawMutex, timeout: Option<f64>) -> PyResu
         return Ok(false);
     }
     let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
-    let _waiting = NativeWait::new(raw);
+    let waiting = NativeWait::new(raw, deadline.is_some());
     loop {
         let slice = match deadline {
             Some(d) => d.saturating_duration_since(Instant::now()).min(SLICE),
@@ -217,6 +238,7 @@ fn lock_blocking(py: Python<'_>, raw: &RawMutex, timeout: Option<f64>) -> PyResu
         if got {
             return Ok(true);
         }
+        waiting.still_waiting(raw, deadline.is_some());
         py.check_signals()?;
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(raw.try_lock().is_some());

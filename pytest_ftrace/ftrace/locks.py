@@ -60,6 +60,20 @@ def installed() -> bool:
     return bool(_saved)
 
 
+def blocked_for_good(waited: list, others: list) -> bool:
+    """Whether the threads a test started and left running, once its workers are done, are
+    blocked for good (the stress runner's `Hooks.settled`): each one waits for a native lock
+    that no release has let go on since, and those the test would wait for (`waited`, not
+    daemon) wait without a timeout. None of them can wake another and the workers are done:
+    only a thread outside the test can (a fixture's teardown stopping an actor), so the test
+    does not wait for them, as it would not without the plugin. (In a round, the core ends
+    the round the same way: a thread the test started that is blocked when the workers are
+    done leaves it.)"""
+    untimed = set(_native.native_waiters(True))
+    waiting = set(_native.native_waiters())
+    return all(t.ident in untimed for t in waited) and all(t.ident in waiting for t in others)
+
+
 def patched_names() -> list[str]:
     """The names the session patches (for documentation and tests)."""
     return [f"{owner.__name__}.{name}" for owner, name, _replacement in _PATCHES]

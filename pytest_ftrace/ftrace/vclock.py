@@ -6,6 +6,12 @@
   `from time import monotonic` in user code gets them too; `uninstall` puts the real ones
   back when the session ends (pytester sessions nest: the outermost one restores). No user
   object is touched.
+- `queue` and `threading` were imported before the plugin, and each took its own name for
+  the real `monotonic` (`queue.time`, `threading._time`): the deadline of a
+  `Queue.get(timeout=...)`, `Condition.wait_for`, `Semaphore.acquire(timeout=...)` or
+  `Barrier.wait` is reckoned with it. Those two names get the stand-in too (and the real one
+  back at the end), so such a wait in a managed thread ends in virtual time: the lock wait
+  inside it times out on the virtual clock, and the loop around it reads the same clock.
 - In a managed thread of a round they read and advance the round's one virtual clock in the
   native core (rust/clock.rs, rust/sched/core.rs), the same one the timeouts of the
   cooperative primitives use: a sleep of 0.25 s is 0.25 s on every clock, and the real time
@@ -19,7 +25,12 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+
+# The standard library's own names for the real monotonic clock (see the module docstring).
+_CLOCK_NAMES = ((queue, "time"), (threading, "_time"))
 
 
 def install() -> None:
@@ -30,6 +41,10 @@ def install() -> None:
     from pytest_ftrace import _native
 
     _native.install_clock(time)
+    real_monotonic = _native.real_clock("monotonic")
+    for module, name in _CLOCK_NAMES:
+        if getattr(module, name, None) is real_monotonic:
+            setattr(module, name, time.monotonic)
     if _native.gc_event not in gc.callbacks:  # the watcher tells a collection from C
         gc.callbacks.append(_native.gc_event)
 
@@ -41,7 +56,12 @@ def uninstall() -> None:
 
     from pytest_ftrace import _native
 
+    ours = time.monotonic
     if _native.uninstall_clock(time):
+        real_monotonic = _native.real_clock("monotonic")
+        for module, name in _CLOCK_NAMES:
+            if getattr(module, name, None) is ours and ours is not real_monotonic:
+                setattr(module, name, real_monotonic)
         try:
             gc.callbacks.remove(_native.gc_event)
         except ValueError:

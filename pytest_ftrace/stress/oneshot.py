@@ -219,9 +219,10 @@ def run(threaded) -> Any:
 
 
 def once(threaded) -> Any:
-    """The test run once, on one new thread, with its own fixtures, unwatched."""
+    """The test run once, on one new thread, with its own fixtures, unwatched (it keeps the
+    run's `settled`: the threads it leaves blocked for good are not waited for either)."""
     __tracebackhide__ = True
-    from pytest_ftrace.stress.runner import ThreadedRun
+    from pytest_ftrace.stress.runner import Hooks, ThreadedRun
 
     return ThreadedRun(
         threaded.item,
@@ -229,6 +230,7 @@ def once(threaded) -> Any:
         1,
         1,
         threaded.timeout,
+        hooks=Hooks(settled=threaded.hooks.settled),
         takes_fixtures=threaded.takes_fixtures,
         context=threaded.context,
     ).run()

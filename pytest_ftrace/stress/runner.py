@@ -100,6 +100,11 @@ class Hooks:
     # Called with a reason when the run stops early (an internal error): whatever waits in
     # the plugin's machinery (the exact-mode scheduler) is let go.
     release: Callable[[str], None] | None = None
+    # Called, once the workers are done, with the threads the test started that the test
+    # waits for and the others it left running: whether they are all blocked for good (only
+    # a thread outside the test could wake them, e.g. a fixture's teardown that stops them),
+    # so the test does not wait for them, as plain pytest would not.
+    settled: Callable[[list, list], bool] | None = None
 
 
 @dataclass
@@ -175,9 +180,7 @@ class ThreadedRun:
                 for t in threading.enumerate()
                 if t not in before and t not in workers and t.is_alive() and _waited_for(t)
             ]
-            for thread in pending:
-                thread.join(max(0.0, deadline - time.monotonic()))
-            unfinished = [t for t in pending if t.is_alive()]
+            unfinished = self._wait_started(pending, before, workers, deadline)
         if alive or unfinished:
             # Threads the body started and left running (a deadlocked helper thread, say).
             started = [
@@ -236,6 +239,37 @@ class ThreadedRun:
         if self._stopping is not None:
             raise self._stopping
         return outcome
+
+    def _wait_started(self, pending: list, before: set, workers: list, deadline: float) -> list:
+        """Wait, until `deadline`, for the threads in `pending` (non-daemon threads the test
+        started) to finish, or, when the mode can tell (`Hooks.settled`), until every thread
+        the test started that is left is blocked for good. Returns the threads of `pending`
+        the test still waits for (a hang)."""
+        settled = self.hooks.settled
+        if settled is None:
+            for thread in pending:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            return [t for t in pending if t.is_alive()]
+        seen = 0  # consecutive looks that found them blocked for good
+        while True:
+            pending = [t for t in pending if t.is_alive()]
+            left = max(0.0, deadline - time.monotonic())
+            if not pending or not left:
+                return pending
+            others = [
+                t
+                for t in threading.enumerate()
+                if t not in before and t not in workers and t not in pending and t.is_alive()
+            ]
+            try:
+                seen = seen + 1 if settled(pending, others) else 0
+            except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+                where = "telling whether the test's threads are blocked for good"
+                self._record(Failure(None, None, internal_error(where, exc), "internal"))
+                return []
+            if seen == 2:  # twice, a poll apart: not a thread between a wake and its wait
+                return []
+            pending[0].join(min(left, 0.02))
 
     def _abort(self) -> None:
         self._stop.set()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_ftrace.ftrace.locks import blocked_for_good
 from pytest_ftrace.ftrace.tokens import REPLAY_KEY, Token, cached_schedule
 from pytest_ftrace.options import DEFAULT_SWITCH_BUDGET
 from pytest_ftrace.report import terminal_width, wrap
@@ -91,7 +92,12 @@ class ExactMode:
 
         e = self.exact
         return Hooks(
-            e.thread_enter, e.round_start, e.round_end, e.thread_exit, e.native.sched_release
+            e.thread_enter,
+            e.round_start,
+            e.round_end,
+            e.thread_exit,
+            e.native.sched_release,
+            blocked_for_good,
         )
 
     def activate(self, watchdog: bool = True) -> None:
@@ -330,6 +336,7 @@ class ExactMode:
             exact.round_end,
             exact.thread_exit,
             exact.native.sched_release,
+            blocked_for_good,
         )
         run = ThreadedRun(
             self.test.item,
