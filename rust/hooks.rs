@@ -512,16 +512,22 @@ impl Run {
     /// Exact mode: block the calling thread on `resource` until it is woken (or, `timed`, until
     /// nothing else can run; of several such threads, the one whose `timeout` in seconds ends
     /// first on the round's virtual clock): "woken", "timeout", "deadlock" or "free".
-    #[pyo3(signature = (resource, timed, timeout=None))]
+    /// `patient` (untimed): a stall of every managed thread ends it as "timeout", never as a
+    /// deadlock (see Core::block_patient).
+    #[pyo3(signature = (resource, timed, timeout=None, patient=false))]
     fn sched_block(
         &self,
         py: Python<'_>,
         resource: u64,
         timed: bool,
         timeout: Option<f64>,
+        patient: bool,
     ) -> PyResult<&'static str> {
         let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         let Some(tid) = tid else { return Ok("free") };
+        if patient && !timed {
+            return Ok(detached(py, move || core.block_patient(tid, resource)).name());
+        }
         let timeout_ns = timed.then(|| {
             let seconds = timeout.unwrap_or(0.0);
             if seconds.is_finite() && seconds > 0.0 {

@@ -103,13 +103,13 @@ def _block(run, resource: int, timed: bool, what: object, timeout: float | None 
     first."""
     me = run.sched_me()
     _BLOCKS.append(me)
+    _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_ident", None))
     if timed and not isinstance(what, _Sleeper) and _outside_threads(run):
         # A wake may come from a thread exact mode does not manage: the wait must not end
-        # on the virtual clock before that thread had its chance (it ends as a deadlock
-        # would, and _not_a_deadlock lets it wait for real, not exact).
-        timed, timeout = False, None
-    _WAITING[me] = (what, _stack_of(sys._getframe(2)), getattr(what, "_owner_ident", None))
-    answer = run.sched_block(resource, timed, timeout)
+        # on the virtual clock before that thread had its chance.
+        answer = _patient_block(run, resource, timeout)
+    else:
+        answer = run.sched_block(resource, timed, timeout)
     if answer == "deadlock":
         why = _not_a_deadlock(run)
         if why is None:
@@ -118,6 +118,31 @@ def _block(run, resource: int, timed: bool, what: object, timeout: float | None 
         answer = "free"
     _WAITING.pop(me, None)
     return answer
+
+
+def _patient_block(run, resource: int, timeout: float | None) -> str:
+    """A timed wait while a thread exact mode does not manage is busy (not waiting for a
+    native lock itself: a fixture's actor handling a request, say), which may end it. It
+    waits without a timeout; when every managed thread has waited for the core's stall grace
+    and that thread is still busy, it waits again, for at most `timeout` in real time in all
+    (as long as it would wait without the plugin); once the threads outside are quiet (gone,
+    or waiting for a native lock), the rest of `timeout` runs on the virtual clock, as with
+    no thread outside. Never a deadlock: the wait has a timeout."""
+    from pytest_ftrace.ftrace import vclock
+
+    real = vclock.real("monotonic")
+    timeout = max(0.0, timeout or 0.0)
+    ends = time.monotonic() + timeout  # the virtual clock, in a managed thread
+    real_ends = real() + timeout
+    while True:
+        answer = run.sched_block(resource, False, None, True)
+        if answer != "timeout":
+            return answer
+        left = ends - time.monotonic()
+        if left <= 0 or real() >= real_ends:
+            return "timeout"
+        if not _outside_threads(run):
+            return run.sched_block(resource, True, left)
 
 
 def _not_a_deadlock(run) -> str | None:

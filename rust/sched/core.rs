@@ -55,6 +55,9 @@ struct Thread {
     ident: u64,
     timed_out: bool,
     deadlocked: bool,
+    /// Blocked by [`Core::block_patient`]: a stall ends its wait (as a time-out), not a
+    /// deadlock.
+    patient: bool,
     /// When a timed block ends, on the round's virtual clock (ns).
     wake_at: u64,
     /// Where the thread waits to go on: (code object address, instruction offset), or
@@ -510,6 +513,7 @@ impl Core {
                 ident,
                 timed_out: false,
                 deadlocked: false,
+                patient: false,
                 wake_at: 0,
                 at: AT_START,
                 native: current_native_id(),
@@ -564,6 +568,7 @@ impl Core {
                 ident: 0,
                 timed_out: false,
                 deadlocked: false,
+                patient: false,
                 wake_at: 0,
                 at: AT_START,
                 native: 0, // known once it attaches
@@ -660,6 +665,18 @@ impl Core {
     /// the block that ends first on the round's virtual clock times out first, so a thread
     /// waiting 0.1 s gives up before one waiting 30 s, as it would in real time.
     pub fn block_for(&self, tid: u32, resource: u64, timeout_ns: Option<u64>) -> Wait {
+        self.block_with(tid, resource, timeout_ns, false)
+    }
+
+    /// An untimed [`Core::block`] that a stall ends: when every managed thread has been
+    /// blocked for [`STALL_GRACE`], it returns [`Wait::TimedOut`] instead of a deadlock being
+    /// declared. For a timed wait that a thread the core does not manage may end: the waiter
+    /// looks at that thread again and waits on (see `coop._patient_block`).
+    pub fn block_patient(&self, tid: u32, resource: u64) -> Wait {
+        self.block_with(tid, resource, None, true)
+    }
+
+    fn block_with(&self, tid: u32, resource: u64, timeout_ns: Option<u64>, patient: bool) -> Wait {
         let timed = timeout_ns.is_some();
         if self.is_closed() {
             return Wait::Free;
@@ -677,6 +694,7 @@ impl Core {
             Some(t) if t.status == Status::Runnable => {
                 t.status = Status::Blocked { resource, timed };
                 t.timed_out = false;
+                t.patient = patient;
                 t.at = AT_SYNC;
                 t.wake_at = vnow.saturating_add(timeout_ns.unwrap_or(0));
                 t.wake_at
@@ -1017,7 +1035,11 @@ impl Core {
             if st.running.is_none() {
                 if let Some(since) = st.stalled_since {
                     if since.elapsed() >= STALL_GRACE {
-                        self.declare_deadlock(st);
+                        if st.end_patient_blocks() {
+                            self.notify_turn(st);
+                        } else {
+                            self.declare_deadlock(st);
+                        }
                         continue;
                     }
                 }
@@ -1113,6 +1135,27 @@ impl State {
         self.finish_round();
         self.round_done();
         true
+    }
+
+    /// A stall: the patient blocks (see [`Core::block_patient`]) end as timed out, and one of
+    /// them is chosen. Returns whether there was one.
+    fn end_patient_blocks(&mut self) -> bool {
+        let mut any = false;
+        for t in self.threads.values_mut() {
+            if t.patient && matches!(t.status, Status::Blocked { .. }) {
+                t.status = Status::Runnable;
+                t.timed_out = true;
+                t.patient = false;
+                any = true;
+            }
+        }
+        if any {
+            self.runnable_dirty = true;
+            self.stalled_since = None;
+            self.progress += 1;
+            self.choose(None);
+        }
+        any
     }
 
     fn finish_round_if_pending(&mut self) {
@@ -1362,6 +1405,37 @@ mod tests {
         assert_eq!(results, vec![Wait::Deadlock, Wait::Deadlock]);
         let rec = core.round(0).unwrap();
         assert!(rec.deadlock && !rec.exact);
+    }
+
+    #[test]
+    fn a_stall_ends_a_patient_block_and_is_no_deadlock() {
+        // Thread 0 waits patiently (a wake may come from outside the core), thread 1 for a
+        // wake: once both have waited the stall grace, thread 0's wait ends as timed out and
+        // the round goes on exact; when it then waits for a wake too, it is a deadlock.
+        let core = Arc::new(Core::new(3, Policy::Random));
+        let results: Vec<Vec<Wait>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2)
+                .map(|tid| {
+                    let core = Arc::clone(&core);
+                    sc.spawn(move || {
+                        core.enter(tid, 0, 0, 0, 2);
+                        let mut out = Vec::new();
+                        if tid == 0 {
+                            out.push(core.block_patient(0, 100));
+                            assert!(!core.state.lock().record.deadlock);
+                        }
+                        out.push(core.block(tid, 200, false));
+                        core.exit(tid);
+                        out
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            results,
+            vec![vec![Wait::TimedOut, Wait::Deadlock], vec![Wait::Deadlock]]
+        );
     }
 
     #[test]
