@@ -47,6 +47,8 @@ class Actor:
 """
 
 STARTED_BY_THE_TEST = """
+from unittest import mock
+
 import pytest
 
 from actor import Actor
@@ -70,6 +72,16 @@ def test_actors_the_fixture_stops(stop_all, thread_index):
     assert back.ask(thread_index) == thread_index + 1
 
 
+@pytest.mark.usefixtures("stop_all")  # as pykka's: torn down by pytest, after the run
+def test_actor_with_a_patched_class():
+    # mock.patch in a round: the test runs again on one thread (the one-thread fallback),
+    # which does not wait for the actor either
+    with mock.patch.object(Actor, "ask", Actor.ask):
+        a = Actor()
+        STARTED.append(a)
+        assert a.ask(1) == 2
+
+
 def test_daemon_actors_never_stopped(thread_index):
     front = Actor(daemon=True, forward=Actor(daemon=True))
     assert [front.ask(thread_index + k) for k in range(3)] == [
@@ -88,9 +100,10 @@ def _clean(result) -> str:
 def test_actors_the_test_starts_are_not_waited_for_once_blocked_for_good(pytester):
     # In a process of its own: the daemon actors it leaves must not outlive it here.
     pytester.makepyfile(actor=ACTOR, test_started=STARTED_BY_THE_TEST)
-    result = pytester.runpytest_subprocess(*RUN, "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    result = pytester.runpytest_subprocess(*RUN, "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=3)
     _clean(result)
+    result.stdout.fnmatch_lines(["*test_actor_with_a_patched_class*mock.patch*"])
 
 
 MODULE_FIXTURE = """
