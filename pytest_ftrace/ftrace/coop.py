@@ -19,6 +19,10 @@ This module is the Python side:
   "unmanaged blocking at <file:line>" and lets the rest of that round run free.
 - When every managed thread is blocked, the core says so at once and each blocked thread
   raises `DeadlockError`; the first one carries the wait-for cycle and every thread's stack.
+  A timed wait while a thread outside the round is busy is never one (`_patient_block`).
+- Threads the test starts are managed; when the workers are done and those left are all
+  blocked, they are blocked for good: they leave the round (the core), and the runner does
+  not wait for them at the test's end (`locks.blocked_for_good`).
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
