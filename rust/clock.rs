@@ -27,7 +27,7 @@ use crate::sched::{self, Core, Wait};
 /// The real clocks' readings (ns) at [`sched::clock_anchor`]: wall, monotonic, perf_counter.
 static BASES: OnceLock<[i128; 3]> = OnceLock::new();
 
-const WALL: usize = 0;
+pub(crate) const WALL: usize = 0;
 const MONOTONIC: usize = 1;
 const PERF: usize = 2;
 
@@ -38,7 +38,7 @@ static SLEEPS: AtomicU64 = AtomicU64::new(0);
 /// The virtual reading of clock `which` (ns) for the calling thread, None when it reads the
 /// real clock.
 #[inline]
-fn virtual_ns(which: usize) -> Option<i128> {
+pub(crate) fn virtual_ns(which: usize) -> Option<i128> {
     let bases = BASES.get()?;
     let timeline = engine::with_managed(|core, tid| core.clock_now(tid)).flatten()?;
     Some(bases[which] + i128::from(timeline))

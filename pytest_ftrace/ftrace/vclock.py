@@ -6,6 +6,13 @@
   `from time import monotonic` in user code gets them too; `uninstall` puts the real ones
   back when the session ends (pytester sessions nest: the outermost one restores). No user
   object is touched.
+- `datetime.datetime.now()` and `utcnow()` read the wall clock in C, not through
+  `time.time`: `install` puts stand-ins of them on the C type itself (rust/vdatetime.rs), so
+  the class stays the one class it is (`type()`, `isinstance`, pickling, `repr`, arithmetic
+  unchanged) and a `from datetime import datetime` done before the plugin loaded gets them
+  too. `date.today()` and `datetime.today()` call `time.time` and need nothing more.
+  `time.localtime()`, `gmtime()`, `ctime()`, `asctime()` and `strftime(fmt)` with no time
+  given read the real clock in C: they give whole seconds for display, and are left real.
 - In a managed thread of a round they read and advance the round's one virtual clock in the
   native core (rust/clock.rs, rust/sched/core.rs), the same one the timeouts of the
   cooperative primitives use: a sleep of 0.25 s is 0.25 s on every clock, and the real time
@@ -19,6 +26,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
+import datetime
 import time
 
 
@@ -30,6 +38,7 @@ def install() -> None:
     from pytest_ftrace import _native
 
     _native.install_clock(time)
+    _native.install_datetime_clock(datetime.datetime)
     if _native.gc_event not in gc.callbacks:  # the watcher tells a collection from C
         gc.callbacks.append(_native.gc_event)
 
@@ -41,6 +50,7 @@ def uninstall() -> None:
 
     from pytest_ftrace import _native
 
+    _native.uninstall_datetime_clock(datetime.datetime)
     if _native.uninstall_clock(time):
         try:
             gc.callbacks.remove(_native.gc_event)
