@@ -4,9 +4,10 @@
 //! are imported (so `from time import monotonic` gets them too).
 //!
 //! In a managed thread of a round, every clock reads the one virtual timeline of the round's
-//! core (see `Core::clock_now`): it starts at the real time at the round's start, moves on by
-//! a tick at each read, by each sleep and each timed wait that ends, and never goes back; a
-//! sleep is a timed block in the core. Every other thread, and every thread outside a round,
+//! core (see `Core::clock_now`): it starts at the real time at a test's first round (a later
+//! round goes on from where the last one stopped), moves on by a tick at each read, by each
+//! sleep and each timed wait that ends, and never goes back; a sleep is a timed block in the
+//! core. Every other thread, and every thread outside a round,
 //! gets exactly what the real function gives: the stand-in calls it (one atomic load and a
 //! thread-local read first).
 //!

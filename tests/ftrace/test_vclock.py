@@ -491,3 +491,66 @@ def test_outside_a_session_datetime_has_its_own_methods_back():
     assert a - 2000 <= b <= c + 2000
     assert type(now()) is cls
     assert pickle.loads(pickle.dumps(now())).__class__ is cls
+
+
+PING_PONG = """
+import socket
+import threading
+
+def serve(listener):
+    conn, _ = listener.accept()
+    with conn:
+        while True:
+            data = conn.recv(64)
+            if not data:
+                return
+            conn.sendall(b"pong")
+
+def test_ping_pong(thread_index):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = threading.Thread(target=serve, args=(listener,))
+    server.start()
+    with socket.create_connection(listener.getsockname()) as client:
+        for _ in range(300):
+            client.sendall(b"ping")
+            assert client.recv(64) == b"pong"
+    server.join()
+    listener.close()
+"""
+
+
+def test_a_client_and_the_server_thread_it_started_take_turns_at_once(pytester):
+    """Each side of a socket blocks in C in turn (1200 times per execution): the one holding
+    the turn is let run free as soon as it waits in the kernel, not after a quiet time, so the
+    executions end well within the bound (they took about 25 ms per round trip before)."""
+    pytester.makepyfile(PING_PONG)
+    result = pytester.runpytest(
+        "--ftrace", "--ftrace-timeout", "15", "--seed", "9", "--threads", "2", "--iterations", "2"
+    )
+    result.assert_outcomes(passed=1)
+    notes = not_exact_notes(result)
+    assert not any("ran free from there" in note for note in notes), notes
+
+
+ROUND_TO_ROUND = """
+from datetime import datetime, timedelta, timezone
+
+OPENED = {}
+
+def test_window_kept_from_round_to_round(iteration_index, thread_index):
+    opened = OPENED.setdefault(thread_index, datetime.now(timezone.utc))
+    total = 0
+    for i in range(3_000_000):  # ~0.1 s of real time per round, no virtual time
+        total += i
+    # A 50 ms window opened in round 0 (a circuit breaker's open state, kept by the test
+    # from round to round): the rounds' code waited no time at all.
+    assert datetime.now(timezone.utc) - opened < timedelta(milliseconds=50)
+"""
+
+
+def test_the_real_time_rounds_take_does_not_pass_on_the_clock_of_later_rounds(pytester):
+    pytester.makepyfile(ROUND_TO_ROUND)
+    result = exact(pytester, "--seed", "10", "--threads", "2", "--iterations", "4")
+    result.assert_outcomes(passed=1)
