@@ -1575,6 +1575,33 @@ mod tests {
     }
 
     #[test]
+    fn threads_waiting_in_c_at_the_same_time_count_once() {
+        let core = Core::new(1, Policy::Random);
+        core.enter(0, 0, 0, 0, 1);
+        let child = core.spawn().expect("a round is going on");
+        let start = core.clock_now(0).unwrap();
+        {
+            // What the watcher leaves after seeing both asleep in the kernel for the same
+            // 30 ms: the worker holding the turn, and the child running free.
+            let mut st = core.state.lock();
+            let vnow = st.vnow;
+            for (id, t) in st.threads.iter_mut() {
+                if *id == child {
+                    t.detached = Some((0, AT_START));
+                }
+                t.slept_from = vnow;
+                t.slept_ns = 30_000_000;
+            }
+        }
+        let a = core.clock_now(0).unwrap();
+        let b = core.clock_now(child).unwrap();
+        assert!(a - start >= 30_000_000, "{}", a - start);
+        assert!(b - start < 31_000_000, "the waits added up: {}", b - start);
+        core.exit(child);
+        core.exit(0);
+    }
+
+    #[test]
     fn a_read_that_passes_a_timed_block_ends_it() {
         // Thread 1 waits 10 us; thread 0 reads the clock and never blocks: the reads end the
         // wait (no jump of the clock is needed, nothing else ever stops).
