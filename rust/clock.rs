@@ -4,9 +4,10 @@
 //! are imported (so `from time import monotonic` gets them too).
 //!
 //! In a managed thread of a round, every clock reads the one virtual timeline of the round's
-//! core (see `Core::clock_now`): it starts at the real time at the round's start, moves on by
-//! a tick at each read, by each sleep and each timed wait that ends, and never goes back; a
-//! sleep is a timed block in the core. Every other thread, and every thread outside a round,
+//! core (see `Core::clock_now`): it starts at the real time at a test's first round (a later
+//! round goes on from where the last one stopped), moves on by a tick at each read, by each
+//! sleep and each timed wait that ends, and never goes back; a sleep is a timed block in the
+//! core. Every other thread, and every thread outside a round,
 //! gets exactly what the real function gives: the stand-in calls it (one atomic load and a
 //! thread-local read first).
 //!
@@ -27,7 +28,7 @@ use crate::sched::{self, Core, Wait};
 /// The real clocks' readings (ns) at [`sched::clock_anchor`]: wall, monotonic, perf_counter.
 static BASES: OnceLock<[i128; 3]> = OnceLock::new();
 
-const WALL: usize = 0;
+pub(crate) const WALL: usize = 0;
 const MONOTONIC: usize = 1;
 const PERF: usize = 2;
 
@@ -38,7 +39,7 @@ static SLEEPS: AtomicU64 = AtomicU64::new(0);
 /// The virtual reading of clock `which` (ns) for the calling thread, None when it reads the
 /// real clock.
 #[inline]
-fn virtual_ns(which: usize) -> Option<i128> {
+pub(crate) fn virtual_ns(which: usize) -> Option<i128> {
     let bases = BASES.get()?;
     let timeline = engine::with_managed(|core, tid| core.clock_now(tid)).flatten()?;
     Some(bases[which] + i128::from(timeline))

@@ -18,6 +18,7 @@ pub mod seed;
 #[cfg(target_os = "linux")]
 pub mod stacks;
 pub mod stats;
+mod vdatetime;
 
 /// Facts about how this extension was built, for the terminal header and for tests.
 #[pyfunction]
@@ -39,5 +40,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stacks::register(m)?;
     clock::register(m)?;
     locks::register(m)?;
+    vdatetime::register(m)?;
     Ok(())
 }

@@ -12,6 +12,13 @@
   `Barrier.wait` is reckoned with it. Those two names get the stand-in too (and the real one
   back at the end), so such a wait in a managed thread ends in virtual time: the lock wait
   inside it times out on the virtual clock, and the loop around it reads the same clock.
+- `datetime.datetime.now()` and `utcnow()` read the wall clock in C, not through
+  `time.time`: `install` puts stand-ins of them on the C type itself (rust/vdatetime.rs), so
+  the class stays the one class it is (`type()`, `isinstance`, pickling, `repr`, arithmetic
+  unchanged) and a `from datetime import datetime` done before the plugin loaded gets them
+  too. `date.today()` and `datetime.today()` call `time.time` and need nothing more.
+  `time.localtime()`, `gmtime()`, `ctime()`, `asctime()` and `strftime(fmt)` with no time
+  given read the real clock in C: they give whole seconds for display, and are left real.
 - In a managed thread of a round they read and advance the round's one virtual clock in the
   native core (rust/clock.rs, rust/sched/core.rs), the same one the timeouts of the
   cooperative primitives use: a sleep of 0.25 s is 0.25 s on every clock, and the real time
@@ -25,6 +32,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
+import datetime
 import queue
 import threading
 import time
@@ -45,6 +53,7 @@ def install() -> None:
     for module, name in _CLOCK_NAMES:
         if getattr(module, name, None) is real_monotonic:
             setattr(module, name, time.monotonic)
+    _native.install_datetime_clock(datetime.datetime)
     if _native.gc_event not in gc.callbacks:  # the watcher tells a collection from C
         gc.callbacks.append(_native.gc_event)
 
@@ -56,6 +65,7 @@ def uninstall() -> None:
 
     from pytest_ftrace import _native
 
+    _native.uninstall_datetime_clock(datetime.datetime)
     ours = time.monotonic
     if _native.uninstall_clock(time):
         real_monotonic = _native.real_clock("monotonic")

@@ -71,12 +71,19 @@ struct Thread {
     /// Running free, outside the schedule, since it blocked in C (see [`Core::watch`]):
     /// (the step at which it left, where it was). It rejoins at its next scheduling point.
     detached: Option<(u64, Location)>,
+    /// It came back from running free and has not had the turn since: while it waits, the
+    /// watcher looks often (the thread holding the turn may be blocked in C, waiting for it).
+    back: bool,
     /// Real time (ns) the watcher saw the thread sleep in the kernel while it had the turn
     /// or ran free (a C call that waits: `select` with a timeout, a socket, a real lock), not
     /// yet on the virtual clock: it counts when the thread next reads a clock, so a loop that
     /// waits in C until the clock says it is time (asyncio's) sees time pass. The time the
     /// scheduling takes, the time others run and the time the OS did not run it do not count.
     slept_ns: u64,
+    /// The virtual time when that sleep began to count: a read moves the clock to
+    /// `slept_from + slept_ns` at most, so threads waiting in C at the same time (a client
+    /// and its server, each on its socket) do not add up their waits.
+    slept_from: u64,
 }
 
 struct State {
@@ -209,6 +216,10 @@ impl State {
         };
         self.runnable_dirty = true;
         self.progress += 1;
+        t.back = true;
+        if self.running.is_some_and(|r| r != tid) {
+            watch::kick(); // the thread holding the turn may be blocked in C: look now
+        }
         if self.step > step && self.record.exact && !self.free {
             self.record.exact = false;
             self.record.free_run = Some((tid, at));
@@ -475,15 +486,24 @@ impl Core {
             }
             st.threads.clear();
             st.runnable_dirty = true;
-            // The virtual clock starts at the real time, never behind where the last round's
-            // clock got to.
+            // The first round's virtual clock starts at the real time (never behind where a
+            // timeline got to); each later round goes on from where the last one's stopped.
+            // The real time the serialised rounds took is no time the code saw pass: state
+            // kept from round to round (a circuit breaker opened in round 0) sees only the
+            // time the rounds' code waited, as it would without the scheduling.
+            let first = st.round.is_none();
             let end = st.timeline().max(st.timeline_end);
             st.timeline_end = end;
             st.vnow = 0;
-            st.origin = Instant::now();
-            st.carry = 0;
-            let start = st.timeline();
-            st.carry = end.saturating_sub(start);
+            if first {
+                st.origin = Instant::now();
+                st.carry = 0;
+                let start = st.timeline();
+                st.carry = end.saturating_sub(start);
+            } else {
+                let origin = st.origin.saturating_duration_since(clock_anchor());
+                st.carry = end.saturating_sub(origin.as_nanos() as u64);
+            }
             st.next_wake = u64::MAX;
             st.idle_real = None;
             st.free_at = None;
@@ -519,7 +539,9 @@ impl Core {
                 native: current_native_id(),
                 in_core: false,
                 detached: None,
+                back: false,
                 slept_ns: 0,
+                slept_from: 0,
             },
         );
         st.first_arrival.get_or_insert_with(Instant::now);
@@ -574,7 +596,9 @@ impl Core {
                 native: 0, // known once it attaches
                 in_core: false,
                 detached: None,
+                back: false,
                 slept_ns: 0,
+                slept_from: 0,
             },
         );
         Some(tid)
@@ -815,10 +839,15 @@ impl Core {
     /// running thread has reached no scheduling point for a while and sleeps in the kernel
     /// (a socket, `select`, a real lock, a C extension's wait, a child process), or has
     /// computed without one for long, it runs free from here, outside the schedule, and
-    /// another thread is chosen; it rejoins at its next scheduling point.
-    pub fn watch(&self, now: Instant) {
+    /// another thread is chosen; it rejoins at its next scheduling point. A thread asleep in
+    /// a system call that is not a futex wait (a socket, a pipe, `select`: see
+    /// [`watch::blocked_in_io`]) runs free on the second look (a poll apart), and on the first
+    /// while a thread that came back from C waits for the turn (the two ends of a socket take
+    /// turns this way). Returns whether such a thread waits (the watcher then looks again
+    /// soon).
+    pub fn watch(&self, now: Instant) -> bool {
         if self.is_closed() {
-            return;
+            return false;
         }
         let mut st = self.state.lock();
         let mut interval = st.last_poll.replace(now).map_or(0, |last| {
@@ -831,13 +860,14 @@ impl Core {
         if !st.started || st.free {
             st.watch = None;
             st.last_poll = None;
-            return;
+            return false;
         }
         // Sample who sleeps in the kernel: the running thread (unless it waits in the core
         // for its turn) and the threads that run free; each sample stands for the time since
         // the last one.
         let mut running_state = None;
         let running = st.running;
+        let vnow = st.vnow;
         for (&id, t) in st.threads.iter_mut() {
             let watched = if Some(id) == running {
                 !t.in_core
@@ -849,35 +879,50 @@ impl Core {
             }
             let state = watch::thread_state(t.native);
             if state == Some(watch::ThreadState::Sleeping) {
+                if t.slept_ns == 0 {
+                    t.slept_from = vnow;
+                }
                 t.slept_ns = t.slept_ns.saturating_add(interval);
             }
             if Some(id) == running {
                 running_state = Some(state);
             }
         }
+        let hurry = st.threads.iter().any(|(&id, t)| {
+            t.back && t.status == Status::Runnable && t.detached.is_none() && Some(id) != running
+        });
         let Some(running) = running else {
             st.watch = None;
-            return;
+            return hurry;
         };
         let Some(state) = running_state else {
             st.watch = None; // chosen, not awake yet
-            return;
+            return hurry;
         };
+        let in_io = state == Some(watch::ThreadState::Sleeping)
+            && !collecting
+            && st
+                .threads
+                .get(&running)
+                .is_some_and(|t| watch::blocked_in_io(t.native) == Some(true));
         let progress = st.progress;
-        let (since, cpu0) = match st.watch {
+        let (since, cpu0, seen_before) = match st.watch {
             Some((who, seen, since, cpu, epoch))
                 if who == running && seen == progress && epoch == gc =>
             {
-                (since, cpu)
+                (since, cpu, true)
             }
+            _ if in_io && hurry => (now, None, false),
             _ => {
                 st.watch = Some((running, progress, now, None, gc));
-                return;
+                return hurry;
             }
         };
         let quiet = now.saturating_duration_since(since);
-        if quiet < DETACH_QUIET {
-            return;
+        // Asleep in I/O: at once when a thread that came back from C waits, else on the
+        // second look; any other wait (a futex may be the GIL's) after DETACH_QUIET.
+        if quiet < DETACH_QUIET && !(in_io && (hurry || seen_before)) {
+            return hurry;
         }
         let others = st
             .threads
@@ -890,7 +935,7 @@ impl Core {
             .values()
             .any(|t| t.ident == 0 && t.status != Status::Finished);
         if !others || starting {
-            return;
+            return hurry;
         }
         let detach = match state {
             Some(watch::ThreadState::Sleeping) => true,
@@ -905,7 +950,7 @@ impl Core {
             None => quiet >= DETACH_COMPUTING,
         };
         if !detach {
-            return;
+            return hurry;
         }
         let step = st.step;
         let t = st.threads.get_mut(&running).expect("running thread exists");
@@ -916,6 +961,7 @@ impl Core {
         st.running = None;
         st.choose(None);
         self.notify_turn(&st);
+        false
     }
 
     /// The virtual timeline (ns since [`clock_anchor`]) as managed thread `tid` reads a clock:
@@ -940,7 +986,10 @@ impl Core {
         if detached || st.running == Some(tid) {
             let t = st.threads.get_mut(&tid).expect("checked above");
             let slept = std::mem::take(&mut t.slept_ns);
-            st.vnow = st.vnow.saturating_add(slept);
+            if slept > 0 {
+                let reached = t.slept_from.saturating_add(slept);
+                st.vnow = st.vnow.max(reached);
+            }
         }
         if !detached {
             // A thread that runs free reads without a tick: its reads are not part of the
@@ -1028,6 +1077,7 @@ impl Core {
             if st.running == Some(tid) {
                 if let Some(me) = st.threads.get_mut(&tid) {
                     me.in_core = false;
+                    me.back = false;
                 }
                 return Wait::Turn;
             }
@@ -1085,6 +1135,9 @@ impl Core {
             self.notify_turn(st);
         }
         if st.running == Some(tid) {
+            if let Some(me) = st.threads.get_mut(&tid) {
+                me.back = false;
+            }
             Some(Wait::Turn)
         } else {
             None
@@ -1577,6 +1630,48 @@ mod tests {
             core.clock_now(0).unwrap() >= d + 5_000_000,
             "free: real time again"
         );
+        core.exit(0);
+    }
+
+    #[test]
+    fn a_later_round_goes_on_from_where_the_last_ones_clock_stopped() {
+        let core = Core::new(1, Policy::Random);
+        core.enter(0, 0, 0, 0, 1);
+        let first = core.clock_now(0).unwrap();
+        core.exit(0);
+        // The real time between the rounds (or the scheduling of a long round) is not seen.
+        std::thread::sleep(Duration::from_millis(30));
+        core.enter(0, 0, 1, 1, 1);
+        let next = core.clock_now(0).unwrap();
+        assert!(next > first, "never back");
+        assert!(next - first < 10_000_000, "{}", next - first);
+        core.exit(0);
+    }
+
+    #[test]
+    fn threads_waiting_in_c_at_the_same_time_count_once() {
+        let core = Core::new(1, Policy::Random);
+        core.enter(0, 0, 0, 0, 1);
+        let child = core.spawn().expect("a round is going on");
+        let start = core.clock_now(0).unwrap();
+        {
+            // What the watcher leaves after seeing both asleep in the kernel for the same
+            // 30 ms: the worker holding the turn, and the child running free.
+            let mut st = core.state.lock();
+            let vnow = st.vnow;
+            for (id, t) in st.threads.iter_mut() {
+                if *id == child {
+                    t.detached = Some((0, AT_START));
+                }
+                t.slept_from = vnow;
+                t.slept_ns = 30_000_000;
+            }
+        }
+        let a = core.clock_now(0).unwrap();
+        let b = core.clock_now(child).unwrap();
+        assert!(a - start >= 30_000_000, "{}", a - start);
+        assert!(b - start < 31_000_000, "the waits added up: {}", b - start);
+        core.exit(child);
         core.exit(0);
     }
 

@@ -17,6 +17,23 @@ use super::{Core, SHUTDOWN};
 pub const POLL: Duration = Duration::from_millis(2);
 /// How often it looks for an active run otherwise.
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// How often it looks while a thread that came back from C waits for the turn (see
+/// [`Core::watch`]): a thread that holds the turn and blocks in C (the other end of a socket
+/// or a pipe, say) is seen at once, not after a poll or the quiet time.
+pub const FAST_POLL: Duration = Duration::from_micros(200);
+
+/// The watcher thread, for [`kick`] (only tried, never waited for: a kick that finds the
+/// lock taken is skipped, and the watcher looks at its next poll anyway).
+static WATCHER: parking_lot::RwLock<Option<std::thread::Thread>> = parking_lot::RwLock::new(None);
+
+/// Let the watcher look now (a thread came back from running free and waits for the turn).
+pub fn kick() {
+    if let Some(watcher) = WATCHER.try_read() {
+        if let Some(thread) = watcher.as_ref() {
+            thread.unpark();
+        }
+    }
+}
 
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// Set around a fork: the watcher holds no lock then (a child would inherit it held).
@@ -74,6 +91,11 @@ pub fn start(active: fn() -> Option<Arc<Core>>) {
     let spawned = std::thread::Builder::new()
         .name("ftrace-watcher".into())
         .spawn(move || loop {
+            if let Some(mut watcher) = WATCHER.try_write() {
+                if watcher.as_ref().map(|t| t.id()) != Some(std::thread::current().id()) {
+                    *watcher = Some(std::thread::current());
+                }
+            }
             if SHUTDOWN.load(Ordering::Acquire) {
                 return;
             }
@@ -86,10 +108,10 @@ pub fn start(active: fn() -> Option<Arc<Core>>) {
             }
             match active() {
                 Some(core) => {
-                    core.watch(Instant::now());
+                    let hurry = core.watch(Instant::now());
                     drop(core);
                     BUSY.store(false, Ordering::SeqCst);
-                    std::thread::sleep(POLL);
+                    std::thread::park_timeout(if hurry { FAST_POLL } else { POLL });
                 }
                 None => {
                     BUSY.store(false, Ordering::SeqCst);
@@ -134,6 +156,32 @@ pub fn native_id() -> u64 {
         }
     }
     0
+}
+
+/// Whether thread `native` of this process waits in the kernel in a system call that is not
+/// a futex wait (a socket, a pipe, `select`/`poll`, a child process, a sleep in C): a wait
+/// for something outside the process's locks. A futex wait may be a wait for the GIL, which a
+/// thread gets back within a switch interval. None when it cannot be read
+/// (`/proc/self/task/<tid>/syscall`, Linux on x86_64 and aarch64).
+pub fn blocked_in_io(native: u64) -> Option<bool> {
+    if !cfg!(target_os = "linux") || native == 0 {
+        return None;
+    }
+    let futex: &[i64] = if cfg!(target_arch = "x86_64") {
+        &[202, 449] // futex, futex_waitv
+    } else if cfg!(target_arch = "aarch64") {
+        &[98, 449]
+    } else {
+        return None;
+    };
+    let text = std::fs::read_to_string(format!("/proc/self/task/{native}/syscall")).ok()?;
+    Some(parse_syscall(&text).is_some_and(|n| n >= 0 && !futex.contains(&n)))
+}
+
+/// The system call number of a `syscall` file's line (`running`, and `-1 ...` for a thread
+/// blocked outside a system call, give None and -1).
+fn parse_syscall(text: &str) -> Option<i64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// The state of thread `native` of this process; None when it cannot be read.
@@ -182,6 +230,48 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
+    fn a_thread_blocked_on_a_socket_is_seen_in_io() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let h = std::thread::spawn(move || {
+            tx.send(native_id()).unwrap();
+            let mut buf = [0u8; 1];
+            a.read_exact(&mut buf).unwrap();
+        });
+        let native = rx.recv().unwrap();
+        let mut seen = None;
+        for _ in 0..200 {
+            seen = blocked_in_io(native);
+            if seen == Some(true) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        b.write_all(b"x").unwrap();
+        h.join().unwrap();
+        if seen.is_some() {
+            assert_eq!(seen, Some(true)); // None: no syscall file (an older kernel)
+        }
+    }
+
+    #[test]
+    fn syscall_lines_give_the_call_number() {
+        assert_eq!(
+            parse_syscall("45 0x3 0x7f 0x1 0x0 0x0 0x0 0x7f 0x7f"),
+            Some(45)
+        );
+        assert_eq!(parse_syscall("-1 0x7ffd 0x7f12"), Some(-1));
+        assert_eq!(parse_syscall("running"), None);
+        assert_eq!(parse_syscall(""), None);
+    }
+
+    #[test]
     fn a_thread_blocked_in_the_kernel_is_seen_sleeping() {
         if !cfg!(target_os = "linux") {
             return;
@@ -203,6 +293,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(seen, Some(ThreadState::Sleeping));
+        assert_ne!(blocked_in_io(native), Some(true), "a futex wait is not I/O");
         drop(stop_tx);
         h.join().unwrap();
         assert!(matches!(

@@ -328,3 +328,229 @@ def test_real_time_waited_in_c_counts_on_the_clock(pytester):
     pytester.makepyfile(C_TIMEOUTS)
     result = exact(pytester, "--seed", "8", "--threads", "2", "--iterations", "3")
     result.assert_outcomes(passed=2)
+
+
+DATETIMES = """
+import datetime as dt
+import time
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+def readings():
+    return [datetime.now(), datetime.now(timezone.utc), datetime.now(tz=timezone.utc),
+            dt.datetime.today(), datetime.utcnow()]
+
+@pytest.mark.filterwarnings("ignore:datetime.datetime.utcnow:DeprecationWarning")
+def test_sleep_is_seen_by_datetime(thread_index):
+    before = readings()
+    time.sleep(0.25)
+    after = readings()
+    for a, b in zip(before, after):
+        assert b - a >= timedelta(seconds=0.25), (a, b)
+    assert after[1].tzinfo is timezone.utc and after[3].tzinfo is None
+
+def test_days_pass_for_date_today(thread_index):
+    first = date.today()
+    time.sleep(3 * 86400)
+    assert date.today() - first >= timedelta(days=2)
+    assert datetime.now() - datetime.combine(first, dt.time()) >= timedelta(days=3)
+"""
+
+
+def test_a_sleep_is_seen_by_datetime_now_utcnow_and_today(pytester):
+    pytester.makepyfile(DATETIMES)
+    result = exact(pytester, "--seed", "11", "--threads", "3", "--iterations", "3")
+    result.assert_outcomes(passed=2)
+    assert not not_exact_notes(result)
+
+
+DATETIME_WINDOW = """
+import threading
+from datetime import datetime, timedelta, timezone
+
+ROUNDS = {}
+GUARD = threading.Lock()
+
+def shared(iteration):
+    with GUARD:
+        return ROUNDS.setdefault(iteration, (threading.Event(), threading.Event()))
+
+def test_window(iteration_index, thread_index):
+    started, done = shared(iteration_index)
+    if thread_index == 0:
+        opened = datetime.now(timezone.utc)
+        started.set()
+        done.wait()
+        # A 10 ms window: the other thread's work took real time, not virtual time.
+        assert datetime.now(timezone.utc) - opened < timedelta(milliseconds=10)
+    else:
+        started.wait()
+        total = 0
+        for i in range(3_000_000):  # ~0.1 s of real time, no virtual time
+            total += i
+        done.set()
+"""
+
+
+def test_a_short_datetime_window_does_not_expire_because_scheduling_took_real_time(pytester):
+    pytester.makepyfile(DATETIME_WINDOW)
+    result = exact(pytester, "--seed", "12", "--threads", "2", "--iterations", "4")
+    result.assert_outcomes(passed=1)
+
+
+DATETIME_OBSERVABLE = """
+import copy
+import datetime as dt
+import pickle
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+def real_now():
+    return time.clock_gettime_ns(time.CLOCK_REALTIME)
+
+def sandwich():
+    a = real_now()
+    b = datetime.now(timezone.utc).timestamp() * 1e9
+    c = real_now()
+    return a - 2000 <= b <= c + 2000  # datetime keeps microseconds
+
+class Stamp(datetime):
+    pass
+
+@pytest.fixture
+def outside():
+    assert sandwich()  # pytest's thread, outside the rounds: the real clock
+    assert type(datetime.now()) is datetime
+    yield
+    assert sandwich()
+
+def check_the_type(now):
+    assert type(now) is datetime and type(now) is dt.datetime
+    assert isinstance(now, dt.datetime) and isinstance(now, dt.date)
+    assert repr(now).startswith("datetime.datetime(")
+    assert pickle.loads(pickle.dumps(now)) == now
+    assert type(copy.deepcopy(now)) is datetime
+    assert type(now + timedelta(days=1)) is datetime
+    assert type(datetime.max) is datetime and datetime.max > now
+    stamp = Stamp.now()
+    assert type(stamp) is Stamp and stamp >= now
+    assert type(Stamp.now(timezone.utc)) is Stamp
+    with pytest.raises(TypeError, match="tzinfo argument must be None or of a tzinfo"):
+        datetime.now(5)
+    with pytest.raises(TypeError):
+        datetime.now(tz=timezone.utc, zone=None)
+    with pytest.raises(TypeError):
+        datetime.utcnow(1)
+
+def test_datetime_is_the_same_type(outside, thread_index):
+    check_the_type(datetime.now())
+    time.sleep(3600)  # the virtual clock is now well ahead of the real one
+    assert not sandwich()
+    check_the_type(datetime.now())
+
+def test_outside_rounds(outside):
+    check_the_type(datetime.now())
+"""
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_REALTIME"), reason="needs clock_gettime")
+def test_datetime_stays_the_real_type_and_outside_rounds_the_real_clock(pytester):
+    pytester.makepyfile(DATETIME_OBSERVABLE)
+    result = exact(pytester, "-p", "no:randomly", "--seed", "13", "--threads", "2")
+    result.assert_outcomes(passed=2)
+
+
+def test_outside_a_session_datetime_has_its_own_methods_back():
+    import datetime
+    import inspect
+    import pickle
+
+    from pytest_ftrace.ftrace import vclock
+
+    cls = datetime.datetime
+    real = {name: cls.__dict__[name] for name in ("now", "utcnow")}
+    signature = inspect.signature(cls.now)
+    vclock.install()
+    try:
+        ours = {name: cls.__dict__[name] for name in ("now", "utcnow")}
+        now = cls.now  # bound while installed: it must keep working after
+    finally:
+        vclock.uninstall()
+    assert {name: cls.__dict__[name] for name in real} == real
+    for name in real:
+        assert ours[name] is not real[name]
+        assert type(ours[name]) is type(real[name])
+        assert ours[name].__doc__ == real[name].__doc__
+    assert inspect.signature(now) == signature
+    a = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    b = now().timestamp() * 1e9
+    c = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    assert a - 2000 <= b <= c + 2000
+    assert type(now()) is cls
+    assert pickle.loads(pickle.dumps(now())).__class__ is cls
+
+
+PING_PONG = """
+import socket
+import threading
+
+def serve(listener):
+    conn, _ = listener.accept()
+    with conn:
+        while True:
+            data = conn.recv(64)
+            if not data:
+                return
+            conn.sendall(b"pong")
+
+def test_ping_pong(thread_index):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = threading.Thread(target=serve, args=(listener,))
+    server.start()
+    with socket.create_connection(listener.getsockname()) as client:
+        for _ in range(300):
+            client.sendall(b"ping")
+            assert client.recv(64) == b"pong"
+    server.join()
+    listener.close()
+"""
+
+
+def test_a_client_and_the_server_thread_it_started_take_turns_at_once(pytester):
+    """Each side of a socket blocks in C in turn (1200 times per execution): the one holding
+    the turn is let run free as soon as it waits in the kernel, not after a quiet time, so the
+    executions end well within the bound (they took about 25 ms per round trip before)."""
+    pytester.makepyfile(PING_PONG)
+    result = pytester.runpytest(
+        "--ftrace", "--ftrace-timeout", "15", "--seed", "9", "--threads", "2", "--iterations", "2"
+    )
+    result.assert_outcomes(passed=1)
+    notes = not_exact_notes(result)
+    assert not any("ran free from there" in note for note in notes), notes
+
+
+ROUND_TO_ROUND = """
+from datetime import datetime, timedelta, timezone
+
+OPENED = {}
+
+def test_window_kept_from_round_to_round(iteration_index, thread_index):
+    opened = OPENED.setdefault(thread_index, datetime.now(timezone.utc))
+    total = 0
+    for i in range(3_000_000):  # ~0.1 s of real time per round, no virtual time
+        total += i
+    # A 50 ms window opened in round 0 (a circuit breaker's open state, kept by the test
+    # from round to round): the rounds' code waited no time at all.
+    assert datetime.now(timezone.utc) - opened < timedelta(milliseconds=50)
+"""
+
+
+def test_the_real_time_rounds_take_does_not_pass_on_the_clock_of_later_rounds(pytester):
+    pytester.makepyfile(ROUND_TO_ROUND)
+    result = exact(pytester, "--seed", "10", "--threads", "2", "--iterations", "4")
+    result.assert_outcomes(passed=1)
