@@ -503,6 +503,9 @@ def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
 
     outcome = Outcome(run.threads, run.iterations)
     for iteration in range(run.iterations):
+        if run.go_on is not None and not run.go_on(iteration):  # the budget is spent
+            outcome.iterations = iteration
+            break
         answer = in_child(
             lambda i=iteration: _child_round(test, run, i), run.timeout + GRACE_SECONDS
         )
@@ -573,6 +576,7 @@ def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
 
     hooks.round_end = round_end
     run.only_round = iteration
+    run.go_on = None  # the parent decides which rounds run (ftrace/budget.py)
     mode = test.run
     _fresh_records(mode)
     outcome = None
