@@ -353,6 +353,7 @@ class Instrumentation:
         self._armed.clear()
         _native.clear_iter_slots()
         _native.clear_access_slots()
+        _native.shared_track(False)  # no record outlives its test (ftrace/budget.py)
 
     def _on_start(self, code, _offset):
         """PY_START/PY_RESUME: give in-scope code INSTRUCTION events, then go quiet."""

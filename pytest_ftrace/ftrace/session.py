@@ -288,6 +288,7 @@ class TestSession:
         if self.budget is not None:
             rounds, seconds, why = self.budget.finish()
             self.session.budgets.append((self.item.nodeid, rounds, seconds, why))
+            self.item.user_properties.append(("ftrace_budget", f"{rounds} rounds: {why}"))
         stats = run.stats()
         stats["mode"] = self.mode
         self.session.stats.append((self.item.nodeid, stats))

@@ -236,7 +236,9 @@ class ThreadedRun:
                     "slowing the tests after this one."
                 )
             reached = max((r for r in self._rounds if r is not None), default=-1)
-            if reached < self.iterations - 1 and self.only_round is None:
+            if self.go_on is not None:  # rounds by budget: no count was promised
+                self._ended_at = max(1, min(self._ended_at or self.iterations, reached + 1))
+            elif reached < self.iterations - 1 and self.only_round is None:
                 outcome.notes.append(
                     f"iterations {reached + 1}-{self.iterations - 1} did not run"
                     if reached + 1 < self.iterations - 1
