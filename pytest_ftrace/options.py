@@ -28,7 +28,7 @@ DEFAULT_REPLAY_RUNS = 10
 # rounds until this many seconds of rounds, or ROUND_CAP rounds, whichever comes first; one
 # whose first PROBE_ROUNDS rounds touch nothing from two threads stops there (ftrace/budget.py).
 DEFAULT_BUDGET = 1.0
-ROUND_CAP = 400
+ROUND_CAP = 200  # benches/budget.md: the mix finds every corpus race by round 8
 PROBE_ROUNDS = 4
 DEFAULT_SHRINK_SECONDS = 10.0  # a safety bound: the count of candidates ends a search first
 # Exact mode, mix policy: about this many hand-overs between threads in a long round (each

@@ -29,6 +29,11 @@ use pyo3::prelude::*;
 use crate::iterpoints;
 use crate::opcodes::Kind;
 
+extern "C" {
+    // The type of closure cells (public C API, `cellobject.h`); pyo3-ffi does not declare it.
+    static mut PyCell_Type: ffi::PyTypeObject;
+}
+
 /// A multiplicative hash of addresses (looked up at every tracked access).
 #[derive(Default)]
 struct AddrHasher(u64);
@@ -75,6 +80,8 @@ const HOW_MASK: u32 = 0xf;
 const FLAG_WRITE: u32 = 0x10;
 /// The instruction loads a method: a write unless the owner is immutable.
 const FLAG_METHOD: u32 = 0x20;
+/// The method only reads a builtin container (a read when the owner is one).
+const FLAG_READS: u32 = 0x40;
 
 /// (code object address, offset) -> where its object is.
 type AccessMap = HashMap<(usize, u32), Owner, Fast>;
@@ -97,9 +104,10 @@ const MANY: u8 = 2;
 
 /// What keeps an entry's address meaning the object first seen there (objects die within a
 /// round, and their memory, or a free list, hands the address to the next one): a weak
-/// reference (dead: the address was reused), or, for lists and dicts (no weak references, and
-/// free lists reuse them at once), a strong one until the round's record is dropped. Neither
-/// can run code: a list or a dict has no finalizer.
+/// reference (dead: the address was reused), or, for lists, dicts and closure cells (no weak
+/// references; free lists reuse lists and dicts at once), a strong one until the round's record
+/// is dropped, at the next round barrier (none of them has a finalizer; what they hold lives
+/// that long too, only in the rounds that watch).
 #[derive(Clone, Copy)]
 enum Guard {
     None,
@@ -163,6 +171,7 @@ unsafe fn guard_of(obj: *mut ffi::PyObject) -> Guard {
         let ty = ffi::Py_TYPE(obj);
         if ty == std::ptr::addr_of_mut!(ffi::PyList_Type)
             || ty == std::ptr::addr_of_mut!(ffi::PyDict_Type)
+            || ty == std::ptr::addr_of_mut!(PyCell_Type)
         {
             ffi::Py_INCREF(obj);
             return Guard::Strong(obj as usize);
@@ -304,6 +313,21 @@ unsafe fn immutable(obj: *mut ffi::PyObject) -> bool {
     }
 }
 
+/// Whether `obj` is exactly a builtin container whose read-only methods `sharing.py` names.
+///
+/// # Safety
+/// `obj` is a live object.
+unsafe fn builtin_container(obj: *mut ffi::PyObject) -> bool {
+    unsafe {
+        let ty = ffi::Py_TYPE(obj);
+        ty == std::ptr::addr_of_mut!(ffi::PyList_Type)
+            || ty == std::ptr::addr_of_mut!(ffi::PyDict_Type)
+            || ty == std::ptr::addr_of_mut!(ffi::PySet_Type)
+            || ty == std::ptr::addr_of_mut!(ffi::PyByteArray_Type)
+            || immutable(obj)
+    }
+}
+
 /// A hooked point of `kind` at `offset` of `code` (not a loop step: see [`on_iterator`]).
 ///
 /// # Safety
@@ -354,7 +378,10 @@ pub unsafe fn on_point(code: *mut ffi::PyObject, offset: u32, kind: Kind) {
                             mark("an access whose object is not known");
                             return;
                         }
-                        if owner.how & FLAG_METHOD != 0 && !immutable(obj) {
+                        if owner.how & FLAG_METHOD != 0
+                            && !immutable(obj)
+                            && !(owner.how & FLAG_READS != 0 && builtin_container(obj))
+                        {
                             write = true;
                         }
                         obj as usize ^ (ffi::Py_TYPE(obj) as usize).rotate_left(29)

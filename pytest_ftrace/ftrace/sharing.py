@@ -27,6 +27,20 @@ HOW_LOCAL = 0
 HOW_GLOBAL = 1
 WRITE = 0x10
 METHOD = 0x20
+READS = 0x40  # a method that only reads a builtin container (on one, the load is a read)
+
+# Methods that never change the builtin container (list, dict, set, frozenset, tuple, str,
+# bytes, bytearray) they are loaded from. On any other type the name means nothing: a class's
+# `get` may write.
+READ_ONLY_METHODS = frozenset(
+    {
+        "get", "keys", "values", "items", "copy", "count", "index", "find", "rfind",
+        "startswith", "endswith", "issubset", "issuperset", "isdisjoint", "union",
+        "intersection", "difference", "symmetric_difference", "__contains__", "__len__",
+        "__getitem__", "__iter__", "__reversed__", "join", "split", "strip", "format",
+        "lower", "upper", "replace", "encode", "decode", "hex",
+    }
+)  # fmt: skip
 
 # opname -> (position of the object below the top of the stack (1 = top), writes, method bit)
 _STACK = {
@@ -82,6 +96,10 @@ def _entries(code) -> list[tuple[int, int, int, int]] | None:
             how = HOW_LOCAL | (WRITE if writes else 0)
             if method_bit and ins.arg is not None and ins.arg & 1:
                 how |= METHOD
+                shift = 2 if name == "LOAD_SUPER_ATTR" else 1
+                index = ins.arg >> shift
+                if 0 <= index < len(code.co_names) and code.co_names[index] in READ_ONLY_METHODS:
+                    how |= READS
             out.append((ins.offset, how, base + depth - below, 0))
         elif name in _CELL:
             if ins.arg is None or not 0 <= ins.arg < nlocals:

@@ -70,17 +70,76 @@ def gen(n):
 def test_generators_of_its_own():
     assert list(gen(5)) == [0, 1, 2, 3, 4]
     assert sorted({i % 3 for i in gen(30)}) == [0, 1, 2]
+
+
+def test_closures_of_its_own():
+    forward = {f"k{n}": n * 5 for n in range(50)}
+    backward = {v: k for k, v in forward.items()}
+    assert all(forward[backward[v]] == v for v in backward)
+    assert all(all(p % d for d in range(2, p)) for p in (3, 5, 7))
 """
+
+READ_ONLY = """
+import pytest
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    return {f"item{n}": {"price": n, "tags": frozenset({"x", f"t{n % 4}"})} for n in range(40)}
+
+
+CONFIG = {"limit": 3, "names": ["a", "b"]}
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_reads_shared_state_only(catalogue, n):
+    assert catalogue[f"item{n}"]["price"] == n
+    assert catalogue.get("nothing") is None
+    assert sum(1 for v in catalogue.values() if f"t{n}" in v["tags"]) == 10
+    assert CONFIG["names"].count("a") == 1 and CONFIG["limit"] == 3
+"""
+
+WRITING_GET = """
+class Cache:
+    def __init__(self):
+        self.hits = 0
+
+    def get(self):  # named like a read, but it writes
+        self.hits = self.hits + 1
+        return self.hits
+
+
+CACHE = Cache()
+
+
+def test_calls_a_writing_get():
+    CACHE.get()
+"""
+
+
+@needs_signal
+def test_shared_state_that_is_only_read_is_nothing_shared(pytester):
+    pytester.makepyfile(test_read_only=READ_ONLY)
+    result = pytester.runpytest("--ftrace", "--seed", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    assert budget_line(result)[2] == f"3 tests stopped after {PROBE_ROUNDS} rounds (nothing shared)"
+
+
+def test_a_method_named_like_a_read_counts_as_a_write_on_other_types(pytester):
+    pytester.makepyfile(test_get=WRITING_GET)
+    result = pytester.runpytest("--ftrace", "--seed", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "nothing shared" not in budget_line(result)[2]
 
 
 @needs_signal
 def test_tests_with_nothing_shared_stop_after_the_probe_rounds(pytester):
     pytester.makepyfile(test_independent=INDEPENDENT)
     result = pytester.runpytest("--ftrace", "--seed", "1", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
     tests, rounds, how = budget_line(result)
-    assert (tests, rounds) == (3, 3 * PROBE_ROUNDS), result.stdout.str()
-    assert how == f"3 tests stopped after {PROBE_ROUNDS} rounds (nothing shared)"
+    assert (tests, rounds) == (4, 4 * PROBE_ROUNDS), result.stdout.str()
+    assert how == f"4 tests stopped after {PROBE_ROUNDS} rounds (nothing shared)"
 
 
 SHARED_LATE = """

@@ -82,7 +82,7 @@ def test_header_names_seed_and_mode(pytester):
     result = pytester.runpytest("--ftrace", "--seed", "1234")
     result.assert_outcomes(passed=1)
     assert header_seed(result) == 1234
-    result.stdout.fnmatch_lines(["ftrace: threads=4 iterations=by budget (1s, at most 400) *"])
+    result.stdout.fnmatch_lines(["ftrace: threads=4 iterations=by budget (1s, at most 200) *"])
 
 
 def test_without_ftrace_there_is_no_seed_line(pytester):
