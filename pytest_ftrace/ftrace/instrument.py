@@ -272,6 +272,9 @@ class Instrumentation:
         self._lock = _thread.allocate_lock()
         self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on
         self.generated = 0  # generated code objects armed in this activation
+        # Where each access's object is, for the budget's signal (off when no test runs by
+        # budget: the analysis costs at the first call of every hooked code object)
+        self.access_slots = True
         self._active: TestRun | None = None
         _native.set_hooked_opcodes(opcode_table())
         genpoints.install()
@@ -375,7 +378,9 @@ class Instrumentation:
             else:
                 return mon.DISABLE
             slots = genpoints.iter_slots(code)
-            accesses = sharing.access_entries(code) if sharing.AVAILABLE else None
+            accesses = None
+            if self.access_slots and sharing.AVAILABLE:
+                accesses = sharing.access_entries(code)
             with self._lock:
                 if self._active is not None and id(code) not in self._armed:
                     # the loop slots first: a thread already running this code (free-threaded

@@ -141,6 +141,10 @@ class FtraceSession:
             raise pytest.UsageError(f"{' with '.join(sources)}: {exc}") from None
         except NoFreeToolId as exc:
             raise pytest.UsageError(str(exc)) from None
+        from pytest_ftrace.state import STATE_KEY
+
+        # the budget's signal needs each access's object (ftrace/sharing.py)
+        self.instrumentation.access_slots = config.stash[STATE_KEY].settings.budget is not None
         if self.replay is not None:
             config.pluginmanager.register(_ReplayCheck(self), "ftrace-replay-check")
         self.stats: list[tuple[str, dict]] = []
