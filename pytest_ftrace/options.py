@@ -26,8 +26,10 @@ DEFAULT_ITERATIONS = 40
 DEFAULT_REPLAY_RUNS = 10
 # Unless the round count is fixed (--iterations, ini ftrace_iterations, a marker), a test runs
 # rounds until this many seconds of rounds, or ROUND_CAP rounds, whichever comes first; one
-# whose first PROBE_ROUNDS rounds touch nothing from two threads stops there (ftrace/budget.py).
+# whose first PROBE_ROUNDS rounds touch nothing from two threads stops there; one that does
+# runs at least MIN_ROUNDS, the fixed count the default was before (ftrace/budget.py).
 DEFAULT_BUDGET = 1.0
+MIN_ROUNDS = DEFAULT_ITERATIONS
 ROUND_CAP = 200  # benches/budget.md: the mix finds every corpus race by round 8
 PROBE_ROUNDS = 4
 DEFAULT_SHRINK_SECONDS = 10.0  # a safety bound: the count of candidates ends a search first
@@ -446,9 +448,9 @@ def _add_ftrace_options(add: _Registrar) -> None:
         type=positive_float("--ftrace-budget"),
         metavar="SECONDS",
         help=f"seconds of rounds per test (default {DEFAULT_BUDGET:g}): a test runs rounds until "
-        f"this time or {ROUND_CAP} rounds, and one whose first {PROBE_ROUNDS} rounds touch "
-        "nothing from two threads stops there; --iterations (or a marker) fixes the count "
-        "instead. ini: ftrace_budget",
+        f"this time (but at least {MIN_ROUNDS} rounds) or {ROUND_CAP} rounds, and one whose "
+        f"first {PROBE_ROUNDS} rounds touch nothing from two threads stops there; --iterations "
+        "(or a marker) fixes the count instead. ini: ftrace_budget",
     )
     add.ini("ftrace_budget", "seconds of rounds per test (--ftrace-budget)", default="")
     add.ini("ftrace_rounds", "fork or process (--ftrace-rounds)", default="")

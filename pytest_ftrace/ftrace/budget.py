@@ -1,10 +1,11 @@
 """Rounds by budget (`--ftrace-budget SECONDS`, ini `ftrace_budget`): unless the round count is
 fixed (`--iterations`, ini `ftrace_iterations`, a marker, a replay), a test under --ftrace runs
 rounds until its rounds have taken the budget in real time (default 1 s) or it reaches the
-round cap, whichever comes first; and a test whose first rounds touch no object from two
-threads with one of them writing (rust/shared.rs, ftrace/sharing.py) has nothing to
-interleave and stops after PROBE_ROUNDS rounds. A test that does touch one keeps going to the
-budget: stopping early never drops a round that could fail.
+round cap, whichever comes first, but never fewer than MIN_ROUNDS (the fixed count the default
+was before: on a slow or loaded machine a race is not missed for want of rounds); and a test
+whose first rounds touch no object from two threads with one of them writing (rust/shared.rs,
+ftrace/sharing.py) has nothing to interleave and stops after PROBE_ROUNDS rounds. A test that
+does touch one keeps going to the budget: stopping early never drops a round that could fail.
 
 The decision is taken between rounds, by the round barrier's action in one worker thread while
 every other waits (stress/runner.py), so every thread runs the same rounds. Which rounds run
@@ -19,7 +20,7 @@ from __future__ import annotations
 import time
 
 from pytest_ftrace import _native
-from pytest_ftrace.options import PROBE_ROUNDS
+from pytest_ftrace.options import MIN_ROUNDS, PROBE_ROUNDS
 
 # Why a test's rounds stopped (what the summary counts).
 NOTHING_SHARED = "nothing shared"
@@ -68,7 +69,7 @@ class Budget:
                 self.tracking = False
         if n >= self.cap:
             self.reason = CAP
-        elif self.elapsed >= self.seconds:
+        elif self.elapsed >= self.seconds and n >= MIN_ROUNDS:
             self.reason = BUDGET
         elif self.shared is None and n >= PROBE_ROUNDS:
             self.reason = NOTHING_SHARED
