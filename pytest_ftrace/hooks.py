@@ -220,7 +220,7 @@ def num_parallel_threads(request: pytest.FixtureRequest) -> int:
 
 @pytest.fixture
 def num_iterations(request: pytest.FixtureRequest) -> int:
-    """Rounds each thread runs the body for."""
+    """Rounds each thread runs the body for (rounds by budget: the round cap, the most it runs)."""
     plan = request.node.stash.get(markers.PLAN_KEY, None)
     return plan.iterations if plan is not None and plan.threaded else 1
 
