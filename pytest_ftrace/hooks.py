@@ -155,6 +155,18 @@ def _settings(config: pytest.Config) -> options.Settings:
     require = config.option.ftrace_require_gil_disabled
     if require is None:
         require = bool(options.ini_value(config, "ftrace_require_gil_disabled"))
+    budget = options.resolve(  # checked whenever given, used when the count is not fixed
+        config,
+        "ftrace_budget",
+        "ftrace_budget",
+        options.positive_float("ftrace_budget"),
+        options.DEFAULT_BUDGET,
+    )
+    fixed = (
+        not on
+        or config.option.ftrace_iterations is not None
+        or options.ini_value(config, "ftrace_iterations") is not None
+    )
     return options.Settings(
         threads=options.resolve(
             config,
@@ -168,7 +180,7 @@ def _settings(config: pytest.Config) -> options.Settings:
             "ftrace_iterations",
             "ftrace_iterations",
             options.positive_int("ftrace_iterations"),
-            options.DEFAULT_ITERATIONS if on else 1,
+            options.ROUND_CAP if on else 1,
         ),
         require_gil_disabled=require,
         thread_unsafe_fixtures=frozenset(unsafe),
@@ -179,6 +191,7 @@ def _settings(config: pytest.Config) -> options.Settings:
             options.positive_float("ftrace_timeout"),
             options.DEFAULT_TIMEOUT,
         ),
+        budget=None if fixed else budget,
     )
 
 
@@ -207,7 +220,7 @@ def num_parallel_threads(request: pytest.FixtureRequest) -> int:
 
 @pytest.fixture
 def num_iterations(request: pytest.FixtureRequest) -> int:
-    """Rounds each thread runs the body for."""
+    """Rounds each thread runs the body for (rounds by budget: the round cap, the most it runs)."""
     plan = request.node.stash.get(markers.PLAN_KEY, None)
     return plan.iterations if plan is not None and plan.threaded else 1
 
@@ -220,10 +233,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = state.settings
     threads, iterations = settings.threads, settings.iterations
     replay = state.ftrace.replay if state.ftrace is not None else None
+    rounds = f"{iterations}"
     if replay is not None:  # a replay runs the token's threads, --ftrace-replay-runs times
-        threads, iterations = replay.threads, state.ftrace.replay_runs
+        threads, rounds = replay.threads, f"{state.ftrace.replay_runs}"
+    elif settings.budget is not None:
+        rounds = f"by budget ({settings.budget:g}s, at most {iterations})"
     lines = [
-        f"ftrace: threads={threads} iterations={iterations} "
+        f"ftrace: threads={threads} iterations={rounds} "
         f"timeout={settings.timeout:g}s, GIL {gil.state()}, "
         f"native {info['version']} (pyo3 {info['pyo3']})"
     ]
@@ -376,8 +392,9 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
         step = "starting the threaded run"
         try:
             threads, iterations, hooks = plan.threads, plan.iterations, runner.Hooks()
-            traced = state.ftrace.start(item, threads, iterations) if state.ftrace else None
-            if traced is not None:
+            traced = None
+            if state.ftrace is not None:
+                traced = state.ftrace.start(item, threads, iterations, plan.budget)
                 step = "setting up --ftrace for the test"
                 threads, iterations, hooks = traced.threads, traced.iterations, traced.hooks()
             run = runner.ThreadedRun(
@@ -391,6 +408,7 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
                 crew=perthread.take_crew(item, threads) if takes_fixtures else None,
                 context=context,
                 watch=oneshot.watch_for(threads),
+                go_on=traced.go_on if traced is not None and traced.budget else None,
             )
             if traced is None:
                 step = "the threaded run"
@@ -494,6 +512,10 @@ def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
         tr.line(note, yellow=True)
     for nodeid, reproduced, runs in session.replays:
         tr.line(f"ftrace replay: {nodeid}: reproduced {reproduced}/{runs}")
+    if session.budgets:
+        from pytest_ftrace.ftrace.budget import summary
+
+        tr.line(summary(session.budgets))
     if verbose <= 0 or not session.stats:
         return
     tr.section(f"ftrace statistics (seed {session.seed})", sep="-")

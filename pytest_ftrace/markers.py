@@ -51,12 +51,20 @@ BUILTIN_THREAD_UNSAFE = ("capsys", "capfd", "capsysbinary", "capfdbinary", "monk
 class Plan:
     """How one test runs: threads x iterations, or on one thread for `single_reason`."""
 
-    __slots__ = ("threads", "iterations", "single_reason")
+    __slots__ = ("threads", "iterations", "single_reason", "budget")
 
-    def __init__(self, threads: int, iterations: int, single_reason: str | None = None):
+    def __init__(
+        self,
+        threads: int,
+        iterations: int,
+        single_reason: str | None = None,
+        budget: float | None = None,
+    ):
         self.threads = threads
         self.iterations = iterations
         self.single_reason = single_reason  # set when the test runs on one thread, plainly
+        # --ftrace's seconds of rounds (iterations is then the round cap); None: a fixed count
+        self.budget = budget
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Plan) and (
@@ -181,10 +189,11 @@ def thread_unsafe_reason(item: pytest.Item, settings: Settings) -> str | None:
 
 def plan_for(item: pytest.Item, settings: Settings, peers: set[str]) -> Plan:
     threads, iterations = marker_counts(item, peers)
+    budget = settings.budget if iterations is None else None  # a marker fixes the count
     threads = threads or settings.threads
     iterations = iterations or settings.iterations
     if threads * iterations > 1:
         reason = thread_unsafe_reason(item, settings)
         if reason is not None:
             return Plan(1, 1, reason)
-    return Plan(threads, iterations)
+    return Plan(threads, iterations, budget=budget)

@@ -24,6 +24,14 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_THREADS = 4
 DEFAULT_ITERATIONS = 40
 DEFAULT_REPLAY_RUNS = 10
+# Unless the round count is fixed (--iterations, ini ftrace_iterations, a marker), a test runs
+# rounds until this many seconds of rounds, or ROUND_CAP rounds, whichever comes first; one
+# whose first PROBE_ROUNDS rounds touch nothing from two threads stops there; one that does
+# runs at least MIN_ROUNDS, the fixed count the default was before (ftrace/budget.py).
+DEFAULT_BUDGET = 1.0
+MIN_ROUNDS = DEFAULT_ITERATIONS
+ROUND_CAP = 200  # benches/budget.md: the mix finds every corpus race by round 8
+PROBE_ROUNDS = 4
 DEFAULT_SHRINK_SECONDS = 10.0  # a safety bound: the count of candidates ends a search first
 # Exact mode, mix policy: about this many hand-overs between threads in a long round (each
 # wakes an OS thread; short rounds keep a hand-over chance of 1/2 at every point).
@@ -433,6 +441,18 @@ def _add_ftrace_options(add: _Registrar) -> None:
         "child process forked at the start of the test's call, where os.fork exists, so every "
         "round starts from the test's starting state). ini: ftrace_rounds",
     )
+    add.option(
+        "--ftrace-budget",
+        dest="ftrace_budget",
+        default=None,
+        type=positive_float("--ftrace-budget"),
+        metavar="SECONDS",
+        help=f"seconds of rounds per test (default {DEFAULT_BUDGET:g}): a test runs rounds until "
+        f"this time (but at least {MIN_ROUNDS} rounds) or {ROUND_CAP} rounds, and one whose "
+        f"first {PROBE_ROUNDS} rounds touch nothing from two threads stops there; --iterations "
+        "(or a marker) fixes the count instead. ini: ftrace_budget",
+    )
+    add.ini("ftrace_budget", "seconds of rounds per test (--ftrace-budget)", default="")
     add.ini("ftrace_rounds", "fork or process (--ftrace-rounds)", default="")
     add.ini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
     add.ini(
@@ -682,6 +702,7 @@ class Settings:
         "require_gil_disabled",
         "thread_unsafe_fixtures",
         "timeout",
+        "budget",
     )
 
     def __init__(
@@ -691,7 +712,11 @@ class Settings:
         require_gil_disabled: bool,
         thread_unsafe_fixtures: frozenset[str],
         timeout: float,
+        budget: float | None = None,
     ):
+        # budget: --ftrace's seconds of rounds per test, None when the count is fixed (then
+        # `iterations` is the count; with a budget it is the round cap)
+        self.budget = budget
         self.threads = threads
         self.iterations = iterations
         self.require_gil_disabled = require_gil_disabled

@@ -175,6 +175,8 @@ unsafe extern "C" fn on_instruction(
                 iterpoints::Step::Disable => return Event::Disable,
                 iterpoints::Step::Skip => return Event::Skip,
             }
+        } else if crate::shared::tracking() {
+            crate::shared::on_point(code, offset as u32, kind);
         }
         Event::Point(engine::on_point(kind))
     })
@@ -757,6 +759,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(threads_inside, m)?)?;
     m.add_class::<Run>()?;
     iterpoints::register(m)?;
+    crate::shared::register(m)?;
     Ok(())
 }
 

@@ -62,7 +62,7 @@ static KEEP: Mutex<Vec<Py<PyType>>> = Mutex::new(Vec::new());
 
 /// The head of `PyFrameObject` (3.12, 3.13).
 #[repr(C)]
-struct FrameObject {
+pub(crate) struct FrameObject {
     ob_base: ffi::PyObject,
     f_back: *mut ffi::PyObject,
     f_frame: *mut InterpreterFrame,
@@ -70,11 +70,11 @@ struct FrameObject {
 
 /// `_PyInterpreterFrame` of 3.12 and 3.13, up to the start of `localsplus`.
 #[repr(C)]
-struct InterpreterFrame {
+pub(crate) struct InterpreterFrame {
     f_code: *mut ffi::PyObject,
     previous: *mut InterpreterFrame,
     f_funcobj: *mut ffi::PyObject,
-    f_globals: *mut ffi::PyObject,
+    pub(crate) f_globals: *mut ffi::PyObject,
     f_builtins: *mut ffi::PyObject,
     f_locals: *mut ffi::PyObject,
     frame_obj: *mut ffi::PyObject,
@@ -83,6 +83,37 @@ struct InterpreterFrame {
     return_offset: u16,
     owner: c_char,
     localsplus: [*mut ffi::PyObject; 1],
+}
+
+/// The interpreter frame executing `code` on this thread now, or None (no frame, or the
+/// current frame runs other code).
+///
+/// # Safety
+/// Attached to the interpreter (called from the INSTRUCTION callback).
+pub(crate) unsafe fn current_frame(code: *mut ffi::PyObject) -> Option<*mut InterpreterFrame> {
+    unsafe {
+        let frame = ffi::PyEval_GetFrame() as *mut FrameObject;
+        if frame.is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let iframe = (*frame).f_frame;
+        if iframe.is_null() || (*iframe).f_code != code {
+            return None;
+        }
+        Some(iframe)
+    }
+}
+
+/// Slot `index` of `iframe`'s locals and value stack (the caller checked it is in range).
+///
+/// # Safety
+/// `iframe` is a live frame and `index` lies within its `localsplus`.
+pub(crate) unsafe fn local(iframe: *mut InterpreterFrame, index: usize) -> *mut ffi::PyObject {
+    unsafe {
+        let base = std::ptr::addr_of!((*iframe).localsplus) as *const *mut ffi::PyObject;
+        *base.add(index)
+    }
 }
 
 /// What to do with a `FOR_ITER` event.
@@ -146,6 +177,9 @@ pub unsafe fn step(code: *mut ffi::PyObject, offset: u32) -> Step {
         }
         let ty = ffi::Py_TYPE(obj);
         if listed(&POINT_TYPES, ty) {
+            if crate::shared::tracking() {
+                crate::shared::on_iterator(obj);
+            }
             Step::Point
         } else if listed(&QUIET_TYPES, ty) {
             Step::Disable

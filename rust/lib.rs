@@ -15,6 +15,7 @@ pub mod opcodes;
 pub mod policy;
 pub mod sched;
 pub mod seed;
+mod shared;
 #[cfg(target_os = "linux")]
 pub mod stacks;
 pub mod stats;

@@ -503,6 +503,9 @@ def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
 
     outcome = Outcome(run.threads, run.iterations)
     for iteration in range(run.iterations):
+        if run.go_on is not None and not run.go_on(iteration):  # the budget is spent
+            outcome.iterations = iteration
+            break
         answer = in_child(
             lambda i=iteration: _child_round(test, run, i), run.timeout + GRACE_SECONDS
         )
@@ -510,7 +513,7 @@ def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
             outcome.failures.append(
                 Failure(None, iteration, RoundCrashed(f"round {iteration}: {answer[1]}"), "call")
             )
-            _did_not_run(outcome, iteration, run.iterations)
+            _did_not_run(outcome, iteration, run.iterations, run.go_on is not None)
             break
         if answer[0] == "error":
             error = internal_error(
@@ -531,7 +534,7 @@ def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
             getattr(outcome, name).extend(unpack_failure(f) for f in data[name])
         outcome.notes.extend(data["notes"])
         if data["hang"] or any(f.phase == "internal" for f in outcome.failures):
-            _did_not_run(outcome, iteration, run.iterations)
+            _did_not_run(outcome, iteration, run.iterations, run.go_on is not None)
             break  # as in this process: a hung or broken run stops there
     return outcome
 
@@ -546,8 +549,10 @@ def _warm(test: TestSession) -> None:
             scope.contains(file, name)
 
 
-def _did_not_run(outcome: Outcome, iteration: int, iterations: int) -> None:
-    if iteration < iterations - 2:
+def _did_not_run(outcome: Outcome, iteration: int, iterations: int, budget: bool = False) -> None:
+    if budget:  # rounds by budget: no count was promised; these are the rounds that ran
+        outcome.iterations = iteration + 1
+    elif iteration < iterations - 2:
         outcome.notes.append(f"iterations {iteration + 1}-{iterations - 1} did not run")
     elif iteration == iterations - 2:
         outcome.notes.append(f"iteration {iteration + 1} did not run")
@@ -573,6 +578,7 @@ def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
 
     hooks.round_end = round_end
     run.only_round = iteration
+    run.go_on = None  # the parent decides which rounds run (ftrace/budget.py)
     mode = test.run
     _fresh_records(mode)
     outcome = None

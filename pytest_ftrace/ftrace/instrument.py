@@ -39,7 +39,7 @@ import sysconfig
 from collections.abc import Iterable
 
 from pytest_ftrace import _native
-from pytest_ftrace.ftrace import genpoints
+from pytest_ftrace.ftrace import genpoints, sharing
 
 mon = sys.monitoring
 E = mon.events
@@ -272,6 +272,9 @@ class Instrumentation:
         self._lock = _thread.allocate_lock()
         self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on
         self.generated = 0  # generated code objects armed in this activation
+        # Where each access's object is, for the budget's signal (off when no test runs by
+        # budget: the analysis costs at the first call of every hooked code object)
+        self.access_slots = True
         self._active: TestRun | None = None
         _native.set_hooked_opcodes(opcode_table())
         genpoints.install()
@@ -352,6 +355,8 @@ class Instrumentation:
             mon.set_local_events(self.tool_id, code, 0)
         self._armed.clear()
         _native.clear_iter_slots()
+        _native.clear_access_slots()
+        _native.shared_track(False)  # no record outlives its test (ftrace/budget.py)
 
     def _on_start(self, code, _offset):
         """PY_START/PY_RESUME: give in-scope code INSTRUCTION events, then go quiet."""
@@ -373,6 +378,9 @@ class Instrumentation:
             else:
                 return mon.DISABLE
             slots = genpoints.iter_slots(code)
+            accesses = None
+            if self.access_slots and sharing.AVAILABLE:
+                accesses = sharing.access_entries(code)
             with self._lock:
                 if self._active is not None and id(code) not in self._armed:
                     # the loop slots first: a thread already running this code (free-threaded
@@ -380,6 +388,8 @@ class Instrumentation:
                     # slot known switches that loop's events off for good
                     if slots:
                         _native.set_iter_slots(code, slots)
+                    if accesses:  # where each access's object is (the budget's signal)
+                        _native.set_access_slots(code, accesses)
                     mon.set_local_events(self.tool_id, code, E.INSTRUCTION)
                     self._armed[id(code)] = code
                     self.generated += generated

@@ -4,7 +4,8 @@ in the pytest cache with a failing round, and what a replay compares with its ow
 A failing round is replayed from the seed and the token (threads, round, step estimate, key of the
 decision list), but what the round does also depends on the code that is hooked
 (`--ftrace-include`, `--ftrace-exclude`, the project's packages), on the mode, exact mode's
-scheduler, the injection policy and the iteration count (the `num_iterations` fixture). The
+scheduler, the injection policy and a fixed iteration count (the `num_iterations` fixture; none
+when the rounds run by budget, the default). The
 replay line names each of them that is not at its default, whatever set it (command line, ini
 file or PYTEST_ADDOPTS), so that the line alone re-runs the round. The same values are recorded
 under `ftrace/options/<key>`, the key made from the test, the seed and the token: a replay that
@@ -19,7 +20,6 @@ import hashlib
 import shlex
 
 from pytest_ftrace.options import (
-    DEFAULT_ITERATIONS,
     DEFAULT_MODE,
     DEFAULT_ROUNDS,
     DEFAULT_SWITCH_BUDGET,
@@ -35,7 +35,7 @@ def scheduler_text(scheduler) -> str:
     return name if name == "random" else f"{name}{param}"
 
 
-def run_options(session, iterations: int) -> dict:
+def run_options(session, iterations: int | None) -> dict:
     """The schedule-shaping options of an FtraceSession, as plain JSON values."""
     return {
         "mode": session.mode,
@@ -67,8 +67,8 @@ def command_line(opts: dict) -> list[str]:
         for glob in globs if isinstance(globs, list) else ():
             if isinstance(glob, str):
                 out += [f"--ftrace-{field}", shlex.quote(glob)]
-    iterations = opts.get("iterations")
-    if isinstance(iterations, int) and iterations != DEFAULT_ITERATIONS:
+    iterations = opts.get("iterations")  # None: rounds by budget (the default)
+    if isinstance(iterations, int) and not isinstance(iterations, bool):
         out += ["--ftrace-iterations", str(iterations)]
     rounds = opts.get("rounds")
     if rounds in ROUNDS_WHERE and rounds != DEFAULT_ROUNDS:

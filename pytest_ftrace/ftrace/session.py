@@ -141,10 +141,15 @@ class FtraceSession:
             raise pytest.UsageError(f"{' with '.join(sources)}: {exc}") from None
         except NoFreeToolId as exc:
             raise pytest.UsageError(str(exc)) from None
+        from pytest_ftrace.state import STATE_KEY
+
+        # the budget's signal needs each access's object (ftrace/sharing.py)
+        self.instrumentation.access_slots = config.stash[STATE_KEY].settings.budget is not None
         if self.replay is not None:
             config.pluginmanager.register(_ReplayCheck(self), "ftrace-replay-check")
         self.stats: list[tuple[str, dict]] = []
         self.replays: list[tuple[str, int, int]] = []
+        self.budgets: list[tuple[str, int, float, str]] = []  # (nodeid, rounds, s, why)
         if self.cache is not None:
             self.cache.set(CACHE_KEY, self.seed)
 
@@ -165,7 +170,8 @@ class FtraceSession:
         from pytest_ftrace.ftrace.replay_options import run_options
         from pytest_ftrace.state import STATE_KEY
 
-        return run_options(self, self.config.stash[STATE_KEY].settings.iterations)
+        settings = self.config.stash[STATE_KEY].settings
+        return run_options(self, settings.iterations if settings.budget is None else None)
 
     def replay_options(self) -> str:
         """The options a replay line names after --ftrace (empty, or starting with a space)."""
@@ -229,8 +235,10 @@ class FtraceSession:
             key = replay_options.record_key(nodeid, self.seed, token)
             self.cache.set(replay_options.OPTIONS_KEY + key, opts)
 
-    def start(self, item: pytest.Item, threads: int, iterations: int) -> TestSession:
-        return TestSession(self, item, threads, iterations)
+    def start(
+        self, item: pytest.Item, threads: int, iterations: int, budget: float | None = None
+    ) -> TestSession:
+        return TestSession(self, item, threads, iterations, budget)
 
 
 class TestSession:
@@ -239,7 +247,14 @@ class TestSession:
 
     __test__ = False  # not a test class, whatever pytest thinks of the name
 
-    def __init__(self, session: FtraceSession, item: pytest.Item, threads: int, iterations: int):
+    def __init__(
+        self,
+        session: FtraceSession,
+        item: pytest.Item,
+        threads: int,
+        iterations: int,
+        budget: float | None = None,
+    ):
         self.session = session
         self.item = item
         self.mode = session.mode
@@ -248,11 +263,25 @@ class TestSession:
             self.replay = None
         if self.replay is not None:
             threads, iterations = self.replay.threads, session.replay_runs
+            budget = None  # a replay runs its count
         self.threads = threads
         self.iterations = iterations
         self.forked = False  # its rounds run in forked processes (ftrace/fork.py)
         self.run: modes.RunMode = modes.mode_class(self.mode)(self)
         self.traced = self.run.traced
+        self.budget = None  # ftrace/budget.py: rounds by budget, not by count
+        if budget is not None:
+            from pytest_ftrace.ftrace.budget import Budget
+            from pytest_ftrace.ftrace.sharing import AVAILABLE
+
+            self.budget = Budget(budget, iterations, AVAILABLE)
+
+    def go_on(self, n: int) -> bool:
+        """Whether round n runs (the stress runner asks between rounds)."""
+        if self.forked:  # forked rounds: the signal stays in the children
+            self.budget.signal = False
+            self.budget.shared = self.budget.shared or "forked rounds"
+        return self.budget.go_on(n)
 
     def hooks(self) -> Hooks:
         return self.run.hooks()
@@ -260,6 +289,10 @@ class TestSession:
     def finish(self, outcome: Outcome) -> None:
         """Add the seed, the replay line and the statistics to the outcome and the report."""
         run = self.run
+        if self.budget is not None:
+            rounds, seconds, why = self.budget.finish()
+            self.session.budgets.append((self.item.nodeid, rounds, seconds, why))
+            self.item.user_properties.append(("ftrace_budget", f"{rounds} rounds: {why}"))
         stats = run.stats()
         stats["mode"] = self.mode
         self.session.stats.append((self.item.nodeid, stats))

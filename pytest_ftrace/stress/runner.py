@@ -124,6 +124,9 @@ class ThreadedRun:
     watch: Any = None
     # Run only this round (a forked round's process, see ftrace/fork.py), not all of them.
     only_round: int | None = None
+    # --ftrace's budget (ftrace/budget.py): called with n before round n, in one worker while
+    # the others wait at the round barrier; False ends the rounds there.
+    go_on: Callable[[int], bool] | None = None
 
     def run(self) -> Outcome:
         """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
@@ -136,7 +139,13 @@ class ThreadedRun:
         self._stopping: BaseException | None = None
         # One party more than the workers for the final barrier would let the supervisor wait
         # for teardown; the workers alone suffice, the supervisor joins them.
-        self._barrier = threading.Barrier(self.threads, timeout=self.timeout)
+        self._barrier = threading.Barrier(
+            self.threads,
+            action=self._between if self.go_on is not None else None,
+            timeout=self.timeout,
+        )
+        self._passes = 0  # barrier passes so far (pass n starts round n)
+        self._ended_at: int | None = None  # the round before which go_on said stop
         self._rounds: list[int | None] = [None] * self.threads  # the round each worker is in
         self._abandoned = False  # the supervisor gave up on the workers still running
         self._steps = ["thread set-up"] * self.threads  # what each worker does (for errors)
@@ -230,7 +239,9 @@ class ThreadedRun:
                     "slowing the tests after this one."
                 )
             reached = max((r for r in self._rounds if r is not None), default=-1)
-            if reached < self.iterations - 1 and self.only_round is None:
+            if self.go_on is not None:  # rounds by budget: no count was promised
+                self._ended_at = max(1, min(self._ended_at or self.iterations, reached + 1))
+            elif reached < self.iterations - 1 and self.only_round is None:
                 outcome.notes.append(
                     f"iterations {reached + 1}-{self.iterations - 1} did not run"
                     if reached + 1 < self.iterations - 1
@@ -238,6 +249,8 @@ class ThreadedRun:
                 )
         if self._stopping is not None:
             raise self._stopping
+        if self._ended_at is not None:
+            outcome.iterations = self._ended_at  # the rounds that ran
         return outcome
 
     def _wait_started(self, pending: list, before: set, workers: list, deadline: float) -> list:
@@ -270,6 +283,13 @@ class ThreadedRun:
             if seen == 2:  # twice, a poll apart: not a thread between a wake and its wait
                 return []
             pending[0].join(min(left, 0.02))
+
+    def _between(self) -> None:
+        """The round barrier's action: whether the next round runs (go_on)."""
+        n = self._passes
+        self._passes += 1
+        if self._ended_at is None and n < self.iterations and not self.go_on(n):
+            self._ended_at = n
 
     def _abort(self) -> None:
         self._stop.set()
@@ -381,6 +401,8 @@ class ThreadedRun:
                 self._steps[index] = "the round barrier"
                 if not self._wait():
                     return
+                if self._ended_at is not None:
+                    break  # the budget ends the rounds here: on to the last barrier
                 if kwargs is None:
                     continue
                 if iteration_arg:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ftrace.options import PROBE_ROUNDS, ROUND_CAP
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 ONE_RACE = """
@@ -80,7 +82,7 @@ def test_header_names_seed_and_mode(pytester):
     result = pytester.runpytest("--ftrace", "--seed", "1234")
     result.assert_outcomes(passed=1)
     assert header_seed(result) == 1234
-    result.stdout.fnmatch_lines(["ftrace: threads=4 iterations=40 *"])
+    result.stdout.fnmatch_lines(["ftrace: threads=4 iterations=by budget (1s, at most 200) *"])
 
 
 def test_without_ftrace_there_is_no_seed_line(pytester):
@@ -204,8 +206,9 @@ def test_verbose_summary_shows_statistics(pytester):
     result.stdout.fnmatch_lines(["*ftrace statistics (seed 3)*", "*executions*hooked*yields*"])
     row = next(line for line in result.stdout.lines if line.endswith("test_locked_counter"))
     executions, hooked = (int(x) for x in row.split()[:2])
-    assert executions == 160  # 4 threads x 40 rounds (the --ftrace defaults)
-    assert hooked > 40 * 50  # at least one hooked access per increment
+    # 4 threads, rounds by budget (the --ftrace defaults): shared state, so past the probe
+    assert executions % 4 == 0 and 4 * PROBE_ROUNDS < executions <= 4 * ROUND_CAP
+    assert hooked >= executions * 50  # at least one hooked access per increment
     quiet = pytester.runpytest("--ftrace", "--seed", "3")
     assert "ftrace statistics" not in quiet.stdout.str()
 
@@ -246,8 +249,9 @@ def test_ftrace_respects_thread_unsafe_and_markers(pytester):
             assert (num_parallel_threads, num_iterations) == (3, 2)
 
         def test_default(num_parallel_threads, num_iterations):
-            assert (num_parallel_threads, num_iterations) == (4, 40)
-        """
+            # rounds by budget: at most the round cap
+            assert (num_parallel_threads, num_iterations) == (4, ROUND_CAP)
+        """.replace("ROUND_CAP", str(ROUND_CAP))
     )
     result = pytester.runpytest("--ftrace", "--seed", "2")
     result.assert_outcomes(passed=3)

@@ -140,7 +140,6 @@ def test_hanging_test_with_a_non_daemon_thread_does_not_hang_the_exit(pytester, 
             "leaked threads: ftrace-1, helper were still running when the test was given up "
             "(helper not daemon); if they still are at the end of the session, the process "
             "exits with os._exit instead of waiting for them.",
-            "iterations 1-39 did not run",
             f"ftrace: seed={SEED} *",
             f"replay: pytest 'test_hang.py::test_hangs' --ftrace* --seed {SEED} "
             "--ftrace-replay t2i*",
@@ -378,7 +377,7 @@ def test_system_exit_in_a_worker_thread(pytester, isolate):
     result.stdout.fnmatch_lines(
         [
             "*_ test_exits _*",
-            "ConcurrencyError: *executions failed (2 threads x 40 iterations)*",
+            "ConcurrencyError: *executions failed (2 threads x * iterations)*",
             "[[]1[]] SystemExit at test_sysexit.py:8 *",
             f"ftrace: seed={SEED} *",
             f"replay: pytest 'test_sysexit.py::test_exits' --ftrace* --seed {SEED} "
