@@ -30,6 +30,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import _thread
+import itertools
 import os
 import queue
 import re
@@ -125,19 +126,21 @@ def _block(run, resource: int, timed: bool, what: object, timeout: float | None 
 
 
 def _patient_block(run, resource: int, timeout: float | None) -> str:
-    """A timed wait while a thread exact mode does not manage is busy (not waiting for a
-    native lock itself: a fixture's actor handling a request, say), which may end it. It
-    waits without a timeout; when every managed thread has waited for the core's stall grace
-    and that thread is still busy, it waits again, for at most `timeout` in real time in all
-    (as long as it would wait without the plugin); once the threads outside are quiet (gone,
-    or waiting for a native lock), the rest of `timeout` runs on the virtual clock, as with
-    no thread outside. Never a deadlock: the wait has a timeout."""
+    """A timed wait while a thread exact mode does not manage is busy (not waiting for a native lock
+    itself: a fixture's actor handling a request, say), which may end it. It waits without a
+    timeout; when every managed thread has waited for the core's stall grace and that thread is
+    still busy (it used CPU time meanwhile: a leftover server polling its socket or a sleeping
+    daemon is not busy), it waits again, for at most `timeout` in real time in all (as long as
+    it would wait without the plugin); once the threads outside are quiet (gone, or waiting for
+    a native lock), the rest of `timeout` runs on the virtual clock, as with no thread outside.
+    Never a deadlock: the wait has a timeout."""
     from pytest_ftrace.ftrace import vclock
 
     real = vclock.real("monotonic")
     timeout = max(0.0, timeout or 0.0)
     ends = time.monotonic() + timeout  # the virtual clock, in a managed thread
     real_ends = real() + timeout
+    seen = _cpu_times(_outside_threads(run))
     while True:
         answer = run.sched_block(resource, False, None, True)
         if answer != "timeout":
@@ -145,8 +148,31 @@ def _patient_block(run, resource: int, timeout: float | None) -> str:
         left = ends - time.monotonic()
         if left <= 0 or real() >= real_ends:
             return "timeout"
-        if not _outside_threads(run):
+        now = _cpu_times(_outside_threads(run))
+        busy = [ident for ident, cpu in now.items() if cpu - seen.get(ident, 0) > _BUSY_NS]
+        seen = now
+        if not busy:
             return run.sched_block(resource, True, left)
+
+
+# A thread outside the round that used less CPU time than this over a stall grace is quiet:
+# a leftover server polling its socket, a sleeping daemon, not one working on a request.
+_BUSY_NS = 2_000_000
+
+
+def _cpu_times(threads: list) -> dict:
+    """CPU time used so far by each of `threads` (ns, by ident); a thread whose clock
+    cannot be read (gone, or no per-thread clocks here) counts as busy forever."""
+    out = {}
+    for t in threads:
+        try:
+            out[t.ident] = time.clock_gettime_ns(time.pthread_getcpuclockid(t.ident))
+        except (AttributeError, OSError, OverflowError, TypeError):
+            out[t.ident] = next(_UNREADABLE) * 2 * _BUSY_NS
+    return out
+
+
+_UNREADABLE = itertools.count(1)
 
 
 def _not_a_deadlock(run) -> str | None:

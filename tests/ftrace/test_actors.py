@@ -181,3 +181,34 @@ def test_a_timed_wait_on_a_future_that_never_completes_ends_in_virtual_time(pyte
     result = pytester.runpytest(*RUN, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
     _clean(result)
+
+
+LEFTOVER = """
+import queue
+import threading
+import time
+
+import pytest
+
+
+def _poll():
+    while True:  # a leftover of an earlier test: a server polling its socket, say
+        time.sleep(0.01)
+
+
+threading.Thread(target=_poll, daemon=True).start()
+
+
+def test_a_future_that_never_completes(thread_index):
+    with pytest.raises(queue.Empty):
+        queue.Queue().get(timeout=3600)
+"""
+
+
+def test_an_idle_thread_outside_the_round_does_not_make_timed_waits_real(pytester):
+    # A thread nobody manages that only polls (uses next to no CPU time) cannot be what
+    # ends the wait: the wait ends on the virtual clock, not after an hour of real time.
+    pytester.makepyfile(test_leftover=LEFTOVER)
+    result = pytester.runpytest_subprocess(*RUN, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    _clean(result)
