@@ -283,7 +283,9 @@ impl State {
             return false;
         }
         self.stalled_since = None;
-        let chosen = self.sched.choose(self.step, runnable, current);
+        let threads = &self.threads;
+        let at = |t: u32| threads.get(&t).map_or(AT_START, |x| x.at);
+        let chosen = self.sched.choose_at(self.step, runnable, current, &at);
         if timeout_wake {
             let t = self.threads.get_mut(&chosen).expect("chosen thread exists");
             t.status = Status::Runnable;
@@ -305,6 +307,7 @@ impl State {
             self.timeline_end = self.timeline_end.max(self.timeline());
             let mut record = std::mem::take(&mut self.record);
             record.divergences = self.sched.divergences();
+            self.sched.round_end();
             self.max_steps = self.max_steps.max(record.decisions.len() as u64);
             self.history.insert(round, record);
         }
