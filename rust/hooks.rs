@@ -326,10 +326,11 @@ fn set_hooked_opcodes(table: Vec<u16>) -> PyResult<()> {
     opcodes::set_table(&table).map_err(PyValueError::new_err)
 }
 
-/// set_access_classes(classes, inplace_from): explore mode's opcode classes (see accesses.rs).
+/// set_access_classifier(f): explore mode's step classifier, f(code, offset) -> (0 opaque |
+/// 1 read | 2 write, key), or None (see accesses.rs).
 #[pyfunction]
-fn set_access_classes(classes: Vec<u8>, inplace_from: u8) -> PyResult<()> {
-    accesses::set_classes(&classes, inplace_from).map_err(PyValueError::new_err)
+fn set_access_classifier(classifier: Option<Py<PyAny>>) {
+    accesses::set_classifier(classifier);
 }
 
 /// hooked_opcodes() -> list[int]: the installed table.
@@ -785,7 +786,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(set_hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(hooked_opcodes, m)?)?;
-    m.add_function(wrap_pyfunction!(set_access_classes, m)?)?;
+    m.add_function(wrap_pyfunction!(set_access_classifier, m)?)?;
     m.add_function(wrap_pyfunction!(active_run_id, m)?)?;
     m.add_function(wrap_pyfunction!(policy_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(release_all, m)?)?;

@@ -145,6 +145,7 @@ class FtraceSession:
             config.pluginmanager.register(_ReplayCheck(self), "ftrace-replay-check")
         self.stats: list[tuple[str, dict]] = []
         self.replays: list[tuple[str, int, int]] = []
+        self.explored: list[tuple[str, str]] = []  # explore mode: what each test's run proved
         if self.cache is not None:
             self.cache.set(CACHE_KEY, self.seed)
 

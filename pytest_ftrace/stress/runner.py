@@ -100,6 +100,10 @@ class Hooks:
     # Called with a reason when the run stops early (an internal error): whatever waits in
     # the plugin's machinery (the exact-mode scheduler) is let go.
     release: Callable[[str], None] | None = None
+    # Called as (round, failures so far) by each worker before every round after the first,
+    # once the round barrier is passed: False ends the run there (explore mode's budget).
+    # It must give every worker the same answer for a round.
+    more_rounds: Callable[[int, int], bool] | None = None
 
 
 @dataclass
@@ -347,6 +351,10 @@ class ThreadedRun:
                 self._steps[index] = "the round barrier"
                 if not self._wait():
                     return
+                if iteration and hooks.more_rounds is not None:
+                    self._steps[index] = "more_rounds"
+                    if not hooks.more_rounds(iteration, len(self._outcome.failures)):
+                        break
                 if kwargs is None:
                     continue
                 if iteration_arg:
