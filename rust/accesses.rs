@@ -26,6 +26,14 @@ static TABLE: Mutex<Option<HashMap<Location, Access>>> = Mutex::new(None);
 /// `classifier(code, offset) -> (0 opaque | 1 read | 2 write, key)`.
 static CLASSIFIER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
 
+/// Whether a worker's first step (from its round's start to its first point: the runner's code
+/// and the start of the test's body) touches nothing shared.
+static START_SAFE: AtomicBool = AtomicBool::new(false);
+
+/// The first step of a worker whose body starts with nothing shared: a read of a key nothing
+/// writes.
+const START_KEY: &str = "<start>";
+
 /// An explore run starts (`on`) or another kind of run does: the table starts empty (code
 /// objects of earlier runs may be gone and their addresses reused).
 pub fn reset(on: bool) {
@@ -40,6 +48,9 @@ pub fn enabled() -> bool {
 
 /// The access of the step from `at` (opaque when unknown).
 pub fn classify(at: Location) -> Access {
+    if at == crate::sched::AT_START && START_SAFE.load(Relaxed) {
+        return from_answer(1, START_KEY);
+    }
     TABLE
         .lock()
         .as_ref()
@@ -47,8 +58,10 @@ pub fn classify(at: Location) -> Access {
         .unwrap_or(Access::Opaque)
 }
 
-/// Install the Python classifier (None: none, every step is opaque).
-pub fn set_classifier(classifier: Option<Py<PyAny>>) {
+/// Install the Python classifier (None: none, every step is opaque), and say whether a
+/// worker's first step is safe.
+pub fn set_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
+    START_SAFE.store(start_safe && classifier.is_some(), Relaxed);
     *CLASSIFIER.lock() = classifier;
 }
 

@@ -326,11 +326,13 @@ fn set_hooked_opcodes(table: Vec<u16>) -> PyResult<()> {
     opcodes::set_table(&table).map_err(PyValueError::new_err)
 }
 
-/// set_access_classifier(f): explore mode's step classifier, f(code, offset) -> (0 opaque |
-/// 1 read | 2 write, key), or None (see accesses.rs).
+/// set_access_classifier(f, start_safe=False): explore mode's step classifier, f(code,
+/// offset) -> (0 opaque | 1 read | 2 write, key), or None; start_safe: a worker's first step
+/// touches nothing shared (see accesses.rs).
 #[pyfunction]
-fn set_access_classifier(classifier: Option<Py<PyAny>>) {
-    accesses::set_classifier(classifier);
+#[pyo3(signature = (classifier, start_safe=false))]
+fn set_access_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
+    accesses::set_classifier(classifier, start_safe);
 }
 
 /// hooked_opcodes() -> list[int]: the installed table.

@@ -284,7 +284,14 @@ impl State {
         }
         self.stalled_since = None;
         let threads = &self.threads;
-        let at = |t: u32| threads.get(&t).map_or(AT_START, |x| x.at);
+        // A thread the test started is at its start inside threading's code: not a worker's
+        // start (the test's body), so it says "in a primitive" instead.
+        let workers = self.expected as u32;
+        let at = |t: u32| match threads.get(&t) {
+            Some(x) if x.at == AT_START && t >= workers => AT_SYNC,
+            Some(x) => x.at,
+            None => AT_START,
+        };
         let chosen = self.sched.choose_at(self.step, runnable, current, &at);
         if timeout_wake {
             let t = self.threads.get_mut(&chosen).expect("chosen thread exists");

@@ -789,4 +789,21 @@ mod tests {
             assert!(runs.len() <= orders.len());
         }
     }
+
+    #[test]
+    fn debug_disjoint() {
+        let mut t0 = vec![Access::Opaque; 3];
+        let mut t1 = vec![Access::Opaque; 3];
+        for _ in 0..8 {
+            t0.extend([Access::Read(1), Access::Write(1)]);
+            t1.extend([Access::Read(2), Access::Write(2)]);
+        }
+        for bound in [0, 1, 2, 3, 10] {
+            let p = Program {
+                threads: vec![t0.clone(), t1.clone()],
+            };
+            let (runs, progress) = p.explore(bound);
+            eprintln!("bound {bound}: {} runs {progress:?}", runs.len());
+        }
+    }
 }

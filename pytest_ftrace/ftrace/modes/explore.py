@@ -85,6 +85,13 @@ _ACCESSES = {
     "DELETE_SUBSCR": (_WRITE, "item"),
     "STORE_SLICE": (_WRITE, "item"),
 }
+# Builtins whose call changes nothing shared: those that read no container's items, and
+# those that read them (their step reads "item").
+_PURE_SCALAR = frozenset(
+    "range isinstance issubclass id type int float bool str abs hash callable iter enumerate "
+    "zip reversed divmod round chr ord".split()
+)
+_PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
 # Native table entries (rust/opcodes.rs)
 _ALWAYS, _ONLY_ARG, _KIND_ITERATION = 0x100, 0x200, 0x2000
 # The most instructions a step's classification follows before it calls the step opaque.
@@ -156,18 +163,44 @@ class Classifier:
             return 0, ""
         kind, family = what
         key = family if family == "item" else f"{family}:{first.argval}"
-        is_body = id(code) in self.bodies
-        todo = [following]
+        pure = None  # the builtin this step calls, if it loads one
+        if first.opname == "LOAD_GLOBAL" and first.argval in _PURE_SCALAR | _PURE_ITEMS:
+            if self._builtin(code, first.argval):
+                pure = first.argval
+        found = self._scan(instructions, following, id(code) in self.bodies, pure)
+        if found is None:
+            return 0, ""
+        writes, called = found
+        if called is not None and called in _PURE_ITEMS:
+            key = "item"  # what the builtin reads; nothing writes the builtin's name
+        return (_WRITE if writes else kind), key
+
+    def start_safe(self, code) -> bool:
+        """Whether the start of `code` (a test's body) up to its first point is safe."""
+        try:
+            instructions = self._instructions(code)
+            first = min(instructions)
+            found = self._scan(instructions, first, True, None)
+        except Exception:  # noqa: BLE001 - unknown: not safe
+            return False
+        return found is not None and not found[0]
+
+    def _scan(self, instructions, start, is_body: bool, pure):
+        """Follow every path from offset `start` to the next points: None when one runs an
+        opaque instruction, else (whether an in-place operator ran, the pure builtin called)."""
+        writes = False
+        called = None
+        todo = [start]
         seen: set[int] = set()
         while todo:
             at = todo.pop()
-            if at is None or at in seen:
-                if at is None:
-                    return 0, ""  # ran off the end: cannot happen in valid code
+            if at is None:
+                return None  # ran off the end: cannot happen in valid code
+            if at in seen:
                 continue
             seen.add(at)
             if len(seen) > _SCAN_LIMIT:
-                return 0, ""
+                return None
             ins, after = instructions[at]
             point = self._point(ins)
             if point == "always":
@@ -177,7 +210,7 @@ class Classifier:
                 todo.append(after)
             elif name == "BINARY_OP":
                 if ins.arg is None or ins.arg >= self.inplace_from:
-                    kind = _WRITE
+                    writes = True
                 todo.append(after)
             elif name in _JUMPS:
                 todo.append(ins.argval)
@@ -185,9 +218,26 @@ class Classifier:
                 todo.extend((after, ins.argval))
             elif name in _RETURNS and is_body:
                 continue  # the test's body returns: the thread's round ends
+            elif name == "CALL" and pure is not None and called is None:
+                called = pure  # the builtin the step loaded (the first call on every path)
+                todo.append(after)
             else:
-                return 0, ""
-        return kind, key
+                return None
+        return writes, called
+
+    @staticmethod
+    def _builtin(code, name: str) -> bool:
+        """Whether global `name` is the builtin in the frame running `code` (the caller's)."""
+        import sys
+
+        frame = sys._getframe(1)
+        for _ in range(6):
+            if frame is None or frame.f_code is code:
+                break
+            frame = frame.f_back
+        if frame is None or frame.f_code is not code:
+            return False
+        return name not in frame.f_globals
 
 
 def explore_settings(config) -> tuple[int, int, float]:
@@ -224,7 +274,9 @@ class ExploreMode(ExactMode):
 
         original = getattr(self.test.item.obj, "ftrace_body", (self.test.item.obj, True))[0]
         body = getattr(getattr(original, "__func__", original), "__code__", None)
-        _native.set_access_classifier(Classifier([body] if body is not None else []))
+        classifier = Classifier([body] if body is not None else [])
+        safe = body is not None and classifier.start_safe(body)
+        _native.set_access_classifier(classifier, safe)
         return {"mode": "exact", "scheduler": "explore", "explore_bound": self.bound}
 
     @staticmethod
