@@ -21,9 +21,10 @@ use crate::sched::Location;
 /// Whether points record their access (an explore run is on).
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-static TABLE: Mutex<Option<HashMap<Location, Access>>> = Mutex::new(None);
+/// Location -> (access, whether it depends on the callers: asked again at every visit).
+static TABLE: Mutex<Option<HashMap<Location, (Access, bool)>>> = Mutex::new(None);
 
-/// `classifier(code, offset) -> (0 opaque | 1 read | 2 write, key)`.
+/// `classifier(code, offset) -> (0 opaque | 1 read | 2 write, key, depends on the callers)`.
 static CLASSIFIER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
 
 /// Whether a worker's first step (from its round's start to its first point: the runner's code
@@ -54,7 +55,7 @@ pub fn classify(at: Location) -> Access {
     TABLE
         .lock()
         .as_ref()
-        .and_then(|m| m.get(&at).copied())
+        .and_then(|m| m.get(&at).map(|&(a, _)| a))
         .unwrap_or(Access::Opaque)
 }
 
@@ -65,44 +66,88 @@ pub fn set_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
     *CLASSIFIER.lock() = classifier;
 }
 
-/// An access from the classifier's answer.
-pub fn from_answer(kind: u8, key: &str) -> Access {
+fn hash_key(key: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
+    h.finish()
+}
+
+/// An access from the classifier's answer: 1 a read, 2 a write of `key`; 3 a write of the two
+/// keys of `key` separated by a NUL; anything else opaque.
+pub fn from_answer(kind: u8, key: &str) -> Access {
     match kind {
-        1 => Access::Read(h.finish()),
-        2 => Access::Write(h.finish()),
+        1 => Access::Read(hash_key(key)),
+        2 => Access::Write(hash_key(key)),
+        3 => match key.split_once('\0') {
+            Some((a, b)) => Access::Write2(hash_key(a), hash_key(b)),
+            None => Access::Write(hash_key(key)),
+        },
         _ => Access::Opaque,
     }
 }
 
-/// Record the access of the step from `offset` of `code`, once per location.
+/// Locations that stand for an access given at a point in a primitive (`sched_point_as`):
+/// (id, 1), ids from here up, far above any object's address; offset 1 shows the step as one
+/// inside a lock, condition, join or sleep.
+const SYNTHETIC_BASE: usize = 1 << 60;
+
+/// The location of a point in a primitive whose step does `access` (see [`SYNTHETIC_BASE`]).
+pub fn synthetic(access: Access) -> Location {
+    let mut table = TABLE.lock();
+    let map = table.get_or_insert_with(HashMap::new);
+    if let Some((&at, _)) = map
+        .iter()
+        .find(|(&(code, _), &(a, _))| code >= SYNTHETIC_BASE && a == access)
+    {
+        return at;
+    }
+    let next = map
+        .keys()
+        .filter(|(code, _)| *code >= SYNTHETIC_BASE)
+        .count();
+    let at = (SYNTHETIC_BASE + next, 1);
+    map.insert(at, (access, false));
+    at
+}
+
+/// Record the access of the step from `offset` of `code`: once per location, or at every
+/// visit when it depends on the callers (the step returns into them). A location whose visits
+/// disagree is opaque from then on (a thread waiting there may have either answer).
 ///
 /// # Safety
 /// `code` is a live code object and the calling thread is attached to the interpreter.
 pub unsafe fn note(code: *mut ffi::PyObject, offset: u32) {
     let at = (code as usize, offset);
-    if TABLE.lock().as_ref().is_some_and(|m| m.contains_key(&at)) {
+    if TABLE
+        .lock()
+        .as_ref()
+        .is_some_and(|m| m.get(&at).is_some_and(|&(_, dynamic)| !dynamic))
+    {
         return;
     }
     // SAFETY: attached (see above); `code` is borrowed for the length of this call.
     let py = unsafe { Python::assume_attached() };
     let classifier = CLASSIFIER.lock().as_ref().map(|c| c.clone_ref(py));
-    let access = classifier.map_or(Access::Opaque, |f| {
+    let (access, dynamic) = classifier.map_or((Access::Opaque, false), |f| {
         // SAFETY: as above.
         let obj = unsafe { Bound::from_borrowed_ptr(py, code) };
         match f
             .call1(py, (obj, offset))
-            .and_then(|r| r.extract::<(u8, String)>(py))
+            .and_then(|r| r.extract::<(u8, String, bool)>(py))
         {
-            Ok((kind, key)) => from_answer(kind, &key),
-            Err(_) => Access::Opaque,
+            Ok((kind, key, dynamic)) => (from_answer(kind, &key), dynamic),
+            Err(_) => (Access::Opaque, false),
         }
     });
-    TABLE
-        .lock()
+    let mut table = TABLE.lock();
+    let entry = table
         .get_or_insert_with(HashMap::new)
-        .insert(at, access);
+        .entry(at)
+        .or_insert((access, dynamic));
+    if entry.0 != access {
+        entry.0 = Access::Opaque;
+    }
+    entry.1 |= dynamic;
 }
 
 #[cfg(test)]
@@ -120,5 +165,9 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(from_answer(1, "attr:n"), from_answer(1, "attr:m"));
         assert_eq!(from_answer(7, "x"), Access::Opaque);
+        assert_eq!(
+            from_answer(3, "attr:n\0lock:1"),
+            Access::Write2(hash_key("attr:n"), hash_key("lock:1"))
+        );
     }
 }

@@ -532,6 +532,15 @@ impl Run {
         Ok(detached(py, move || core.point(tid)).name())
     }
 
+    /// Explore mode: a scheduling point in a primitive whose step does `kind` (0 opaque, 1
+    /// read, 2 write) to `key` (a lock's operations: a write of the lock); as sched_point.
+    fn sched_point_as(&self, py: Python<'_>, kind: u8, key: &str) -> PyResult<&'static str> {
+        let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        let Some(tid) = tid else { return Ok("free") };
+        let at = accesses::synthetic(accesses::from_answer(kind, key));
+        Ok(detached(py, move || core.point_at(tid, at)).name())
+    }
+
     /// Exact mode: block the calling thread on `resource` until it is woken (or, `timed`, until
     /// nothing else can run; of several such threads, the one whose `timeout` in seconds ends
     /// first on the round's virtual clock): "woken", "timeout", "deadlock" or "free".

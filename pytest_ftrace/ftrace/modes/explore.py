@@ -24,7 +24,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 
 from __future__ import annotations
 
-import threading
+import _thread
 import time
 from typing import TYPE_CHECKING
 
@@ -113,7 +113,7 @@ class Classifier:
     Called by the native core with the interpreter held, from the thread that reached the
     point; it must not take a lock (threading's locks are schedulable in exact mode)."""
 
-    def __init__(self, bodies=()):
+    def __init__(self, bodies=(), scope=None):
         import opcode
 
         from pytest_ftrace import _native
@@ -121,17 +121,56 @@ class Classifier:
         self.hooked = _native.hooked_opcodes()
         self.bodies = {id(code) for code in bodies}
         self._keep = list(bodies)
+        self.scope = scope  # instrument.Scope: the code that has points of its own
+        self._dynamic = False  # the classification under way looked at the callers
+        self._dynamic_token: object | None = None
+        self._callers: tuple | None = None
+        # Locations whose answer depends on the callers, and the answers by call chain.
+        self.dynamic_locations: set[tuple[int, int]] = set()
+        self.by_chain: dict[tuple, tuple[int, str, bool]] = {}
+        self._with_lock = False  # the step's BEFORE_WITH enters a schedulable lock
+        self._per_object = False  # the answer depends on an object: asked at every visit
+        self._frame_now: tuple | None = None  # (code, live frame) being classified
+        self._released: str | None = None  # the lock the step's `with` block releases
+        self.lock_types = (_native.lock, _native.RLock)
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
             (i for i, name in enumerate(nb_ops) if name.startswith("NB_INPLACE")), 0
         )
 
-    def __call__(self, code, offset: int) -> tuple[int, str]:
+    def __call__(self, code, offset: int) -> tuple[int, str, bool]:
+        """(kind, key, whether the answer depends on the callers: asked at every visit)."""
         try:
-            return self.classify(code, offset)
+            where = (id(code), offset)
+            chain = None
+            if where in self.dynamic_locations:
+                chain = (where, self._chain(code))
+                found = self.by_chain.get(chain)
+                if found is not None:
+                    return found
+            self._per_object = False
+            found = self.classify(code, offset)
+            if found[2] and not self._per_object:
+                self.dynamic_locations.add(where)
+                self.by_chain[chain or (where, self._chain(code))] = found
+            return found
         except Exception:  # noqa: BLE001 - an unknown step is opaque, never an error
-            return 0, ""
+            return 0, "", False
+
+    @staticmethod
+    def _chain(code) -> tuple:
+        """Where the frame running `code` and its callers are (a few levels up)."""
+        import sys
+
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        out = []
+        while frame is not None and len(out) < 5:
+            out.append((id(frame.f_code), frame.f_lasti))
+            frame = frame.f_back
+        return tuple(out)
 
     def _instructions(self, code) -> dict:
         found = self.codes.get(id(code))
@@ -142,10 +181,20 @@ class Classifier:
             by_offset = {}
             for index, ins in enumerate(listed):
                 following = listed[index + 1].offset if index + 1 < len(listed) else None
-                by_offset[ins.offset] = (ins, following)
-            found = (code, by_offset)
+                previous = listed[index - 1].offset if index else None
+                by_offset[ins.offset] = (ins, following, previous)
+            found = (code, by_offset, [ins.offset for ins in listed])
             self.codes[id(code)] = found
         return found[1]
+
+    def _after_call(self, code, lasti: int):
+        """The offset a frame of `code` goes on at once the call at `lasti` returns."""
+        import bisect
+
+        self._instructions(code)
+        offsets = self.codes[id(code)][2]
+        index = bisect.bisect_right(offsets, lasti)
+        return offsets[index] if index < len(offsets) else None
 
     def _point(self, ins) -> str | None:
         """'always' / 'maybe' (a loop step, a point for some iterators) / None."""
@@ -155,45 +204,63 @@ class Classifier:
             return "maybe" if entry & 0xF000 == _KIND_ITERATION else "always"
         return None
 
-    def classify(self, code, offset: int) -> tuple[int, str]:
+    def classify(self, code, offset: int) -> tuple[int, str, bool]:
         instructions = self._instructions(code)
-        first, following = instructions[offset]
+        first, following, _ = instructions[offset]
         what = _ACCESSES.get(first.opname)
         if what is None:
-            return 0, ""
+            return 0, "", False
         kind, family = what
         key = family if family == "item" else f"{family}:{first.argval}"
+        frame = self._frame(code)
+        globals_ = frame.f_globals if frame is not None else None
         pure = None  # the builtin this step calls, if it loads one
         if first.opname == "LOAD_GLOBAL" and first.argval in _PURE_SCALAR | _PURE_ITEMS:
-            if self._builtin(code, first.argval):
+            if globals_ is not None and first.argval not in globals_:
                 pure = first.argval
-        found = self._scan(instructions, following, id(code) in self.bodies, pure)
+        returns = "end" if id(code) in self.bodies else frame
+        self._dynamic = False
+        self._with_lock = self._enters_lock(instructions, offset, frame)
+        self._frame_now, self._released = (code, frame), None
+        try:
+            found = self._scan(instructions, following, returns, pure, globals_)
+        finally:
+            self._with_lock = False
+            self._frame_now = None
+        dynamic = self._dynamic
         if found is None:
-            return 0, ""
-        writes, called = found
+            return 0, "", dynamic
+        writes, called, _returned = found
         if called is not None and called in _PURE_ITEMS:
             key = "item"  # what the builtin reads; nothing writes the builtin's name
-        return (_WRITE if writes else kind), key
+        if self._released is not None:  # the step leaves a `with lock:` block
+            return 3, f"{key}\0{self._released}", dynamic
+        return (_WRITE if writes else kind), key, dynamic
 
-    def start_safe(self, code) -> bool:
+    def start_safe(self, code, globals_=None) -> bool:
         """Whether the start of `code` (a test's body) up to its first point is safe."""
         try:
             instructions = self._instructions(code)
-            first = min(instructions)
-            found = self._scan(instructions, first, True, None)
+            found = self._scan(instructions, min(instructions), "end", None, globals_)
+            self._dynamic = False
         except Exception:  # noqa: BLE001 - unknown: not safe
             return False
         return found is not None and not found[0]
 
-    def _scan(self, instructions, start, is_body: bool, pure):
+    def _scan(self, instructions, start, returns: str, pure, globals_, depth: int = 0):
         """Follow every path from offset `start` to the next points: None when one runs an
-        opaque instruction, else (whether an in-place operator ran, the pure builtin called)."""
+        opaque instruction, else (whether an in-place operator ran, the pure builtin called,
+        whether a path returned). `returns`: what a return is: the end of the thread's round
+        ("end"), the end of a callee ("report"), a return into the caller of this live frame
+        (its code goes on after its call: the answer depends on the callers), or opaque
+        (None: a caller not known here)."""
         writes = False
         called = None
-        todo = [start]
+        returned = False
+        todo = [(start, None)]  # (offset, the last instruction before it that was no jump)
         seen: set[int] = set()
         while todo:
-            at = todo.pop()
+            at, last = todo.pop()
             if at is None:
                 return None  # ran off the end: cannot happen in valid code
             if at in seen:
@@ -201,43 +268,221 @@ class Classifier:
             seen.add(at)
             if len(seen) > _SCAN_LIMIT:
                 return None
-            ins, after = instructions[at]
+            ins, after, _ = instructions[at]
             point = self._point(ins)
             if point == "always":
                 continue  # the step ends at this point
             name = ins.opname
-            if name in _SAFE:
-                todo.append(after)
+            if name in _JUMPS:
+                todo.append((ins.argval, last))
+                continue
+            if name in _SAFE or (
+                name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST")
+            ):
+                todo.append((after, name))
             elif name == "BINARY_OP":
                 if ins.arg is None or ins.arg >= self.inplace_from:
                     writes = True
-                todo.append(after)
-            elif name in _JUMPS:
-                todo.append(ins.argval)
+                todo.append((after, name))
             elif name in _BRANCHES or point == "maybe":
-                todo.extend((after, ins.argval))
-            elif name in _RETURNS and is_body:
-                continue  # the test's body returns: the thread's round ends
+                todo.extend(((after, name), (ins.argval, name)))
+            elif name == "BEFORE_WITH" and self._with_lock:
+                continue  # the lock's own point ends the step (lock_step describes the next)
+            elif name in _RETURNS and returns in ("end", "report"):
+                returned = True  # the round ends, or the callee's caller goes on
+            elif name in _RETURNS and returns is not None and depth < 3:
+                if not self._into_caller(returns, depth):
+                    return None
             elif name == "CALL" and pure is not None and called is None:
                 called = pure  # the builtin the step loaded (the first call on every path)
-                todo.append(after)
+                todo.append((after, name))
+            elif name == "CALL" and depth == 0 and self._lock_exit(instructions, at):
+                continue  # the release's own point ends the step
+            elif name == "CALL" and depth < 3:
+                callee = self._callee(instructions, at, globals_)
+                if callee is None:
+                    return None
+                if callee.__code__.co_flags & 0x2A0:  # generator, coroutine: no code runs
+                    todo.append((after, name))
+                    continue
+                inner = self._instructions(callee.__code__)
+                found = self._scan(inner, min(inner), "report", None, callee.__globals__, depth + 1)
+                if found is None:
+                    return None
+                writes = writes or found[0]
+                if found[2]:
+                    todo.append((after, name))  # it can return without a point: caller goes on
             else:
                 return None
-        return writes, called
+        return writes, called, returned
 
-    @staticmethod
-    def _builtin(code, name: str) -> bool:
-        """Whether global `name` is the builtin in the frame running `code` (the caller's)."""
+    def _enters_lock(self, instructions, offset: int, frame) -> bool:
+        """Whether the step at `offset` loads a schedulable lock that the next instruction
+        enters (`with lock:`, `with self.lock:`), looked up in the live frame."""
+        following = instructions[offset][1]
+        if frame is None or following is None:
+            return False
+        if instructions[following][0].opname != "BEFORE_WITH":
+            return False
+        return self._lock_loaded(instructions, offset, frame) is not None
+
+    def _lock_exit(self, instructions, call_at: int) -> bool:
+        """Whether the CALL at `call_at` ends a `with` block on a schedulable lock (the three
+        None arguments of __exit__), in the frame being classified; records the lock's key."""
+        current = self._frame_now
+        call = instructions[call_at][0]
+        if current is None or call.arg != 2:
+            return False
+        code, frame = current
+        if frame is None or self._instructions(code) is not instructions:
+            return False
+        at = instructions[call_at][2]
+        for _ in range(3):  # LOAD_CONST None x 3 right before
+            if at is None:
+                return False
+            ins, _, previous = instructions[at]
+            if ins.opname != "LOAD_CONST" or ins.argval is not None:
+                return False
+            at = previous
+        depth = 0  # the matching BEFORE_WITH, past the blocks nested in this one
+        while at is not None:
+            ins, following, previous = instructions[at]
+            if ins.opname == "BEFORE_WITH":
+                if depth == 0:
+                    break
+                depth -= 1
+            elif ins.opname == "CALL" and ins.arg == 2 and self._exit_call(instructions, at):
+                depth += 1
+            at = previous
+        if at is None or previous is None:
+            return False
+        found = self._lock_loaded(instructions, previous, frame)
+        if found is None:
+            return False
+        self._released = f"lock:{id(found)}"
+        return True
+
+    def _exit_call(self, instructions, at: int) -> bool:
+        """Whether the CALL at `at` is a `with` block's exit (three None arguments)."""
+        previous = instructions[at][2]
+        for _ in range(3):
+            if previous is None:
+                return False
+            ins, _, previous = instructions[previous]
+            if ins.opname != "LOAD_CONST" or ins.argval is not None:
+                return False
+        return True
+
+    def _lock_loaded(self, instructions, at: int, frame):
+        """The schedulable lock the instruction at `at` loads in live `frame` (a global, or an
+        attribute of a local found in its instance dict), or None."""
+        ins, _, previous = instructions[at]
+        found = None
+        if ins.opname == "LOAD_GLOBAL":
+            found = frame.f_globals.get(ins.argval)
+        elif ins.opname == "LOAD_ATTR" and previous is not None and not ins.arg & 1:
+            owner = instructions[previous][0]
+            if owner.opname in ("LOAD_FAST", "LOAD_FAST_CHECK"):
+                holder = frame.f_locals.get(owner.argval)
+                found = getattr(holder, "__dict__", {}).get(ins.argval)
+        self._dynamic = self._per_object = True  # another object there may be no lock
+        return found if isinstance(found, self.lock_types) else None
+
+    def lock_step(self, caller, lock) -> tuple[int, str]:
+        """The step from a lock operation's point (coop.POINT_ACCESS): the operation on the
+        lock and `caller`'s code from after its call to its next points: a write of the lock
+        when that code is safe, else opaque."""
+        try:
+            code = caller.f_code
+            self._dynamic_token = object()
+            returns = "end" if id(code) in self.bodies else caller
+            found = self._scan(
+                self._instructions(code),
+                self._after_call(code, caller.f_lasti),
+                returns,
+                None,
+                caller.f_globals,
+            )
+        except Exception:  # noqa: BLE001 - unknown: opaque
+            return 0, ""
+        if found is None or found[0]:
+            return 0, ""
+        return 2, f"lock:{id(lock)}"
+
+    def _into_caller(self, frame, depth: int) -> bool:
+        """A return from live `frame`: whether its caller's code, from after its call to its
+        next points, is safe (once per scan and frame)."""
+        self._dynamic = True
+        done = getattr(self, "_callers", None)
+        if done is None or done[0] is not self._dynamic_token:
+            done = self._callers = (self._dynamic_token, {})
+        if id(frame) in done[1]:
+            return done[1][id(frame)]
+        caller = frame.f_back
+        ok = False
+        if caller is not None and self.scope is not None:
+            code = caller.f_code
+            module = caller.f_globals.get("__name__")
+            if id(code) in self.bodies or self.scope.contains(code.co_filename, module):
+                returns = "end" if id(code) in self.bodies else caller
+                found = self._scan(
+                    self._instructions(code),
+                    self._after_call(code, caller.f_lasti),
+                    returns,
+                    None,
+                    caller.f_globals,
+                    depth + 1,
+                )
+                ok = found is not None and not found[0]
+        done[1][id(frame)] = ok
+        return ok
+
+    def _callee(self, instructions, call_at: int, globals_):
+        """The plain Python function in the hooked scope that the CALL at `call_at` calls,
+        when the step loads it with LOAD_GLOBAL right before its arguments; else None."""
+        import dis
+        import types
+
+        call = instructions[call_at][0]
+        if globals_ is None or self.scope is None or call.arg is None:
+            return None
+        need = call.arg + 2  # the callable, its self-or-NULL slot, the arguments
+        depth = 0
+        at = instructions[call_at][2]
+        while at is not None:
+            ins, _, previous = instructions[at]
+            if getattr(ins, "is_jump_target", True):
+                return None
+            arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
+            depth += dis.stack_effect(ins.opcode, arg, jump=False)
+            if depth >= need:
+                if depth != need or ins.opname != "LOAD_GLOBAL" or not ins.arg & 1:
+                    return None
+                function = globals_.get(ins.argval)
+                break
+            at = previous
+        else:
+            return None
+        if not isinstance(function, types.FunctionType):
+            return None
+        code = function.__code__
+        if not self.scope.contains(code.co_filename, function.__module__):
+            return None
+        return function
+
+    def _frame(self, code):
+        """The live frame running `code` (the caller's, up the stack), or None."""
         import sys
 
+        self._dynamic_token = object()  # a new classification: callers not looked at yet
         frame = sys._getframe(1)
         for _ in range(6):
             if frame is None or frame.f_code is code:
                 break
             frame = frame.f_back
         if frame is None or frame.f_code is not code:
-            return False
-        return name not in frame.f_globals
+            return None
+        return frame
 
 
 def explore_settings(config) -> tuple[int, int, float]:
@@ -264,7 +509,7 @@ class ExploreMode(ExactMode):
         self.started: float | None = None
         self.stopped_by: str | None = None  # what ended the search before its end
         self.decided: dict[int, bool] = {}
-        self.decide_lock = threading.Lock()
+        self.decide_lock = _thread.allocate_lock()  # a real lock (threading's are scheduled)
         super().__init__(test)
 
     def native_options(self, session: FtraceSession, nodeid: str, replay) -> dict:
@@ -274,8 +519,10 @@ class ExploreMode(ExactMode):
 
         original = getattr(self.test.item.obj, "ftrace_body", (self.test.item.obj, True))[0]
         body = getattr(getattr(original, "__func__", original), "__code__", None)
-        classifier = Classifier([body] if body is not None else [])
-        safe = body is not None and classifier.start_safe(body)
+        classifier = Classifier([body] if body is not None else [], session.instrumentation.scope)
+        globals_ = getattr(getattr(original, "__func__", original), "__globals__", None)
+        safe = body is not None and classifier.start_safe(body, globals_)
+        self.classifier = classifier
         _native.set_access_classifier(classifier, safe)
         return {"mode": "exact", "scheduler": "explore", "explore_bound": self.bound}
 
@@ -292,6 +539,10 @@ class ExploreMode(ExactMode):
 
     def activate(self, watchdog: bool = True) -> None:
         self.started = time.monotonic()
+        if self.exploring:
+            from pytest_ftrace.ftrace import coop
+
+            coop.POINT_ACCESS = self.classifier.lock_step
         super().activate(watchdog)
 
     def deactivate(self) -> None:
@@ -300,7 +551,9 @@ class ExploreMode(ExactMode):
         finally:
             if self.exploring:
                 from pytest_ftrace import _native
+                from pytest_ftrace.ftrace import coop
 
+                coop.POINT_ACCESS = None
                 _native.set_access_classifier(None)
 
     def progress(self) -> dict | None:
