@@ -31,10 +31,6 @@ static CLASSIFIER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
 /// and the start of the test's body) touches nothing shared.
 static START_SAFE: AtomicBool = AtomicBool::new(false);
 
-/// The first step of a worker whose body starts with nothing shared: a read of a key nothing
-/// writes.
-const START_KEY: &str = "<start>";
-
 /// An explore run starts (`on`) or another kind of run does: the table starts empty (code
 /// objects of earlier runs may be gone and their addresses reused).
 pub fn reset(on: bool) {
@@ -50,7 +46,7 @@ pub fn enabled() -> bool {
 /// The access of the step from `at` (opaque when unknown).
 pub fn classify(at: Location) -> Access {
     if at == crate::sched::AT_START && START_SAFE.load(Relaxed) {
-        return from_answer(1, START_KEY);
+        return Access::Start;
     }
     TABLE
         .lock()
@@ -73,7 +69,7 @@ fn hash_key(key: &str) -> u64 {
 }
 
 /// An access from the classifier's answer: 1 a read, 2 a write of `key`; 3 a write of the two
-/// keys of `key` separated by a NUL; anything else opaque.
+/// keys of `key` separated by a NUL; 4 an operation on the lock `key`; anything else opaque.
 pub fn from_answer(kind: u8, key: &str) -> Access {
     match kind {
         1 => Access::Read(hash_key(key)),
@@ -82,6 +78,7 @@ pub fn from_answer(kind: u8, key: &str) -> Access {
             Some((a, b)) => Access::Write2(hash_key(a), hash_key(b)),
             None => Access::Write(hash_key(key)),
         },
+        4 => Access::Lock(hash_key(key)),
         _ => Access::Opaque,
     }
 }

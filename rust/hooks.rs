@@ -532,8 +532,8 @@ impl Run {
         Ok(detached(py, move || core.point(tid)).name())
     }
 
-    /// Explore mode: a scheduling point in a primitive whose step does `kind` (0 opaque, 1
-    /// read, 2 write) to `key` (a lock's operations: a write of the lock); as sched_point.
+    /// Explore mode: a scheduling point in a primitive whose step does `kind` to `key` (as
+    /// accesses::from_answer reads them; a lock's operation is kind 4); as sched_point.
     fn sched_point_as(&self, py: Python<'_>, kind: u8, key: &str) -> PyResult<&'static str> {
         let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         let Some(tid) = tid else { return Ok("free") };

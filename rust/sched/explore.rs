@@ -42,11 +42,21 @@ pub enum Access {
     Write(u64),
     /// Writes two keys (a write and a lock's release in one step).
     Write2(u64, u64),
+    /// An operation on a lock (its key): a write of it, which a thread's start depends on too.
+    Lock(u64),
+    /// A worker's first step, touching nothing shared: only where it runs relative to lock
+    /// operations (and opaque steps) matters, since that decides whether it will block.
+    Start,
 }
 
 /// Whether running `a` and `b` in the other order may change what happens.
 pub fn dependent(a: Access, b: Access) -> bool {
     match (a, b) {
+        (Access::Start, Access::Start) => false,
+        (Access::Start, other) | (other, Access::Start) => {
+            matches!(other, Access::Lock(_) | Access::Write2(..) | Access::Opaque)
+        }
+        (Access::Lock(x), other) | (other, Access::Lock(x)) => dependent(Access::Write(x), other),
         (Access::Write2(x, y), other) | (other, Access::Write2(x, y)) => {
             dependent(Access::Write(x), other) || dependent(Access::Write(y), other)
         }
@@ -629,6 +639,8 @@ mod tests {
                     Access::Read(k) => seen.push((t, i, *writes.get(&k).unwrap_or(&0))),
                     Access::Write(k) => *writes.entry(k).or_default() += 1,
                     Access::Opaque => *writes.entry(u64::MAX).or_default() += 1,
+                    Access::Start => {}
+                    Access::Lock(a) => *writes.entry(a).or_default() += 1,
                     Access::Write2(a, b) => {
                         *writes.entry(a).or_default() += 1;
                         *writes.entry(b).or_default() += 1;
@@ -699,6 +711,18 @@ mod tests {
         }
         // With no bound that matters, all 20 orders of 3+3 steps.
         assert_eq!(p.explore(10).0.len(), 20);
+    }
+
+    #[test]
+    fn a_start_depends_only_on_locks_and_opaque_steps() {
+        assert!(!dependent(Access::Start, Access::Read(1)));
+        assert!(!dependent(Access::Write(1), Access::Start));
+        assert!(!dependent(Access::Start, Access::Start));
+        assert!(dependent(Access::Start, Access::Lock(1)));
+        assert!(dependent(Access::Write2(1, 2), Access::Start));
+        assert!(dependent(Access::Opaque, Access::Start));
+        assert!(dependent(Access::Lock(1), Access::Write(1)));
+        assert!(!dependent(Access::Lock(1), Access::Lock(2)));
     }
 
     #[test]

@@ -72,6 +72,35 @@ def test_disjoint(thread_index):
             box.b = box.b + 1
 """
 
+ORDERS = """
+import threading
+
+class Bank:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.log = []
+        self.done = 0
+
+STATES = [Bank() for _ in range(5000)]
+SEEN = set()
+
+def test_order(iteration_index, thread_index):
+    bank = STATES[iteration_index]
+    for _ in range(3):
+        with bank.lock:
+            bank.log.append(thread_index)
+    with bank.lock:
+        bank.done += 1
+        if bank.done == 2:
+            SEEN.add(tuple(bank.log))
+"""
+
+ORDERS_CONFTEST = """
+def pytest_sessionfinish(session):
+    import test_orders_of_locked_sections as module
+    print("DISTINCT ORDERS", len(module.SEEN))
+"""
+
 PROVEN = re.compile(
     r"ftrace explore: (\S+): no failure in all (\d+) interleavings within (\d+) preemptions? "
     r"\((\d+) executions?, pruned from at least (\d+)\)"
@@ -161,6 +190,21 @@ def test_steps_on_other_names_are_not_reordered(pytester):
     # interleaving stands for all of them
     assert interleavings == executions == 1, result.stdout.str()
     assert unreduced > 1
+
+
+def test_every_order_of_locked_sections_within_the_bound_runs(pytester):
+    # Two threads, three locked sections each. An order of the sections in k runs of one
+    # thread's sections makes k - 1 switches, of which the one after the second-to-last run (the
+    # end of a thread) costs no preemption: k - 2 preemptions. Runs of 2: AAABBB, BBBAAA; of 3
+    # (one preemption): A^a B^3 A^(3-a), a = 1, 2, and the same from B; of 4 (two): A B A B
+    # with both threads split in two, 2 x 2 ways, from either thread.
+    pytester.makepyfile(test_orders_of_locked_sections=ORDERS)
+    pytester.makeconftest(ORDERS_CONFTEST)
+    expected = {0: 2, 1: 2 + 4, 2: 2 + 4 + 8}
+    for bound, count in expected.items():
+        result = explore(pytester, "--seed", "1", "--ftrace-bound", str(bound), "-s")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*DISTINCT ORDERS {count}"])
 
 
 def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):

@@ -407,7 +407,7 @@ class Classifier:
             return 0, ""
         if found is None or found[0]:
             return 0, ""
-        return 2, f"lock:{id(lock)}"
+        return 4, f"lock:{id(lock)}"
 
     def _into_caller(self, frame, depth: int) -> bool:
         """A return from live `frame`: whether its caller's code, from after its call to its
