@@ -8,14 +8,16 @@ with the same interpreter: `python -m venv benches/.venv-frontrun && benches/.ve
 pip install frontrun==0.7.0`); it runs only under its own `frontrun` command, so each of its
 runs is `frontrun python <script>`, timed inside the script around `frontrun.explore(...)`
 (preemption_bound as ours, stop_on_first=False: the whole space). Ours is a pytest session in
-explore mode (.venvs/<python>, made by scripts/test_all.py); its exploration time is the
-session's wall time less that of the same session cut to one execution
-(--ftrace-explore-rounds 1), so start-up and collection cancel out.
+explore mode (.venvs/<python>, made by scripts/test_all.py); its exploration time is the test's
+time in the session's junit XML less that of the same test cut to one execution
+(--ftrace-explore-rounds 1), so the session and the test's set-up are left out.
 
 Tests (the same code on both sides; each side's harness only says who runs what):
 - transfer: two threads, five locked two-account transfers each (one lock, two accounts);
 - counters: two threads, six read-modify-writes each of its own counter, each checked against
-  a shared limit read: 18 accesses per thread.
+  a shared limit read: 18 accesses per thread (independent: one interleaving covers it);
+- shared: two threads, six unlocked read-modify-writes each of one counter (12 accesses per
+  thread, all dependent), nothing checked: every interleaving runs on both sides.
 Our harness makes every round's state before the threads start (frontrun's setup) and lets each
 thread check what it can without a race when it is done (frontrun checks after both).
 
@@ -32,8 +34,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".venvs"
@@ -100,6 +102,24 @@ CODE = {
 
         def check(box, index):
             assert (box.a if index == 0 else box.b) == 6  # its own counter: no race
+        """,
+    "shared": """
+        class Box:
+            def __init__(self):
+                self.n = 0
+
+        def work(box, index):
+            for _ in range(6):
+                box.n = box.n + 1
+
+        def make():
+            return Box()
+
+        def holds(box):
+            return True  # lost updates are allowed here: every interleaving runs
+
+        def check(box, index):
+            pass
         """,
 }
 
@@ -175,12 +195,15 @@ def ours(python: Path, name: str, bound: int, workdir: Path) -> dict:
     ]
 
     def timed(extra: list[str]) -> tuple[float, str]:
-        started = time.perf_counter()
-        proc = subprocess.run(base + extra, capture_output=True, text=True, cwd=workdir)
-        seconds = time.perf_counter() - started
+        """The test's call time (junit XML: set-up and the session around it left out)."""
+        xml = workdir / "junit.xml"
+        proc = subprocess.run(
+            [*base, f"--junitxml={xml}", *extra], capture_output=True, text=True, cwd=workdir
+        )
         if proc.returncode != 0:
             sys.exit(f"ours failed on {name}:\n{proc.stdout}\n{proc.stderr}")
-        return seconds, proc.stdout
+        case = ElementTree.parse(xml).getroot().find(".//testcase")
+        return float(case.get("time")), proc.stdout
 
     full, out = timed([])
     one, _ = timed(["--ftrace-explore-rounds", "1"])
@@ -254,12 +277,11 @@ def main() -> None:
             else:
                 notes = f"holds {r['holds']}, exhausted {r['exhausted']}"
                 count = r["interleavings"]
-            print(
-                f"{name:<10} {side:<9} {count:>13} {r['seconds']:>8.2f} "
-                f"{r['per_second']:>8.0f}  {notes}"
-            )
-        ratio = sides["ours"]["per_second"] / max(sides["frontrun"]["per_second"], 1e-9)
-        print(f"{name:<10} ours/frontrun interleavings per second: {ratio:.1f}x")
+            rate = f"{r['per_second']:>8.0f}" if count >= 10 else f"{'-':>8}"
+            print(f"{name:<10} {side:<9} {count:>13} {r['seconds']:>8.2f} {rate}  {notes}")
+        if sides["ours"]["executions"] >= 10 and sides["frontrun"]["interleavings"] >= 10:
+            ratio = sides["ours"]["per_second"] / max(sides["frontrun"]["per_second"], 1e-9)
+            print(f"{name:<10} ours/frontrun interleavings per second: {ratio:.1f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

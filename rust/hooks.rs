@@ -677,7 +677,8 @@ impl Run {
     }
 
     /// Explore: the exploration's counts so far (None: not an explore run): executions,
-    /// pending, pruned, over_bound, redundant, divergences, done, bound, longest.
+    /// pending, pruned, over_bound, redundant, divergences, done, bound (of the pass under
+    /// way), target (asked for), pass_executions, longest.
     fn explore_progress<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let Some(sched::Policy::Explore(tree)) = self.shared.core().map(|c| c.policy()) else {
             return Ok(None);
@@ -692,6 +693,8 @@ impl Run {
         d.set_item("divergences", p.divergences)?;
         d.set_item("done", p.done)?;
         d.set_item("bound", p.bound)?;
+        d.set_item("target", p.target)?;
+        d.set_item("pass_executions", p.pass_executions)?;
         d.set_item("longest", p.longest)?;
         Ok(Some(d))
     }

@@ -123,7 +123,11 @@ pub struct Progress {
     pub divergences: u64,
     /// Whether every branch within the bound has run.
     pub done: bool,
+    /// The bound of the pass under way, and the bound asked for (see [`Tree::iterative`]).
     pub bound: u32,
+    pub target: u32,
+    /// Executions of the pass under way.
+    pub pass_executions: u64,
     /// The longest execution seen (steps).
     pub longest: u64,
 }
@@ -132,6 +136,8 @@ pub struct Progress {
 #[derive(Debug)]
 pub struct Tree {
     bound: u32,
+    /// Search again with a bound one higher until this one (iterative context bounding).
+    target: u32,
     stack: Vec<Node>,
     started: bool,
     finished: bool,
@@ -156,6 +162,7 @@ impl Tree {
     pub fn new(bound: u32) -> Tree {
         Tree {
             bound,
+            target: bound,
             stack: Vec::new(),
             started: false,
             finished: false,
@@ -170,9 +177,23 @@ impl Tree {
             steps: 0,
             progress: Progress {
                 bound,
+                target: bound,
                 ..Progress::default()
             },
         }
+    }
+
+    /// Iterative context bounding: every interleaving with no preemption first, then with at
+    /// most one, and so on up to `bound` (each pass a whole search; the passes before the
+    /// last run again what the last covers, for the fewest preemptions first: a bug that one
+    /// preemption shows is found before any search within two). A bound taken as unbounded
+    /// ([`SLEEP_SETS_FROM`]) is one pass.
+    pub fn iterative(bound: u32) -> Tree {
+        let first = if bound >= SLEEP_SETS_FROM { bound } else { 0 };
+        let mut tree = Tree::new(first);
+        tree.target = bound;
+        tree.progress.target = bound;
+        tree
     }
 
     /// The counts so far.
@@ -288,6 +309,7 @@ impl Tree {
         }
         self.running = false;
         self.progress.executions += 1;
+        self.progress.pass_executions += 1;
         self.progress.longest = self.progress.longest.max(self.steps);
         if self.finished {
             return;
@@ -322,8 +344,16 @@ impl Tree {
             }
             self.stack.pop();
         }
-        self.finished = true;
         self.prefix = 0;
+        if self.bound < self.target {
+            // The next pass, one preemption more, from a fresh tree.
+            self.bound += 1;
+            self.progress.bound = self.bound;
+            self.progress.pass_executions = 0;
+            self.next_sleep.clear();
+            return;
+        }
+        self.finished = true;
     }
 
     /// Races of the execution: a step and a later dependent step of another thread with no
@@ -514,7 +544,7 @@ pub struct Shared(pub Arc<Mutex<Tree>>);
 
 impl Shared {
     pub fn new(bound: u32) -> Shared {
-        Shared(Arc::new(Mutex::new(Tree::new(bound))))
+        Shared(Arc::new(Mutex::new(Tree::iterative(bound))))
     }
 }
 
@@ -711,6 +741,37 @@ mod tests {
         }
         // With no bound that matters, all 20 orders of 3+3 steps.
         assert_eq!(p.explore(10).0.len(), 20);
+    }
+
+    #[test]
+    fn passes_go_by_the_bound_fewest_preemptions_first() {
+        let p = Program {
+            threads: vec![vec![Access::Opaque; 3], vec![Access::Opaque; 3]],
+        };
+        let lens = [3, 3];
+        let mut tree = Tree::iterative(2);
+        let mut costs = Vec::new();
+        loop {
+            costs.push(preemptions(&p.run(&mut tree), &lens));
+            if tree.progress().done {
+                break;
+            }
+        }
+        let single = p.explore(2).0.len() as u64;
+        let progress = tree.progress();
+        assert_eq!(
+            progress.pass_executions, single,
+            "the last pass is the whole search"
+        );
+        assert_eq!(progress.executions, costs.len() as u64);
+        assert_eq!((progress.bound, progress.target), (2, 2));
+        // the first pass has no preemption; the first run with two comes after every run
+        // with at most one of the pass before
+        let first_two = costs.iter().position(|&c| c == 2).unwrap();
+        let pass0 = p.explore(0).0.len();
+        let pass1 = p.explore(1).0.len();
+        assert!(costs[..pass0].iter().all(|&c| c == 0));
+        assert!(first_two >= pass0 + pass1);
     }
 
     #[test]

@@ -187,9 +187,10 @@ def test_steps_on_other_names_are_not_reordered(pytester):
     result.assert_outcomes(passed=1)
     interleavings, _bound, executions, unreduced = proven(result)["test_disjoint"]
     # the two loops touch different names: reordering them changes nothing, so one
-    # interleaving stands for all of them
-    assert interleavings == executions == 1, result.stdout.str()
-    assert unreduced > 1
+    # interleaving stands for all of them (one execution in each pass, bounds 0 to 3)
+    assert interleavings == 1, result.stdout.str()
+    assert executions == 4
+    assert unreduced > executions
 
 
 def test_every_order_of_locked_sections_within_the_bound_runs(pytester):
@@ -213,10 +214,10 @@ def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):
     result.assert_outcomes(passed=1)
     out = result.stdout.str()
     m = re.search(
-        r"ftrace explore: \S+::test_many_steps: no failure in (\d+) interleavings within 2 "
-        r"preemptions \(7 executions, pruned from at least \d+\); stopped by the "
+        r"ftrace explore: \S+::test_many_steps: no failure in (\d+) interleavings within \d "
+        r"preemptions?.*\(7 executions, pruned from at least \d+\); stopped by the "
         r"--ftrace-explore-rounds budget \(7\) with (\d+) branch\(es\) known and not run: the "
-        r"search did not finish, so this is not a proof",
+        r"search within 2 did not finish, so this is not a proof",
         " ".join(out.split()),
     )
     assert m, out

@@ -584,7 +584,7 @@ class ExploreMode(ExactMode):
         stats = super().stats()
         progress = self.progress() if self.exploring else None
         if progress is not None:
-            stats["interleavings"] = progress["executions"] - progress["redundant"]
+            stats["interleavings"] = progress["pass_executions"]
             stats["pruned"] = progress["pruned"]
             stats["explore_done"] = progress["done"]
         return stats
@@ -605,28 +605,38 @@ class ExploreMode(ExactMode):
         outcome.notes.append(f"ftrace explore: {line}")
 
     def verdict(self, progress: dict) -> str:
-        """What the search proved (or how far it got)."""
+        """What the search proved (or how far it got). The passes go by the bound (none, then
+        at most one preemption, ...: ftrace/modes and rust/sched/explore.rs); the last one is
+        the whole search within the bound asked for."""
         executions = progress["executions"]
-        interleavings = executions - progress["redundant"]
+        interleavings = progress["pass_executions"] - (
+            progress["redundant"] if progress["done"] else 0
+        )
         bound = progress["bound"]
-        within = f"within {bound} preemption{'s' if bound != 1 else ''}"
+
+        def within(n: int) -> str:
+            return f"within {n} preemption{'s' if n != 1 else ''}"
+
         counts = (
             f"{executions} execution{'s' if executions != 1 else ''}, pruned from at least "
             f"{executions + progress['pruned']}"
         )
         if progress["done"] and not progress["divergences"]:
-            return f"no failure in all {interleavings} interleavings {within} ({counts})"
+            return f"no failure in all {interleavings} interleavings {within(bound)} ({counts})"
         if progress["done"]:
             return (
-                f"no failure in {interleavings} interleavings {within} ({counts}), but not a "
-                f"proof: {progress['divergences']} round(s) could not follow their schedule "
-                "(the test takes another path for the same schedule from round to round)"
+                f"no failure in {interleavings} interleavings {within(bound)} ({counts}), but "
+                f"not a proof: {progress['divergences']} round(s) could not follow their "
+                "schedule (the test takes another path for the same schedule from round to "
+                "round)"
             )
         why = self.stopped_by or f"the --ftrace-explore-rounds budget ({self.max_rounds})"
+        before = f" (every interleaving {within(bound - 1)} ran)" if bound else ""
         return (
-            f"no failure in {interleavings} interleavings {within} ({counts}); stopped by "
-            f"{why} with {progress['pending']} branch(es) known and not run: the search did "
-            "not finish, so this is not a proof (raise the budget or lower --ftrace-bound)"
+            f"no failure in {interleavings} interleavings {within(bound)}{before} ({counts}); "
+            f"stopped by {why} with {progress['pending']} branch(es) known and not run: the "
+            f"search within {progress['target']} did not finish, so this is not a proof "
+            "(raise the budget or lower --ftrace-bound)"
         )
 
 
