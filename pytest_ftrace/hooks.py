@@ -109,7 +109,7 @@ def _install_locks(config: pytest.Config, namespace) -> None:
             mode = str(config.getini("ftrace_mode") or "").strip() or options.DEFAULT_MODE
         except (ValueError, TypeError, pytest.UsageError):
             return  # the usage error comes at configure
-    if mode != "exact":
+    if mode not in ("exact", "explore"):
         return
     from pytest_ftrace.ftrace import locks
 
@@ -516,11 +516,14 @@ def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
         from pytest_ftrace.ftrace.budget import summary
 
         tr.line(summary(session.budgets))
+    for nodeid, line in session.explored:
+        tr.line(f"ftrace explore: {nodeid}: {line}")
     if verbose <= 0 or not session.stats:
         return
     tr.section(f"ftrace statistics (seed {session.seed})", sep="-")
-    exact = [(nodeid, st) for nodeid, st in session.stats if st.get("mode") == "exact"]
-    chaos = [(nodeid, st) for nodeid, st in session.stats if st.get("mode") != "exact"]
+    serial = ("exact", "explore")
+    exact = [(nodeid, st) for nodeid, st in session.stats if st.get("mode") in serial]
+    chaos = [(nodeid, st) for nodeid, st in session.stats if st.get("mode") not in serial]
     if exact:
         tr.line("exact mode: points = scheduling points (the scheduler chose who goes on);")
         tr.line("  hand-overs = points where another thread went on; preempt = hand-overs away")

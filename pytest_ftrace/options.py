@@ -36,7 +36,12 @@ DEFAULT_SHRINK_SECONDS = 10.0  # a safety bound: the count of candidates ends a 
 # Exact mode, mix policy: about this many hand-overs between threads in a long round (each
 # wakes an OS thread; short rounds keep a hand-over chance of 1/2 at every point).
 DEFAULT_SWITCH_BUDGET = 48
-MODES = ("chaos", "exact")
+MODES = ("chaos", "exact", "explore")
+# --ftrace-mode explore: the preemption bound, and the budget (executions, seconds) per test.
+DEFAULT_BOUND = 2
+MAX_BOUND = 1000
+DEFAULT_EXPLORE_ROUNDS = 20000
+DEFAULT_EXPLORE_SECONDS = 60.0
 DEFAULT_MODE = "exact"
 
 # Names that installed peer plugins (by pytest11 entry-point name) define themselves.
@@ -408,8 +413,37 @@ def _add_ftrace_options(add: _Registrar) -> None:
         default=None,
         choices=MODES,
         help="exact: run the threads one at a time and choose who goes on at every hooked "
-        "access (replays exactly); chaos: free-running threads with injected yields and delays "
+        "access (replays exactly); chaos: free-running threads with injected yields and delays; "
+        "explore: run every interleaving within --ftrace-bound preemptions, one per round, "
+        "leaving out reorderings of independent steps "
         f"(default {DEFAULT_MODE}). ini: ftrace_mode",
+    )
+    add.option(
+        "--ftrace-bound",
+        dest="ftrace_bound",
+        default=None,
+        type=whole("--ftrace-bound", 0, MAX_BOUND),
+        metavar="N",
+        help="explore mode: the most preemptions an explored interleaving makes (a switch away "
+        f"from a thread that could go on; default {DEFAULT_BOUND})",
+    )
+    add.option(
+        "--ftrace-explore-rounds",
+        dest="ftrace_explore_rounds",
+        default=None,
+        type=positive_int("--ftrace-explore-rounds"),
+        metavar="M",
+        help="explore mode: the most executions (rounds) per test; a test with more "
+        f"interleavings says how far it got (default {DEFAULT_EXPLORE_ROUNDS})",
+    )
+    add.option(
+        "--ftrace-explore-seconds",
+        dest="ftrace_explore_seconds",
+        default=None,
+        type=positive_float("--ftrace-explore-seconds"),
+        metavar="SECONDS",
+        help="explore mode: the most time per test spent exploring (default "
+        f"{DEFAULT_EXPLORE_SECONDS:g}; --ftrace-timeout still bounds the whole run)",
     )
     add.option(
         "--ftrace-scheduler",
@@ -454,7 +488,7 @@ def _add_ftrace_options(add: _Registrar) -> None:
     )
     add.ini("ftrace_budget", "seconds of rounds per test (--ftrace-budget)", default="")
     add.ini("ftrace_rounds", "fork or process (--ftrace-rounds)", default="")
-    add.ini("ftrace_mode", "exact or chaos (--ftrace-mode)", default="")
+    add.ini("ftrace_mode", "exact, chaos or explore (--ftrace-mode)", default="")
     add.ini(
         "ftrace_scheduler", "exact mode's policy: mix[B], random, pct[D] or aligned[P]", default=""
     )

@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyInt, PyString, PyTuple};
 
+use crate::accesses;
 use crate::engine::{self, RunShared};
 use crate::iterpoints;
 use crate::opcodes;
@@ -184,6 +185,9 @@ unsafe extern "C" fn on_instruction(
     match event {
         Event::Point(Decision::Schedule) => {
             keep_code(code);
+            if accesses::enabled() {
+                accesses::note(code, offset as u32);
+            }
             let at = (code as usize, offset as u32);
             // Most points keep the turn: decided without letting go of the interpreter.
             let kept = std::panic::catch_unwind(|| engine::schedule_point_try(at));
@@ -324,6 +328,15 @@ fn set_hooked_opcodes(table: Vec<u16>) -> PyResult<()> {
     opcodes::set_table(&table).map_err(PyValueError::new_err)
 }
 
+/// set_access_classifier(f, start_safe=False): explore mode's step classifier, f(code,
+/// offset) -> (0 opaque | 1 read | 2 write, key), or None; start_safe: a worker's first step
+/// touches nothing shared (see accesses.rs).
+#[pyfunction]
+#[pyo3(signature = (classifier, start_safe=false))]
+fn set_access_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
+    accesses::set_classifier(classifier, start_safe);
+}
+
 /// hooked_opcodes() -> list[int]: the installed table.
 #[pyfunction]
 fn hooked_opcodes() -> Vec<u16> {
@@ -368,7 +381,8 @@ impl Run {
     #[pyo3(signature = (seed, *, yield_probability=None, delay_probability=None,
                         sleep_share=None, max_spin_ns=None, max_sleep_us=None,
                         mode="chaos", scheduler="random", pct_depth=3, stay_percent=50,
-                        switch_budget=sched::DEFAULT_SWITCH_BUDGET, sched_k=None, replay=None))]
+                        switch_budget=sched::DEFAULT_SWITCH_BUDGET, sched_k=None, replay=None,
+                        explore_bound=2))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         seed: &Bound<'_, PyAny>,
@@ -384,6 +398,7 @@ impl Run {
         switch_budget: u32,
         sched_k: Option<u64>,
         replay: Option<Vec<u32>>,
+        explore_bound: u32,
     ) -> PyResult<Run> {
         let d = PolicyConfig::default();
         let config = PolicyConfig {
@@ -399,6 +414,10 @@ impl Run {
             ("chaos", _, _) => None,
             ("exact", _, Some(list)) => Some(Core::new(seed, sched::Policy::Replay(list))),
             ("exact", "random", None) => Some(Core::new(seed, sched::Policy::Random)),
+            ("exact", "explore", None) => Some(Core::new(
+                seed,
+                sched::Policy::Explore(sched::explore::Shared::new(explore_bound)),
+            )),
             ("exact", "mix", None) if switch_budget >= 1 => Some(Core::new(
                 seed,
                 sched::Policy::Mix {
@@ -416,7 +435,7 @@ impl Run {
             }
             ("exact", other, None) => {
                 return Err(PyValueError::new_err(format!(
-                    "scheduler must be 'random', 'mix', 'aligned' or 'pct' (pct_depth >= 1), not {other:?}"
+                    "scheduler must be 'random', 'mix', 'aligned', 'pct' (pct_depth >= 1) or 'explore', not {other:?}"
                 )))
             }
             (other, _, _) => {
@@ -427,6 +446,10 @@ impl Run {
         };
         let core = core.map(|c| c.with_k(sched_k));
         if core.is_some() {
+            accesses::reset(matches!(
+                core.as_ref().map(Core::policy),
+                Some(sched::Policy::Explore(_))
+            ));
             sched::watch::start(engine::active_core);
             let mut codes = CODES.lock();
             *codes = None;
@@ -509,6 +532,15 @@ impl Run {
         let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         let Some(tid) = tid else { return Ok("free") };
         Ok(detached(py, move || core.point(tid)).name())
+    }
+
+    /// Explore mode: a scheduling point in a primitive whose step does `kind` to `key` (as
+    /// accesses::from_answer reads them; a lock's operation is kind 4); as sched_point.
+    fn sched_point_as(&self, py: Python<'_>, kind: u8, key: &str) -> PyResult<&'static str> {
+        let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
+        let Some(tid) = tid else { return Ok("free") };
+        let at = accesses::synthetic(accesses::from_answer(kind, key));
+        Ok(detached(py, move || core.point_at(tid, at)).name())
     }
 
     /// Exact mode: block the calling thread on `resource` until it is woken (or, `timed`, until
@@ -652,6 +684,29 @@ impl Run {
             .collect()
     }
 
+    /// Explore: the exploration's counts so far (None: not an explore run): executions,
+    /// pending, pruned, over_bound, redundant, divergences, done, bound (of the pass under
+    /// way), target (asked for), pass_executions, longest.
+    fn explore_progress<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(sched::Policy::Explore(tree)) = self.shared.core().map(|c| c.policy()) else {
+            return Ok(None);
+        };
+        let p = tree.0.lock().progress();
+        let d = PyDict::new(py);
+        d.set_item("executions", p.executions)?;
+        d.set_item("pending", p.pending)?;
+        d.set_item("pruned", p.pruned)?;
+        d.set_item("over_bound", p.over_bound)?;
+        d.set_item("redundant", p.redundant)?;
+        d.set_item("divergences", p.divergences)?;
+        d.set_item("done", p.done)?;
+        d.set_item("bound", p.bound)?;
+        d.set_item("target", p.target)?;
+        d.set_item("pass_executions", p.pass_executions)?;
+        d.set_item("longest", p.longest)?;
+        Ok(Some(d))
+    }
+
     /// Exact mode: decisions made so far in the current round.
     fn sched_step(&self) -> u64 {
         self.shared.core().map_or(0, |c| c.step())
@@ -753,6 +808,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(set_hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(hooked_opcodes, m)?)?;
+    m.add_function(wrap_pyfunction!(set_access_classifier, m)?)?;
     m.add_function(wrap_pyfunction!(active_run_id, m)?)?;
     m.add_function(wrap_pyfunction!(policy_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(release_all, m)?)?;

@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+mod accesses;
 mod clock;
 pub mod engine;
 mod hooks;

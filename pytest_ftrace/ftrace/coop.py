@@ -313,6 +313,19 @@ def _user_file(filename: str) -> bool:
     return filename not in _SKIP_FILES and not filename.startswith(_HERE)
 
 
+# Explore mode: (caller frame, lock) -> (kind, key) of the step from a lock's point, or None.
+POINT_ACCESS = None
+
+
+def _lock_point(run, caller, lock) -> None:
+    """The scheduling point of a lock operation called from `caller`."""
+    describe = POINT_ACCESS
+    if describe is None:
+        run.sched_point()
+    else:
+        run.sched_point_as(*describe(caller, lock))
+
+
 def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
     """A managed thread acquires a native lock: a scheduling point when the user's code (not
     threading's or queue's) asks, then the lock, waiting in the core while it is held."""
@@ -321,7 +334,7 @@ def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
         return lock._ftrace_block(timeout) if blocking else lock._ftrace_try()
     caller = sys._getframe(1)
     if _user_file(caller.f_code.co_filename):
-        run.sched_point()
+        _lock_point(run, caller, lock)
     if lock._ftrace_try():
         return True
     if not blocking or timeout == 0:
@@ -350,8 +363,9 @@ def _release_hook(lock, managed: bool, waiting: bool) -> None:
         return
     if waiting:
         run.sched_wake(id(lock))
-    if managed and _user_file(sys._getframe(1).f_code.co_filename):
-        run.sched_point()
+    caller = sys._getframe(1)
+    if managed and _user_file(caller.f_code.co_filename):
+        _lock_point(run, caller, lock)
 
 
 class _Sleeper:

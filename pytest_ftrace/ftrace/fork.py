@@ -78,6 +78,8 @@ def reason_not_to_fork(item, test: TestSession) -> str | None:
         return "--ftrace-rounds process"
     if not hasattr(os, "fork"):
         return "os.fork is not available"
+    if test.mode == "explore":
+        return "explore mode runs its rounds in this process"
     if test.mode != "exact":
         return "chaos mode runs its rounds in this process"
     from pytest_ftrace.stress import runner
@@ -95,7 +97,11 @@ def reason_not_to_fork(item, test: TestSession) -> str | None:
     return None
 
 
-_CHOSEN = ("--ftrace-rounds process", "chaos mode runs its rounds in this process")
+_CHOSEN = (
+    "--ftrace-rounds process",
+    "chaos mode runs its rounds in this process",
+    "explore mode runs its rounds in this process",
+)
 
 
 def note_in_process(outcome: Outcome, reason: str) -> None:

@@ -150,6 +150,7 @@ class FtraceSession:
         self.stats: list[tuple[str, dict]] = []
         self.replays: list[tuple[str, int, int]] = []
         self.budgets: list[tuple[str, int, float, str]] = []  # (nodeid, rounds, s, why)
+        self.explored: list[tuple[str, str]] = []  # explore mode: what each test's run proved
         if self.cache is not None:
             self.cache.set(CACHE_KEY, self.seed)
 

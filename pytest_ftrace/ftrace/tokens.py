@@ -155,7 +155,7 @@ def resolve_mode(config: pytest.Config) -> str:
     if mode is None:
         raw = str(options.ini_value(config, "ftrace_mode") or "").strip()
         if raw and raw not in MODES:
-            raise pytest.UsageError(f"ini key ftrace_mode: exact or chaos, not {raw!r}")
+            raise pytest.UsageError(f"ini key ftrace_mode: {', '.join(MODES)}; not {raw!r}")
         mode = raw or DEFAULT_MODE
     return mode
 

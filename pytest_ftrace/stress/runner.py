@@ -105,6 +105,10 @@ class Hooks:
     # a thread outside the test could wake them, e.g. a fixture's teardown that stops them),
     # so the test does not wait for them, as plain pytest would not.
     settled: Callable[[list, list], bool] | None = None
+    # Called as (round, failures so far) by each worker before every round after the first,
+    # once the round barrier is passed: False ends the run there (explore mode's budget).
+    # It must give every worker the same answer for a round.
+    more_rounds: Callable[[int, int], bool] | None = None
 
 
 @dataclass
@@ -403,6 +407,10 @@ class ThreadedRun:
                     return
                 if self._ended_at is not None:
                     break  # the budget ends the rounds here: on to the last barrier
+                if iteration and hooks.more_rounds is not None:
+                    self._steps[index] = "more_rounds"
+                    if not hooks.more_rounds(iteration, len(self._outcome.failures)):
+                        break
                 if kwargs is None:
                     continue
                 if iteration_arg:

@@ -297,7 +297,16 @@ impl State {
             return false;
         }
         self.stalled_since = None;
-        let chosen = self.sched.choose(self.step, runnable, current);
+        let threads = &self.threads;
+        // A thread the test started is at its start inside threading's code: not a worker's
+        // start (the test's body), so it says "in a primitive" instead.
+        let workers = self.expected as u32;
+        let at = |t: u32| match threads.get(&t) {
+            Some(x) if x.at == AT_START && t >= workers => AT_SYNC,
+            Some(x) => x.at,
+            None => AT_START,
+        };
+        let chosen = self.sched.choose_at(self.step, runnable, current, &at);
         if timeout_wake {
             let t = self.threads.get_mut(&chosen).expect("chosen thread exists");
             t.status = Status::Runnable;
@@ -319,6 +328,7 @@ impl State {
             self.timeline_end = self.timeline_end.max(self.timeline());
             let mut record = std::mem::take(&mut self.record);
             record.divergences = self.sched.divergences();
+            self.sched.round_end();
             self.max_steps = self.max_steps.max(record.decisions.len() as u64);
             self.history.insert(round, record);
         }

@@ -5,6 +5,7 @@
 mod core;
 pub use self::core::{clock_anchor, Core};
 pub mod aligned;
+pub mod explore;
 pub mod pct;
 pub mod random;
 pub mod replay;
@@ -20,6 +21,21 @@ pub trait Scheduler: Send {
     /// Choose among `runnable` (ascending ids, never empty). `step` counts the round's
     /// choices from 0; `current` is the thread that reached the point, when it can go on.
     fn choose(&mut self, step: u64, runnable: &[u32], current: Option<u32>) -> u32;
+
+    /// [`Scheduler::choose`] with where each runnable thread would go on from (`at`); a
+    /// policy that needs it (explore) overrides this one.
+    fn choose_at(
+        &mut self,
+        step: u64,
+        runnable: &[u32],
+        current: Option<u32>,
+        _at: &dyn Fn(u32) -> Location,
+    ) -> u32 {
+        self.choose(step, runnable, current)
+    }
+
+    /// The round is over (explore: queue what it found).
+    fn round_end(&mut self) {}
 
     /// Steps at which the policy could not follow its plan (replay only).
     fn divergences(&self) -> u64 {
@@ -46,6 +62,8 @@ pub enum Policy {
     },
     /// Every round follows this decision list.
     Replay(Vec<u32>),
+    /// Systematic exploration: each round is one execution of the shared tree.
+    Explore(explore::Shared),
 }
 
 /// Waits for a round's workers to arrive before the first choice, at most this long.
@@ -162,5 +180,9 @@ pub fn make_scheduler(seed: u64, policy: &Policy, round: u64, k: u64) -> Box<dyn
         }
         Policy::Pct { depth } => Box::new(pct::PctScheduler::new(round_seed, *depth, k)),
         Policy::Replay(list) => Box::new(replay::ReplayScheduler::new(list.clone())),
+        Policy::Explore(tree) => Box::new(explore::ExploreScheduler::new(
+            tree.clone(),
+            crate::accesses::classify,
+        )),
     }
 }

@@ -65,6 +65,8 @@ def mode_class(name: str) -> ModeClass:
         from pytest_ftrace.ftrace.modes import exact as module
     elif name == "chaos":
         from pytest_ftrace.ftrace.modes import chaos as module
+    elif name == "explore":
+        from pytest_ftrace.ftrace.modes import explore as module
     else:
         raise ValueError(f"unknown --ftrace-mode {name!r}")
     return module.MODE

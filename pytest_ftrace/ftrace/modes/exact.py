@@ -59,6 +59,7 @@ def native_options(session: FtraceSession, nodeid: str, replay: Token | None) ->
 
 class ExactMode:
     stat_keys = EXACT_STATS
+    native_options = staticmethod(native_options)  # a mode built on this one may differ
 
     def __init__(self, test: TestSession):
         from pytest_ftrace.ftrace.coop import ExactTest
@@ -66,7 +67,7 @@ class ExactMode:
         self.test = test
         session, item, replay = test.session, test.item, test.replay
         self.shrink_cut_short: int | None = None  # candidates tried when time ran out
-        kwargs = native_options(session, item.nodeid, replay)
+        kwargs = self.native_options(session, item.nodeid, replay)
         self.replay_exact = "replay" in kwargs  # following a recorded decision list
         self.replay_decisions: list[int] | None = kwargs.get("replay")
         self.traced = session.instrumentation.start_test(item.nodeid, **kwargs)

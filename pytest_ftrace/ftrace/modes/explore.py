@@ -1,0 +1,643 @@
+"""Explore mode: every interleaving of a test's threads within a preemption bound, one round
+per execution, leaving out those that only reorder independent steps.
+
+The threads run one at a time as in exact mode (the same native core and scheduling points);
+the core's explore policy (rust/sched/explore.rs) searches the schedule tree depth first and
+decides each round's schedule: the branches a round's races call for, within --ftrace-bound
+preemptions, with source sets and sleep sets over each step's access (rust/accesses.rs: a name
+read or written, or opaque). Rounds go on until the tree is done, a round fails, or the budget
+(--ftrace-explore-rounds, --ftrace-explore-seconds) runs out.
+
+A failure is reported as exact mode reports it (its decision list kept in the cache, shrunk,
+drawn as lanes), with a replay line that follows the list. A pass says what was proven, in the
+terminal summary: "no failure in all N interleavings within B preemptions (M executions, pruned
+from at least K)", or, when the budget ran out first, how far the search got.
+
+Rounds run in this process, not forked: a forked round costs several in-process rounds
+(benches/README.md), and the search needs the rounds' schedules back in the core that holds
+the tree. Each round therefore sees the state the rounds before it left, as in exact mode; a
+test whose steps differ from round to round for the same schedule makes the search diverge,
+which the summary line says.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import _thread
+import time
+from typing import TYPE_CHECKING
+
+from pytest_ftrace import options
+from pytest_ftrace.ftrace.modes.exact import EXACT_STATS, ExactMode, native_options
+
+if TYPE_CHECKING:
+    from pytest_ftrace.ftrace.session import FtraceSession, TestSession
+    from pytest_ftrace.report import Outcome
+    from pytest_ftrace.stress.runner import Hooks
+
+EXPLORE_STATS = (*EXACT_STATS, "interleavings", "pruned", "explore_done")
+
+# Instructions that touch nothing shared (locals, constants, the stack, comparisons, building
+# new objects, the end of a loop); any instruction not named here makes a step opaque.
+_SAFE = frozenset(
+    (
+        "CACHE NOP RESUME EXTENDED_ARG LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_AND_CLEAR "
+        "LOAD_FAST_LOAD_FAST LOAD_FAST_BORROW LOAD_FAST_BORROW_LOAD_FAST_BORROW STORE_FAST "
+        "STORE_FAST_LOAD_FAST STORE_FAST_STORE_FAST DELETE_FAST LOAD_CONST LOAD_SMALL_INT "
+        "POP_TOP PUSH_NULL COPY SWAP COMPARE_OP IS_OP UNARY_NEGATIVE UNARY_NOT UNARY_INVERT "
+        "TO_BOOL BUILD_TUPLE BUILD_LIST BUILD_SET BUILD_MAP BUILD_CONST_KEY_MAP BUILD_STRING "
+        "BUILD_SLICE FORMAT_SIMPLE FORMAT_WITH_SPEC FORMAT_VALUE CONVERT_VALUE LOAD_CLOSURE "
+        "MAKE_CELL COPY_FREE_VARS LOAD_ASSERTION_ERROR LIST_APPEND SET_ADD MAP_ADD "
+        "MAKE_FUNCTION SET_FUNCTION_ATTRIBUTE END_FOR POP_ITER NOT_TAKEN GET_ITER"
+    ).split()
+)
+_JUMPS = frozenset(
+    "JUMP JUMP_NO_INTERRUPT JUMP_FORWARD JUMP_BACKWARD JUMP_BACKWARD_NO_INTERRUPT".split()
+)
+_BRANCHES = frozenset(
+    "POP_JUMP_IF_FALSE POP_JUMP_IF_TRUE POP_JUMP_IF_NONE POP_JUMP_IF_NOT_NONE FOR_ITER".split()
+)
+_RETURNS = frozenset(("RETURN_VALUE", "RETURN_CONST"))
+# name -> (read or write, key family) of the instruction a step starts at
+_READ, _WRITE = 1, 2
+_ACCESSES = {
+    "LOAD_ATTR": (_READ, "attr"),
+    "LOAD_METHOD": (_READ, "attr"),
+    "STORE_ATTR": (_WRITE, "attr"),
+    "DELETE_ATTR": (_WRITE, "attr"),
+    "LOAD_GLOBAL": (_READ, "global"),
+    "LOAD_NAME": (_READ, "global"),
+    "LOAD_FROM_DICT_OR_GLOBALS": (_READ, "global"),
+    "STORE_GLOBAL": (_WRITE, "global"),
+    "DELETE_GLOBAL": (_WRITE, "global"),
+    "STORE_NAME": (_WRITE, "global"),
+    "DELETE_NAME": (_WRITE, "global"),
+    "LOAD_DEREF": (_READ, "cell"),
+    "LOAD_CLASSDEREF": (_READ, "cell"),
+    "LOAD_FROM_DICT_OR_DEREF": (_READ, "cell"),
+    "STORE_DEREF": (_WRITE, "cell"),
+    "DELETE_DEREF": (_WRITE, "cell"),
+    "BINARY_SUBSCR": (_READ, "item"),
+    "BINARY_SLICE": (_READ, "item"),
+    "CONTAINS_OP": (_READ, "item"),
+    "STORE_SUBSCR": (_WRITE, "item"),
+    "DELETE_SUBSCR": (_WRITE, "item"),
+    "STORE_SLICE": (_WRITE, "item"),
+}
+# Builtins whose call changes nothing shared: those that read no container's items, and
+# those that read them (their step reads "item").
+_PURE_SCALAR = frozenset(
+    "range isinstance issubclass id type int float bool str abs hash callable iter enumerate "
+    "zip reversed divmod round chr ord".split()
+)
+_PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
+# Native table entries (rust/opcodes.rs)
+_ALWAYS, _ONLY_ARG, _KIND_ITERATION = 0x100, 0x200, 0x2000
+# The most instructions a step's classification follows before it calls the step opaque.
+_SCAN_LIMIT = 400
+
+
+class Classifier:
+    """What the step from a scheduling point does: (0 opaque | 1 read | 2 write, key).
+
+    A step runs from the hooked instruction at its point to the next one the thread reaches.
+    It reads or writes one key when its first instruction is a name access (an attribute, a
+    global or a closure cell, keyed by its name: two objects' attributes of one name share a
+    key) or an item access ("item": every container's items share one key), and every path from
+    there to the next hooked instruction runs only instructions of `_SAFE`, jumps and binary
+    operators (an in-place one makes the step a write: it may mutate the value). A call, a
+    return (except from the test's own body, which ends the thread's round) or any other
+    instruction makes it opaque: dependent on every other step.
+
+    Called by the native core with the interpreter held, from the thread that reached the
+    point; it must not take a lock (threading's locks are schedulable in exact mode)."""
+
+    def __init__(self, bodies=(), scope=None):
+        import opcode
+
+        from pytest_ftrace import _native
+
+        self.hooked = _native.hooked_opcodes()
+        self.bodies = {id(code) for code in bodies}
+        self._keep = list(bodies)
+        self.scope = scope  # instrument.Scope: the code that has points of its own
+        self._dynamic = False  # the classification under way looked at the callers
+        self._dynamic_token: object | None = None
+        self._callers: tuple | None = None
+        # Locations whose answer depends on the callers, and the answers by call chain.
+        self.dynamic_locations: set[tuple[int, int]] = set()
+        self.by_chain: dict[tuple, tuple[int, str, bool]] = {}
+        self._with_lock = False  # the step's BEFORE_WITH enters a schedulable lock
+        self._per_object = False  # the answer depends on an object: asked at every visit
+        self._frame_now: tuple | None = None  # (code, live frame) being classified
+        self._released: str | None = None  # the lock the step's `with` block releases
+        self.lock_types = (_native.lock, _native.RLock)
+        self.codes: dict[int, tuple[object, dict]] = {}
+        nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
+        self.inplace_from = next(
+            (i for i, name in enumerate(nb_ops) if name.startswith("NB_INPLACE")), 0
+        )
+
+    def __call__(self, code, offset: int) -> tuple[int, str, bool]:
+        """(kind, key, whether the answer depends on the callers: asked at every visit)."""
+        try:
+            where = (id(code), offset)
+            chain = None
+            if where in self.dynamic_locations:
+                chain = (where, self._chain(code))
+                found = self.by_chain.get(chain)
+                if found is not None:
+                    return found
+            self._per_object = False
+            found = self.classify(code, offset)
+            if found[2] and not self._per_object:
+                self.dynamic_locations.add(where)
+                self.by_chain[chain or (where, self._chain(code))] = found
+            return found
+        except Exception:  # noqa: BLE001 - an unknown step is opaque, never an error
+            return 0, "", False
+
+    @staticmethod
+    def _chain(code) -> tuple:
+        """Where the frame running `code` and its callers are (a few levels up)."""
+        import sys
+
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        out = []
+        while frame is not None and len(out) < 5:
+            out.append((id(frame.f_code), frame.f_lasti))
+            frame = frame.f_back
+        return tuple(out)
+
+    def _instructions(self, code) -> dict:
+        found = self.codes.get(id(code))
+        if found is None or found[0] is not code:
+            import dis
+
+            listed = list(dis.get_instructions(code))
+            by_offset = {}
+            for index, ins in enumerate(listed):
+                following = listed[index + 1].offset if index + 1 < len(listed) else None
+                previous = listed[index - 1].offset if index else None
+                by_offset[ins.offset] = (ins, following, previous)
+            found = (code, by_offset, [ins.offset for ins in listed])
+            self.codes[id(code)] = found
+        return found[1]
+
+    def _after_call(self, code, lasti: int):
+        """The offset a frame of `code` goes on at once the call at `lasti` returns."""
+        import bisect
+
+        self._instructions(code)
+        offsets = self.codes[id(code)][2]
+        index = bisect.bisect_right(offsets, lasti)
+        return offsets[index] if index < len(offsets) else None
+
+    def _point(self, ins) -> str | None:
+        """'always' / 'maybe' (a loop step, a point for some iterators) / None."""
+        entry = self.hooked[ins.opcode] if ins.opcode < len(self.hooked) else 0
+        mode = entry & 0x0F00
+        if mode == _ALWAYS or (mode == _ONLY_ARG and ins.arg == entry & 0xFF):
+            return "maybe" if entry & 0xF000 == _KIND_ITERATION else "always"
+        return None
+
+    def classify(self, code, offset: int) -> tuple[int, str, bool]:
+        instructions = self._instructions(code)
+        first, following, _ = instructions[offset]
+        what = _ACCESSES.get(first.opname)
+        if what is None:
+            return 0, "", False
+        kind, family = what
+        key = family if family == "item" else f"{family}:{first.argval}"
+        frame = self._frame(code)
+        globals_ = frame.f_globals if frame is not None else None
+        pure = None  # the builtin this step calls, if it loads one
+        if first.opname == "LOAD_GLOBAL" and first.argval in _PURE_SCALAR | _PURE_ITEMS:
+            if globals_ is not None and first.argval not in globals_:
+                pure = first.argval
+        returns = "end" if id(code) in self.bodies else frame
+        self._dynamic = False
+        self._with_lock = self._enters_lock(instructions, offset, frame)
+        self._frame_now, self._released = (code, frame), None
+        try:
+            found = self._scan(instructions, following, returns, pure, globals_)
+        finally:
+            self._with_lock = False
+            self._frame_now = None
+        dynamic = self._dynamic
+        if found is None:
+            return 0, "", dynamic
+        writes, called, _returned = found
+        if called is not None and called in _PURE_ITEMS:
+            key = "item"  # what the builtin reads; nothing writes the builtin's name
+        if self._released is not None:  # the step leaves a `with lock:` block
+            return 3, f"{key}\0{self._released}", dynamic
+        return (_WRITE if writes else kind), key, dynamic
+
+    def start_safe(self, code, globals_=None) -> bool:
+        """Whether the start of `code` (a test's body) up to its first point is safe."""
+        try:
+            instructions = self._instructions(code)
+            found = self._scan(instructions, min(instructions), "end", None, globals_)
+            self._dynamic = False
+        except Exception:  # noqa: BLE001 - unknown: not safe
+            return False
+        return found is not None and not found[0]
+
+    def _scan(self, instructions, start, returns: str, pure, globals_, depth: int = 0):
+        """Follow every path from offset `start` to the next points: None when one runs an
+        opaque instruction, else (whether an in-place operator ran, the pure builtin called,
+        whether a path returned). `returns`: what a return is: the end of the thread's round
+        ("end"), the end of a callee ("report"), a return into the caller of this live frame
+        (its code goes on after its call: the answer depends on the callers), or opaque
+        (None: a caller not known here)."""
+        writes = False
+        called = None
+        returned = False
+        todo = [(start, None)]  # (offset, the last instruction before it that was no jump)
+        seen: set[int] = set()
+        while todo:
+            at, last = todo.pop()
+            if at is None:
+                return None  # ran off the end: cannot happen in valid code
+            if at in seen:
+                continue
+            seen.add(at)
+            if len(seen) > _SCAN_LIMIT:
+                return None
+            ins, after, _ = instructions[at]
+            point = self._point(ins)
+            if point == "always":
+                continue  # the step ends at this point
+            name = ins.opname
+            if name in _JUMPS:
+                todo.append((ins.argval, last))
+                continue
+            if name in _SAFE or (
+                name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST")
+            ):
+                todo.append((after, name))
+            elif name == "BINARY_OP":
+                if ins.arg is None or ins.arg >= self.inplace_from:
+                    writes = True
+                todo.append((after, name))
+            elif name in _BRANCHES or point == "maybe":
+                todo.extend(((after, name), (ins.argval, name)))
+            elif name == "BEFORE_WITH" and self._with_lock:
+                continue  # the lock's own point ends the step (lock_step describes the next)
+            elif name in _RETURNS and returns in ("end", "report"):
+                returned = True  # the round ends, or the callee's caller goes on
+            elif name in _RETURNS and returns is not None and depth < 3:
+                if not self._into_caller(returns, depth):
+                    return None
+            elif name == "CALL" and pure is not None and called is None:
+                called = pure  # the builtin the step loaded (the first call on every path)
+                todo.append((after, name))
+            elif name == "CALL" and depth == 0 and self._lock_exit(instructions, at):
+                continue  # the release's own point ends the step
+            elif name == "CALL" and depth < 3:
+                callee = self._callee(instructions, at, globals_)
+                if callee is None:
+                    return None
+                if callee.__code__.co_flags & 0x2A0:  # generator, coroutine: no code runs
+                    todo.append((after, name))
+                    continue
+                inner = self._instructions(callee.__code__)
+                found = self._scan(inner, min(inner), "report", None, callee.__globals__, depth + 1)
+                if found is None:
+                    return None
+                writes = writes or found[0]
+                if found[2]:
+                    todo.append((after, name))  # it can return without a point: caller goes on
+            else:
+                return None
+        return writes, called, returned
+
+    def _enters_lock(self, instructions, offset: int, frame) -> bool:
+        """Whether the step at `offset` loads a schedulable lock that the next instruction
+        enters (`with lock:`, `with self.lock:`), looked up in the live frame."""
+        following = instructions[offset][1]
+        if frame is None or following is None:
+            return False
+        if instructions[following][0].opname != "BEFORE_WITH":
+            return False
+        return self._lock_loaded(instructions, offset, frame) is not None
+
+    def _lock_exit(self, instructions, call_at: int) -> bool:
+        """Whether the CALL at `call_at` ends a `with` block on a schedulable lock (the three
+        None arguments of __exit__), in the frame being classified; records the lock's key."""
+        current = self._frame_now
+        call = instructions[call_at][0]
+        if current is None or call.arg != 2:
+            return False
+        code, frame = current
+        if frame is None or self._instructions(code) is not instructions:
+            return False
+        at = instructions[call_at][2]
+        for _ in range(3):  # LOAD_CONST None x 3 right before
+            if at is None:
+                return False
+            ins, _, previous = instructions[at]
+            if ins.opname != "LOAD_CONST" or ins.argval is not None:
+                return False
+            at = previous
+        depth = 0  # the matching BEFORE_WITH, past the blocks nested in this one
+        while at is not None:
+            ins, following, previous = instructions[at]
+            if ins.opname == "BEFORE_WITH":
+                if depth == 0:
+                    break
+                depth -= 1
+            elif ins.opname == "CALL" and ins.arg == 2 and self._exit_call(instructions, at):
+                depth += 1
+            at = previous
+        if at is None or previous is None:
+            return False
+        found = self._lock_loaded(instructions, previous, frame)
+        if found is None:
+            return False
+        self._released = f"lock:{id(found)}"
+        return True
+
+    def _exit_call(self, instructions, at: int) -> bool:
+        """Whether the CALL at `at` is a `with` block's exit (three None arguments)."""
+        previous = instructions[at][2]
+        for _ in range(3):
+            if previous is None:
+                return False
+            ins, _, previous = instructions[previous]
+            if ins.opname != "LOAD_CONST" or ins.argval is not None:
+                return False
+        return True
+
+    def _lock_loaded(self, instructions, at: int, frame):
+        """The schedulable lock the instruction at `at` loads in live `frame` (a global, or an
+        attribute of a local found in its instance dict), or None."""
+        ins, _, previous = instructions[at]
+        found = None
+        if ins.opname == "LOAD_GLOBAL":
+            found = frame.f_globals.get(ins.argval)
+        elif ins.opname == "LOAD_ATTR" and previous is not None and not ins.arg & 1:
+            owner = instructions[previous][0]
+            if owner.opname in ("LOAD_FAST", "LOAD_FAST_CHECK"):
+                holder = frame.f_locals.get(owner.argval)
+                found = getattr(holder, "__dict__", {}).get(ins.argval)
+        self._dynamic = self._per_object = True  # another object there may be no lock
+        return found if isinstance(found, self.lock_types) else None
+
+    def lock_step(self, caller, lock) -> tuple[int, str]:
+        """The step from a lock operation's point (coop.POINT_ACCESS): the operation on the
+        lock and `caller`'s code from after its call to its next points: a write of the lock
+        when that code is safe, else opaque."""
+        try:
+            code = caller.f_code
+            self._dynamic_token = object()
+            returns = "end" if id(code) in self.bodies else caller
+            found = self._scan(
+                self._instructions(code),
+                self._after_call(code, caller.f_lasti),
+                returns,
+                None,
+                caller.f_globals,
+            )
+        except Exception:  # noqa: BLE001 - unknown: opaque
+            return 0, ""
+        if found is None or found[0]:
+            return 0, ""
+        return 4, f"lock:{id(lock)}"
+
+    def _into_caller(self, frame, depth: int) -> bool:
+        """A return from live `frame`: whether its caller's code, from after its call to its
+        next points, is safe (once per scan and frame)."""
+        self._dynamic = True
+        done = getattr(self, "_callers", None)
+        if done is None or done[0] is not self._dynamic_token:
+            done = self._callers = (self._dynamic_token, {})
+        if id(frame) in done[1]:
+            return done[1][id(frame)]
+        caller = frame.f_back
+        ok = False
+        if caller is not None and self.scope is not None:
+            code = caller.f_code
+            module = caller.f_globals.get("__name__")
+            if id(code) in self.bodies or self.scope.contains(code.co_filename, module):
+                returns = "end" if id(code) in self.bodies else caller
+                found = self._scan(
+                    self._instructions(code),
+                    self._after_call(code, caller.f_lasti),
+                    returns,
+                    None,
+                    caller.f_globals,
+                    depth + 1,
+                )
+                ok = found is not None and not found[0]
+        done[1][id(frame)] = ok
+        return ok
+
+    def _callee(self, instructions, call_at: int, globals_):
+        """The plain Python function in the hooked scope that the CALL at `call_at` calls,
+        when the step loads it with LOAD_GLOBAL right before its arguments; else None."""
+        import dis
+        import types
+
+        call = instructions[call_at][0]
+        if globals_ is None or self.scope is None or call.arg is None:
+            return None
+        need = call.arg + 2  # the callable, its self-or-NULL slot, the arguments
+        depth = 0
+        at = instructions[call_at][2]
+        while at is not None:
+            ins, _, previous = instructions[at]
+            if getattr(ins, "is_jump_target", True):
+                return None
+            arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
+            depth += dis.stack_effect(ins.opcode, arg, jump=False)
+            if depth >= need:
+                if depth != need or ins.opname != "LOAD_GLOBAL" or not ins.arg & 1:
+                    return None
+                function = globals_.get(ins.argval)
+                break
+            at = previous
+        else:
+            return None
+        if not isinstance(function, types.FunctionType):
+            return None
+        code = function.__code__
+        if not self.scope.contains(code.co_filename, function.__module__):
+            return None
+        return function
+
+    def _frame(self, code):
+        """The live frame running `code` (the caller's, up the stack), or None."""
+        import sys
+
+        self._dynamic_token = object()  # a new classification: callers not looked at yet
+        frame = sys._getframe(1)
+        for _ in range(6):
+            if frame is None or frame.f_code is code:
+                break
+            frame = frame.f_back
+        if frame is None or frame.f_code is not code:
+            return None
+        return frame
+
+
+def explore_settings(config) -> tuple[int, int, float]:
+    """--ftrace-bound, --ftrace-explore-rounds, --ftrace-explore-seconds (or their defaults)."""
+    opt = config.option
+    bound = getattr(opt, "ftrace_bound", None)
+    rounds = getattr(opt, "ftrace_explore_rounds", None)
+    seconds = getattr(opt, "ftrace_explore_seconds", None)
+    return (
+        options.DEFAULT_BOUND if bound is None else bound,
+        options.DEFAULT_EXPLORE_ROUNDS if rounds is None else rounds,
+        options.DEFAULT_EXPLORE_SECONDS if seconds is None else seconds,
+    )
+
+
+class ExploreMode(ExactMode):
+    stat_keys = EXPLORE_STATS
+
+    def __init__(self, test: TestSession):
+        self.bound, self.max_rounds, self.max_seconds = explore_settings(test.item.config)
+        self.exploring = test.replay is None  # a replay follows the recorded schedule
+        if self.exploring:
+            test.iterations = self.max_rounds  # the rounds stop when the search is done
+        self.started: float | None = None
+        self.stopped_by: str | None = None  # what ended the search before its end
+        self.decided: dict[int, bool] = {}
+        self.decide_lock = _thread.allocate_lock()  # a real lock (threading's are scheduled)
+        super().__init__(test)
+
+    def native_options(self, session: FtraceSession, nodeid: str, replay) -> dict:
+        if not self.exploring:
+            return native_options(session, nodeid, replay)
+        from pytest_ftrace import _native
+
+        original = getattr(self.test.item.obj, "ftrace_body", (self.test.item.obj, True))[0]
+        body = getattr(getattr(original, "__func__", original), "__code__", None)
+        classifier = Classifier([body] if body is not None else [], session.instrumentation.scope)
+        globals_ = getattr(getattr(original, "__func__", original), "__globals__", None)
+        safe = body is not None and classifier.start_safe(body, globals_)
+        self.classifier = classifier
+        _native.set_access_classifier(classifier, safe)
+        return {"mode": "exact", "scheduler": "explore", "explore_bound": self.bound}
+
+    @staticmethod
+    def header(session: FtraceSession) -> str:
+        bound, rounds, seconds = explore_settings(session.config)
+        return f" bound={bound} budget={rounds} rounds/{seconds:g}s"
+
+    def hooks(self) -> Hooks:
+        hooks = super().hooks()
+        if self.exploring:
+            hooks.more_rounds = self.more_rounds
+        return hooks
+
+    def activate(self, watchdog: bool = True) -> None:
+        self.started = time.monotonic()
+        if self.exploring:
+            from pytest_ftrace.ftrace import coop
+
+            coop.POINT_ACCESS = self.classifier.lock_step
+        super().activate(watchdog)
+
+    def deactivate(self) -> None:
+        try:
+            super().deactivate()
+        finally:
+            if self.exploring:
+                from pytest_ftrace import _native
+                from pytest_ftrace.ftrace import coop
+
+                coop.POINT_ACCESS = None
+                _native.set_access_classifier(None)
+
+    def progress(self) -> dict | None:
+        return self.traced._native.explore_progress()
+
+    def more_rounds(self, iteration: int, failures: int) -> bool:
+        """Whether round `iteration` runs: decided once per round (every worker asks after
+        the round barrier, when the rounds before it have ended), the same for all."""
+        with self.decide_lock:
+            found = self.decided.get(iteration)
+            if found is None:
+                found = self._more(failures)
+                self.decided[iteration] = found
+            return found
+
+    def _more(self, failures: int) -> bool:
+        if failures:
+            return False  # reported like exact mode's: the first failing execution
+        progress = self.progress()
+        if progress is None or progress["done"]:
+            return False
+        if self.started is not None and time.monotonic() - self.started >= self.max_seconds:
+            self.stopped_by = f"the --ftrace-explore-seconds budget ({self.max_seconds:g} s)"
+            return False
+        return True
+
+    def stats(self) -> dict:
+        stats = super().stats()
+        progress = self.progress() if self.exploring else None
+        if progress is not None:
+            stats["interleavings"] = progress["pass_executions"]
+            stats["pruned"] = progress["pruned"]
+            stats["explore_done"] = progress["done"]
+        return stats
+
+    def test_end(self, outcome: Outcome) -> None:
+        super().test_end(outcome)
+        if not self.exploring:
+            return
+        progress = self.progress()
+        if progress is None:
+            return
+        executions = progress["executions"]
+        outcome.iterations = max(1, executions)  # the rounds that ran, not the budget
+        if outcome.failures:
+            return
+        line = self.verdict(progress)
+        self.test.session.explored.append((self.test.item.nodeid, line))
+        outcome.notes.append(f"ftrace explore: {line}")
+
+    def verdict(self, progress: dict) -> str:
+        """What the search proved (or how far it got). The passes go by the bound (none, then
+        at most one preemption, ...: ftrace/modes and rust/sched/explore.rs); the last one is
+        the whole search within the bound asked for."""
+        executions = progress["executions"]
+        interleavings = progress["pass_executions"] - (
+            progress["redundant"] if progress["done"] else 0
+        )
+        bound = progress["bound"]
+
+        def within(n: int) -> str:
+            return f"within {n} preemption{'s' if n != 1 else ''}"
+
+        counts = (
+            f"{executions} execution{'s' if executions != 1 else ''}, pruned from at least "
+            f"{executions + progress['pruned']}"
+        )
+        if progress["done"] and not progress["divergences"]:
+            return f"no failure in all {interleavings} interleavings {within(bound)} ({counts})"
+        if progress["done"]:
+            return (
+                f"no failure in {interleavings} interleavings {within(bound)} ({counts}), but "
+                f"not a proof: {progress['divergences']} round(s) could not follow their "
+                "schedule (the test takes another path for the same schedule from round to "
+                "round)"
+            )
+        why = self.stopped_by or f"the --ftrace-explore-rounds budget ({self.max_rounds})"
+        before = f" (every interleaving {within(bound - 1)} ran)" if bound else ""
+        return (
+            f"no failure in {interleavings} interleavings {within(bound)}{before} ({counts}); "
+            f"stopped by {why} with {progress['pending']} branch(es) known and not run: the "
+            f"search within {progress['target']} did not finish, so this is not a proof "
+            "(raise the budget or lower --ftrace-bound)"
+        )
+
+
+MODE = ExploreMode

@@ -1,0 +1,170 @@
+//! What the step from a scheduling point does, for explore mode's partial-order reduction
+//! (`sched/explore.rs`): an [`Access`] per location (code object, instruction offset).
+//!
+//! The classification itself is Python's (`pytest_ftrace.ftrace.modes.explore.Classifier`,
+//! installed with `set_access_classifier`): it follows the bytecode from the point to every
+//! next point and says whether the step only reads or writes one location key (a name, or
+//! "a container item"), or is opaque (a call, a return to unknown code, anything else). It runs
+//! once per location of a run, the first time a thread reaches it; the answer is kept here.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::sched::explore::Access;
+use crate::sched::Location;
+
+/// Whether points record their access (an explore run is on).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Location -> (access, whether it depends on the callers: asked again at every visit).
+static TABLE: Mutex<Option<HashMap<Location, (Access, bool)>>> = Mutex::new(None);
+
+/// `classifier(code, offset) -> (0 opaque | 1 read | 2 write, key, depends on the callers)`.
+static CLASSIFIER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
+
+/// Whether a worker's first step (from its round's start to its first point: the runner's code
+/// and the start of the test's body) touches nothing shared.
+static START_SAFE: AtomicBool = AtomicBool::new(false);
+
+/// An explore run starts (`on`) or another kind of run does: the table starts empty (code
+/// objects of earlier runs may be gone and their addresses reused).
+pub fn reset(on: bool) {
+    *TABLE.lock() = None;
+    ENABLED.store(on, Relaxed);
+}
+
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Relaxed)
+}
+
+/// The access of the step from `at` (opaque when unknown).
+pub fn classify(at: Location) -> Access {
+    if at == crate::sched::AT_START && START_SAFE.load(Relaxed) {
+        return Access::Start;
+    }
+    TABLE
+        .lock()
+        .as_ref()
+        .and_then(|m| m.get(&at).map(|&(a, _)| a))
+        .unwrap_or(Access::Opaque)
+}
+
+/// Install the Python classifier (None: none, every step is opaque), and say whether a
+/// worker's first step is safe.
+pub fn set_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
+    START_SAFE.store(start_safe && classifier.is_some(), Relaxed);
+    *CLASSIFIER.lock() = classifier;
+}
+
+fn hash_key(key: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// An access from the classifier's answer: 1 a read, 2 a write of `key`; 3 a write of the two
+/// keys of `key` separated by a NUL; 4 an operation on the lock `key`; anything else opaque.
+pub fn from_answer(kind: u8, key: &str) -> Access {
+    match kind {
+        1 => Access::Read(hash_key(key)),
+        2 => Access::Write(hash_key(key)),
+        3 => match key.split_once('\0') {
+            Some((a, b)) => Access::Write2(hash_key(a), hash_key(b)),
+            None => Access::Write(hash_key(key)),
+        },
+        4 => Access::Lock(hash_key(key)),
+        _ => Access::Opaque,
+    }
+}
+
+/// Locations that stand for an access given at a point in a primitive (`sched_point_as`):
+/// (id, 1), ids from here up, far above any object's address; offset 1 shows the step as one
+/// inside a lock, condition, join or sleep.
+const SYNTHETIC_BASE: usize = 1 << 60;
+
+/// The location of a point in a primitive whose step does `access` (see [`SYNTHETIC_BASE`]).
+pub fn synthetic(access: Access) -> Location {
+    let mut table = TABLE.lock();
+    let map = table.get_or_insert_with(HashMap::new);
+    if let Some((&at, _)) = map
+        .iter()
+        .find(|(&(code, _), &(a, _))| code >= SYNTHETIC_BASE && a == access)
+    {
+        return at;
+    }
+    let next = map
+        .keys()
+        .filter(|(code, _)| *code >= SYNTHETIC_BASE)
+        .count();
+    let at = (SYNTHETIC_BASE + next, 1);
+    map.insert(at, (access, false));
+    at
+}
+
+/// Record the access of the step from `offset` of `code`: once per location, or at every
+/// visit when it depends on the callers (the step returns into them). A location whose visits
+/// disagree is opaque from then on (a thread waiting there may have either answer).
+///
+/// # Safety
+/// `code` is a live code object and the calling thread is attached to the interpreter.
+pub unsafe fn note(code: *mut ffi::PyObject, offset: u32) {
+    let at = (code as usize, offset);
+    if TABLE
+        .lock()
+        .as_ref()
+        .is_some_and(|m| m.get(&at).is_some_and(|&(_, dynamic)| !dynamic))
+    {
+        return;
+    }
+    // SAFETY: attached (see above); `code` is borrowed for the length of this call.
+    let py = unsafe { Python::assume_attached() };
+    let classifier = CLASSIFIER.lock().as_ref().map(|c| c.clone_ref(py));
+    let (access, dynamic) = classifier.map_or((Access::Opaque, false), |f| {
+        // SAFETY: as above.
+        let obj = unsafe { Bound::from_borrowed_ptr(py, code) };
+        match f
+            .call1(py, (obj, offset))
+            .and_then(|r| r.extract::<(u8, String, bool)>(py))
+        {
+            Ok((kind, key, dynamic)) => (from_answer(kind, &key), dynamic),
+            Err(_) => (Access::Opaque, false),
+        }
+    });
+    let mut table = TABLE.lock();
+    let entry = table
+        .get_or_insert_with(HashMap::new)
+        .entry(at)
+        .or_insert((access, dynamic));
+    if entry.0 != access {
+        entry.0 = Access::Opaque;
+    }
+    entry.1 |= dynamic;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_make_accesses_keyed_by_name() {
+        assert_eq!(from_answer(0, "attr:n"), Access::Opaque);
+        let (Access::Read(a), Access::Write(b)) =
+            (from_answer(1, "attr:n"), from_answer(2, "attr:n"))
+        else {
+            panic!("a read and a write");
+        };
+        assert_eq!(a, b);
+        assert_ne!(from_answer(1, "attr:n"), from_answer(1, "attr:m"));
+        assert_eq!(from_answer(7, "x"), Access::Opaque);
+        assert_eq!(
+            from_answer(3, "attr:n\0lock:1"),
+            Access::Write2(hash_key("attr:n"), hash_key("lock:1"))
+        );
+    }
+}

@@ -1,0 +1,954 @@
+//! Explore policy: a systematic search of a test's interleavings, one round per execution.
+//!
+//! The schedule tree is searched depth first without keeping program states: each execution
+//! follows the choices of the nodes kept from the last one (its prefix), then goes on without
+//! preemptions (the thread that reached a point keeps the turn while it can), adding a node
+//! per step. When it ends, its races add branches to its nodes, and the deepest node with a
+//! branch left gives the next execution's prefix.
+//!
+//! Preemption bound: a branch that would make more preemptions than the bound (a choice of
+//! another thread while the one that reached the point could go on) is not taken; a race
+//! whose branch is beyond the bound at its node gets one at the start of the block of steps
+//! the racing thread ran in instead, where the switch may cost nothing (bounded partial-order
+//! reduction).
+//!
+//! Partial-order reduction (source sets and sleep sets): a step is described by its access
+//! (a location key read or written, or opaque: anything the core cannot see, a call, a lock
+//! operation, dependent on every other step). Two steps of different threads race when they
+//! are dependent with no chain of dependent steps between them; the race is reversed by a
+//! branch, at the earlier step, for a thread that can start the steps that do not depend on
+//! it, unless such a thread has its branch there already. In a search taken as unbounded
+//! ([`SLEEP_SETS_FROM`]), a thread whose branch at a node was explored also sleeps in its
+//! siblings (with its next access) until a step dependent on it runs: running it there would
+//! only reorder independent steps. With a bound, sleep sets are off: the branch they leave out
+//! may be the only one within the bound.
+//!
+//! The tree itself is shared by every round's scheduler of a test ([`Shared`]).
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{Location, Scheduler};
+
+/// What a step does to shared state, as far as the reduction is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Unknown effects (a call, a lock, a thread's start): dependent on every step.
+    Opaque,
+    /// Reads the location key only.
+    Read(u64),
+    /// Writes (or may write) the location key.
+    Write(u64),
+    /// Writes two keys (a write and a lock's release in one step).
+    Write2(u64, u64),
+    /// An operation on a lock (its key): a write of it, which a thread's start depends on too.
+    Lock(u64),
+    /// A worker's first step, touching nothing shared: only where it runs relative to lock
+    /// operations (and opaque steps) matters, since that decides whether it will block.
+    Start,
+}
+
+/// Whether running `a` and `b` in the other order may change what happens.
+pub fn dependent(a: Access, b: Access) -> bool {
+    match (a, b) {
+        (Access::Start, Access::Start) => false,
+        (Access::Start, other) | (other, Access::Start) => {
+            matches!(other, Access::Lock(_) | Access::Write2(..) | Access::Opaque)
+        }
+        (Access::Lock(x), other) | (other, Access::Lock(x)) => dependent(Access::Write(x), other),
+        (Access::Write2(x, y), other) | (other, Access::Write2(x, y)) => {
+            dependent(Access::Write(x), other) || dependent(Access::Write(y), other)
+        }
+        (Access::Read(_), Access::Read(_)) => false,
+        (Access::Read(x) | Access::Write(x), Access::Read(y) | Access::Write(y)) => x == y,
+        _ => true,
+    }
+}
+
+/// From this bound up the search is taken as unbounded, and sleep sets are used too: with a
+/// smaller bound, a branch a sleep set leaves out may be the only one within the bound that
+/// reaches some state (its equivalent, explored, interleaving needing more preemptions).
+pub const SLEEP_SETS_FROM: u32 = 1000;
+
+/// Describes the step a thread waiting at a location would take.
+pub type Classify<'a> = &'a dyn Fn(Location) -> Access;
+
+#[derive(Clone, Debug)]
+struct Node {
+    /// The runnable threads and the access of the step each would take.
+    enabled: Vec<(u32, Access)>,
+    /// The thread that reached the point, when it could go on.
+    current: Option<u32>,
+    /// Preemptions of the decisions before this one.
+    before: u32,
+    /// Threads whose branch here is covered by one explored already, with their access.
+    sleep: Vec<(u32, Access)>,
+    /// The branch the execution under way takes.
+    chosen: u32,
+    /// Branches explored or under way.
+    done: Vec<u32>,
+    /// Branches still to explore (each within the bound).
+    backtrack: Vec<u32>,
+}
+
+impl Node {
+    fn access(&self, t: u32) -> Access {
+        self.enabled
+            .iter()
+            .find(|&&(u, _)| u == t)
+            .map_or(Access::Opaque, |&(_, a)| a)
+    }
+
+    fn cost(&self, t: u32) -> u32 {
+        self.before + u32::from(self.current.is_some_and(|c| c != t))
+    }
+}
+
+/// Counts of an exploration so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Executions run to their end.
+    pub executions: u64,
+    /// Branches found to explore and not run yet.
+    pub pending: u64,
+    /// Branches within the bound that the reduction left out (each would have been at least
+    /// one more execution, equivalent to one that ran).
+    pub pruned: u64,
+    /// Branches left out for needing more preemptions than the bound.
+    pub over_bound: u64,
+    /// Executions that reached a node where every runnable thread slept (redundant).
+    pub redundant: u64,
+    /// Decisions of a prefix that could not be followed (the test took another path).
+    pub divergences: u64,
+    /// Whether every branch within the bound has run.
+    pub done: bool,
+    /// The bound of the pass under way, and the bound asked for (see [`Tree::iterative`]).
+    pub bound: u32,
+    pub target: u32,
+    /// Executions of the pass under way.
+    pub pass_executions: u64,
+    /// The longest execution seen (steps).
+    pub longest: u64,
+}
+
+/// The exploration of one test: the nodes of the current path, one per step (depth first).
+#[derive(Debug)]
+pub struct Tree {
+    bound: u32,
+    /// Search again with a bound one higher until this one (iterative context bounding).
+    target: u32,
+    stack: Vec<Node>,
+    started: bool,
+    finished: bool,
+    /// An execution is under way; it follows the first `prefix` nodes' choices.
+    running: bool,
+    prefix: usize,
+    /// The sleep set after the prefix, then as the execution goes on.
+    sleep: Vec<(u32, Access)>,
+    next_sleep: Vec<(u32, Access)>,
+    preemptions: u32,
+    /// No more nodes in this execution (every runnable thread slept, or it diverged).
+    blocked: bool,
+    diverged: bool,
+    /// Where the execution stopped adding nodes (every runnable thread slept): the runnable
+    /// threads there and their next accesses.
+    tail: Vec<(u32, Access)>,
+    steps: u64,
+    progress: Progress,
+}
+
+impl Tree {
+    pub fn new(bound: u32) -> Tree {
+        Tree {
+            bound,
+            target: bound,
+            stack: Vec::new(),
+            started: false,
+            finished: false,
+            running: false,
+            prefix: 0,
+            sleep: Vec::new(),
+            next_sleep: Vec::new(),
+            preemptions: 0,
+            blocked: false,
+            diverged: false,
+            tail: Vec::new(),
+            steps: 0,
+            progress: Progress {
+                bound,
+                target: bound,
+                ..Progress::default()
+            },
+        }
+    }
+
+    /// Iterative context bounding: every interleaving with no preemption first, then with at
+    /// most one, and so on up to `bound` (each pass a whole search; the passes before the
+    /// last run again what the last covers, for the fewest preemptions first: a bug that one
+    /// preemption shows is found before any search within two). A bound taken as unbounded
+    /// ([`SLEEP_SETS_FROM`]) is one pass.
+    pub fn iterative(bound: u32) -> Tree {
+        let first = if bound >= SLEEP_SETS_FROM { bound } else { 0 };
+        let mut tree = Tree::new(first);
+        tree.target = bound;
+        tree.progress.target = bound;
+        tree
+    }
+
+    /// The counts so far.
+    pub fn progress(&self) -> Progress {
+        let mut p = self.progress.clone();
+        p.pending = self
+            .stack
+            .iter()
+            .map(|n| n.backtrack.len() as u64)
+            .sum::<u64>()
+            + u64::from(self.running && !self.started);
+        p.done = self.finished;
+        p
+    }
+
+    fn begin(&mut self) {
+        if self.running {
+            self.end();
+        }
+        self.running = true;
+        if self.finished {
+            // Exploration over (a round beyond it): run without preemptions, no nodes.
+            self.stack.clear();
+            self.prefix = 0;
+            self.blocked = true;
+        } else {
+            self.started = true;
+            self.blocked = false;
+        }
+        self.sleep = std::mem::take(&mut self.next_sleep);
+        self.preemptions = 0;
+        self.diverged = false;
+        self.tail.clear();
+        self.steps = 0;
+    }
+
+    /// The decision at `step`; `runnable` ascending and never empty.
+    pub fn choose(
+        &mut self,
+        step: u64,
+        runnable: &[u32],
+        current: Option<u32>,
+        at: &dyn Fn(u32) -> Location,
+        classify: Classify<'_>,
+    ) -> u32 {
+        if !self.running || step == 0 {
+            self.begin();
+        }
+        self.steps += 1;
+        let step = step as usize;
+        let current = current.filter(|c| runnable.contains(c));
+        let fallback = current.unwrap_or(runnable[0]);
+        let chosen = if self.blocked {
+            fallback
+        } else if step < self.prefix && step < self.stack.len() {
+            let want = self.stack[step].chosen;
+            if runnable.contains(&want) {
+                want
+            } else {
+                // The test took another path: the nodes below this one are not its.
+                self.progress.divergences += 1;
+                self.diverged = true;
+                self.blocked = true;
+                self.stack.truncate(step + 1);
+                fallback
+            }
+        } else if step != self.stack.len() {
+            self.blocked = true; // a step the tree did not see (cannot happen)
+            fallback
+        } else {
+            let enabled: Vec<(u32, Access)> =
+                runnable.iter().map(|&t| (t, classify(at(t)))).collect();
+            let awake = |t: u32| !self.sleep.iter().any(|&(s, _)| s == t);
+            let pick = match current {
+                Some(c) if awake(c) => Some(c),
+                _ => enabled.iter().map(|&(t, _)| t).find(|&t| awake(t)),
+            };
+            match pick {
+                None => {
+                    self.blocked = true;
+                    self.progress.redundant += 1;
+                    self.tail = enabled;
+                    fallback
+                }
+                Some(chosen) => {
+                    let node = Node {
+                        enabled,
+                        current,
+                        before: self.preemptions,
+                        sleep: self.sleep.clone(),
+                        chosen,
+                        done: vec![chosen],
+                        backtrack: Vec::new(),
+                    };
+                    let access = node.access(chosen);
+                    self.stack.push(node);
+                    self.sleep
+                        .retain(|&(t, a)| t != chosen && !dependent(a, access));
+                    chosen
+                }
+            }
+        };
+        if current.is_some_and(|c| c != chosen) {
+            self.preemptions += 1;
+        }
+        chosen
+    }
+
+    /// The execution ended: find its races, then pick the next branch (deepest first).
+    pub fn end(&mut self) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        self.progress.executions += 1;
+        self.progress.pass_executions += 1;
+        self.progress.longest = self.progress.longest.max(self.steps);
+        if self.finished {
+            return;
+        }
+        if !self.diverged {
+            self.races();
+        }
+        while let Some(node) = self.stack.last_mut() {
+            if let Some(t) = node.backtrack.pop() {
+                let access = node.access(t);
+                let mut sleep: Vec<(u32, Access)> = node.sleep.clone();
+                sleep.extend(node.done.iter().map(|&d| (d, node.access(d))));
+                sleep.retain(|&(s, a)| s != t && !dependent(a, access));
+                if self.bound < SLEEP_SETS_FROM {
+                    sleep.clear();
+                }
+                node.done.push(t);
+                node.chosen = t;
+                self.next_sleep = sleep;
+                self.prefix = self.stack.len();
+                return;
+            }
+            for &(t, _) in &node.enabled {
+                if node.done.contains(&t) {
+                    continue;
+                }
+                if node.cost(t) > self.bound {
+                    self.progress.over_bound += 1;
+                } else {
+                    self.progress.pruned += 1;
+                }
+            }
+            self.stack.pop();
+        }
+        self.prefix = 0;
+        if self.bound < self.target {
+            // The next pass, one preemption more, from a fresh tree.
+            self.bound += 1;
+            self.progress.bound = self.bound;
+            self.progress.pass_executions = 0;
+            self.next_sleep.clear();
+            return;
+        }
+        self.finished = true;
+    }
+
+    /// Races of the execution: a step and a later dependent step of another thread with no
+    /// chain of dependent steps between them, the later one taken or only pending (the next
+    /// step of a runnable thread at a node). For each, the steps after the earlier one that
+    /// do not depend on it, then the later step, could run in its place (source sets): unless
+    /// one of the threads that could start that sequence has its branch at the earlier step
+    /// (explored, queued or asleep), one of them gets a branch there.
+    fn races(&mut self) {
+        let n = self.stack.len();
+        let steps: Vec<(u32, Access)> = self
+            .stack
+            .iter()
+            .map(|node| (node.chosen, node.access(node.chosen)))
+            .collect();
+        let mut ids: Vec<u32> = steps.iter().map(|&(t, _)| t).collect();
+        for node in &self.stack {
+            ids.extend(node.enabled.iter().map(|&(t, _)| t));
+        }
+        ids.extend(self.tail.iter().map(|&(t, _)| t));
+        ids.sort_unstable();
+        ids.dedup();
+        let dense = |t: u32| ids.binary_search(&t).unwrap_or(0);
+        let width = ids.len();
+        // clocks[k][p]: how many of thread p's steps happen before step k (its own included).
+        let mut clocks: Vec<Vec<u32>> = Vec::with_capacity(n);
+        let mut last: Vec<Vec<u32>> = vec![vec![0; width]; width];
+        let mut index = vec![0u32; n]; // a step's position among its thread's steps
+        let mut count = vec![0u32; width];
+        // (earlier step, later thread, the later step's clock, later step or n + pending)
+        let mut found: Vec<(usize, u32, Vec<u32>, usize)> = Vec::new();
+        // Races of a step of thread `tk` doing `ak` after the first `k` steps; returns its
+        // clock without its own count.
+        let race = |k: usize,
+                    tk: u32,
+                    ak: Access,
+                    last: &Vec<Vec<u32>>,
+                    clocks: &Vec<Vec<u32>>,
+                    index: &Vec<u32>,
+                    races: &mut Vec<usize>|
+         -> Vec<u32> {
+            let mut clock = last[dense(tk)].clone();
+            for m in (0..k).rev() {
+                let (tm, am) = steps[m];
+                if tm == tk || !dependent(am, ak) {
+                    continue;
+                }
+                if clock[dense(tm)] <= index[m] {
+                    races.push(m);
+                }
+                for (c, &o) in clock.iter_mut().zip(&clocks[m]) {
+                    *c = (*c).max(o);
+                }
+            }
+            clock
+        };
+        let mut races = Vec::new();
+        for k in 0..=n {
+            let pending: &[(u32, Access)] = match self.stack.get(k) {
+                Some(node) => &node.enabled,
+                None => &self.tail,
+            };
+            for &(u, au) in pending {
+                if k < n && u == steps[k].0 {
+                    continue;
+                }
+                races.clear();
+                let clock = race(k, u, au, &last, &clocks, &index, &mut races);
+                for &m in &races {
+                    found.push((m, u, clock.clone(), k));
+                }
+            }
+            if k == n {
+                break;
+            }
+            let (tk, ak) = steps[k];
+            races.clear();
+            let mut clock = race(k, tk, ak, &last, &clocks, &index, &mut races);
+            for &m in &races {
+                found.push((m, tk, clock.clone(), k));
+            }
+            let q = dense(tk);
+            index[k] = count[q];
+            count[q] += 1;
+            clock[q] = count[q];
+            last[q].clone_from(&clock);
+            clocks.push(clock);
+        }
+        for (m, u, clock, k) in found {
+            // The threads that could start (steps after m not after it) + the later step.
+            let tm = dense(steps[m].0);
+            let after_m = |c: &Vec<u32>| c[tm] > index[m];
+            let mut first: Vec<Option<usize>> = vec![None; width];
+            let mut initials: Vec<u32> = Vec::new();
+            let mut consider = |t: u32, c: &Vec<u32>, e: Option<usize>| {
+                let d = dense(t);
+                if first[d].is_some() {
+                    return; // an earlier step of its thread is in the sequence
+                }
+                let preceded = first
+                    .iter()
+                    .enumerate()
+                    .any(|(p, f)| f.is_some_and(|f| p != d && c[p] > index[f]));
+                if let Some(e) = e {
+                    first[d] = Some(e);
+                }
+                if !preceded && !initials.contains(&t) {
+                    initials.push(t);
+                }
+            };
+            for e in m + 1..k.min(n) {
+                if !after_m(&clocks[e]) {
+                    consider(steps[e].0, &clocks[e], Some(e));
+                }
+            }
+            consider(u, &clock, None);
+            self.add_branch(m, &initials);
+        }
+    }
+
+    fn add_branch(&mut self, m: usize, initials: &[u32]) {
+        let node = &self.stack[m];
+        let covered = |t: &u32| {
+            node.done.contains(t)
+                || node.backtrack.contains(t)
+                || node.sleep.iter().any(|&(s, _)| s == *t)
+        };
+        if initials.is_empty() || initials.iter().any(covered) {
+            return;
+        }
+        // The cheapest initial that can run here.
+        let pick = initials
+            .iter()
+            .copied()
+            .filter(|&t| node.enabled.iter().any(|&(u, _)| u == t))
+            .min_by_key(|&t| node.cost(t));
+        let Some(t) = pick else {
+            // None can run here: every runnable thread (the classic rule).
+            let all: Vec<u32> = node.enabled.iter().map(|&(u, _)| u).collect();
+            for u in all {
+                self.branch_within_bound(m, u);
+            }
+            return;
+        };
+        self.branch_within_bound(m, t);
+    }
+
+    /// Queue `t` at node `m`, and before the block of steps the thread at `m` runs in
+    /// (where switching to `t` may cost no preemption: a search bounded by preemptions needs
+    /// both, bounded partial-order reduction).
+    fn branch_within_bound(&mut self, m: usize, t: u32) {
+        let here = self.try_branch(m, t);
+        let runner = self.stack[m].chosen;
+        let mut j = m;
+        while j > 0 && self.stack[j - 1].chosen == runner {
+            j -= 1;
+        }
+        let before = j != m && self.try_branch(j, t);
+        if !here && !before {
+            self.progress.over_bound += 1;
+        }
+    }
+
+    /// Queue branch `t` at node `m` unless it is covered; false when it is over the bound.
+    fn try_branch(&mut self, m: usize, t: u32) -> bool {
+        let bound = self.bound;
+        let node = &mut self.stack[m];
+        if !node.enabled.iter().any(|&(u, _)| u == t) {
+            return true;
+        }
+        if node.done.contains(&t)
+            || node.backtrack.contains(&t)
+            || node.sleep.iter().any(|&(s, _)| s == t)
+        {
+            return true;
+        }
+        if node.cost(t) > bound {
+            return false;
+        }
+        node.backtrack.push(t);
+        true
+    }
+}
+
+/// The tree of one test, shared by the schedulers of its rounds.
+#[derive(Clone)]
+pub struct Shared(pub Arc<Mutex<Tree>>);
+
+impl Shared {
+    pub fn new(bound: u32) -> Shared {
+        Shared(Arc::new(Mutex::new(Tree::iterative(bound))))
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Explore(bound {})", self.0.lock().bound)
+    }
+}
+
+impl PartialEq for Shared {
+    fn eq(&self, other: &Shared) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Shared {}
+
+/// One round's scheduler: an execution of the shared tree.
+pub struct ExploreScheduler {
+    tree: Shared,
+    classify: fn(Location) -> Access,
+}
+
+impl ExploreScheduler {
+    pub fn new(tree: Shared, classify: fn(Location) -> Access) -> ExploreScheduler {
+        ExploreScheduler { tree, classify }
+    }
+}
+
+impl Scheduler for ExploreScheduler {
+    fn choose(&mut self, step: u64, runnable: &[u32], current: Option<u32>) -> u32 {
+        self.choose_at(step, runnable, current, &|_| super::AT_START)
+    }
+
+    fn choose_at(
+        &mut self,
+        step: u64,
+        runnable: &[u32],
+        current: Option<u32>,
+        at: &dyn Fn(u32) -> Location,
+    ) -> u32 {
+        let classify = self.classify;
+        self.tree
+            .0
+            .lock()
+            .choose(step, runnable, current, at, &classify)
+    }
+
+    fn round_end(&mut self) {
+        self.tree.0.lock().end();
+    }
+
+    fn divergences(&self) -> u64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeSet, HashMap};
+
+    /// A program of threads, each a list of accesses; a thread is runnable until its list
+    /// is done. Locations are (thread, index).
+    struct Program {
+        threads: Vec<Vec<Access>>,
+    }
+
+    impl Program {
+        fn classify(&self) -> impl Fn(Location) -> Access + '_ {
+            move |(t, i)| {
+                self.threads[t]
+                    .get(i as usize)
+                    .copied()
+                    .unwrap_or(Access::Opaque)
+            }
+        }
+
+        /// Run one execution against the tree: the order of (thread, index) steps.
+        fn run(&self, tree: &mut Tree) -> Vec<(u32, usize)> {
+            let mut pos = vec![0usize; self.threads.len()];
+            let mut order = Vec::new();
+            let mut current: Option<u32> = None;
+            let classify = self.classify();
+            for step in 0.. {
+                let runnable: Vec<u32> = (0..self.threads.len() as u32)
+                    .filter(|&t| pos[t as usize] < self.threads[t as usize].len())
+                    .collect();
+                if runnable.is_empty() {
+                    break;
+                }
+                let snapshot = pos.clone();
+                let at = move |t: u32| (t as usize, snapshot[t as usize] as u32);
+                let c = tree.choose(step, &runnable, current, &at, &classify);
+                order.push((c, pos[c as usize]));
+                pos[c as usize] += 1;
+                current = Some(c);
+            }
+            tree.end();
+            order
+        }
+
+        fn explore(&self, bound: u32) -> (Vec<Vec<(u32, usize)>>, Progress) {
+            let mut tree = Tree::new(bound);
+            let mut runs = Vec::new();
+            loop {
+                runs.push(self.run(&mut tree));
+                if tree.progress().done || runs.len() > 100_000 {
+                    break;
+                }
+            }
+            (runs, tree.progress())
+        }
+
+        /// The final values of each key after an order: a stand-in for the outcome (a read
+        /// sees the number of writes to its key so far).
+        fn outcome(&self, order: &[(u32, usize)]) -> Vec<(u32, usize, u64)> {
+            let mut writes: HashMap<u64, u64> = HashMap::new();
+            let mut seen = Vec::new();
+            for &(t, i) in order {
+                match self.threads[t as usize][i] {
+                    Access::Read(k) => seen.push((t, i, *writes.get(&k).unwrap_or(&0))),
+                    Access::Write(k) => *writes.entry(k).or_default() += 1,
+                    Access::Opaque => *writes.entry(u64::MAX).or_default() += 1,
+                    Access::Start => {}
+                    Access::Lock(a) => *writes.entry(a).or_default() += 1,
+                    Access::Write2(a, b) => {
+                        *writes.entry(a).or_default() += 1;
+                        *writes.entry(b).or_default() += 1;
+                    }
+                }
+            }
+            seen.sort();
+            seen
+        }
+    }
+
+    fn preemptions(order: &[(u32, usize)], lens: &[usize]) -> u32 {
+        let mut n = 0;
+        for w in order.windows(2) {
+            let (a, i) = w[0];
+            if w[1].0 != a && i + 1 < lens[a as usize] {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Every interleaving of the threads (for small programs).
+    fn all_orders(lens: &[usize]) -> Vec<Vec<(u32, usize)>> {
+        fn rec(
+            lens: &[usize],
+            pos: &mut Vec<usize>,
+            cur: &mut Vec<(u32, usize)>,
+            out: &mut Vec<Vec<(u32, usize)>>,
+        ) {
+            let mut any = false;
+            for t in 0..lens.len() {
+                if pos[t] < lens[t] {
+                    any = true;
+                    cur.push((t as u32, pos[t]));
+                    pos[t] += 1;
+                    rec(lens, pos, cur, out);
+                    pos[t] -= 1;
+                    cur.pop();
+                }
+            }
+            if !any {
+                out.push(cur.clone());
+            }
+        }
+        let mut out = Vec::new();
+        rec(lens, &mut vec![0; lens.len()], &mut Vec::new(), &mut out);
+        out
+    }
+
+    #[test]
+    fn without_reduction_every_bounded_interleaving_runs_once() {
+        let p = Program {
+            threads: vec![vec![Access::Opaque; 3], vec![Access::Opaque; 3]],
+        };
+        let lens = [3, 3];
+        for bound in 0..=3 {
+            let (runs, progress) = p.explore(bound);
+            let distinct: BTreeSet<_> = runs.iter().cloned().collect();
+            assert_eq!(distinct.len(), runs.len(), "no execution twice");
+            let want: BTreeSet<_> = all_orders(&lens)
+                .into_iter()
+                .filter(|o| preemptions(o, &lens) <= bound)
+                .collect();
+            assert_eq!(distinct, want, "bound {bound}");
+            assert!(progress.done);
+            assert_eq!(progress.pruned, 0);
+        }
+        // With no bound that matters, all 20 orders of 3+3 steps.
+        assert_eq!(p.explore(10).0.len(), 20);
+    }
+
+    #[test]
+    fn passes_go_by_the_bound_fewest_preemptions_first() {
+        let p = Program {
+            threads: vec![vec![Access::Opaque; 3], vec![Access::Opaque; 3]],
+        };
+        let lens = [3, 3];
+        let mut tree = Tree::iterative(2);
+        let mut costs = Vec::new();
+        loop {
+            costs.push(preemptions(&p.run(&mut tree), &lens));
+            if tree.progress().done {
+                break;
+            }
+        }
+        let single = p.explore(2).0.len() as u64;
+        let progress = tree.progress();
+        assert_eq!(
+            progress.pass_executions, single,
+            "the last pass is the whole search"
+        );
+        assert_eq!(progress.executions, costs.len() as u64);
+        assert_eq!((progress.bound, progress.target), (2, 2));
+        // the first pass has no preemption; the first run with two comes after every run
+        // with at most one of the pass before
+        let first_two = costs.iter().position(|&c| c == 2).unwrap();
+        let pass0 = p.explore(0).0.len();
+        let pass1 = p.explore(1).0.len();
+        assert!(costs[..pass0].iter().all(|&c| c == 0));
+        assert!(first_two >= pass0 + pass1);
+    }
+
+    #[test]
+    fn a_start_depends_only_on_locks_and_opaque_steps() {
+        assert!(!dependent(Access::Start, Access::Read(1)));
+        assert!(!dependent(Access::Write(1), Access::Start));
+        assert!(!dependent(Access::Start, Access::Start));
+        assert!(dependent(Access::Start, Access::Lock(1)));
+        assert!(dependent(Access::Write2(1, 2), Access::Start));
+        assert!(dependent(Access::Opaque, Access::Start));
+        assert!(dependent(Access::Lock(1), Access::Write(1)));
+        assert!(!dependent(Access::Lock(1), Access::Lock(2)));
+    }
+
+    #[test]
+    fn a_step_writing_two_keys_depends_on_either() {
+        let two = Access::Write2(1, 2);
+        assert!(dependent(two, Access::Read(1)));
+        assert!(dependent(Access::Read(2), two));
+        assert!(!dependent(two, Access::Read(3)));
+        assert!(dependent(two, Access::Opaque));
+        assert!(dependent(two, Access::Write2(3, 2)));
+        assert!(!dependent(two, Access::Write2(3, 4)));
+    }
+
+    #[test]
+    fn independent_threads_take_one_execution() {
+        let p = Program {
+            threads: vec![
+                vec![Access::Write(1), Access::Read(1), Access::Write(1)],
+                vec![Access::Write(2), Access::Read(2), Access::Write(2)],
+            ],
+        };
+        let (runs, progress) = p.explore(10);
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert!(progress.done);
+        assert!(progress.pruned > 0);
+        assert_eq!(progress.redundant, 0);
+    }
+
+    #[test]
+    fn the_reduction_keeps_every_outcome() {
+        // Reads see how many writes came before: every distinct outcome of the full set of
+        // interleavings must show up in the reduced exploration.
+        let r = Access::Read;
+        let w = Access::Write;
+        let programs = vec![
+            vec![vec![r(1), w(1)], vec![r(1), w(1)]],
+            vec![vec![r(1), w(2), r(2)], vec![r(2), w(1), r(3)]],
+            vec![
+                vec![w(1), r(2), w(3)],
+                vec![r(3), w(2), r(1)],
+                vec![r(1), r(3)],
+            ],
+            vec![vec![r(1), Access::Opaque, w(1)], vec![w(2), r(1), w(1)]],
+        ];
+        for threads in programs {
+            let p = Program { threads };
+            let lens: Vec<usize> = p.threads.iter().map(Vec::len).collect();
+            let full: BTreeSet<_> = all_orders(&lens).iter().map(|o| p.outcome(o)).collect();
+            let (runs, progress) = p.explore(10);
+            let got: BTreeSet<_> = runs.iter().map(|o| p.outcome(o)).collect();
+            assert_eq!(got, full);
+            assert!(progress.done);
+            assert!(runs.len() <= all_orders(&lens).len());
+        }
+    }
+
+    #[test]
+    fn a_lost_update_is_reached_within_one_preemption() {
+        let p = Program {
+            threads: vec![vec![Access::Read(1), Access::Write(1)]; 2],
+        };
+        let (runs, _) = p.explore(1);
+        let at = |o: &Vec<(u32, usize)>, x| o.iter().position(|&y| y == x).unwrap();
+        let lost = runs.iter().any(|o| {
+            let last_read = at(o, (0, 0)).max(at(o, (1, 0)));
+            last_read < at(o, (0, 1)).min(at(o, (1, 1)))
+        });
+        assert!(lost);
+    }
+
+    #[test]
+    fn a_prefix_that_cannot_be_followed_is_counted() {
+        let mut tree = Tree::new(2);
+        let at = |t: u32| (t as usize, 0);
+        let op = |_| Access::Opaque;
+        // Execution 1: threads 0 and 1 at every step, two steps.
+        assert_eq!(tree.choose(0, &[0, 1], None, &at, &op), 0);
+        assert_eq!(tree.choose(1, &[0, 1], Some(0), &at, &op), 0);
+        assert_eq!(tree.choose(2, &[1], None, &at, &op), 1);
+        tree.end();
+        // The next item wants thread 1 somewhere; this time only thread 0 can run.
+        tree.choose(0, &[0], None, &at, &op);
+        tree.choose(1, &[0], Some(0), &at, &op);
+        tree.end();
+        assert!(tree.progress().divergences >= 1);
+    }
+
+    #[test]
+    fn fuzz_small_programs_keep_every_outcome() {
+        let mut x: u64 = 12345;
+        let mut next = |n: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        for _ in 0..3000 {
+            let nt = 2 + next(2) as usize;
+            let threads: Vec<Vec<Access>> = (0..nt)
+                .map(|_| {
+                    (0..1 + next(3))
+                        .map(|_| match next(5) {
+                            0 | 1 => Access::Read(next(2)),
+                            2 | 3 => Access::Write(next(2)),
+                            _ => Access::Opaque,
+                        })
+                        .collect()
+                })
+                .collect();
+            let p = Program {
+                threads: threads.clone(),
+            };
+            let lens: Vec<usize> = p.threads.iter().map(Vec::len).collect();
+            let orders = all_orders(&lens);
+            let full: BTreeSet<_> = orders.iter().map(|o| p.outcome(o)).collect();
+            for bound in [10, SLEEP_SETS_FROM] {
+                let (runs, _) = p.explore(bound);
+                let got: BTreeSet<_> = runs.iter().map(|o| p.outcome(o)).collect();
+                assert_eq!(got, full, "{threads:?} runs {runs:?}");
+                assert!(runs.len() <= orders.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_bounded_search_reaches_every_outcome_within_its_bound() {
+        let mut x: u64 = 999;
+        let mut next = |n: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        for bound in [0u32, 1, 2] {
+            let (mut missed, mut total) = (0, 0);
+            for _ in 0..1500 {
+                let threads: Vec<Vec<Access>> = (0..2)
+                    .map(|_| {
+                        (0..2 + next(4))
+                            .map(|_| match next(5) {
+                                0 | 1 => Access::Read(next(2)),
+                                2 | 3 => Access::Write(next(2)),
+                                _ => Access::Opaque,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let p = Program { threads };
+                let lens: Vec<usize> = p.threads.iter().map(Vec::len).collect();
+                let want: BTreeSet<_> = all_orders(&lens)
+                    .iter()
+                    .filter(|o| preemptions(o, &lens) <= bound)
+                    .map(|o| p.outcome(o))
+                    .collect();
+                let (runs, _) = p.explore(bound);
+                let got: BTreeSet<_> = runs.iter().map(|o| p.outcome(o)).collect();
+                total += 1;
+                if !want.is_subset(&got) {
+                    missed += 1;
+                }
+            }
+            assert_eq!(
+                missed, 0,
+                "bound {bound}: missed outcomes in {missed} of {total}"
+            );
+        }
+    }
+}

@@ -1,0 +1,372 @@
+"""--ftrace-mode explore end to end: real pytest sessions on small test files, and the step
+classifier its partial-order reduction rests on."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+RACY = """
+import threading
+
+ROUNDS = {}
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+        self.lock = threading.Lock()
+
+def shared(name, iteration):
+    return ROUNDS.setdefault((name, iteration), {"c": Counter(), "done": []})
+
+def test_racy(iteration_index, num_parallel_threads):
+    state = shared("racy", iteration_index)
+    c = state["c"]
+    value = c.n
+    c.n = value + 1
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert c.n == num_parallel_threads, f"lost update: {c.n}"
+
+def test_locked(iteration_index, num_parallel_threads):
+    state = shared("locked", iteration_index)
+    c = state["c"]
+    with c.lock:
+        value = c.n
+        c.n = value + 1
+        state["done"].append(1)
+        if len(state["done"]) == num_parallel_threads:
+            assert c.n == num_parallel_threads, f"lost update: {c.n}"
+"""
+
+BIG = """
+ROUNDS = {}
+
+class Box:
+    def __init__(self):
+        self.n = 0
+
+def test_many_steps(iteration_index):
+    box = ROUNDS.setdefault(iteration_index, Box())
+    for _ in range(30):
+        box.n = box.n + 1
+"""
+
+DISJOINT = """
+class Box:
+    def __init__(self):
+        self.a = 0
+        self.b = 0
+
+BOX = Box()  # made once: the rounds go on counting
+
+def test_disjoint(thread_index):
+    box = BOX
+    if thread_index == 0:
+        for _ in range(8):
+            box.a = box.a + 1
+    else:
+        for _ in range(8):
+            box.b = box.b + 1
+"""
+
+ORDERS = """
+import threading
+
+class Bank:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.log = []
+        self.done = 0
+
+STATES = [Bank() for _ in range(5000)]
+SEEN = set()
+
+def test_order(iteration_index, thread_index):
+    bank = STATES[iteration_index]
+    for _ in range(3):
+        with bank.lock:
+            bank.log.append(thread_index)
+    with bank.lock:
+        bank.done += 1
+        if bank.done == 2:
+            SEEN.add(tuple(bank.log))
+"""
+
+ORDERS_CONFTEST = """
+def pytest_sessionfinish(session):
+    import test_orders_of_locked_sections as module
+    print("DISTINCT ORDERS", len(module.SEEN))
+"""
+
+PROVEN = re.compile(
+    r"ftrace explore: (\S+): no failure in all (\d+) interleavings within (\d+) preemptions? "
+    r"\((\d+) executions?, pruned from at least (\d+)\)"
+)
+
+
+def explore(pytester, *args):
+    return pytester.runpytest(
+        "--ftrace", "--ftrace-mode", "explore", "--threads", "2", "--ftrace-timeout", "120", *args
+    )
+
+
+def proven(result) -> dict[str, tuple[int, int, int, int]]:
+    found = {}
+    for line in result.stdout.lines:
+        m = PROVEN.search(line)
+        if m:
+            found[m.group(1).split("::")[-1]] = tuple(int(g) for g in m.groups()[1:])
+    return found
+
+
+def replay_args(result) -> list[str]:
+    lines = [line for line in result.stdout.lines if "replay: pytest " in line]
+    assert lines, result.stdout.str()
+    return shlex.split(lines[0].split("replay: pytest ", 1)[1])
+
+
+def test_the_racy_counter_fails_and_its_replay_line_reproduces_it(pytester):
+    pytester.makepyfile(RACY)
+    result = explore(pytester, "--seed", "1", "-k", "test_racy")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "ftrace: seed=1 mode=explore bound=2 *",
+            "*AssertionError: lost update: 1*",
+            "*replay: pytest '*::test_racy' --ftrace --ftrace-mode explore --seed 1 "
+            "--ftrace-replay t2i*x*",
+        ]
+    )
+    args = replay_args(result)
+    for _ in range(2):
+        again = pytester.runpytest(*args)
+        again.assert_outcomes(failed=1)
+        again.stdout.fnmatch_lines(
+            ["*replay: reproduced in 10/10 runs of round * (seed 1, mode explore, following*"]
+        )
+
+
+def test_the_locked_twin_passes_and_says_what_was_proven(pytester):
+    pytester.makepyfile(RACY)
+    result = explore(pytester, "--seed", "1", "-k", "test_locked")
+    result.assert_outcomes(passed=1)
+    found = proven(result)
+    assert "test_locked" in found, result.stdout.str()
+    interleavings, bound, executions, unreduced = found["test_locked"]
+    assert bound == 2
+    assert 1 < interleavings <= executions <= unreduced
+    # the same search on every run: the count is a property of the test, not of the seed
+    again = explore(pytester, "--seed", "2", "-k", "test_locked")
+    assert proven(again)["test_locked"] == found["test_locked"]
+
+
+def test_the_bound_limits_the_preemptions_explored(pytester):
+    pytester.makepyfile(RACY)
+    # the lost update needs a preemption: within none, every interleaving passes
+    none = explore(pytester, "--seed", "1", "-k", "test_racy", "--ftrace-bound", "0")
+    none.assert_outcomes(passed=1)
+    interleavings, bound, _executions, _ = proven(none)["test_racy"]
+    assert bound == 0
+    assert interleavings >= 1
+    one = explore(
+        pytester, "--seed", "1", "-k", "test_racy", "--ftrace-bound", "1", "-p", "no:cacheprovider"
+    )
+    one.assert_outcomes(failed=1)
+    # and a larger bound explores more of the locked twin
+    small = proven(explore(pytester, "--seed", "1", "-k", "test_locked", "--ftrace-bound", "1"))
+    large = proven(explore(pytester, "--seed", "1", "-k", "test_locked", "--ftrace-bound", "3"))
+    assert small["test_locked"][0] < large["test_locked"][0]
+
+
+def test_steps_on_other_names_are_not_reordered(pytester):
+    pytester.makepyfile(DISJOINT)
+    result = explore(pytester, "--seed", "1", "--ftrace-bound", "3")
+    result.assert_outcomes(passed=1)
+    interleavings, _bound, executions, unreduced = proven(result)["test_disjoint"]
+    # the two loops touch different names: reordering them changes nothing, so one
+    # interleaving stands for all of them (one execution in each pass, bounds 0 to 3)
+    assert interleavings == 1, result.stdout.str()
+    assert executions == 4
+    assert unreduced > executions
+
+
+def test_every_order_of_locked_sections_within_the_bound_runs(pytester):
+    # Two threads, three locked sections each. An order of the sections in k runs of one
+    # thread's sections makes k - 1 switches, of which the one after the second-to-last run (the
+    # end of a thread) costs no preemption: k - 2 preemptions. Runs of 2: AAABBB, BBBAAA; of 3
+    # (one preemption): A^a B^3 A^(3-a), a = 1, 2, and the same from B; of 4 (two): A B A B
+    # with both threads split in two, 2 x 2 ways, from either thread.
+    pytester.makepyfile(test_orders_of_locked_sections=ORDERS)
+    pytester.makeconftest(ORDERS_CONFTEST)
+    expected = {0: 2, 1: 2 + 4, 2: 2 + 4 + 8}
+    for bound, count in expected.items():
+        result = explore(pytester, "--seed", "1", "--ftrace-bound", str(bound), "-s")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*DISTINCT ORDERS {count}"])
+
+
+def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):
+    pytester.makepyfile(BIG)
+    result = explore(pytester, "--seed", "1", "--ftrace-explore-rounds", "7")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    m = re.search(
+        r"ftrace explore: \S+::test_many_steps: no failure in (\d+) interleavings within \d "
+        r"preemptions?.*\(7 executions, pruned from at least \d+\); stopped by the "
+        r"--ftrace-explore-rounds budget \(7\) with (\d+) branch\(es\) known and not run: the "
+        r"search within 2 did not finish, so this is not a proof",
+        " ".join(out.split()),
+    )
+    assert m, out
+    assert int(m.group(2)) > 0
+    assert "no failure in all" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--ftrace-bound", "-1"], "--ftrace-bound"),
+        (["--ftrace-bound", "two"], "--ftrace-bound"),
+        (["--ftrace-bound", "1001"], "--ftrace-bound"),
+        (["--ftrace-explore-rounds", "0"], "--ftrace-explore-rounds"),
+        (["--ftrace-explore-seconds", "-3"], "--ftrace-explore-seconds"),
+        (["--ftrace-mode", "explores"], "--ftrace-mode"),
+    ],
+)
+def test_bad_values_are_usage_errors(pytester, args, named):
+    pytester.makepyfile(RACY)
+    result = pytester.runpytest("--ftrace", "--ftrace-mode", "explore", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.stderr.lines if named in line and "error" in line]
+    assert len(errors) == 1, result.stderr.str()
+    assert "INTERNALERROR" not in result.stderr.str() + result.stdout.str()
+
+
+def test_a_bad_ini_mode_names_the_modes(pytester):
+    pytester.makepyfile(RACY)
+    pytester.makeini("[pytest]\nftrace_mode = explores\n")
+    result = pytester.runpytest("--ftrace")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini key ftrace_mode: chaos, exact, explore; not 'explores'*"])
+
+
+# -- the step classifier --------------------------------------------------------------------
+
+
+def _classifier(*bodies):
+    from pytest_ftrace.ftrace.instrument import opcode_table
+    from pytest_ftrace.ftrace.modes.explore import Classifier
+
+    c = Classifier([b.__code__ for b in bodies])
+    c.hooked = opcode_table()
+    return c
+
+
+def _static(c):
+    """The classifier's answers without the flag saying whether they depend on callers."""
+
+    def answer(code, offset):
+        kind, key, _dynamic = c(code, offset)
+        return kind, key
+
+    answer.start_safe = c.start_safe
+    return answer
+
+
+def _at(func, opname, argval=None, nth=0):
+    import dis
+
+    found = [
+        i.offset
+        for i in dis.get_instructions(func)
+        if i.opname == opname and (argval is None or i.argval == argval)
+    ]
+    return found[nth]
+
+
+def _read_then_write(box):
+    value = box.n
+    box.n = value + 1
+
+
+def _in_place(box):
+    box.items += [1]
+
+
+def _calls(box):
+    method = box.method
+    method()
+
+
+def _loop(box):
+    for _ in range(3):
+        box.n = box.n + 1
+
+
+def _getter(box):
+    return box.n
+
+
+def test_a_step_reads_or_writes_the_name_it_starts_at():
+    c = _classifier(_loop)
+    c = _static(c)
+    code = _read_then_write.__code__
+    assert c(code, _at(_read_then_write, "LOAD_ATTR", "n")) == (1, "attr:n")
+    # the store ends in a return from a function that is not the test's body: opaque
+    assert c(code, _at(_read_then_write, "STORE_ATTR", "n")) == (0, "")
+    # an in-place operator may mutate what it read
+    assert c(_in_place.__code__, _at(_in_place, "LOAD_ATTR", "items")) == (2, "attr:items")
+    # a call after the read: opaque
+    assert c(_calls.__code__, _at(_calls, "LOAD_ATTR", "method")) == (0, "")
+    # the loop's store goes back to the next read or out of the body: a write
+    assert c(_loop.__code__, _at(_loop, "STORE_ATTR", "n")) == (2, "attr:n")
+    # a helper's read is followed by a return to code the classifier cannot see
+    assert c(_getter.__code__, _at(_getter, "LOAD_ATTR", "n")) == (0, "")
+    # not an access at all, or a bad offset: opaque, never an error
+    assert c(code, 0) == (0, "")
+    assert c(code, 10**6) == (0, "")
+
+
+def _with_len(c, items):
+    import sys
+
+    size = len(items)  # a builtin that changes nothing: its step reads items
+    code = sys._getframe().f_code
+    return size, c(code, _at(_with_len, "LOAD_GLOBAL", "len"))
+
+
+def _with_shadowed(c, items):
+    import sys
+
+    size = sorted(items)
+    code = sys._getframe().f_code
+    return size, c(code, _at(_with_shadowed, "LOAD_GLOBAL", "sorted"))
+
+
+def sorted(items):  # noqa: A001 - shadows the builtin on purpose
+    return list(items)
+
+
+def test_a_call_of_a_builtin_that_changes_nothing_keeps_the_step_a_read():
+    c = _static(_classifier())
+    assert _with_len(c, [1, 2]) == (2, (1, "item"))
+    # a module's own function of that name is not the builtin: opaque
+    assert _with_shadowed(c, [2, 1])[1] == (0, "")
+
+
+def _starts_plain(box):
+    x = 1
+    box.n = x
+
+
+def _starts_with_a_call(callback):
+    callback()
+
+
+def test_a_body_that_starts_with_nothing_shared_has_a_safe_first_step():
+    c = _classifier(_starts_plain, _starts_with_a_call)
+    assert c.start_safe(_starts_plain.__code__)
+    assert not c.start_safe(_starts_with_a_call.__code__)
