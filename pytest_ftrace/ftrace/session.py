@@ -265,6 +265,8 @@ class TestSession:
         if self.replay is not None:
             threads, iterations = self.replay.threads, session.replay_runs
             budget = None  # a replay runs its count
+        if modes.mode_class(self.mode).own_budget:
+            budget = None  # explore mode's search has its own budget
         self.threads = threads
         self.iterations = iterations
         self.forked = False  # its rounds run in forked processes (ftrace/fork.py)

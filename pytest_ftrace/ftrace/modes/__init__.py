@@ -51,7 +51,10 @@ class RunMode(Protocol):
 
 
 class ModeClass(Protocol):
-    """The class of a mode: what it adds to the session header, and how it starts a test."""
+    """The class of a mode: what it adds to the session header, how it starts a test, and
+    whether it counts its rounds itself (`own_budget`: --ftrace-budget does not apply)."""
+
+    own_budget: bool
 
     def __call__(self, test: TestSession) -> RunMode: ...
 

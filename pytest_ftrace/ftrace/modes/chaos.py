@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 class ChaosMode:
     stat_keys = ("yields", "delays")
+    own_budget = False  # its rounds are counted by --ftrace-budget or the count
 
     def __init__(self, test: TestSession):
         self.test = test

@@ -59,6 +59,7 @@ def native_options(session: FtraceSession, nodeid: str, replay: Token | None) ->
 
 class ExactMode:
     stat_keys = EXACT_STATS
+    own_budget = False  # its rounds are counted by --ftrace-budget or the count
     native_options = staticmethod(native_options)  # a mode built on this one may differ
 
     def __init__(self, test: TestSession):

@@ -500,6 +500,7 @@ def explore_settings(config) -> tuple[int, int, float]:
 
 class ExploreMode(ExactMode):
     stat_keys = EXPLORE_STATS
+    own_budget = True  # --ftrace-explore-rounds/-seconds, not --ftrace-budget
 
     def __init__(self, test: TestSession):
         self.bound, self.max_rounds, self.max_seconds = explore_settings(test.item.config)
