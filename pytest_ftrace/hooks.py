@@ -494,6 +494,10 @@ def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
         tr.line(note, yellow=True)
     for nodeid, reproduced, runs in session.replays:
         tr.line(f"ftrace replay: {nodeid}: reproduced {reproduced}/{runs}")
+    if session.race_reports:
+        from pytest_ftrace.ftrace.explain import summary
+
+        summary(tr, session.race_reports)
     if verbose <= 0 or not session.stats:
         return
     tr.section(f"ftrace statistics (seed {session.seed})", sep="-")

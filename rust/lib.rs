@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 mod clock;
 pub mod engine;
+mod hb;
 mod hooks;
 mod iterpoints;
 mod locks;

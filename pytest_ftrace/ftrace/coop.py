@@ -403,6 +403,8 @@ def _thread_join(self, timeout: float | None = None) -> None:
                 return None
             if answer == "free":
                 break
+        if not run.sched_live(tid):
+            _native.races_joined(tid)  # happens-before: the thread's past is the joiner's
     return _ORIGINAL[(threading.Thread, "join")](self, timeout)
 
 

@@ -272,6 +272,7 @@ class Instrumentation:
         self._lock = _thread.allocate_lock()
         self._armed: dict[int, object] = {}  # id(code) -> code, with INSTRUCTION events on
         self.generated = 0  # generated code objects armed in this activation
+        self.races = False  # exact mode tracks accesses (--ftrace-races): decode each code
         self._active: TestRun | None = None
         _native.set_hooked_opcodes(opcode_table())
         genpoints.install()
@@ -373,6 +374,10 @@ class Instrumentation:
             else:
                 return mon.DISABLE
             slots = genpoints.iter_slots(code)
+            if self.races:
+                from pytest_ftrace.ftrace import accesses
+
+                accesses.register(code)
             with self._lock:
                 if self._active is not None and id(code) not in self._armed:
                     # the loop slots first: a thread already running this code (free-threaded

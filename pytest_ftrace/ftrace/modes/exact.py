@@ -65,6 +65,7 @@ class ExactMode:
         self.test = test
         session, item, replay = test.session, test.item, test.replay
         self.shrink_cut_short: int | None = None  # candidates tried when time ran out
+        self.race_rounds: dict[int, list[dict]] = {}  # {round: conflicts} (--ftrace-races)
         kwargs = native_options(session, item.nodeid, replay)
         self.replay_exact = "replay" in kwargs  # following a recorded decision list
         self.replay_decisions: list[int] | None = kwargs.get("replay")
@@ -119,6 +120,10 @@ class ExactMode:
         for where, exc in self.exact.internal_errors:
             outcome.failures.append(Failure(None, None, internal_error(where, exc), "internal"))
         self._exact_notes(outcome)
+        if self.test.session.instrumentation.races:
+            from pytest_ftrace.ftrace.explain import passing_test
+
+            self.race_rounds = passing_test(self.test, self.traced._native.id, outcome)
 
     def replay_note(self) -> str:
         """How the replay's rounds were scheduled, honestly: whether each followed the recorded
@@ -167,6 +172,10 @@ class ExactMode:
         key = None
         k = None
         config = self.test.item.config
+        if self.test.session.instrumentation.races:
+            from pytest_ftrace.ftrace.explain import failing_round
+
+            failing_round(outcome, first, self.race_rounds)
         record = self.exact.round(first.iteration)
         if record is not None and record.get("k"):
             k = record["k"]
@@ -349,6 +358,10 @@ class ExactMode:
                 exact.deactivate()
         finally:
             traced.deactivate()
+        if self.test.session.instrumentation.races:
+            from pytest_ftrace.ftrace.explain import forget
+
+            forget(traced._native.id)
         record = exact.round(0)
         failures = [f for f in outcome.failures if f.iteration is not None]
         if record is None or not record["exact"]:
