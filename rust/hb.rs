@@ -82,6 +82,8 @@ struct Spec {
     key_kind: u8,
     key: *mut ffi::PyObject,
     method: *mut ffi::PyObject,
+    /// A method's call instruction (u32::MAX: not known).
+    call_offset: u32,
 }
 
 // SAFETY: the pointers are only dereferenced with the interpreter attached, and the objects
@@ -476,12 +478,12 @@ fn with_round<T>(py: Python<'_>, f: impl FnOnce(&mut State, u32) -> T) -> Option
 
 /// A synchronisation edge from the calling thread: it released `obj` (a lock; threads use
 /// keys of their own).
-pub fn release(py: Python<'_>, obj: u64) {
+fn release(py: Python<'_>, obj: u64) {
     with_round(py, |st, tid| st.release(tid, obj, true));
 }
 
 /// The calling thread acquired `obj`.
-pub fn acquire(py: Python<'_>, obj: u64) {
+fn acquire(py: Python<'_>, obj: u64) {
     with_round(py, |st, tid| st.acquire(tid, obj, true));
 }
 
@@ -495,6 +497,7 @@ pub fn spawn(py: Python<'_>, child: u32) {
 
 /// The calling thread is `child`, started: it has its parent's past.
 pub fn started(py: Python<'_>) {
+    flush_pending(py);
     with_round(py, |st, tid| {
         st.acquire(tid, THREAD_START | tid as u64, true)
     });
@@ -502,6 +505,7 @@ pub fn started(py: Python<'_>) {
 
 /// The calling thread ends.
 pub fn exiting(py: Python<'_>) {
+    flush_pending(py);
     with_round(py, |st, tid| st.release(tid, THREAD_END | tid as u64, true));
 }
 
@@ -551,7 +555,9 @@ fn method_op(kind: u8, name: &str) -> Option<(u8, bool)> {
     let write = Some((OP_WRITE, false));
     match (kind, name) {
         (1, "get") => Some((OP_READ, true)),
-        (1, "setdefault" | "pop") => Some((OP_WRITE, true)),
+        // setdefault checks and inserts in one step: no stale check of its own to act on.
+        (1, "setdefault") => Some((OP_READ, true)),
+        (1, "pop") => Some((OP_WRITE, true)),
         (1, "popitem" | "update" | "clear") => write,
         (1, "keys" | "values" | "items" | "copy") => read,
         (2, "append" | "extend" | "insert" | "pop" | "remove" | "clear" | "sort" | "reverse") => {
@@ -670,6 +676,19 @@ unsafe fn instance_attr(obj: *mut ffi::PyObject, name: *mut ffi::PyObject) -> *m
 unsafe fn simple_hash(key: *mut ffi::PyObject) -> Option<i64> {
     // SAFETY: attached; `key` live.
     unsafe {
+        if ffi::PyTuple_CheckExact(key) != 0 {
+            let n = ffi::PyTuple_Size(key);
+            let mut h: i64 = 0x345678;
+            for i in 0..n.min(8) {
+                let item = ffi::PyTuple_GetItem(key, i);
+                if item.is_null() || ffi::PyTuple_CheckExact(item) != 0 {
+                    ffi::PyErr_Clear();
+                    return None;
+                }
+                h = h.wrapping_mul(1_000_003) ^ simple_hash(item)?;
+            }
+            return (n <= 8).then_some(h ^ 0x7475_706c);
+        }
         let simple = ffi::PyUnicode_CheckExact(key) != 0
             || ffi::PyLong_CheckExact(key) != 0
             || ffi::PyBytes_CheckExact(key) != 0
@@ -796,6 +815,162 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             check: spec.check,
             atomic,
         };
+        let resolved = Resolved {
+            owner,
+            key,
+            loc_kind,
+            hash,
+            acc,
+        };
+        if spec.op == OP_METHOD && spec.call_offset != u32::MAX {
+            // The container operation happens at the call, after the arguments are evaluated
+            // (which may run code of their own): applied at this thread's next point after it.
+            let full = PENDING
+                .try_with(|p| {
+                    let mut p = p.borrow_mut();
+                    p.push(Pending {
+                        frame: frame as usize,
+                        // Kept alive while pending: its address is never another frame's.
+                        _frame: Bound::from_borrowed_ptr(py, frame.cast()).unbind(),
+                        call_offset: spec.call_offset,
+                        resolved,
+                    });
+                    p.len() > 8
+                })
+                .unwrap_or(false);
+            if full {
+                flush_pending(py);
+            }
+            return;
+        }
+        apply(py, resolved);
+    }
+}
+
+/// A resolved access, to apply.
+struct Resolved {
+    owner: Py<PyAny>,
+    key: Option<Py<PyAny>>,
+    loc_kind: u8,
+    hash: i64,
+    acc: Acc,
+}
+
+/// A container method call this thread has loaded but not yet made.
+struct Pending {
+    frame: usize,
+    _frame: Py<PyAny>,
+    call_offset: u32,
+    resolved: Resolved,
+}
+
+thread_local! {
+    /// Innermost last (a call in the arguments of another one).
+    static PENDING: std::cell::RefCell<Vec<Pending>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Apply this thread's pending container calls (`keep` of them stay pending).
+fn flush_pending_to(py: Python<'_>, keep: usize) {
+    let pending = PENDING
+        .try_with(|p| {
+            p.try_borrow_mut()
+                .map(|mut p| {
+                    let at = keep.min(p.len());
+                    p.split_off(at)
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    for p in pending.into_iter().rev() {
+        apply(py, p.resolved);
+    }
+}
+
+/// Apply every pending container call of this thread.
+fn flush_pending(py: Python<'_>) {
+    flush_pending_to(py, 0);
+}
+
+/// Before the calling thread's scheduling point at `offset` of `code`: when its pending
+/// container call has been made by now (the frame that loaded the method is past the call,
+/// or gone), apply it, so that it takes its place before another thread goes on.
+///
+/// # Safety
+/// The interpreter is attached.
+pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
+    let waiting: Vec<(usize, u32)> = PENDING
+        .try_with(|p| {
+            p.try_borrow()
+                .map(|p| p.iter().map(|p| (p.frame, p.call_offset)).collect())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    if waiting.is_empty() {
+        return;
+    }
+    let _ = code;
+    // The innermost pending calls that have been made by now go; the outer ones wait.
+    let mut keep = waiting.len();
+    while keep > 0 {
+        let (frame, call_offset) = waiting[keep - 1];
+        // SAFETY: attached (see above).
+        if !unsafe { call_made(frame, call_offset, offset) } {
+            break;
+        }
+        keep -= 1;
+    }
+    if keep < waiting.len() {
+        flush_pending_to(unsafe { Python::assume_attached() }, keep);
+    }
+}
+
+/// Whether the method call at `call_offset` of the frame at `frame` has been made, seen from
+/// a point at `offset` of the running frame.
+///
+/// # Safety
+/// The interpreter is attached.
+unsafe fn call_made(frame: usize, call_offset: u32, offset: u32) -> bool {
+    // SAFETY: attached (see above).
+    unsafe {
+        let current = ffi::PyEval_GetFrame();
+        if current.is_null() {
+            true
+        } else if current as usize == frame {
+            offset > call_offset
+        } else {
+            // Inside a call made while evaluating the arguments: the loading frame is below.
+            let mut below = false;
+            let mut f = ffi::PyFrame_GetBack(current);
+            let mut depth = 0;
+            while !f.is_null() {
+                if f as usize == frame {
+                    below = true;
+                }
+                let back = if below || depth > 64 {
+                    std::ptr::null_mut()
+                } else {
+                    ffi::PyFrame_GetBack(f)
+                };
+                ffi::Py_DECREF(f.cast());
+                f = back;
+                depth += 1;
+            }
+            !below
+        }
+    }
+}
+
+/// Apply a resolved access in the calling thread's round.
+fn apply(py: Python<'_>, r: Resolved) {
+    let Resolved {
+        owner,
+        key,
+        loc_kind,
+        hash,
+        acc,
+    } = r;
+    let atomic = acc.atomic;
+    {
         let container_key = owner.as_ptr() as u64;
         let mut spare = None;
         with_round(py, |st, tid| {
@@ -855,9 +1030,9 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
     for (offset, spec) in specs.iter() {
         let offset: u32 = offset.extract()?;
         let t = spec.cast::<PyTuple>()?;
-        if t.len() != 8 {
+        if t.len() != 9 {
             return Err(pyo3::exceptions::PyValueError::new_err(
-                "an access spec has 8 items",
+                "an access spec has 9 items",
             ));
         }
         let ptr = |i: usize| -> PyResult<*mut ffi::PyObject> { Ok(t.get_item(i)?.as_ptr()) };
@@ -880,6 +1055,7 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
                 key_kind: t.get_item(5)?.extract()?,
                 key: ptr(6)?,
                 method: opt(7)?,
+                call_offset: t.get_item(8)?.extract::<Option<u32>>()?.unwrap_or(u32::MAX),
             },
         );
     }
@@ -1000,9 +1176,21 @@ fn races_forget(run_id: u64) {
     }
 }
 
+/// races_lock(lock_id, acquired): the calling thread acquired (True) or released (False) the
+/// lock `lock_id` (the lock hooks call it for the test's lock operations, not the plugin's).
+#[pyfunction]
+fn races_lock(py: Python<'_>, lock_id: u64, acquired: bool) {
+    if acquired {
+        acquire(py, lock_id);
+    } else {
+        release(py, lock_id);
+    }
+}
+
 /// races_joined(tid): the calling thread joined managed thread `tid`.
 #[pyfunction]
 fn races_joined(py: Python<'_>, tid: u32) {
+    flush_pending(py);
     with_round(py, |st, me| st.acquire(me, THREAD_END | tid as u64, true));
 }
 
@@ -1024,6 +1212,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(races_finish, m)?)?;
     m.add_function(wrap_pyfunction!(races_forget, m)?)?;
     m.add_function(wrap_pyfunction!(races_joined, m)?)?;
+    m.add_function(wrap_pyfunction!(races_lock, m)?)?;
     m.add_function(wrap_pyfunction!(races_stats, m)?)?;
     Ok(())
 }

@@ -182,6 +182,7 @@ unsafe extern "C" fn on_instruction(
     match event {
         Event::Point(Decision::Schedule) => {
             keep_code(code);
+            let _ = std::panic::catch_unwind(|| crate::hb::before_point(code, offset as u32));
             let at = (code as usize, offset as u32);
             // Most points keep the turn: decided without letting go of the interpreter.
             let kept = std::panic::catch_unwind(|| engine::schedule_point_try(at));

@@ -294,10 +294,7 @@ impl Lock {
         };
         if managed_now() {
             if let Some(h) = hook(py, 0) {
-                return acquired(
-                    slf.as_any(),
-                    h.call1(py, (slf, blocking, timeout))?.extract(py)?,
-                );
+                return h.call1(py, (slf, blocking, timeout))?.extract(py);
             }
         }
         let got = if !blocking {
@@ -324,15 +321,6 @@ impl Lock {
     }
 }
 
-/// A managed thread's hooked acquire returned `got`: when it has the lock, a happens-before
-/// edge from the lock's last release (see `hb.rs`).
-fn acquired(lock: &Bound<'_, PyAny>, got: bool) -> PyResult<bool> {
-    if got {
-        crate::hb::acquire(lock.py(), lock.as_ptr() as u64);
-    }
-    Ok(got)
-}
-
 /// After a release: the hook, when a managed thread released it or one waits for it.
 fn after_release(lock: &Bound<'_, PyAny>, waiters: &AtomicU32) -> PyResult<()> {
     if !HOOKS_ON.load(Ordering::Acquire) {
@@ -340,9 +328,6 @@ fn after_release(lock: &Bound<'_, PyAny>, waiters: &AtomicU32) -> PyResult<()> {
     }
     let waiting = waiters.load(Ordering::SeqCst) > 0;
     let managed = engine::managed_now();
-    if managed {
-        crate::hb::release(lock.py(), lock.as_ptr() as u64);
-    }
     if waiting || managed {
         if let Some(h) = hook(lock.py(), 1) {
             h.call1(lock.py(), (lock, managed, waiting))?;
@@ -517,10 +502,7 @@ impl RLock {
         }
         if managed_now() {
             if let Some(h) = hook(py, 0) {
-                return acquired(
-                    slf.as_any(),
-                    h.call1(py, (slf, blocking, timeout))?.extract(py)?,
-                );
+                return h.call1(py, (slf, blocking, timeout))?.extract(py);
             }
         }
         let got = if !blocking {
@@ -634,7 +616,6 @@ impl RLock {
         if managed_now() {
             if let Some(h) = hook(py, 0) {
                 h.call1(py, (slf, true, None::<f64>))?;
-                crate::hb::acquire(py, slf.as_ptr() as u64);
                 this.take(state.1, state.0);
                 return Ok(());
             }

@@ -105,7 +105,9 @@ def _first_arg(instructions: list, index: int):
         return None
     first = after[0]
     follow = after[1].opname if len(after) > 1 else ""
-    simple_next = follow.startswith(("CALL", "LOAD_CONST", "LOAD_FAST", "KW_NAMES", "LOAD_SMALL"))
+    simple_next = follow.startswith(
+        ("CALL", "LOAD_CONST", "LOAD_FAST", "KW_NAMES", "LOAD_SMALL", "PUSH_NULL", "LOAD_GLOBAL")
+    )
     if first.opname == "LOAD_FAST_LOAD_FAST":
         return ("local", first.argval[0])
     if not simple_next:
@@ -124,6 +126,7 @@ def specs(code) -> tuple[dict, dict]:
     texts: dict[int, str] = {}
     instructions = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
     stack: list = []
+    calls: list[tuple[int, int]] = []  # (offset of a method load, stack depth under it)
 
     def pop():
         return stack.pop() if stack else _UNKNOWN
@@ -134,13 +137,14 @@ def specs(code) -> tuple[dict, dict]:
             return
         kind, name, attr = where
         key_kind, key_value = key
-        out[ins.offset] = (op, check, kind, name, attr, key_kind, key_value, method)
+        out[ins.offset] = (op, check, kind, name, attr, key_kind, key_value, method, None)
         texts[ins.offset] = text or _text(owner)
 
     for index, ins in enumerate(instructions):
         name = ins.opname
         if ins.is_jump_target:
             stack = []
+            calls = []
         if name in _NO_STACK:
             continue
         if name in _LOAD_LOCAL:
@@ -161,6 +165,7 @@ def specs(code) -> tuple[dict, dict]:
                 KEY_ATTR,
                 ins.argval,
                 None,
+                None,
             )
             texts[ins.offset] = ins.argval
             stack.append(("global", ins.argval))
@@ -168,7 +173,17 @@ def specs(code) -> tuple[dict, dict]:
             if name == "STORE_GLOBAL":
                 pop()
             op = WRITE if name == "STORE_GLOBAL" else DELETE
-            out[ins.offset] = (op, False, GLOBALS, ins.argval, None, KEY_ATTR, ins.argval, None)
+            out[ins.offset] = (
+                op,
+                False,
+                GLOBALS,
+                ins.argval,
+                None,
+                KEY_ATTR,
+                ins.argval,
+                None,
+                None,
+            )
             texts[ins.offset] = ins.argval
         elif name == "LOAD_ATTR":
             owner = pop()
@@ -180,6 +195,7 @@ def specs(code) -> tuple[dict, dict]:
                     _key(_first_arg(instructions, index)),
                     method=ins.argval,
                 )
+                calls.append((ins.offset, len(stack)))
                 stack.extend((_UNKNOWN, _UNKNOWN))
             else:
                 add(ins, READ, owner, (KEY_ATTR, ins.argval), _is_check(instructions, index))
@@ -221,6 +237,10 @@ def specs(code) -> tuple[dict, dict]:
             stack.extend([_UNKNOWN] * (ins.arg or 0))
         else:
             pops, pushes = _effect(ins)
+            if name in ("CALL", "CALL_KW") and calls and calls[-1][1] == len(stack) - (pops or 0):
+                load = calls.pop()[0]
+                if load in out:  # the method's container operation happens here
+                    out[load] = (*out[load][:8], ins.offset)
             if pops is None:
                 # Unknown to this walk: keep the depth, forget every source.
                 try:

@@ -261,10 +261,17 @@ def _user_file(filename: str) -> bool:
 def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
     """A managed thread acquires a native lock: a scheduling point when the user's code (not
     threading's or queue's) asks, then the lock, waiting in the core while it is held."""
+    caller = sys._getframe(1)
+    got = _acquire(lock, blocking, timeout, caller)
+    if got and not caller.f_code.co_filename.startswith(_HERE):
+        _native.races_lock(id(lock), True)  # happens-before (the test's locks, not ours)
+    return got
+
+
+def _acquire(lock, blocking: bool, timeout: float | None, caller) -> bool:
     run = _managed()
     if run is None:  # no longer managed (the round ended): a plain acquire
         return lock._ftrace_block(timeout) if blocking else lock._ftrace_try()
-    caller = sys._getframe(1)
     if _user_file(caller.f_code.co_filename):
         run.sched_point()
     if lock._ftrace_try():
@@ -293,9 +300,12 @@ def _release_hook(lock, managed: bool, waiting: bool) -> None:
     run = _CURRENT
     if run is None:
         return
+    caller = sys._getframe(1).f_code.co_filename
+    if managed and not caller.startswith(_HERE):
+        _native.races_lock(id(lock), False)  # before another thread can take it
     if waiting:
         run.sched_wake(id(lock))
-    if managed and _user_file(sys._getframe(1).f_code.co_filename):
+    if managed and _user_file(caller):
         run.sched_point()
 
 
