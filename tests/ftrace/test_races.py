@@ -187,7 +187,12 @@ def test_a_lost_update_names_the_location_both_lines_and_the_class(pytester, see
             f"*thread ? wrote   test_lost.py:{rmw}   self.value += 1*",
         ]
     )
+    # the lanes mark the runs that make a conflicting access
+    result.stdout.fnmatch_lines(
+        ["*[*] line 8 *", "*: the run makes one of the conflicting accesses*"]
+    )
     # the explanation comes before the lanes, and the replay line stays last
+    assert out.index("conflicts in round") < out.index("schedule of round")
     assert out.index("conflicts in round") < out.index("replay: pytest")
     notes = [line for line in result.stdout.lines if line.startswith(("replay:", "conflicts in"))]
     assert notes[-1].startswith("replay: pytest")

@@ -217,7 +217,12 @@ class ExactMode:
             steps = self.exact.steps(first.iteration)
             cut = self.exact.exit_steps.get((first.iteration, first.thread))
             labels = self.exact.thread_labels(first.iteration)
-            self._lane_view(outcome, first, record, steps, cut, False, labels)
+            marked = None
+            if self.race_rounds.get(first.iteration):
+                from pytest_ftrace.ftrace.explain import marked_steps
+
+                marked = marked_steps(self.race_rounds[first.iteration])
+            self._lane_view(outcome, first, record, steps, cut, False, labels, marked)
         if record is not None and not record["exact"] and not record["deadlock"]:
             outcome.notes.append(
                 f"round {first.iteration} was not exact ({record['reason']}): the "
@@ -375,7 +380,7 @@ class ExactMode:
         return (where, record, steps, cut, failure, exact.thread_labels(0))
 
     def _lane_view(
-        self, outcome: Outcome, first, record, steps, cut, shrunk: bool, labels=None
+        self, outcome: Outcome, first, record, steps, cut, shrunk: bool, labels=None, marked=None
     ) -> None:
         import textwrap
 
@@ -391,7 +396,7 @@ class ExactMode:
             f"({record.get('preemptions', '?')} preemptions; a row is a run of steps of one "
             "thread, shown by its first access):"
         )
-        table = lanes(steps, cut, failing=first.thread, width=width, labels=labels)
+        table = lanes(steps, cut, failing=first.thread, width=width, labels=labels, marked=marked)
         outcome.notes.append("\n".join([*textwrap.wrap(intro, width), table]))
 
     def _exact_notes(self, outcome: Outcome) -> None:
