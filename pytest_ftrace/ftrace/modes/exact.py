@@ -120,7 +120,7 @@ class ExactMode:
         for where, exc in self.exact.internal_errors:
             outcome.failures.append(Failure(None, None, internal_error(where, exc), "internal"))
         self._exact_notes(outcome)
-        if self.test.session.instrumentation.races:
+        if self.test.session.instrumentation.races and not self.test.forked:
             from pytest_ftrace.ftrace.explain import passing_test
 
             self.race_rounds = passing_test(self.test, self.traced._native.id, outcome)
@@ -172,7 +172,8 @@ class ExactMode:
         key = None
         k = None
         config = self.test.item.config
-        if self.test.session.instrumentation.races:
+        if self.test.session.instrumentation.races and not self.test.forked:
+            # (forked rounds keep their conflicts in the child that ran them)
             from pytest_ftrace.ftrace.explain import failing_round
 
             failing_round(outcome, first, self.race_rounds)
