@@ -1060,14 +1060,15 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
         );
     }
     let mut all = SPECS.lock();
-    all.get_or_insert_with(HashMap::new).insert(
-        code.as_ptr() as usize,
-        CodeSpecs {
+    // A code object's entry is never replaced: another thread may be using its specs (their
+    // pointers borrow from the entry's objects).
+    all.get_or_insert_with(HashMap::new)
+        .entry(code.as_ptr() as usize)
+        .or_insert_with(|| CodeSpecs {
             _keep: specs.into_any().unbind(),
             _code: code.unbind(),
             by_offset,
-        },
-    );
+        });
     Ok(())
 }
 
@@ -1215,4 +1216,117 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(races_lock, m)?)?;
     m.add_function(wrap_pyfunction!(races_stats, m)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acc(tid: u32, op: u8, check: bool) -> Acc {
+        Acc {
+            tid,
+            epoch: 0,
+            seq: 0,
+            code: 1,
+            offset: 10 + op as u32,
+            op,
+            check,
+            atomic: false,
+        }
+    }
+
+    fn state_with(locations: usize) -> State {
+        let mut st = State::default();
+        for _ in 0..locations {
+            st.data.push(Loc::default());
+        }
+        st
+    }
+
+    fn touch(st: &mut State, loc: u32, a: Acc) {
+        if st.data[loc as usize].reads.is_empty()
+            && st.data[loc as usize].last_write.is_none()
+            && st.data[loc as usize].pending.is_empty()
+        {
+            st.data[loc as usize].first_tid = a.tid;
+        }
+        st.access(loc, a);
+    }
+
+    #[test]
+    fn a_lost_update_is_a_stale_write() {
+        let mut st = state_with(1);
+        touch(&mut st, 0, acc(0, OP_READ, false));
+        touch(&mut st, 0, acc(1, OP_READ, false));
+        touch(&mut st, 0, acc(0, OP_WRITE, false));
+        touch(&mut st, 0, acc(1, OP_WRITE, false));
+        let stale: Vec<_> = st.conflicts.iter().filter(|c| c.read.is_some()).collect();
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].first.tid, 0);
+        assert_eq!(stale[0].second.tid, 1);
+        assert!(!stale[0].read.unwrap().check);
+    }
+
+    #[test]
+    fn a_check_then_act_keeps_the_check() {
+        let mut st = state_with(1);
+        touch(&mut st, 0, acc(0, OP_READ, true));
+        touch(&mut st, 0, acc(1, OP_READ, true));
+        touch(&mut st, 0, acc(0, OP_WRITE, false));
+        touch(&mut st, 0, acc(1, OP_WRITE, false));
+        let stale = st.conflicts.iter().find(|c| c.read.is_some()).unwrap();
+        assert!(stale.read.unwrap().check);
+    }
+
+    #[test]
+    fn a_lock_orders_read_modify_writes() {
+        let mut st = state_with(1);
+        for tid in [0, 1, 0, 1] {
+            st.acquire(tid, 7, true);
+            touch(&mut st, 0, acc(tid, OP_READ, false));
+            touch(&mut st, 0, acc(tid, OP_WRITE, false));
+            st.release(tid, 7, true);
+        }
+        assert!(st.conflicts.is_empty(), "{:?}", st.conflicts);
+    }
+
+    #[test]
+    fn without_the_lock_the_same_accesses_conflict() {
+        let mut st = state_with(1);
+        for tid in [0, 1, 0, 1] {
+            touch(&mut st, 0, acc(tid, OP_READ, false));
+            touch(&mut st, 0, acc(tid, OP_WRITE, false));
+        }
+        assert!(!st.conflicts.is_empty());
+    }
+
+    #[test]
+    fn container_edges_order_pairs_but_not_stale_writes() {
+        // Thread 0 writes location 0, then publishes through a container (weak edge); thread
+        // 1 takes it from there and reads location 0: ordered.
+        let mut st = state_with(2);
+        touch(&mut st, 0, acc(0, OP_WRITE, false));
+        st.release(0, 9, false);
+        st.acquire(1, 9, false);
+        touch(&mut st, 0, acc(1, OP_READ, false));
+        assert!(st.conflicts.is_empty());
+        // A read, another thread's write, then the write from the stale read, with container
+        // edges between each: still a lost update.
+        for (tid, op) in [(0, OP_READ), (1, OP_WRITE), (0, OP_WRITE)] {
+            st.acquire(tid, 9, false);
+            touch(&mut st, 1, acc(tid, op, false));
+            st.release(tid, 9, false);
+        }
+        assert!(st.conflicts.iter().any(|c| c.loc == 1 && c.read.is_some()));
+    }
+
+    #[test]
+    fn one_thread_alone_never_conflicts() {
+        let mut st = state_with(1);
+        for op in [OP_READ, OP_WRITE, OP_READ, OP_WRITE] {
+            touch(&mut st, 0, acc(3, op, false));
+        }
+        assert!(st.conflicts.is_empty());
+        assert_eq!(st.shared_locations, 0);
+    }
 }
