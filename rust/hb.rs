@@ -64,6 +64,8 @@ const OP_METHOD: u8 = 3;
 const OWNER_LOCAL: u8 = 1;
 const OWNER_GLOBAL: u8 = 2;
 const OWNER_GLOBALS: u8 = 3;
+/// A cell variable itself (`nonlocal x`): the key is its index in the frame's locals.
+const OWNER_CELL: u8 = 4;
 // What the key is.
 const KEY_ATTR: u8 = 0;
 const KEY_CONST: u8 = 1;
@@ -119,7 +121,7 @@ struct Loc {
     /// The accessed object (kept alive for the round) and the key.
     owner: Option<Py<PyAny>>,
     key: Option<Py<PyAny>>,
-    /// 0 attribute, 1 item, 2 whole container, 3 module global.
+    /// 0 attribute, 1 item, 2 whole container, 3 module global, 4 cell variable.
     kind: u8,
     first_tid: u32,
     shared: bool,
@@ -436,7 +438,7 @@ fn label(py: Python<'_>, l: &Loc) -> (String, String) {
     };
     let key = match (&l.key, l.kind) {
         (_, 2) | (None, _) => "*".to_string(),
-        (Some(k), 0 | 3) => k.bind(py).to_string(),
+        (Some(k), 0 | 3 | 4) => k.bind(py).to_string(),
         (Some(k), _) => k
             .bind(py)
             .repr()
@@ -627,6 +629,49 @@ unsafe fn lookup(
     }
 }
 
+/// The cell at index `index` of the running frame's locals (a borrowed reference), or null.
+///
+/// CPython 3.12 and 3.13 only (the Python side makes cell specs for those alone): the cell
+/// sits in the interpreter frame, which the public C API does not show. The layout is
+/// checked before it is trusted: the interpreter frame must point back to `frame` and to
+/// `code`, and the slot must hold a cell.
+///
+/// # Safety
+/// Attached; `frame` is the running frame, whose code object is `code`.
+unsafe fn frame_cell(
+    frame: *mut ffi::PyFrameObject,
+    code: *mut ffi::PyObject,
+    index: isize,
+) -> *mut ffi::PyObject {
+    // PyFrameObject: PyObject_HEAD, f_back, f_frame. _PyInterpreterFrame: f_code (or
+    // f_executable), previous, f_funcobj, f_globals, f_builtins, f_locals, frame_obj,
+    // prev_instr (instr_ptr), int stacktop, u16 return_offset, char owner, localsplus[].
+    const WORD: usize = std::mem::size_of::<usize>();
+    const LOCALSPLUS: usize = 8 * WORD + 8;
+    // SAFETY: the reads are within a live PyFrameObject and its interpreter frame, checked
+    // against the two pointers that must be there before the slot is read.
+    unsafe {
+        if index < 0 || ffi::PyCode_Check(code) == 0 {
+            return std::ptr::null_mut();
+        }
+        let head = std::mem::size_of::<ffi::PyObject>();
+        let iframe = *((frame as *const u8).add(head + WORD) as *const *const u8);
+        if iframe.is_null() {
+            return std::ptr::null_mut();
+        }
+        let f_code = *(iframe as *const *mut ffi::PyObject);
+        let frame_obj = *(iframe.add(6 * WORD) as *const *mut ffi::PyFrameObject);
+        if f_code != code || frame_obj != frame {
+            return std::ptr::null_mut();
+        }
+        let slot = *(iframe.add(LOCALSPLUS + index as usize * WORD) as *const *mut ffi::PyObject);
+        if slot.is_null() || type_name(slot) != c"cell" {
+            return std::ptr::null_mut();
+        }
+        slot
+    }
+}
+
 /// The attribute `name` of `obj` from its instance dict only (no descriptor, no user code),
 /// a new reference or null.
 unsafe fn instance_attr(obj: *mut ffi::PyObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject {
@@ -734,7 +779,20 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
         if frame.is_null() {
             return;
         }
-        let mut owner = lookup(frame, spec.owner_kind, spec.owner_name);
+        let mut owner = if spec.owner_kind == OWNER_CELL {
+            let index = ffi::PyLong_AsSsize_t(spec.key);
+            if index == -1 && !ffi::PyErr_Occurred().is_null() {
+                ffi::PyErr_Clear();
+                return;
+            }
+            let cell = frame_cell(frame, code, index);
+            if cell.is_null() {
+                return;
+            }
+            ffi::Py_NewRef(cell)
+        } else {
+            lookup(frame, spec.owner_kind, spec.owner_name)
+        };
         if owner.is_null() {
             return;
         }
@@ -754,6 +812,8 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
         let mut loc_kind = 0u8; // attribute
         if spec.owner_kind == OWNER_GLOBALS {
             loc_kind = 3;
+        } else if spec.owner_kind == OWNER_CELL {
+            loc_kind = 4;
         } else if spec.key_kind != KEY_ATTR {
             // A subscript, `in`, or a container method.
             if kind == 0 {
@@ -779,6 +839,7 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
         // The key.
         let mut key_obj: *mut ffi::PyObject = std::ptr::null_mut();
         match spec.key_kind {
+            _ if spec.owner_kind == OWNER_CELL => key_obj = ffi::Py_NewRef(spec.owner_name),
             KEY_ATTR => key_obj = ffi::Py_NewRef(spec.key),
             KEY_CONST if keyed => key_obj = ffi::Py_NewRef(spec.key),
             KEY_NONE => {}
@@ -1119,7 +1180,7 @@ fn races_conflicts<'py>(
         let d = PyDict::new(py);
         d.set_item(
             "kind",
-            ["attribute", "item", "container", "global"][k.kind.min(3) as usize],
+            ["attribute", "item", "container", "global", "cell"][k.kind.min(4) as usize],
         )?;
         d.set_item("owner", k.owner)?;
         d.set_item("key", k.key)?;

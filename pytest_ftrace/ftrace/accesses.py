@@ -10,8 +10,8 @@ symbolic stack finds, for every access, the access's operation and the source of
 constant or a local). The native side looks those up in the running frame at the access.
 
 An access whose object comes from anything else (a call's result, a deeper expression) is not
-tracked. Accesses of cell variables themselves (`nonlocal x; x += 1`) are not tracked either:
-the frame does not show its cells through the public C API.
+tracked. A cell variable itself (`nonlocal x; x += 1`) is a location on CPython 3.12 and 3.13,
+where the native side finds the cell in the frame (checking the layout first).
 
 PYTEST_DONT_REWRITE: plugin code, imported as is.
 """
@@ -19,11 +19,14 @@ PYTEST_DONT_REWRITE: plugin code, imported as is.
 from __future__ import annotations
 
 import dis
+import sys
 
 # Operations (rust/hb.rs).
 READ, WRITE, DELETE, METHOD = 0, 1, 2, 3
 # Owner sources.
-LOCAL, GLOBAL, GLOBALS = 1, 2, 3
+LOCAL, GLOBAL, GLOBALS, CELL = 1, 2, 3, 4
+# Where the native side can read a cell variable's cell (rust/hb.rs, frame_cell).
+_CELLS = sys.version_info[:2] in ((3, 12), (3, 13))
 # Key sources.
 KEY_ATTR, KEY_CONST, KEY_LOCAL, KEY_NONE = 0, 1, 2, 3
 
@@ -147,6 +150,12 @@ def specs(code) -> tuple[dict, dict]:
             calls = []
         if name in _NO_STACK:
             continue
+        if name in ("LOAD_DEREF", "STORE_DEREF", "DELETE_DEREF") and _CELLS:
+            # The cell variable itself (`nonlocal x`): its cell, by its index in the locals.
+            op = {"LOAD_DEREF": READ, "STORE_DEREF": WRITE}.get(name, DELETE)
+            check = op == READ and _is_check(instructions, index)
+            out[ins.offset] = (op, check, CELL, ins.argval, None, KEY_CONST, ins.arg, None, None)
+            texts[ins.offset] = ins.argval
         if name in _LOAD_LOCAL:
             stack.append(("local", ins.argval))
         elif name == "LOAD_FAST_LOAD_FAST":

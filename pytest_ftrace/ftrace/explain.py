@@ -114,6 +114,8 @@ def location(conflict: dict) -> str:
     kind, owner, key = conflict["kind"], conflict["owner"], conflict["key"]
     if kind in ("attribute", "global"):
         return f"{owner}.{key}"
+    if kind == "cell":
+        return f"{key} (a closure variable)"
     from pytest_ftrace.ftrace.accesses import owner_text
 
     _tid, _seq, code, offset, *_rest = conflict["second"]
@@ -293,6 +295,6 @@ def failing_round(outcome, first, per_round: dict[int, list[dict]]) -> None:
         return
     outcome.notes.append(
         f"no conflicting accesses were seen in round {first.iteration} (the accesses that "
-        "matter may be out of the hooked scope, in C code, on cell variables, or through an "
-        "object the bytecode does not name)"
+        "matter may be out of the hooked scope, in C code, or through an object the bytecode "
+        "does not name)"
     )

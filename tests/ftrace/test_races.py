@@ -3,6 +3,8 @@ the test) when a test passes. Real pytest sessions on small test files."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 COUNTER = """
@@ -149,6 +151,24 @@ def test_mixed(iteration_index, num_parallel_threads):
     assert len(done) < num_parallel_threads, "the last thread of a round always fails"
 """
 
+NONLOCAL = """
+import threading
+
+def test_nonlocal_counter():
+    count = 0
+
+    def work():
+        nonlocal count
+        count += 1  # LINE-CELL
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert count == 2, "lost update"
+"""
+
 
 def exact(pytester, *args):
     return pytester.runpytest(
@@ -283,3 +303,25 @@ def test_locks_and_thread_start_join_order_accesses(pytester, seed):
     assert "Racy.value" in out
     assert "Locked.n" not in out
     assert "Handed.n" not in out
+
+
+@pytest.mark.skipif(
+    sys.version_info[:2] not in ((3, 12), (3, 13)), reason="cells are read on 3.12 and 3.13"
+)
+def test_a_closure_variable_is_a_location(pytester):
+    """`nonlocal count; count += 1` in threads the test starts: the cell is the location, and
+    the accesses before the starts and after the joins are ordered."""
+    pytester.makepyfile(test_cell=NONLOCAL)
+    result = exact(pytester, "--seed", "1")
+    result.assert_outcomes(failed=1)
+    line = _line(NONLOCAL, "LINE-CELL")
+    result.stdout.fnmatch_lines(
+        [
+            "*] lost update on count (a closure variable): *",
+            f"*thread ? read    test_cell.py:{line}   count += 1*",
+        ]
+    )
+    explained = result.stdout.str().split("conflicts in round", 1)[1].split("schedule of", 1)[0]
+    # before the starts and after the joins: ordered, never a conflict
+    assert f"test_cell.py:{_line(NONLOCAL, 'count = 0')} " not in explained
+    assert f"test_cell.py:{_line(NONLOCAL, 'assert count')} " not in explained
