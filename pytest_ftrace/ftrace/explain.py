@@ -83,28 +83,23 @@ def classify(conflict: dict, others: list[dict]) -> str:
 
 
 def _torn(conflict: dict, others: list[dict]) -> bool:
-    """A write then another thread's read on one attribute, and that reader's read before the
-    same writer's write on another attribute of the same kind of object."""
+    """A write then another thread's read on one attribute, and a read before another
+    thread's write on another attribute of the same kind of object."""
     first, second = conflict["first"], conflict["second"]
     reader_saw = first[4] == "write" and second[4] == "read"
     reader_missed = first[4] == "read" and second[4] == "write"
     if not (reader_saw or reader_missed):
         return False
-    writer, reader = (first[0], second[0]) if reader_saw else (second[0], first[0])
     for other in others:
         if other is conflict or other["kind"] != "attribute":
             continue
         if other["owner"] != conflict["owner"] or other["key"] == conflict["key"]:
             continue
         a, b = other["first"], other["second"]
-        if reader_saw and a[4] == "read" and b[4] == "write" and (a[0], b[0]) == (reader, writer):
+        # (conflicts are kept once per pair of lines: the threads may differ between the two)
+        if reader_saw and (a[4], b[4]) == ("read", "write"):
             return True
-        if (
-            reader_missed
-            and a[4] == "write"
-            and b[4] == "read"
-            and (a[0], b[0]) == (writer, reader)
-        ):
+        if reader_missed and (a[4], b[4]) == ("write", "read"):
             return True
     return False
 
