@@ -223,7 +223,7 @@ fn feeding_read(reads: &[Acc], w: &Acc, write: &Acc) -> Option<Acc> {
         .iter()
         .filter(feeds)
         .find(|r| r.check)
-        .or_else(|| reads.iter().filter(feeds).last())
+        .or_else(|| reads.iter().rev().find(|r| feeds(r)))
         .copied()
 }
 
