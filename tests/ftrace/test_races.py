@@ -263,7 +263,8 @@ def test_races_fail_fails_a_passing_racy_test_with_a_replay_line(pytester):
         [
             "*DataRaceError: 1 data race (--ftrace-races=fail), although every assertion held:*",
             "*lost update on Counter.value*",
-            "*replay: pytest '*::test_racy_but_passes' --ftrace* --ftrace-replay t2i*",
+            "*replay: pytest '*::test_racy_but_passes' --ftrace* --ftrace-races fail --seed 1 "
+            "--ftrace-replay t2i*",
         ]
     )
 
