@@ -317,5 +317,9 @@ def owner_text(code, offset: int) -> str | None:
     """The expression the access at `offset` of `code` reaches its object by (`self.cache`)."""
     entry = _TEXTS.get(id(code))
     if entry is None or entry[0] is not code:
-        return None
+        # not decoded here (this module was imported afresh since: pytester's sessions)
+        try:
+            entry = _TEXTS[id(code)] = (code, specs(code)[1])
+        except Exception:  # noqa: BLE001 - undecodable: the caller names the type instead
+            return None
     return entry[1].get(offset)
