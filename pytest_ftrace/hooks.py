@@ -518,6 +518,10 @@ def ftrace_summary(tr, session: FtraceSession, verbose: int) -> None:
         tr.line(summary(session.budgets))
     for nodeid, line in session.explored:
         tr.line(f"ftrace explore: {nodeid}: {line}")
+    if session.race_reports:
+        from pytest_ftrace.ftrace.explain import summary
+
+        summary(tr, session.race_reports)
     if verbose <= 0 or not session.stats:
         return
     tr.section(f"ftrace statistics (seed {session.seed})", sep="-")

@@ -466,6 +466,15 @@ def _add_ftrace_options(add: _Registrar) -> None:
         f"preemptions that fails the same way (default {DEFAULT_SHRINK_SECONDS:g}; 0: off)",
     )
     add.option(
+        "--ftrace-races",
+        dest="ftrace_races",
+        default="report",
+        choices=("off", "report", "fail"),
+        help="exact mode: conflicting accesses (two threads, one location, at least one write, "
+        "not ordered by a lock, queue or thread start/join) explain a failure; in a test that "
+        "passes they are listed under 'data races' (report, the default) or fail it (fail)",
+    )
+    add.option(
         "--ftrace-rounds",
         dest="ftrace_rounds",
         default=None,

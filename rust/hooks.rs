@@ -188,14 +188,21 @@ unsafe extern "C" fn on_instruction(
             if accesses::enabled() {
                 accesses::note(code, offset as u32);
             }
+            let _ = std::panic::catch_unwind(|| crate::hb::before_point(code, offset as u32));
             let at = (code as usize, offset as u32);
             // Most points keep the turn: decided without letting go of the interpreter.
             let kept = std::panic::catch_unwind(|| engine::schedule_point_try(at));
+            let mut turn = matches!(kept, Ok(Some(Wait::Turn)));
             if !matches!(kept, Ok(Some(_))) && may_wait() {
                 let state = ffi::PyEval_SaveThread();
-                let _ = std::panic::catch_unwind(engine::schedule_wait);
+                let waited = std::panic::catch_unwind(engine::schedule_wait);
                 ffi::PyEval_RestoreThread(state);
                 leave();
+                turn = matches!(waited, Ok(Wait::Turn | Wait::Woken));
+            }
+            if turn {
+                // The access happens now, in the schedule's order: happens-before tracking.
+                let _ = std::panic::catch_unwind(|| crate::hb::on_access(code, offset as u32));
             }
             ffi::Py_NewRef(ffi::Py_None())
         }
@@ -248,6 +255,15 @@ unsafe fn keep_code(code: *mut ffi::PyObject) {
         // SAFETY: attached, and `code` is a live object (see above); a new strong reference.
         unsafe { Bound::from_borrowed_ptr(Python::assume_attached(), code).unbind() }
     });
+}
+
+/// The code object at `addr` that a recorded step names, if it is kept.
+pub(crate) fn code_object(py: Python<'_>, addr: usize) -> Option<Py<PyAny>> {
+    CODES
+        .lock()
+        .as_ref()
+        .and_then(|m| m.get(&addr))
+        .map(|o| o.clone_ref(py))
 }
 
 /// `sys.monitoring.DISABLE`, kept alive by [`DISABLE`] (set once at module init).
@@ -492,6 +508,7 @@ impl Run {
         });
         // Managed in the round it entered (whose generation the enter may have started).
         engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
+        crate::hb::note_round(self.shared.id(), core.generation(), iteration);
         Ok(wait.name())
     }
 
@@ -504,7 +521,9 @@ impl Run {
         }
         engine::set_managed(&self.shared, Some(tid)).map_err(PyRuntimeError::new_err)?;
         let ident = thread_ident();
-        Ok(detached(py, move || core.attach(tid, ident, generation)).name())
+        let wait = detached(py, move || core.attach(tid, ident, generation));
+        crate::hb::started(py);
+        Ok(wait.name())
     }
 
     /// Exact mode: the current round's generation (see sched_attach).
@@ -513,9 +532,10 @@ impl Run {
     }
 
     /// Exact mode: the calling thread leaves the round (no-op when it is not managed).
-    fn sched_exit(&self) -> PyResult<()> {
+    fn sched_exit(&self, py: Python<'_>) -> PyResult<()> {
         let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         if let Some(tid) = tid {
+            crate::hb::exiting(py);
             engine::set_managed(&self.shared, None).map_err(PyRuntimeError::new_err)?;
             core.exit(tid);
         }
@@ -579,8 +599,10 @@ impl Run {
     }
 
     /// Exact mode: an id for a thread the calling (managed) thread is about to start.
-    fn sched_spawn(&self) -> Option<u32> {
-        self.shared.core()?.spawn()
+    fn sched_spawn(&self, py: Python<'_>) -> Option<u32> {
+        let child = self.shared.core()?.spawn()?;
+        crate::hb::spawn(py, child);
+        Some(child)
     }
 
     /// Exact mode: whether managed thread `tid` is in the round and not finished.
@@ -816,6 +838,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Run>()?;
     iterpoints::register(m)?;
     crate::shared::register(m)?;
+    crate::hb::register(m)?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 mod accesses;
 mod clock;
 pub mod engine;
+mod hb;
 mod hooks;
 mod iterpoints;
 mod locks;

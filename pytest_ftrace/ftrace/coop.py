@@ -329,10 +329,17 @@ def _lock_point(run, caller, lock) -> None:
 def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
     """A managed thread acquires a native lock: a scheduling point when the user's code (not
     threading's or queue's) asks, then the lock, waiting in the core while it is held."""
+    caller = sys._getframe(1)
+    got = _acquire(lock, blocking, timeout, caller)
+    if got and not caller.f_code.co_filename.startswith(_HERE):
+        _native.races_lock(id(lock), True)  # happens-before (the test's locks, not ours)
+    return got
+
+
+def _acquire(lock, blocking: bool, timeout: float | None, caller) -> bool:
     run = _managed()
     if run is None:  # no longer managed (the round ended): a plain acquire
         return lock._ftrace_block(timeout) if blocking else lock._ftrace_try()
-    caller = sys._getframe(1)
     if _user_file(caller.f_code.co_filename):
         _lock_point(run, caller, lock)
     if lock._ftrace_try():
@@ -361,11 +368,14 @@ def _release_hook(lock, managed: bool, waiting: bool) -> None:
     run = _CURRENT
     if run is None:
         return
+    frame = sys._getframe(1)
+    caller = frame.f_code.co_filename
+    if managed and not caller.startswith(_HERE):
+        _native.races_lock(id(lock), False)  # before another thread can take it
     if waiting:
         run.sched_wake(id(lock))
-    caller = sys._getframe(1)
-    if managed and _user_file(caller.f_code.co_filename):
-        _lock_point(run, caller, lock)
+    if managed and _user_file(caller):
+        _lock_point(run, frame, lock)
 
 
 class _Sleeper:
@@ -472,6 +482,8 @@ def _thread_join(self, timeout: float | None = None) -> None:
                 return None
             if answer == "free":
                 break
+        if not run.sched_live(tid):
+            _native.races_joined(tid)  # happens-before: the thread's past is the joiner's
     return _ORIGINAL[(threading.Thread, "join")](self, timeout)
 
 
@@ -789,6 +801,7 @@ def lanes(
     failing: int | None = None,
     width: int = 120,
     labels: dict[int, str] | None = None,
+    marked: set | None = None,
 ) -> str:
     """The schedule as lanes: one column per thread, one row per run of steps of one thread
     (its first access, and how many steps the run took), the last `rows` runs up to `cut`, or
@@ -799,15 +812,23 @@ def lanes(
     columns would be too narrow, threads that made no access in the rows shown are left out
     (and named below the table); when they still would be, the rows are printed as a list.
     `labels` names the threads the test started (who started each, and where); a
-    `(lock/wait)` row is explained below the table when there is one."""
+    `(lock/wait)` row is explained below the table when there is one. A run with one of the
+    `marked` steps ((thread, id(code), offset): the conflicting accesses) starts with `*`."""
     import textwrap
 
-    runs = lane_runs(steps, cut, failing)
+    runs = lane_runs(steps, cut, failing, marked)
     if not runs:
         return "(no steps recorded)"
+    hits = [what.startswith("* ") for _tid, what, _n in runs]
+    runs = [
+        (tid, what[2:] if hit else what, n) for (tid, what, n), hit in zip(runs, hits, strict=True)
+    ]
     accesses = [_split_idle(what)[1] for _tid, what, _n in runs]
     files = {access.split(":", 1)[0] for access in accesses if ":" in access}
-    runs = [(tid, _short(what, files), n) for tid, what, n in runs]
+    runs = [
+        (tid, ("* " if hit else "") + _short(what, files), n)
+        for (tid, what, n), hit in zip(runs, hits, strict=True)
+    ]
     width = max(40, width)
     shown = runs[-rows:]
     skipped = len(runs) - len(shown)
@@ -859,12 +880,16 @@ def lanes(
             notes.append(f"thread {tid}: {labels[tid]}")
     if any(text.startswith("(lock/wait)") for _at, _tid, text in texts):
         notes.append(_LOCK_WAIT_NOTE)
+    if any(text.startswith("* ") for _at, _tid, text in texts):
+        notes.append("*: the run makes one of the conflicting accesses named above")
     for note in notes:
         out.extend(textwrap.wrap(note, width - 2, initial_indent="  ", subsequent_indent="    "))
     return "\n".join(line.rstrip() for line in out)
 
 
-def lane_runs(steps: list, cut: int | None = None, failing: int | None = None) -> list:
+def lane_runs(
+    steps: list, cut: int | None = None, failing: int | None = None, marked: set | None = None
+) -> list:
     """[(thread id, what, steps)]: the runs of steps of one thread that the lanes show, up to
     `cut`, or up to where thread `failing` started explaining a failed assertion. A run is
     shown by its first access; one that starts at the thread's start or at a lock/wait shows
@@ -880,13 +905,15 @@ def lane_runs(steps: list, cut: int | None = None, failing: int | None = None) -
         what = describe_step(code, offset)
         if _ASSERT_NOISE.search(what):
             continue  # pytest's assertion rewriting explaining a failure, not the program
+        hit = bool(marked) and (tid, id(code), offset) in marked
         if runs and runs[-1][0] == tid:
             runs[-1][2] += 1
             if runs[-1][1] in _IDLE and what not in _IDLE:
                 runs[-1][1] = f"{runs[-1][1]} {what}"
+            runs[-1][3] |= hit
         else:
-            runs.append([tid, what, 1])
-    return [tuple(run) for run in runs]
+            runs.append([tid, what, 1, hit])
+    return [(tid, f"* {what}" if hit else what, n) for tid, what, n, hit in runs]
 
 
 def has_accesses(steps: list, cut: int | None = None, failing: int | None = None) -> bool:

@@ -275,6 +275,7 @@ class Instrumentation:
         # Where each access's object is, for the budget's signal (off when no test runs by
         # budget: the analysis costs at the first call of every hooked code object)
         self.access_slots = True
+        self.races = False  # exact mode tracks accesses (--ftrace-races): decode each code
         self._active: TestRun | None = None
         _native.set_hooked_opcodes(opcode_table())
         genpoints.install()
@@ -378,9 +379,13 @@ class Instrumentation:
             else:
                 return mon.DISABLE
             slots = genpoints.iter_slots(code)
-            accesses = None
+            access_slots = None
             if self.access_slots and sharing.AVAILABLE:
-                accesses = sharing.access_entries(code)
+                access_slots = sharing.access_entries(code)
+            if self.races:
+                from pytest_ftrace.ftrace import accesses
+
+                accesses.register(code)
             with self._lock:
                 if self._active is not None and id(code) not in self._armed:
                     # the loop slots first: a thread already running this code (free-threaded
@@ -388,8 +393,8 @@ class Instrumentation:
                     # slot known switches that loop's events off for good
                     if slots:
                         _native.set_iter_slots(code, slots)
-                    if accesses:  # where each access's object is (the budget's signal)
-                        _native.set_access_slots(code, accesses)
+                    if access_slots:  # where each access's object is (the budget's signal)
+                        _native.set_access_slots(code, access_slots)
                     mon.set_local_events(self.tool_id, code, E.INSTRUCTION)
                     self._armed[id(code)] = code
                     self.generated += generated

@@ -36,8 +36,9 @@ def scheduler_text(scheduler) -> str:
 
 
 def run_options(session, iterations: int | None) -> dict:
-    """The schedule-shaping options of an FtraceSession, as plain JSON values."""
-    return {
+    """The schedule-shaping options of an FtraceSession, as plain JSON values (and
+    `--ftrace-races fail`, which makes a passing racy round a failure to see again)."""
+    opts = {
         "mode": session.mode,
         "scheduler": scheduler_text(session.scheduler) if session.mode == "exact" else None,
         "policy": {str(k): v for k, v in sorted(session.policy.items())},
@@ -47,6 +48,9 @@ def run_options(session, iterations: int | None) -> dict:
         "rounds": getattr(session, "rounds", DEFAULT_ROUNDS) if session.mode == "exact" else None,
         "project": list(session.project_packages),
     }
+    if session.mode == "exact" and getattr(session, "races", None) == "fail":
+        opts["races"] = "fail"
+    return opts
 
 
 def command_line(opts: dict) -> list[str]:
@@ -73,6 +77,8 @@ def command_line(opts: dict) -> list[str]:
     rounds = opts.get("rounds")
     if rounds in ROUNDS_WHERE and rounds != DEFAULT_ROUNDS:
         out += ["--ftrace-rounds", rounds]
+    if opts.get("races") == "fail":
+        out += ["--ftrace-races", "fail"]
     return out
 
 

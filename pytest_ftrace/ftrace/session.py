@@ -145,6 +145,13 @@ class FtraceSession:
 
         # the budget's signal needs each access's object (ftrace/sharing.py)
         self.instrumentation.access_slots = config.stash[STATE_KEY].settings.budget is not None
+        self.races: str = getattr(config.option, "ftrace_races", "report")
+        self.race_reports: list[tuple[str, int, str]] = []  # passing tests' conflicts
+        if self.mode == "exact" and self.races != "off":
+            from pytest_ftrace.ftrace import explain
+
+            explain.start()
+            self.instrumentation.races = True
         if self.replay is not None:
             config.pluginmanager.register(_ReplayCheck(self), "ftrace-replay-check")
         self.stats: list[tuple[str, dict]] = []
@@ -155,6 +162,10 @@ class FtraceSession:
             self.cache.set(CACHE_KEY, self.seed)
 
     def close(self) -> None:
+        if self.instrumentation.races:
+            from pytest_ftrace import _native
+
+            _native.races_enable(False)
         self.instrumentation.close()
 
     def header(self) -> str:

@@ -68,6 +68,7 @@ class ExactMode:
         self.test = test
         session, item, replay = test.session, test.item, test.replay
         self.shrink_cut_short: int | None = None  # candidates tried when time ran out
+        self.race_rounds: dict[int, list[dict]] = {}  # {round: conflicts} (--ftrace-races)
         kwargs = self.native_options(session, item.nodeid, replay)
         self.replay_exact = "replay" in kwargs  # following a recorded decision list
         self.replay_decisions: list[int] | None = kwargs.get("replay")
@@ -127,6 +128,10 @@ class ExactMode:
         for where, exc in self.exact.internal_errors:
             outcome.failures.append(Failure(None, None, internal_error(where, exc), "internal"))
         self._exact_notes(outcome)
+        if self.test.session.instrumentation.races and not self.test.forked:
+            from pytest_ftrace.ftrace.explain import passing_test
+
+            self.race_rounds = passing_test(self.test, self.traced._native.id, outcome)
 
     def replay_note(self) -> str:
         """How the replay's rounds were scheduled, honestly: whether each followed the recorded
@@ -175,6 +180,11 @@ class ExactMode:
         key = None
         k = None
         config = self.test.item.config
+        if self.test.session.instrumentation.races and not self.test.forked:
+            # (forked rounds keep their conflicts in the child that ran them)
+            from pytest_ftrace.ftrace.explain import failing_round
+
+            failing_round(outcome, first, self.race_rounds)
         record = self.exact.round(first.iteration)
         if record is not None and record.get("k"):
             k = record["k"]
@@ -216,7 +226,12 @@ class ExactMode:
             steps = self.exact.steps(first.iteration)
             cut = self.exact.exit_steps.get((first.iteration, first.thread))
             labels = self.exact.thread_labels(first.iteration)
-            self._lane_view(outcome, first, record, steps, cut, False, labels)
+            marked = None
+            if self.race_rounds.get(first.iteration):
+                from pytest_ftrace.ftrace.explain import marked_steps
+
+                marked = marked_steps(self.race_rounds[first.iteration])
+            self._lane_view(outcome, first, record, steps, cut, False, labels, marked)
         if record is not None and not record["exact"] and not record["deadlock"]:
             outcome.notes.append(
                 f"round {first.iteration} was not exact ({record['reason']}): the "
@@ -358,6 +373,10 @@ class ExactMode:
                 exact.deactivate()
         finally:
             traced.deactivate()
+        if self.test.session.instrumentation.races:
+            from pytest_ftrace.ftrace.explain import forget
+
+            forget(traced._native.id)
         record = exact.round(0)
         failures = [f for f in outcome.failures if f.iteration is not None]
         if record is None or not record["exact"]:
@@ -371,7 +390,7 @@ class ExactMode:
         return (where, record, steps, cut, failure, exact.thread_labels(0))
 
     def _lane_view(
-        self, outcome: Outcome, first, record, steps, cut, shrunk: bool, labels=None
+        self, outcome: Outcome, first, record, steps, cut, shrunk: bool, labels=None, marked=None
     ) -> None:
         import textwrap
 
@@ -387,7 +406,7 @@ class ExactMode:
             f"({record.get('preemptions', '?')} preemptions; a row is a run of steps of one "
             "thread, shown by its first access):"
         )
-        table = lanes(steps, cut, failing=first.thread, width=width, labels=labels)
+        table = lanes(steps, cut, failing=first.thread, width=width, labels=labels, marked=marked)
         outcome.notes.append("\n".join([*textwrap.wrap(intro, width), table]))
 
     def _exact_notes(self, outcome: Outcome) -> None:

@@ -1,0 +1,325 @@
+"""What each hooked instruction of a code object accesses, for happens-before tracking
+(`--ftrace-races`, rust/hb.rs).
+
+A hooked instruction's event says only where it is (code object, offset). Which object it
+touches is on the value stack, out of the hook's reach; but where that object came from is in
+the bytecode: `self.value += 1` loads `self` (a local) before its `LOAD_ATTR value`, `d[key]`
+loads `d` and `key` before its `BINARY_SUBSCR`. A forward walk over each basic block with a
+symbolic stack finds, for every access, the access's operation and the source of its object
+(a local or cell variable, a global, or one attribute of one of those) and of its key (a
+constant or a local). The native side looks those up in the running frame at the access.
+
+An access whose object comes from anything else (a call's result, a deeper expression) is not
+tracked. A cell variable itself (`nonlocal x; x += 1`) is a location on CPython 3.12 and 3.13,
+where the native side finds the cell in the frame (checking the layout first).
+
+PYTEST_DONT_REWRITE: plugin code, imported as is.
+"""
+
+from __future__ import annotations
+
+import dis
+import sys
+
+# Operations (rust/hb.rs).
+READ, WRITE, DELETE, METHOD = 0, 1, 2, 3
+# Owner sources.
+LOCAL, GLOBAL, GLOBALS, CELL = 1, 2, 3, 4
+# Where the native side can read a cell variable's cell (rust/hb.rs, frame_cell).
+_CELLS = sys.version_info[:2] in ((3, 12), (3, 13))
+# Key sources.
+KEY_ATTR, KEY_CONST, KEY_LOCAL, KEY_NONE = 0, 1, 2, 3
+
+_LOAD_LOCAL = {
+    "LOAD_FAST",
+    "LOAD_FAST_CHECK",
+    "LOAD_FAST_AND_CLEAR",
+    "LOAD_DEREF",
+    "LOAD_FAST_BORROW",
+}
+_NO_STACK = {"NOP", "RESUME", "EXTENDED_ARG", "CACHE", "KW_NAMES", "NOT_TAKEN", "PRECALL"}
+# What may come between a read and the conditional jump that makes it a check.
+_CHECK_PATH = {
+    "LOAD_CONST",
+    "LOAD_FAST",
+    "LOAD_FAST_CHECK",
+    "LOAD_FAST_BORROW",
+    "LOAD_DEREF",
+    "LOAD_GLOBAL",
+    "LOAD_SMALL_INT",
+    "COMPARE_OP",
+    "IS_OP",
+    "CONTAINS_OP",
+    "TO_BOOL",
+    "UNARY_NOT",
+    "COPY",
+    "CACHE",
+    "EXTENDED_ARG",
+    "NOT_TAKEN",
+}
+_UNKNOWN = None
+
+
+def _const(ins):
+    return ("const", ins.argval)
+
+
+def _is_check(instructions: list, index: int) -> bool:
+    """Whether the value the instruction at `index` reads only decides a branch: compared or
+    tested, then a conditional jump (`if x.a is None:`, `if k not in d:`)."""
+    for ins in instructions[index + 1 : index + 6]:
+        if ins.opname.startswith("POP_JUMP_IF") or ins.opname.startswith("JUMP_IF_"):
+            return True
+        if ins.opname not in _CHECK_PATH:
+            return False
+    return False
+
+
+def _owner(source) -> tuple[int, str, str | None] | None:
+    """(owner kind, name, attribute or None) for a symbolic stack entry."""
+    if source is None:
+        return None
+    kind = source[0]
+    if kind == "local":
+        return (LOCAL, source[1], None)
+    if kind == "global":
+        return (GLOBAL, source[1], None)
+    if kind == "attr" and source[1] is not None and source[1][0] in ("local", "global"):
+        base = _owner(source[1])
+        return (base[0], base[1], source[2]) if base else None
+    return None
+
+
+def _key(source) -> tuple[int, object]:
+    if source is None:
+        return (KEY_NONE, None)
+    if source[0] == "const":
+        return (KEY_CONST, source[1])
+    if source[0] == "local":
+        return (KEY_LOCAL, source[1])
+    return (KEY_NONE, None)
+
+
+def _first_arg(instructions: list, index: int):
+    """The source of the first argument of the method loaded at `index`, when it is a plain
+    constant or local (and is the whole argument)."""
+    after = instructions[index + 1 : index + 3]
+    if not after:
+        return None
+    first = after[0]
+    follow = after[1].opname if len(after) > 1 else ""
+    simple_next = follow.startswith(
+        ("CALL", "LOAD_CONST", "LOAD_FAST", "KW_NAMES", "LOAD_SMALL", "PUSH_NULL", "LOAD_GLOBAL")
+    )
+    if first.opname == "LOAD_FAST_LOAD_FAST":
+        return ("local", first.argval[0])
+    if not simple_next:
+        return None
+    if first.opname in ("LOAD_CONST", "LOAD_SMALL_INT"):
+        return _const(first)
+    if first.opname in _LOAD_LOCAL:
+        return ("local", first.argval)
+    return None
+
+
+def specs(code) -> tuple[dict, dict]:
+    """({offset: spec}, {offset: owner text}) for the accesses of `code` (see rust/hb.rs for a
+    spec's items)."""
+    out: dict[int, tuple] = {}
+    texts: dict[int, str] = {}
+    instructions = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    stack: list = []
+    calls: list[tuple[int, int]] = []  # (offset of a method load, stack depth under it)
+
+    def pop():
+        return stack.pop() if stack else _UNKNOWN
+
+    def add(ins, op, owner, key, check=False, method=None, text=""):
+        where = _owner(owner)
+        if where is None:
+            return
+        kind, name, attr = where
+        key_kind, key_value = key
+        out[ins.offset] = (op, check, kind, name, attr, key_kind, key_value, method, None)
+        texts[ins.offset] = text or _text(owner)
+
+    for index, ins in enumerate(instructions):
+        name = ins.opname
+        if ins.is_jump_target:
+            stack = []
+            calls = []
+        if name in _NO_STACK:
+            continue
+        if name in ("LOAD_DEREF", "STORE_DEREF", "DELETE_DEREF") and _CELLS:
+            # The cell variable itself (`nonlocal x`): its cell, by its index in the locals.
+            op = {"LOAD_DEREF": READ, "STORE_DEREF": WRITE}.get(name, DELETE)
+            check = op == READ and _is_check(instructions, index)
+            out[ins.offset] = (op, check, CELL, ins.argval, None, KEY_CONST, ins.arg, None, None)
+            texts[ins.offset] = ins.argval
+        if name in _LOAD_LOCAL:
+            stack.append(("local", ins.argval))
+        elif name == "LOAD_FAST_LOAD_FAST":
+            stack.extend(("local", n) for n in ins.argval)
+        elif name in ("LOAD_CONST", "LOAD_SMALL_INT"):
+            stack.append(_const(ins))
+        elif name == "LOAD_GLOBAL":
+            if (ins.arg or 0) & 1:
+                stack.append(_UNKNOWN)
+            out[ins.offset] = (
+                READ,
+                _is_check(instructions, index),
+                GLOBALS,
+                ins.argval,
+                None,
+                KEY_ATTR,
+                ins.argval,
+                None,
+                None,
+            )
+            texts[ins.offset] = ins.argval
+            stack.append(("global", ins.argval))
+        elif name in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            if name == "STORE_GLOBAL":
+                pop()
+            op = WRITE if name == "STORE_GLOBAL" else DELETE
+            out[ins.offset] = (
+                op,
+                False,
+                GLOBALS,
+                ins.argval,
+                None,
+                KEY_ATTR,
+                ins.argval,
+                None,
+                None,
+            )
+            texts[ins.offset] = ins.argval
+        elif name == "LOAD_ATTR":
+            owner = pop()
+            if (ins.arg or 0) & 1:  # a method: (method, self) or (NULL, bound)
+                add(
+                    ins,
+                    METHOD,
+                    owner,
+                    _key(_first_arg(instructions, index)),
+                    method=ins.argval,
+                )
+                calls.append((ins.offset, len(stack)))
+                stack.extend((_UNKNOWN, _UNKNOWN))
+            else:
+                add(ins, READ, owner, (KEY_ATTR, ins.argval), _is_check(instructions, index))
+                stack.append(("attr", owner, ins.argval))
+        elif name in ("STORE_ATTR", "DELETE_ATTR"):
+            owner = pop()
+            if name == "STORE_ATTR":
+                pop()
+            add(ins, WRITE if name == "STORE_ATTR" else DELETE, owner, (KEY_ATTR, ins.argval))
+        elif name == "BINARY_SUBSCR":
+            key, owner = pop(), pop()
+            add(ins, READ, owner, _key(key), _is_check(instructions, index))
+            stack.append(_UNKNOWN)
+        elif name in ("STORE_SUBSCR", "DELETE_SUBSCR"):
+            key, owner = pop(), pop()
+            if name == "STORE_SUBSCR":
+                pop()
+            add(ins, WRITE if name == "STORE_SUBSCR" else DELETE, owner, _key(key))
+        elif name == "CONTAINS_OP":
+            owner, key = pop(), pop()
+            add(ins, READ, owner, _key(key), True)
+            stack.append(_UNKNOWN)
+        elif name == "COPY":
+            n = ins.arg or 1
+            stack.append(stack[-n] if len(stack) >= n else _UNKNOWN)
+        elif name == "SWAP":
+            n = ins.arg or 2
+            if len(stack) >= n:
+                stack[-1], stack[-n] = stack[-n], stack[-1]
+            else:
+                stack = []
+        elif name == "STORE_FAST_LOAD_FAST":
+            pop()
+            stack.append(("local", ins.argval[1]))
+        elif name in ("LOAD_NAME", "PUSH_NULL", "LOAD_CLOSURE", "FOR_ITER", "LOAD_ASSERTION_ERROR"):
+            stack.append(_UNKNOWN)
+        elif name == "UNPACK_SEQUENCE":
+            pop()
+            stack.extend([_UNKNOWN] * (ins.arg or 0))
+        else:
+            pops, pushes = _effect(ins)
+            if name in ("CALL", "CALL_KW") and calls and calls[-1][1] == len(stack) - (pops or 0):
+                load = calls.pop()[0]
+                if load in out:  # the method's container operation happens here
+                    out[load] = (*out[load][:8], ins.offset)
+            if pops is None:
+                # Unknown to this walk: keep the depth, forget every source.
+                try:
+                    effect = dis.stack_effect(ins.opcode, ins.arg, jump=False)
+                except (ValueError, TypeError):
+                    effect = 0
+                stack = [_UNKNOWN] * max(0, len(stack) + effect)
+            else:
+                for _ in range(pops):
+                    pop()
+                stack.extend([_UNKNOWN] * pushes)
+        if name.startswith(("RETURN", "RAISE", "RERAISE", "JUMP")) and "IF" not in name:
+            stack = []
+    return out, texts
+
+
+def _effect(ins) -> tuple[int | None, int]:
+    """(pops, pushes) of the common instructions the walk does not follow by name."""
+    name, arg = ins.opname, ins.arg or 0
+    if name in ("BINARY_OP", "COMPARE_OP", "IS_OP", "BINARY_SLICE"):
+        return (3 if name == "BINARY_SLICE" else 2), 1
+    if name.startswith(("UNARY_", "TO_BOOL", "GET_ITER", "FORMAT_", "CONVERT_VALUE")):
+        return 1, 1
+    if name.startswith("DELETE_"):
+        return 0, 0
+    if name.startswith(("STORE_", "POP_JUMP")) or name in ("POP_TOP", "END_FOR"):
+        return (2 if name == "STORE_FAST_STORE_FAST" else 1), 0
+    if name == "CALL":
+        return arg + 2, 1
+    if name == "CALL_KW":
+        return arg + 3, 1
+    if name.startswith("BUILD_") and name != "BUILD_SLICE":
+        return arg, 1
+    return None, 0
+
+
+def _text(source) -> str:
+    if source is None:
+        return "?"
+    if source[0] in ("local", "global"):
+        return source[1]
+    if source[0] == "attr":
+        return f"{_text(source[1])}.{source[2]}"
+    return "?"
+
+
+_TEXTS: dict[int, tuple[object, dict[int, str]]] = {}
+
+
+def register(code) -> None:
+    """Give the native core the accesses of `code` (once per code object)."""
+    from pytest_ftrace import _native
+
+    if _native.races_has_specs(code):
+        return
+    try:
+        table, texts = specs(code)
+    except Exception:  # noqa: BLE001 - an undecodable code object: its accesses go untracked
+        table, texts = {}, {}
+    _TEXTS[id(code)] = (code, texts)
+    _native.races_specs(code, table)
+
+
+def owner_text(code, offset: int) -> str | None:
+    """The expression the access at `offset` of `code` reaches its object by (`self.cache`)."""
+    entry = _TEXTS.get(id(code))
+    if entry is None or entry[0] is not code:
+        # not decoded here (this module was imported afresh since: pytester's sessions)
+        try:
+            entry = _TEXTS[id(code)] = (code, specs(code)[1])
+        except Exception:  # noqa: BLE001 - undecodable: the caller names the type instead
+            return None
+    return entry[1].get(offset)

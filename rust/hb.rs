@@ -1,0 +1,1423 @@
+//! Happens-before tracking for exact mode (`--ftrace-races`): vector clocks per managed thread
+//! and per synchronisation object, and per accessed location (object and attribute, container
+//! and key, module global) the last write and the reads since, so that two accesses of
+//! different threads, at least one a write, that happens-before does not order are a
+//! **conflict**.
+//!
+//! Exact mode runs one managed thread at a time, so the accesses of a round reach this module
+//! in the order they happen: the state is one mutex that is never contended in a round.
+//!
+//! What orders accesses ("strong" edges): a lock's release and a later acquire of it (the
+//! conditions, events, semaphores, barriers and queues of `threading` and `queue` are built
+//! on those locks), a thread's start (the parent's past goes to the child) and its join (the
+//! child's past goes to the joiner). An operation of a built-in container (dict, list, set,
+//! deque: a subscript, `in`, or a method) is atomic by design, so it orders too, but only
+//! through that container ("weak" edges).
+//!
+//! Besides the pairs, a write whose thread read the location before another thread's write to
+//! it, and not since, is a **stale write** (a lost update or a check-then-act): reported when
+//! strong edges do not order the three accesses, whatever the container operations between
+//! them did.
+//!
+//! Cost: an access looks its code location up in a table (filled from Python, which decodes
+//! the bytecode: `pytest_ftrace/ftrace/accesses.py`), finds the accessed object in the frame,
+//! and updates that location; vector clocks are joined only at synchronisation, and a location
+//! touched by one thread only never compares clocks.
+//!
+//! A location keeps its object alive until the round ends, so an address is never reused for
+//! another object within a round (a location dies with the round, not before).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CStr;
+use std::os::raw::c_char;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use crate::engine;
+
+extern "C" {
+    // Public C API since 3.12 (pyo3-ffi declares it for 3.12+ targets only): a new reference
+    // to the frame's variable `name` (a local, cell or free variable), or NULL with NameError.
+    fn PyFrame_GetVar(
+        frame: *mut ffi::PyFrameObject,
+        name: *mut ffi::PyObject,
+    ) -> *mut ffi::PyObject;
+}
+
+/// Whether accesses are tracked (set from Python for exact-mode tests).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// At most this many distinct conflicts are kept per round.
+const MAX_CONFLICTS: usize = 64;
+/// At most this many rounds with conflicts are kept per run.
+const MAX_ROUNDS: usize = 256;
+
+// Operations of a spec.
+const OP_READ: u8 = 0;
+const OP_WRITE: u8 = 1;
+const OP_DELETE: u8 = 2;
+const OP_METHOD: u8 = 3;
+// Where the accessed object comes from.
+const OWNER_LOCAL: u8 = 1;
+const OWNER_GLOBAL: u8 = 2;
+const OWNER_GLOBALS: u8 = 3;
+/// A cell variable itself (`nonlocal x`): the key is its index in the frame's locals.
+const OWNER_CELL: u8 = 4;
+// What the key is.
+const KEY_ATTR: u8 = 0;
+const KEY_CONST: u8 = 1;
+const KEY_LOCAL: u8 = 2;
+const KEY_NONE: u8 = 3;
+
+/// The access at one instruction, as decoded from the bytecode. The pointers are borrowed
+/// from the Python objects [`SPECS`] keeps for the code object.
+#[derive(Clone, Copy)]
+struct Spec {
+    op: u8,
+    check: bool,
+    owner_kind: u8,
+    owner_name: *mut ffi::PyObject,
+    owner_attr: *mut ffi::PyObject,
+    key_kind: u8,
+    key: *mut ffi::PyObject,
+    method: *mut ffi::PyObject,
+    /// A method's call instruction (u32::MAX: not known).
+    call_offset: u32,
+}
+
+// SAFETY: the pointers are only dereferenced with the interpreter attached, and the objects
+// they point to are kept alive by the entry of SPECS that holds the spec.
+unsafe impl Send for Spec {}
+
+struct CodeSpecs {
+    _keep: Py<PyAny>,
+    _code: Py<PyAny>,
+    by_offset: HashMap<u32, Spec>,
+}
+
+static SPECS: parking_lot::Mutex<Option<HashMap<usize, CodeSpecs>>> = parking_lot::Mutex::new(None);
+
+/// One access, as kept in a location and a conflict.
+#[derive(Clone, Copy, Debug)]
+struct Acc {
+    tid: u32,
+    /// The thread's own clock when it made the access.
+    epoch: u32,
+    /// The access's place in the round (accesses are numbered in the order they happen).
+    seq: u32,
+    code: usize,
+    offset: u32,
+    /// 0 read, 1 write, 2 delete.
+    op: u8,
+    check: bool,
+    atomic: bool,
+}
+
+#[derive(Default)]
+struct Loc {
+    /// The accessed object (kept alive for the round) and the key.
+    owner: Option<Py<PyAny>>,
+    key: Option<Py<PyAny>>,
+    /// 0 attribute, 1 item, 2 whole container, 3 module global, 4 cell variable.
+    kind: u8,
+    first_tid: u32,
+    shared: bool,
+    last_write: Option<Acc>,
+    /// The strong clock of the last write's thread when it wrote.
+    write_svc: Vec<u32>,
+    /// Reads since the last write, the latest per thread.
+    reads: Vec<Acc>,
+    /// Per thread: its reads since its own last write (the last [`READS_KEPT`]).
+    pending: HashMap<u32, Vec<Acc>>,
+    label: Option<(String, String)>,
+}
+
+#[derive(Clone, Debug)]
+struct Conflict {
+    loc: u32,
+    first: Acc,
+    second: Acc,
+    /// A stale write: the read of `second`'s thread that `first` (another thread's write)
+    /// made stale.
+    read: Option<Acc>,
+}
+
+/// A conflict with its location named, kept after its round.
+#[derive(Clone, Debug)]
+struct Kept {
+    kind: u8,
+    owner: String,
+    key: String,
+    loc: u32,
+    first: Acc,
+    second: Acc,
+    read: Option<Acc>,
+}
+
+#[derive(Default)]
+struct Clocks {
+    vc: Vec<u32>,
+    svc: Vec<u32>,
+}
+
+#[derive(Default)]
+struct State {
+    run: u64,
+    generation: u64,
+    iteration: Option<u64>,
+    seq: u32,
+    threads: HashMap<u32, Clocks>,
+    /// Synchronisation objects: (vector clock, strong vector clock).
+    sync: HashMap<u64, Clocks>,
+    locs: HashMap<(usize, u8, i64), u32>,
+    data: Vec<Loc>,
+    conflicts: Vec<Conflict>,
+    seen: HashSet<(u32, usize, u32, usize, u32, bool)>,
+    /// (run, iteration) -> conflicts of that round.
+    done: HashMap<(u64, u64), Vec<Kept>>,
+    /// (generation, iteration) of the run's rounds, as sched_enter saw them.
+    rounds: HashMap<(u64, u64), u64>,
+    /// Accesses and the locations touched by more than one thread (for the statistics).
+    accesses: u64,
+    shared_locations: u64,
+}
+
+static STATE: parking_lot::Mutex<Option<State>> = parking_lot::Mutex::new(None);
+
+fn join(into: &mut Vec<u32>, from: &[u32]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), 0);
+    }
+    for (a, &b) in into.iter_mut().zip(from) {
+        if b > *a {
+            *a = b;
+        }
+    }
+}
+
+/// Reads of one thread kept per location since its own last write.
+const READS_KEPT: usize = 8;
+
+fn keep_read(reads: &mut Vec<Acc>, acc: Acc) {
+    if reads.len() >= READS_KEPT {
+        // keep the earliest (a check, often) and the latest ones
+        reads.remove(1);
+    }
+    reads.push(acc);
+}
+
+/// The read of `reads` (one thread's, since its own last write) that `write` acts on although
+/// another thread's `w` came after it: none when the thread read the location again after
+/// `w`. The read must feed the write: in the same code object, before it (not a read of a
+/// loop's earlier pass, nor of a helper). A check (`if k not in d`) comes first, then the
+/// latest such read.
+fn feeding_read(reads: &[Acc], w: &Acc, write: &Acc) -> Option<Acc> {
+    if reads.last()?.seq > w.seq {
+        return None;
+    }
+    let feeds = |r: &&Acc| r.seq < w.seq && r.code == write.code && r.offset < write.offset;
+    reads
+        .iter()
+        .filter(feeds)
+        .find(|r| r.check)
+        .or_else(|| reads.iter().rev().find(|r| feeds(r)))
+        .copied()
+}
+
+fn get(v: &[u32], i: u32) -> u32 {
+    v.get(i as usize).copied().unwrap_or(0)
+}
+
+impl State {
+    /// The clocks of `tid`, made on first sight (its own component starts at 1).
+    fn clocks(&mut self, tid: u32) -> &mut Clocks {
+        self.threads.entry(tid).or_insert_with(|| {
+            let mut c = Clocks::default();
+            c.vc.resize(tid as usize + 1, 0);
+            c.svc.resize(tid as usize + 1, 0);
+            c.vc[tid as usize] = 1;
+            c.svc[tid as usize] = 1;
+            c
+        })
+    }
+
+    fn tick(&mut self, tid: u32) {
+        let c = self.clocks(tid);
+        c.vc[tid as usize] += 1;
+        c.svc[tid as usize] += 1;
+    }
+
+    fn release(&mut self, tid: u32, obj: u64, strong: bool) {
+        let (vc, svc) = {
+            let c = self.clocks(tid);
+            (c.vc.clone(), c.svc.clone())
+        };
+        let s = self.sync.entry(obj).or_default();
+        join(&mut s.vc, &vc);
+        if strong {
+            join(&mut s.svc, &svc);
+        }
+        self.tick(tid);
+    }
+
+    fn acquire(&mut self, tid: u32, obj: u64, strong: bool) {
+        let Some(s) = self.sync.get(&obj) else {
+            self.clocks(tid);
+            return;
+        };
+        let (vc, svc) = (s.vc.clone(), s.svc.clone());
+        let c = self.clocks(tid);
+        join(&mut c.vc, &vc);
+        if strong {
+            join(&mut c.svc, &svc);
+        }
+    }
+
+    /// Whether `a` happens before the current point of thread `tid` (all edges).
+    fn ordered(&self, a: &Acc, tid: u32) -> bool {
+        a.tid == tid
+            || self
+                .threads
+                .get(&tid)
+                .is_some_and(|c| a.epoch <= get(&c.vc, a.tid))
+    }
+
+    /// Whether `a` happens before the current point of thread `tid` by strong edges.
+    fn strongly_ordered(&self, a: &Acc, tid: u32) -> bool {
+        a.tid == tid
+            || self
+                .threads
+                .get(&tid)
+                .is_some_and(|c| a.epoch <= get(&c.svc, a.tid))
+    }
+
+    fn conflict(&mut self, loc: u32, first: Acc, second: Acc, read: Option<Acc>) {
+        let key = (
+            loc,
+            first.code,
+            first.offset,
+            second.code,
+            second.offset,
+            read.is_some(),
+        );
+        if self.conflicts.len() >= MAX_CONFLICTS || !self.seen.insert(key) {
+            return;
+        }
+        self.conflicts.push(Conflict {
+            loc,
+            first,
+            second,
+            read,
+        });
+    }
+
+    /// Record an access of `tid` to location `loc`.
+    fn access(&mut self, loc: u32, mut acc: Acc) {
+        self.accesses += 1;
+        let tid = acc.tid;
+        acc.epoch = get(&self.clocks(tid).vc, tid);
+        acc.seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let l = &mut self.data[loc as usize];
+        if !l.shared && l.first_tid != tid {
+            l.shared = true;
+            self.shared_locations += 1;
+        }
+        if !self.data[loc as usize].shared {
+            // One thread so far: no clock to compare, only the history to keep.
+            let l = &mut self.data[loc as usize];
+            if acc.op == OP_READ {
+                l.reads.clear();
+                l.reads.push(acc);
+                keep_read(l.pending.entry(tid).or_default(), acc);
+            } else {
+                l.last_write = Some(acc);
+                l.reads.clear();
+                l.pending.remove(&tid);
+            }
+            return;
+        }
+        let last_write = self.data[loc as usize].last_write;
+        let mut found: Vec<(Acc, Option<Acc>)> = Vec::new();
+        if acc.op == OP_READ {
+            if let Some(w) = last_write {
+                if !self.ordered(&w, tid) {
+                    found.push((w, None));
+                }
+            }
+            let l = &mut self.data[loc as usize];
+            l.reads.retain(|r| r.tid != tid);
+            l.reads.push(acc);
+            keep_read(l.pending.entry(tid).or_default(), acc);
+        } else {
+            let mut stale = None;
+            if let Some(w) = last_write {
+                // A stale write: this thread read the location before `w`, not since.
+                if w.tid != tid {
+                    let reads = self.data[loc as usize].pending.get(&tid);
+                    if let Some(read) = reads.and_then(|r| feeding_read(r, &w, &acc)) {
+                        let svc = &self.data[loc as usize].write_svc;
+                        let read_before_write = read.epoch <= get(svc, read.tid);
+                        if !read_before_write || !self.strongly_ordered(&w, tid) {
+                            stale = Some((w, Some(read)));
+                        }
+                    }
+                }
+                if stale.is_none() && !self.ordered(&w, tid) {
+                    found.push((w, None));
+                }
+            }
+            if let Some(s) = stale {
+                found.push(s);
+            }
+            let reads = std::mem::take(&mut self.data[loc as usize].reads);
+            for r in reads {
+                if !self.ordered(&r, tid) {
+                    found.push((r, None));
+                }
+            }
+            let svc = self.clocks(tid).svc.clone();
+            let l = &mut self.data[loc as usize];
+            l.last_write = Some(acc);
+            l.write_svc = svc;
+            l.pending.remove(&tid);
+        }
+        for (first, read) in found {
+            self.conflict(loc, first, acc, read);
+        }
+    }
+
+    /// The round's conflicts, named, into `done`; forget the round's locations (returned, to
+    /// be dropped once the state's lock is released: dropping an object may run Python code).
+    fn end_round(&mut self, py: Python<'_>) -> Vec<Loc> {
+        if let Some(iteration) = self.iteration {
+            if !self.conflicts.is_empty() {
+                let kept: Vec<Kept> = std::mem::take(&mut self.conflicts)
+                    .into_iter()
+                    .map(|c| {
+                        let l = &mut self.data[c.loc as usize];
+                        if l.label.is_none() {
+                            l.label = Some(label(py, l));
+                        }
+                        let (owner, key) = l.label.clone().unwrap_or_default();
+                        Kept {
+                            kind: l.kind,
+                            owner,
+                            key,
+                            loc: c.loc,
+                            first: c.first,
+                            second: c.second,
+                            read: c.read,
+                        }
+                    })
+                    .collect();
+                if self.done.len() < MAX_ROUNDS {
+                    self.done.insert((self.run, iteration), kept);
+                }
+            }
+        }
+        self.conflicts.clear();
+        self.seen.clear();
+        self.threads.clear();
+        self.sync.clear();
+        self.locs.clear();
+        self.seq = 0;
+        std::mem::take(&mut self.data)
+    }
+}
+
+/// (owner text, key text) of a location: the type (or class, or module) and the attribute,
+/// key or `*`.
+fn label(py: Python<'_>, l: &Loc) -> (String, String) {
+    let Some(owner) = l.owner.as_ref() else {
+        return ("?".into(), "?".into());
+    };
+    let owner = owner.bind(py);
+    let owner_text = if l.kind == 3 {
+        owner
+            .cast::<PyDict>()
+            .ok()
+            .and_then(|d| d.get_item("__name__").ok().flatten())
+            .and_then(|n| n.extract::<String>().ok())
+            .unwrap_or_else(|| "?".into())
+    } else if let Ok(t) = owner.cast::<pyo3::types::PyType>() {
+        t.qualname().map(|n| n.to_string()).unwrap_or_default()
+    } else {
+        owner
+            .get_type()
+            .qualname()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    };
+    let key = match (&l.key, l.kind) {
+        (_, 2) | (None, _) => "*".to_string(),
+        (Some(k), 0 | 3 | 4) => k.bind(py).to_string(),
+        (Some(k), _) => k
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "?".into()),
+    };
+    (owner_text, key)
+}
+
+/// The calling thread's (run, managed id, round generation), when it is managed.
+fn me() -> Option<(u64, u32, u64)> {
+    engine::with_managed(|core, tid| (engine::active_id(), tid, core.generation()))
+}
+
+/// Run `f` on the state of the round the calling (managed) thread is in.
+fn with_round<T>(py: Python<'_>, f: impl FnOnce(&mut State, u32) -> T) -> Option<T> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let (run, tid, generation) = me()?;
+    let mut dropped = Vec::new();
+    let out = {
+        let mut guard = STATE.lock();
+        let st = guard.get_or_insert_with(State::default);
+        if st.run != run || st.generation != generation {
+            dropped = st.end_round(py);
+            if st.run != run {
+                st.rounds.retain(|(r, _), _| *r == run);
+            }
+            st.run = run;
+            st.generation = generation;
+            st.iteration = st.rounds.get(&(run, generation)).copied();
+        }
+        f(st, tid)
+    };
+    drop(dropped);
+    Some(out)
+}
+
+/// A synchronisation edge from the calling thread: it released `obj` (a lock; threads use
+/// keys of their own).
+fn release(py: Python<'_>, obj: u64) {
+    with_round(py, |st, tid| st.release(tid, obj, true));
+}
+
+/// The calling thread acquired `obj`.
+fn acquire(py: Python<'_>, obj: u64) {
+    with_round(py, |st, tid| st.acquire(tid, obj, true));
+}
+
+const THREAD_START: u64 = 1 << 62;
+const THREAD_END: u64 = 1 << 61;
+
+/// The calling thread starts the thread that will be managed as `child`.
+pub fn spawn(py: Python<'_>, child: u32) {
+    release(py, THREAD_START | child as u64);
+}
+
+/// The calling thread is `child`, started: it has its parent's past.
+pub fn started(py: Python<'_>) {
+    flush_pending(py);
+    with_round(py, |st, tid| {
+        st.acquire(tid, THREAD_START | tid as u64, true)
+    });
+}
+
+/// The calling thread ends.
+pub fn exiting(py: Python<'_>) {
+    flush_pending(py);
+    with_round(py, |st, tid| st.release(tid, THREAD_END | tid as u64, true));
+}
+
+/// Round `iteration` of run `run` is the core's round `generation`.
+pub fn note_round(run: u64, generation: u64, iteration: u64) {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut guard = STATE.lock();
+    let st = guard.get_or_insert_with(State::default);
+    if st.run == run && st.generation == generation {
+        st.iteration = Some(iteration);
+    }
+    if st.rounds.len() > 4096 {
+        st.rounds.clear();
+    }
+    st.rounds.insert((run, generation), iteration);
+}
+
+unsafe fn type_name(obj: *mut ffi::PyObject) -> &'static CStr {
+    // SAFETY: a live object's type has a NUL-terminated tp_name for the type's lifetime; the
+    // name is only compared right away.
+    unsafe { CStr::from_ptr((*ffi::Py_TYPE(obj)).tp_name as *const c_char) }
+}
+
+/// What kind of built-in container `obj` is: 1 dict, 2 list, 3 set, 4 deque, 0 none.
+unsafe fn container(obj: *mut ffi::PyObject) -> u8 {
+    // SAFETY: `obj` is live and the interpreter is attached.
+    unsafe {
+        if ffi::PyDict_Check(obj) != 0 {
+            1
+        } else if ffi::PyList_Check(obj) != 0 {
+            2
+        } else if ffi::PyAnySet_Check(obj) != 0 {
+            3
+        } else if type_name(obj) == c"collections.deque" {
+            4
+        } else {
+            0
+        }
+    }
+}
+
+/// (op, keyed) of a container method: None when it is not one this module knows.
+fn method_op(kind: u8, name: &str) -> Option<(u8, bool)> {
+    let read = Some((OP_READ, false));
+    let write = Some((OP_WRITE, false));
+    match (kind, name) {
+        (1, "get") => Some((OP_READ, true)),
+        // setdefault checks and inserts in one step: no stale check of its own to act on.
+        (1, "setdefault") => Some((OP_READ, true)),
+        (1, "pop") => Some((OP_WRITE, true)),
+        (1, "popitem" | "update" | "clear") => write,
+        (1, "keys" | "values" | "items" | "copy") => read,
+        (2, "append" | "extend" | "insert" | "pop" | "remove" | "clear" | "sort" | "reverse") => {
+            write
+        }
+        (2, "count" | "index" | "copy") => read,
+        (3, "add" | "discard" | "remove") => Some((OP_WRITE, true)),
+        (3, "pop" | "clear" | "update" | "difference_update" | "intersection_update") => write,
+        (3, "copy" | "issubset" | "issuperset" | "isdisjoint") => read,
+        (
+            4,
+            "append" | "appendleft" | "pop" | "popleft" | "extend" | "extendleft" | "clear"
+            | "remove" | "rotate",
+        ) => write,
+        (4, "count" | "index" | "copy") => read,
+        _ => None,
+    }
+}
+
+/// A new reference to the object a spec names in `frame`, or null (no error set).
+unsafe fn lookup(
+    frame: *mut ffi::PyFrameObject,
+    kind: u8,
+    name: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: attached; `frame` is the running frame and `name` a live str.
+    unsafe {
+        match kind {
+            OWNER_LOCAL => {
+                let v = PyFrame_GetVar(frame, name);
+                if v.is_null() {
+                    ffi::PyErr_Clear();
+                }
+                v
+            }
+            OWNER_GLOBAL | OWNER_GLOBALS => {
+                let globals = ffi::PyFrame_GetGlobals(frame);
+                if globals.is_null() {
+                    ffi::PyErr_Clear();
+                    return std::ptr::null_mut();
+                }
+                if kind == OWNER_GLOBALS {
+                    return globals;
+                }
+                let mut v = ffi::PyDict_GetItemWithError(globals, name);
+                if v.is_null() {
+                    ffi::PyErr_Clear();
+                    let builtins = ffi::PyFrame_GetBuiltins(frame);
+                    if !builtins.is_null() {
+                        if ffi::PyDict_Check(builtins) != 0 {
+                            v = ffi::PyDict_GetItemWithError(builtins, name);
+                            if v.is_null() {
+                                ffi::PyErr_Clear();
+                            }
+                        }
+                        ffi::Py_DECREF(builtins);
+                    } else {
+                        ffi::PyErr_Clear();
+                    }
+                }
+                let v = if v.is_null() { v } else { ffi::Py_NewRef(v) };
+                ffi::Py_DECREF(globals);
+                v
+            }
+            _ => std::ptr::null_mut(),
+        }
+    }
+}
+
+/// The cell at index `index` of the running frame's locals (a borrowed reference), or null.
+///
+/// CPython 3.12 and 3.13 only (the Python side makes cell specs for those alone): the cell
+/// sits in the interpreter frame, which the public C API does not show. The layout is
+/// checked before it is trusted: the interpreter frame must point back to `frame` and to
+/// `code`, and the slot must hold a cell.
+///
+/// # Safety
+/// Attached; `frame` is the running frame, whose code object is `code`.
+unsafe fn frame_cell(
+    frame: *mut ffi::PyFrameObject,
+    code: *mut ffi::PyObject,
+    index: isize,
+) -> *mut ffi::PyObject {
+    // PyFrameObject: PyObject_HEAD, f_back, f_frame. _PyInterpreterFrame: f_code (or
+    // f_executable), previous, f_funcobj, f_globals, f_builtins, f_locals, frame_obj,
+    // prev_instr (instr_ptr), int stacktop, u16 return_offset, char owner, localsplus[].
+    const WORD: usize = std::mem::size_of::<usize>();
+    const LOCALSPLUS: usize = 8 * WORD + 8;
+    // SAFETY: the reads are within a live PyFrameObject and its interpreter frame, checked
+    // against the two pointers that must be there before the slot is read.
+    unsafe {
+        if index < 0 || ffi::PyCode_Check(code) == 0 {
+            return std::ptr::null_mut();
+        }
+        let head = std::mem::size_of::<ffi::PyObject>();
+        let iframe = *((frame as *const u8).add(head + WORD) as *const *const u8);
+        if iframe.is_null() {
+            return std::ptr::null_mut();
+        }
+        let f_code = *(iframe as *const *mut ffi::PyObject);
+        let frame_obj = *(iframe.add(6 * WORD) as *const *mut ffi::PyFrameObject);
+        if f_code != code || frame_obj != frame {
+            return std::ptr::null_mut();
+        }
+        let slot = *(iframe.add(LOCALSPLUS + index as usize * WORD) as *const *mut ffi::PyObject);
+        if slot.is_null() || type_name(slot) != c"cell" {
+            return std::ptr::null_mut();
+        }
+        slot
+    }
+}
+
+/// The attribute `name` of `obj` from its instance dict only (no descriptor, no user code),
+/// a new reference or null.
+unsafe fn instance_attr(obj: *mut ffi::PyObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: attached; `obj` live, `name` a str.
+    unsafe {
+        if ffi::PyType_Check(obj) != 0 || ffi::PyModule_Check(obj) != 0 {
+            let d = if ffi::PyModule_Check(obj) != 0 {
+                let d = ffi::PyModule_GetDict(obj);
+                if d.is_null() {
+                    ffi::PyErr_Clear();
+                    return std::ptr::null_mut();
+                }
+                ffi::Py_NewRef(d)
+            } else {
+                ffi::PyObject_GetAttrString(obj, c"__dict__".as_ptr())
+            };
+            if d.is_null() {
+                ffi::PyErr_Clear();
+                return std::ptr::null_mut();
+            }
+            let v = ffi::PyObject_GetItem(d, name);
+            ffi::Py_DECREF(d);
+            if v.is_null() {
+                ffi::PyErr_Clear();
+            }
+            return v;
+        }
+        let d = ffi::PyObject_GenericGetDict(obj, std::ptr::null_mut());
+        if d.is_null() {
+            ffi::PyErr_Clear();
+            return std::ptr::null_mut();
+        }
+        let v = ffi::PyDict_GetItemWithError(d, name);
+        let v = if v.is_null() {
+            ffi::PyErr_Clear();
+            v
+        } else {
+            ffi::Py_NewRef(v)
+        };
+        ffi::Py_DECREF(d);
+        v
+    }
+}
+
+/// A hash for a key of a simple built-in type (str, int, bytes, float, bool, None), None for
+/// any other key (its hash could run the test's code).
+unsafe fn simple_hash(key: *mut ffi::PyObject) -> Option<i64> {
+    // SAFETY: attached; `key` live.
+    unsafe {
+        if ffi::PyTuple_CheckExact(key) != 0 {
+            let n = ffi::PyTuple_Size(key);
+            let mut h: i64 = 0x345678;
+            for i in 0..n.min(8) {
+                let item = ffi::PyTuple_GetItem(key, i);
+                if item.is_null() || ffi::PyTuple_CheckExact(item) != 0 {
+                    ffi::PyErr_Clear();
+                    return None;
+                }
+                h = h.wrapping_mul(1_000_003) ^ simple_hash(item)?;
+            }
+            return (n <= 8).then_some(h ^ 0x7475_706c);
+        }
+        let simple = ffi::PyUnicode_CheckExact(key) != 0
+            || ffi::PyLong_CheckExact(key) != 0
+            || ffi::PyBytes_CheckExact(key) != 0
+            || ffi::PyFloat_CheckExact(key) != 0
+            || ffi::PyBool_Check(key) != 0
+            || key == ffi::Py_None();
+        if !simple {
+            return None;
+        }
+        let h = ffi::PyObject_Hash(key);
+        if h == -1 && !ffi::PyErr_Occurred().is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        Some(h as i64 ^ ((*ffi::Py_TYPE(key)).tp_basicsize as i64).rotate_left(48))
+    }
+}
+
+/// The hooked access at `offset` of `code`, made by the calling managed thread now that it
+/// has its turn.
+///
+/// # Safety
+/// The interpreter is attached and `code` is the running frame's live code object.
+pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
+    let spec = {
+        let specs = SPECS.lock();
+        match specs
+            .as_ref()
+            .and_then(|m| m.get(&(code as usize)))
+            .and_then(|c| c.by_offset.get(&offset))
+        {
+            Some(s) => *s,
+            None => return,
+        }
+    };
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: attached (see above); every pointer made here is released below.
+    unsafe {
+        let frame = ffi::PyEval_GetFrame();
+        if frame.is_null() {
+            return;
+        }
+        let mut owner = if spec.owner_kind == OWNER_CELL {
+            let index = ffi::PyLong_AsSsize_t(spec.key);
+            if index == -1 && !ffi::PyErr_Occurred().is_null() {
+                ffi::PyErr_Clear();
+                return;
+            }
+            let cell = frame_cell(frame, code, index);
+            if cell.is_null() {
+                return;
+            }
+            ffi::Py_NewRef(cell)
+        } else {
+            lookup(frame, spec.owner_kind, spec.owner_name)
+        };
+        if owner.is_null() {
+            return;
+        }
+        if !spec.owner_attr.is_null() {
+            let inner = instance_attr(owner, spec.owner_attr);
+            ffi::Py_DECREF(owner);
+            owner = inner;
+            if owner.is_null() {
+                return;
+            }
+        }
+        let owner = Bound::<PyAny>::from_owned_ptr(py, owner).unbind();
+        let kind = container(owner.as_ptr());
+        let mut op = spec.op;
+        let mut keyed = true;
+        let mut atomic = false;
+        let mut loc_kind = 0u8; // attribute
+        if spec.owner_kind == OWNER_GLOBALS {
+            loc_kind = 3;
+        } else if spec.owner_kind == OWNER_CELL {
+            loc_kind = 4;
+        } else if spec.key_kind != KEY_ATTR {
+            // A subscript, `in`, or a container method.
+            if kind == 0 {
+                return; // the object's own methods make their own accesses
+            }
+            atomic = true;
+            loc_kind = 1;
+            if op == OP_METHOD {
+                let Ok(name) = Bound::from_borrowed_ptr(py, spec.method).extract::<String>() else {
+                    return;
+                };
+                let Some((o, k)) = method_op(kind, &name) else {
+                    return;
+                };
+                op = o;
+                keyed = k;
+            } else if spec.check && op == OP_READ && (kind == 2 || kind == 4) {
+                keyed = false; // `x in list`: the whole sequence
+            }
+        } else if op == OP_METHOD {
+            return;
+        }
+        // The key.
+        let mut key_obj: *mut ffi::PyObject = std::ptr::null_mut();
+        match spec.key_kind {
+            _ if spec.owner_kind == OWNER_CELL => key_obj = ffi::Py_NewRef(spec.owner_name),
+            KEY_ATTR => key_obj = ffi::Py_NewRef(spec.key),
+            KEY_CONST if keyed => key_obj = ffi::Py_NewRef(spec.key),
+            KEY_NONE => {}
+            KEY_LOCAL if keyed => {
+                key_obj = PyFrame_GetVar(frame, spec.key);
+                if key_obj.is_null() {
+                    ffi::PyErr_Clear();
+                }
+            }
+            _ => {}
+        }
+        let key_hash = if key_obj.is_null() {
+            None
+        } else {
+            simple_hash(key_obj)
+        };
+        let key = if key_obj.is_null() {
+            None
+        } else {
+            Some(Bound::<PyAny>::from_owned_ptr(py, key_obj).unbind())
+        };
+        let (loc_kind, hash, key) = match key_hash {
+            Some(h) => (loc_kind, h, key),
+            None if loc_kind == 1 => (2, 0, None), // the whole container
+            None => return,
+        };
+        let acc = Acc {
+            tid: 0,
+            epoch: 0,
+            seq: 0,
+            code: code as usize,
+            offset,
+            op: if op == OP_DELETE { 2 } else { op.min(1) },
+            check: spec.check,
+            atomic,
+        };
+        let resolved = Resolved {
+            owner,
+            key,
+            loc_kind,
+            hash,
+            acc,
+        };
+        if spec.op == OP_METHOD && spec.call_offset != u32::MAX {
+            // The container operation happens at the call, after the arguments are evaluated
+            // (which may run code of their own): applied at this thread's next point after it.
+            let full = PENDING
+                .try_with(|p| {
+                    let mut p = p.borrow_mut();
+                    p.push(Pending {
+                        frame: frame as usize,
+                        // Kept alive while pending: its address is never another frame's.
+                        _frame: Bound::from_borrowed_ptr(py, frame.cast()).unbind(),
+                        call_offset: spec.call_offset,
+                        resolved,
+                    });
+                    p.len() > 8
+                })
+                .unwrap_or(false);
+            if full {
+                flush_pending(py);
+            }
+            return;
+        }
+        apply(py, resolved);
+    }
+}
+
+/// A resolved access, to apply.
+struct Resolved {
+    owner: Py<PyAny>,
+    key: Option<Py<PyAny>>,
+    loc_kind: u8,
+    hash: i64,
+    acc: Acc,
+}
+
+/// A container method call this thread has loaded but not yet made.
+struct Pending {
+    frame: usize,
+    _frame: Py<PyAny>,
+    call_offset: u32,
+    resolved: Resolved,
+}
+
+thread_local! {
+    /// Innermost last (a call in the arguments of another one).
+    static PENDING: std::cell::RefCell<Vec<Pending>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Apply this thread's pending container calls (`keep` of them stay pending).
+fn flush_pending_to(py: Python<'_>, keep: usize) {
+    let pending = PENDING
+        .try_with(|p| {
+            p.try_borrow_mut()
+                .map(|mut p| {
+                    let at = keep.min(p.len());
+                    p.split_off(at)
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    for p in pending.into_iter().rev() {
+        apply(py, p.resolved);
+    }
+}
+
+/// Apply every pending container call of this thread.
+fn flush_pending(py: Python<'_>) {
+    flush_pending_to(py, 0);
+}
+
+/// Before the calling thread's scheduling point at `offset` of `code`: when its pending
+/// container call has been made by now (the frame that loaded the method is past the call,
+/// or gone), apply it, so that it takes its place before another thread goes on.
+///
+/// # Safety
+/// The interpreter is attached.
+pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
+    let waiting: Vec<(usize, u32)> = PENDING
+        .try_with(|p| {
+            p.try_borrow()
+                .map(|p| p.iter().map(|p| (p.frame, p.call_offset)).collect())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    if waiting.is_empty() {
+        return;
+    }
+    let _ = code;
+    // The innermost pending calls that have been made by now go; the outer ones wait.
+    let mut keep = waiting.len();
+    while keep > 0 {
+        let (frame, call_offset) = waiting[keep - 1];
+        // SAFETY: attached (see above).
+        if !unsafe { call_made(frame, call_offset, offset) } {
+            break;
+        }
+        keep -= 1;
+    }
+    if keep < waiting.len() {
+        flush_pending_to(unsafe { Python::assume_attached() }, keep);
+    }
+}
+
+/// Whether the method call at `call_offset` of the frame at `frame` has been made, seen from
+/// a point at `offset` of the running frame.
+///
+/// # Safety
+/// The interpreter is attached.
+unsafe fn call_made(frame: usize, call_offset: u32, offset: u32) -> bool {
+    // SAFETY: attached (see above).
+    unsafe {
+        let current = ffi::PyEval_GetFrame();
+        if current.is_null() {
+            true
+        } else if current as usize == frame {
+            offset > call_offset
+        } else {
+            // Inside a call made while evaluating the arguments: the loading frame is below.
+            let mut below = false;
+            let mut f = ffi::PyFrame_GetBack(current);
+            let mut depth = 0;
+            while !f.is_null() {
+                if f as usize == frame {
+                    below = true;
+                }
+                let back = if below || depth > 64 {
+                    std::ptr::null_mut()
+                } else {
+                    ffi::PyFrame_GetBack(f)
+                };
+                ffi::Py_DECREF(f.cast());
+                f = back;
+                depth += 1;
+            }
+            !below
+        }
+    }
+}
+
+/// Apply a resolved access in the calling thread's round.
+fn apply(py: Python<'_>, r: Resolved) {
+    let Resolved {
+        owner,
+        key,
+        loc_kind,
+        hash,
+        acc,
+    } = r;
+    let atomic = acc.atomic;
+    {
+        let container_key = owner.as_ptr() as u64;
+        let mut spare = None;
+        with_round(py, |st, tid| {
+            let at = (owner.as_ptr() as usize, loc_kind, hash);
+            let loc = match st.locs.get(&at) {
+                Some(&l) => l,
+                None => {
+                    let l = st.data.len() as u32;
+                    st.data.push(Loc {
+                        owner: Some(owner.clone_ref(py)),
+                        key,
+                        kind: loc_kind,
+                        first_tid: tid,
+                        ..Loc::default()
+                    });
+                    st.locs.insert(at, l);
+                    l
+                }
+            };
+            if atomic {
+                st.acquire(tid, container_key, false);
+            }
+            st.access(loc, Acc { tid, ..acc });
+            if atomic {
+                st.release(tid, container_key, false);
+            }
+            if st.data.len() > 1 << 20 {
+                spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
+            }
+        });
+        drop(spare);
+        drop(owner);
+    }
+}
+
+/// races_enable(on): track accesses in exact mode from now on (or stop).
+#[pyfunction]
+fn races_enable(py: Python<'_>, on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+    if !on {
+        let dropped = {
+            let mut guard = STATE.lock();
+            guard.as_mut().map(|st| {
+                st.iteration = None;
+                st.end_round(py)
+            })
+        };
+        drop(dropped);
+    }
+}
+
+/// races_specs(code, specs): the accesses of `code`'s hooked instructions, {offset: (op,
+/// check, owner kind, owner name, owner attribute or None, key kind, key, method or None)}.
+#[pyfunction]
+fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()> {
+    let mut by_offset = HashMap::new();
+    for (offset, spec) in specs.iter() {
+        let offset: u32 = offset.extract()?;
+        let t = spec.cast::<PyTuple>()?;
+        if t.len() != 9 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "an access spec has 9 items",
+            ));
+        }
+        let ptr = |i: usize| -> PyResult<*mut ffi::PyObject> { Ok(t.get_item(i)?.as_ptr()) };
+        let opt = |i: usize| -> PyResult<*mut ffi::PyObject> {
+            let item = t.get_item(i)?;
+            Ok(if item.is_none() {
+                std::ptr::null_mut()
+            } else {
+                item.as_ptr()
+            })
+        };
+        by_offset.insert(
+            offset,
+            Spec {
+                op: t.get_item(0)?.extract()?,
+                check: t.get_item(1)?.extract()?,
+                owner_kind: t.get_item(2)?.extract()?,
+                owner_name: ptr(3)?,
+                owner_attr: opt(4)?,
+                key_kind: t.get_item(5)?.extract()?,
+                key: ptr(6)?,
+                method: opt(7)?,
+                call_offset: t.get_item(8)?.extract::<Option<u32>>()?.unwrap_or(u32::MAX),
+            },
+        );
+    }
+    let mut all = SPECS.lock();
+    // A code object's entry is never replaced: another thread may be using its specs (their
+    // pointers borrow from the entry's objects).
+    all.get_or_insert_with(HashMap::new)
+        .entry(code.as_ptr() as usize)
+        .or_insert_with(|| CodeSpecs {
+            _keep: specs.into_any().unbind(),
+            _code: code.unbind(),
+            by_offset,
+        });
+    Ok(())
+}
+
+/// races_has_specs(code) -> bool
+#[pyfunction]
+fn races_has_specs(code: Bound<'_, PyAny>) -> bool {
+    SPECS
+        .lock()
+        .as_ref()
+        .is_some_and(|m| m.contains_key(&(code.as_ptr() as usize)))
+}
+
+fn acc_tuple<'py>(py: Python<'py>, a: &Acc) -> PyResult<Bound<'py, PyTuple>> {
+    let code = crate::hooks::code_object(py, a.code);
+    PyTuple::new(
+        py,
+        [
+            a.tid.into_pyobject(py)?.into_any(),
+            a.seq.into_pyobject(py)?.into_any(),
+            code.into_pyobject(py)?.into_any(),
+            a.offset.into_pyobject(py)?.into_any(),
+            ["read", "write", "delete"][a.op.min(2) as usize]
+                .into_pyobject(py)?
+                .into_any(),
+            pyo3::types::PyBool::new(py, a.check).to_owned().into_any(),
+            pyo3::types::PyBool::new(py, a.atomic).to_owned().into_any(),
+        ],
+    )
+}
+
+/// races_conflicts(run_id, iteration) -> [dict]: the conflicts of a finished round.
+#[pyfunction]
+fn races_conflicts<'py>(
+    py: Python<'py>,
+    run_id: u64,
+    iteration: u64,
+) -> PyResult<Bound<'py, PyList>> {
+    let kept = {
+        let mut guard = STATE.lock();
+        let st = guard.get_or_insert_with(State::default);
+        st.done
+            .get(&(run_id, iteration))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let out = PyList::empty(py);
+    for k in kept {
+        let d = PyDict::new(py);
+        d.set_item(
+            "kind",
+            ["attribute", "item", "container", "global", "cell"][k.kind.min(4) as usize],
+        )?;
+        d.set_item("owner", k.owner)?;
+        d.set_item("key", k.key)?;
+        d.set_item("location", k.loc)?;
+        d.set_item("first", acc_tuple(py, &k.first)?)?;
+        d.set_item("second", acc_tuple(py, &k.second)?)?;
+        match k.read {
+            Some(r) => d.set_item("read", acc_tuple(py, &r)?)?,
+            None => d.set_item("read", py.None())?,
+        }
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
+/// races_rounds(run_id) -> [int]: the rounds of the run that had conflicts.
+#[pyfunction]
+fn races_rounds(run_id: u64) -> Vec<u64> {
+    let guard = STATE.lock();
+    let mut out: Vec<u64> = guard
+        .as_ref()
+        .map(|st| {
+            st.done
+                .keys()
+                .filter(|(r, _)| *r == run_id)
+                .map(|(_, i)| *i)
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
+/// races_finish(): the current round is over (its conflicts are kept).
+#[pyfunction]
+fn races_finish(py: Python<'_>) {
+    let dropped = {
+        let mut guard = STATE.lock();
+        guard.as_mut().map(|st| {
+            let d = st.end_round(py);
+            st.iteration = None;
+            st.generation = u64::MAX;
+            d
+        })
+    };
+    drop(dropped);
+}
+
+/// races_forget(run_id): drop the kept conflicts of a run.
+#[pyfunction]
+fn races_forget(run_id: u64) {
+    let mut guard = STATE.lock();
+    if let Some(st) = guard.as_mut() {
+        st.done.retain(|(r, _), _| *r != run_id);
+    }
+}
+
+/// races_lock(lock_id, acquired): the calling thread acquired (True) or released (False) the
+/// lock `lock_id` (the lock hooks call it for the test's lock operations, not the plugin's).
+#[pyfunction]
+fn races_lock(py: Python<'_>, lock_id: u64, acquired: bool) {
+    if acquired {
+        acquire(py, lock_id);
+    } else {
+        release(py, lock_id);
+    }
+}
+
+/// races_joined(tid): the calling thread joined managed thread `tid`.
+#[pyfunction]
+fn races_joined(py: Python<'_>, tid: u32) {
+    flush_pending(py);
+    with_round(py, |st, me| st.acquire(me, THREAD_END | tid as u64, true));
+}
+
+/// races_stats() -> (accesses, shared locations) since the start.
+#[pyfunction]
+fn races_stats() -> (u64, u64) {
+    STATE
+        .lock()
+        .as_ref()
+        .map_or((0, 0), |s| (s.accesses, s.shared_locations))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(races_enable, m)?)?;
+    m.add_function(wrap_pyfunction!(races_specs, m)?)?;
+    m.add_function(wrap_pyfunction!(races_has_specs, m)?)?;
+    m.add_function(wrap_pyfunction!(races_conflicts, m)?)?;
+    m.add_function(wrap_pyfunction!(races_rounds, m)?)?;
+    m.add_function(wrap_pyfunction!(races_finish, m)?)?;
+    m.add_function(wrap_pyfunction!(races_forget, m)?)?;
+    m.add_function(wrap_pyfunction!(races_joined, m)?)?;
+    m.add_function(wrap_pyfunction!(races_lock, m)?)?;
+    m.add_function(wrap_pyfunction!(races_stats, m)?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acc(tid: u32, op: u8, check: bool) -> Acc {
+        Acc {
+            tid,
+            epoch: 0,
+            seq: 0,
+            code: 1,
+            offset: 10 + op as u32,
+            op,
+            check,
+            atomic: false,
+        }
+    }
+
+    fn state_with(locations: usize) -> State {
+        let mut st = State::default();
+        for _ in 0..locations {
+            st.data.push(Loc::default());
+        }
+        st
+    }
+
+    fn touch(st: &mut State, loc: u32, a: Acc) {
+        if st.data[loc as usize].reads.is_empty()
+            && st.data[loc as usize].last_write.is_none()
+            && st.data[loc as usize].pending.is_empty()
+        {
+            st.data[loc as usize].first_tid = a.tid;
+        }
+        st.access(loc, a);
+    }
+
+    #[test]
+    fn a_lost_update_is_a_stale_write() {
+        let mut st = state_with(1);
+        touch(&mut st, 0, acc(0, OP_READ, false));
+        touch(&mut st, 0, acc(1, OP_READ, false));
+        touch(&mut st, 0, acc(0, OP_WRITE, false));
+        touch(&mut st, 0, acc(1, OP_WRITE, false));
+        let stale: Vec<_> = st.conflicts.iter().filter(|c| c.read.is_some()).collect();
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].first.tid, 0);
+        assert_eq!(stale[0].second.tid, 1);
+        assert!(!stale[0].read.unwrap().check);
+    }
+
+    #[test]
+    fn a_check_then_act_keeps_the_check() {
+        let mut st = state_with(1);
+        touch(&mut st, 0, acc(0, OP_READ, true));
+        touch(&mut st, 0, acc(1, OP_READ, true));
+        touch(&mut st, 0, acc(0, OP_WRITE, false));
+        touch(&mut st, 0, acc(1, OP_WRITE, false));
+        let stale = st.conflicts.iter().find(|c| c.read.is_some()).unwrap();
+        assert!(stale.read.unwrap().check);
+    }
+
+    #[test]
+    fn a_lock_orders_read_modify_writes() {
+        let mut st = state_with(1);
+        for tid in [0, 1, 0, 1] {
+            st.acquire(tid, 7, true);
+            touch(&mut st, 0, acc(tid, OP_READ, false));
+            touch(&mut st, 0, acc(tid, OP_WRITE, false));
+            st.release(tid, 7, true);
+        }
+        assert!(st.conflicts.is_empty(), "{:?}", st.conflicts);
+    }
+
+    #[test]
+    fn without_the_lock_the_same_accesses_conflict() {
+        let mut st = state_with(1);
+        for tid in [0, 1, 0, 1] {
+            touch(&mut st, 0, acc(tid, OP_READ, false));
+            touch(&mut st, 0, acc(tid, OP_WRITE, false));
+        }
+        assert!(!st.conflicts.is_empty());
+    }
+
+    #[test]
+    fn container_edges_order_pairs_but_not_stale_writes() {
+        // Thread 0 writes location 0, then publishes through a container (weak edge); thread
+        // 1 takes it from there and reads location 0: ordered.
+        let mut st = state_with(2);
+        touch(&mut st, 0, acc(0, OP_WRITE, false));
+        st.release(0, 9, false);
+        st.acquire(1, 9, false);
+        touch(&mut st, 0, acc(1, OP_READ, false));
+        assert!(st.conflicts.is_empty());
+        // A read, another thread's write, then the write from the stale read, with container
+        // edges between each: still a lost update.
+        for (tid, op) in [(0, OP_READ), (1, OP_WRITE), (0, OP_WRITE)] {
+            st.acquire(tid, 9, false);
+            touch(&mut st, 1, acc(tid, op, false));
+            st.release(tid, 9, false);
+        }
+        assert!(st.conflicts.iter().any(|c| c.loc == 1 && c.read.is_some()));
+    }
+
+    #[test]
+    fn a_read_from_an_earlier_pass_of_a_loop_makes_no_stale_write() {
+        let mut st = state_with(1);
+        let later = |tid, op| Acc {
+            offset: 40,
+            ..acc(tid, op, false)
+        };
+        touch(&mut st, 0, later(0, OP_READ)); // the end of pass 1
+        touch(&mut st, 0, acc(1, OP_WRITE, false));
+        touch(&mut st, 0, acc(0, OP_WRITE, false)); // the start of pass 2: a blind write
+        assert!(st.conflicts.iter().all(|c| c.read.is_none()));
+        assert!(!st.conflicts.is_empty(), "still a data race");
+    }
+
+    #[test]
+    fn one_thread_alone_never_conflicts() {
+        let mut st = state_with(1);
+        for op in [OP_READ, OP_WRITE, OP_READ, OP_WRITE] {
+            touch(&mut st, 0, acc(3, op, false));
+        }
+        assert!(st.conflicts.is_empty());
+        assert_eq!(st.shared_locations, 0);
+    }
+}
