@@ -58,7 +58,7 @@ class ChildError(Exception):
 
 
 def rounds_setting(config) -> str:
-    """--ftrace-rounds (ini ftrace_rounds): process (the default) or fork."""
+    """--ftrace-rounds (ini ftrace_rounds): fork (the default), fork-each or process."""
     import pytest
 
     from pytest_ftrace import options
@@ -67,7 +67,9 @@ def rounds_setting(config) -> str:
     if value is None:
         raw = str(options.ini_value(config, "ftrace_rounds") or "").strip()
         if raw and raw not in options.ROUNDS_WHERE:
-            raise pytest.UsageError(f"ini key ftrace_rounds: fork or process, not {raw!r}")
+            raise pytest.UsageError(
+                f"ini key ftrace_rounds: fork, fork-each or process, not {raw!r}"
+            )
         value = raw or options.DEFAULT_ROUNDS
     return value
 
@@ -376,8 +378,16 @@ def _replay_output(output: dict) -> None:
 def in_child(work, timeout: float) -> tuple:
     """Run `work()` in a forked child; ("ok", its result) - which must pickle - or ("error",
     traceback text of an exception of `work`) or ("crash", what happened)."""
+    return in_child_stream(lambda _send: work(), timeout, None)
+
+
+def in_child_stream(work, timeout: float, receive) -> tuple:
+    """Run `work(send)` in a forked child: each `send(data)` there (data that pickles) comes
+    here as `receive(data)` while the child goes on, so that what it did before a crash or a
+    hang is not lost; `timeout` is counted from the fork and again from each message. Returns
+    ("ok", the result of `work`), ("error", traceback text of an exception of `work`) or
+    ("crash", what happened)."""
     import gc
-    import pickle
     import warnings
 
     read_fd, write_fd = os.pipe()
@@ -404,38 +414,48 @@ def in_child(work, timeout: float) -> tuple:
         try:
             _native.fork_child()
             os.close(read_fd)
-            try:
-                message = ("ok", work())
-            except BaseException as exc:  # noqa: BLE001 - sent to the parent, which reports it
-                import traceback
-
-                message = ("error", "".join(traceback.format_exception(exc)))
-            try:
-                data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:  # noqa: BLE001
-                import traceback
-
-                data = pickle.dumps(("error", "".join(traceback.format_exception(exc))))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(write_fd, view) :]
+            _child_main(work, write_fd)
             code = 0
         finally:
             os._exit(code)
     os.close(write_fd)
     try:
-        return _collect(pid, read_fd, timeout)
+        return _collect(pid, read_fd, timeout, receive)
     finally:
         os.close(read_fd)
 
 
-def _collect(pid: int, fd: int, timeout: float) -> tuple:
+_HEADER = 8  # a message is its length (8 bytes, big-endian) and its pickle
+
+
+def _child_main(work, fd: int) -> None:
+    """In the child: `work(send)`, each message and then its end written to `fd`. A message
+    that does not pickle ends the work with that error."""
+    import pickle
+    import traceback
+
+    def write(message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(len(data).to_bytes(_HEADER, "big") + data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    try:
+        message = ("ok", work(lambda data: write(("message", data))))
+        pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # it pickles, or an error
+    except BaseException as exc:  # noqa: BLE001 - sent to the parent, which reports it
+        message = ("error", "".join(traceback.format_exception(exc)))
+    write(message)
+
+
+def _collect(pid: int, fd: int, timeout: float, receive) -> tuple:
     import pickle
     import select
     import signal
     import time
 
-    chunks = []
+    buffer = bytearray()
+    final = None
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -450,7 +470,23 @@ def _collect(pid: int, fd: int, timeout: float) -> tuple:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 break
-            chunks.append(chunk)
+            buffer += chunk
+            while len(buffer) >= _HEADER:
+                size = int.from_bytes(buffer[:_HEADER], "big")
+                if len(buffer) < _HEADER + size:
+                    break
+                frame = bytes(buffer[_HEADER : _HEADER + size])
+                del buffer[: _HEADER + size]
+                try:
+                    message = pickle.loads(frame)  # noqa: S301 - our own child's
+                except Exception as exc:  # noqa: BLE001
+                    message = ("error", f"a message of its process could not be read: {exc!r}")
+                if message[0] == "message":
+                    if receive is not None:
+                        receive(message[1])
+                    deadline = time.monotonic() + timeout
+                elif final is None:
+                    final = message
     except BaseException:  # Ctrl-C, an alarm: the child goes, what stops us goes on
         try:
             os.kill(pid, signal.SIGKILL)
@@ -459,11 +495,8 @@ def _collect(pid: int, fd: int, timeout: float) -> tuple:
             pass
         raise
     _, status = os.waitpid(pid, 0)
-    if chunks:
-        try:
-            return pickle.loads(b"".join(chunks))  # noqa: S301 - our own child's message
-        except Exception:  # noqa: BLE001, S110 - cut short: reported with the status below
-            pass
+    if final is not None:
+        return final
     return ("crash", f"its process ended ({_status(status)}) without sending its results")
 
 
@@ -485,27 +518,61 @@ def _status(status: int) -> str:
 
 
 def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
-    """Every round of `run` in a child of its own; the merged outcome. Raises what stops the
-    session (Ctrl-C, pytest.exit) as the in-process run does.
+    """Every round of `run` in a child forked from here; the merged outcome. Raises what stops
+    the session (Ctrl-C, pytest.exit) as the in-process run does.
+
+    With --ftrace-rounds fork (the default) a child whose round left the project's module
+    state as it found it (ftrace/fingerprint.py) runs the next round too, so that a test that
+    keeps no state pays about one fork, not one per round; a round that changed it ends its
+    child, and the next round starts in a new one. With fork-each every round gets a child.
 
     The mode is active in this process meanwhile (activated once for all the rounds, as for
     rounds run here, with `watchdog=False`: no thread is started here); each child inherits
     the activation (the instrumentation's events, the patched names) and starts its own
     watchdog. This process only waits, in the plugin's code, which is never instrumented."""
 
+    from pytest_ftrace.ftrace import fingerprint  # noqa: F401 - here, not in every child
+
     test.forked = True
-    _warm(test)
-    return _forked_rounds(test, run)
+    picture = _warm(test) if test.session.rounds == "fork" else None
+    return _forked_rounds(test, run, picture)
 
 
-def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
+def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
     from pytest_ftrace.report import Failure, Outcome, internal_error
 
     outcome = Outcome(run.threads, run.iterations)
-    for iteration in range(run.iterations):
-        answer = in_child(
-            lambda i=iteration: _child_round(test, run, i), run.timeout + GRACE_SECONDS
+    iteration = 0
+    test.children = 0
+    while iteration < run.iterations:
+        got: list[dict] = []
+        first = iteration
+        answer = in_child_stream(
+            lambda send, i=first: _child_rounds(test, run, i, picture, send),
+            run.timeout + GRACE_SECONDS,
+            got.append,
         )
+        test.children += 1
+        done = False
+        for data in got:
+            _replay_output(data["output"])
+            _reissue_warnings(data["warnings"])
+            if data["stop"] is not None:
+                raise unpack_exc(data["stop"])
+            if data["internal"] is not None:
+                step, exc = data["internal"]
+                raise internal_error(step, unpack_exc(exc))
+            _absorb(test, data)
+            for name in ("failures", "skipped", "xfailed"):
+                getattr(outcome, name).extend(unpack_failure(f) for f in data[name])
+            outcome.notes.extend(data["notes"])
+            iteration += 1
+            if data["hang"] or any(f.phase == "internal" for f in outcome.failures):
+                _did_not_run(outcome, iteration - 1, run.iterations)
+                done = True  # as in this process: a hung or broken run stops there
+                break
+        if done:
+            break
         if answer[0] == "crash":
             outcome.failures.append(
                 Failure(None, iteration, RoundCrashed(f"round {iteration}: {answer[1]}"), "call")
@@ -518,32 +585,22 @@ def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
             )
             outcome.failures.append(Failure(None, iteration, error, "internal"))
             break
-        data = answer[1]
-        _replay_output(data["output"])
-        _reissue_warnings(data["warnings"])
-        if data["stop"] is not None:
-            raise unpack_exc(data["stop"])
-        if data["internal"] is not None:
-            step, exc = data["internal"]
-            raise internal_error(step, unpack_exc(exc))
-        _absorb(test, data)
-        for name in ("failures", "skipped", "xfailed"):
-            getattr(outcome, name).extend(unpack_failure(f) for f in data[name])
-        outcome.notes.extend(data["notes"])
-        if data["hang"] or any(f.phase == "internal" for f in outcome.failures):
-            _did_not_run(outcome, iteration, run.iterations)
-            break  # as in this process: a hung or broken run stops there
+        if iteration == first:  # a child that ran no round and said nothing: do not loop
+            error = internal_error(
+                f"the forked process of round {iteration}", ChildError("it ran no round")
+            )
+            outcome.failures.append(Failure(None, iteration, error, "internal"))
+            break
     return outcome
 
 
-def _warm(test: TestSession) -> None:
+def _warm(test: TestSession):
     """Decide here, once, what every child would decide again: which modules are in scope
-    (the children inherit the answers)."""
-    scope = test.session.instrumentation.scope
-    for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
-        if file:
-            scope.contains(file, name)
+    (the children inherit the answers); and the picture of the project's module state every
+    child starts from."""
+    from pytest_ftrace.ftrace import fingerprint
+
+    return fingerprint.take(test.session.instrumentation.scope)
 
 
 def _did_not_run(outcome: Outcome, iteration: int, iterations: int) -> None:
@@ -551,6 +608,40 @@ def _did_not_run(outcome: Outcome, iteration: int, iterations: int) -> None:
         outcome.notes.append(f"iterations {iteration + 1}-{iterations - 1} did not run")
     elif iteration == iterations - 2:
         outcome.notes.append(f"iteration {iteration + 1} did not run")
+
+
+def _child_rounds(test: TestSession, run: ThreadedRun, first: int, picture, send) -> None:
+    """In the child: rounds from `first` on, each one's data sent as it ends, while the round
+    left the picture of the module state as it was (`picture` None: one round only)."""
+    from pytest_ftrace.ftrace import fingerprint
+
+    mode = test.run
+    _keep_records(mode)
+    started = False
+    counted: dict = {}
+    try:
+        for iteration in range(first, run.iterations):
+            if not started:
+                mode.exact.start_watchdog()
+                started = True
+            data = _child_round(test, run, iteration)
+            if data["mode"] is not None:  # this round's counts, not this process's so far
+                stats = data["mode"]["stats"]
+                data["mode"]["stats"] = {k: stats.get(k, 0) - counted.get(k, 0) for k in _COUNTERS}
+                counted = stats
+            last = (
+                picture is None
+                or iteration == run.iterations - 1
+                or data["stop"] is not None
+                or data["internal"] is not None
+                or data["hang"]
+                or fingerprint.take(test.session.instrumentation.scope) != picture
+            )
+            send(data)
+            if last:
+                return
+    finally:
+        mode.exact._stop.set()  # the watchdog: nothing more to watch
 
 
 def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
@@ -571,19 +662,18 @@ def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
         if ending is not None:
             ending(seconds)
 
-    hooks.round_end = round_end
     run.only_round = iteration
     mode = test.run
     _fresh_records(mode)
     outcome = None
-    step = "starting the watchdog"
+    step = "the threaded run"
     with warnings.catch_warnings(record=True) as caught:
+        hooks.round_end = round_end
         try:
-            mode.exact.start_watchdog()
             try:
-                step = "the threaded run"
                 outcome = run.run()
             finally:
+                hooks.round_end = ending
                 step = "deactivating --ftrace"
                 _settle(mode)
         except runner.STOPPING as exc:
@@ -600,23 +690,38 @@ def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
     data["xfailed"] = [pack_failure(f) for f in outcome.xfailed]
     data["notes"] = [n for n in outcome.notes if "did not run" not in n]
     data["hang"] = any(isinstance(f.exc, runner.Hang) for f in outcome.failures)
-    data["mode"] = _collect_exact(test, iteration, durations)
+    data["mode"] = _collect_exact(test, iteration, durations, bool(outcome.failures))
     return data
 
 
 def _settle(mode) -> None:
-    """In the child, after its round: what deactivating would add to the records, without
-    switching the instrumentation off (the process ends next: that would only cost time)."""
+    """In the child, after a round: what deactivating would add to the records, without
+    switching the instrumentation off (the process ends or runs another round)."""
     from pytest_ftrace.ftrace import coop
 
     exact = mode.exact
-    exact._stop.set()  # the watchdog: nothing more to watch
     exact.waits += len(coop._BLOCKS)
+    coop._BLOCKS.clear()
     exact.internal_errors.extend(coop.INTERNAL_ERRORS)
+    coop.INTERNAL_ERRORS.clear()
+
+
+# What the parent had merged when it forked: kept alive in the child, where letting it go
+# would only write to (and so copy) the pages that hold it.
+_KEPT: list = []
+
+
+def _keep_records(mode) -> None:
+    exact = mode.exact
+    _KEPT.append(
+        (exact.exit_steps, exact.spawned, exact.blocking, exact.internal_errors, exact.records)
+    )
+    _KEPT.append((exact.steps_of, exact.rounds_seen, mode.traced.forked))
 
 
 def _fresh_records(mode) -> None:
-    """In the child: what the parent merged of the rounds before is not this round's."""
+    """In the child: what the parent merged of the rounds before (or this child's own round
+    before, sent already) is not this round's."""
     exact = mode.exact
     exact.exit_steps, exact.spawned, exact.blocking = {}, {}, []
     exact.internal_errors, exact.waits = [], 0
@@ -625,13 +730,15 @@ def _fresh_records(mode) -> None:
     mode.traced.forked = {}
 
 
-def _collect_exact(test: TestSession, iteration: int, durations: list[float]) -> dict:
+def _collect_exact(test: TestSession, iteration: int, durations: list[float], failed: bool) -> dict:
     mode = test.run
     exact = mode.exact
+    seen = iteration in exact.rounds_seen
     return {
         "round": iteration,
-        "record": exact.round(iteration) if iteration in exact.rounds_seen else None,
-        "steps": pack_steps(exact.steps(iteration)) if iteration in exact.rounds_seen else None,
+        "record": exact.round(iteration) if seen else None,
+        # the steps are for the lanes of a failing round only: text is dear to make
+        "steps": pack_steps(exact.steps(iteration)) if seen and failed else None,
         "exit_steps": dict(exact.exit_steps),
         "spawned": dict(exact.spawned),
         "waits": exact.waits,
