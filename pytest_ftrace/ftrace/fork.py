@@ -540,6 +540,7 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
 
 def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
     from pytest_ftrace.report import Failure, Outcome, internal_error
+    from pytest_ftrace.stress import runner
 
     outcome = Outcome(run.threads, run.iterations)
     iteration = 0
@@ -553,7 +554,7 @@ def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
             got.append,
         )
         test.children += 1
-        done = False
+        over = False
         for data in got:
             _replay_output(data["output"])
             _reissue_warnings(data["warnings"])
@@ -566,12 +567,15 @@ def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
             for name in ("failures", "skipped", "xfailed"):
                 getattr(outcome, name).extend(unpack_failure(f) for f in data[name])
             outcome.notes.extend(data["notes"])
-            iteration += 1
-            if data["hang"] or any(f.phase == "internal" for f in outcome.failures):
-                _did_not_run(outcome, iteration - 1, run.iterations)
-                done = True  # as in this process: a hung or broken run stops there
+            if data["round"] is not None:
+                iteration = data["round"] + 1
+            hang = [f for f in outcome.failures if isinstance(f.exc, runner.Hang)]
+            if hang or any(f.phase == "internal" for f in outcome.failures):
+                stuck = hang[0].iteration if hang and hang[0].iteration is not None else None
+                _did_not_run(outcome, iteration if stuck is None else stuck, run.iterations)
+                over = True  # as in this process: a hung or broken run stops there
                 break
-        if done:
+        if over:
             break
         if answer[0] == "crash":
             outcome.failures.append(
@@ -579,16 +583,9 @@ def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
             )
             _did_not_run(outcome, iteration, run.iterations)
             break
-        if answer[0] == "error":
-            error = internal_error(
-                f"the forked process of round {iteration}", ChildError(answer[1])
-            )
-            outcome.failures.append(Failure(None, iteration, error, "internal"))
-            break
-        if iteration == first:  # a child that ran no round and said nothing: do not loop
-            error = internal_error(
-                f"the forked process of round {iteration}", ChildError("it ran no round")
-            )
+        if answer[0] == "error" or iteration == first:
+            why = answer[1] if answer[0] == "error" else "it ended without running a round"
+            error = internal_error(f"the forked process of round {iteration}", ChildError(why))
             outcome.failures.append(Failure(None, iteration, error, "internal"))
             break
     return outcome
@@ -611,99 +608,132 @@ def _did_not_run(outcome: Outcome, iteration: int, iterations: int) -> None:
 
 
 def _child_rounds(test: TestSession, run: ThreadedRun, first: int, picture, send) -> None:
-    """In the child: rounds from `first` on, each one's data sent as it ends, while the round
-    left the picture of the module state as it was (`picture` None: one round only)."""
+    """In the child: the rounds from `first` on, in one threaded run (its workers and their
+    fixtures live for all of them, as in the test's process). As each round ends, one worker
+    sends what the parent needs of it, and the run goes on to the next round only while the
+    project's module state is as `picture` says (None: never; fork-each); then the rest
+    (fixtures' tear-down, a hang, the plugin's errors) goes at the end."""
+    import warnings
+
     from pytest_ftrace.ftrace import fingerprint
+    from pytest_ftrace.stress import runner
 
     mode = test.run
     _keep_records(mode)
-    started = False
-    counted: dict = {}
-    try:
-        for iteration in range(first, run.iterations):
-            if not started:
-                mode.exact.start_watchdog()
-                started = True
-            data = _child_round(test, run, iteration)
-            if data["mode"] is not None:  # this round's counts, not this process's so far
-                stats = data["mode"]["stats"]
-                data["mode"]["stats"] = {k: stats.get(k, 0) - counted.get(k, 0) for k in _COUNTERS}
-                counted = stats
-            last = (
-                picture is None
-                or iteration == run.iterations - 1
-                or data["stop"] is not None
-                or data["internal"] is not None
-                or data["hang"]
-                or fingerprint.take(test.session.instrumentation.scope) != picture
-            )
-            send(data)
-            if last:
-                return
-    finally:
-        mode.exact._stop.set()  # the watchdog: nothing more to watch
-
-
-def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
-    """In the child: run round `iteration` of the test, with the mode active; what the parent
-    needs of it, as plain data."""
-    import warnings
-
-    from pytest_ftrace.stress import runner
-
-    mark = _output_mark()
-    data: dict[str, Any] = {"stop": None, "internal": None, "hang": False}
-    durations: list[float] = []
+    _fresh_records(mode)
+    scope = test.session.instrumentation.scope
     hooks = run.hooks
-    ending = hooks.round_end
+    ending, over = hooks.round_end, hooks.round_over
+    durations: list[float] = []
+    sent = _Sent(_output_mark())
 
     def round_end(seconds: float) -> None:
         durations.append(seconds)
         if ending is not None:
             ending(seconds)
 
-    run.only_round = iteration
-    mode = test.run
-    _fresh_records(mode)
+    def round_over(iteration: int) -> bool:
+        send(_results(test, run, iteration, durations, sent, caught))
+        return picture is not None and fingerprint.take(scope) == picture
+
+    data: dict[str, Any] = {"stop": None, "internal": None}
     outcome = None
-    step = "the threaded run"
+    step = "starting the watchdog"
     with warnings.catch_warnings(record=True) as caught:
-        hooks.round_end = round_end
+        hooks.round_end, hooks.round_over = round_end, round_over
+        run.only_round, run.first_round = None, first
         try:
+            mode.exact.start_watchdog()
             try:
+                step = "the threaded run"
                 outcome = run.run()
             finally:
-                hooks.round_end = ending
+                hooks.round_end, hooks.round_over = ending, over
                 step = "deactivating --ftrace"
-                _settle(mode)
+                mode.exact._stop.set()  # the watchdog: nothing more to watch
         except runner.STOPPING as exc:
             data["stop"] = pack_exc(exc)
         except BaseException as exc:  # noqa: BLE001 - the machinery's: the parent fails the test
             data["internal"] = (step, pack_exc(exc))
-    data["warnings"] = [_warning_data(w) for w in caught]
-    data["output"] = _output_since(mark)
-    if outcome is None:
-        data.update(failures=[], skipped=[], xfailed=[], notes=[], mode=None)
-        return data
-    data["failures"] = [pack_failure(f) for f in outcome.failures]
-    data["skipped"] = [pack_failure(f) for f in outcome.skipped]
-    data["xfailed"] = [pack_failure(f) for f in outcome.xfailed]
-    data["notes"] = [n for n in outcome.notes if "did not run" not in n]
-    data["hang"] = any(isinstance(f.exc, runner.Hang) for f in outcome.failures)
-    data["mode"] = _collect_exact(test, iteration, durations, bool(outcome.failures))
-    return data
+        data.update(_results(test, run, None, durations, sent, caught))
+    if outcome is not None:
+        data["notes"] = [n for n in outcome.notes if "did not run" not in n]
+    send(data)
 
 
-def _settle(mode) -> None:
-    """In the child, after a round: what deactivating would add to the records, without
-    switching the instrumentation off (the process ends or runs another round)."""
+class _Sent:
+    """How much of the child's results went to the parent already."""
+
+    def __init__(self, mark: dict):
+        self.mark = mark
+        self.failures = self.skipped = self.xfailed = 0
+        self.warnings = 0
+        self.blocking = 0
+        self.errors = 0
+        self.counted: dict = {}
+
+
+def _results(test, run, iteration: int | None, durations, sent: _Sent, caught) -> dict:
+    """What the parent has not had yet: round `iteration`'s results (None: the end of the
+    child's run), as plain data."""
     from pytest_ftrace.ftrace import coop
 
+    data: dict[str, Any] = {"round": iteration, "stop": None, "internal": None, "notes": []}
+    outcome = getattr(run, "_outcome", None)
+    failed = False
+    for name in ("failures", "skipped", "xfailed"):
+        found = list(getattr(outcome, name, ()))
+        new = found[getattr(sent, name) :]
+        setattr(sent, name, len(found))
+        data[name] = [pack_failure(f) for f in new]
+        if name == "failures":
+            failed = any(f.iteration == iteration for f in new)
+    warned = list(caught)
+    data["warnings"] = [_warning_data(w) for w in warned[sent.warnings :]]
+    sent.warnings = len(warned)
+    data["output"] = _output_since(sent.mark)
+    sent.mark = _output_mark()
+    mode = test.run
     exact = mode.exact
-    exact.waits += len(coop._BLOCKS)
+    waits = len(coop._BLOCKS)
     coop._BLOCKS.clear()
     exact.internal_errors.extend(coop.INTERNAL_ERRORS)
     coop.INTERNAL_ERRORS.clear()
+    seen = iteration is not None and iteration in exact.rounds_seen
+    stats = mode.traced.stats()
+    data["mode"] = {
+        "round": iteration,
+        "record": _plain_record(exact.round(iteration)) if seen else None,
+        # the steps are for the lanes of a failing round only: text is dear to make
+        "steps": pack_steps(exact.steps(iteration)) if seen and failed else None,
+        "exit_steps": {k: v for k, v in exact.exit_steps.items() if iteration in (None, k[0])},
+        "spawned": {k: v for k, v in exact.spawned.items() if iteration in (None, k[0])},
+        "waits": waits,
+        "blocking": list(exact.blocking[sent.blocking :]),
+        "internal_errors": [
+            (where, pack_exc(exc)) for where, exc in exact.internal_errors[sent.errors :]
+        ],
+        # this round's counts, not this process's so far
+        "stats": {k: stats.get(k, 0) - sent.counted.get(k, 0) for k in _COUNTERS},
+        "durations": list(durations),
+    }
+    sent.blocking, sent.errors, sent.counted = (
+        len(exact.blocking),
+        len(exact.internal_errors),
+        stats,
+    )
+    durations.clear()
+    return data
+
+
+def _plain_record(record: dict | None) -> dict | None:
+    """A round record that pickles: the code object of its free run as its access's text."""
+    if record is None or not record.get("free_run"):
+        return record
+    from pytest_ftrace.ftrace.coop import describe_step
+
+    tid, code, offset = record["free_run"]
+    return {**record, "free_run": (tid, describe_step(code, offset), offset)}
 
 
 # What the parent had merged when it forked: kept alive in the child, where letting it go
@@ -720,33 +750,13 @@ def _keep_records(mode) -> None:
 
 
 def _fresh_records(mode) -> None:
-    """In the child: what the parent merged of the rounds before (or this child's own round
-    before, sent already) is not this round's."""
+    """In the child: what the parent merged of the rounds before is not this child's."""
     exact = mode.exact
     exact.exit_steps, exact.spawned, exact.blocking = {}, {}, []
     exact.internal_errors, exact.waits = [], 0
     exact.records, exact.steps_of = {}, {}
     exact.rounds_seen = set()
     mode.traced.forked = {}
-
-
-def _collect_exact(test: TestSession, iteration: int, durations: list[float], failed: bool) -> dict:
-    mode = test.run
-    exact = mode.exact
-    seen = iteration in exact.rounds_seen
-    return {
-        "round": iteration,
-        "record": exact.round(iteration) if seen else None,
-        # the steps are for the lanes of a failing round only: text is dear to make
-        "steps": pack_steps(exact.steps(iteration)) if seen and failed else None,
-        "exit_steps": dict(exact.exit_steps),
-        "spawned": dict(exact.spawned),
-        "waits": exact.waits,
-        "blocking": list(exact.blocking),
-        "internal_errors": [(where, pack_exc(exc)) for where, exc in exact.internal_errors],
-        "stats": mode.traced.stats(),
-        "durations": durations,
-    }
 
 
 _COUNTERS = (

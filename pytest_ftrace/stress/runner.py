@@ -100,6 +100,10 @@ class Hooks:
     # Called with a reason when the run stops early (an internal error): whatever waits in
     # the plugin's machinery (the exact-mode scheduler) is let go.
     release: Callable[[str], None] | None = None
+    # Called with a round's number once every worker has ended that round, by one of them,
+    # before the next round starts (forked rounds send the round's results from here);
+    # False: no round after it.
+    round_over: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -119,6 +123,8 @@ class ThreadedRun:
     watch: Any = None
     # Run only this round (a forked round's process, see ftrace/fork.py), not all of them.
     only_round: int | None = None
+    # The first round to run (a forked child that goes on from there), when only_round is None.
+    first_round: int = 0
 
     def run(self) -> Outcome:
         """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
@@ -131,7 +137,12 @@ class ThreadedRun:
         self._stopping: BaseException | None = None
         # One party more than the workers for the final barrier would let the supervisor wait
         # for teardown; the workers alone suffice, the supervisor joins them.
-        self._barrier = threading.Barrier(self.threads, timeout=self.timeout)
+        self._passes = 0  # the barrier's: one before each round and one after the last
+        self._barrier = threading.Barrier(
+            self.threads,
+            action=self._round_over if self.hooks.round_over is not None else None,
+            timeout=self.timeout,
+        )
         self._rounds: list[int | None] = [None] * self.threads  # the round each worker is in
         self._abandoned = False  # the supervisor gave up on the workers still running
         self._steps = ["thread set-up"] * self.threads  # what each worker does (for errors)
@@ -339,7 +350,10 @@ class ThreadedRun:
         for_round = getattr(fixtures, "for_round", None) if self.takes_fixtures else None
         watch = self.watch
         try:
-            rounds = range(self.iterations) if self.only_round is None else [self.only_round]
+            if self.only_round is None:
+                rounds = range(self.first_round, self.iterations)
+            else:
+                rounds = [self.only_round]
             for iteration in rounds:
                 if iteration and kwargs is not None and for_round is not None:
                     self._steps[index] = "making the round's tmp_path"
@@ -399,6 +413,21 @@ class ThreadedRun:
                 self.hooks.thread_exit()
             except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
                 self._internal(index, None, "thread_exit", exc)
+
+    def _round_over(self) -> None:
+        """The barrier's action (by the last worker to get there): after the first pass,
+        every worker has ended a round."""
+        passes, self._passes = self._passes, self._passes + 1
+        if passes == 0 or self._stop.is_set():
+            return
+        finished = self.first_round + passes - 1 if self.only_round is None else self.only_round
+        try:
+            go_on = self.hooks.round_over(finished)
+        except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+            self._record(Failure(None, finished, internal_error("round_over", exc), "internal"))
+            go_on = False
+        if not go_on:
+            self._stop.set()  # the workers leave at this barrier: no round after this one
 
     def _wait(self) -> bool:
         """Wait for the round's barrier; False when the run is being stopped."""
