@@ -10,8 +10,10 @@ For each interpreter whose venv exists under .venvs/, each side runs the test fi
 repeat: with --iterations ROUNDS and with --iterations 1; the difference of the wall times
 (the session's start-up and collection cancel out) over ROUNDS - 1 gives the time of a round.
 The sides rotate, the medians over the repeats are reported, and each side's ratio to process
-of the time per round. Every run must pass (the tests check each round's own work); a broken
-run stops the bench. On a loaded machine the numbers move: compare the ratios, not the times.
+of the time per round, in wall time and in CPU time (user + system of pytest and the children
+it forked: steadier than wall time on a loaded machine). Every run must pass (the tests check
+each round's own work); a broken run stops the bench. On a loaded machine the numbers move:
+compare the ratios, not the times.
 `--test first-fill` times a race-free test whose rounds each fill a module-level cache (so
 every round needs a child of its own under fork too).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,20 +81,23 @@ def _env() -> dict:
     return env
 
 
-def timed(python: Path, where: Path, threads: int, rounds: int, side: str) -> float:
+def timed(python: Path, where: Path, threads: int, rounds: int, side: str) -> tuple[float, float]:
     cmd = [
         str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ftrace", "--seed", "1",
         "--threads", str(threads), "--iterations", str(rounds), "--ftrace-rounds", side,
         "--ftrace-timeout", "600", "test_small.py",
     ]  # fmt: skip
     start = time.perf_counter()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         cmd, cwd=where, capture_output=True, text=True, timeout=1800, env=_env(), check=False
     )
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
     if proc.returncode != 0 or "1 passed" not in proc.stdout:
         sys.exit(f"broken run ({side}, {rounds} rounds):\n{proc.stdout}\n{proc.stderr}")
-    return elapsed
+    return elapsed, cpu
 
 
 def main() -> None:
@@ -112,26 +118,32 @@ def main() -> None:
             f"exact mode, test {args.test}, {args.threads} threads, {args.rounds} rounds; "
             f"medians of {args.repeat} repeats; ms per round (rounds/s, x process)"
         )
-        print(f"{'python':<7} " + " ".join(f"{side:>24}" for side in sides))
+        print(f"{'python':<11} " + " ".join(f"{side:>24}" for side in sides))
         for name in wanted:
             python = VENVS / name / "bin" / "python"
             if not python.exists():
                 print(f"{name:<7} (no venv at {python.parent.parent})")
                 continue
-            per_round: dict[str, list[float]] = {side: [] for side in sides}
+            per_round: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
             for repeat in range(args.repeat):
                 order = sides[repeat % len(sides) :] + sides[: repeat % len(sides)]
                 for side in order:
                     many = timed(python, where, args.threads, args.rounds, side)
                     one = timed(python, where, args.threads, 1, side)
-                    per_round[side].append(max(many - one, 1e-9) / (args.rounds - 1))
-            median = {side: statistics.median(per_round[side]) for side in sides}
-            here = median.get("process")
-            cells = []
-            for side in sides:
-                ratio = f", {median[side] / here:.1f}x" if here else ""
-                cells.append(f"{median[side] * 1e3:.2f} ({1 / median[side]:.0f}/s{ratio})")
-            print(f"{name:<7} " + " ".join(f"{cell:>24}" for cell in cells))
+                    per_round[side].append(
+                        tuple(
+                            max(m - o, 1e-9) / (args.rounds - 1)
+                            for m, o in zip(many, one, strict=True)
+                        )
+                    )
+            for what, index in (("wall", 0), ("cpu", 1)):
+                median = {s: statistics.median(r[index] for r in per_round[s]) for s in sides}
+                here = median.get("process")
+                cells = []
+                for side in sides:
+                    ratio = f", {median[side] / here:.1f}x" if here else ""
+                    cells.append(f"{median[side] * 1e3:.2f} ({1 / median[side]:.0f}/s{ratio})")
+                print(f"{name + ' ' + what:<11} " + " ".join(f"{cell:>24}" for cell in cells))
 
 
 if __name__ == "__main__":

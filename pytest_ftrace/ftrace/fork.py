@@ -1,12 +1,18 @@
-"""Forked rounds (exact mode): every round of a test, every replay run and every shrink attempt
-runs in a child process forked at the start of the test's call phase, so each one starts from
-the test's starting state. A first-fill race (a module-level cache filled on first use) then
-gets every round, not only the first; a replay starts from the state the original round had.
+"""Forked rounds (exact mode, the default): every round of a test, every replay run and every
+shrink attempt runs in a child process forked at the start of the test's call phase, so each
+one starts from the test's starting state. A first-fill race (a module-level cache filled on
+first use) then gets every round, not only the first; a replay starts from the state the
+original round had.
 
-The parent process never runs the test's body in the call phase: it forks a child per round,
-waits for it, and merges what the child sends back (plain data, through a pipe) into the run's
-Outcome and the mode's records, so that the report, the lanes, shrinking and the replay line
-are as they are for rounds run in this process:
+The parent process never runs the test's body in the call phase: it forks a child, which runs
+rounds in one threaded run (its workers and their fixtures live for all its rounds, as in one
+process) and, as each round ends, sends that round's results through a pipe; the child goes on
+to the next round only while the round left the project's module state as it found it
+(fingerprint.py), so a test that keeps no state pays one fork, and a round that changed the
+state ends its child: the next round starts in a new one (--ftrace-rounds fork-each: always).
+The parent merges what the children send back (plain data) into the run's Outcome and the
+mode's records, so that the report, the lanes, shrinking and the replay line are as they are
+for rounds run in this process:
 
 - the failures, each exception pickled (by reference to its class) with the frames the report
   shows; in the parent it gets a traceback again, made of stand-in frames with the original
@@ -25,14 +31,20 @@ chaos mode; another thread of the process is running (a fixture's server thread 
 in the child); a thread is still inside the native core.
 
 A child is one fork of the parent, which never runs rounds itself: gc is frozen around the fork
-so that the child's collections do not copy every page it inherited, and the child ends with
+so that the child's collections do not copy every page it inherited, the records it inherited
+are kept alive there (freeing them would write to their pages), and the child ends with
 os._exit (no atexit handlers, no finalization, threads it leaves are gone with it).
+
+`in_child(work, timeout)` (one call in a child, its result back) and `in_child_stream` (messages
+as the child goes) are the building blocks for anything else that must start from the test's
+starting state (a shrink attempt here; an exploration's execution).
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -545,11 +557,15 @@ def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
     outcome = Outcome(run.threads, run.iterations)
     iteration = 0
     test.children = 0
+    # Shared with the children: the number of the round after the last one that ended there,
+    # so that a crash is blamed on the round it happened in without a message per round.
+    board = mmap.mmap(-1, _HEADER)
     while iteration < run.iterations:
         got: list[dict] = []
         first = iteration
+        board[:] = first.to_bytes(_HEADER, "big")
         answer = in_child_stream(
-            lambda send, i=first: _child_rounds(test, run, i, picture, send),
+            lambda send, i=first: _child_rounds(test, run, i, picture, send, board),
             run.timeout + GRACE_SECONDS,
             got.append,
         )
@@ -578,6 +594,7 @@ def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
         if over:
             break
         if answer[0] == "crash":
+            iteration = max(iteration, int.from_bytes(board[:], "big"))
             outcome.failures.append(
                 Failure(None, iteration, RoundCrashed(f"round {iteration}: {answer[1]}"), "call")
             )
@@ -607,7 +624,9 @@ def _did_not_run(outcome: Outcome, iteration: int, iterations: int) -> None:
         outcome.notes.append(f"iteration {iteration + 1} did not run")
 
 
-def _child_rounds(test: TestSession, run: ThreadedRun, first: int, picture, send) -> None:
+def _child_rounds(
+    test: TestSession, run: ThreadedRun, first: int, picture, send, board=None
+) -> None:
     """In the child: the rounds from `first` on, in one threaded run (its workers and their
     fixtures live for all of them, as in the test's process). As each round ends, one worker
     sends what the parent needs of it, and the run goes on to the next round only while the
@@ -633,8 +652,13 @@ def _child_rounds(test: TestSession, run: ThreadedRun, first: int, picture, send
             ending(seconds)
 
     def round_over(iteration: int) -> bool:
-        send(_results(test, run, iteration, durations, sent, caught))
-        return picture is not None and fingerprint.take(scope) == picture
+        sent.finished = iteration
+        if board is not None:
+            board[:] = (iteration + 1).to_bytes(_HEADER, "big")
+        go_on = picture is not None and fingerprint.take(scope) == picture
+        if not go_on or sent.news(run):  # a failure goes at once: a crash cannot lose it
+            send(_results(test, run, durations, sent, caught))
+        return go_on
 
     data: dict[str, Any] = {"stop": None, "internal": None}
     outcome = None
@@ -655,7 +679,7 @@ def _child_rounds(test: TestSession, run: ThreadedRun, first: int, picture, send
             data["stop"] = pack_exc(exc)
         except BaseException as exc:  # noqa: BLE001 - the machinery's: the parent fails the test
             data["internal"] = (step, pack_exc(exc))
-        data.update(_results(test, run, None, durations, sent, caught))
+        data.update(_results(test, run, durations, sent, caught))
     if outcome is not None:
         data["notes"] = [n for n in outcome.notes if "did not run" not in n]
     send(data)
@@ -671,49 +695,64 @@ class _Sent:
         self.blocking = 0
         self.errors = 0
         self.counted: dict = {}
+        self.finished: int | None = None  # the last round that ended
+        self.rounds = 0  # how many of the rounds that ended were sent
+
+    def news(self, run) -> bool:
+        outcome = getattr(run, "_outcome", None)
+        return any(
+            len(getattr(outcome, name, ())) > getattr(self, name)
+            for name in ("failures", "skipped", "xfailed")
+        )
 
 
-def _results(test, run, iteration: int | None, durations, sent: _Sent, caught) -> dict:
-    """What the parent has not had yet: round `iteration`'s results (None: the end of the
-    child's run), as plain data."""
+def _results(test, run, durations, sent: _Sent, caught) -> dict:
+    """What the parent has not had yet, as plain data: the rounds that ended since the last
+    message (their records; the steps of those that failed), failures, output, warnings and
+    counts."""
     from pytest_ftrace.ftrace import coop
 
-    data: dict[str, Any] = {"round": iteration, "stop": None, "internal": None, "notes": []}
+    mode = test.run
+    exact = mode.exact
+    data: dict[str, Any] = {"round": sent.finished, "stop": None, "internal": None, "notes": []}
     outcome = getattr(run, "_outcome", None)
-    failed = False
+    failing = set()
     for name in ("failures", "skipped", "xfailed"):
         found = list(getattr(outcome, name, ()))
         new = found[getattr(sent, name) :]
         setattr(sent, name, len(found))
         data[name] = [pack_failure(f) for f in new]
         if name == "failures":
-            failed = any(f.iteration == iteration for f in new)
+            failing = {f.iteration for f in new}
     warned = list(caught)
     data["warnings"] = [_warning_data(w) for w in warned[sent.warnings :]]
     sent.warnings = len(warned)
     data["output"] = _output_since(sent.mark)
     sent.mark = _output_mark()
-    mode = test.run
-    exact = mode.exact
     waits = len(coop._BLOCKS)
     coop._BLOCKS.clear()
     exact.internal_errors.extend(coop.INTERNAL_ERRORS)
     coop.INTERNAL_ERRORS.clear()
-    seen = iteration is not None and iteration in exact.rounds_seen
+    rounds = sorted(exact.rounds_seen)[sent.rounds :]
+    sent.rounds += len(rounds)
     stats = mode.traced.stats()
     data["mode"] = {
-        "round": iteration,
-        "record": _plain_record(exact.round(iteration)) if seen else None,
         # the steps are for the lanes of a failing round only: text is dear to make
-        "steps": pack_steps(exact.steps(iteration)) if seen and failed else None,
-        "exit_steps": {k: v for k, v in exact.exit_steps.items() if iteration in (None, k[0])},
-        "spawned": {k: v for k, v in exact.spawned.items() if iteration in (None, k[0])},
+        "records": {
+            i: (
+                _plain_record(exact.round(i)),
+                pack_steps(exact.steps(i)) if i in failing else None,
+            )
+            for i in rounds
+        },
+        "exit_steps": {k: v for k, v in exact.exit_steps.items() if k[0] in rounds},
+        "spawned": {k: v for k, v in exact.spawned.items() if k[0] in rounds},
         "waits": waits,
         "blocking": list(exact.blocking[sent.blocking :]),
         "internal_errors": [
             (where, pack_exc(exc)) for where, exc in exact.internal_errors[sent.errors :]
         ],
-        # this round's counts, not this process's so far
+        # these rounds' counts, not this process's so far
         "stats": {k: stats.get(k, 0) - sent.counted.get(k, 0) for k in _COUNTERS},
         "durations": list(durations),
     }
@@ -773,16 +812,16 @@ _COUNTERS = (
 
 
 def _absorb(test: TestSession, data: dict) -> None:
-    """In the parent: a child's round into the mode's records and statistics."""
+    """In the parent: a child's rounds into the mode's records and statistics."""
     got = data["mode"]
     if got is None:
         return
     exact = test.run.exact
-    iteration = got["round"]
-    if got["record"] is not None:
-        exact.rounds_seen.add(iteration)
-        exact.records[iteration] = got["record"]
-        exact.steps_of[iteration] = got["steps"]
+    for iteration, (record, steps) in got["records"].items():
+        if record is not None:
+            exact.rounds_seen.add(iteration)
+            exact.records[iteration] = record
+            exact.steps_of[iteration] = steps
     exact.exit_steps.update(got["exit_steps"])
     exact.spawned.update(got["spawned"])
     exact.waits += got["waits"]
