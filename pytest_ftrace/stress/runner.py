@@ -59,6 +59,10 @@ def _real_perf_counter() -> float:
     return (_native.real_clock("perf_counter") or time.perf_counter)()
 
 
+# What a worker does outside the rounds: a hang there is not a round's (no replay line).
+_OUTSIDE = ("thread set-up", "fixture tear-down")
+
+
 class Hang(Exception):
     """The test's threaded execution did not finish within the timeout."""
 
@@ -207,7 +211,7 @@ class ThreadedRun:
                 key=lambda k: (self._rounds[k] is None, self._rounds[k] or 0, k),
                 default=None,
             )
-            if first is None or self._rounds[first] is None:
+            if first is None or self._rounds[first] is None or self._steps[first] in _OUTSIDE:
                 # stuck before its first round (fixture set-up), or only the test's threads
                 outcome.failures.append(Failure(None, None, hang, "call"))
             else:  # blamed on the earliest stuck round, so --ftrace prints its replay line
@@ -336,6 +340,7 @@ class ThreadedRun:
                 self._internal(index, None, "thread_enter", exc)
                 self._leave(index, fixtures)
                 return
+        self._steps[index] = "thread set-up"
         try:
             if self.crew is not None:  # built in the set-up phase
                 kwargs = self.crew.kwargs[index]
@@ -405,6 +410,8 @@ class ThreadedRun:
         test is over, and its fixtures' tear-down must not run into the next test)."""
         if self._abandoned:
             return
+        if self.crew is None:
+            self._steps[index] = "fixture tear-down"
         for exc in fixtures.teardown() if self.crew is None else ():  # the crew's: later
             self._record(Failure(index, None, exc, "teardown"))
         if self.hooks.thread_exit is not None:
@@ -454,6 +461,9 @@ class ThreadedRun:
                 f"the test's threads did not finish within {self.timeout:g}s "
                 f"(--ftrace-timeout); {len(alive)} of {self.threads} still running"
             )
+            steps = sorted({self._steps[workers.index(t)] for t in alive if t in workers})
+            if steps and set(steps) <= set(_OUTSIDE):  # their fixtures, not the test's body
+                head += f", in their per-thread fixtures' {' or '.join(steps)}"
         else:
             waited = [t for t in started if _waited_for(t)]
             head = (
