@@ -27,6 +27,7 @@ percent drown in the wall-time noise of a shared machine.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -395,25 +396,31 @@ def _module_fixture_tests(count: int) -> str:
 
 
 COUNTER_TESTS = '''
-"""Proves the body ran threads x iterations times: the counter is guarded by a lock."""
+"""Proves the body ran threads x iterations times: each execution appends a byte to a file
+(a file, not a module-level counter: with --ftrace each round runs in a forked child, which
+starts from the test's starting state, so a counter in memory would not add up across rounds).
+"""
 
 import os
-import threading
 
-_lock = threading.Lock()
-_count = 0
+# a new file for every run (the bench names it), else one beside this module
+_FILE = os.environ.get("BENCH_COUNT_FILE") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "executions.count"
+)
 
 
 def test_count_executions():
-    global _count
-    with _lock:
-        _count += 1
+    fd = os.open(_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
 
 
 def test_counted_all_executions():
     expected = int(os.environ.get("BENCH_EXPECTED_EXECUTIONS", "1"))
-    with _lock:
-        assert _count == expected, f"the body ran {_count} times, expected {expected}"
+    count = os.path.getsize(_FILE) if os.path.exists(_FILE) else 0
+    assert count == expected, f"the body ran {count} times, expected {expected}"
 '''
 
 
@@ -514,9 +521,19 @@ COUNT = re.compile(r"(\d+) (\w+)")
 PYCACHE: Path | None = None
 
 
+_RUNS = 0
+_COUNTS: Path | None = None
+
+
 def _env(expected_executions: int, tag: str = "") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
     env["BENCH_EXPECTED_EXECUTIONS"] = str(expected_executions)
+    global _RUNS, _COUNTS
+    _RUNS += 1  # the executions counted in a file of the run's own (COUNTER_TESTS)
+    if _COUNTS is None:
+        _COUNTS = Path(tempfile.mkdtemp(prefix="ftrace-bench-counts-"))
+        atexit.register(shutil.rmtree, _COUNTS, True)
+    env["BENCH_COUNT_FILE"] = str(_COUNTS / f"run-{_RUNS}")
     if PYCACHE is None:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
     else:

@@ -167,6 +167,13 @@ def _settings(config: pytest.Config) -> options.Settings:
         or config.option.ftrace_iterations is not None
         or options.ini_value(config, "ftrace_iterations") is not None
     )
+    cap = options.ROUND_CAP
+    if on and not fixed:
+        from pytest_ftrace.ftrace.fork import rounds_setting
+
+        if rounds_setting(config) != "process":
+            # forked rounds: the budget's signal stays in the children; the old fixed count
+            fixed, cap = True, options.MIN_ROUNDS
     return options.Settings(
         threads=options.resolve(
             config,
@@ -180,7 +187,7 @@ def _settings(config: pytest.Config) -> options.Settings:
             "ftrace_iterations",
             "ftrace_iterations",
             options.positive_int("ftrace_iterations"),
-            options.ROUND_CAP if on else 1,
+            cap if on else 1,
         ),
         require_gil_disabled=require,
         thread_unsafe_fixtures=frozenset(unsafe),
@@ -331,7 +338,7 @@ def pytest_runtest_setup(item: pytest.Item):
     result = yield
     threads, iterations = plan.threads, plan.iterations
     ftrace = state.ftrace
-    if ftrace is not None and ftrace.mode == "exact" and ftrace.rounds == "fork":
+    if ftrace is not None and ftrace.mode == "exact" and ftrace.rounds != "process":
         return result  # forked rounds: each round's process builds its threads' fixtures
     if ftrace is not None and ftrace.replay is not None:
         if ftrace.replay_nodeid in (None, item.nodeid):  # as ftrace.TestSession runs it

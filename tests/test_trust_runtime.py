@@ -6,6 +6,8 @@ Every session runs in a subprocess (a fault that hung or aborted it must fail th
 the suite), and the tests assert on what happened, never on how long it took.
 """
 
+import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -238,7 +240,7 @@ def test_after():
 
 @pytest.mark.parametrize(
     "args",
-    [("--threads", "2"), ("--ftrace",), ("--threads", "1")],
+    [("--threads", "2"), ("--ftrace", "--ftrace-rounds", "process"), ("--threads", "1")],
     ids=["threads", "ftrace", "one-thread"],
 )
 def test_a_hanging_fixture_fails_its_test_and_the_session_goes_on(pytester, args):
@@ -255,6 +257,26 @@ def test_a_hanging_fixture_fails_its_test_and_the_session_goes_on(pytester, args
     assert "time.sleep(10**6)" in found["test_setup_hangs"][1]  # the stuck thread's stack
     # pytest reports an error in teardown as one more entry for the same test
     assert "the test's teardown did not finish within 2s" in result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked rounds need os.fork")
+def test_a_hanging_fixture_of_forked_rounds_fails_its_test_outside_the_rounds(pytester):
+    """Forked rounds (exact mode's default) set the per-thread fixtures up and tear them down
+    in the round's process, in the call phase: a hang there fails the test, says where, and
+    blames no round (no replay line)."""
+    pytester.makepyfile(test_phases=PHASES)
+    result = run(pytester, "--ftrace", "--ftrace-timeout", "2")
+    found = cases(pytester)
+    assert found["test_before"][0] == "passed", found
+    assert found["test_after"][0] == "passed", found
+    for name, step in (("test_setup_hangs", "set-up"), ("test_teardown_hangs", "tear-down")):
+        outcome, text = found[name]
+        assert outcome == "failure", found
+        assert re.search(rf"in their per-thread fixtures' \w+ {step}", text), text
+        assert "time.sleep(10**6)" in text  # the stuck thread's stack
+        assert "the failure was outside the rounds" in text
+        assert "replay:" not in text
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 

@@ -319,3 +319,25 @@ def test_one_shot_lazy_init():
     winners = slot("one-lazy-winner", dict)
     mine = holder.get()
     assert winners.setdefault(0, mine) is mine, "lazy init made two instances"
+
+
+# -- module state filled on first use, never reset between rounds ----------------------------
+# Only the round that finds the cache empty can race: each round must start from the test's
+# starting state (forked rounds) for every round to get the chance.
+
+_PROFILES: dict = {}
+_PROFILE_LOADS: list = []
+
+
+def load_profile(name):
+    if name not in _PROFILES:  # check
+        profile = {"name": name, "load": len(_PROFILE_LOADS)}  # compute
+        _PROFILE_LOADS.append(name)
+        _PROFILES[name] = profile  # store
+    return _PROFILES[name]
+
+
+def test_first_fill_module_cache():
+    mine = load_profile("default")
+    assert mine["name"] == "default"
+    assert len(_PROFILE_LOADS) == 1, f"the profile was loaded {len(_PROFILE_LOADS)} times"

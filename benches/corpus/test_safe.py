@@ -245,3 +245,25 @@ def test_barrier_meeting():
     except threading.BrokenBarrierError:
         return  # alone (one thread), or the partner came after the timeout: nobody to meet
     assert meeting.values[1 - me] == (1 - me) * 10
+
+
+# -- module state filled on first use, never reset between rounds (the racy twin's fix) ------
+
+_PROFILES: dict = {}
+_PROFILE_LOADS: list = []
+_PROFILES_LOCK = threading.Lock()
+
+
+def load_profile(name):
+    with _PROFILES_LOCK:
+        if name not in _PROFILES:
+            profile = {"name": name, "load": len(_PROFILE_LOADS)}
+            _PROFILE_LOADS.append(name)
+            _PROFILES[name] = profile
+        return _PROFILES[name]
+
+
+def test_first_fill_module_cache_under_lock():
+    mine = load_profile("default")
+    assert mine["name"] == "default"
+    assert len(_PROFILE_LOADS) == 1, f"the profile was loaded {len(_PROFILE_LOADS)} times"

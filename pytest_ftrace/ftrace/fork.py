@@ -1,12 +1,18 @@
-"""Forked rounds (exact mode): every round of a test, every replay run and every shrink attempt
-runs in a child process forked at the start of the test's call phase, so each one starts from
-the test's starting state. A first-fill race (a module-level cache filled on first use) then
-gets every round, not only the first; a replay starts from the state the original round had.
+"""Forked rounds (exact mode, the default): every round of a test, every replay run and every
+shrink attempt runs in a child process forked at the start of the test's call phase, so each
+one starts from the test's starting state. A first-fill race (a module-level cache filled on
+first use) then gets every round, not only the first; a replay starts from the state the
+original round had.
 
-The parent process never runs the test's body in the call phase: it forks a child per round,
-waits for it, and merges what the child sends back (plain data, through a pipe) into the run's
-Outcome and the mode's records, so that the report, the lanes, shrinking and the replay line
-are as they are for rounds run in this process:
+The parent process never runs the test's body in the call phase: it forks a child, which runs
+rounds in one threaded run (its workers and their fixtures live for all its rounds, as in one
+process) and, as each round ends, sends that round's results through a pipe; the child goes on
+to the next round only while the round left the project's module state as it found it
+(fingerprint.py), so a test that keeps no state pays one fork, and a round that changed the
+state ends its child: the next round starts in a new one (--ftrace-rounds fork-each: always).
+The parent merges what the children send back (plain data) into the run's Outcome and the
+mode's records, so that the report, the lanes, shrinking and the replay line are as they are
+for rounds run in this process:
 
 - the failures, each exception pickled (by reference to its class) with the frames the report
   shows; in the parent it gets a traceback again, made of stand-in frames with the original
@@ -25,14 +31,20 @@ chaos mode; another thread of the process is running (a fixture's server thread 
 in the child); a thread is still inside the native core.
 
 A child is one fork of the parent, which never runs rounds itself: gc is frozen around the fork
-so that the child's collections do not copy every page it inherited, and the child ends with
+so that the child's collections do not copy every page it inherited, the records it inherited
+are kept alive there (freeing them would write to their pages), and the child ends with
 os._exit (no atexit handlers, no finalization, threads it leaves are gone with it).
+
+`in_child(work, timeout)` (one call in a child, its result back) and `in_child_stream` (messages
+as the child goes) are the building blocks for anything else that must start from the test's
+starting state (a shrink attempt here; an exploration's execution).
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -58,7 +70,7 @@ class ChildError(Exception):
 
 
 def rounds_setting(config) -> str:
-    """--ftrace-rounds (ini ftrace_rounds): process (the default) or fork."""
+    """--ftrace-rounds (ini ftrace_rounds): process (the default), fork or fork-each."""
     import pytest
 
     from pytest_ftrace import options
@@ -67,7 +79,9 @@ def rounds_setting(config) -> str:
     if value is None:
         raw = str(options.ini_value(config, "ftrace_rounds") or "").strip()
         if raw and raw not in options.ROUNDS_WHERE:
-            raise pytest.UsageError(f"ini key ftrace_rounds: fork or process, not {raw!r}")
+            raise pytest.UsageError(
+                f"ini key ftrace_rounds: fork, fork-each or process, not {raw!r}"
+            )
         value = raw or options.DEFAULT_ROUNDS
     return value
 
@@ -382,8 +396,16 @@ def _replay_output(output: dict) -> None:
 def in_child(work, timeout: float) -> tuple:
     """Run `work()` in a forked child; ("ok", its result) - which must pickle - or ("error",
     traceback text of an exception of `work`) or ("crash", what happened)."""
+    return in_child_stream(lambda _send: work(), timeout, None)
+
+
+def in_child_stream(work, timeout: float, receive) -> tuple:
+    """Run `work(send)` in a forked child: each `send(data)` there (data that pickles) comes
+    here as `receive(data)` while the child goes on, so that what it did before a crash or a
+    hang is not lost; `timeout` is counted from the fork and again from each message. Returns
+    ("ok", the result of `work`), ("error", traceback text of an exception of `work`) or
+    ("crash", what happened)."""
     import gc
-    import pickle
     import warnings
 
     read_fd, write_fd = os.pipe()
@@ -410,38 +432,48 @@ def in_child(work, timeout: float) -> tuple:
         try:
             _native.fork_child()
             os.close(read_fd)
-            try:
-                message = ("ok", work())
-            except BaseException as exc:  # noqa: BLE001 - sent to the parent, which reports it
-                import traceback
-
-                message = ("error", "".join(traceback.format_exception(exc)))
-            try:
-                data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:  # noqa: BLE001
-                import traceback
-
-                data = pickle.dumps(("error", "".join(traceback.format_exception(exc))))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(write_fd, view) :]
+            _child_main(work, write_fd)
             code = 0
         finally:
             os._exit(code)
     os.close(write_fd)
     try:
-        return _collect(pid, read_fd, timeout)
+        return _collect(pid, read_fd, timeout, receive)
     finally:
         os.close(read_fd)
 
 
-def _collect(pid: int, fd: int, timeout: float) -> tuple:
+_HEADER = 8  # a message is its length (8 bytes, big-endian) and its pickle
+
+
+def _child_main(work, fd: int) -> None:
+    """In the child: `work(send)`, each message and then its end written to `fd`. A message
+    that does not pickle ends the work with that error."""
+    import pickle
+    import traceback
+
+    def write(message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(len(data).to_bytes(_HEADER, "big") + data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    try:
+        message = ("ok", work(lambda data: write(("message", data))))
+        pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # it pickles, or an error
+    except BaseException as exc:  # noqa: BLE001 - sent to the parent, which reports it
+        message = ("error", "".join(traceback.format_exception(exc)))
+    write(message)
+
+
+def _collect(pid: int, fd: int, timeout: float, receive) -> tuple:
     import pickle
     import select
     import signal
     import time
 
-    chunks = []
+    buffer = bytearray()
+    final = None
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -456,7 +488,23 @@ def _collect(pid: int, fd: int, timeout: float) -> tuple:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 break
-            chunks.append(chunk)
+            buffer += chunk
+            while len(buffer) >= _HEADER:
+                size = int.from_bytes(buffer[:_HEADER], "big")
+                if len(buffer) < _HEADER + size:
+                    break
+                frame = bytes(buffer[_HEADER : _HEADER + size])
+                del buffer[: _HEADER + size]
+                try:
+                    message = pickle.loads(frame)  # noqa: S301 - our own child's
+                except Exception as exc:  # noqa: BLE001
+                    message = ("error", f"a message of its process could not be read: {exc!r}")
+                if message[0] == "message":
+                    if receive is not None:
+                        receive(message[1])
+                    deadline = time.monotonic() + timeout
+                elif final is None:
+                    final = message
     except BaseException:  # Ctrl-C, an alarm: the child goes, what stops us goes on
         try:
             os.kill(pid, signal.SIGKILL)
@@ -465,11 +513,8 @@ def _collect(pid: int, fd: int, timeout: float) -> tuple:
             pass
         raise
     _, status = os.waitpid(pid, 0)
-    if chunks:
-        try:
-            return pickle.loads(b"".join(chunks))  # noqa: S301 - our own child's message
-        except Exception:  # noqa: BLE001, S110 - cut short: reported with the status below
-            pass
+    if final is not None:
+        return final
     return ("crash", f"its process ended ({_status(status)}) without sending its results")
 
 
@@ -491,68 +536,91 @@ def _status(status: int) -> str:
 
 
 def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
-    """Every round of `run` in a child of its own; the merged outcome. Raises what stops the
-    session (Ctrl-C, pytest.exit) as the in-process run does.
+    """Every round of `run` in a child forked from here; the merged outcome. Raises what stops
+    the session (Ctrl-C, pytest.exit) as the in-process run does.
+
+    With --ftrace-rounds fork (the default) a child whose round left the project's module
+    state as it found it (ftrace/fingerprint.py) runs the next round too, so that a test that
+    keeps no state pays about one fork, not one per round; a round that changed it ends its
+    child, and the next round starts in a new one. With fork-each every round gets a child.
 
     The mode is active in this process meanwhile (activated once for all the rounds, as for
     rounds run here, with `watchdog=False`: no thread is started here); each child inherits
     the activation (the instrumentation's events, the patched names) and starts its own
     watchdog. This process only waits, in the plugin's code, which is never instrumented."""
 
+    from pytest_ftrace.ftrace import fingerprint  # noqa: F401 - here, not in every child
+
     test.forked = True
-    _warm(test)
-    return _forked_rounds(test, run)
+    picture = _warm(test) if test.session.rounds == "fork" else None
+    return _forked_rounds(test, run, picture)
 
 
-def _forked_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
+def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
     from pytest_ftrace.report import Failure, Outcome, internal_error
+    from pytest_ftrace.stress import runner
 
     outcome = Outcome(run.threads, run.iterations)
-    for iteration in range(run.iterations):
-        if run.go_on is not None and not run.go_on(iteration):  # the budget is spent
-            outcome.iterations = iteration
-            break
-        answer = in_child(
-            lambda i=iteration: _child_round(test, run, i), run.timeout + GRACE_SECONDS
+    iteration = 0
+    test.children = 0
+    # Shared with the children: the number of the round after the last one that ended there,
+    # so that a crash is blamed on the round it happened in without a message per round.
+    board = mmap.mmap(-1, _HEADER)
+    while iteration < run.iterations:
+        got: list[dict] = []
+        first = iteration
+        board[:] = first.to_bytes(_HEADER, "big")
+        answer = in_child_stream(
+            lambda send, i=first: _child_rounds(test, run, i, picture, send, board),
+            run.timeout + GRACE_SECONDS,
+            got.append,
         )
+        test.children += 1
+        over = False
+        for data in got:
+            _replay_output(data["output"])
+            _reissue_warnings(data["warnings"])
+            if data["stop"] is not None:
+                raise unpack_exc(data["stop"])
+            if data["internal"] is not None:
+                step, exc = data["internal"]
+                raise internal_error(step, unpack_exc(exc))
+            _absorb(test, data)
+            for name in ("failures", "skipped", "xfailed"):
+                getattr(outcome, name).extend(unpack_failure(f) for f in data[name])
+            outcome.notes.extend(data["notes"])
+            if data["round"] is not None:
+                iteration = data["round"] + 1
+            hang = [f for f in outcome.failures if isinstance(f.exc, runner.Hang)]
+            if hang or any(f.phase == "internal" for f in outcome.failures):
+                stuck = hang[0].iteration if hang and hang[0].iteration is not None else None
+                _did_not_run(outcome, iteration if stuck is None else stuck, run.iterations)
+                over = True  # as in this process: a hung or broken run stops there
+                break
+        if over:
+            break
         if answer[0] == "crash":
+            iteration = max(iteration, int.from_bytes(board[:], "big"))
             outcome.failures.append(
                 Failure(None, iteration, RoundCrashed(f"round {iteration}: {answer[1]}"), "call")
             )
             _did_not_run(outcome, iteration, run.iterations, run.go_on is not None)
             break
-        if answer[0] == "error":
-            error = internal_error(
-                f"the forked process of round {iteration}", ChildError(answer[1])
-            )
+        if answer[0] == "error" or iteration == first:
+            why = answer[1] if answer[0] == "error" else "it ended without running a round"
+            error = internal_error(f"the forked process of round {iteration}", ChildError(why))
             outcome.failures.append(Failure(None, iteration, error, "internal"))
             break
-        data = answer[1]
-        _replay_output(data["output"])
-        _reissue_warnings(data["warnings"])
-        if data["stop"] is not None:
-            raise unpack_exc(data["stop"])
-        if data["internal"] is not None:
-            step, exc = data["internal"]
-            raise internal_error(step, unpack_exc(exc))
-        _absorb(test, data)
-        for name in ("failures", "skipped", "xfailed"):
-            getattr(outcome, name).extend(unpack_failure(f) for f in data[name])
-        outcome.notes.extend(data["notes"])
-        if data["hang"] or any(f.phase == "internal" for f in outcome.failures):
-            _did_not_run(outcome, iteration, run.iterations, run.go_on is not None)
-            break  # as in this process: a hung or broken run stops there
     return outcome
 
 
-def _warm(test: TestSession) -> None:
+def _warm(test: TestSession):
     """Decide here, once, what every child would decide again: which modules are in scope
-    (the children inherit the answers)."""
-    scope = test.session.instrumentation.scope
-    for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
-        if file:
-            scope.contains(file, name)
+    (the children inherit the answers); and the picture of the project's module state every
+    child starts from."""
+    from pytest_ftrace.ftrace import fingerprint
+
+    return fingerprint.take(test.session.instrumentation.scope)
 
 
 def _did_not_run(outcome: Outcome, iteration: int, iterations: int, budget: bool = False) -> None:
@@ -564,94 +632,178 @@ def _did_not_run(outcome: Outcome, iteration: int, iterations: int, budget: bool
         outcome.notes.append(f"iteration {iteration + 1} did not run")
 
 
-def _child_round(test: TestSession, run: ThreadedRun, iteration: int) -> dict:
-    """In the child: run round `iteration` of the test, with the mode active; what the parent
-    needs of it, as plain data."""
+def _child_rounds(
+    test: TestSession, run: ThreadedRun, first: int, picture, send, board=None
+) -> None:
+    """In the child: the rounds from `first` on, in one threaded run (its workers and their
+    fixtures live for all of them, as in the test's process). As each round ends, one worker
+    sends what the parent needs of it, and the run goes on to the next round only while the
+    project's module state is as `picture` says (None: never; fork-each); then the rest
+    (fixtures' tear-down, a hang, the plugin's errors) goes at the end."""
     import warnings
 
+    from pytest_ftrace.ftrace import fingerprint
     from pytest_ftrace.stress import runner
 
-    mark = _output_mark()
-    data: dict[str, Any] = {"stop": None, "internal": None, "hang": False}
-    durations: list[float] = []
+    mode = test.run
+    _keep_records(mode)
+    _fresh_records(mode)
+    scope = test.session.instrumentation.scope
     hooks = run.hooks
-    ending = hooks.round_end
+    ending, over = hooks.round_end, hooks.round_over
+    durations: list[float] = []
+    sent = _Sent(_output_mark())
 
     def round_end(seconds: float) -> None:
         durations.append(seconds)
         if ending is not None:
             ending(seconds)
 
-    hooks.round_end = round_end
-    run.only_round = iteration
-    run.go_on = None  # the parent decides which rounds run (ftrace/budget.py)
-    mode = test.run
-    _fresh_records(mode)
+    def round_over(iteration: int) -> bool:
+        sent.finished = iteration
+        if board is not None:
+            board[:] = (iteration + 1).to_bytes(_HEADER, "big")
+        go_on = picture is not None and fingerprint.take(scope) == picture
+        if not go_on or sent.news(run):  # a failure goes at once: a crash cannot lose it
+            send(_results(test, run, durations, sent, caught))
+        return go_on
+
+    data: dict[str, Any] = {"stop": None, "internal": None}
     outcome = None
     step = "starting the watchdog"
     with warnings.catch_warnings(record=True) as caught:
+        hooks.round_end, hooks.round_over = round_end, round_over
+        run.only_round, run.first_round = None, first
         try:
             mode.exact.start_watchdog()
             try:
                 step = "the threaded run"
                 outcome = run.run()
             finally:
+                hooks.round_end, hooks.round_over = ending, over
                 step = "deactivating --ftrace"
-                _settle(mode)
+                mode.exact._stop.set()  # the watchdog: nothing more to watch
         except runner.STOPPING as exc:
             data["stop"] = pack_exc(exc)
         except BaseException as exc:  # noqa: BLE001 - the machinery's: the parent fails the test
             data["internal"] = (step, pack_exc(exc))
-    data["warnings"] = [_warning_data(w) for w in caught]
-    data["output"] = _output_since(mark)
-    if outcome is None:
-        data.update(failures=[], skipped=[], xfailed=[], notes=[], mode=None)
-        return data
-    data["failures"] = [pack_failure(f) for f in outcome.failures]
-    data["skipped"] = [pack_failure(f) for f in outcome.skipped]
-    data["xfailed"] = [pack_failure(f) for f in outcome.xfailed]
-    data["notes"] = [n for n in outcome.notes if "did not run" not in n]
-    data["hang"] = any(isinstance(f.exc, runner.Hang) for f in outcome.failures)
-    data["mode"] = _collect_exact(test, iteration, durations)
+        data.update(_results(test, run, durations, sent, caught))
+    if outcome is not None:
+        data["notes"] = [n for n in outcome.notes if "did not run" not in n]
+    send(data)
+
+
+class _Sent:
+    """How much of the child's results went to the parent already."""
+
+    def __init__(self, mark: dict):
+        self.mark = mark
+        self.failures = self.skipped = self.xfailed = 0
+        self.warnings = 0
+        self.blocking = 0
+        self.errors = 0
+        self.counted: dict = {}
+        self.finished: int | None = None  # the last round that ended
+        self.rounds = 0  # how many of the rounds that ended were sent
+
+    def news(self, run) -> bool:
+        outcome = getattr(run, "_outcome", None)
+        return any(
+            len(getattr(outcome, name, ())) > getattr(self, name)
+            for name in ("failures", "skipped", "xfailed")
+        )
+
+
+def _results(test, run, durations, sent: _Sent, caught) -> dict:
+    """What the parent has not had yet, as plain data: the rounds that ended since the last
+    message (their records; the steps of those that failed), failures, output, warnings and
+    counts."""
+    from pytest_ftrace.ftrace import coop
+
+    mode = test.run
+    exact = mode.exact
+    data: dict[str, Any] = {"round": sent.finished, "stop": None, "internal": None, "notes": []}
+    outcome = getattr(run, "_outcome", None)
+    failing = set()
+    for name in ("failures", "skipped", "xfailed"):
+        found = list(getattr(outcome, name, ()))
+        new = found[getattr(sent, name) :]
+        setattr(sent, name, len(found))
+        data[name] = [pack_failure(f) for f in new]
+        if name == "failures":
+            failing = {f.iteration for f in new}
+    warned = list(caught)
+    data["warnings"] = [_warning_data(w) for w in warned[sent.warnings :]]
+    sent.warnings = len(warned)
+    data["output"] = _output_since(sent.mark)
+    sent.mark = _output_mark()
+    waits = len(coop._BLOCKS)
+    coop._BLOCKS.clear()
+    exact.internal_errors.extend(coop.INTERNAL_ERRORS)
+    coop.INTERNAL_ERRORS.clear()
+    rounds = sorted(exact.rounds_seen)[sent.rounds :]
+    sent.rounds += len(rounds)
+    stats = mode.traced.stats()
+    data["mode"] = {
+        # the steps are for the lanes of a failing round only: text is dear to make
+        "records": {
+            i: (
+                _plain_record(exact.round(i)),
+                pack_steps(exact.steps(i)) if i in failing else None,
+            )
+            for i in rounds
+        },
+        "exit_steps": {k: v for k, v in exact.exit_steps.items() if k[0] in rounds},
+        "spawned": {k: v for k, v in exact.spawned.items() if k[0] in rounds},
+        "waits": waits,
+        "blocking": list(exact.blocking[sent.blocking :]),
+        "internal_errors": [
+            (where, pack_exc(exc)) for where, exc in exact.internal_errors[sent.errors :]
+        ],
+        # these rounds' counts, not this process's so far
+        "stats": {k: stats.get(k, 0) - sent.counted.get(k, 0) for k in _COUNTERS},
+        "durations": list(durations),
+    }
+    sent.blocking, sent.errors, sent.counted = (
+        len(exact.blocking),
+        len(exact.internal_errors),
+        stats,
+    )
+    durations.clear()
     return data
 
 
-def _settle(mode) -> None:
-    """In the child, after its round: what deactivating would add to the records, without
-    switching the instrumentation off (the process ends next: that would only cost time)."""
-    from pytest_ftrace.ftrace import coop
+def _plain_record(record: dict | None) -> dict | None:
+    """A round record that pickles: the code object of its free run as its access's text."""
+    if record is None or not record.get("free_run"):
+        return record
+    from pytest_ftrace.ftrace.coop import describe_step
 
+    tid, code, offset = record["free_run"]
+    return {**record, "free_run": (tid, describe_step(code, offset), offset)}
+
+
+# What the parent had merged when it forked: kept alive in the child, where letting it go
+# would only write to (and so copy) the pages that hold it.
+_KEPT: list = []
+
+
+def _keep_records(mode) -> None:
     exact = mode.exact
-    exact._stop.set()  # the watchdog: nothing more to watch
-    exact.waits += len(coop._BLOCKS)
-    exact.internal_errors.extend(coop.INTERNAL_ERRORS)
+    _KEPT.append(
+        (exact.exit_steps, exact.spawned, exact.blocking, exact.internal_errors, exact.records)
+    )
+    _KEPT.append((exact.steps_of, exact.rounds_seen, mode.traced.forked))
 
 
 def _fresh_records(mode) -> None:
-    """In the child: what the parent merged of the rounds before is not this round's."""
+    """In the child: what the parent merged of the rounds before is not this child's."""
     exact = mode.exact
     exact.exit_steps, exact.spawned, exact.blocking = {}, {}, []
     exact.internal_errors, exact.waits = [], 0
     exact.records, exact.steps_of = {}, {}
     exact.rounds_seen = set()
     mode.traced.forked = {}
-
-
-def _collect_exact(test: TestSession, iteration: int, durations: list[float]) -> dict:
-    mode = test.run
-    exact = mode.exact
-    return {
-        "round": iteration,
-        "record": exact.round(iteration) if iteration in exact.rounds_seen else None,
-        "steps": pack_steps(exact.steps(iteration)) if iteration in exact.rounds_seen else None,
-        "exit_steps": dict(exact.exit_steps),
-        "spawned": dict(exact.spawned),
-        "waits": exact.waits,
-        "blocking": list(exact.blocking),
-        "internal_errors": [(where, pack_exc(exc)) for where, exc in exact.internal_errors],
-        "stats": mode.traced.stats(),
-        "durations": durations,
-    }
 
 
 _COUNTERS = (
@@ -668,16 +820,16 @@ _COUNTERS = (
 
 
 def _absorb(test: TestSession, data: dict) -> None:
-    """In the parent: a child's round into the mode's records and statistics."""
+    """In the parent: a child's rounds into the mode's records and statistics."""
     got = data["mode"]
     if got is None:
         return
     exact = test.run.exact
-    iteration = got["round"]
-    if got["record"] is not None:
-        exact.rounds_seen.add(iteration)
-        exact.records[iteration] = got["record"]
-        exact.steps_of[iteration] = got["steps"]
+    for iteration, (record, steps) in got["records"].items():
+        if record is not None:
+            exact.rounds_seen.add(iteration)
+            exact.records[iteration] = record
+            exact.steps_of[iteration] = steps
     exact.exit_steps.update(got["exit_steps"])
     exact.spawned.update(got["spawned"])
     exact.waits += got["waits"]

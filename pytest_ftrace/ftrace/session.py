@@ -281,6 +281,7 @@ class TestSession:
         self.threads = threads
         self.iterations = iterations
         self.forked = False  # its rounds run in forked processes (ftrace/fork.py)
+        self.children = 0  # the forked processes its rounds ran in (ftrace/fork.py)
         self.run: modes.RunMode = modes.mode_class(self.mode)(self)
         self.traced = self.run.traced
         self.budget = None  # ftrace/budget.py: rounds by budget, not by count

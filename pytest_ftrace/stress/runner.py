@@ -59,6 +59,10 @@ def _real_perf_counter() -> float:
     return (_native.real_clock("perf_counter") or time.perf_counter)()
 
 
+# What a worker does outside the rounds: a hang there is not a round's (no replay line).
+_OUTSIDE = ("thread set-up", "fixture tear-down")
+
+
 class Hang(Exception):
     """The test's threaded execution did not finish within the timeout."""
 
@@ -109,6 +113,10 @@ class Hooks:
     # once the round barrier is passed: False ends the run there (explore mode's budget).
     # It must give every worker the same answer for a round.
     more_rounds: Callable[[int, int], bool] | None = None
+    # Called with a round's number once every worker has ended that round, by one of them,
+    # before the next round starts (forked rounds send the round's results from here);
+    # False: no round after it.
+    round_over: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -131,6 +139,8 @@ class ThreadedRun:
     # --ftrace's budget (ftrace/budget.py): called with n before round n, in one worker while
     # the others wait at the round barrier; False ends the rounds there.
     go_on: Callable[[int], bool] | None = None
+    # The first round to run (a forked child that goes on from there), when only_round is None.
+    first_round: int = 0
 
     def run(self) -> Outcome:
         """Run every thread's rounds; returns the outcome (raises KeyboardInterrupt/Exit)."""
@@ -143,13 +153,15 @@ class ThreadedRun:
         self._stopping: BaseException | None = None
         # One party more than the workers for the final barrier would let the supervisor wait
         # for teardown; the workers alone suffice, the supervisor joins them.
+        self._passes = 0  # the barrier's: one before each round and one after the last
+        self._ended_at: int | None = None  # the round before which go_on said stop
         self._barrier = threading.Barrier(
             self.threads,
-            action=self._between if self.go_on is not None else None,
+            action=self._between
+            if self.go_on is not None or self.hooks.round_over is not None
+            else None,
             timeout=self.timeout,
         )
-        self._passes = 0  # barrier passes so far (pass n starts round n)
-        self._ended_at: int | None = None  # the round before which go_on said stop
         self._rounds: list[int | None] = [None] * self.threads  # the round each worker is in
         self._abandoned = False  # the supervisor gave up on the workers still running
         self._steps = ["thread set-up"] * self.threads  # what each worker does (for errors)
@@ -212,7 +224,7 @@ class ThreadedRun:
                 key=lambda k: (self._rounds[k] is None, self._rounds[k] or 0, k),
                 default=None,
             )
-            if first is None or self._rounds[first] is None:
+            if first is None or self._rounds[first] is None or self._steps[first] in _OUTSIDE:
                 # stuck before its first round (fixture set-up), or only the test's threads
                 outcome.failures.append(Failure(None, None, hang, "call"))
             else:  # blamed on the earliest stuck round, so --ftrace prints its replay line
@@ -289,10 +301,15 @@ class ThreadedRun:
             pending[0].join(min(left, 0.02))
 
     def _between(self) -> None:
-        """The round barrier's action: whether the next round runs (go_on)."""
-        n = self._passes
-        self._passes += 1
-        if self._ended_at is None and n < self.iterations and not self.go_on(n):
+        """The round barrier's action (by the last worker to get there): the end of the round
+        before it (round_over), and whether the next round runs (go_on)."""
+        passes, self._passes = self._passes, self._passes + 1
+        if self.hooks.round_over is not None:
+            self._round_over(passes)
+        n = self.first_round + passes
+        if self.go_on is None or self._ended_at is not None or self._stop.is_set():
+            return
+        if n < self.iterations and not self.go_on(n):
             self._ended_at = n
 
     def _abort(self) -> None:
@@ -383,6 +400,7 @@ class ThreadedRun:
                 self._internal(index, None, "thread_enter", exc)
                 self._leave(index, fixtures)
                 return
+        self._steps[index] = "thread set-up"
         try:
             if self.crew is not None:  # built in the set-up phase
                 kwargs = self.crew.kwargs[index]
@@ -397,7 +415,10 @@ class ThreadedRun:
         for_round = getattr(fixtures, "for_round", None) if self.takes_fixtures else None
         watch = self.watch
         try:
-            rounds = range(self.iterations) if self.only_round is None else [self.only_round]
+            if self.only_round is None:
+                rounds = range(self.first_round, self.iterations)
+            else:
+                rounds = [self.only_round]
             for iteration in rounds:
                 if iteration and kwargs is not None and for_round is not None:
                     self._steps[index] = "making the round's tmp_path"
@@ -455,6 +476,8 @@ class ThreadedRun:
         test is over, and its fixtures' tear-down must not run into the next test)."""
         if self._abandoned:
             return
+        if self.crew is None:
+            self._steps[index] = "fixture tear-down"
         for exc in fixtures.teardown() if self.crew is None else ():  # the crew's: later
             self._record(Failure(index, None, exc, "teardown"))
         if self.hooks.thread_exit is not None:
@@ -463,6 +486,19 @@ class ThreadedRun:
                 self.hooks.thread_exit()
             except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
                 self._internal(index, None, "thread_exit", exc)
+
+    def _round_over(self, passes: int) -> None:
+        """After the first pass of the barrier, every worker has ended a round."""
+        if passes == 0 or self._stop.is_set():
+            return
+        finished = self.first_round + passes - 1 if self.only_round is None else self.only_round
+        try:
+            go_on = self.hooks.round_over(finished)
+        except BaseException as exc:  # noqa: BLE001 - the machinery's: fails the test
+            self._record(Failure(None, finished, internal_error("round_over", exc), "internal"))
+            go_on = False
+        if not go_on:
+            self._stop.set()  # the workers leave at this barrier: no round after this one
 
     def _wait(self) -> bool:
         """Wait for the round's barrier; False when the run is being stopped."""
@@ -489,6 +525,9 @@ class ThreadedRun:
                 f"the test's threads did not finish within {self.timeout:g}s "
                 f"(--ftrace-timeout); {len(alive)} of {self.threads} still running"
             )
+            steps = sorted({self._steps[workers.index(t)] for t in alive if t in workers})
+            if steps and set(steps) <= set(_OUTSIDE):  # their fixtures, not the test's body
+                head += f", in their per-thread fixtures' {' or '.join(steps)}"
         else:
             waited = [t for t in started if _waited_for(t)]
             head = (

@@ -1,5 +1,6 @@
-"""Forked rounds (--ftrace-rounds fork, opt-in in exact mode): every round, replay run and
-shrink attempt starts from the test's starting state; the parent reports as before."""
+"""Forked rounds (--ftrace-rounds fork, the default of exact mode, and fork-each): every
+round, replay run and shrink attempt starts from the test's starting state; the parent reports
+as before."""
 
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ def test_every_subscriber_is_kept(thread_index, num_parallel_threads):
 RACES = {"first_fill": FIRST_FILL, "first_subscriber": FIRST_SUBSCRIBER}
 
 
-def run(pytester, *args):
+def run(pytester, *args, rounds=None):
     # a process of its own: in this one, a thread another test left running would make the
-    # rounds run here (a forked round would not have it)
+    # rounds run here (a forked round would not have it); rounds None: the default (fork)
+    where = ("--ftrace-rounds", rounds) if rounds else ()
     return pytester.runpytest_subprocess(
-        "--ftrace", "--ftrace-rounds", "fork", "--ftrace-timeout", "120", *args, timeout=600
+        "--ftrace", *where, "--ftrace-timeout", "120", *args, timeout=600
     )
 
 
@@ -68,13 +70,21 @@ def replay_args(result) -> list[str]:
     return shlex.split(lines[0].split("replay: pytest ", 1)[1])
 
 
+@pytest.mark.parametrize("rounds", [None, "fork-each"])
 @pytest.mark.parametrize("race", sorted(RACES))
-def test_a_first_fill_race_in_module_state_fails_with_every_seed(pytester, race):
+def test_a_first_fill_race_in_module_state_fails_with_every_seed(pytester, race, rounds):
     pytester.makepyfile(**{f"test_{race}": RACES[race]})
     failed = []
     for seed in range(1, 11):
         result = run(
-            pytester, "--seed", str(seed), "--ftrace-shrink", "0", "-p", "no:cacheprovider"
+            pytester,
+            "--seed",
+            str(seed),
+            "--ftrace-shrink",
+            "0",
+            "-p",
+            "no:cacheprovider",
+            rounds=rounds,
         )
         outcomes = result.parseoutcomes()
         failed.append(outcomes.get("failed", 0) == 1)
@@ -92,6 +102,82 @@ def test_the_replay_of_a_first_fill_race_reproduces_every_time(pytester, race):
     again = pytester.runpytest_subprocess(*args, "--ftrace-timeout", "120", timeout=600)
     again.assert_outcomes(failed=1)
     again.stdout.fnmatch_lines(["*reproduced in 10/10 runs*following the recorded schedule*"])
+
+
+# The safe twin of FIRST_FILL: check, compute and store under one lock.
+FIRST_FILL_LOCKED = """
+import threading
+
+_cache = {}
+_computed = []
+_lock = threading.Lock()
+
+def settings(name):
+    with _lock:
+        if name not in _cache:
+            value = {"name": name, "serial": len(_computed)}
+            _computed.append(name)
+            _cache[name] = value
+        return _cache[name]
+
+def test_settings_are_computed_once():
+    mine = settings("db")
+    assert mine is settings("db")
+    assert len(_computed) == 1, f"computed {len(_computed)} times"
+"""
+
+
+def test_the_safe_twin_of_a_first_fill_race_passes(pytester):
+    pytester.makepyfile(FIRST_FILL_LOCKED)
+    for seed in range(1, 4):
+        run(pytester, "--seed", str(seed), "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+# Each execution writes the pid of its process to a file beside the test module.
+PIDS = """
+import os
+import threading
+
+_lock = threading.Lock()
+_seen = []
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def record():
+    with open(os.path.join(HERE, "pids.txt"), "a") as out:
+        out.write(f"{os.getpid()}\\n")
+
+def test_keeps_nothing(thread_index):
+    record()
+    total = sum(range(10 + thread_index))
+    assert total >= 45
+
+def test_keeps_module_state(thread_index):
+    record()
+    with _lock:
+        _seen.append(thread_index)
+"""
+
+
+@pytest.mark.parametrize(
+    ("test", "rounds", "children"),
+    [
+        ("test_keeps_nothing", None, 1),  # its child runs every round
+        ("test_keeps_module_state", None, 5),  # each round leaves state: a child each
+        ("test_keeps_nothing", "fork-each", 5),
+    ],
+)
+def test_a_child_runs_the_next_round_while_its_round_kept_no_module_state(
+    pytester, test, rounds, children
+):
+    pytester.makepyfile(test_pids=PIDS)
+    result = run(
+        pytester, f"test_pids.py::{test}", "--seed", "1", "--threads", "2", "--iterations", "5",
+        "-p", "no:cacheprovider", rounds=rounds,
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    pids = (pytester.path / "pids.txt").read_text().split()
+    assert len(pids) == 10  # 2 threads x 5 rounds
+    assert len(set(pids)) == children, pids
 
 
 KEPT = """
@@ -113,7 +199,9 @@ def test_a_round_starts_from_the_state_the_test_started_with(pytester):
     # in this process, a round sees what the rounds before it left
     result = run(pytester, "--seed", "1", "-p", "no:cacheprovider", "--ftrace-rounds", "process")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*rounds share state*", "*replay: pytest * --ftrace --seed 1 *"])
+    result.stdout.fnmatch_lines(
+        ["*rounds share state*", "*replay: pytest * --ftrace --ftrace-rounds process --seed 1 *"]
+    )
 
 
 def test_ftrace_rounds_from_the_ini_file_and_bad_values(pytester):
@@ -126,7 +214,9 @@ def test_ftrace_rounds_from_the_ini_file_and_bad_values(pytester):
     pytester.makeini("[pytest]\nftrace_rounds = sometimes\n")
     result = pytester.runpytest_subprocess(*plain, timeout=600)
     assert result.ret == 4
-    result.stderr.fnmatch_lines(["*ini key ftrace_rounds: fork or process, not 'sometimes'*"])
+    result.stderr.fnmatch_lines(
+        ["*ini key ftrace_rounds: fork, fork-each or process, not 'sometimes'*"]
+    )
 
 
 DIFFERENT_FAILURES = """
@@ -186,10 +276,8 @@ def test_failures_read_the_same_as_from_rounds_in_this_process(pytester):
     ):
         assert expected in out, out
     here_lines = _comparable(here.stdout.str())
-    forked_lines = [
-        line.replace(" --ftrace-rounds fork --seed", " --seed")
-        for line in _comparable(out)
-    ]
+    here_lines = [line.replace(" --ftrace-rounds process --seed", " --seed") for line in here_lines]
+    forked_lines = _comparable(out)
     assert forked_lines == here_lines
 
 
@@ -244,7 +332,7 @@ def test_a_round_that_crashes_fails_the_test_and_the_session_goes_on(pytester):
             "*RoundCrashed: round 2: its process ended (killed by SIGKILL) without sending*",
             "*iterations 3-4 did not run*",
             "*replay: pytest 'test_a_round_that_crashes*::test_crash' --ftrace "
-            "--ftrace-iterations 5 --ftrace-rounds fork --seed 1 --ftrace-replay t4i2*",
+            "--ftrace-iterations 5 --seed 1 --ftrace-replay t4i2*",
         ]
     )
 

@@ -1,0 +1,152 @@
+"""A cheap picture of the project's module-level state, so that a forked round's process can
+tell whether the round it ran left that state as it found it (ftrace/fork.py: then the same
+process runs the next round too, which saves a fork; otherwise the next round gets a fresh
+child).
+
+The picture is taken in the modules of the test's scope (the project's code and its tests):
+each global's identity, and for what it refers to, one level further: the length and the items'
+identities of the built-in containers (dict, list, set, deque, bytearray and their subclasses,
+read through the built-in slots, never a method of the user's class), the attributes of classes
+and of plain instances (their `__dict__`, read through the built-in descriptor), the mutable
+default arguments and closure cells of functions, and the size of `functools.lru_cache`
+caches; plus which of the scope's modules are imported. Filling a module-level cache,
+registering in a module-level registry, setting a class attribute or a singleton, counting in a
+global: each changes the picture.
+
+It is a check, not a proof: a change deeper than that (an item's attribute inside a module-level
+dict, state kept in C) leaves the picture as it was, and the next round then sees it, as rounds
+run in the test's process do. Nothing here calls the user's code or changes an object.
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+import types
+
+# How many items of one container are looked at one by one (beyond that, its length only).
+ITEMS = 256
+
+_CONTAINERS = (dict, list, set, collections.deque, bytearray)
+_SIZES = {
+    dict: dict.__len__,
+    list: list.__len__,
+    set: set.__len__,
+    collections.deque: collections.deque.__len__,
+    bytearray: bytearray.__len__,
+}
+_SKIP = (types.ModuleType, types.BuiltinFunctionType, str, bytes, int, float, complex, bool)
+_DICT_OF_TYPE = type.__dict__["__dict__"]
+_DICT_OF_MODULE = types.ModuleType.__dict__["__dict__"]
+_LRU = getattr(functools, "_lru_cache_wrapper", None)
+
+
+def scope_modules(scope) -> list[tuple[str, types.ModuleType]]:
+    """The imported modules of the test's scope (its answers are cached: cheap again)."""
+    out = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and scope.contains(file, name):
+            out.append((name, module))
+    return out
+
+
+def take(scope) -> tuple:
+    """The picture of the scope's module state now."""
+    modules = scope_modules(scope)
+    parts: list = [tuple(name for name, _ in modules)]
+    for _name, module in modules:
+        namespace = _DICT_OF_MODULE.__get__(module)
+        for key, value in list(namespace.items()):
+            if not (key.startswith("__") and key.endswith("__")):  # the import system's
+                parts.append((key, id(value), _shape(value, 1)))
+    return tuple(parts)
+
+
+def _size(value) -> int | None:
+    for kind, size in _SIZES.items():
+        if isinstance(value, kind):
+            return size(value)
+    return None
+
+
+def _items(value) -> tuple:
+    """The identities of a container's first ITEMS items (keys and values for a dict)."""
+    try:
+        if isinstance(value, dict):
+            out = []
+            for key, item in dict.items(value):
+                out.append(id(key))
+                out.append(id(item))
+                if len(out) >= 2 * ITEMS:
+                    break
+            return tuple(out)
+        if isinstance(value, (list, collections.deque)):
+            return tuple(id(item) for item, _ in zip(value, range(ITEMS), strict=False))
+        if isinstance(value, set):
+            return tuple(sorted(id(item) for item, _ in zip(value, range(ITEMS), strict=False)))
+        if isinstance(value, bytearray):
+            return (hash(bytes(value[:ITEMS])),)
+    except RuntimeError:  # changed while read (a thread left running): a picture of its own
+        return ("changing",)
+    return ()
+
+
+def _own_dict(value) -> dict | None:
+    """An instance's `__dict__` through the built-in descriptor of its class, or None (slots,
+    or a class that defines `__dict__` itself)."""
+    for klass in type(value).__mro__:
+        descriptor = _DICT_OF_TYPE.__get__(klass).get("__dict__")
+        if descriptor is None:
+            continue
+        if type(descriptor).__name__ != "getset_descriptor":
+            return None
+        try:
+            found = descriptor.__get__(value)
+        except Exception:  # noqa: BLE001 - no instance dict after all
+            return None
+        return found if isinstance(found, dict) else None
+    return None
+
+
+def _shape(value, depth: int):
+    """What `value` holds, `depth` levels in: identities and sizes, no user code."""
+    if isinstance(value, _SKIP) or value is None:
+        return None
+    size = _size(value)
+    if size is not None:
+        items = _items(value)
+        if depth > 0 and isinstance(value, dict):
+            nested = tuple(
+                _size(item)
+                for item, _ in zip(dict.values(value), range(ITEMS), strict=False)
+                if isinstance(item, _CONTAINERS)
+            )
+            return (size, items, nested)
+        return (size, items)
+    if _LRU is not None and isinstance(value, _LRU):
+        try:
+            return ("lru", value.cache_info().currsize)
+        except Exception:  # noqa: BLE001
+            return ("lru", None)
+    if isinstance(value, types.FunctionType):
+        held = list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
+        for cell in value.__closure__ or ():
+            try:
+                held.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                held.append(None)
+        return tuple((id(item), _size(item)) for item in held) if held else None
+    if isinstance(value, type):
+        namespace = _DICT_OF_TYPE.__get__(value)
+    else:
+        namespace = _own_dict(value)
+    if namespace is None or depth <= 0:
+        return None
+    return tuple(
+        (key, id(item), _shape(item, depth - 1) if isinstance(item, _CONTAINERS) else None)
+        for key, item in list(namespace.items())[:ITEMS]
+    )
