@@ -262,11 +262,11 @@ def test_a_hanging_fixture_fails_its_test_and_the_session_goes_on(pytester, args
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forked rounds need os.fork")
 def test_a_hanging_fixture_of_forked_rounds_fails_its_test_outside_the_rounds(pytester):
-    """Forked rounds (exact mode's default) set the per-thread fixtures up and tear them down
+    """Forked rounds (--ftrace-rounds fork) set the per-thread fixtures up and tear them down
     in the round's process, in the call phase: a hang there fails the test, says where, and
     blames no round (no replay line)."""
     pytester.makepyfile(test_phases=PHASES)
-    result = run(pytester, "--ftrace", "--ftrace-timeout", "2")
+    result = run(pytester, "--ftrace", "--ftrace-rounds", "fork", "--ftrace-timeout", "2")
     found = cases(pytester)
     assert found["test_before"][0] == "passed", found
     assert found["test_after"][0] == "passed", found

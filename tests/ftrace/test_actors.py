@@ -59,8 +59,12 @@ STARTED = []
 @pytest.fixture
 def stop_all():
     yield
-    while STARTED:  # as pykka's ActorRegistry.stop_all: after the test, not in it
-        STARTED.pop().stop()
+    while True:  # as pykka's ActorRegistry.stop_all: after the test, not in it
+        try:  # each thread's tear-down pops (a check, then a pop, would race)
+            actor = STARTED.pop()
+        except IndexError:
+            break
+        actor.stop()
 
 
 def test_actors_the_fixture_stops(stop_all, thread_index):

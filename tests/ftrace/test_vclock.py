@@ -542,7 +542,8 @@ OPENED = {}
 def test_window_kept_from_round_to_round(iteration_index, thread_index):
     opened = OPENED.setdefault(thread_index, datetime.now(timezone.utc))
     total = 0
-    for i in range(3_000_000):  # ~0.1 s of real time per round, no virtual time
+    for i in range(500_000):  # ~15 ms of real time per round (far below the 0.5 s after
+        # which a thread that computes runs free), no virtual time
         total += i
     # A 50 ms window opened in round 0 (a circuit breaker's open state, kept by the test
     # from round to round): the rounds' code waited no time at all.
@@ -553,4 +554,10 @@ def test_window_kept_from_round_to_round(iteration_index, thread_index):
 def test_the_real_time_rounds_take_does_not_pass_on_the_clock_of_later_rounds(pytester):
     pytester.makepyfile(ROUND_TO_ROUND)
     result = exact(pytester, "--seed", "10", "--threads", "2", "--iterations", "4")
-    result.assert_outcomes(passed=1)
+    if result.ret != 0:
+        # Only a round that ran free may see real time: on a loaded machine a thread that
+        # waits for the GIL over 10 ms looks blocked in C (the round then says it was not
+        # exact); an exact round never does.
+        assert not_exact_notes(result), result.stdout.str()
+    else:
+        result.assert_outcomes(passed=1)

@@ -629,7 +629,14 @@ def test_a_nested_session_with_leaked_threads_does_not_end_the_outer_process(pyt
     )
     try:
         result = pytester.runpytest_inprocess(
-            "-p", "no:cacheprovider", "--threads", "2", "--ftrace-timeout", "0.2"
+            # 2 s: starting the workers (set-up, bounded too) must fit in it on a loaded
+            # free-threaded build
+            "-p",
+            "no:cacheprovider",
+            "--threads",
+            "2",
+            "--ftrace-timeout",
+            "2",
         )
     finally:
         release.set()
