@@ -131,6 +131,12 @@ struct Acc {
     iter: bool,
     /// A step's iterator (its address; the location keeps the latest one alive).
     ctx: usize,
+    /// The calling frame (its address, code object and the offset of its call): a read in
+    /// one helper feeds a write in another one called after it by the same frame
+    /// (`if env.get(k) is None: env.set(k, v)`).
+    parent: usize,
+    parent_code: usize,
+    parent_at: u32,
 }
 
 #[derive(Default)]
@@ -238,8 +244,14 @@ fn feeding_read(reads: &[Acc], w: &Acc, write: &Acc) -> Option<Acc> {
     if reads.last()?.seq > w.seq {
         return None;
     }
-    let feeds =
-        |r: &&Acc| r.seq < w.seq && r.code == write.code && r.offset < write.offset && !r.iter;
+    let feeds = |r: &&Acc| {
+        let here = r.code == write.code && r.offset < write.offset;
+        let helpers = r.code != write.code
+            && r.parent != 0
+            && r.parent == write.parent
+            && r.parent_at < write.parent_at;
+        r.seq < w.seq && (here || helpers) && !r.iter
+    };
     reads
         .iter()
         .filter(feeds)
@@ -843,6 +855,30 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
     }
 }
 
+/// (address, code object, offset of the call being made) of the frame that called `frame`,
+/// zeros when there is none.
+///
+/// # Safety
+/// Attached; `frame` is a live frame.
+unsafe fn caller(frame: *mut ffi::PyFrameObject) -> (usize, usize, u32) {
+    // SAFETY: attached; the references made here are released before returning (the caller's
+    // frame stays alive while `frame` runs).
+    unsafe {
+        let back = ffi::PyFrame_GetBack(frame);
+        if back.is_null() {
+            return (0, 0, 0);
+        }
+        let at = ffi::PyFrame_GetLasti(back);
+        let code = ffi::PyFrame_GetCode(back);
+        let code_addr = code as usize;
+        if !code.is_null() {
+            ffi::Py_DECREF(code.cast());
+        }
+        ffi::Py_DECREF(back.cast());
+        (back as usize, code_addr, at.max(0) as u32)
+    }
+}
+
 /// Whether `obj` is a generator or a coroutine.
 unsafe fn resumable(obj: *mut ffi::PyObject) -> bool {
     // SAFETY: a type check on a live object.
@@ -1026,7 +1062,11 @@ unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec
             None if loc_kind == 1 => (2, 0, None), // the whole container
             None => return,
         };
+        let (parent, parent_code, parent_at) = caller(frame);
         let acc = Acc {
+            parent,
+            parent_code,
+            parent_at,
             tid: 0,
             epoch: 0,
             seq: 0,
@@ -1373,6 +1413,10 @@ fn acc_tuple<'py>(py: Python<'py>, a: &Acc) -> PyResult<Bound<'py, PyTuple>> {
             pyo3::types::PyBool::new(py, a.check).to_owned().into_any(),
             pyo3::types::PyBool::new(py, a.atomic).to_owned().into_any(),
             pyo3::types::PyBool::new(py, a.iter).to_owned().into_any(),
+            crate::hooks::code_object(py, a.parent_code)
+                .into_pyobject(py)?
+                .into_any(),
+            a.parent_at.into_pyobject(py)?.into_any(),
         ],
     )
 }
@@ -1512,6 +1556,9 @@ mod tests {
             atomic: false,
             iter: false,
             ctx: 0,
+            parent: 0,
+            parent_code: 0,
+            parent_at: 0,
         }
     }
 

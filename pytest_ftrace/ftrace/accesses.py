@@ -110,6 +110,19 @@ def _is_check(instructions: list, index: int) -> bool:
     return False
 
 
+def is_checked_call(code, offset: int) -> bool:
+    """Whether the call at `offset` of `code` returns a value that only decides a branch."""
+    try:
+        instructions = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    except Exception:  # noqa: BLE001 - undecodable: no
+        return False
+    # (the frame's last instruction may be given as the call's last inline cache entry)
+    at = max((i for i, ins in enumerate(instructions) if ins.offset <= offset), default=None)
+    if at is None:
+        return False
+    return instructions[at].opname.startswith("CALL") and _is_check(instructions, at)
+
+
 def _owner(source) -> tuple[int, str, str | None] | None:
     """(owner kind, name, attribute or None) for a symbolic stack entry."""
     if source is None:

@@ -93,7 +93,8 @@ def classify(conflict: dict, others: list[dict]) -> str:
     if read is not None and _iteration(read) and _iteration(second):
         return "mutated during iteration"
     if read is not None:
-        return "check-then-act" if read[5] else "lost update"
+        checked = read[5] or (read[2] is not second[2] and _checked_by_caller(read))
+        return "check-then-act" if checked else "lost update"
     if conflict["kind"] == "attribute" and conflict["key"] == RESUME_KEY:
         return "generator resumed by two threads"
     if first[4] == "delete" and second[4] != "delete":
@@ -101,6 +102,16 @@ def classify(conflict: dict, others: list[dict]) -> str:
     if conflict["kind"] == "attribute" and _torn(conflict, others):
         return "torn read"
     return "data race"
+
+
+def _checked_by_caller(read) -> bool:
+    """Whether the read was made in a helper whose caller only tested its result
+    (`if env.get(k) is None:`): the call it was made under is followed by a branch."""
+    if len(read) < 10 or read[8] is None:
+        return False
+    from pytest_ftrace.ftrace.accesses import is_checked_call
+
+    return is_checked_call(read[8], read[9])
 
 
 def _torn(conflict: dict, others: list[dict]) -> bool:
