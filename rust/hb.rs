@@ -1189,10 +1189,14 @@ pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
 /// # Safety
 /// The interpreter is attached.
 unsafe fn flush_made(offset: u32) {
-    let waiting: Vec<(usize, u32)> = PENDING
+    let waiting: Vec<(usize, u32, u32)> = PENDING
         .try_with(|p| {
             p.try_borrow()
-                .map(|p| p.iter().map(|p| (p.frame, p.call_offset)).collect())
+                .map(|p| {
+                    p.iter()
+                        .map(|p| (p.frame, p.resolved.acc.offset, p.call_offset))
+                        .collect()
+                })
                 .unwrap_or_default()
         })
         .unwrap_or_default();
@@ -1202,9 +1206,9 @@ unsafe fn flush_made(offset: u32) {
     // The innermost pending calls that have been made by now go; the outer ones wait.
     let mut keep = waiting.len();
     while keep > 0 {
-        let (frame, call_offset) = waiting[keep - 1];
+        let (frame, load_offset, call_offset) = waiting[keep - 1];
         // SAFETY: attached (see above).
-        if !unsafe { call_made(frame, call_offset, offset) } {
+        if !unsafe { call_made(frame, load_offset, call_offset, offset) } {
             break;
         }
         keep -= 1;
@@ -1214,19 +1218,21 @@ unsafe fn flush_made(offset: u32) {
     }
 }
 
-/// Whether the method call at `call_offset` of the frame at `frame` has been made, seen from
-/// a point at `offset` of the running frame.
+/// Whether the method call at `call_offset` of the frame at `frame`, its method loaded at
+/// `load_offset`, has been made, seen from a point at `offset` of the running frame: in that
+/// frame, the points before the call are those of its arguments, between the two (a point
+/// at a lower offset is one a loop went back to after the call).
 ///
 /// # Safety
 /// The interpreter is attached.
-unsafe fn call_made(frame: usize, call_offset: u32, offset: u32) -> bool {
+unsafe fn call_made(frame: usize, load_offset: u32, call_offset: u32, offset: u32) -> bool {
     // SAFETY: attached (see above).
     unsafe {
         let current = ffi::PyEval_GetFrame();
         if current.is_null() {
             true
         } else if current as usize == frame {
-            offset > call_offset
+            offset > call_offset || offset <= load_offset
         } else {
             // Inside a call made while evaluating the arguments: the loading frame is below.
             let mut below = false;

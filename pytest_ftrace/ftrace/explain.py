@@ -324,11 +324,15 @@ def marked_at(conflicts: list[dict], steps: list, cut: int | None = None) -> set
     def last(access, before: int) -> int | None:
         if access is None or access[2] is None:
             return None
+        near = None  # an access made by no point (a truth test) is marked at the next one
         for i in range(min(before, len(steps)) - 1, -1, -1):
             tid, code, offset = steps[i]
-            if tid == access[0] and code is access[2] and offset == access[3]:
-                return i
-        return None
+            if tid == access[0] and code is access[2]:
+                if offset == access[3]:
+                    return i
+                if near is None and access[3] < offset <= access[3] + 48:
+                    near = i
+        return near
 
     for _kind, c in ranked(conflicts)[:SHOWN]:
         at = last(c["second"], len(steps))
