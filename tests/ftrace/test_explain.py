@@ -10,7 +10,6 @@ import re
 import pytest
 
 
-
 def exact(pytester, *args):
     return pytester.runpytest(
         "--ftrace",
