@@ -1668,6 +1668,30 @@ mod tests {
     }
 
     #[test]
+    fn a_read_in_one_helper_feeds_a_write_in_the_next_one() {
+        // `if env.get(k) is None: env.set(k, v)`: the read (code 2) and the write (code 3)
+        // are made in two helpers called one after the other by the same frame.
+        let mut st = state_with(1);
+        let helper = |tid, op, code, parent_at| Acc {
+            code,
+            parent: 77,
+            parent_code: 5,
+            parent_at,
+            ..acc(tid, op, false)
+        };
+        touch(&mut st, 0, helper(0, OP_READ, 2, 10));
+        touch(&mut st, 0, helper(1, OP_WRITE, 3, 20));
+        touch(&mut st, 0, helper(0, OP_WRITE, 3, 20));
+        assert!(st.conflicts.iter().any(|c| c.read.is_some()));
+        // the same helpers called in the other order (the write's call first): no stale write
+        let mut st = state_with(1);
+        touch(&mut st, 0, helper(0, OP_READ, 2, 30));
+        touch(&mut st, 0, helper(1, OP_WRITE, 3, 20));
+        touch(&mut st, 0, helper(0, OP_WRITE, 3, 20));
+        assert!(st.conflicts.iter().all(|c| c.read.is_none()));
+    }
+
+    #[test]
     fn one_thread_alone_never_conflicts() {
         let mut st = state_with(1);
         for op in [OP_READ, OP_WRITE, OP_READ, OP_WRITE] {
