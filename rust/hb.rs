@@ -60,6 +60,17 @@ const OP_READ: u8 = 0;
 const OP_WRITE: u8 = 1;
 const OP_DELETE: u8 = 2;
 const OP_METHOD: u8 = 3;
+/// A loop's step over a container (`FOR_ITER`): a read of its contents, by one iteration.
+const OP_ITER: u8 = 4;
+/// A spec keyed `offset | EXTRA`: a second access of the instruction at `offset`, made by the
+/// builtin it loads (`len(x)` reads the container `x`, `next(g)` resumes the generator `g`).
+const EXTRA: u32 = 1 << 31;
+/// A spec keyed `offset | BEFORE`: an access made, since the thread's last point, by an
+/// instruction that is no point (a container's truth test, `if items:`), applied before the
+/// point at `offset`; its `call_offset` is where that instruction is.
+const BEFORE: u32 = 1 << 30;
+/// The key of a generator's resumptions (`next(g)`, `g.send(v)`): a write of the generator.
+const RESUME_KEY: &CStr = c"<resume>";
 // Where the accessed object comes from.
 const OWNER_LOCAL: u8 = 1;
 const OWNER_GLOBAL: u8 = 2;
@@ -99,6 +110,8 @@ struct CodeSpecs {
 }
 
 static SPECS: parking_lot::Mutex<Option<HashMap<usize, CodeSpecs>>> = parking_lot::Mutex::new(None);
+/// How many [`BEFORE`] specs [`SPECS`] holds (none: a point looks none up).
+static BEFORE_SPECS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// One access, as kept in a location and a conflict.
 #[derive(Clone, Copy, Debug)]
@@ -114,6 +127,16 @@ struct Acc {
     op: u8,
     check: bool,
     atomic: bool,
+    /// A loop's step over a container ([`OP_ITER`]).
+    iter: bool,
+    /// A step's iterator (its address; the location keeps the latest one alive).
+    ctx: usize,
+    /// The calling frame (its address, code object and the offset of its call): a read in
+    /// one helper feeds a write in another one called after it by the same frame
+    /// (`if env.get(k) is None: env.set(k, v)`).
+    parent: usize,
+    parent_code: usize,
+    parent_at: u32,
 }
 
 #[derive(Default)]
@@ -132,6 +155,9 @@ struct Loc {
     reads: Vec<Acc>,
     /// Per thread: its reads since its own last write (the last [`READS_KEPT`]).
     pending: HashMap<u32, Vec<Acc>>,
+    /// Per thread: its latest loop step over this container and that step's iterator, kept
+    /// alive so that a later iteration's iterator never has its address.
+    iters: HashMap<u32, (Acc, Py<PyAny>)>,
     label: Option<(String, String)>,
 }
 
@@ -218,7 +244,14 @@ fn feeding_read(reads: &[Acc], w: &Acc, write: &Acc) -> Option<Acc> {
     if reads.last()?.seq > w.seq {
         return None;
     }
-    let feeds = |r: &&Acc| r.seq < w.seq && r.code == write.code && r.offset < write.offset;
+    let feeds = |r: &&Acc| {
+        let here = r.code == write.code && r.offset < write.offset;
+        let helpers = r.code != write.code
+            && r.parent != 0
+            && r.parent == write.parent
+            && r.parent_at < write.parent_at;
+        r.seq < w.seq && (here || helpers) && !r.iter
+    };
     reads
         .iter()
         .filter(feeds)
@@ -314,6 +347,26 @@ impl State {
         });
     }
 
+    /// A loop's step over the container of location `loc` (its contents): when another
+    /// thread changed the contents since this thread's previous step of the same iteration,
+    /// and no strong edge orders that change, the loop went on over a container mutated
+    /// under it (a conflict whose `read` is the previous step).
+    fn iteration_step(&mut self, loc: u32, acc: Acc) {
+        let l = &self.data[loc as usize];
+        let (Some((prev, _)), Some(w)) = (l.iters.get(&acc.tid), l.last_write) else {
+            return;
+        };
+        let prev = *prev;
+        if prev.ctx == acc.ctx
+            && w.tid != acc.tid
+            && w.seq > prev.seq
+            && w.op != OP_READ
+            && !self.strongly_ordered(&w, acc.tid)
+        {
+            self.conflict(loc, w, acc, Some(prev));
+        }
+    }
+
     /// Record an access of `tid` to location `loc`.
     fn access(&mut self, loc: u32, mut acc: Acc) {
         self.accesses += 1;
@@ -326,13 +379,18 @@ impl State {
             l.shared = true;
             self.shared_locations += 1;
         }
+        if acc.iter {
+            self.iteration_step(loc, acc);
+        }
         if !self.data[loc as usize].shared {
             // One thread so far: no clock to compare, only the history to keep.
             let l = &mut self.data[loc as usize];
             if acc.op == OP_READ {
                 l.reads.clear();
                 l.reads.push(acc);
-                keep_read(l.pending.entry(tid).or_default(), acc);
+                if !acc.iter {
+                    keep_read(l.pending.entry(tid).or_default(), acc);
+                }
             } else {
                 l.last_write = Some(acc);
                 l.reads.clear();
@@ -351,7 +409,9 @@ impl State {
             let l = &mut self.data[loc as usize];
             l.reads.retain(|r| r.tid != tid);
             l.reads.push(acc);
-            keep_read(l.pending.entry(tid).or_default(), acc);
+            if !acc.iter {
+                keep_read(l.pending.entry(tid).or_default(), acc);
+            }
         } else {
             let mut stale = None;
             if let Some(w) = last_write {
@@ -591,6 +651,8 @@ fn method_op(kind: u8, name: &str) -> Option<(u8, bool)> {
             | "remove" | "rotate",
         ) => write,
         (4, "count" | "index" | "copy") => read,
+        // `len(x)` (accesses.py: an EXTRA spec at the load of `len`)
+        (1..=4, "__len__") => read,
         _ => None,
     }
 }
@@ -769,7 +831,7 @@ unsafe fn simple_hash(key: *mut ffi::PyObject) -> Option<i64> {
 }
 
 /// The hooked access at `offset` of `code`, made by the calling managed thread now that it
-/// has its turn.
+/// has its turn (and the second access of the instruction, when it has one: [`EXTRA`]).
 ///
 /// # Safety
 /// The interpreter is attached and `code` is the running frame's live code object.
@@ -777,17 +839,92 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
     if !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    let spec = {
+    let (spec, extra) = {
         let specs = SPECS.lock();
-        match specs
-            .as_ref()
-            .and_then(|m| m.get(&(code as usize)))
-            .and_then(|c| c.by_offset.get(&offset))
-        {
-            Some(s) => *s,
+        match specs.as_ref().and_then(|m| m.get(&(code as usize))) {
+            Some(c) => (
+                c.by_offset.get(&offset).copied(),
+                c.by_offset.get(&(offset | EXTRA)).copied(),
+            ),
             None => return,
         }
     };
+    for s in [spec, extra].into_iter().flatten() {
+        // SAFETY: as this function's.
+        unsafe { access_spec(code, offset, offset, s) };
+    }
+}
+
+/// (address, code object, offset of the call being made) of the frame that called `frame`,
+/// zeros when there is none.
+///
+/// # Safety
+/// Attached; `frame` is a live frame.
+unsafe fn caller(frame: *mut ffi::PyFrameObject) -> (usize, usize, u32) {
+    // SAFETY: attached; the references made here are released before returning (the caller's
+    // frame stays alive while `frame` runs).
+    unsafe {
+        let back = ffi::PyFrame_GetBack(frame);
+        if back.is_null() {
+            return (0, 0, 0);
+        }
+        let at = ffi::PyFrame_GetLasti(back);
+        let code = ffi::PyFrame_GetCode(back);
+        let code_addr = code as usize;
+        if !code.is_null() {
+            ffi::Py_DECREF(code.cast());
+        }
+        ffi::Py_DECREF(back.cast());
+        (back as usize, code_addr, at.max(0) as u32)
+    }
+}
+
+/// Whether `obj` is a generator or a coroutine.
+unsafe fn resumable(obj: *mut ffi::PyObject) -> bool {
+    // SAFETY: a type check on a live object.
+    unsafe { ffi::PyGen_Check(obj) != 0 || ffi::PyCoro_CheckExact(obj) != 0 }
+}
+
+/// Whether a store or delete of `key` (or the container method `method`) changes which keys
+/// or items the container `owner` of kind `kind` holds (an insertion, a removal).
+unsafe fn changes_contents(
+    owner: *mut ffi::PyObject,
+    kind: u8,
+    spec_op: u8,
+    method: Option<&str>,
+    key: *mut ffi::PyObject,
+) -> bool {
+    // SAFETY: attached; `owner` and `key` live; `key` is of a simple type (its hash and
+    // equality run no code of the test's).
+    let present = || unsafe {
+        let found = match kind {
+            1 => ffi::PyDict_Contains(owner, key),
+            3 => ffi::PySet_Contains(owner, key),
+            _ => -1,
+        };
+        if found < 0 {
+            ffi::PyErr_Clear();
+        }
+        found
+    };
+    match (spec_op, kind, method) {
+        (OP_WRITE, 1, None) => present() == 0,
+        (OP_DELETE, 1, None) => present() == 1,
+        (OP_DELETE, 2, None) => true,
+        (OP_METHOD, 1, Some("pop")) => present() == 1,
+        (OP_METHOD, 1, Some("setdefault")) => present() == 0,
+        (OP_METHOD, 3, Some("add")) => present() == 0,
+        (OP_METHOD, 3, Some("discard" | "remove")) => present() == 1,
+        _ => false,
+    }
+}
+
+/// The access `spec` describes, at the point at `offset` of `code`; `at` is the offset of the
+/// instruction that makes it (the point's, or an earlier one's: [`BEFORE`]).
+///
+/// # Safety
+/// The interpreter is attached and `code` is the running frame's live code object.
+unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec) {
     let py = unsafe { Python::assume_attached() };
     // SAFETY: attached (see above); every pointer made here is released below.
     unsafe {
@@ -825,19 +962,36 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
         let mut op = spec.op;
         let mut keyed = true;
         let mut atomic = false;
+        let mut iter = false;
+        let mut resume = false;
+        let mut hold = None;
+        let mut method_name = None;
         let mut loc_kind = 0u8; // attribute
         if spec.owner_kind == OWNER_GLOBALS {
             loc_kind = 3;
         } else if spec.owner_kind == OWNER_CELL {
             loc_kind = 4;
         } else if spec.key_kind != KEY_ATTR {
-            // A subscript, `in`, or a container method.
+            // A subscript, `in`, a loop's step, or a container method.
             if kind == 0 {
-                return; // the object's own methods make their own accesses
+                // The object's own methods make their own accesses; a generator's resumption
+                // is a write of the generator (two threads must not run it at once).
+                let resumes = op == OP_METHOD
+                    && resumable(owner.as_ptr())
+                    && Bound::from_borrowed_ptr(py, spec.method)
+                        .extract::<String>()
+                        .is_ok_and(|m| matches!(m.as_str(), "__next__" | "send" | "throw"));
+                if !resumes {
+                    return;
+                }
+                op = OP_WRITE;
+                resume = true;
+            } else {
+                atomic = true;
+                loc_kind = 1;
             }
-            atomic = true;
-            loc_kind = 1;
-            if op == OP_METHOD {
+            if resume {
+            } else if op == OP_METHOD {
                 let Ok(name) = Bound::from_borrowed_ptr(py, spec.method).extract::<String>() else {
                     return;
                 };
@@ -846,6 +1000,16 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
                 };
                 op = o;
                 keyed = k;
+                method_name = Some(name);
+            } else if op == OP_ITER {
+                let it = crate::iterpoints::iterator(code, offset);
+                if it.is_null() {
+                    return;
+                }
+                hold = Some(Bound::<PyAny>::from_borrowed_ptr(py, it).unbind());
+                op = OP_READ;
+                keyed = false;
+                iter = true;
             } else if spec.check && op == OP_READ && (kind == 2 || kind == 4) {
                 keyed = false; // `x in list`: the whole sequence
             }
@@ -855,6 +1019,7 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
         // The key.
         let mut key_obj: *mut ffi::PyObject = std::ptr::null_mut();
         match spec.key_kind {
+            _ if resume => key_obj = ffi::PyUnicode_FromString(RESUME_KEY.as_ptr()),
             _ if spec.owner_kind == OWNER_CELL => key_obj = ffi::Py_NewRef(spec.owner_name),
             KEY_ATTR => key_obj = ffi::Py_NewRef(spec.key),
             KEY_CONST if keyed => key_obj = ffi::Py_NewRef(spec.key),
@@ -867,11 +1032,26 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             }
             _ => {}
         }
+        if resume && key_obj.is_null() {
+            ffi::PyErr_Clear();
+            return;
+        }
         let key_hash = if key_obj.is_null() {
             None
         } else {
             simple_hash(key_obj)
         };
+        // An insertion or a removal changes the container's contents too (what its truth
+        // value, `len()` and its loops read).
+        let contents = loc_kind == 1
+            && key_hash.is_some()
+            && changes_contents(
+                owner.as_ptr(),
+                kind,
+                spec.op,
+                method_name.as_deref(),
+                key_obj,
+            );
         let key = if key_obj.is_null() {
             None
         } else {
@@ -882,15 +1062,21 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             None if loc_kind == 1 => (2, 0, None), // the whole container
             None => return,
         };
+        let (parent, parent_code, parent_at) = caller(frame);
         let acc = Acc {
+            parent,
+            parent_code,
+            parent_at,
             tid: 0,
             epoch: 0,
             seq: 0,
             code: code as usize,
-            offset,
+            offset: at,
             op: if op == OP_DELETE { 2 } else { op.min(1) },
             check: spec.check,
             atomic,
+            iter,
+            ctx: hold.as_ref().map_or(0, |h| h.as_ptr() as usize),
         };
         let resolved = Resolved {
             owner,
@@ -898,8 +1084,10 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             loc_kind,
             hash,
             acc,
+            contents,
+            hold,
         };
-        if spec.op == OP_METHOD && spec.call_offset != u32::MAX {
+        if spec.op == OP_METHOD && spec.call_offset != u32::MAX && !resume {
             // The container operation happens at the call, after the arguments are evaluated
             // (which may run code of their own): applied at this thread's next point after it.
             let full = PENDING
@@ -931,6 +1119,10 @@ struct Resolved {
     loc_kind: u8,
     hash: i64,
     acc: Acc,
+    /// The access inserts or removes: a write of the container's contents too.
+    contents: bool,
+    /// A loop step's iterator.
+    hold: Option<Py<PyAny>>,
 }
 
 /// A container method call this thread has loaded but not yet made.
@@ -975,23 +1167,48 @@ fn flush_pending(py: Python<'_>) {
 /// # Safety
 /// The interpreter is attached.
 pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
-    let waiting: Vec<(usize, u32)> = PENDING
+    // SAFETY: as this function's.
+    unsafe { flush_made(offset) };
+    if BEFORE_SPECS.load(Ordering::Relaxed) == 0 || !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
+    let before = SPECS
+        .lock()
+        .as_ref()
+        .and_then(|m| m.get(&(code as usize)))
+        .and_then(|c| c.by_offset.get(&(offset | BEFORE)).copied());
+    if let Some(s) = before {
+        // SAFETY: attached, and `code` is the running frame's (the point's).
+        unsafe { access_spec(code, offset, s.call_offset, s) };
+    }
+}
+
+/// Apply the pending container calls of this thread that have been made by the point at
+/// `offset` of the running frame.
+///
+/// # Safety
+/// The interpreter is attached.
+unsafe fn flush_made(offset: u32) {
+    let waiting: Vec<(usize, u32, u32)> = PENDING
         .try_with(|p| {
             p.try_borrow()
-                .map(|p| p.iter().map(|p| (p.frame, p.call_offset)).collect())
+                .map(|p| {
+                    p.iter()
+                        .map(|p| (p.frame, p.resolved.acc.offset, p.call_offset))
+                        .collect()
+                })
                 .unwrap_or_default()
         })
         .unwrap_or_default();
     if waiting.is_empty() {
         return;
     }
-    let _ = code;
     // The innermost pending calls that have been made by now go; the outer ones wait.
     let mut keep = waiting.len();
     while keep > 0 {
-        let (frame, call_offset) = waiting[keep - 1];
+        let (frame, load_offset, call_offset) = waiting[keep - 1];
         // SAFETY: attached (see above).
-        if !unsafe { call_made(frame, call_offset, offset) } {
+        if !unsafe { call_made(frame, load_offset, call_offset, offset) } {
             break;
         }
         keep -= 1;
@@ -1001,19 +1218,21 @@ pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
     }
 }
 
-/// Whether the method call at `call_offset` of the frame at `frame` has been made, seen from
-/// a point at `offset` of the running frame.
+/// Whether the method call at `call_offset` of the frame at `frame`, its method loaded at
+/// `load_offset`, has been made, seen from a point at `offset` of the running frame: in that
+/// frame, the points before the call are those of its arguments, between the two (a point
+/// at a lower offset is one a loop went back to after the call).
 ///
 /// # Safety
 /// The interpreter is attached.
-unsafe fn call_made(frame: usize, call_offset: u32, offset: u32) -> bool {
+unsafe fn call_made(frame: usize, load_offset: u32, call_offset: u32, offset: u32) -> bool {
     // SAFETY: attached (see above).
     unsafe {
         let current = ffi::PyEval_GetFrame();
         if current.is_null() {
             true
         } else if current as usize == frame {
-            offset > call_offset
+            offset > call_offset || offset <= load_offset
         } else {
             // Inside a call made while evaluating the arguments: the loading frame is below.
             let mut below = false;
@@ -1045,42 +1264,62 @@ fn apply(py: Python<'_>, r: Resolved) {
         loc_kind,
         hash,
         acc,
+        contents,
+        hold,
     } = r;
     let atomic = acc.atomic;
-    {
-        let container_key = owner.as_ptr() as u64;
-        let mut spare = None;
-        with_round(py, |st, tid| {
-            let at = (owner.as_ptr() as usize, loc_kind, hash);
-            let loc = match st.locs.get(&at) {
+    let container_key = owner.as_ptr() as u64;
+    let mut spare = None;
+    let mut replaced = None;
+    with_round(py, |st, tid| {
+        let location = |st: &mut State, kind: u8, hash: i64, key: Option<Py<PyAny>>| {
+            let at = (owner.as_ptr() as usize, kind, hash);
+            match st.locs.get(&at) {
                 Some(&l) => l,
                 None => {
                     let l = st.data.len() as u32;
                     st.data.push(Loc {
                         owner: Some(owner.clone_ref(py)),
                         key,
-                        kind: loc_kind,
+                        kind,
                         first_tid: tid,
                         ..Loc::default()
                     });
                     st.locs.insert(at, l);
                     l
                 }
+            }
+        };
+        let loc = location(st, loc_kind, hash, key);
+        if atomic {
+            st.acquire(tid, container_key, false);
+        }
+        let seq = st.seq;
+        st.access(loc, Acc { tid, ..acc });
+        if let Some(it) = hold {
+            let step = Acc { tid, seq, ..acc };
+            replaced = st.data[loc as usize].iters.insert(tid, (step, it));
+        }
+        if contents {
+            let whole = location(st, 2, 0, None);
+            let write = Acc {
+                tid,
+                op: OP_WRITE,
+                check: false,
+                ..acc
             };
-            if atomic {
-                st.acquire(tid, container_key, false);
-            }
-            st.access(loc, Acc { tid, ..acc });
-            if atomic {
-                st.release(tid, container_key, false);
-            }
-            if st.data.len() > 1 << 20 {
-                spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
-            }
-        });
-        drop(spare);
-        drop(owner);
-    }
+            st.access(whole, write);
+        }
+        if atomic {
+            st.release(tid, container_key, false);
+        }
+        if st.data.len() > 1 << 20 {
+            spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
+        }
+    });
+    drop(replaced);
+    drop(spare);
+    drop(owner);
 }
 
 /// races_enable(on): track accesses in exact mode from now on (or stop).
@@ -1136,15 +1375,22 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
             },
         );
     }
+    let before = by_offset
+        .keys()
+        .filter(|&&o| o & BEFORE != 0 && o & EXTRA == 0)
+        .count();
     let mut all = SPECS.lock();
     // A code object's entry is never replaced: another thread may be using its specs (their
     // pointers borrow from the entry's objects).
     all.get_or_insert_with(HashMap::new)
         .entry(code.as_ptr() as usize)
-        .or_insert_with(|| CodeSpecs {
-            _keep: specs.into_any().unbind(),
-            _code: code.unbind(),
-            by_offset,
+        .or_insert_with(|| {
+            BEFORE_SPECS.fetch_add(before, Ordering::Relaxed);
+            CodeSpecs {
+                _keep: specs.into_any().unbind(),
+                _code: code.unbind(),
+                by_offset,
+            }
         });
     Ok(())
 }
@@ -1172,6 +1418,11 @@ fn acc_tuple<'py>(py: Python<'py>, a: &Acc) -> PyResult<Bound<'py, PyTuple>> {
                 .into_any(),
             pyo3::types::PyBool::new(py, a.check).to_owned().into_any(),
             pyo3::types::PyBool::new(py, a.atomic).to_owned().into_any(),
+            pyo3::types::PyBool::new(py, a.iter).to_owned().into_any(),
+            crate::hooks::code_object(py, a.parent_code)
+                .into_pyobject(py)?
+                .into_any(),
+            a.parent_at.into_pyobject(py)?.into_any(),
         ],
     )
 }
@@ -1309,6 +1560,11 @@ mod tests {
             op,
             check,
             atomic: false,
+            iter: false,
+            ctx: 0,
+            parent: 0,
+            parent_code: 0,
+            parent_at: 0,
         }
     }
 
@@ -1409,6 +1665,30 @@ mod tests {
         touch(&mut st, 0, acc(0, OP_WRITE, false)); // the start of pass 2: a blind write
         assert!(st.conflicts.iter().all(|c| c.read.is_none()));
         assert!(!st.conflicts.is_empty(), "still a data race");
+    }
+
+    #[test]
+    fn a_read_in_one_helper_feeds_a_write_in_the_next_one() {
+        // `if env.get(k) is None: env.set(k, v)`: the read (code 2) and the write (code 3)
+        // are made in two helpers called one after the other by the same frame.
+        let mut st = state_with(1);
+        let helper = |tid, op, code, parent_at| Acc {
+            code,
+            parent: 77,
+            parent_code: 5,
+            parent_at,
+            ..acc(tid, op, false)
+        };
+        touch(&mut st, 0, helper(0, OP_READ, 2, 10));
+        touch(&mut st, 0, helper(1, OP_WRITE, 3, 20));
+        touch(&mut st, 0, helper(0, OP_WRITE, 3, 20));
+        assert!(st.conflicts.iter().any(|c| c.read.is_some()));
+        // the same helpers called in the other order (the write's call first): no stale write
+        let mut st = state_with(1);
+        touch(&mut st, 0, helper(0, OP_READ, 2, 30));
+        touch(&mut st, 0, helper(1, OP_WRITE, 3, 20));
+        touch(&mut st, 0, helper(0, OP_WRITE, 3, 20));
+        assert!(st.conflicts.iter().all(|c| c.read.is_none()));
     }
 
     #[test]

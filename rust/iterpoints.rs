@@ -189,6 +189,28 @@ pub unsafe fn step(code: *mut ffi::PyObject, offset: u32) -> Step {
     }
 }
 
+/// The iterator the `FOR_ITER` at `offset` of `code` advances (borrowed), or null: for
+/// happens-before tracking, which tells one iteration of a loop from the next by it.
+///
+/// # Safety
+/// As [`step`]'s: attached, `code` the code object of the frame executing now.
+pub(crate) unsafe fn iterator(code: *mut ffi::PyObject, offset: u32) -> *mut ffi::PyObject {
+    let Some(slot) = SLOTS
+        .read()
+        .as_ref()
+        .and_then(|m| m.get(&(code as usize, offset)).copied())
+    else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: as in `step`: the frame runs `code`, and `slot` lies within its locals and stack.
+    unsafe {
+        match current_frame(code) {
+            Some(iframe) => local(iframe, slot as usize),
+            None => std::ptr::null_mut(),
+        }
+    }
+}
+
 /// set_iter_types(points, quiet): the iterator types whose steps are points, and those whose
 /// loops stop being checked at their first step.
 #[pyfunction]

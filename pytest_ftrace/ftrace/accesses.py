@@ -9,6 +9,15 @@ symbolic stack finds, for every access, the access's operation and the source of
 (a local or cell variable, a global, or one attribute of one of those) and of its key (a
 constant or a local). The native side looks those up in the running frame at the access.
 
+Three accesses are not the hooked instruction's own (rust/hb.rs names the spec keys):
+- a loop's step over a container (`for k in d`, at its `FOR_ITER`) reads the container's
+  contents, step by step of one iteration;
+- `len(x)` and `next(g)` (an EXTRA spec at the load of the builtin) read the container's
+  contents or resume the generator, at the call;
+- a container's truth test (`if items:`, `while dq:`), which is no point, reads its contents:
+  a BEFORE spec at the first point after the test, on the path where the test held (or
+  failed) straight to that point with no other way in.
+
 An access whose object comes from anything else (a call's result, a deeper expression) is not
 tracked. A cell variable itself (`nonlocal x; x += 1`) is a location on CPython 3.12 and 3.13,
 where the native side finds the cell in the frame (checking the layout first).
@@ -22,7 +31,33 @@ import dis
 import sys
 
 # Operations (rust/hb.rs).
-READ, WRITE, DELETE, METHOD = 0, 1, 2, 3
+READ, WRITE, DELETE, METHOD, ITER = 0, 1, 2, 3, 4
+# Spec keys besides the offset (rust/hb.rs): a second access of the instruction, and an
+# access made since the last point by an instruction that is none.
+EXTRA, BEFORE = 1 << 31, 1 << 30
+# The hooked instructions (pytest_ftrace.ftrace.instrument.HOOKED_OPNAMES, and the loop steps
+# of pytest_ftrace.ftrace.genpoints): where a BEFORE spec can wait.
+_POINTS = {
+    "LOAD_ATTR",
+    "STORE_ATTR",
+    "DELETE_ATTR",
+    "LOAD_SUPER_ATTR",
+    "LOAD_GLOBAL",
+    "STORE_GLOBAL",
+    "DELETE_GLOBAL",
+    "BINARY_SUBSCR",
+    "STORE_SUBSCR",
+    "DELETE_SUBSCR",
+    "BINARY_SLICE",
+    "STORE_SLICE",
+    "LOAD_DEREF",
+    "STORE_DEREF",
+    "DELETE_DEREF",
+    "CONTAINS_OP",
+    "FOR_ITER",
+}
+# Builtins whose call reads the container or resumes the generator of its one argument.
+_BUILTIN_CALLS = {"len": "__len__", "next": "__next__"}
 # Owner sources.
 LOCAL, GLOBAL, GLOBALS, CELL = 1, 2, 3, 4
 # Where the native side can read a cell variable's cell (rust/hb.rs, frame_cell).
@@ -75,6 +110,19 @@ def _is_check(instructions: list, index: int) -> bool:
     return False
 
 
+def is_checked_call(code, offset: int) -> bool:
+    """Whether the call at `offset` of `code` returns a value that only decides a branch."""
+    try:
+        instructions = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    except Exception:  # noqa: BLE001 - undecodable: no
+        return False
+    # (the frame's last instruction may be given as the call's last inline cache entry)
+    at = max((i for i, ins in enumerate(instructions) if ins.offset <= offset), default=None)
+    if at is None:
+        return False
+    return instructions[at].opname.startswith("CALL") and _is_check(instructions, at)
+
+
 def _owner(source) -> tuple[int, str, str | None] | None:
     """(owner kind, name, attribute or None) for a symbolic stack entry."""
     if source is None:
@@ -122,6 +170,70 @@ def _first_arg(instructions: list, index: int):
     return None
 
 
+def _plain_source(instructions: list, index: int):
+    """The source of the value the instruction at `index` pushes when it is a plain local or
+    global, or one attribute of one (`items`, `self.items`), else None."""
+    if index < 0:
+        return None
+    ins = instructions[index]
+    if ins.opname in _LOAD_LOCAL:
+        return ("local", ins.argval)
+    if ins.opname == "LOAD_GLOBAL" and not (ins.arg or 0) & 1:
+        return ("global", ins.argval)
+    if ins.opname == "LOAD_ATTR" and not (ins.arg or 0) & 1:
+        base = _plain_source(instructions, index - 1)
+        if base is not None and base[0] in ("local", "global"):
+            return ("attr", base, ins.argval)
+    return None
+
+
+def _builtin_call(instructions: list, index: int):
+    """For `len(x)` / `next(x)` loaded at `index`: (method, source of x, call's index)."""
+    ins = instructions[index]
+    method = _BUILTIN_CALLS.get(ins.argval)
+    if method is None or not (ins.arg or 0) & 1:
+        return None
+    for end in (index + 2, index + 3):  # `len(x)`, `len(x.attr)`
+        if end < len(instructions):
+            call = instructions[end]
+            if call.opname == "CALL" and call.arg == 1:
+                source = _plain_source(instructions, end - 1)
+                if source is not None and (end == index + 2 or source[0] == "attr"):
+                    return method, source, end
+    return None
+
+
+def _truth_test(instructions: list, index: int):
+    """The source of the value the conditional jump at `index` tests for truth (`if items:`,
+    `if not self.queue:`), when it is a plain variable or attribute."""
+    j = index - 1
+    while j >= 0 and instructions[j].opname in ("TO_BOOL", "UNARY_NOT", "NOT_TAKEN"):
+        j -= 1
+    return _plain_source(instructions, j)
+
+
+_NO_FALL_THROUGH = ("JUMP_FORWARD", "JUMP_BACKWARD", "RETURN", "RAISE", "RERAISE")
+
+
+def _next_point(instructions: list, start: int, name: str, sole: bool = False) -> int | None:
+    """The index of the first point from the instruction at `start` on its straight path:
+    no other way in (a jump target; `sole`: the start is one, reached from one jump only), no
+    call (whose points would come first), no store of `name` (the tested variable)."""
+    for k in range(start, min(len(instructions), start + 12)):
+        ins = instructions[k]
+        if ins.is_jump_target and not (sole and k == start):
+            return None
+        if ins.opname in _POINTS:
+            return k
+        if ins.opname.startswith(("JUMP", "POP_JUMP", "RETURN", "RAISE", "RERAISE", "CALL")):
+            return None
+        if ins.opname.startswith(("YIELD", "SEND", "FOR_ITER", "END_FOR")):
+            return None
+        if ins.opname.startswith(("STORE_", "DELETE_")) and ins.argval == name:
+            return None
+    return None
+
+
 def specs(code) -> tuple[dict, dict]:
     """({offset: spec}, {offset: owner text}) for the accesses of `code` (see rust/hb.rs for a
     spec's items)."""
@@ -143,7 +255,51 @@ def specs(code) -> tuple[dict, dict]:
         out[ins.offset] = (op, check, kind, name, attr, key_kind, key_value, method, None)
         texts[ins.offset] = text or _text(owner)
 
+    def add_at(key: int, op, source, check, method=None, at=None):
+        where = _owner(source)
+        if where is None or key in out:
+            return
+        kind, name, attr = where
+        out[key] = (op, check, kind, name, attr, KEY_NONE, None, method, at)
+        texts[key] = _text(source)
+
+    sources: dict[int, int] = {}  # jump target offset -> jumps to it
+    for ins in instructions:
+        if ins.opcode in dis.hasjrel or ins.opcode in dis.hasjabs:
+            sources[ins.argval] = sources.get(ins.argval, 0) + 1
+    at_offset = {ins.offset: i for i, ins in enumerate(instructions)}
+
     for index, ins in enumerate(instructions):
+        if _truth_jump(ins.opname):
+            source = _truth_test(instructions, index)
+            if source is not None:
+                tested = source[1] if source[0] != "attr" else source[1][1]
+                paths = [_next_point(instructions, index + 1, tested)]
+                target = at_offset.get(ins.argval)
+                if (
+                    target is not None
+                    and sources.get(ins.argval) == 1
+                    and instructions[target - 1].opname.startswith(_NO_FALL_THROUGH)
+                ):
+                    paths.append(_next_point(instructions, target, tested, sole=True))
+                for point in paths:
+                    if point is not None:
+                        key = instructions[point].offset | BEFORE
+                        add_at(key, READ, source, True, at=ins.offset)
+                if any(p is not None for p in paths):
+                    texts[ins.offset] = _text(source)
+        elif ins.opname == "GET_ITER":
+            for k in range(index + 1, min(len(instructions), index + 6)):
+                if instructions[k].opname == "FOR_ITER":
+                    add_at(instructions[k].offset, ITER, stack[-1] if stack else None, False)
+                    break
+        elif ins.opname == "LOAD_GLOBAL":
+            found = _builtin_call(instructions, index)
+            if found is not None:
+                method, source, call = found
+                check = _is_check(instructions, call)
+                key = ins.offset | EXTRA
+                add_at(key, METHOD, source, check, method, instructions[call].offset)
         name = ins.opname
         if ins.is_jump_target:
             stack = []
@@ -264,6 +420,11 @@ def specs(code) -> tuple[dict, dict]:
         if name.startswith(("RETURN", "RAISE", "RERAISE", "JUMP")) and "IF" not in name:
             stack = []
     return out, texts
+
+
+def _truth_jump(opname: str) -> bool:
+    """A conditional jump on a value's truth."""
+    return opname in ("POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE")
 
 
 def _effect(ins) -> tuple[int | None, int]:

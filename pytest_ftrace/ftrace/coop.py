@@ -802,6 +802,7 @@ def lanes(
     width: int = 120,
     labels: dict[int, str] | None = None,
     marked: set | None = None,
+    focus: bool = False,
 ) -> str:
     """The schedule as lanes: one column per thread, one row per run of steps of one thread
     (its first access, and how many steps the run took), the last `rows` runs up to `cut`, or
@@ -813,7 +814,11 @@ def lanes(
     (and named below the table); when they still would be, the rows are printed as a list.
     `labels` names the threads the test started (who started each, and where); a
     `(lock/wait)` row is explained below the table when there is one. A run with one of the
-    `marked` steps ((thread, id(code), offset): the conflicting accesses) starts with `*`."""
+    `marked` steps ((thread, id(code), offset): the conflicting accesses) starts with `*`;
+    with `focus` (and more runs than `rows`), only the rows that matter are shown: the marked
+    runs (a marked run shows its conflicting access; `marked` may also hold step indices) and
+    the runs next to them, the lock/waits between the first and the last marked run (what
+    may order them) and the last run, with a "... N steps not shown" line for each gap."""
     import textwrap
 
     runs = lane_runs(steps, cut, failing, marked)
@@ -830,8 +835,11 @@ def lanes(
         for (tid, what, n), hit in zip(runs, hits, strict=True)
     ]
     width = max(40, width)
-    shown = runs[-rows:]
-    skipped = len(runs) - len(shown)
+    order = list(range(max(0, len(runs) - rows), len(runs)))
+    if focus and any(hits) and len(runs) > rows:  # short lanes are shown whole
+        order = _focused(runs, hits, rows)
+    shown = [runs[i] for i in order]
+    skipped = order[0]
     threads = sorted({tid for tid, _what, _n in runs})
 
     def cell_width(count: int) -> int:
@@ -846,16 +854,27 @@ def lanes(
     cw = cell_width(len(threads))
     out = [f"  in {next(iter(files))}:"] if len(files) == 1 else []
     step = sum(n for _tid, _what, n in runs[:skipped])  # steps shown, noise left out
-    if skipped:
+    focused = order != list(range(skipped, len(runs)))
+    if skipped and not focused:
         out.append(f"  ({skipped} earlier runs, {step} steps, not shown)")
+    starts = [0]
+    for _tid, _what, n in runs:
+        starts.append(starts[-1] + n)
     texts = []
-    for tid, what, n in runs[skipped:]:
-        texts.append((step, tid, what + (f" (+{n - 1})" if n > 1 else "")))
-        step += n
-    texts = [t for t in texts if t[1] in threads]
+    previous = -1 if focused else skipped - 1
+    for i in order:
+        if i > previous + 1:
+            texts.append((starts[previous + 1], None, f"... {starts[i] - starts[previous + 1]}"))
+        tid, what, n = runs[i]
+        texts.append((starts[i], tid, what + (f" (+{n - 1})" if n > 1 else "")))
+        previous = i
+    texts = [t for t in texts if t[1] in threads or t[1] is None]
     if cw >= _MIN_CELL:
         out.append("  step  " + " | ".join(f"thread {t}".ljust(cw) for t in threads))
         for at, tid, text in texts:
+            if tid is None:
+                out.append(f"  ... {text[4:]} steps not shown")
+                continue
             pieces = textwrap.wrap(text, cw, break_on_hyphens=False) or [""]
             for i, piece in enumerate(pieces):
                 number = f"{at:>4}" if i == 0 else "    "
@@ -865,6 +884,9 @@ def lanes(
         out.append("  step  thread  access")
         room = width - 16
         for at, tid, text in texts:
+            if tid is None:
+                out.append(f"  ... {text[4:]} steps not shown")
+                continue
             pieces = textwrap.wrap(text, room, break_on_hyphens=False) or [""]
             for i, piece in enumerate(pieces):
                 head = f"  {at:>4}  {tid:<6}  " if i == 0 else " " * 16
@@ -878,13 +900,33 @@ def lanes(
     for tid in threads:
         if labels and tid in labels:
             notes.append(f"thread {tid}: {labels[tid]}")
-    if any(text.startswith("(lock/wait)") for _at, _tid, text in texts):
+    if any(text.startswith("(lock/wait)") for _at, tid, text in texts if tid is not None):
         notes.append(_LOCK_WAIT_NOTE)
-    if any(text.startswith("* ") for _at, _tid, text in texts):
-        notes.append("*: the run makes one of the conflicting accesses named above")
+    if any(text.startswith("* ") for _at, tid, text in texts if tid is not None):
+        notes.append(
+            "*: the run makes one of the conflicting accesses named above (shown by that access)"
+        )
+    if focused:
+        notes.append("only the rows around the conflicting accesses are shown (-v: all of them)")
     for note in notes:
         out.extend(textwrap.wrap(note, width - 2, initial_indent="  ", subsequent_indent="    "))
     return "\n".join(line.rstrip() for line in out)
+
+
+def _focused(runs: list, hits: list[bool], rows: int) -> list[int]:
+    """The indices of the runs a focused lane view shows (see `lanes`)."""
+    marked = [i for i, hit in enumerate(hits) if hit]
+    keep = {len(runs) - 1}
+    for i in marked:
+        keep.update((i - 1, i, i + 1))
+    for i in range(marked[0], marked[-1] + 1):
+        if runs[i][1].lstrip("* ").startswith("(lock/wait)"):
+            keep.add(i)
+    order = sorted(i for i in keep if 0 <= i < len(runs))
+    limit = max(rows, 3 * rows)
+    if len(order) > limit:  # the latest ones: nearest the failure
+        order = order[-limit:]
+    return order
 
 
 def lane_runs(
@@ -901,14 +943,18 @@ def lane_runs(
                 steps = steps[:index]
                 break
     runs: list[list] = []
-    for tid, code, offset in steps:
+    for index, (tid, code, offset) in enumerate(steps):
         what = describe_step(code, offset)
         if _ASSERT_NOISE.search(what):
             continue  # pytest's assertion rewriting explaining a failure, not the program
-        hit = bool(marked) and (tid, id(code), offset) in marked
+        hit = bool(marked) and ((tid, id(code), offset) in marked or index in marked)
         if runs and runs[-1][0] == tid:
             runs[-1][2] += 1
-            if runs[-1][1] in _IDLE and what not in _IDLE:
+            if hit and not runs[-1][3]:
+                # a marked run is shown by its conflicting access (after its start or wait)
+                idle = _split_idle(runs[-1][1])[0]
+                runs[-1][1] = f"{idle} {what}" if idle else what
+            elif runs[-1][1] in _IDLE and what not in _IDLE:
                 runs[-1][1] = f"{runs[-1][1]} {what}"
             runs[-1][3] |= hit
         else:

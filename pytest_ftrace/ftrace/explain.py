@@ -7,7 +7,12 @@ Classes, most telling first:
   from what it had read (both read before either wrote);
 - check-then-act: as a lost update, but what the first thread read only decided whether to
   write (`if key not in d: d[key] = ...`, `if self.x is None: self.x = ...`);
-- torn read: a thread saw one of two writes another thread made to one object, not the other;
+- mutated during iteration: a thread's loop over a container went on after another thread
+  inserted or removed an item since the loop's previous step;
+- generator resumed by two threads: `next(g)` / `g.send(v)` of one generator in two threads
+  that nothing orders (one of them meets "generator already executing");
+- torn read: a thread saw one of two writes another thread made to one object, not the other
+  (or halves of two threads' writes);
 - use after delete: an access after another thread deleted the location;
 - data race: a write and another thread's read or write that nothing orders.
 
@@ -30,14 +35,22 @@ _WIDTH = 88
 _ORDER = {
     "lost update": 0,
     "check-then-act": 1,
-    "torn read": 2,
-    "use after delete": 3,
-    "data race": 4,
+    "mutated during iteration": 2,
+    "generator resumed by two threads": 3,
+    "torn read": 4,
+    "use after delete": 5,
+    "data race": 6,
 }
+RESUME_KEY = "<resume>"  # rust/hb.rs: the key of a generator's resumptions
 _WHAT = {
     "lost update": "both threads read it before either wrote it, so one update overwrote the other",
     "check-then-act": "a thread checked it, another thread changed it, and the first one "
     "acted on its stale check",
+    "mutated during iteration": "a thread's loop over it went on after another thread "
+    "inserted or removed an item (dict, set and deque loops raise, list loops skip or repeat "
+    "items)",
+    "generator resumed by two threads": "two threads resumed it with nothing ordering them "
+    "(one of them meets 'generator already executing', or their steps interleave)",
     "torn read": "a thread saw one of two related writes of another thread, not the other",
     "use after delete": "a thread used it after another thread deleted it",
     "data race": "a write and another thread's access that no lock, queue, or thread "
@@ -70,11 +83,20 @@ def forget(run_id: int) -> None:
     _native.races_forget(run_id)
 
 
+def _iteration(access) -> bool:
+    return access is not None and len(access) > 7 and bool(access[7])
+
+
 def classify(conflict: dict, others: list[dict]) -> str:
     read = conflict.get("read")
     first, second = conflict["first"], conflict["second"]
+    if read is not None and _iteration(read) and _iteration(second):
+        return "mutated during iteration"
     if read is not None:
-        return "check-then-act" if read[5] else "lost update"
+        checked = read[5] or (read[2] is not second[2] and _checked_by_caller(read))
+        return "check-then-act" if checked else "lost update"
+    if conflict["kind"] == "attribute" and conflict["key"] == RESUME_KEY:
+        return "generator resumed by two threads"
     if first[4] == "delete" and second[4] != "delete":
         return "use after delete"
     if conflict["kind"] == "attribute" and _torn(conflict, others):
@@ -82,43 +104,82 @@ def classify(conflict: dict, others: list[dict]) -> str:
     return "data race"
 
 
+def _checked_by_caller(read) -> bool:
+    """Whether the read was made in a helper whose caller only tested its result
+    (`if env.get(k) is None:`): the call it was made under is followed by a branch."""
+    if len(read) < 10 or read[8] is None:
+        return False
+    from pytest_ftrace.ftrace.accesses import is_checked_call
+
+    return is_checked_call(read[8], read[9])
+
+
 def _torn(conflict: dict, others: list[dict]) -> bool:
-    """A write then another thread's read on one attribute, and a read before another
-    thread's write on another attribute of the same kind of object."""
+    return torn_partner(conflict, others) is not None
+
+
+def torn_partner(conflict: dict, others: list[dict]) -> dict | None:
+    """The conflict on another attribute of the same kind of object that makes `conflict` a
+    torn read: a write then another thread's read on one attribute, and a read before another
+    thread's write on the other (the reader saw one write, not the other); or the reader saw
+    the writes of two different threads on the two attributes (halves of two updates)."""
     first, second = conflict["first"], conflict["second"]
     reader_saw = first[4] == "write" and second[4] == "read"
     reader_missed = first[4] == "read" and second[4] == "write"
     if not (reader_saw or reader_missed):
-        return False
+        return None
+    mixed = None
     for other in others:
         if other is conflict or other["kind"] != "attribute":
             continue
         if other["owner"] != conflict["owner"] or other["key"] == conflict["key"]:
             continue
+        if RESUME_KEY in (other["key"], conflict["key"]):
+            continue
         a, b = other["first"], other["second"]
         # (conflicts are kept once per pair of lines: the threads may differ between the two)
         if reader_saw and (a[4], b[4]) == ("read", "write"):
-            return True
+            return other
         if reader_missed and (a[4], b[4]) == ("write", "read"):
-            return True
-    return False
+            return other
+        if (
+            reader_saw
+            and (a[4], b[4]) == ("write", "read")
+            and b[0] == second[0]
+            and a[0] != first[0]
+            and b[2] is second[2]
+            and mixed is None
+        ):
+            mixed = other  # one reader, the two attributes written last by two threads
+    return mixed
 
 
 def location(conflict: dict) -> str:
     """`Counter.value`, `cache['k']`, `module.NAME`, `items (the whole list)`."""
     kind, owner, key = conflict["kind"], conflict["owner"], conflict["key"]
+    if kind == "attribute" and key == RESUME_KEY:
+        text = _owner_text(conflict["second"], extra=True) or _owner_text(conflict["second"])
+        return f"{text or 'a'} ({owner})"
     if kind in ("attribute", "global"):
         return f"{owner}.{key}"
     if kind == "cell":
         return f"{key} (a closure variable)"
-    from pytest_ftrace.ftrace.accesses import owner_text
-
-    _tid, _seq, code, offset, *_rest = conflict["second"]
-    text = owner_text(code, offset) if code is not None else None
-    text = text or owner
+    second = conflict["second"]
+    text = _owner_text(second, extra=True) or _owner_text(second) or owner
     if kind == "container":
         return f"{text} (the whole {owner})"
     return f"{text}[{key}]"
+
+
+def _owner_text(access, extra: bool = False) -> str | None:
+    """The expression an access reaches its object by; `extra`: the object of the builtin
+    called there (`len(items)`, `next(gen)`)."""
+    from pytest_ftrace.ftrace.accesses import EXTRA, owner_text
+
+    _tid, _seq, code, offset, *_rest = access
+    if code is None:
+        return None
+    return owner_text(code, offset | EXTRA if extra else offset)
 
 
 def _line(code, offset: int) -> int | None:
@@ -148,9 +209,9 @@ def site(access) -> tuple[str, str]:
     return f"{path}:{line}", source
 
 
-def _access_line(access, tail: str = "") -> str:
+def _access_line(access, tail: str = "", verb: str | None = None) -> str:
     where, source = site(access)
-    verb = _VERB.get(access[4], access[4])
+    verb = verb or _VERB.get(access[4], access[4])
     text = f"      thread {access[0]} {verb:<7} {where}"
     if source:
         text += f"   {source}"
@@ -165,7 +226,19 @@ def ranked(conflicts: list[dict]) -> list[tuple[str, dict]]:
         had = best.get(c["location"])
         if had is None or _ORDER[kind] < _ORDER[had[0]]:
             best[c["location"]] = (kind, c)
-    return sorted(best.values(), key=lambda kc: (_ORDER[kc[0]], kc[1]["second"][1]))
+    found = sorted(best.values(), key=lambda kc: (_ORDER[kc[0]], kc[1]["second"][1]))
+    # a torn read is shown once, by the first of its two attributes
+    partners = set()
+    out = []
+    for kind, c in found:
+        if kind == "torn read":
+            if c["location"] in partners:
+                continue
+            partner = torn_partner(c, conflicts)
+            if partner is not None:
+                partners.add(partner["location"])
+        out.append((kind, c))
+    return out
 
 
 def explain(conflicts: list[dict], iteration: int, shown: int = SHOWN) -> str:
@@ -178,16 +251,33 @@ def explain(conflicts: list[dict], iteration: int, shown: int = SHOWN) -> str:
         _WIDTH,
     )
     for index, (kind, c) in enumerate(found[:shown], 1):
+        partner = torn_partner(c, conflicts) if kind == "torn read" else None
+        where = location(c)
+        if partner is not None:
+            where += f" and .{partner['key']}"
         lines.extend(
             textwrap.wrap(
-                f"[{index}] {kind} on {location(c)}: {_WHAT[kind]}",
+                f"[{index}] {kind} on {where}: {_WHAT[kind]}",
                 _WIDTH,
                 initial_indent="  ",
                 subsequent_indent="      ",
             )
         )
         read = c.get("read")
-        if read is not None:
+        if kind == "generator resumed by two threads":
+            lines.append(_access_line(c["first"], verb="resumed"))
+            lines.append(_access_line(c["second"], verb="resumed"))
+        elif kind == "mutated during iteration":
+            lines.append(_access_line(read, "   (a loop step)"))
+            lines.append(_access_line(c["first"]))
+            went_on = f"   <- the same loop went on after thread {c['first'][0]}'s change"
+            lines.append(_access_line(c["second"], went_on))
+        elif partner is not None:
+            # the writes and reads of the two attributes, in the order they happened
+            accesses = {(a[0], a[1]): a for a in (c["first"], c["second"], *_pair(partner))}
+            for access in sorted(accesses.values(), key=lambda a: a[1]):
+                lines.append(_access_line(access, f"   ({_attr(c, partner, access)})"))
+        elif read is not None:
             lines.append(_access_line(read))
             lines.append(_access_line(c["first"]))
             lines.append(
@@ -203,6 +293,16 @@ def explain(conflicts: list[dict], iteration: int, shown: int = SHOWN) -> str:
     return "\n".join(lines)
 
 
+def _pair(conflict: dict) -> tuple:
+    return conflict["first"], conflict["second"]
+
+
+def _attr(c: dict, partner: dict, access) -> str:
+    """The attribute an access of a torn read touches."""
+    which = c if any(access is a for a in _pair(c)) else partner
+    return f".{which['key']}"
+
+
 def marked_steps(conflicts: list[dict]) -> set[tuple[int, int, int]]:
     """(thread, id(code), offset) of every conflicting access, for the lanes."""
     out = set()
@@ -210,6 +310,41 @@ def marked_steps(conflicts: list[dict]) -> set[tuple[int, int, int]]:
         for access in (c["first"], c["second"], c.get("read")):
             if access is not None and access[2] is not None:
                 out.add((access[0], id(access[2]), access[3]))
+    return out
+
+
+def marked_at(conflicts: list[dict], steps: list, cut: int | None = None) -> set[int]:
+    """The indices in `steps` ((thread, code, offset) of a round's points) of the conflicting
+    accesses of the conflicts explained, for the lanes: for each, the last step of its second
+    access's thread at that instruction before the cut, then the first access's (and the
+    stale read's) last step before that."""
+    steps = steps[:cut] if cut is not None else steps
+    out: set[int] = set()
+
+    def last(access, before: int) -> int | None:
+        if access is None or access[2] is None:
+            return None
+        near = None  # an access made by no point (a truth test) is marked at the next one
+        for i in range(min(before, len(steps)) - 1, -1, -1):
+            tid, code, offset = steps[i]
+            if tid == access[0] and code is access[2]:
+                if offset == access[3]:
+                    return i
+                if near is None and access[3] < offset <= access[3] + 48:
+                    near = i
+        return near
+
+    for _kind, c in ranked(conflicts)[:SHOWN]:
+        at = last(c["second"], len(steps))
+        if at is None:
+            continue
+        out.add(at)
+        first = last(c["first"], at)
+        if first is not None:
+            out.add(first)
+            read = last(c.get("read"), first)
+            if read is not None:
+                out.add(read)
     return out
 
 

@@ -228,9 +228,9 @@ class ExactMode:
             labels = self.exact.thread_labels(first.iteration)
             marked = None
             if self.race_rounds.get(first.iteration):
-                from pytest_ftrace.ftrace.explain import marked_steps
+                from pytest_ftrace.ftrace.explain import marked_at
 
-                marked = marked_steps(self.race_rounds[first.iteration])
+                marked = marked_at(self.race_rounds[first.iteration], steps, cut) or None
             self._lane_view(outcome, first, record, steps, cut, False, labels, marked)
         if record is not None and not record["exact"] and not record["deadlock"]:
             outcome.notes.append(
@@ -406,7 +406,16 @@ class ExactMode:
             f"({record.get('preemptions', '?')} preemptions; a row is a run of steps of one "
             "thread, shown by its first access):"
         )
-        table = lanes(steps, cut, failing=first.thread, width=width, labels=labels, marked=marked)
+        focus = bool(marked) and self.test.item.config.get_verbosity() < 1  # -v: all rows
+        table = lanes(
+            steps,
+            cut,
+            failing=first.thread,
+            width=width,
+            labels=labels,
+            marked=marked,
+            focus=focus,
+        )
         outcome.notes.append("\n".join([*textwrap.wrap(intro, width), table]))
 
     def _exact_notes(self, outcome: Outcome) -> None:
