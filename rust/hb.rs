@@ -27,8 +27,9 @@
 //! A location keeps its object alive until the round ends, so an address is never reused for
 //! another object within a round (a location dies with the round, not before).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 use std::ffi::CStr;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -46,6 +47,38 @@ extern "C" {
         name: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject;
 }
+
+/// A fast hash for the maps an access looks up (addresses, offsets, small integers; the std
+/// SipHash took more time than the rest of an access's lookups). Multiply-rotate per word,
+/// rotated at the end so the low bits (the bucket) depend on every input bit.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(v as u64);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+}
+
+type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<FastHasher>>;
+type HashSet<K> = StdHashSet<K, BuildHasherDefault<FastHasher>>;
 
 /// Whether accesses are tracked (set from Python for exact-mode tests).
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -244,35 +277,28 @@ impl State {
         })
     }
 
-    fn tick(&mut self, tid: u32) {
-        let c = self.clocks(tid);
+    fn release(&mut self, tid: u32, obj: u64, strong: bool) {
+        self.clocks(tid);
+        // The two maps are separate fields: join in place, no copy of a clock.
+        let c = self.threads.get_mut(&tid).expect("made above");
+        let s = self.sync.entry(obj).or_default();
+        join(&mut s.vc, &c.vc);
+        if strong {
+            join(&mut s.svc, &c.svc);
+        }
         c.vc[tid as usize] += 1;
         c.svc[tid as usize] += 1;
     }
 
-    fn release(&mut self, tid: u32, obj: u64, strong: bool) {
-        let (vc, svc) = {
-            let c = self.clocks(tid);
-            (c.vc.clone(), c.svc.clone())
-        };
-        let s = self.sync.entry(obj).or_default();
-        join(&mut s.vc, &vc);
-        if strong {
-            join(&mut s.svc, &svc);
-        }
-        self.tick(tid);
-    }
-
     fn acquire(&mut self, tid: u32, obj: u64, strong: bool) {
+        self.clocks(tid);
         let Some(s) = self.sync.get(&obj) else {
-            self.clocks(tid);
             return;
         };
-        let (vc, svc) = (s.vc.clone(), s.svc.clone());
-        let c = self.clocks(tid);
-        join(&mut c.vc, &vc);
+        let c = self.threads.get_mut(&tid).expect("made above");
+        join(&mut c.vc, &s.vc);
         if strong {
-            join(&mut c.svc, &svc);
+            join(&mut c.svc, &s.svc);
         }
     }
 
@@ -788,6 +814,13 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             None => return,
         }
     };
+    if spec.op == OP_METHOD
+        && spec.key_kind == KEY_ATTR
+        && spec.owner_kind != OWNER_GLOBALS
+        && spec.owner_kind != OWNER_CELL
+    {
+        return; // a method of an object (not a container's): its own code makes the accesses
+    }
     let py = unsafe { Python::assume_attached() };
     // SAFETY: attached (see above); every pointer made here is released below.
     unsafe {
@@ -820,7 +853,9 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
                 return;
             }
         }
-        let owner = Bound::<PyAny>::from_owned_ptr(py, owner).unbind();
+        // Bound until the access is resolved: dropped right away on an early return (a `Py`
+        // dropped here would wait in pyo3's pool: it does not know the callback is attached).
+        let owner = Bound::<PyAny>::from_owned_ptr(py, owner);
         let kind = container(owner.as_ptr());
         let mut op = spec.op;
         let mut keyed = true;
@@ -838,10 +873,14 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             atomic = true;
             loc_kind = 1;
             if op == OP_METHOD {
-                let Ok(name) = Bound::from_borrowed_ptr(py, spec.method).extract::<String>() else {
+                let method = Bound::from_borrowed_ptr(py, spec.method);
+                let Ok(method) = method.cast::<pyo3::types::PyString>() else {
                     return;
                 };
-                let Some((o, k)) = method_op(kind, &name) else {
+                let Ok(name) = method.to_str() else {
+                    return;
+                };
+                let Some((o, k)) = method_op(kind, name) else {
                     return;
                 };
                 op = o;
@@ -875,7 +914,7 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
         let key = if key_obj.is_null() {
             None
         } else {
-            Some(Bound::<PyAny>::from_owned_ptr(py, key_obj).unbind())
+            Some(Bound::<PyAny>::from_owned_ptr(py, key_obj))
         };
         let (loc_kind, hash, key) = match key_hash {
             Some(h) => (loc_kind, h, key),
@@ -893,8 +932,8 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             atomic,
         };
         let resolved = Resolved {
-            owner,
-            key,
+            owner: owner.unbind(),
+            key: key.map(Bound::unbind),
             loc_kind,
             hash,
             acc,
@@ -905,6 +944,7 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             let full = PENDING
                 .try_with(|p| {
                     let mut p = p.borrow_mut();
+                    PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
                     p.push(Pending {
                         frame: frame as usize,
                         // Kept alive while pending: its address is never another frame's.
@@ -941,6 +981,10 @@ struct Pending {
     resolved: Resolved,
 }
 
+/// Pending container calls of all threads (an upper bound: a thread that ends with some
+/// pending leaves its count here): a point of a thread with none looks no further.
+static PENDING_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 thread_local! {
     /// Innermost last (a call in the arguments of another one).
     static PENDING: std::cell::RefCell<Vec<Pending>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -958,8 +1002,13 @@ fn flush_pending_to(py: Python<'_>, keep: usize) {
                 .unwrap_or_default()
         })
         .unwrap_or_default();
+    if pending.is_empty() {
+        return;
+    }
+    PENDING_COUNT.fetch_sub(pending.len(), Ordering::Relaxed);
     for p in pending.into_iter().rev() {
         apply(py, p.resolved);
+        decref_now(py, p._frame);
     }
 }
 
@@ -975,6 +1024,9 @@ fn flush_pending(py: Python<'_>) {
 /// # Safety
 /// The interpreter is attached.
 pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
+    if PENDING_COUNT.load(Ordering::Relaxed) == 0 {
+        return; // no thread has a pending call (the common case)
+    }
     let waiting: Vec<(usize, u32)> = PENDING
         .try_with(|p| {
             p.try_borrow()
@@ -1047,6 +1099,7 @@ fn apply(py: Python<'_>, r: Resolved) {
         acc,
     } = r;
     let atomic = acc.atomic;
+    let mut key = key;
     {
         let container_key = owner.as_ptr() as u64;
         let mut spare = None;
@@ -1058,7 +1111,7 @@ fn apply(py: Python<'_>, r: Resolved) {
                     let l = st.data.len() as u32;
                     st.data.push(Loc {
                         owner: Some(owner.clone_ref(py)),
-                        key,
+                        key: key.take(),
                         kind: loc_kind,
                         first_tid: tid,
                         ..Loc::default()
@@ -1079,8 +1132,19 @@ fn apply(py: Python<'_>, r: Resolved) {
             }
         });
         drop(spare);
-        drop(owner);
+        // Released now, outside the state's lock (pyo3 would keep them in its pool: it does
+        // not know that the INSTRUCTION callback is attached).
+        decref_now(py, owner);
+        if let Some(key) = key {
+            decref_now(py, key);
+        }
     }
+}
+
+/// Let go of a reference at once; the caller is attached (`py`).
+fn decref_now(_py: Python<'_>, obj: Py<PyAny>) {
+    // SAFETY: attached, and the reference is ours.
+    unsafe { ffi::Py_DECREF(obj.into_ptr()) }
 }
 
 /// races_enable(on): track accesses in exact mode from now on (or stop).
@@ -1103,7 +1167,7 @@ fn races_enable(py: Python<'_>, on: bool) {
 /// check, owner kind, owner name, owner attribute or None, key kind, key, method or None)}.
 #[pyfunction]
 fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()> {
-    let mut by_offset = HashMap::new();
+    let mut by_offset = HashMap::default();
     for (offset, spec) in specs.iter() {
         let offset: u32 = offset.extract()?;
         let t = spec.cast::<PyTuple>()?;
@@ -1139,7 +1203,7 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
     let mut all = SPECS.lock();
     // A code object's entry is never replaced: another thread may be using its specs (their
     // pointers borrow from the entry's objects).
-    all.get_or_insert_with(HashMap::new)
+    all.get_or_insert_with(HashMap::default)
         .entry(code.as_ptr() as usize)
         .or_insert_with(|| CodeSpecs {
             _keep: specs.into_any().unbind(),
