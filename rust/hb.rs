@@ -164,8 +164,41 @@ struct Loc {
     /// Reads since the last write, the latest per thread.
     reads: Vec<Acc>,
     /// Per thread: its reads since its own last write (the last [`READS_KEPT`]).
-    pending: HashMap<u32, Vec<Acc>>,
+    pending: ReadsBy,
     label: Option<(String, String)>,
+}
+
+/// Per thread: its reads since its own last write (a few threads: a list, not a map, which
+/// would cost an allocation and a hash for every location read).
+#[derive(Default)]
+struct ReadsBy(Vec<(u32, Vec<Acc>)>);
+
+impl ReadsBy {
+    fn get(&self, tid: u32) -> Option<&Vec<Acc>> {
+        self.0.iter().find(|(t, _)| *t == tid).map(|(_, r)| r)
+    }
+
+    fn entry(&mut self, tid: u32) -> &mut Vec<Acc> {
+        let at = match self.0.iter().position(|(t, _)| *t == tid) {
+            Some(at) => at,
+            None => {
+                self.0.push((tid, Vec::new()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn remove(&mut self, tid: u32) {
+        if let Some(at) = self.0.iter().position(|(t, _)| *t == tid) {
+            self.0.swap_remove(at);
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -358,11 +391,11 @@ impl State {
             if acc.op == OP_READ {
                 l.reads.clear();
                 l.reads.push(acc);
-                keep_read(l.pending.entry(tid).or_default(), acc);
+                keep_read(l.pending.entry(tid), acc);
             } else {
                 l.last_write = Some(acc);
                 l.reads.clear();
-                l.pending.remove(&tid);
+                l.pending.remove(tid);
             }
             return;
         }
@@ -377,13 +410,13 @@ impl State {
             let l = &mut self.data[loc as usize];
             l.reads.retain(|r| r.tid != tid);
             l.reads.push(acc);
-            keep_read(l.pending.entry(tid).or_default(), acc);
+            keep_read(l.pending.entry(tid), acc);
         } else {
             let mut stale = None;
             if let Some(w) = last_write {
                 // A stale write: this thread read the location before `w`, not since.
                 if w.tid != tid {
-                    let reads = self.data[loc as usize].pending.get(&tid);
+                    let reads = self.data[loc as usize].pending.get(tid);
                     if let Some(read) = reads.and_then(|r| feeding_read(r, &w, &acc)) {
                         let svc = &self.data[loc as usize].write_svc;
                         let read_before_write = read.epoch <= get(svc, read.tid);
@@ -405,11 +438,13 @@ impl State {
                     found.push((r, None));
                 }
             }
-            let svc = self.clocks(tid).svc.clone();
+            self.clocks(tid);
+            let svc = &self.threads[&tid].svc;
             let l = &mut self.data[loc as usize];
             l.last_write = Some(acc);
-            l.write_svc = svc;
-            l.pending.remove(&tid);
+            l.write_svc.clear();
+            l.write_svc.extend_from_slice(svc);
+            l.pending.remove(tid);
         }
         for (first, read) in found {
             self.conflict(loc, first, acc, read);
@@ -451,7 +486,9 @@ impl State {
         self.sync.clear();
         self.locs.clear();
         self.seq = 0;
-        std::mem::take(&mut self.data)
+        // The next round starts with room for as many locations (no regrowing, no moves).
+        let room = Vec::with_capacity(self.data.len().min(1 << 16));
+        std::mem::replace(&mut self.data, room)
     }
 }
 
@@ -856,7 +893,6 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
         // Bound until the access is resolved: dropped right away on an early return (a `Py`
         // dropped here would wait in pyo3's pool: it does not know the callback is attached).
         let owner = Bound::<PyAny>::from_owned_ptr(py, owner);
-        let kind = container(owner.as_ptr());
         let mut op = spec.op;
         let mut keyed = true;
         let mut atomic = false;
@@ -867,6 +903,7 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
             loc_kind = 4;
         } else if spec.key_kind != KEY_ATTR {
             // A subscript, `in`, or a container method.
+            let kind = container(owner.as_ptr());
             if kind == 0 {
                 return; // the object's own methods make their own accesses
             }
