@@ -128,10 +128,40 @@ unsafe impl Send for Spec {}
 struct CodeSpecs {
     _keep: Py<PyAny>,
     _code: Py<PyAny>,
-    by_offset: HashMap<u32, Spec>,
+    /// Boxed: its address stays the same for the life of the process (an entry of [`SPECS`]
+    /// is never replaced nor removed), so a thread may keep a pointer to it ([`LAST_SPECS`]).
+    by_offset: Box<HashMap<u32, Spec>>,
 }
 
 static SPECS: parking_lot::Mutex<Option<HashMap<usize, CodeSpecs>>> = parking_lot::Mutex::new(None);
+
+type OffsetSpecs = HashMap<u32, Spec>;
+
+thread_local! {
+    /// (code object address, its specs) of this thread's last access: consecutive accesses
+    /// are mostly in one code object, and the shared lock cost more than the rest of the
+    /// lookup (its cache line moves between CPUs at every hand-over).
+    static LAST_SPECS: std::cell::Cell<(usize, *const OffsetSpecs)> =
+        const { std::cell::Cell::new((0, std::ptr::null())) };
+}
+
+/// The spec of the access at `offset` of `code`, if it has one.
+fn spec_at(code: usize, offset: u32) -> Option<Spec> {
+    let cached = LAST_SPECS
+        .try_with(|c| c.get())
+        .unwrap_or((0, std::ptr::null()));
+    let specs = if cached.0 == code && !cached.1.is_null() {
+        cached.1
+    } else {
+        let all = SPECS.lock();
+        let found: *const OffsetSpecs = all.as_ref()?.get(&code).map(|c| &*c.by_offset)?;
+        let _ = LAST_SPECS.try_with(|c| c.set((code, found)));
+        found
+    };
+    // SAFETY: the map is boxed in an entry of SPECS, which is never replaced nor removed, and
+    // the entry keeps the code object alive (so its address names no other code object).
+    unsafe { (*specs).get(&offset).copied() }
+}
 
 /// One access, as kept in a location and a conflict.
 #[derive(Clone, Copy, Debug)]
@@ -840,16 +870,8 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
     if !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    let spec = {
-        let specs = SPECS.lock();
-        match specs
-            .as_ref()
-            .and_then(|m| m.get(&(code as usize)))
-            .and_then(|c| c.by_offset.get(&offset))
-        {
-            Some(s) => *s,
-            None => return,
-        }
+    let Some(spec) = spec_at(code as usize, offset) else {
+        return;
     };
     if spec.op == OP_METHOD
         && spec.key_kind == KEY_ATTR
@@ -1245,7 +1267,7 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
         .or_insert_with(|| CodeSpecs {
             _keep: specs.into_any().unbind(),
             _code: code.unbind(),
-            by_offset,
+            by_offset: Box::new(by_offset),
         });
     Ok(())
 }
