@@ -27,8 +27,9 @@
 //! A location keeps its object alive until the round ends, so an address is never reused for
 //! another object within a round (a location dies with the round, not before).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 use std::ffi::CStr;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -46,6 +47,38 @@ extern "C" {
         name: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject;
 }
+
+/// A fast hash for the maps an access looks up (addresses, offsets, small integers; the std
+/// SipHash took more time than the rest of an access's lookups). Multiply-rotate per word,
+/// rotated at the end so the low bits (the bucket) depend on every input bit.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(v as u64);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+}
+
+type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<FastHasher>>;
+type HashSet<K> = StdHashSet<K, BuildHasherDefault<FastHasher>>;
 
 /// Whether accesses are tracked (set from Python for exact-mode tests).
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -106,12 +139,42 @@ unsafe impl Send for Spec {}
 struct CodeSpecs {
     _keep: Py<PyAny>,
     _code: Py<PyAny>,
-    by_offset: HashMap<u32, Spec>,
+    /// Boxed: its address stays the same for the life of the process (an entry of [`SPECS`]
+    /// is never replaced nor removed), so a thread may keep a pointer to it ([`LAST_SPECS`]).
+    by_offset: Box<HashMap<u32, Spec>>,
 }
 
 static SPECS: parking_lot::Mutex<Option<HashMap<usize, CodeSpecs>>> = parking_lot::Mutex::new(None);
 /// How many [`BEFORE`] specs [`SPECS`] holds (none: a point looks none up).
 static BEFORE_SPECS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+type OffsetSpecs = HashMap<u32, Spec>;
+
+thread_local! {
+    /// (code object address, its specs) of this thread's last access: consecutive accesses
+    /// are mostly in one code object, and the shared lock cost more than the rest of the
+    /// lookup (its cache line moves between CPUs at every hand-over).
+    static LAST_SPECS: std::cell::Cell<(usize, *const OffsetSpecs)> =
+        const { std::cell::Cell::new((0, std::ptr::null())) };
+}
+
+/// The spec of the access at `offset` of `code`, if it has one.
+fn spec_at(code: usize, offset: u32) -> Option<Spec> {
+    let cached = LAST_SPECS
+        .try_with(|c| c.get())
+        .unwrap_or((0, std::ptr::null()));
+    let specs = if cached.0 == code && !cached.1.is_null() {
+        cached.1
+    } else {
+        let all = SPECS.lock();
+        let found: *const OffsetSpecs = all.as_ref()?.get(&code).map(|c| &*c.by_offset)?;
+        let _ = LAST_SPECS.try_with(|c| c.set((code, found)));
+        found
+    };
+    // SAFETY: the map is boxed in an entry of SPECS, which is never replaced nor removed, and
+    // the entry keeps the code object alive (so its address names no other code object).
+    unsafe { (*specs).get(&offset).copied() }
+}
 
 /// One access, as kept in a location and a conflict.
 #[derive(Clone, Copy, Debug)]
@@ -154,11 +217,44 @@ struct Loc {
     /// Reads since the last write, the latest per thread.
     reads: Vec<Acc>,
     /// Per thread: its reads since its own last write (the last [`READS_KEPT`]).
-    pending: HashMap<u32, Vec<Acc>>,
+    pending: ReadsBy,
     /// Per thread: its latest loop step over this container and that step's iterator, kept
     /// alive so that a later iteration's iterator never has its address.
     iters: HashMap<u32, (Acc, Py<PyAny>)>,
     label: Option<(String, String)>,
+}
+
+/// Per thread: its reads since its own last write (a few threads: a list, not a map, which
+/// would cost an allocation and a hash for every location read).
+#[derive(Default)]
+struct ReadsBy(Vec<(u32, Vec<Acc>)>);
+
+impl ReadsBy {
+    fn get(&self, tid: u32) -> Option<&Vec<Acc>> {
+        self.0.iter().find(|(t, _)| *t == tid).map(|(_, r)| r)
+    }
+
+    fn entry(&mut self, tid: u32) -> &mut Vec<Acc> {
+        let at = match self.0.iter().position(|(t, _)| *t == tid) {
+            Some(at) => at,
+            None => {
+                self.0.push((tid, Vec::new()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn remove(&mut self, tid: u32) {
+        if let Some(at) = self.0.iter().position(|(t, _)| *t == tid) {
+            self.0.swap_remove(at);
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -277,35 +373,28 @@ impl State {
         })
     }
 
-    fn tick(&mut self, tid: u32) {
-        let c = self.clocks(tid);
+    fn release(&mut self, tid: u32, obj: u64, strong: bool) {
+        self.clocks(tid);
+        // The two maps are separate fields: join in place, no copy of a clock.
+        let c = self.threads.get_mut(&tid).expect("made above");
+        let s = self.sync.entry(obj).or_default();
+        join(&mut s.vc, &c.vc);
+        if strong {
+            join(&mut s.svc, &c.svc);
+        }
         c.vc[tid as usize] += 1;
         c.svc[tid as usize] += 1;
     }
 
-    fn release(&mut self, tid: u32, obj: u64, strong: bool) {
-        let (vc, svc) = {
-            let c = self.clocks(tid);
-            (c.vc.clone(), c.svc.clone())
-        };
-        let s = self.sync.entry(obj).or_default();
-        join(&mut s.vc, &vc);
-        if strong {
-            join(&mut s.svc, &svc);
-        }
-        self.tick(tid);
-    }
-
     fn acquire(&mut self, tid: u32, obj: u64, strong: bool) {
+        self.clocks(tid);
         let Some(s) = self.sync.get(&obj) else {
-            self.clocks(tid);
             return;
         };
-        let (vc, svc) = (s.vc.clone(), s.svc.clone());
-        let c = self.clocks(tid);
-        join(&mut c.vc, &vc);
+        let c = self.threads.get_mut(&tid).expect("made above");
+        join(&mut c.vc, &s.vc);
         if strong {
-            join(&mut c.svc, &svc);
+            join(&mut c.svc, &s.svc);
         }
     }
 
@@ -389,12 +478,12 @@ impl State {
                 l.reads.clear();
                 l.reads.push(acc);
                 if !acc.iter {
-                    keep_read(l.pending.entry(tid).or_default(), acc);
+                    keep_read(l.pending.entry(tid), acc);
                 }
             } else {
                 l.last_write = Some(acc);
                 l.reads.clear();
-                l.pending.remove(&tid);
+                l.pending.remove(tid);
             }
             return;
         }
@@ -410,14 +499,14 @@ impl State {
             l.reads.retain(|r| r.tid != tid);
             l.reads.push(acc);
             if !acc.iter {
-                keep_read(l.pending.entry(tid).or_default(), acc);
+                keep_read(l.pending.entry(tid), acc);
             }
         } else {
             let mut stale = None;
             if let Some(w) = last_write {
                 // A stale write: this thread read the location before `w`, not since.
                 if w.tid != tid {
-                    let reads = self.data[loc as usize].pending.get(&tid);
+                    let reads = self.data[loc as usize].pending.get(tid);
                     if let Some(read) = reads.and_then(|r| feeding_read(r, &w, &acc)) {
                         let svc = &self.data[loc as usize].write_svc;
                         let read_before_write = read.epoch <= get(svc, read.tid);
@@ -439,11 +528,13 @@ impl State {
                     found.push((r, None));
                 }
             }
-            let svc = self.clocks(tid).svc.clone();
+            self.clocks(tid);
+            let svc = &self.threads[&tid].svc;
             let l = &mut self.data[loc as usize];
             l.last_write = Some(acc);
-            l.write_svc = svc;
-            l.pending.remove(&tid);
+            l.write_svc.clear();
+            l.write_svc.extend_from_slice(svc);
+            l.pending.remove(tid);
         }
         for (first, read) in found {
             self.conflict(loc, first, acc, read);
@@ -485,7 +576,9 @@ impl State {
         self.sync.clear();
         self.locs.clear();
         self.seq = 0;
-        std::mem::take(&mut self.data)
+        // The next round starts with room for as many locations (no regrowing, no moves).
+        let room = Vec::with_capacity(self.data.len().min(1 << 16));
+        std::mem::replace(&mut self.data, room)
     }
 }
 
@@ -839,16 +932,8 @@ pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
     if !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    let (spec, extra) = {
-        let specs = SPECS.lock();
-        match specs.as_ref().and_then(|m| m.get(&(code as usize))) {
-            Some(c) => (
-                c.by_offset.get(&offset).copied(),
-                c.by_offset.get(&(offset | EXTRA)).copied(),
-            ),
-            None => return,
-        }
-    };
+    let spec = spec_at(code as usize, offset);
+    let extra = spec_at(code as usize, offset | EXTRA);
     for s in [spec, extra].into_iter().flatten() {
         // SAFETY: as this function's.
         unsafe { access_spec(code, offset, offset, s) };
@@ -925,6 +1010,13 @@ unsafe fn changes_contents(
 /// # Safety
 /// The interpreter is attached and `code` is the running frame's live code object.
 unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec) {
+    if spec.op == OP_METHOD
+        && spec.key_kind == KEY_ATTR
+        && spec.owner_kind != OWNER_GLOBALS
+        && spec.owner_kind != OWNER_CELL
+    {
+        return; // a method of an object (not a container's): its own code makes the accesses
+    }
     let py = unsafe { Python::assume_attached() };
     // SAFETY: attached (see above); every pointer made here is released below.
     unsafe {
@@ -957,8 +1049,18 @@ unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec
                 return;
             }
         }
-        let owner = Bound::<PyAny>::from_owned_ptr(py, owner).unbind();
-        let kind = container(owner.as_ptr());
+        // Bound until the access is resolved: dropped right away on an early return (a `Py`
+        // dropped here would wait in pyo3's pool: it does not know the callback is attached).
+        let owner = Bound::<PyAny>::from_owned_ptr(py, owner);
+        // The container kind, only for a subscript, `in`, a loop's step or a container method.
+        let kind = if spec.owner_kind != OWNER_GLOBALS
+            && spec.owner_kind != OWNER_CELL
+            && spec.key_kind != KEY_ATTR
+        {
+            container(owner.as_ptr())
+        } else {
+            0
+        };
         let mut op = spec.op;
         let mut keyed = true;
         let mut atomic = false;
@@ -992,15 +1094,19 @@ unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec
             }
             if resume {
             } else if op == OP_METHOD {
-                let Ok(name) = Bound::from_borrowed_ptr(py, spec.method).extract::<String>() else {
+                let method = Bound::from_borrowed_ptr(py, spec.method);
+                let Ok(method) = method.cast_into::<pyo3::types::PyString>() else {
                     return;
                 };
-                let Some((o, k)) = method_op(kind, &name) else {
+                let Ok(name) = method.to_str() else {
+                    return;
+                };
+                let Some((o, k)) = method_op(kind, name) else {
                     return;
                 };
                 op = o;
                 keyed = k;
-                method_name = Some(name);
+                method_name = Some(method);
             } else if op == OP_ITER {
                 let it = crate::iterpoints::iterator(code, offset);
                 if it.is_null() {
@@ -1049,13 +1155,13 @@ unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec
                 owner.as_ptr(),
                 kind,
                 spec.op,
-                method_name.as_deref(),
+                method_name.as_ref().and_then(|m| m.to_str().ok()),
                 key_obj,
             );
         let key = if key_obj.is_null() {
             None
         } else {
-            Some(Bound::<PyAny>::from_owned_ptr(py, key_obj).unbind())
+            Some(Bound::<PyAny>::from_owned_ptr(py, key_obj))
         };
         let (loc_kind, hash, key) = match key_hash {
             Some(h) => (loc_kind, h, key),
@@ -1079,8 +1185,8 @@ unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec
             ctx: hold.as_ref().map_or(0, |h| h.as_ptr() as usize),
         };
         let resolved = Resolved {
-            owner,
-            key,
+            owner: owner.unbind(),
+            key: key.map(Bound::unbind),
             loc_kind,
             hash,
             acc,
@@ -1093,6 +1199,7 @@ unsafe fn access_spec(code: *mut ffi::PyObject, offset: u32, at: u32, spec: Spec
             let full = PENDING
                 .try_with(|p| {
                     let mut p = p.borrow_mut();
+                    PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
                     p.push(Pending {
                         frame: frame as usize,
                         // Kept alive while pending: its address is never another frame's.
@@ -1133,6 +1240,10 @@ struct Pending {
     resolved: Resolved,
 }
 
+/// Pending container calls of all threads (an upper bound: a thread that ends with some
+/// pending leaves its count here): a point of a thread with none looks no further.
+static PENDING_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 thread_local! {
     /// Innermost last (a call in the arguments of another one).
     static PENDING: std::cell::RefCell<Vec<Pending>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -1150,8 +1261,13 @@ fn flush_pending_to(py: Python<'_>, keep: usize) {
                 .unwrap_or_default()
         })
         .unwrap_or_default();
+    if pending.is_empty() {
+        return;
+    }
+    PENDING_COUNT.fetch_sub(pending.len(), Ordering::Relaxed);
     for p in pending.into_iter().rev() {
         apply(py, p.resolved);
+        decref_now(py, p._frame);
     }
 }
 
@@ -1172,12 +1288,7 @@ pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
     if BEFORE_SPECS.load(Ordering::Relaxed) == 0 || !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    let before = SPECS
-        .lock()
-        .as_ref()
-        .and_then(|m| m.get(&(code as usize)))
-        .and_then(|c| c.by_offset.get(&(offset | BEFORE)).copied());
-    if let Some(s) = before {
+    if let Some(s) = spec_at(code as usize, offset | BEFORE) {
         // SAFETY: attached, and `code` is the running frame's (the point's).
         unsafe { access_spec(code, offset, s.call_offset, s) };
     }
@@ -1189,6 +1300,9 @@ pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
 /// # Safety
 /// The interpreter is attached.
 unsafe fn flush_made(offset: u32) {
+    if PENDING_COUNT.load(Ordering::Relaxed) == 0 {
+        return; // no thread has a pending call (the common case)
+    }
     let waiting: Vec<(usize, u32, u32)> = PENDING
         .try_with(|p| {
             p.try_borrow()
@@ -1268,11 +1382,12 @@ fn apply(py: Python<'_>, r: Resolved) {
         hold,
     } = r;
     let atomic = acc.atomic;
+    let mut key = key;
     let container_key = owner.as_ptr() as u64;
     let mut spare = None;
     let mut replaced = None;
     with_round(py, |st, tid| {
-        let location = |st: &mut State, kind: u8, hash: i64, key: Option<Py<PyAny>>| {
+        let location = |st: &mut State, kind: u8, hash: i64, key: &mut Option<Py<PyAny>>| {
             let at = (owner.as_ptr() as usize, kind, hash);
             match st.locs.get(&at) {
                 Some(&l) => l,
@@ -1280,7 +1395,7 @@ fn apply(py: Python<'_>, r: Resolved) {
                     let l = st.data.len() as u32;
                     st.data.push(Loc {
                         owner: Some(owner.clone_ref(py)),
-                        key,
+                        key: key.take(),
                         kind,
                         first_tid: tid,
                         ..Loc::default()
@@ -1290,7 +1405,7 @@ fn apply(py: Python<'_>, r: Resolved) {
                 }
             }
         };
-        let loc = location(st, loc_kind, hash, key);
+        let loc = location(st, loc_kind, hash, &mut key);
         if atomic {
             st.acquire(tid, container_key, false);
         }
@@ -1301,7 +1416,7 @@ fn apply(py: Python<'_>, r: Resolved) {
             replaced = st.data[loc as usize].iters.insert(tid, (step, it));
         }
         if contents {
-            let whole = location(st, 2, 0, None);
+            let whole = location(st, 2, 0, &mut None);
             let write = Acc {
                 tid,
                 op: OP_WRITE,
@@ -1317,9 +1432,22 @@ fn apply(py: Python<'_>, r: Resolved) {
             spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
         }
     });
-    drop(replaced);
     drop(spare);
-    drop(owner);
+    // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
+    // know that the INSTRUCTION callback is attached).
+    if let Some((_, it)) = replaced {
+        decref_now(py, it);
+    }
+    decref_now(py, owner);
+    if let Some(key) = key {
+        decref_now(py, key);
+    }
+}
+
+/// Let go of a reference at once; the caller is attached (`py`).
+fn decref_now(_py: Python<'_>, obj: Py<PyAny>) {
+    // SAFETY: attached, and the reference is ours.
+    unsafe { ffi::Py_DECREF(obj.into_ptr()) }
 }
 
 /// races_enable(on): track accesses in exact mode from now on (or stop).
@@ -1342,7 +1470,7 @@ fn races_enable(py: Python<'_>, on: bool) {
 /// check, owner kind, owner name, owner attribute or None, key kind, key, method or None)}.
 #[pyfunction]
 fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()> {
-    let mut by_offset = HashMap::new();
+    let mut by_offset = HashMap::default();
     for (offset, spec) in specs.iter() {
         let offset: u32 = offset.extract()?;
         let t = spec.cast::<PyTuple>()?;
@@ -1382,14 +1510,14 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
     let mut all = SPECS.lock();
     // A code object's entry is never replaced: another thread may be using its specs (their
     // pointers borrow from the entry's objects).
-    all.get_or_insert_with(HashMap::new)
+    all.get_or_insert_with(HashMap::default)
         .entry(code.as_ptr() as usize)
         .or_insert_with(|| {
             BEFORE_SPECS.fetch_add(before, Ordering::Relaxed);
             CodeSpecs {
                 _keep: specs.into_any().unbind(),
                 _code: code.unbind(),
-                by_offset,
+                by_offset: Box::new(by_offset),
             }
         });
     Ok(())

@@ -685,6 +685,17 @@ impl Run {
         Ok(Some(d))
     }
 
+    /// Exact mode: (points, hand-overs, preemptions, exact, deadlock) of round `iteration`
+    /// (None before it finished), counted in place: the statistics and the end-of-test notes
+    /// need no list of the round's decisions.
+    fn sched_counts(&self, iteration: u64) -> Option<(usize, usize, u64, bool, bool)> {
+        self.shared.core()?.with_round(iteration, |rec| {
+            let d = &rec.decisions;
+            let handovers = d.windows(2).filter(|w| w[0] != w[1]).count();
+            (d.len(), handovers, rec.preemptions, rec.exact, rec.deadlock)
+        })
+    }
+
     /// Exact mode: where each chosen thread went on from in round `iteration`:
     /// [(thread id, code object or None, offset)]; None with offset 0: the thread's start,
     /// with offset 1: inside a lock, condition, join or sleep.

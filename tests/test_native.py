@@ -286,6 +286,23 @@ def test_exact_run_serialises_and_replays_its_schedule():
     assert replay.sched_round(0)["divergences"] == 0
 
 
+def test_exact_round_counts_match_the_record():
+    run = _native.Run(5, mode="exact", scheduler="random")
+    assert run.sched_counts(0) is None  # not run yet
+    _exact_round(run, 3, 20)
+    record = run.sched_round(0)
+    decisions = record["decisions"]
+    handovers = sum(1 for a, b in zip(decisions, decisions[1:], strict=False) if a != b)
+    assert handovers > 0
+    assert run.sched_counts(0) == (
+        len(decisions),
+        handovers,
+        record["preemptions"],
+        record["exact"],
+        record["deadlock"],
+    )
+
+
 def test_exact_block_and_wake_hand_the_turn_over():
     run = _native.Run(3, mode="exact", replay=[0, 0, 1])
     order = []

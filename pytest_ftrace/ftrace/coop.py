@@ -590,13 +590,12 @@ class ExactTest:
         from a thread that could have gone on), rounds, and blocking waits."""
         points = handovers = preemptions = 0
         for iteration in self.rounds_seen:
-            record = self.round(iteration)
-            if record is None:
+            counts = self.round_counts(iteration)
+            if counts is None:
                 continue
-            decisions = record["decisions"]
-            points += len(decisions)
-            handovers += sum(1 for a, b in zip(decisions, decisions[1:], strict=False) if a != b)
-            preemptions += record["preemptions"]
+            points += counts[0]
+            handovers += counts[1]
+            preemptions += counts[2]
         return {
             "rounds": len(self.rounds_seen),
             "points": points,
@@ -639,6 +638,22 @@ class ExactTest:
         if iteration in self.records:
             return self.records[iteration]
         return name_free_run(self.native.sched_round(iteration))
+
+    def round_counts(self, iteration: int) -> tuple[int, int, int, bool, bool] | None:
+        """(points, hand-overs, preemptions, exact, deadlock) of round `iteration`, without
+        making the list of its decisions (the native core counts them in place)."""
+        if iteration in self.records:
+            record = self.records[iteration]
+            decisions = record["decisions"]
+            handovers = sum(1 for a, b in zip(decisions, decisions[1:], strict=False) if a != b)
+            return (
+                len(decisions),
+                handovers,
+                record["preemptions"],
+                record["exact"],
+                record["deadlock"],
+            )
+        return self.native.sched_counts(iteration)
 
     def steps(self, iteration: int) -> list | None:
         """The steps of round `iteration`: (thread id, code or its access as text, offset)."""

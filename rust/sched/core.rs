@@ -1051,6 +1051,12 @@ impl Core {
         self.state.lock().history.get(&round).cloned()
     }
 
+    /// `f` of the record of a finished round, read in place (a record holds every decision
+    /// and step of the round: a copy costs as much as the round had points).
+    pub fn with_round<T>(&self, round: u64, f: impl FnOnce(&RoundRecord) -> T) -> Option<T> {
+        self.state.lock().history.get(&round).map(f)
+    }
+
     fn wait_turn(&self, st: &mut parking_lot::MutexGuard<'_, State>, tid: u32) -> Wait {
         if st.threads.get(&tid).is_some_and(|t| t.detached.is_some()) {
             st.rejoin(tid); // a thread waiting here is at a scheduling point

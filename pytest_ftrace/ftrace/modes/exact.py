@@ -422,6 +422,9 @@ class ExactMode:
         """Rounds that were not exact (unmanaged blocking, deadlock), said once each."""
         notes = []
         for iteration in sorted(self.exact.rounds_seen):
+            counts = self.exact.round_counts(iteration)
+            if counts is None or counts[3] or counts[4]:
+                continue  # not finished, exact, or a deadlock (reported as a failure)
             record = self.exact.round(iteration)
             if record is not None and not record["exact"] and not record["deadlock"]:
                 tail = "; it ran free from there" if record.get("released", True) else ""
