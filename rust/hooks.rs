@@ -49,10 +49,12 @@ pub(crate) fn may_wait() -> bool {
         INSIDE.fetch_sub(1, Ordering::SeqCst);
         return false;
     }
+    sched::watch::will_take_back();
     true
 }
 
 pub(crate) fn leave() {
+    sched::watch::taken_back();
     INSIDE.fetch_sub(1, Ordering::SeqCst);
 }
 
