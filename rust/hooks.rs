@@ -64,7 +64,11 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) ->
     if !may_wait() {
         return f();
     }
-    let out = py.detach(f);
+    let out = py.detach(|| {
+        let out = f();
+        sched::watch::retaking();
+        out
+    });
     leave();
     out
 }
@@ -198,6 +202,7 @@ unsafe extern "C" fn on_instruction(
             if !matches!(kept, Ok(Some(_))) && may_wait() {
                 let state = ffi::PyEval_SaveThread();
                 let waited = std::panic::catch_unwind(engine::schedule_wait);
+                sched::watch::retaking();
                 ffi::PyEval_RestoreThread(state);
                 leave();
                 turn = matches!(waited, Ok(Wait::Turn | Wait::Woken));

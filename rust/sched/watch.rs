@@ -184,6 +184,17 @@ pub fn given_turn(native: u64) {
     }
 }
 
+/// The calling thread leaves the core (whatever the wait came to: its turn, a turn it kept,
+/// the round running free) and takes the interpreter back next, when it let go of it.
+pub fn retaking() {
+    if TAKES_BACK.try_with(|t| t.get()).unwrap_or(false) {
+        let me = my_native();
+        if me != 0 {
+            TAKING.store(me, Ordering::Release);
+        }
+    }
+}
+
 /// Whether thread `native` (`sleeping` in the kernel) waits for the interpreter: it was given
 /// the turn and has not taken the interpreter back yet, or it sleeps on one of the
 /// interpreter's own futex words. A futex word seen in the first case is learned for the
