@@ -49,10 +49,12 @@ pub(crate) fn may_wait() -> bool {
         INSIDE.fetch_sub(1, Ordering::SeqCst);
         return false;
     }
+    sched::watch::will_take_back();
     true
 }
 
 pub(crate) fn leave() {
+    sched::watch::taken_back();
     INSIDE.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -62,7 +64,11 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) ->
     if !may_wait() {
         return f();
     }
-    let out = py.detach(f);
+    let out = py.detach(|| {
+        let out = f();
+        sched::watch::retaking();
+        out
+    });
     leave();
     out
 }
@@ -196,6 +202,7 @@ unsafe extern "C" fn on_instruction(
             if !matches!(kept, Ok(Some(_))) && may_wait() {
                 let state = ffi::PyEval_SaveThread();
                 let waited = std::panic::catch_unwind(engine::schedule_wait);
+                sched::watch::retaking();
                 ffi::PyEval_RestoreThread(state);
                 leave();
                 turn = matches!(waited, Ok(Wait::Turn | Wait::Woken));

@@ -853,8 +853,11 @@ impl Core {
     /// a system call that is not a futex wait (a socket, a pipe, `select`: see
     /// [`watch::blocked_in_io`]) runs free on the second look (a poll apart), and on the first
     /// while a thread that came back from C waits for the turn (the two ends of a socket take
-    /// turns this way). Returns whether such a thread waits (the watcher then looks again
-    /// soon).
+    /// turns this way). A thread that waits for the interpreter (given the turn and taking
+    /// the GIL back, or asleep on the GIL's own futex: [`watch::waits_for_interpreter`]) is
+    /// in the hand-over, not blocked in C: on a loaded machine the GIL's holder may run late,
+    /// and that wait neither lets it run free nor counts as time it waited in C. Returns
+    /// whether such a thread waits (the watcher then looks again soon).
     pub fn watch(&self, now: Instant) -> bool {
         if self.is_closed() {
             return false;
@@ -876,6 +879,7 @@ impl Core {
         // for its turn) and the threads that run free; each sample stands for the time since
         // the last one.
         let mut running_state = None;
+        let mut running_waits = false;
         let running = st.running;
         let vnow = st.vnow;
         for (&id, t) in st.threads.iter_mut() {
@@ -888,7 +892,14 @@ impl Core {
                 continue;
             }
             let state = watch::thread_state(t.native);
-            if state == Some(watch::ThreadState::Sleeping) {
+            let sleeping = state == Some(watch::ThreadState::Sleeping);
+            // Waiting for the interpreter (the GIL, a stop-the-world) is no wait in C: the
+            // thread is in the schedule's own hand-over, however long the OS takes.
+            if watch::waits_for_interpreter(t.native, sleeping) {
+                running_waits |= Some(id) == running;
+                continue;
+            }
+            if sleeping {
                 if t.slept_ns == 0 {
                     t.slept_from = vnow;
                 }
@@ -905,8 +916,8 @@ impl Core {
             st.watch = None;
             return hurry;
         };
-        let Some(state) = running_state else {
-            st.watch = None; // chosen, not awake yet
+        let Some(state) = running_state.filter(|_| !running_waits) else {
+            st.watch = None; // chosen, not awake yet, or taking the interpreter back
             return hurry;
         };
         let in_io = state == Some(watch::ThreadState::Sleeping)
@@ -1094,6 +1105,7 @@ impl Core {
                 if let Some(me) = st.threads.get_mut(&tid) {
                     me.in_core = false;
                     me.back = false;
+                    watch::given_turn(me.native);
                 }
                 return Wait::Turn;
             }
@@ -1662,6 +1674,141 @@ mod tests {
         assert!(next > first, "never back");
         assert!(next - first < 10_000_000, "{}", next - first);
         core.exit(0);
+    }
+
+    /// Stands for the interpreter's lock (the GIL): a static, so its futex word is never the
+    /// word of another test's lock.
+    static INTERPRETER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// One round of two threads; thread 0, once it has the turn, waits for [`INTERPRETER`]
+    /// (held by the caller) as if taking the interpreter back, having said so (`flagged`) or
+    /// not. The watcher looks at it many times, far apart on the clock it is given, while it
+    /// sleeps on that futex; then the lock is let go. Returns the round's record.
+    fn round_with_a_wait_for_the_interpreter(flagged: bool) -> RoundRecord {
+        let core = Arc::new(Core::new(1, Policy::Replay(vec![0, 0, 1])));
+        let held = INTERPRETER.lock().unwrap();
+        let native = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|sc| {
+            let (c0, n0, d0) = (Arc::clone(&core), Arc::clone(&native), Arc::clone(&done));
+            sc.spawn(move || {
+                if flagged {
+                    watch::will_take_back();
+                }
+                c0.enter(0, 10, 0, 0, 2);
+                n0.store(watch::native_id(), Ordering::SeqCst); // it has the turn
+                drop(INTERPRETER.lock().unwrap());
+                watch::taken_back();
+                c0.point_at(0, (7, 3));
+                c0.exit(0);
+                d0.fetch_add(1, Ordering::SeqCst);
+            });
+            let (c1, d1) = (Arc::clone(&core), Arc::clone(&done));
+            sc.spawn(move || {
+                c1.enter(1, 11, 0, 0, 2);
+                c1.exit(1);
+                d1.fetch_add(1, Ordering::SeqCst);
+            });
+            // Wait (no bound in time) until thread 0 has the turn and sleeps on the lock.
+            let asleep = loop {
+                let n = native.load(Ordering::SeqCst);
+                if n != 0
+                    && watch::thread_state(n) == Some(watch::ThreadState::Sleeping)
+                    && watch::futex_word(n).is_some()
+                {
+                    break n;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let t = Instant::now();
+            for i in 0..20 {
+                core.watch(t + DETACH_QUIET * i);
+            }
+            assert!(
+                watch::futex_word(asleep).is_some(),
+                "still waiting for the lock"
+            );
+            drop(held);
+            while done.load(Ordering::SeqCst) < 2 {
+                core.watch(Instant::now());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        core.round(0).unwrap()
+    }
+
+    #[test]
+    fn a_thread_taking_the_interpreter_back_is_not_blocked_in_c() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        // However long the thread given the turn waits for the interpreter (a loaded machine
+        // runs the GIL's holder late), it stays in the schedule: the round is exact.
+        let rec = round_with_a_wait_for_the_interpreter(true);
+        assert!(rec.exact && rec.free_run.is_none(), "{rec:?}");
+        assert_eq!(rec.decisions, vec![0, 0, 1]);
+        // The futex word it slept on was learned as the interpreter's: a wait on it elsewhere
+        // (a thread that let go of the GIL for another and wants it back) is one too. Not on a
+        // free-threaded build, whose threads wait for the interpreter on their own semaphore.
+        if !cfg!(Py_GIL_DISABLED) {
+            let rec = round_with_a_wait_for_the_interpreter(false);
+            assert!(rec.exact && rec.free_run.is_none(), "{rec:?}");
+        }
+    }
+
+    #[test]
+    fn a_thread_asleep_on_a_lock_of_its_own_after_its_turn_runs_free() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        // The same wait on a lock that is not the interpreter's (no flag, nothing learned):
+        // blocked in C, so it runs free and the round is not exact.
+        static OWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let core = Arc::new(Core::new(1, Policy::Replay(vec![0, 1, 0])));
+        let held = OWN.lock().unwrap();
+        let native = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|sc| {
+            let (c0, n0, d0) = (Arc::clone(&core), Arc::clone(&native), Arc::clone(&done));
+            sc.spawn(move || {
+                watch::will_take_back();
+                c0.enter(0, 10, 0, 0, 2);
+                watch::taken_back(); // it holds the interpreter again
+                n0.store(watch::native_id(), Ordering::SeqCst);
+                drop(OWN.lock().unwrap());
+                c0.point_at(0, (7, 3));
+                c0.exit(0);
+                d0.fetch_add(1, Ordering::SeqCst);
+            });
+            let (c1, d1) = (Arc::clone(&core), Arc::clone(&done));
+            sc.spawn(move || {
+                c1.enter(1, 11, 0, 0, 2);
+                c1.exit(1);
+                d1.fetch_add(1, Ordering::SeqCst);
+            });
+            loop {
+                let n = native.load(Ordering::SeqCst);
+                if n != 0
+                    && watch::thread_state(n) == Some(watch::ThreadState::Sleeping)
+                    && watch::futex_word(n).is_some()
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let t = Instant::now();
+            for i in 0..20 {
+                core.watch(t + DETACH_QUIET * i);
+            }
+            drop(held);
+            while done.load(Ordering::SeqCst) < 2 {
+                core.watch(Instant::now());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let rec = core.round(0).unwrap();
+        assert!(!rec.exact, "{rec:?}");
+        assert_eq!(rec.free_run, Some((0, AT_START)));
     }
 
     #[test]

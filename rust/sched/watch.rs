@@ -56,6 +56,7 @@ pub fn resume() {
 
 /// After a fork, in the child: the watcher thread did not come along; start one of its own.
 pub fn restart_in_child(active: fn() -> Option<Arc<Core>>) {
+    forget_taking();
     BUSY.store(false, Ordering::SeqCst);
     PAUSED.store(false, Ordering::SeqCst);
     if STARTED.swap(false, Ordering::AcqRel) {
@@ -122,6 +123,149 @@ pub fn start(active: fn() -> Option<Arc<Core>>) {
     if spawned.is_err() {
         STARTED.store(false, Ordering::Release);
     }
+}
+
+/// The OS id of the thread that was given the turn and is taking the interpreter back (the
+/// GIL, or on a free-threaded build its thread state, which a stop-the-world may hold up), 0:
+/// none. A thread that waits for the interpreter is not blocked in C: the thread holding the
+/// interpreter lets go of it within a switch interval, however long the OS takes to run it on
+/// a loaded machine (see [`Core::watch`]). Set by the core's turn when the caller said it
+/// waits with the interpreter released ([`will_take_back`]); cleared by that thread once it
+/// holds the interpreter again ([`taken_back`]).
+static TAKING: AtomicU64 = AtomicU64::new(0);
+
+/// The futex words the interpreter's own lock waits on (the GIL's condition variable and
+/// mutex), learned from threads seen asleep on a futex while they took the interpreter back:
+/// a later wait on one of them, anywhere, is a wait for the interpreter too (a thread that
+/// let go of the GIL for another one and wants it back). Never learned on a free-threaded
+/// build, where a thread waits for the interpreter on its own semaphore, the one its real
+/// lock waits use too.
+const GIL_WORDS: usize = 8;
+static GIL_FUTEX: [AtomicU64; GIL_WORDS] = [const { AtomicU64::new(0) }; GIL_WORDS];
+
+thread_local! {
+    /// This thread waits in the core with the interpreter released (it takes it back after).
+    static TAKES_BACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread's OS id, once asked.
+    static NATIVE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn my_native() -> u64 {
+    NATIVE
+        .try_with(|n| {
+            if n.get() == 0 {
+                n.set(native_id());
+            }
+            n.get()
+        })
+        .unwrap_or(0)
+}
+
+/// The calling thread lets go of the interpreter to wait in the core: a turn it is given
+/// there is followed by taking the interpreter back.
+pub fn will_take_back() {
+    let _ = TAKES_BACK.try_with(|t| t.set(true));
+}
+
+/// The calling thread holds the interpreter again (or did not let go of it after all).
+pub fn taken_back() {
+    let _ = TAKES_BACK.try_with(|t| t.set(false));
+    let me = my_native();
+    if me != 0 {
+        let _ = TAKING.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// The core gives the calling thread (OS id `native`) the turn: when it takes the interpreter
+/// back next, the watcher knows that wait for what it is.
+pub fn given_turn(native: u64) {
+    if native != 0 && TAKES_BACK.try_with(|t| t.get()).unwrap_or(false) {
+        TAKING.store(native, Ordering::Release);
+    }
+}
+
+/// The calling thread leaves the core (whatever the wait came to: its turn, a turn it kept,
+/// the round running free) and takes the interpreter back next, when it let go of it.
+pub fn retaking() {
+    if TAKES_BACK.try_with(|t| t.get()).unwrap_or(false) {
+        let me = my_native();
+        if me != 0 {
+            TAKING.store(me, Ordering::Release);
+        }
+    }
+}
+
+/// Whether thread `native` (`sleeping` in the kernel) waits for the interpreter: it was given
+/// the turn and has not taken the interpreter back yet, or it sleeps on one of the
+/// interpreter's own futex words. A futex word seen in the first case is learned for the
+/// second.
+pub fn waits_for_interpreter(native: u64, sleeping: bool) -> bool {
+    if native == 0 {
+        return false;
+    }
+    let taking = TAKING.load(Ordering::Acquire) == native;
+    if !sleeping {
+        return taking;
+    }
+    let word = futex_word(native);
+    if taking {
+        if let (Some(word), false) = (word, cfg!(Py_GIL_DISABLED)) {
+            learn_gil_word(word);
+        }
+        return true;
+    }
+    word.is_some_and(|w| {
+        GIL_FUTEX
+            .iter()
+            .any(|known| known.load(Ordering::Acquire) == w)
+    })
+}
+
+fn learn_gil_word(word: u64) {
+    for slot in &GIL_FUTEX {
+        match slot.compare_exchange(0, word, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return,
+            Err(known) if known == word => return,
+            Err(_) => {}
+        }
+    }
+}
+
+/// After a fork, in the child: its threads have other ids (the futex words stay: the child's
+/// memory is a copy).
+fn forget_taking() {
+    TAKING.store(0, Ordering::Release);
+}
+
+/// The futex word thread `native` sleeps on, when it waits in `futex` (Linux x86_64 and
+/// aarch64: the first argument in `/proc/self/task/<tid>/syscall`).
+pub fn futex_word(native: u64) -> Option<u64> {
+    if !cfg!(target_os = "linux") || native == 0 {
+        return None;
+    }
+    let futex = futex_call()?;
+    let text = std::fs::read_to_string(format!("/proc/self/task/{native}/syscall")).ok()?;
+    parse_futex_word(&text, futex)
+}
+
+/// The `futex` system call's number here (None: not a platform the watcher reads).
+fn futex_call() -> Option<i64> {
+    if cfg!(target_arch = "x86_64") {
+        Some(202)
+    } else if cfg!(target_arch = "aarch64") {
+        Some(98)
+    } else {
+        None
+    }
+}
+
+fn parse_futex_word(text: &str, futex: i64) -> Option<u64> {
+    let mut fields = text.split_whitespace();
+    if parse_syscall(fields.next()?)? != futex {
+        return None;
+    }
+    let addr = fields.next()?;
+    u64::from_str_radix(addr.strip_prefix("0x").unwrap_or(addr), 16).ok()
 }
 
 /// What the kernel says a thread is doing.
@@ -258,6 +402,15 @@ mod tests {
         if seen.is_some() {
             assert_eq!(seen, Some(true)); // None: no syscall file (an older kernel)
         }
+    }
+
+    #[test]
+    fn futex_lines_give_the_word_waited_on() {
+        let line = "202 0x7f3a5c1e2a48 0x189 0x0 0x0 0x0 0xffffffff 0x7ffd 0x7f3a";
+        assert_eq!(parse_futex_word(line, 202), Some(0x7f3a5c1e2a48));
+        assert_eq!(parse_futex_word("7 0x55 0x1 0x0", 202), None);
+        assert_eq!(parse_futex_word("running", 202), None);
+        assert_eq!(parse_futex_word("-1 0x7ffd 0x7f12", 202), None);
     }
 
     #[test]
