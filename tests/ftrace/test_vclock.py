@@ -101,7 +101,9 @@ def test_window(iteration_index, thread_index):
     else:
         started.wait()
         total = 0
-        for i in range(3_000_000):  # ~0.1 s of real time, no virtual time
+        # ~30-50 ms of CPU time (real time, no virtual time). Under 100 ms of CPU, so even on a
+        # loaded machine the watcher never lets it run free as a long computation.
+        for i in range(1_000_000):
             total += i
         done.set()
 """
@@ -387,7 +389,9 @@ def test_window(iteration_index, thread_index):
     else:
         started.wait()
         total = 0
-        for i in range(3_000_000):  # ~0.1 s of real time, no virtual time
+        # ~30-50 ms of CPU time (real time, no virtual time). Under 100 ms of CPU, so even on a
+        # loaded machine the watcher never lets it run free as a long computation.
+        for i in range(1_000_000):
             total += i
         done.set()
 """
