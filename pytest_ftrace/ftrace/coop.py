@@ -905,7 +905,7 @@ def lane_runs(
         what = describe_step(code, offset)
         if _ASSERT_NOISE.search(what):
             continue  # pytest's assertion rewriting explaining a failure, not the program
-        hit = bool(marked) and (tid, id(code), offset) in marked
+        hit = bool(marked) and (tid, code if isinstance(code, str) else id(code), offset) in marked
         if runs and runs[-1][0] == tid:
             runs[-1][2] += 1
             if runs[-1][1] in _IDLE and what not in _IDLE:
