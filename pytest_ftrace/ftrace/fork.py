@@ -683,7 +683,8 @@ def _warm(test: TestSession):
     child starts from."""
     from pytest_ftrace.ftrace import fingerprint
 
-    return fingerprint.take(test.session.instrumentation.scope)
+    instrumentation = test.session.instrumentation
+    return fingerprint.Start(instrumentation.scope, instrumentation.armed_code)
 
 
 def _did_not_run(outcome: Outcome, iteration: int, iterations: int, budget: bool = False) -> None:
@@ -705,14 +706,12 @@ def _child_rounds(
     (fixtures' tear-down, a hang, the plugin's errors) goes at the end."""
     import warnings
 
-    from pytest_ftrace.ftrace import fingerprint
     from pytest_ftrace.stress import runner
 
     mode = test.run
     _keep_records(mode)
     _fresh_records(mode)
     _resume_budget(test.budget, budget)
-    scope = test.session.instrumentation.scope
     hooks = run.hooks
     ending, over = hooks.round_end, hooks.round_over
     durations: list[float] = []
@@ -727,7 +726,7 @@ def _child_rounds(
         sent.finished = iteration
         if board is not None:
             board[:] = (iteration + 1).to_bytes(_HEADER, "big")
-        go_on = picture is not None and fingerprint.take(scope) == picture
+        go_on = picture is not None and picture.same()
         if not go_on or sent.news(run):  # a failure goes at once: a crash cannot lose it
             send(_results(test, run, durations, sent, caught))
         return go_on

@@ -4,13 +4,14 @@ starts from the test's starting state, at about the cost of one idle fork per te
 At the start of the test's call phase this process forks a *snapshot*: a child that starts no
 thread and runs nothing; it only waits, holding the test's starting state. The rounds run here,
 in this process, as with `--ftrace-rounds process`, while each one leaves the project's module
-state as the test found it (`fingerprint.take` after every round, compared with the picture of
-the start): most tests change no module state, so they pay that fork and nothing else, and the
-snapshot is told to exit at the end of the test (reaped later, without waiting for it). When a
-round changes the state, the rounds after it (and, later, every shrink attempt) run from the
-snapshot: it forks a child per request, exactly as `--ftrace-rounds fork` forks from this
-process (fork.py: the child runs rounds while they keep the state, then ends; its results
-come here through a pipe of this process, relayed by the snapshot). Round 0 runs here on the
+state as the test found it (`fingerprint.Start.same` after every round: the modules the
+rounds can have changed, compared with the picture of the start): most tests change no module
+state, so they pay that fork and nothing else, and the snapshot is told to exit at the end
+of the test (reaped later, without waiting for it). When a round changes the state, the
+rounds after it (and, later, every shrink attempt) run from the snapshot: it forks a child
+per request, exactly as `--ftrace-rounds fork` forks from this process (fork.py: the child
+runs rounds while they keep the state, then ends; its results come here through a pipe,
+relayed by the snapshot). Round 0 runs here on the
 test's starting state, so a first-fill race (a module-level cache filled on first use) gets
 every round, and a replay starts from the state the original round had.
 
@@ -68,7 +69,9 @@ class Snapshot:
         if pid == 0:  # the snapshot: never returns
             code = 70
             try:
-                _native.fork_child()
+                # no _native.fork_child(): the snapshot runs nothing, so it needs no watcher
+                # thread of the core (that would wake it all the time); each child it forks
+                # starts its own (fork.in_child_stream)
                 os.close(self._control)
                 os.close(self._results)
                 _serve(test, run, picture, board, control_r, results_w)
@@ -197,8 +200,8 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     from pytest_ftrace.ftrace import fingerprint, fork
     from pytest_ftrace.stress import oneshot, runner
 
-    scope = test.session.instrumentation.scope
-    picture = fingerprint.take(scope)
+    instrumentation = test.session.instrumentation
+    picture = fingerprint.Start(instrumentation.scope, instrumentation.armed_code)
     board = mmap.mmap(-1, fork._HEADER)
     snapshot = Snapshot(test, run, picture, board)
     test.snapshot = snapshot
@@ -209,7 +212,7 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
 
     def round_over(iteration: int) -> bool:
         go_on = over(iteration) if over is not None else True
-        if fingerprint.take(scope) != picture:
+        if not picture.same():
             changed.append(iteration)
             return False  # the next rounds start from the snapshot
         return go_on
