@@ -419,12 +419,18 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
 
                 in_process = fork.reason_not_to_fork(item, traced)
                 if in_process is None:  # each round in a child forked from here
-                    run.watch = None  # the one-thread fallback watches rounds in this process
+                    if traced.session.rounds != "snapshot":  # (its rounds start here)
+                        run.watch = None  # the one-thread fallback watches rounds in this process
                     step = "activating --ftrace"
                     traced.run.activate(watchdog=False)
                     try:
                         step = "the threaded run"
-                        outcome = fork.run_rounds(traced, run)
+                        if traced.session.rounds == "snapshot":  # the default
+                            from pytest_ftrace.ftrace import snapshot
+
+                            outcome = snapshot.run_rounds(traced, run)
+                        else:
+                            outcome = fork.run_rounds(traced, run)
                     finally:
                         step = "deactivating --ftrace"
                         traced.run.deactivate()

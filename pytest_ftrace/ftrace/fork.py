@@ -1,8 +1,9 @@
-"""Forked rounds (exact mode, the default): every round of a test, every replay run and every
-shrink attempt runs in a child process forked at the start of the test's call phase, so each
-one starts from the test's starting state. A first-fill race (a module-level cache filled on
-first use) then gets every round, not only the first; a replay starts from the state the
-original round had.
+"""Forked rounds (exact mode, `--ftrace-rounds fork` and `fork-each`; the default, `snapshot`,
+uses the same children after a round that changed the module state: snapshot.py): every round
+of a test, every replay run and every shrink attempt runs in a child process forked at the
+start of the test's call phase, so each one starts from the test's starting state. A
+first-fill race (a module-level cache filled on first use) then gets every round, not only the
+first; a replay starts from the state the original round had.
 
 The parent process never runs the test's body in the call phase: it forks a child, which runs
 rounds in one threaded run (its workers and their fixtures live for all its rounds, as in one
@@ -21,6 +22,10 @@ for rounds run in this process:
   which each thread's body ended, the threads the test started, blocking waits, unmanaged
   blocking and the plugin's own errors;
 - the statistics counters and the round's duration;
+- the round's happens-before conflicts (--ftrace-races: explanations, the 'data races'
+  section, --ftrace-races fail), each access's code object marshalled;
+- the budget's state (rounds by budget: its start, rounds, why it stopped and its "anything
+  shared?" signal, taken as the child's last round ends); the next child goes on from it;
 - the round's output: what went to a stream pytest captures in memory (--capture=sys,
   tee-sys) and the log records pytest's logging plugin caught; output to a file descriptor
   (the default --capture=fd, or none) is written by the child itself.
@@ -580,7 +585,7 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     """Every round of `run` in a child forked from here; the merged outcome. Raises what stops
     the session (Ctrl-C, pytest.exit) as the in-process run does.
 
-    With --ftrace-rounds fork (the default) a child whose round left the project's module
+    With --ftrace-rounds fork a child whose round left the project's module
     state as it found it (ftrace/fingerprint.py) runs the next round too, so that a test that
     keeps no state pays about one fork, not one per round; a round that changed it ends its
     child, and the next round starts in a new one. With fork-each every round gets a child.
@@ -592,10 +597,6 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
 
     from pytest_ftrace.ftrace import fingerprint  # noqa: F401 - here, not in every child
 
-    if test.session.rounds == "snapshot":
-        from pytest_ftrace.ftrace import snapshot
-
-        return snapshot.run_rounds(test, run)
     test.forked = True
     picture = _warm(test) if test.session.rounds == "fork" else None
     # Shared with the children: the number of the round after the last one that ended there,
