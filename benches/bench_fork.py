@@ -1,10 +1,12 @@
 """Issue 14 item 4: the cost of forked rounds. Time per round of exact mode on a small
-race-free test with each `--ftrace-rounds` side: fork (the default: forked rounds, a child
+race-free test with each `--ftrace-rounds` side: snapshot (the default: rounds in the test's
+process while they keep the module state, from a snapshot's children after one that changed it),
+fork (forked rounds, a child
 reused while its round left the module state unchanged), fork-each (a new child every round)
 and process (every round in the test's process).
 
     python3 benches/bench_fork.py [--python 3.12 ...] [--threads 4] [--rounds 200] [--repeat 3]
-        [--sides fork,fork-each,process] [--test small|first-fill]
+        [--sides snapshot,fork,fork-each,process] [--test small|first-fill]
 
 For each interpreter whose venv exists under .venvs/, each side runs the test file twice per
 repeat: with --iterations ROUNDS and with --iterations 1; the difference of the wall times
@@ -106,7 +108,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--sides", default="fork,fork-each,process")
+    parser.add_argument("--sides", default="snapshot,fork,fork-each,process")
     parser.add_argument("--test", choices=sorted(TESTS), default="small")
     args = parser.parse_args()
     sides = args.sides.split(",")

@@ -168,12 +168,6 @@ def _settings(config: pytest.Config) -> options.Settings:
         or options.ini_value(config, "ftrace_iterations") is not None
     )
     cap = options.ROUND_CAP
-    if on and not fixed:
-        from pytest_ftrace.ftrace.fork import rounds_setting
-
-        if rounds_setting(config) != "process":
-            # forked rounds: the budget's signal stays in the children; the old fixed count
-            fixed, cap = True, options.MIN_ROUNDS
     return options.Settings(
         threads=options.resolve(
             config,
@@ -425,12 +419,18 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
 
                 in_process = fork.reason_not_to_fork(item, traced)
                 if in_process is None:  # each round in a child forked from here
-                    run.watch = None  # the one-thread fallback watches rounds in this process
+                    if traced.session.rounds != "snapshot":  # (its rounds start here)
+                        run.watch = None  # the one-thread fallback watches rounds in this process
                     step = "activating --ftrace"
                     traced.run.activate(watchdog=False)
                     try:
                         step = "the threaded run"
-                        outcome = fork.run_rounds(traced, run)
+                        if traced.session.rounds == "snapshot":  # the default
+                            from pytest_ftrace.ftrace import snapshot
+
+                            outcome = snapshot.run_rounds(traced, run)
+                        else:
+                            outcome = fork.run_rounds(traced, run)
                     finally:
                         step = "deactivating --ftrace"
                         traced.run.deactivate()
@@ -453,6 +453,9 @@ def _threaded(item: pytest.Item, original, plan: markers.Plan, state: SessionSta
                     outcome.failures.append(
                         report.Failure(None, None, report.internal_error(step, exc), "internal")
                     )
+                finally:
+                    if traced.snapshot is not None:  # its shrink attempts are over
+                        traced.snapshot.close()
             if run.watch is not None and run.watch.reason is not None:
                 step = "the run on one thread"
                 state.single.append((item.nodeid, run.watch.reason))

@@ -113,8 +113,8 @@ def taken_names(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager
 # does not fit the native core (its thread ids and counts are u32, its rounds and steps u64).
 MAX_THREADS = 1024  # threads of a test, and --threadpool workers
 MAX_ROUNDS = 10**9  # rounds of a test (--iterations, --ftrace-replay-runs)
-ROUNDS_WHERE = ("fork", "fork-each", "process")  # --ftrace-rounds
-DEFAULT_ROUNDS = "process"  # fork: see README (cost; conflicts stay in the children)
+ROUNDS_WHERE = ("snapshot", "fork", "fork-each", "process")  # --ftrace-rounds
+DEFAULT_ROUNDS = "snapshot"  # ftrace/snapshot.py; benches/README "The default and the overhead"
 MAX_SECONDS = 1e9  # --ftrace-timeout, --ftrace-shrink: about 31 years, far below the OS limits
 U32 = 2**32 - 1
 U64 = 2**64 - 1
@@ -480,10 +480,13 @@ def _add_ftrace_options(add: _Registrar) -> None:
         default=None,
         choices=ROUNDS_WHERE,
         help="where exact mode runs each round (and each replay run and shrink attempt): "
-        "process (the default: this process, a round sees the state earlier rounds left), fork "
+        "snapshot (the default: every round starts from the test's starting state; rounds run "
+        "in this process while they leave the project's module state as they found it, the "
+        "rest in children of a process forked at the start of the test's call), "
+        "process (this process, a round sees the state earlier rounds left), fork "
         "(in a child process forked at the start of the test's call, where os.fork exists, so "
         "every round starts from the test's starting state; a child whose round left the "
-        "project's module state unchanged runs the next round too; 40 rounds, not by budget) "
+        "project's module state unchanged runs the next round too) "
         "or fork-each (a new child for every round). ini: ftrace_rounds",
     )
     add.option(
@@ -498,7 +501,7 @@ def _add_ftrace_options(add: _Registrar) -> None:
         "(or a marker) fixes the count instead. ini: ftrace_budget",
     )
     add.ini("ftrace_budget", "seconds of rounds per test (--ftrace-budget)", default="")
-    add.ini("ftrace_rounds", "fork, fork-each or process (--ftrace-rounds)", default="")
+    add.ini("ftrace_rounds", "snapshot, fork, fork-each or process (--ftrace-rounds)", default="")
     add.ini("ftrace_mode", "exact, chaos or explore (--ftrace-mode)", default="")
     add.ini(
         "ftrace_scheduler", "exact mode's policy: mix[B], random, pct[D] or aligned[P]", default=""

@@ -41,7 +41,8 @@ class Budget:
         self.seconds = seconds
         self.cap = cap
         # Whether the shared-location signal is there (not on interpreters whose frames the
-        # extension cannot read, nor in forked rounds): without it no test stops early.
+        # extension cannot read): without it no test stops early. Forked rounds carry it on
+        # in their processes and send it back (ftrace/fork.py).
         self.signal = signal
         self.shared: str | None = None if signal else "no signal"
         self.started: float | None = None

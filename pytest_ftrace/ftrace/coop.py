@@ -962,7 +962,8 @@ def lane_runs(
         what = describe_step(code, offset)
         if _ASSERT_NOISE.search(what):
             continue  # pytest's assertion rewriting explaining a failure, not the program
-        hit = bool(marked) and ((tid, id(code), offset) in marked or index in marked)
+        key = code if isinstance(code, str) else id(code)  # a forked round's steps are text
+        hit = bool(marked) and ((tid, key, offset) in marked or index in marked)
         if runs and runs[-1][0] == tid:
             runs[-1][2] += 1
             if hit and not runs[-1][3]:

@@ -370,13 +370,15 @@ def summary(tr, reports: list[tuple[str, int, str]]) -> None:
             tr.line(line)
 
 
-def passing_test(test, run_id: int, outcome) -> dict[int, list[dict]]:
-    """At the end of an exact-mode test: its conflicts by round. When it passed, they go to the
-    'data races' section (report) or fail it (fail), explained."""
+def passing_test(test, run_id: int, outcome, forked=None) -> dict[int, list[dict]]:
+    """At the end of an exact-mode test: its conflicts by round (with those of `forked`
+    rounds, sent back by their processes). When it passed, they go to the 'data races'
+    section (report) or fail it (fail), explained."""
     from pytest_ftrace.report import Failure
 
     per_round = round_conflicts(run_id)
     forget(run_id)
+    per_round.update(forked or {})
     if outcome.failures or not per_round:
         return per_round
     # A lone unordered read or write of one location is atomic in CPython (free-threaded
@@ -426,5 +428,4 @@ def failing_round(outcome, first, per_round: dict[int, list[dict]]) -> None:
             f"conflicts:\n{explain(per_round[i], i)}"
         )
         return
-    # none seen: nothing is said (a failure that is not an interleaving's reads the same as
-    # with forked rounds, whose conflicts stay in the child)
+    # none seen: nothing is said (a failure that is not an interleaving's)

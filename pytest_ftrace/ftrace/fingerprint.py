@@ -44,13 +44,24 @@ _DICT_OF_MODULE = types.ModuleType.__dict__["__dict__"]
 _LRU = getattr(functools, "_lru_cache_wrapper", None)
 
 
+# (scope, the modules looked at, the names of those in scope): while no module is imported or
+# removed, the next call reads the answer from here instead of asking the scope about each
+# of the interpreter's modules again.
+_LAST: list = [None, None, ()]
+
+
 def scope_modules(scope) -> list[tuple[str, types.ModuleType]]:
-    """The imported modules of the test's scope (its answers are cached: cheap again)."""
+    """The imported modules of the test's scope."""
+    modules = sys.modules
+    last_scope, last_modules, names = _LAST
+    if last_scope is scope and last_modules == modules:  # the same names, the same objects
+        return [(name, modules[name]) for name in names]
     out = []
-    for name, module in list(sys.modules.items()):
+    for name, module in list(modules.items()):
         file = getattr(module, "__file__", None)
         if isinstance(file, str) and scope.contains(file, name):
             out.append((name, module))
+    _LAST[:] = [scope, dict(modules), tuple(name for name, _ in out)]
     return out
 
 
@@ -59,11 +70,67 @@ def take(scope) -> tuple:
     modules = scope_modules(scope)
     parts: list = [tuple(name for name, _ in modules)]
     for _name, module in modules:
-        namespace = _DICT_OF_MODULE.__get__(module)
-        for key, value in list(namespace.items()):
-            if not (key.startswith("__") and key.endswith("__")):  # the import system's
-                parts.append((key, id(value), _shape(value, 1)))
+        parts.extend(_module_parts(module))
     return tuple(parts)
+
+
+def _module_parts(module) -> list:
+    namespace = _DICT_OF_MODULE.__get__(module)
+    return [
+        (key, id(value), _shape(value, 1))
+        for key, value in list(namespace.items())
+        if not (key.startswith("__") and key.endswith("__"))  # the import system's
+    ]
+
+
+class Start:
+    """The picture of the test's starting state, module by module, to compare after each round
+    only the modules the rounds can have changed (`same`): those whose code ran in the rounds
+    (exact mode arms each code object of the scope at its first start: `codes()` lists them)
+    and the scope's modules those reach by a module-level name (`import pkg.config` then
+    `pkg.config.CACHE[k] = v`). A module of the scope imported by the rounds changes the
+    picture too. The cost of a look is then that of the modules the test works with, not of
+    the whole project's (benches/README.md "Forked rounds": bench_fingerprint.py)."""
+
+    def __init__(self, scope, codes):
+        self.scope = scope
+        self.codes = codes  # () -> the code objects of the scope that ran (in order of arming)
+        modules = scope_modules(scope)
+        self.names = frozenset(name for name, _ in modules)
+        self.count = len(sys.modules)
+        self.parts = {name: _module_parts(module) for name, module in modules}
+        self.by_file = {getattr(module, "__file__", None): name for name, module in modules}
+        self.touched: set[str] = set()
+        self.seen = 0  # codes looked at
+
+    def _touch(self, name: str | None) -> None:
+        if name is None or name in self.touched:
+            return
+        self.touched.add(name)
+        module = sys.modules.get(name)
+        if module is None:
+            return
+        for value in list(_DICT_OF_MODULE.__get__(module).values()):
+            if isinstance(value, types.ModuleType):
+                other = getattr(value, "__name__", None)
+                if other in self.names and other not in self.touched:
+                    self.touched.add(other)  # one level: what it reaches by name
+
+    def same(self) -> bool:
+        """Whether the module state is as at the start, as far as the picture sees."""
+        if len(sys.modules) != self.count:
+            names = frozenset(name for name, _ in scope_modules(self.scope))
+            if names != self.names:
+                return False
+        codes = self.codes()
+        for code in codes[self.seen :]:
+            self._touch(self.by_file.get(code.co_filename))
+        self.seen = len(codes)
+        for name in self.touched:
+            module = sys.modules.get(name)
+            if module is None or _module_parts(module) != self.parts[name]:
+                return False
+        return True
 
 
 def _size(value) -> int | None:

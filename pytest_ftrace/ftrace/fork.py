@@ -1,8 +1,9 @@
-"""Forked rounds (exact mode, the default): every round of a test, every replay run and every
-shrink attempt runs in a child process forked at the start of the test's call phase, so each
-one starts from the test's starting state. A first-fill race (a module-level cache filled on
-first use) then gets every round, not only the first; a replay starts from the state the
-original round had.
+"""Forked rounds (exact mode, `--ftrace-rounds fork` and `fork-each`; the default, `snapshot`,
+uses the same children after a round that changed the module state: snapshot.py): every round
+of a test, every replay run and every shrink attempt runs in a child process forked at the
+start of the test's call phase, so each one starts from the test's starting state. A
+first-fill race (a module-level cache filled on first use) then gets every round, not only the
+first; a replay starts from the state the original round had.
 
 The parent process never runs the test's body in the call phase: it forks a child, which runs
 rounds in one threaded run (its workers and their fixtures live for all its rounds, as in one
@@ -21,6 +22,10 @@ for rounds run in this process:
   which each thread's body ended, the threads the test started, blocking waits, unmanaged
   blocking and the plugin's own errors;
 - the statistics counters and the round's duration;
+- the round's happens-before conflicts (--ftrace-races: explanations, the 'data races'
+  section, --ftrace-races fail), each access's code object marshalled;
+- the budget's state (rounds by budget: its start, rounds, why it stopped and its "anything
+  shared?" signal, taken as the child's last round ends); the next child goes on from it;
 - the round's output: what went to a stream pytest captures in memory (--capture=sys,
   tee-sys) and the log records pytest's logging plugin caught; output to a file descriptor
   (the default --capture=fd, or none) is written by the child itself.
@@ -70,7 +75,8 @@ class ChildError(Exception):
 
 
 def rounds_setting(config) -> str:
-    """--ftrace-rounds (ini ftrace_rounds): process (the default), fork or fork-each."""
+    """--ftrace-rounds (ini ftrace_rounds): snapshot (the default), fork, fork-each or
+    process."""
     import pytest
 
     from pytest_ftrace import options
@@ -80,7 +86,7 @@ def rounds_setting(config) -> str:
         raw = str(options.ini_value(config, "ftrace_rounds") or "").strip()
         if raw and raw not in options.ROUNDS_WHERE:
             raise pytest.UsageError(
-                f"ini key ftrace_rounds: fork, fork-each or process, not {raw!r}"
+                f"ini key ftrace_rounds: snapshot, fork, fork-each or process, not {raw!r}"
             )
         value = raw or options.DEFAULT_ROUNDS
     return value
@@ -446,6 +452,49 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
 _HEADER = 8  # a message is its length (8 bytes, big-endian) and its pickle
 
 
+def write_frame(fd: int, message) -> None:
+    """`message` (which must pickle) as one frame on `fd`: its length, then its pickle."""
+    import pickle
+
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(len(data).to_bytes(_HEADER, "big") + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def read_frames(fd: int, timeout: float | None, take, done) -> str:
+    """Read frames from `fd`, each unpickled to `take(message)`, until `done()` (then "done"),
+    the end of the input ("ended") or `timeout` seconds without a frame (None: no limit)."""
+    import pickle
+    import select
+    import time
+
+    buffer = bytearray()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done():
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"did not answer within {timeout:g}s"
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return "ended"
+        buffer += chunk
+        while len(buffer) >= _HEADER and not done():
+            size = int.from_bytes(buffer[:_HEADER], "big")
+            if len(buffer) < _HEADER + size:
+                break
+            frame = bytes(buffer[_HEADER : _HEADER + size])
+            del buffer[: _HEADER + size]
+            take(pickle.loads(frame))  # noqa: S301 - our own process's
+            if deadline is not None:
+                deadline = time.monotonic() + timeout
+    return "done"
+
+
 def _child_main(work, fd: int) -> None:
     """In the child: `work(send)`, each message and then its end written to `fd`. A message
     that does not pickle ends the work with that error."""
@@ -453,10 +502,7 @@ def _child_main(work, fd: int) -> None:
     import traceback
 
     def write(message) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        view = memoryview(len(data).to_bytes(_HEADER, "big") + data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_frame(fd, message)
 
     try:
         message = ("ok", work(lambda data: write(("message", data))))
@@ -539,7 +585,7 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     """Every round of `run` in a child forked from here; the merged outcome. Raises what stops
     the session (Ctrl-C, pytest.exit) as the in-process run does.
 
-    With --ftrace-rounds fork (the default) a child whose round left the project's module
+    With --ftrace-rounds fork a child whose round left the project's module
     state as it found it (ftrace/fingerprint.py) runs the next round too, so that a test that
     keeps no state pays about one fork, not one per round; a round that changed it ends its
     child, and the next round starts in a new one. With fork-each every round gets a child.
@@ -553,28 +599,38 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
 
     test.forked = True
     picture = _warm(test) if test.session.rounds == "fork" else None
-    return _forked_rounds(test, run, picture)
-
-
-def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
-    from pytest_ftrace.report import Failure, Outcome, internal_error
-    from pytest_ftrace.stress import runner
-
-    outcome = Outcome(run.threads, run.iterations)
-    iteration = 0
-    test.children = 0
     # Shared with the children: the number of the round after the last one that ended there,
     # so that a crash is blamed on the round it happened in without a message per round.
     board = mmap.mmap(-1, _HEADER)
+    return forked_rounds(test, run, picture, board)
+
+
+def forked_rounds(
+    test: TestSession, run: ThreadedRun, picture, board, start=0, outcome=None, snapshot=None
+) -> Outcome:
+    """The rounds from `start` on in forked children (of this process, or of `snapshot`),
+    merged into `outcome` (a new one when None)."""
+    from pytest_ftrace.report import Failure, Outcome, internal_error
+    from pytest_ftrace.stress import runner
+
+    if outcome is None:
+        outcome = Outcome(run.threads, run.iterations)
+    iteration = start
     while iteration < run.iterations:
         got: list[dict] = []
         first = iteration
         board[:] = first.to_bytes(_HEADER, "big")
-        answer = in_child_stream(
-            lambda send, i=first: _child_rounds(test, run, i, picture, send, board),
-            run.timeout + GRACE_SECONDS,
-            got.append,
-        )
+        if snapshot is not None:
+            answer = snapshot.stream(
+                ("rounds", first, _budget_state(test.budget)), run.timeout + GRACE_SECONDS,
+                got.append,
+            )  # fmt: skip
+        else:
+            answer = in_child_stream(
+                lambda send, i=first: _child_rounds(test, run, i, picture, send, board),
+                run.timeout + GRACE_SECONDS,
+                got.append,
+            )
         test.children += 1
         over = False
         for data in got:
@@ -594,7 +650,12 @@ def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
             hang = [f for f in outcome.failures if isinstance(f.exc, runner.Hang)]
             if hang or any(f.phase == "internal" for f in outcome.failures):
                 stuck = hang[0].iteration if hang and hang[0].iteration is not None else None
-                _did_not_run(outcome, iteration if stuck is None else stuck, run.iterations)
+                _did_not_run(
+                    outcome,
+                    iteration if stuck is None else stuck,
+                    run.iterations,
+                    run.go_on is not None,
+                )
                 over = True  # as in this process: a hung or broken run stops there
                 break
         if over:
@@ -605,6 +666,9 @@ def _forked_rounds(test: TestSession, run: ThreadedRun, picture) -> Outcome:
                 Failure(None, iteration, RoundCrashed(f"round {iteration}: {answer[1]}"), "call")
             )
             _did_not_run(outcome, iteration, run.iterations, run.go_on is not None)
+            break
+        if test.budget is not None and test.budget.reason is not None:
+            outcome.iterations = test.budget.rounds  # rounds by budget: the rounds that ran
             break
         if answer[0] == "error" or iteration == first:
             why = answer[1] if answer[0] == "error" else "it ended without running a round"
@@ -620,7 +684,8 @@ def _warm(test: TestSession):
     child starts from."""
     from pytest_ftrace.ftrace import fingerprint
 
-    return fingerprint.take(test.session.instrumentation.scope)
+    instrumentation = test.session.instrumentation
+    return fingerprint.Start(instrumentation.scope, instrumentation.armed_code)
 
 
 def _did_not_run(outcome: Outcome, iteration: int, iterations: int, budget: bool = False) -> None:
@@ -633,7 +698,7 @@ def _did_not_run(outcome: Outcome, iteration: int, iterations: int, budget: bool
 
 
 def _child_rounds(
-    test: TestSession, run: ThreadedRun, first: int, picture, send, board=None
+    test: TestSession, run: ThreadedRun, first: int, picture, send, board=None, budget=None
 ) -> None:
     """In the child: the rounds from `first` on, in one threaded run (its workers and their
     fixtures live for all of them, as in the test's process). As each round ends, one worker
@@ -642,13 +707,12 @@ def _child_rounds(
     (fixtures' tear-down, a hang, the plugin's errors) goes at the end."""
     import warnings
 
-    from pytest_ftrace.ftrace import fingerprint
     from pytest_ftrace.stress import runner
 
     mode = test.run
     _keep_records(mode)
     _fresh_records(mode)
-    scope = test.session.instrumentation.scope
+    _resume_budget(test.budget, budget)
     hooks = run.hooks
     ending, over = hooks.round_end, hooks.round_over
     durations: list[float] = []
@@ -663,7 +727,7 @@ def _child_rounds(
         sent.finished = iteration
         if board is not None:
             board[:] = (iteration + 1).to_bytes(_HEADER, "big")
-        go_on = picture is not None and fingerprint.take(scope) == picture
+        go_on = picture is not None and picture.same()
         if not go_on or sent.news(run):  # a failure goes at once: a crash cannot lose it
             send(_results(test, run, durations, sent, caught))
         return go_on
@@ -763,6 +827,8 @@ def _results(test, run, durations, sent: _Sent, caught) -> dict:
         # these rounds' counts, not this process's so far
         "stats": {k: stats.get(k, 0) - sent.counted.get(k, 0) for k in _COUNTERS},
         "durations": list(durations),
+        "conflicts": _conflicts(test, rounds),
+        "budget": _budget_state(test.budget),
     }
     sent.blocking, sent.errors, sent.counted = (
         len(exact.blocking),
@@ -771,6 +837,88 @@ def _results(test, run, durations, sent: _Sent, caught) -> dict:
     )
     durations.clear()
     return data
+
+
+def _conflicts(test, rounds: list[int]) -> dict | None:
+    """The happens-before conflicts of `rounds` (--ftrace-races), as data: each access's code
+    object is sent once per message, marshalled (the parent explains the conflicts from it)."""
+    if not rounds or not test.session.instrumentation.races:
+        return None
+    import marshal
+
+    from pytest_ftrace import _native
+
+    _native.races_finish()  # the last round's conflicts are kept (between rounds: safe)
+    run_id = test.traced._native.id
+    codes: dict[int, bytes | None] = {}
+
+    def plain(access):
+        if access is None:
+            return None
+        code = access[2]
+        if code is not None and id(code) not in codes:
+            try:
+                codes[id(code)] = marshal.dumps(code)
+            except ValueError:  # a constant marshal cannot write: the access is named only
+                codes[id(code)] = None
+        return (*access[:2], None if code is None else id(code), *access[3:])
+
+    per_round = {}
+    for i in rounds:
+        found = _native.races_conflicts(run_id, i)
+        if found:
+            per_round[i] = [
+                {
+                    **c,
+                    "first": plain(c["first"]),
+                    "second": plain(c["second"]),
+                    "read": plain(c.get("read")),
+                }
+                for c in found
+            ]
+    return {"rounds": per_round, "codes": codes} if per_round else None
+
+
+def _unpack_conflicts(test, got: dict) -> None:
+    """In the parent: a child's conflicts into the mode's, their code objects made again."""
+    import marshal
+
+    codes = {}
+    for key, blob in got["codes"].items():
+        try:
+            codes[key] = marshal.loads(blob) if blob is not None else None
+        except (ValueError, EOFError, TypeError):
+            codes[key] = None
+
+    def code_of(access):
+        if access is None:
+            return None
+        return (*access[:2], codes.get(access[2]), *access[3:])
+
+    forked = test.run.forked_conflicts
+    for i, conflicts in got["rounds"].items():
+        forked[i] = [
+            {
+                **c,
+                "first": code_of(c["first"]),
+                "second": code_of(c["second"]),
+                "read": code_of(c["read"]),
+            }
+            for c in conflicts
+        ]
+
+
+def marked_text(conflicts: list[dict]) -> set:
+    """The lanes' marks of a forked round, whose steps are text: (thread, access as text,
+    offset) of every conflicting access."""
+    from pytest_ftrace.ftrace.coop import describe_step
+
+    out = set()
+    for c in conflicts:
+        for access in (c["first"], c["second"], c.get("read")):
+            if access is not None and access[2] is not None:
+                out.add((access[0], describe_step(access[2], access[3]), access[3]))
+    return out
 
 
 def _plain_record(record: dict | None) -> dict | None:
@@ -804,6 +952,7 @@ def _fresh_records(mode) -> None:
     exact.records, exact.steps_of = {}, {}
     exact.rounds_seen = set()
     mode.traced.forked = {}
+    mode.forked_conflicts = {}
 
 
 _COUNTERS = (
@@ -840,6 +989,49 @@ def _absorb(test: TestSession, data: dict) -> None:
         traced.forked[key] = traced.forked.get(key, 0) + got["stats"].get(key, 0)
     for seconds in got["durations"]:
         traced._native.record_round(seconds)
+    if got.get("conflicts"):
+        _unpack_conflicts(test, got["conflicts"])
+    if got.get("budget") is not None and test.budget is not None:
+        _set_budget(test.budget, got["budget"])
+
+
+_BUDGET_FIELDS = ("started", "elapsed", "rounds", "reason", "shared")
+
+
+def _budget_state(budget) -> dict | None:
+    """What the parent's Budget needs of a child's rounds by budget (the child's copy went on
+    deciding: its start time, rounds, why it stopped and its "anything shared?" signal, taken
+    now: the round that ended may be this child's last)."""
+    if budget is None:
+        return None
+    if budget.tracking:
+        from pytest_ftrace import _native
+
+        why = _native.shared_take()
+        if why is not None:
+            budget.shared = why
+            budget.stop_tracking()
+    return {name: getattr(budget, name) for name in _BUDGET_FIELDS}
+
+
+def _set_budget(budget, state: dict) -> None:
+    for name in _BUDGET_FIELDS:
+        setattr(budget, name, state[name])
+
+
+def _resume_budget(budget, state: dict | None) -> None:
+    """In a child: go on with the rounds by budget where the parent is (`state`, or as
+    inherited), watching for shared accesses again while none was seen."""
+    if budget is None:
+        return
+    if state is not None:
+        _set_budget(budget, state)
+    budget.tracking = False
+    if budget.signal and budget.shared is None and budget.started is not None:
+        from pytest_ftrace import _native
+
+        _native.shared_track(True)
+        budget.tracking = True
 
 
 def _warning_data(caught) -> tuple:
@@ -870,19 +1062,25 @@ def _reissue_warnings(warned: list) -> None:
 # -- a shrink attempt -----------------------------------------------------------------------------
 
 
-def schedule_in_child(run_here, timeout: float):
-    """`run_here()` (exact mode's one round following a decision list) in a child: its result
-    with the failure and steps as data and back, or None when it could not run."""
+def pack_schedule(result):
+    """The result of exact mode's one round following a decision list, as data."""
+    if result is None:
+        return None
+    where, record, steps, cut, failure, labels = result
+    packed = pack_failure(failure) if failure is not None else None
+    return (where, record, pack_steps(steps), cut, packed, labels)
 
-    def work():
-        result = run_here()
-        if result is None:
-            return None
-        where, record, steps, cut, failure, labels = result
-        packed = pack_failure(failure) if failure is not None else None
-        return (where, record, pack_steps(steps), cut, packed, labels)
 
-    answer = in_child(work, timeout + GRACE_SECONDS)
+def schedule_in_child(test, decisions, run_here, timeout: float):
+    """`run_here()` (exact mode's one round following `decisions`) in a child (of the test's
+    snapshot, when it has one): its result with the failure and steps as data and back, or
+    None when it could not run."""
+
+    snapshot = getattr(test, "snapshot", None)
+    if snapshot is not None:  # from the test's starting state, which the snapshot holds
+        answer = snapshot.stream(("schedule", decisions, timeout + GRACE_SECONDS), timeout, None)
+    else:
+        answer = in_child(lambda: pack_schedule(run_here()), timeout + GRACE_SECONDS)
     if answer[0] != "ok" or answer[1] is None:
         return None
     where, record, steps, cut, failure, labels = answer[1]

@@ -282,6 +282,7 @@ class TestSession:
         self.iterations = iterations
         self.forked = False  # its rounds run in forked processes (ftrace/fork.py)
         self.children = 0  # the forked processes its rounds ran in (ftrace/fork.py)
+        self.snapshot = None  # the child holding its starting state (ftrace/snapshot.py)
         self.run: modes.RunMode = modes.mode_class(self.mode)(self)
         self.traced = self.run.traced
         self.budget = None  # ftrace/budget.py: rounds by budget, not by count
@@ -293,9 +294,6 @@ class TestSession:
 
     def go_on(self, n: int) -> bool:
         """Whether round n runs (the stress runner asks between rounds)."""
-        if self.forked:  # forked rounds: the signal stays in the children
-            self.budget.signal = False
-            self.budget.shared = self.budget.shared or "forked rounds"
         return self.budget.go_on(n)
 
     def hooks(self) -> Hooks:

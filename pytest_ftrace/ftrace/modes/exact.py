@@ -69,6 +69,7 @@ class ExactMode:
         session, item, replay = test.session, test.item, test.replay
         self.shrink_cut_short: int | None = None  # candidates tried when time ran out
         self.race_rounds: dict[int, list[dict]] = {}  # {round: conflicts} (--ftrace-races)
+        self.forked_conflicts: dict[int, list[dict]] = {}  # those of forked rounds (fork.py)
         kwargs = self.native_options(session, item.nodeid, replay)
         self.replay_exact = "replay" in kwargs  # following a recorded decision list
         self.replay_decisions: list[int] | None = kwargs.get("replay")
@@ -128,10 +129,12 @@ class ExactMode:
         for where, exc in self.exact.internal_errors:
             outcome.failures.append(Failure(None, None, internal_error(where, exc), "internal"))
         self._exact_notes(outcome)
-        if self.test.session.instrumentation.races and not self.test.forked:
+        if self.test.session.instrumentation.races:
             from pytest_ftrace.ftrace.explain import passing_test
 
-            self.race_rounds = passing_test(self.test, self.traced._native.id, outcome)
+            self.race_rounds = passing_test(
+                self.test, self.traced._native.id, outcome, self.forked_conflicts
+            )
 
     def replay_note(self) -> str:
         """How the replay's rounds were scheduled, honestly: whether each followed the recorded
@@ -180,8 +183,7 @@ class ExactMode:
         key = None
         k = None
         config = self.test.item.config
-        if self.test.session.instrumentation.races and not self.test.forked:
-            # (forked rounds keep their conflicts in the child that ran them)
+        if self.test.session.instrumentation.races:
             from pytest_ftrace.ftrace.explain import failing_round
 
             failing_round(outcome, first, self.race_rounds)
@@ -230,7 +232,12 @@ class ExactMode:
             if self.race_rounds.get(first.iteration):
                 from pytest_ftrace.ftrace.explain import marked_at
 
-                marked = marked_at(self.race_rounds[first.iteration], steps, cut) or None
+                if first.iteration in self.forked_conflicts:  # its steps are text
+                    from pytest_ftrace.ftrace.fork import marked_text
+
+                    marked = marked_text(self.race_rounds[first.iteration]) or None
+                else:
+                    marked = marked_at(self.race_rounds[first.iteration], steps, cut) or None
             self._lane_view(outcome, first, record, steps, cut, False, labels, marked)
         if record is not None and not record["exact"] and not record["deadlock"]:
             outcome.notes.append(
@@ -328,7 +335,9 @@ class ExactMode:
         if self.test.forked:
             from pytest_ftrace.ftrace import fork
 
-            return fork.schedule_in_child(lambda: self._run_schedule_here(body, decisions), 60.0)
+            return fork.schedule_in_child(
+                self.test, decisions, lambda: self._run_schedule_here(body, decisions), 60.0
+            )
         return self._run_schedule_here(body, decisions)
 
     def _run_schedule_here(self, body, decisions):

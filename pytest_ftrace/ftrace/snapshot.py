@@ -1,0 +1,260 @@
+"""Rounds from a snapshot (`--ftrace-rounds snapshot`, the default of exact mode): every round
+starts from the test's starting state, at about the cost of one idle fork per test.
+
+At the start of the test's call phase this process forks a *snapshot*: a child that starts no
+thread and runs nothing; it only waits, holding the test's starting state. The rounds run here,
+in this process, as with `--ftrace-rounds process`, while each one leaves the project's module
+state as the test found it (`fingerprint.Start.same` after every round: the modules the
+rounds can have changed, compared with the picture of the start): most tests change no module
+state, so they pay that fork and nothing else, and the snapshot is told to exit at the end
+of the test (reaped later, without waiting for it). When a round changes the state, the
+rounds after it (and, later, every shrink attempt) run from the snapshot: it forks a child
+per request, exactly as `--ftrace-rounds fork` forks from this process (fork.py: the child
+runs rounds while they keep the state, then ends; its results come here through a pipe,
+relayed by the snapshot). Round 0 runs here on the
+test's starting state, so a first-fill race (a module-level cache filled on first use) gets
+every round, and a replay starts from the state the original round had.
+
+State left for the tests after this one: the changes of the rounds that ran in this process,
+i.e. of the rounds up to and including the first one that changed the module state (with
+`process`: every round's changes; with `fork`: none).
+
+PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pytest_ftrace.ftrace.session import TestSession
+    from pytest_ftrace.report import Outcome
+    from pytest_ftrace.stress.runner import ThreadedRun
+
+# Snapshots told to exit, not reaped yet (reaped without waiting when the next one is made).
+_EXITING: list[int] = []
+
+
+class Snapshot:
+    """A waiting child of this process that holds the test's starting state and forks a child
+    for each request (`stream`)."""
+
+    def __init__(self, test: TestSession, run: ThreadedRun, picture, board):
+        import gc
+        import warnings
+
+        from pytest_ftrace import _native
+
+        _reap(block=False)
+        control_r, self._control = os.pipe()
+        self._results, results_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()  # or the snapshot's children would write it again
+            except Exception:  # noqa: BLE001, S110
+                pass
+        gc.freeze()
+        parent = os.getpid()
+        _native.fork_prepare()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        finally:
+            if os.getpid() == parent:
+                _native.fork_parent()
+                gc.unfreeze()
+        if pid == 0:  # the snapshot: never returns
+            code = 70
+            try:
+                # no _native.fork_child(): the snapshot runs nothing, so it needs no watcher
+                # thread of the core (that would wake it all the time); each child it forks
+                # starts its own (fork.in_child_stream)
+                os.close(self._control)
+                os.close(self._results)
+                _serve(test, run, picture, board, control_r, results_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(control_r)
+        os.close(results_w)
+        self.pid = pid
+        self.alive = True
+        self.children = 0
+
+    def stream(self, command: tuple, timeout: float, receive) -> tuple:
+        """Run `command` (("rounds", first, budget state) or ("schedule", decisions)) in a child
+        of the snapshot; its messages come to `receive` as they are sent; returns its answer as
+        fork.in_child_stream does."""
+        from pytest_ftrace.ftrace import fork
+
+        if not self.alive:
+            return ("crash", "the snapshot of the test's starting state is gone")
+        try:
+            fork.write_frame(self._control, command)
+        except OSError as exc:
+            self.alive = False
+            return ("crash", f"the snapshot of the test's starting state is gone ({exc})")
+        self.children += 1
+        answer = None
+
+        def take(message) -> None:
+            nonlocal answer
+            kind, data = message
+            if kind == "message":
+                if receive is not None:
+                    receive(data)
+            else:
+                answer = data
+
+        # the snapshot's own deadline kills a stuck child; this one is a backstop for it
+        ended = fork.read_frames(
+            self._results, timeout + fork.GRACE_SECONDS, take, lambda: answer is not None
+        )
+        if answer is not None:
+            return answer
+        self.alive = False
+        self.close()  # (killed: it did not answer)
+        return ("crash", f"the snapshot of the test's starting state {ended}")
+
+    def close(self) -> None:
+        """Tell the snapshot to exit; it is reaped later (no waiting here)."""
+        for fd in (self._control, self._results):
+            try:
+                os.close(fd)  # end of input: the snapshot exits
+            except OSError:
+                pass
+        self._control = self._results = -1
+        if self.pid and not self.alive:  # it did not answer: it goes now
+            import signal
+
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.pid:
+            _EXITING.append(self.pid)
+            self.pid = 0
+        _reap(block=False)
+
+
+def _reap(block: bool) -> None:
+    for pid in list(_EXITING):
+        try:
+            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _EXITING.remove(pid)
+
+
+def _serve(test, run, picture, board, control: int, results: int) -> None:
+    """In the snapshot: each request read from `control` runs in a child forked from here; its
+    messages and its answer go to `results`. Ends at the end of `control`."""
+    from pytest_ftrace.ftrace import fork
+
+    def relay(data) -> None:
+        fork.write_frame(results, ("message", data))
+
+    requests: list = []
+    while True:
+        requests.clear()
+        ended = fork.read_frames(control, None, requests.append, lambda: bool(requests))
+        if not requests:
+            return  # the test is over (or its process is gone)
+        command = requests[0]
+        if command[0] == "rounds":
+            _, first, budget = command
+            answer = fork.in_child_stream(
+                lambda send, i=first, b=budget: fork._child_rounds(
+                    test, run, i, picture, send, board, b
+                ),
+                run.timeout + fork.GRACE_SECONDS,
+                relay,
+            )
+        elif command[0] == "schedule":
+            _, decisions, timeout = command
+            answer = fork.in_child(lambda d=decisions: _schedule(test, d), timeout)
+        else:
+            answer = ("error", f"unknown request {command[0]!r} ({ended})")
+        fork.write_frame(results, ("answer", answer))
+
+
+def _schedule(test, decisions):
+    """In a child of the snapshot: one round following `decisions` (a shrink attempt), as
+    fork.schedule_in_child's work does, after leaving the rounds' activation (the parent
+    makes its attempts after the rounds)."""
+    from pytest_ftrace.ftrace import fork
+
+    test.run.deactivate()
+    body = test.item.obj.ftrace_body
+    return fork.pack_schedule(test.run._run_schedule_here(body, decisions))
+
+
+def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
+    """The test's rounds: here while they keep the module state, then from the snapshot."""
+    import mmap
+
+    from pytest_ftrace.ftrace import fingerprint, fork
+    from pytest_ftrace.stress import oneshot, runner
+
+    instrumentation = test.session.instrumentation
+    picture = fingerprint.Start(instrumentation.scope, instrumentation.armed_code)
+    board = mmap.mmap(-1, fork._HEADER)
+    snapshot = Snapshot(test, run, picture, board)
+    test.snapshot = snapshot
+    test.children = 0
+    hooks = run.hooks
+    over = hooks.round_over
+    changed: list[int] = []
+
+    def round_over(iteration: int) -> bool:
+        go_on = over(iteration) if over is not None else True
+        if not picture.same():
+            changed.append(iteration)
+            return False  # the next rounds start from the snapshot
+        return go_on
+
+    mode = test.run
+    hooks.round_over = round_over
+    try:
+        mode.exact.start_watchdog()
+        try:
+            outcome = oneshot.run(run)
+        finally:
+            mode.exact._stop.set()
+            if mode.exact._watchdog is not None:
+                mode.exact._watchdog.join(5)
+                mode.exact._watchdog = None
+    finally:
+        hooks.round_over = over
+    if not changed or changed[0] + 1 >= run.iterations:
+        return outcome
+    if run.watch is not None and run.watch.reason is not None:
+        return outcome  # the test runs on one thread instead
+    if any(isinstance(f.exc, runner.Hang) or f.phase == "internal" for f in outcome.failures):
+        return outcome  # as in this process: a hung or broken run stops there
+    if test.budget is not None and test.budget.reason is not None:
+        return outcome
+    outcome.notes[:] = [n for n in outcome.notes if "did not run" not in n]
+    outcome.iterations = run.iterations
+    _pause_budget(test.budget)
+    test.forked = True
+    run.watch = None  # the one-thread watch is this process's
+    return fork.forked_rounds(test, run, picture, board, changed[0] + 1, outcome, snapshot)
+
+
+def _pause_budget(budget) -> None:
+    """Before the rounds go on in the snapshot's children: the signal seen here so far is
+    kept in the budget, and this process stops watching."""
+    if budget is None:
+        return
+    if budget.tracking:
+        from pytest_ftrace import _native
+
+        why = _native.shared_take()
+        if why is not None:
+            budget.shared = why
+    budget.stop_tracking()
