@@ -839,12 +839,17 @@ def _results(test, run, durations, sent: _Sent, caught) -> dict:
     return data
 
 
+# Stands for a code object in a conflict's access sent from a child (marshalled once apart).
+_CODE_REF = "\0code"
+
+
 def _conflicts(test, rounds: list[int]) -> dict | None:
     """The happens-before conflicts of `rounds` (--ftrace-races), as data: each access's code
     object is sent once per message, marshalled (the parent explains the conflicts from it)."""
     if not rounds or not test.session.instrumentation.races:
         return None
     import marshal
+    import types
 
     from pytest_ftrace import _native
 
@@ -852,16 +857,19 @@ def _conflicts(test, rounds: list[int]) -> dict | None:
     run_id = test.traced._native.id
     codes: dict[int, bytes | None] = {}
 
-    def plain(access):
-        if access is None:
-            return None
-        code = access[2]
-        if code is not None and id(code) not in codes:
+    def ref(code):
+        if id(code) not in codes:
             try:
                 codes[id(code)] = marshal.dumps(code)
             except ValueError:  # a constant marshal cannot write: the access is named only
                 codes[id(code)] = None
-        return (*access[:2], None if code is None else id(code), *access[3:])
+        return (_CODE_REF, id(code))
+
+    def plain(access):
+        # every code object of the access (its own, its caller's) by reference
+        if access is None:
+            return None
+        return tuple(ref(x) if isinstance(x, types.CodeType) else x for x in access)
 
     per_round = {}
     for i in rounds:
@@ -893,7 +901,10 @@ def _unpack_conflicts(test, got: dict) -> None:
     def code_of(access):
         if access is None:
             return None
-        return (*access[:2], codes.get(access[2]), *access[3:])
+        return tuple(
+            codes.get(x[1]) if isinstance(x, tuple) and x[:1] == (_CODE_REF,) else x
+            for x in access
+        )
 
     forked = test.run.forked_conflicts
     for i, conflicts in got["rounds"].items():
