@@ -40,22 +40,29 @@ pub enum Access {
     Read(u64),
     /// Writes (or may write) the location key.
     Write(u64),
-    /// Writes two keys (a write and a lock's release in one step).
+    /// Writes the first key and releases the lock of the second (the last step of a `with
+    /// lock:` block).
     Write2(u64, u64),
-    /// An operation on a lock (its key): a write of it, which a thread's start depends on too.
+    /// Acquires the lock of its key (or tries to and blocks: the thread's next step, once it
+    /// is woken, acquires it).
     Lock(u64),
-    /// A worker's first step, touching nothing shared: only where it runs relative to lock
-    /// operations (and opaque steps) matters, since that decides whether it will block.
+    /// A worker's first step, touching nothing shared: independent of every step.
     Start,
+    /// Touches nothing another thread can see (the code after a lock's release up to the
+    /// next point, when it only uses locals): independent of every step.
+    Local,
 }
 
-/// Whether running `a` and `b` in the other order may change what happens.
+/// Whether running `a` and `b` in the other order may change what happens, or one of them
+/// orders the other (a release and a later acquire of the lock: happens-before).
+///
+/// The dependency model: reads and writes conflict per key (a write with any access of its
+/// key); two acquires of one lock conflict, and a release orders the next acquire of its
+/// lock; steps touching nothing shared (a worker's start, the code after a release that only
+/// uses locals) are independent of everything; an opaque step depends on every other.
 pub fn dependent(a: Access, b: Access) -> bool {
     match (a, b) {
-        (Access::Start, Access::Start) => false,
-        (Access::Start, other) | (other, Access::Start) => {
-            matches!(other, Access::Lock(_) | Access::Write2(..) | Access::Opaque)
-        }
+        (Access::Local | Access::Start, _) | (_, Access::Local | Access::Start) => false,
         (Access::Lock(x), other) | (other, Access::Lock(x)) => dependent(Access::Write(x), other),
         (Access::Write2(x, y), other) | (other, Access::Write2(x, y)) => {
             dependent(Access::Write(x), other) || dependent(Access::Write(y), other)
@@ -63,6 +70,20 @@ pub fn dependent(a: Access, b: Access) -> bool {
         (Access::Read(_), Access::Read(_)) => false,
         (Access::Read(x) | Access::Write(x), Access::Read(y) | Access::Write(y)) => x == y,
         _ => true,
+    }
+}
+
+/// Whether `a` then `b` is a race to reverse: dependent, and not a release of a lock then an
+/// acquire of it (the acquire cannot run before the release; the race of the acquire is with
+/// the acquire before that release, see [`Tree::races`]).
+pub fn reversible(a: Access, b: Access) -> bool {
+    match (a, b) {
+        (Access::Write2(k, x), Access::Lock(y)) | (Access::Lock(y), Access::Write2(k, x))
+            if x == y =>
+        {
+            dependent(Access::Write(k), Access::Lock(y))
+        }
+        _ => dependent(a, b),
     }
 }
 
@@ -155,6 +176,8 @@ pub struct Tree {
     /// threads there and their next accesses.
     tail: Vec<(u32, Access)>,
     steps: u64,
+    /// The threads whose last step of this execution was an acquire: its access and node.
+    attempts: Vec<(u32, Access, usize)>,
     progress: Progress,
 }
 
@@ -175,6 +198,7 @@ impl Tree {
             diverged: false,
             tail: Vec::new(),
             steps: 0,
+            attempts: Vec::new(),
             progress: Progress {
                 bound,
                 target: bound,
@@ -227,6 +251,7 @@ impl Tree {
         self.preemptions = 0;
         self.diverged = false;
         self.tail.clear();
+        self.attempts.clear();
         self.steps = 0;
     }
 
@@ -264,8 +289,20 @@ impl Tree {
             self.blocked = true; // a step the tree did not see (cannot happen)
             fallback
         } else {
-            let enabled: Vec<(u32, Access)> =
-                runnable.iter().map(|&t| (t, classify(at(t)))).collect();
+            // A thread woken in a primitive right after a step that tried to acquire a lock
+            // was blocked on that lock: that step did nothing, and its next one acquires it
+            // (or finds it taken again and blocks).
+            let mut enabled: Vec<(u32, Access)> = Vec::with_capacity(runnable.len());
+            for &t in runnable {
+                let (a, tried) = (at(t), self.tried(t));
+                match tried {
+                    Some((lock, node)) if a == super::AT_SYNC => {
+                        self.failed(t, node);
+                        enabled.push((t, lock));
+                    }
+                    _ => enabled.push((t, classify(a))),
+                }
+            }
             let awake = |t: u32| !self.sleep.iter().any(|&(s, _)| s == t);
             let pick = match current {
                 Some(c) if awake(c) => Some(c),
@@ -299,7 +336,29 @@ impl Tree {
         if current.is_some_and(|c| c != chosen) {
             self.preemptions += 1;
         }
+        if !self.blocked && step < self.stack.len() {
+            let access = self.stack[step].access(chosen);
+            self.attempts.retain(|&(t, _, _)| t != chosen);
+            if matches!(access, Access::Lock(_)) {
+                self.attempts.push((chosen, access, step));
+            }
+        }
         chosen
+    }
+
+    /// The acquire `t`'s last step tried and its node, if its last step was one.
+    fn tried(&self, t: u32) -> Option<(Access, usize)> {
+        self.attempts
+            .iter()
+            .find(|&&(u, _, _)| u == t)
+            .map(|&(_, a, n)| (a, n))
+    }
+
+    /// The acquire `t` tried at `node` blocked: the step there changed nothing.
+    fn failed(&mut self, t: u32, node: usize) {
+        if let Some(entry) = self.stack[node].enabled.iter_mut().find(|e| e.0 == t) {
+            entry.1 = Access::Local;
+        }
     }
 
     /// The execution ended: find its races, then pick the next branch (deepest first).
@@ -395,17 +454,30 @@ impl Tree {
                     index: &Vec<u32>,
                     races: &mut Vec<usize>|
          -> Vec<u32> {
+            // `clock` orders by every dependent step; `before`, for an acquire, only by the
+            // acquires of its lock: it races with the acquire before a release (or an opaque
+            // step, which may release) of the lock, not with the release.
+            let acquire = matches!(ak, Access::Lock(_));
             let mut clock = last[dense(tk)].clone();
+            let mut before = clock.clone();
             for m in (0..k).rev() {
                 let (tm, am) = steps[m];
                 if tm == tk || !dependent(am, ak) {
                     continue;
                 }
-                if clock[dense(tm)] <= index[m] {
-                    races.push(m);
-                }
                 for (c, &o) in clock.iter_mut().zip(&clocks[m]) {
                     *c = (*c).max(o);
+                }
+                if !reversible(am, ak) {
+                    continue;
+                }
+                if before[dense(tm)] <= index[m] {
+                    races.push(m);
+                }
+                if !acquire || am == ak {
+                    for (c, &o) in before.iter_mut().zip(&clocks[m]) {
+                        *c = (*c).max(o);
+                    }
                 }
             }
             clock
@@ -669,7 +741,7 @@ mod tests {
                     Access::Read(k) => seen.push((t, i, *writes.get(&k).unwrap_or(&0))),
                     Access::Write(k) => *writes.entry(k).or_default() += 1,
                     Access::Opaque => *writes.entry(u64::MAX).or_default() += 1,
-                    Access::Start => {}
+                    Access::Start | Access::Local => {}
                     Access::Lock(a) => *writes.entry(a).or_default() += 1,
                     Access::Write2(a, b) => {
                         *writes.entry(a).or_default() += 1;
@@ -775,15 +847,33 @@ mod tests {
     }
 
     #[test]
-    fn a_start_depends_only_on_locks_and_opaque_steps() {
-        assert!(!dependent(Access::Start, Access::Read(1)));
-        assert!(!dependent(Access::Write(1), Access::Start));
-        assert!(!dependent(Access::Start, Access::Start));
-        assert!(dependent(Access::Start, Access::Lock(1)));
-        assert!(dependent(Access::Write2(1, 2), Access::Start));
-        assert!(dependent(Access::Opaque, Access::Start));
-        assert!(dependent(Access::Lock(1), Access::Write(1)));
+    fn steps_touching_nothing_shared_depend_on_nothing() {
+        for quiet in [Access::Start, Access::Local] {
+            for other in [
+                Access::Read(1),
+                Access::Write(1),
+                Access::Lock(1),
+                Access::Write2(1, 2),
+                Access::Opaque,
+                Access::Start,
+                Access::Local,
+            ] {
+                assert!(!dependent(quiet, other), "{quiet:?} {other:?}");
+                assert!(!dependent(other, quiet), "{other:?} {quiet:?}");
+            }
+        }
+        assert!(dependent(Access::Lock(1), Access::Lock(1)));
         assert!(!dependent(Access::Lock(1), Access::Lock(2)));
+    }
+
+    #[test]
+    fn a_release_orders_the_next_acquire_without_racing_with_it() {
+        let release = Access::Write2(5, 1);
+        assert!(dependent(release, Access::Lock(1)));
+        assert!(!reversible(release, Access::Lock(1)));
+        assert!(reversible(Access::Lock(1), Access::Lock(1)));
+        assert!(reversible(release, Access::Read(5)));
+        assert!(!dependent(release, Access::Lock(2)));
     }
 
     #[test]

@@ -133,6 +133,11 @@ class Classifier:
         self._frame_now: tuple | None = None  # (code, live frame) being classified
         self._released: str | None = None  # the lock the step's `with` block releases
         self.lock_types = (_native.lock, _native.RLock)
+        # A lock's key is its order of first use in the round, not its address: each round
+        # may make its own locks, and the tree compares the steps of an execution's prefix
+        # (named in an earlier round) with its new ones. The locks are kept until the round
+        # ends, so an address is not reused within it.
+        self.lock_keys: dict[int, tuple[int, object]] = {}
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -296,7 +301,7 @@ class Classifier:
             elif name == "CALL" and pure is not None and called is None:
                 called = pure  # the builtin the step loaded (the first call on every path)
                 todo.append((after, name))
-            elif name == "CALL" and depth == 0 and self._lock_exit(instructions, at):
+            elif name == "CALL" and self._lock_exit(instructions, at):
                 continue  # the release's own point ends the step
             elif name == "CALL" and depth < 3:
                 callee = self._callee(instructions, at, globals_)
@@ -335,7 +340,7 @@ class Classifier:
             return False
         code, frame = current
         if frame is None or self._instructions(code) is not instructions:
-            return False
+            return False  # a callee's code, or a caller's other than the live one scanned
         at = instructions[call_at][2]
         for _ in range(3):  # LOAD_CONST None x 3 right before
             if at is None:
@@ -359,7 +364,7 @@ class Classifier:
         found = self._lock_loaded(instructions, previous, frame)
         if found is None:
             return False
-        self._released = f"lock:{id(found)}"
+        self._released = self.lock_key(found)
         return True
 
     def _exit_call(self, instructions, at: int) -> bool:
@@ -388,10 +393,22 @@ class Classifier:
         self._dynamic = self._per_object = True  # another object there may be no lock
         return found if isinstance(found, self.lock_types) else None
 
-    def lock_step(self, caller, lock) -> tuple[int, str]:
-        """The step from a lock operation's point (coop.POINT_ACCESS): the operation on the
-        lock and `caller`'s code from after its call to its next points: a write of the lock
-        when that code is safe, else opaque."""
+    def lock_key(self, lock) -> str:
+        """The key of `lock`: its order of first use in the round (see `lock_keys`)."""
+        found = self.lock_keys.get(id(lock))
+        if found is None or found[1] is not lock:
+            found = self.lock_keys[id(lock)] = (len(self.lock_keys), lock)
+        return f"lock:{found[0]}"
+
+    def new_round(self) -> None:
+        """A round starts: its locks are numbered afresh."""
+        self.lock_keys = {}
+
+    def lock_step(self, caller, lock, released: bool = False) -> tuple[int, str]:
+        """The step from a lock operation's point (coop.POINT_ACCESS): `caller`'s code from
+        after its call to its next points, and before it the acquire, or nothing after a
+        release (which the step before the point made): a write of the lock, or nothing
+        shared after a release, when that code is safe; else opaque."""
         try:
             code = caller.f_code
             self._dynamic_token = object()
@@ -407,7 +424,9 @@ class Classifier:
             return 0, ""
         if found is None or found[0]:
             return 0, ""
-        return 4, f"lock:{id(lock)}"
+        if released:
+            return 5, ""
+        return 4, self.lock_key(lock)
 
     def _into_caller(self, frame, depth: int) -> bool:
         """A return from live `frame`: whether its caller's code, from after its call to its
@@ -425,14 +444,19 @@ class Classifier:
             module = caller.f_globals.get("__name__")
             if id(code) in self.bodies or self.scope.contains(code.co_filename, module):
                 returns = "end" if id(code) in self.bodies else caller
-                found = self._scan(
-                    self._instructions(code),
-                    self._after_call(code, caller.f_lasti),
-                    returns,
-                    None,
-                    caller.f_globals,
-                    depth + 1,
-                )
+                # the caller's code is live too: a `with lock:` block it leaves is known
+                outer, self._frame_now = self._frame_now, (code, caller)
+                try:
+                    found = self._scan(
+                        self._instructions(code),
+                        self._after_call(code, caller.f_lasti),
+                        returns,
+                        None,
+                        caller.f_globals,
+                        depth + 1,
+                    )
+                finally:
+                    self._frame_now = outer
                 ok = found is not None and not found[0]
         done[1][id(frame)] = ok
         return ok
@@ -568,6 +592,8 @@ class ExploreMode(ExactMode):
             if found is None:
                 found = self._more(failures)
                 self.decided[iteration] = found
+                if found and self.exploring:
+                    self.classifier.new_round()  # the rounds before it have ended
             return found
 
     def _more(self, failures: int) -> bool:
