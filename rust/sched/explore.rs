@@ -68,7 +68,7 @@ pub fn dependent(a: Access, b: Access) -> bool {
             dependent(Access::Write(x), other) || dependent(Access::Write(y), other)
         }
         (Access::Read(_), Access::Read(_)) => false,
-        (Access::Read(x) | Access::Write(x), Access::Read(y) | Access::Write(y)) => x == y,
+        (Access::Read(x) | Access::Write(x), Access::Read(y) | Access::Write(y)) => overlap(x, y),
         _ => true,
     }
 }
@@ -93,7 +93,18 @@ pub fn reversible(a: Access, b: Access) -> bool {
 pub const SLEEP_SETS_FROM: u32 = 1000;
 
 /// Describes the step a thread waiting at a location would take.
-pub type Classify<'a> = &'a dyn Fn(Location) -> Access;
+pub type Classify<'a> = &'a dyn Fn(u32, Location) -> Access;
+
+/// A key standing for every container's items (an item access whose container is unknown):
+/// it overlaps every key of [`ITEM_FAMILY`].
+pub const ANY_ITEM: u64 = u64::MAX;
+/// The bit marking a key of one container's items.
+pub const ITEM_FAMILY: u64 = 1 << 63;
+
+/// Whether two keys may name the same thing.
+pub fn overlap(x: u64, y: u64) -> bool {
+    x == y || (x == ANY_ITEM && y & ITEM_FAMILY != 0) || (y == ANY_ITEM && x & ITEM_FAMILY != 0)
+}
 
 #[derive(Clone, Debug)]
 struct Node {
@@ -178,6 +189,12 @@ pub struct Tree {
     steps: u64,
     /// The threads whose last step of this execution was an acquire: its access and node.
     attempts: Vec<(u32, Access, usize)>,
+    /// The keys the execution's steps (taken or pending) write, and whether one is opaque
+    /// (found with its races).
+    written: Vec<u64>,
+    opaque: bool,
+    /// The execution has two threads (no third one can run between the two).
+    pair: bool,
     progress: Progress,
 }
 
@@ -199,6 +216,9 @@ impl Tree {
             tail: Vec::new(),
             steps: 0,
             attempts: Vec::new(),
+            written: Vec::new(),
+            opaque: false,
+            pair: false,
             progress: Progress {
                 bound,
                 target: bound,
@@ -300,7 +320,7 @@ impl Tree {
                         self.failed(t, node);
                         enabled.push((t, lock));
                     }
-                    _ => enabled.push((t, classify(a))),
+                    _ => enabled.push((t, classify(t, a))),
                 }
             }
             let awake = |t: u32| !self.sleep.iter().any(|&(s, _)| s == t);
@@ -428,6 +448,23 @@ impl Tree {
             .iter()
             .map(|node| (node.chosen, node.access(node.chosen)))
             .collect();
+        self.written.clear();
+        self.opaque = false;
+        let every = self
+            .stack
+            .iter()
+            .flat_map(|node| node.enabled.iter())
+            .chain(self.tail.iter());
+        for &(_, a) in every {
+            match a {
+                Access::Write(x) | Access::Lock(x) => self.written.push(x),
+                Access::Write2(x, y) => self.written.extend([x, y]),
+                Access::Opaque => self.opaque = true,
+                Access::Read(_) | Access::Start | Access::Local => {}
+            }
+        }
+        self.written.sort_unstable();
+        self.written.dedup();
         let mut ids: Vec<u32> = steps.iter().map(|&(t, _)| t).collect();
         for node in &self.stack {
             ids.extend(node.enabled.iter().map(|&(t, _)| t));
@@ -435,6 +472,7 @@ impl Tree {
         ids.extend(self.tail.iter().map(|&(t, _)| t));
         ids.sort_unstable();
         ids.dedup();
+        self.pair = ids.len() == 2;
         let dense = |t: u32| ids.binary_search(&t).unwrap_or(0);
         let width = ids.len();
         // clocks[k][p]: how many of thread p's steps happen before step k (its own included).
@@ -536,17 +574,30 @@ impl Tree {
                     initials.push(t);
                 }
             };
+            // the accesses of the sequence that reverses the race
+            let mut sequence: Vec<Access> = Vec::new();
             for e in m + 1..k.min(n) {
                 if !after_m(&clocks[e]) {
                     consider(steps[e].0, &clocks[e], Some(e));
+                    sequence.push(steps[e].1);
                 }
             }
             consider(u, &clock, None);
-            self.add_branch(m, &initials);
+            sequence.push(if k < n && steps[k].0 == u {
+                steps[k].1
+            } else if k < n {
+                self.stack[k].access(u)
+            } else {
+                self.tail
+                    .iter()
+                    .find(|&&(t, _)| t == u)
+                    .map_or(Access::Opaque, |&(_, a)| a)
+            });
+            self.add_branch(m, &initials, &sequence);
         }
     }
 
-    fn add_branch(&mut self, m: usize, initials: &[u32]) {
+    fn add_branch(&mut self, m: usize, initials: &[u32], sequence: &[Access]) {
         let node = &self.stack[m];
         let covered = |t: &u32| {
             node.done.contains(t)
@@ -566,23 +617,43 @@ impl Tree {
             // None can run here: every runnable thread (the classic rule).
             let all: Vec<u32> = node.enabled.iter().map(|&(u, _)| u).collect();
             for u in all {
-                self.branch_within_bound(m, u);
+                self.branch_within_bound(m, u, &[Access::Opaque]);
             }
             return;
         };
-        self.branch_within_bound(m, t);
+        self.branch_within_bound(m, t, sequence);
     }
 
     /// Queue `t` at node `m`, and before the block of steps the thread at `m` runs in
     /// (where switching to `t` may cost no preemption: a search bounded by preemptions needs
-    /// both, bounded partial-order reduction).
-    fn branch_within_bound(&mut self, m: usize, t: u32) {
-        let here = self.try_branch(m, t);
+    /// both, bounded partial-order reduction). When the block's steps before `m` touch
+    /// nothing shared, or only read keys no step of the execution writes (and no step is
+    /// opaque), and the execution has two threads, running `t` before them or after them is
+    /// the same: the branch before the block alone stands for both, if it is within the
+    /// bound. (With a third thread, where it runs relative to them may differ; with sleep
+    /// sets, the branch left out here may be the one a sleeping thread needed.)
+    fn branch_within_bound(&mut self, m: usize, t: u32, sequence: &[Access]) {
         let runner = self.stack[m].chosen;
         let mut j = m;
         while j > 0 && self.stack[j - 1].chosen == runner {
             j -= 1;
         }
+        let quiet = |a: Access| match a {
+            Access::Local | Access::Start => true,
+            Access::Read(x) => !self.written.iter().any(|&w| overlap(w, x)),
+            _ => false,
+        };
+        let apart = self.pair
+            && self.bound < SLEEP_SETS_FROM
+            && !self.opaque
+            && (j..m).all(|e| {
+                let a = self.stack[e].access(runner);
+                quiet(a) && sequence.iter().all(|&b| !dependent(a, b))
+            });
+        if j != m && apart && self.try_branch(j, t) {
+            return;
+        }
+        let here = self.try_branch(m, t);
         let before = j != m && self.try_branch(j, t);
         if !here && !before {
             self.progress.over_bound += 1;
@@ -637,11 +708,11 @@ impl Eq for Shared {}
 /// One round's scheduler: an execution of the shared tree.
 pub struct ExploreScheduler {
     tree: Shared,
-    classify: fn(Location) -> Access,
+    classify: fn(u32, Location) -> Access,
 }
 
 impl ExploreScheduler {
-    pub fn new(tree: Shared, classify: fn(Location) -> Access) -> ExploreScheduler {
+    pub fn new(tree: Shared, classify: fn(u32, Location) -> Access) -> ExploreScheduler {
         ExploreScheduler { tree, classify }
     }
 }
@@ -686,8 +757,8 @@ mod tests {
     }
 
     impl Program {
-        fn classify(&self) -> impl Fn(Location) -> Access + '_ {
-            move |(t, i)| {
+        fn classify(&self) -> impl Fn(u32, Location) -> Access + '_ {
+            move |_, (t, i)| {
                 self.threads[t]
                     .get(i as usize)
                     .copied()
@@ -948,7 +1019,7 @@ mod tests {
     fn a_prefix_that_cannot_be_followed_is_counted() {
         let mut tree = Tree::new(2);
         let at = |t: u32| (t as usize, 0);
-        let op = |_| Access::Opaque;
+        let op = |_, _| Access::Opaque;
         // Execution 1: threads 0 and 1 at every step, two steps.
         assert_eq!(tree.choose(0, &[0, 1], None, &at, &op), 0);
         assert_eq!(tree.choose(1, &[0, 1], Some(0), &at, &op), 0);

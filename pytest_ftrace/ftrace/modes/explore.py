@@ -92,6 +92,37 @@ _PURE_SCALAR = frozenset(
     "zip reversed divmod round chr ord".split()
 )
 _PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
+# Methods of the built-in containers that run no code of the items' (no comparison): whether
+# each writes the container's items (else it reads them). A call of one is a step on "item".
+_CONTAINER_METHODS = {
+    dict: {
+        **dict.fromkeys("get keys values items copy".split(), False),
+        **dict.fromkeys("setdefault pop popitem update clear".split(), True),
+    },
+    list: {
+        "copy": False,
+        **dict.fromkeys("append extend insert pop clear reverse".split(), True),
+    },
+    set: {
+        **dict.fromkeys("copy issubset issuperset isdisjoint".split(), False),
+        **dict.fromkeys("add discard pop clear update".split(), True),
+    },
+}
+# Instructions that push one value and read nothing shared (the key of a subscript).
+_PLAIN_LOADS = frozenset(
+    "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_CONST LOAD_SMALL_INT".split()
+)
+
+
+def _deque_type():
+    import collections
+
+    return collections.deque
+
+
+_CONTAINER_DEQUE = dict.fromkeys(
+    "append appendleft pop popleft extend extendleft clear rotate".split(), True
+)
 # Native table entries (rust/opcodes.rs)
 _ALWAYS, _ONLY_ARG, _KIND_ITERATION = 0x100, 0x200, 0x2000
 # The most instructions a step's classification follows before it calls the step opaque.
@@ -133,11 +164,11 @@ class Classifier:
         self._frame_now: tuple | None = None  # (code, live frame) being classified
         self._released: str | None = None  # the lock the step's `with` block releases
         self.lock_types = (_native.lock, _native.RLock)
-        # A lock's key is its order of first use in the round, not its address: each round
-        # may make its own locks, and the tree compares the steps of an execution's prefix
-        # (named in an earlier round) with its new ones. The locks are kept until the round
-        # ends, so an address is not reused within it.
-        self.lock_keys: dict[int, tuple[int, object]] = {}
+        # The key of a lock or of a container's items is the object's order of first use in
+        # the round, not its address: each round may make its own objects, and the tree
+        # compares the steps of an execution's prefix (named in an earlier round) with its
+        # new ones. The objects are kept until the round ends: no address is reused in it.
+        self.round_keys: dict[int, tuple[int, object]] = {}
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -225,6 +256,12 @@ class Classifier:
                 pure = first.argval
         returns = "end" if id(code) in self.bodies else frame
         self._dynamic = False
+        if family == "item" and frame is not None:
+            key = self._items_key(instructions, offset, frame)
+        if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
+            pure = self._method(instructions, offset, frame)  # obj.method(args) in this step
+            if pure is not None and pure[0] == "item":
+                kind, key = (_WRITE if pure[2] else _READ), pure[3]
         self._with_lock = self._enters_lock(instructions, offset, frame)
         self._frame_now, self._released = (code, frame), None
         try:
@@ -236,7 +273,7 @@ class Classifier:
         if found is None:
             return 0, "", dynamic
         writes, called, _returned = found
-        if called is not None and called in _PURE_ITEMS:
+        if isinstance(called, str) and called in _PURE_ITEMS:
             key = "item"  # what the builtin reads; nothing writes the builtin's name
         if self._released is not None:  # the step leaves a `with lock:` block
             return 3, f"{key}\0{self._released}", dynamic
@@ -298,7 +335,22 @@ class Classifier:
             elif name in _RETURNS and returns is not None and depth < 3:
                 if not self._into_caller(returns, depth):
                     return None
-            elif name == "CALL" and pure is not None and called is None:
+            elif name == "CALL" and isinstance(pure, tuple) and at == pure[1]:
+                called = pure  # the method the step loaded
+                if pure[0] == "item":
+                    writes = writes or pure[2]
+                    todo.append((after, name))
+                    continue
+                inner = self._instructions(pure[2].__code__)
+                found = self._scan(
+                    inner, min(inner), "report", None, pure[2].__globals__, depth + 1
+                )
+                if found is None:
+                    return None
+                writes = writes or found[0]
+                if found[2]:
+                    todo.append((after, name))
+            elif name == "CALL" and isinstance(pure, str) and called is None:
                 called = pure  # the builtin the step loaded (the first call on every path)
                 todo.append((after, name))
             elif name == "CALL" and self._lock_exit(instructions, at):
@@ -320,6 +372,108 @@ class Classifier:
             else:
                 return None
         return writes, called, returned
+
+    def _method(self, instructions, offset: int, frame):
+        """`obj.name(args)` made in the step from the method load at `offset` (its arguments
+        loaded without a point or a call): ("item", call offset, writes) for a method of a
+        built-in container that runs none of the items' code, ("call", call offset, function)
+        for a plain Python function of the hooked scope (its code up to its points is part of
+        the step); else None. The object is looked up in the live frame (a local, a global, or
+        a local's attribute in its instance dict): the answer depends on it, so it is asked
+        at every visit. Nothing has run since the object was loaded (the thread holds the
+        turn from the point before)."""
+        import types
+
+        at = instructions[offset][1]
+        while at is not None:
+            ins, following, _ = instructions[at]
+            if ins.opname == "CALL":
+                break
+            if ins.opname not in _SAFE and ins.opname != "BINARY_OP":
+                return None
+            if self._point(ins) is not None or getattr(ins, "is_jump_target", False):
+                return None
+            at = following
+        else:
+            return None
+        call_at = at
+        name = instructions[offset][0].argval
+        owner = self._loaded(instructions, offset, frame)
+        self._dynamic = self._per_object = True
+        if owner is None:
+            return None
+        kind = type(owner)
+        table = _CONTAINER_METHODS.get(kind)
+        if table is None and kind.__module__ == "collections" and kind.__name__ == "deque":
+            table = _CONTAINER_DEQUE
+        if table is not None:
+            writes = table.get(name)
+            if writes is None:
+                return None
+            return ("item", call_at, writes, self.object_key(owner, "item"))
+        if self.scope is None or kind.__getattribute__ is not object.__getattribute__:
+            return None
+        if name in getattr(owner, "__dict__", ()):
+            return None
+        function = None
+        for klass in kind.__mro__:
+            if name in klass.__dict__:
+                function = klass.__dict__[name]
+                break
+        if not isinstance(function, types.FunctionType):
+            return None
+        code = function.__code__
+        if code.co_flags & 0x2A0 or not self.scope.contains(code.co_filename, function.__module__):
+            return None
+        return ("call", call_at, function)
+
+    def _items_key(self, instructions, offset: int, frame) -> str:
+        """The key of the items a subscript or `in` at `offset` works on: "item:N" for a
+        built-in container found in the live frame (the instruction that loaded it, below
+        at most one plain load of the key), else "item" (any container's items)."""
+        name = instructions[offset][0].opname
+        # how many plain loads sit between the container's load and the instruction
+        above = {"CONTAINS_OP": 0, "BINARY_SUBSCR": 1, "DELETE_SUBSCR": 1, "STORE_SUBSCR": 1}
+        skip = above.get(name)
+        if skip is None:
+            return "item"
+        at = offset
+        for _ in range(skip):
+            previous = instructions[at][2]
+            if previous is None:
+                return "item"
+            ins = instructions[previous][0]
+            if ins.opname not in _PLAIN_LOADS or getattr(ins, "is_jump_target", False):
+                return "item"
+            at = previous
+        if getattr(instructions[at][0], "is_jump_target", False):
+            return "item"
+        self._dynamic = self._per_object = True
+        owner = self._loaded(instructions, at, frame)
+        kind = type(owner)
+        if owner is None or not (kind in _CONTAINER_METHODS or kind in (tuple, _deque_type())):
+            return "item"
+        return self.object_key(owner, "item")
+
+    def _loaded(self, instructions, offset: int, frame):
+        """The object the instructions right before `offset` loaded (a local, a global, a
+        closure's variable, or a local's attribute from its instance dict), or None."""
+        previous = instructions[offset][2]
+        if previous is None:
+            return None
+        ins, _, before = instructions[previous]
+        missing = object()
+        found = missing
+        if ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF"):
+            found = frame.f_locals.get(ins.argval, missing)
+        elif ins.opname == "LOAD_GLOBAL" and not ins.arg & 1:
+            found = frame.f_globals.get(ins.argval, missing)
+        elif ins.opname == "LOAD_ATTR" and not ins.arg & 1 and before is not None:
+            holder_ins = instructions[before][0]
+            if holder_ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"):
+                holder = frame.f_locals.get(holder_ins.argval, missing)
+                found = getattr(holder, "__dict__", {}).get(ins.argval, missing)
+        return None if found is missing else found
 
     def _enters_lock(self, instructions, offset: int, frame) -> bool:
         """Whether the step at `offset` loads a schedulable lock that the next instruction
@@ -393,16 +547,20 @@ class Classifier:
         self._dynamic = self._per_object = True  # another object there may be no lock
         return found if isinstance(found, self.lock_types) else None
 
+    def object_key(self, obj, family: str = "lock") -> str:
+        """The key of a lock or of a container's items: the object's order of first use in
+        the round (see `round_keys`)."""
+        found = self.round_keys.get(id(obj))
+        if found is None or found[1] is not obj:
+            found = self.round_keys[id(obj)] = (len(self.round_keys), obj)
+        return f"{family}:{found[0]}"
+
     def lock_key(self, lock) -> str:
-        """The key of `lock`: its order of first use in the round (see `lock_keys`)."""
-        found = self.lock_keys.get(id(lock))
-        if found is None or found[1] is not lock:
-            found = self.lock_keys[id(lock)] = (len(self.lock_keys), lock)
-        return f"lock:{found[0]}"
+        return self.object_key(lock, "lock")
 
     def new_round(self) -> None:
-        """A round starts: its locks are numbered afresh."""
-        self.lock_keys = {}
+        """A round starts: its objects are numbered afresh."""
+        self.round_keys = {}
 
     def lock_step(self, caller, lock, released: bool = False) -> tuple[int, str]:
         """The step from a lock operation's point (coop.POINT_ACCESS): `caller`'s code from
