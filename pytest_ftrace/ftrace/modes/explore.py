@@ -438,6 +438,16 @@ class Classifier:
         if skip is None:
             return "item"
         at = offset
+        previous = instructions[at][2]
+        pair = instructions[previous][0] if previous is not None else None
+        if pair is not None and pair.opname == "LOAD_FAST_LOAD_FAST" and skip < 2:
+            # 3.13: two locals in one instruction, the container then the key (a subscript)
+            # or the value then the container (`in`)
+            if getattr(pair, "is_jump_target", False):
+                return "item"
+            self._dynamic = self._per_object = True
+            owner = frame.f_locals.get(pair.argval[1 if skip == 0 else 0])
+            return self._items_of(owner)
         for _ in range(skip):
             previous = instructions[at][2]
             if previous is None:
@@ -449,7 +459,10 @@ class Classifier:
         if getattr(instructions[at][0], "is_jump_target", False):
             return "item"
         self._dynamic = self._per_object = True
-        owner = self._loaded(instructions, at, frame)
+        return self._items_of(self._loaded(instructions, at, frame))
+
+    def _items_of(self, owner) -> str:
+        """ "item:N" for a built-in container (or tuple), else "item"."""
         kind = type(owner)
         if owner is None or not (kind in _CONTAINER_METHODS or kind in (tuple, _deque_type())):
             return "item"
