@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::sched::explore::Access;
+use crate::sched::explore::{Access, ANY_ITEM, ITEM_FAMILY};
 use crate::sched::Location;
 
 /// Whether points record their access (an explore run is on).
@@ -27,6 +27,10 @@ static TABLE: Mutex<Option<HashMap<Location, (Access, bool)>>> = Mutex::new(None
 /// `classifier(code, offset) -> (0 opaque | 1 read | 2 write, key, depends on the callers)`.
 static CLASSIFIER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
 
+/// The step each managed thread is about to take, when its location's answer depends on the
+/// visit (the object it works on): (thread, location, access).
+static VISITS: Mutex<Vec<(u32, Location, Access)>> = Mutex::new(Vec::new());
+
 /// Whether a worker's first step (from its round's start to its first point: the runner's code
 /// and the start of the test's body) touches nothing shared.
 static START_SAFE: AtomicBool = AtomicBool::new(false);
@@ -35,6 +39,7 @@ static START_SAFE: AtomicBool = AtomicBool::new(false);
 /// objects of earlier runs may be gone and their addresses reused).
 pub fn reset(on: bool) {
     *TABLE.lock() = None;
+    VISITS.lock().clear();
     ENABLED.store(on, Relaxed);
 }
 
@@ -43,8 +48,17 @@ pub fn enabled() -> bool {
     ENABLED.load(Relaxed)
 }
 
+/// The access of the step thread `tid` takes from `at`: its own visit's answer when the
+/// location's depends on the visit, else the location's (opaque when unknown).
+pub fn classify(tid: u32, at: Location) -> Access {
+    if let Some(&(_, _, a)) = VISITS.lock().iter().find(|&&(t, w, _)| t == tid && w == at) {
+        return a;
+    }
+    classify_at(at)
+}
+
 /// The access of the step from `at` (opaque when unknown).
-pub fn classify(at: Location) -> Access {
+pub fn classify_at(at: Location) -> Access {
     if at == crate::sched::AT_START && START_SAFE.load(Relaxed) {
         return Access::Start;
     }
@@ -62,14 +76,25 @@ pub fn set_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
     *CLASSIFIER.lock() = classifier;
 }
 
+/// A key's hash: "item" (any container's items) is [`ANY_ITEM`], "item:N" (one container's)
+/// is of [`ITEM_FAMILY`], any other key is not.
 fn hash_key(key: &str) -> u64 {
+    if key == "item" {
+        return ANY_ITEM;
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
-    h.finish()
+    let h = h.finish();
+    if key.starts_with("item:") {
+        (h | ITEM_FAMILY).min(ANY_ITEM - 1)
+    } else {
+        h & !ITEM_FAMILY
+    }
 }
 
 /// An access from the classifier's answer: 1 a read, 2 a write of `key`; 3 a write of the two
-/// keys of `key` separated by a NUL; 4 an operation on the lock `key`; anything else opaque.
+/// keys of `key` separated by a NUL; 4 an operation on the lock `key`; 5 nothing shared (the
+/// code after a release that uses only locals); anything else opaque.
 pub fn from_answer(kind: u8, key: &str) -> Access {
     match kind {
         1 => Access::Read(hash_key(key)),
@@ -79,6 +104,7 @@ pub fn from_answer(kind: u8, key: &str) -> Access {
             None => Access::Write(hash_key(key)),
         },
         4 => Access::Lock(hash_key(key)),
+        5 => Access::Local,
         _ => Access::Opaque,
     }
 }
@@ -136,6 +162,15 @@ pub unsafe fn note(code: *mut ffi::PyObject, offset: u32) {
             Err(_) => (Access::Opaque, false),
         }
     });
+    if dynamic {
+        // This visit's answer, for this thread's step (another thread at the same location
+        // may work on another object).
+        if let Some(tid) = crate::engine::with_managed(|_, t| t) {
+            let mut visits = VISITS.lock();
+            visits.retain(|&(t, _, _)| t != tid);
+            visits.push((tid, at, access));
+        }
+    }
     let mut table = TABLE.lock();
     let entry = table
         .get_or_insert_with(HashMap::new)

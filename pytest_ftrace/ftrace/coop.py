@@ -313,17 +313,19 @@ def _user_file(filename: str) -> bool:
     return filename not in _SKIP_FILES and not filename.startswith(_HERE)
 
 
-# Explore mode: (caller frame, lock) -> (kind, key) of the step from a lock's point, or None.
+# Explore mode: (caller frame, lock, after a release) -> (kind, key) of the step from a lock's
+# point, or None.
 POINT_ACCESS = None
 
 
-def _lock_point(run, caller, lock) -> None:
-    """The scheduling point of a lock operation called from `caller`."""
+def _lock_point(run, caller, lock, released: bool = False) -> None:
+    """The scheduling point of a lock operation called from `caller` (before an acquire, or
+    after a release)."""
     describe = POINT_ACCESS
     if describe is None:
         run.sched_point()
     else:
-        run.sched_point_as(*describe(caller, lock))
+        run.sched_point_as(*describe(caller, lock, released))
 
 
 def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
@@ -375,7 +377,7 @@ def _release_hook(lock, managed: bool, waiting: bool) -> None:
     if waiting:
         run.sched_wake(id(lock))
     if managed and _user_file(caller):
-        _lock_point(run, frame, lock)
+        _lock_point(run, frame, lock, released=True)
 
 
 class _Sleeper:

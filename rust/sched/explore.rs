@@ -40,29 +40,50 @@ pub enum Access {
     Read(u64),
     /// Writes (or may write) the location key.
     Write(u64),
-    /// Writes two keys (a write and a lock's release in one step).
+    /// Writes the first key and releases the lock of the second (the last step of a `with
+    /// lock:` block).
     Write2(u64, u64),
-    /// An operation on a lock (its key): a write of it, which a thread's start depends on too.
+    /// Acquires the lock of its key (or tries to and blocks: the thread's next step, once it
+    /// is woken, acquires it).
     Lock(u64),
-    /// A worker's first step, touching nothing shared: only where it runs relative to lock
-    /// operations (and opaque steps) matters, since that decides whether it will block.
+    /// A worker's first step, touching nothing shared: independent of every step.
     Start,
+    /// Touches nothing another thread can see (the code after a lock's release up to the
+    /// next point, when it only uses locals): independent of every step.
+    Local,
 }
 
-/// Whether running `a` and `b` in the other order may change what happens.
+/// Whether running `a` and `b` in the other order may change what happens, or one of them
+/// orders the other (a release and a later acquire of the lock: happens-before).
+///
+/// The dependency model: reads and writes conflict per key (a write with any access of its
+/// key); two acquires of one lock conflict, and a release orders the next acquire of its
+/// lock; steps touching nothing shared (a worker's start, the code after a release that only
+/// uses locals) are independent of everything; an opaque step depends on every other.
 pub fn dependent(a: Access, b: Access) -> bool {
     match (a, b) {
-        (Access::Start, Access::Start) => false,
-        (Access::Start, other) | (other, Access::Start) => {
-            matches!(other, Access::Lock(_) | Access::Write2(..) | Access::Opaque)
-        }
+        (Access::Local | Access::Start, _) | (_, Access::Local | Access::Start) => false,
         (Access::Lock(x), other) | (other, Access::Lock(x)) => dependent(Access::Write(x), other),
         (Access::Write2(x, y), other) | (other, Access::Write2(x, y)) => {
             dependent(Access::Write(x), other) || dependent(Access::Write(y), other)
         }
         (Access::Read(_), Access::Read(_)) => false,
-        (Access::Read(x) | Access::Write(x), Access::Read(y) | Access::Write(y)) => x == y,
+        (Access::Read(x) | Access::Write(x), Access::Read(y) | Access::Write(y)) => overlap(x, y),
         _ => true,
+    }
+}
+
+/// Whether `a` then `b` is a race to reverse: dependent, and not a release of a lock then an
+/// acquire of it (the acquire cannot run before the release; the race of the acquire is with
+/// the acquire before that release, see [`Tree::races`]).
+pub fn reversible(a: Access, b: Access) -> bool {
+    match (a, b) {
+        (Access::Write2(k, x), Access::Lock(y)) | (Access::Lock(y), Access::Write2(k, x))
+            if x == y =>
+        {
+            dependent(Access::Write(k), Access::Lock(y))
+        }
+        _ => dependent(a, b),
     }
 }
 
@@ -72,7 +93,18 @@ pub fn dependent(a: Access, b: Access) -> bool {
 pub const SLEEP_SETS_FROM: u32 = 1000;
 
 /// Describes the step a thread waiting at a location would take.
-pub type Classify<'a> = &'a dyn Fn(Location) -> Access;
+pub type Classify<'a> = &'a dyn Fn(u32, Location) -> Access;
+
+/// A key standing for every container's items (an item access whose container is unknown):
+/// it overlaps every key of [`ITEM_FAMILY`].
+pub const ANY_ITEM: u64 = u64::MAX;
+/// The bit marking a key of one container's items.
+pub const ITEM_FAMILY: u64 = 1 << 63;
+
+/// Whether two keys may name the same thing.
+pub fn overlap(x: u64, y: u64) -> bool {
+    x == y || (x == ANY_ITEM && y & ITEM_FAMILY != 0) || (y == ANY_ITEM && x & ITEM_FAMILY != 0)
+}
 
 #[derive(Clone, Debug)]
 struct Node {
@@ -155,6 +187,14 @@ pub struct Tree {
     /// threads there and their next accesses.
     tail: Vec<(u32, Access)>,
     steps: u64,
+    /// The threads whose last step of this execution was an acquire: its access and node.
+    attempts: Vec<(u32, Access, usize)>,
+    /// The keys the execution's steps (taken or pending) write, and whether one is opaque
+    /// (found with its races).
+    written: Vec<u64>,
+    opaque: bool,
+    /// The execution has two threads (no third one can run between the two).
+    pair: bool,
     progress: Progress,
 }
 
@@ -175,6 +215,10 @@ impl Tree {
             diverged: false,
             tail: Vec::new(),
             steps: 0,
+            attempts: Vec::new(),
+            written: Vec::new(),
+            opaque: false,
+            pair: false,
             progress: Progress {
                 bound,
                 target: bound,
@@ -227,6 +271,7 @@ impl Tree {
         self.preemptions = 0;
         self.diverged = false;
         self.tail.clear();
+        self.attempts.clear();
         self.steps = 0;
     }
 
@@ -264,8 +309,20 @@ impl Tree {
             self.blocked = true; // a step the tree did not see (cannot happen)
             fallback
         } else {
-            let enabled: Vec<(u32, Access)> =
-                runnable.iter().map(|&t| (t, classify(at(t)))).collect();
+            // A thread woken in a primitive right after a step that tried to acquire a lock
+            // was blocked on that lock: that step did nothing, and its next one acquires it
+            // (or finds it taken again and blocks).
+            let mut enabled: Vec<(u32, Access)> = Vec::with_capacity(runnable.len());
+            for &t in runnable {
+                let (a, tried) = (at(t), self.tried(t));
+                match tried {
+                    Some((lock, node)) if a == super::AT_SYNC => {
+                        self.failed(t, node);
+                        enabled.push((t, lock));
+                    }
+                    _ => enabled.push((t, classify(t, a))),
+                }
+            }
             let awake = |t: u32| !self.sleep.iter().any(|&(s, _)| s == t);
             let pick = match current {
                 Some(c) if awake(c) => Some(c),
@@ -299,7 +356,29 @@ impl Tree {
         if current.is_some_and(|c| c != chosen) {
             self.preemptions += 1;
         }
+        if !self.blocked && step < self.stack.len() {
+            let access = self.stack[step].access(chosen);
+            self.attempts.retain(|&(t, _, _)| t != chosen);
+            if matches!(access, Access::Lock(_)) {
+                self.attempts.push((chosen, access, step));
+            }
+        }
         chosen
+    }
+
+    /// The acquire `t`'s last step tried and its node, if its last step was one.
+    fn tried(&self, t: u32) -> Option<(Access, usize)> {
+        self.attempts
+            .iter()
+            .find(|&&(u, _, _)| u == t)
+            .map(|&(_, a, n)| (a, n))
+    }
+
+    /// The acquire `t` tried at `node` blocked: the step there changed nothing.
+    fn failed(&mut self, t: u32, node: usize) {
+        if let Some(entry) = self.stack[node].enabled.iter_mut().find(|e| e.0 == t) {
+            entry.1 = Access::Local;
+        }
     }
 
     /// The execution ended: find its races, then pick the next branch (deepest first).
@@ -369,6 +448,23 @@ impl Tree {
             .iter()
             .map(|node| (node.chosen, node.access(node.chosen)))
             .collect();
+        self.written.clear();
+        self.opaque = false;
+        let every = self
+            .stack
+            .iter()
+            .flat_map(|node| node.enabled.iter())
+            .chain(self.tail.iter());
+        for &(_, a) in every {
+            match a {
+                Access::Write(x) | Access::Lock(x) => self.written.push(x),
+                Access::Write2(x, y) => self.written.extend([x, y]),
+                Access::Opaque => self.opaque = true,
+                Access::Read(_) | Access::Start | Access::Local => {}
+            }
+        }
+        self.written.sort_unstable();
+        self.written.dedup();
         let mut ids: Vec<u32> = steps.iter().map(|&(t, _)| t).collect();
         for node in &self.stack {
             ids.extend(node.enabled.iter().map(|&(t, _)| t));
@@ -376,6 +472,7 @@ impl Tree {
         ids.extend(self.tail.iter().map(|&(t, _)| t));
         ids.sort_unstable();
         ids.dedup();
+        self.pair = ids.len() == 2;
         let dense = |t: u32| ids.binary_search(&t).unwrap_or(0);
         let width = ids.len();
         // clocks[k][p]: how many of thread p's steps happen before step k (its own included).
@@ -395,17 +492,30 @@ impl Tree {
                     index: &Vec<u32>,
                     races: &mut Vec<usize>|
          -> Vec<u32> {
+            // `clock` orders by every dependent step; `before`, for an acquire, only by the
+            // acquires of its lock: it races with the acquire before a release (or an opaque
+            // step, which may release) of the lock, not with the release.
+            let acquire = matches!(ak, Access::Lock(_));
             let mut clock = last[dense(tk)].clone();
+            let mut before = clock.clone();
             for m in (0..k).rev() {
                 let (tm, am) = steps[m];
                 if tm == tk || !dependent(am, ak) {
                     continue;
                 }
-                if clock[dense(tm)] <= index[m] {
-                    races.push(m);
-                }
                 for (c, &o) in clock.iter_mut().zip(&clocks[m]) {
                     *c = (*c).max(o);
+                }
+                if !reversible(am, ak) {
+                    continue;
+                }
+                if before[dense(tm)] <= index[m] {
+                    races.push(m);
+                }
+                if !acquire || am == ak {
+                    for (c, &o) in before.iter_mut().zip(&clocks[m]) {
+                        *c = (*c).max(o);
+                    }
                 }
             }
             clock
@@ -464,17 +574,30 @@ impl Tree {
                     initials.push(t);
                 }
             };
+            // the accesses of the sequence that reverses the race
+            let mut sequence: Vec<Access> = Vec::new();
             for e in m + 1..k.min(n) {
                 if !after_m(&clocks[e]) {
                     consider(steps[e].0, &clocks[e], Some(e));
+                    sequence.push(steps[e].1);
                 }
             }
             consider(u, &clock, None);
-            self.add_branch(m, &initials);
+            sequence.push(if k < n && steps[k].0 == u {
+                steps[k].1
+            } else if k < n {
+                self.stack[k].access(u)
+            } else {
+                self.tail
+                    .iter()
+                    .find(|&&(t, _)| t == u)
+                    .map_or(Access::Opaque, |&(_, a)| a)
+            });
+            self.add_branch(m, &initials, &sequence);
         }
     }
 
-    fn add_branch(&mut self, m: usize, initials: &[u32]) {
+    fn add_branch(&mut self, m: usize, initials: &[u32], sequence: &[Access]) {
         let node = &self.stack[m];
         let covered = |t: &u32| {
             node.done.contains(t)
@@ -494,23 +617,43 @@ impl Tree {
             // None can run here: every runnable thread (the classic rule).
             let all: Vec<u32> = node.enabled.iter().map(|&(u, _)| u).collect();
             for u in all {
-                self.branch_within_bound(m, u);
+                self.branch_within_bound(m, u, &[Access::Opaque]);
             }
             return;
         };
-        self.branch_within_bound(m, t);
+        self.branch_within_bound(m, t, sequence);
     }
 
     /// Queue `t` at node `m`, and before the block of steps the thread at `m` runs in
     /// (where switching to `t` may cost no preemption: a search bounded by preemptions needs
-    /// both, bounded partial-order reduction).
-    fn branch_within_bound(&mut self, m: usize, t: u32) {
-        let here = self.try_branch(m, t);
+    /// both, bounded partial-order reduction). When the block's steps before `m` touch
+    /// nothing shared, or only read keys no step of the execution writes (and no step is
+    /// opaque), and the execution has two threads, running `t` before them or after them is
+    /// the same: the branch before the block alone stands for both, if it is within the
+    /// bound. (With a third thread, where it runs relative to them may differ; with sleep
+    /// sets, the branch left out here may be the one a sleeping thread needed.)
+    fn branch_within_bound(&mut self, m: usize, t: u32, sequence: &[Access]) {
         let runner = self.stack[m].chosen;
         let mut j = m;
         while j > 0 && self.stack[j - 1].chosen == runner {
             j -= 1;
         }
+        let quiet = |a: Access| match a {
+            Access::Local | Access::Start => true,
+            Access::Read(x) => !self.written.iter().any(|&w| overlap(w, x)),
+            _ => false,
+        };
+        let apart = self.pair
+            && self.bound < SLEEP_SETS_FROM
+            && !self.opaque
+            && (j..m).all(|e| {
+                let a = self.stack[e].access(runner);
+                quiet(a) && sequence.iter().all(|&b| !dependent(a, b))
+            });
+        if j != m && apart && self.try_branch(j, t) {
+            return;
+        }
+        let here = self.try_branch(m, t);
         let before = j != m && self.try_branch(j, t);
         if !here && !before {
             self.progress.over_bound += 1;
@@ -565,11 +708,11 @@ impl Eq for Shared {}
 /// One round's scheduler: an execution of the shared tree.
 pub struct ExploreScheduler {
     tree: Shared,
-    classify: fn(Location) -> Access,
+    classify: fn(u32, Location) -> Access,
 }
 
 impl ExploreScheduler {
-    pub fn new(tree: Shared, classify: fn(Location) -> Access) -> ExploreScheduler {
+    pub fn new(tree: Shared, classify: fn(u32, Location) -> Access) -> ExploreScheduler {
         ExploreScheduler { tree, classify }
     }
 }
@@ -614,8 +757,8 @@ mod tests {
     }
 
     impl Program {
-        fn classify(&self) -> impl Fn(Location) -> Access + '_ {
-            move |(t, i)| {
+        fn classify(&self) -> impl Fn(u32, Location) -> Access + '_ {
+            move |_, (t, i)| {
                 self.threads[t]
                     .get(i as usize)
                     .copied()
@@ -669,7 +812,7 @@ mod tests {
                     Access::Read(k) => seen.push((t, i, *writes.get(&k).unwrap_or(&0))),
                     Access::Write(k) => *writes.entry(k).or_default() += 1,
                     Access::Opaque => *writes.entry(u64::MAX).or_default() += 1,
-                    Access::Start => {}
+                    Access::Start | Access::Local => {}
                     Access::Lock(a) => *writes.entry(a).or_default() += 1,
                     Access::Write2(a, b) => {
                         *writes.entry(a).or_default() += 1;
@@ -775,15 +918,33 @@ mod tests {
     }
 
     #[test]
-    fn a_start_depends_only_on_locks_and_opaque_steps() {
-        assert!(!dependent(Access::Start, Access::Read(1)));
-        assert!(!dependent(Access::Write(1), Access::Start));
-        assert!(!dependent(Access::Start, Access::Start));
-        assert!(dependent(Access::Start, Access::Lock(1)));
-        assert!(dependent(Access::Write2(1, 2), Access::Start));
-        assert!(dependent(Access::Opaque, Access::Start));
-        assert!(dependent(Access::Lock(1), Access::Write(1)));
+    fn steps_touching_nothing_shared_depend_on_nothing() {
+        for quiet in [Access::Start, Access::Local] {
+            for other in [
+                Access::Read(1),
+                Access::Write(1),
+                Access::Lock(1),
+                Access::Write2(1, 2),
+                Access::Opaque,
+                Access::Start,
+                Access::Local,
+            ] {
+                assert!(!dependent(quiet, other), "{quiet:?} {other:?}");
+                assert!(!dependent(other, quiet), "{other:?} {quiet:?}");
+            }
+        }
+        assert!(dependent(Access::Lock(1), Access::Lock(1)));
         assert!(!dependent(Access::Lock(1), Access::Lock(2)));
+    }
+
+    #[test]
+    fn a_release_orders_the_next_acquire_without_racing_with_it() {
+        let release = Access::Write2(5, 1);
+        assert!(dependent(release, Access::Lock(1)));
+        assert!(!reversible(release, Access::Lock(1)));
+        assert!(reversible(Access::Lock(1), Access::Lock(1)));
+        assert!(reversible(release, Access::Read(5)));
+        assert!(!dependent(release, Access::Lock(2)));
     }
 
     #[test]
@@ -858,7 +1019,7 @@ mod tests {
     fn a_prefix_that_cannot_be_followed_is_counted() {
         let mut tree = Tree::new(2);
         let at = |t: u32| (t as usize, 0);
-        let op = |_| Access::Opaque;
+        let op = |_, _| Access::Opaque;
         // Execution 1: threads 0 and 1 at every step, two steps.
         assert_eq!(tree.choose(0, &[0, 1], None, &at, &op), 0);
         assert_eq!(tree.choose(1, &[0, 1], Some(0), &at, &op), 0);

@@ -101,6 +101,71 @@ def pytest_sessionfinish(session):
     print("DISTINCT ORDERS", len(module.SEEN))
 """
 
+THREE = """
+import threading
+
+class Bank:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.a = 100
+        self.b = 100
+
+STATES = [Bank() for _ in range(5000)]
+
+def test_three(iteration_index, thread_index):
+    bank = STATES[iteration_index]
+    for _ in range(3):
+        with bank.lock:
+            bank.a -= 1
+            bank.b += 1
+"""
+
+SOUND = """
+import threading
+
+class Log:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries = []
+        self.done = 0
+        self.n = 0
+
+STATES = [Log() for _ in range(5000)]
+
+def test_needs_an_order(iteration_index, thread_index):
+    log = STATES[iteration_index]
+    for _ in range(2):
+        with log.lock:
+            log.entries.append(thread_index)
+    with log.lock:
+        log.done += 1
+        if log.done == 2:
+            assert log.entries != [0, 1, 0, 1], "the order 0 1 0 1"
+
+def test_lost_update_between_sections(iteration_index, thread_index):
+    log = STATES[iteration_index]
+    with log.lock:
+        log.entries.append(thread_index)
+    value = log.n
+    log.n = value + 1
+    with log.lock:
+        log.done += 1
+        if log.done == 2:
+            assert log.n == 2, f"lost update: {log.n}"
+"""
+
+OWN_LISTS = """
+STATES = [([], []) for _ in range(5000)]
+
+def test_own_lists(iteration_index, thread_index):
+    pair = STATES[iteration_index]
+    mine = pair[thread_index]
+    for i in range(6):
+        mine.append(i)
+        mine.pop()
+        mine.append(i)
+"""
+
 PROVEN = re.compile(
     r"ftrace explore: (\S+): no failure in all (\d+) interleavings within (\d+) preemptions? "
     r"\((\d+) executions?, pruned from at least (\d+)\)"
@@ -206,6 +271,51 @@ def test_every_order_of_locked_sections_within_the_bound_runs(pytester):
         result = explore(pytester, "--seed", "1", "--ftrace-bound", str(bound), "-s")
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines([f"*DISTINCT ORDERS {count}"])
+
+
+def test_locked_sections_take_one_interleaving_per_order(pytester):
+    # Two threads, three locked sections each, nothing shared outside them: the orders of the
+    # sections are the interleavings (the hand count of the test above: 2, 6 and 14 within
+    # 0, 1 and 2 preemptions). The steps before a thread's first acquire and after a release
+    # touch nothing another thread writes, and an acquire that finds the lock taken does
+    # nothing, so no other reordering counts.
+    pytester.makepyfile(test_three_sections=THREE)
+    for bound, count in {0: 2, 1: 6, 2: 14}.items():
+        result = explore(pytester, "--seed", "1", "--ftrace-bound", str(bound))
+        result.assert_outcomes(passed=1)
+        interleavings, got, _executions, _ = proven(result)["test_three"]
+        assert (got, interleavings) == (bound, count), result.stdout.str()
+
+
+def test_a_race_needing_an_order_of_locked_sections_is_found(pytester):
+    # the failing order (one section of each thread, then the second of each) needs two
+    # preemptions: the search within 2 must reach it
+    pytester.makepyfile(SOUND)
+    result = explore(pytester, "--seed", "1", "--ftrace-shrink", "0", "-k", "test_needs_an_order")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: the order 0 1 0 1*"])
+    within_one = explore(
+        pytester, "--seed", "1", "--ftrace-bound", "1", "-k", "test_needs_an_order"
+    )
+    within_one.assert_outcomes(passed=1)
+
+
+def test_a_lost_update_between_locked_sections_is_found(pytester):
+    pytester.makepyfile(SOUND)
+    result = explore(
+        pytester, "--seed", "1", "--ftrace-shrink", "0", "-k", "test_lost_update_between"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: lost update: 1*"])
+
+
+def test_method_calls_on_each_threads_own_list_are_not_reordered(pytester):
+    # append and pop of a list work on that list's items: two threads' own lists are apart
+    pytester.makepyfile(OWN_LISTS)
+    result = explore(pytester, "--seed", "1")
+    result.assert_outcomes(passed=1)
+    interleavings, _bound, _executions, _ = proven(result)["test_own_lists"]
+    assert interleavings == 1, result.stdout.str()
 
 
 def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):

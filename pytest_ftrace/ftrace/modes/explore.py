@@ -92,6 +92,37 @@ _PURE_SCALAR = frozenset(
     "zip reversed divmod round chr ord".split()
 )
 _PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
+# Methods of the built-in containers that run no code of the items' (no comparison): whether
+# each writes the container's items (else it reads them). A call of one is a step on "item".
+_CONTAINER_METHODS = {
+    dict: {
+        **dict.fromkeys("get keys values items copy".split(), False),
+        **dict.fromkeys("setdefault pop popitem update clear".split(), True),
+    },
+    list: {
+        "copy": False,
+        **dict.fromkeys("append extend insert pop clear reverse".split(), True),
+    },
+    set: {
+        **dict.fromkeys("copy issubset issuperset isdisjoint".split(), False),
+        **dict.fromkeys("add discard pop clear update".split(), True),
+    },
+}
+# Instructions that push one value and read nothing shared (the key of a subscript).
+_PLAIN_LOADS = frozenset(
+    "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_CONST LOAD_SMALL_INT".split()
+)
+
+
+def _deque_type():
+    import collections
+
+    return collections.deque
+
+
+_CONTAINER_DEQUE = dict.fromkeys(
+    "append appendleft pop popleft extend extendleft clear rotate".split(), True
+)
 # Native table entries (rust/opcodes.rs)
 _ALWAYS, _ONLY_ARG, _KIND_ITERATION = 0x100, 0x200, 0x2000
 # The most instructions a step's classification follows before it calls the step opaque.
@@ -133,6 +164,11 @@ class Classifier:
         self._frame_now: tuple | None = None  # (code, live frame) being classified
         self._released: str | None = None  # the lock the step's `with` block releases
         self.lock_types = (_native.lock, _native.RLock)
+        # The key of a lock or of a container's items is the object's order of first use in
+        # the round, not its address: each round may make its own objects, and the tree
+        # compares the steps of an execution's prefix (named in an earlier round) with its
+        # new ones. The objects are kept until the round ends: no address is reused in it.
+        self.round_keys: dict[int, tuple[int, object]] = {}
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -220,6 +256,12 @@ class Classifier:
                 pure = first.argval
         returns = "end" if id(code) in self.bodies else frame
         self._dynamic = False
+        if family == "item" and frame is not None:
+            key = self._items_key(instructions, offset, frame)
+        if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
+            pure = self._method(instructions, offset, frame)  # obj.method(args) in this step
+            if pure is not None and pure[0] == "item":
+                kind, key = (_WRITE if pure[2] else _READ), pure[3]
         self._with_lock = self._enters_lock(instructions, offset, frame)
         self._frame_now, self._released = (code, frame), None
         try:
@@ -231,7 +273,7 @@ class Classifier:
         if found is None:
             return 0, "", dynamic
         writes, called, _returned = found
-        if called is not None and called in _PURE_ITEMS:
+        if isinstance(called, str) and called in _PURE_ITEMS:
             key = "item"  # what the builtin reads; nothing writes the builtin's name
         if self._released is not None:  # the step leaves a `with lock:` block
             return 3, f"{key}\0{self._released}", dynamic
@@ -293,10 +335,25 @@ class Classifier:
             elif name in _RETURNS and returns is not None and depth < 3:
                 if not self._into_caller(returns, depth):
                     return None
-            elif name == "CALL" and pure is not None and called is None:
+            elif name == "CALL" and isinstance(pure, tuple) and at == pure[1]:
+                called = pure  # the method the step loaded
+                if pure[0] == "item":
+                    writes = writes or pure[2]
+                    todo.append((after, name))
+                    continue
+                inner = self._instructions(pure[2].__code__)
+                found = self._scan(
+                    inner, min(inner), "report", None, pure[2].__globals__, depth + 1
+                )
+                if found is None:
+                    return None
+                writes = writes or found[0]
+                if found[2]:
+                    todo.append((after, name))
+            elif name == "CALL" and isinstance(pure, str) and called is None:
                 called = pure  # the builtin the step loaded (the first call on every path)
                 todo.append((after, name))
-            elif name == "CALL" and depth == 0 and self._lock_exit(instructions, at):
+            elif name == "CALL" and self._lock_exit(instructions, at):
                 continue  # the release's own point ends the step
             elif name == "CALL" and depth < 3:
                 callee = self._callee(instructions, at, globals_)
@@ -315,6 +372,121 @@ class Classifier:
             else:
                 return None
         return writes, called, returned
+
+    def _method(self, instructions, offset: int, frame):
+        """`obj.name(args)` made in the step from the method load at `offset` (its arguments
+        loaded without a point or a call): ("item", call offset, writes) for a method of a
+        built-in container that runs none of the items' code, ("call", call offset, function)
+        for a plain Python function of the hooked scope (its code up to its points is part of
+        the step); else None. The object is looked up in the live frame (a local, a global, or
+        a local's attribute in its instance dict): the answer depends on it, so it is asked
+        at every visit. Nothing has run since the object was loaded (the thread holds the
+        turn from the point before)."""
+        import types
+
+        at = instructions[offset][1]
+        while at is not None:
+            ins, following, _ = instructions[at]
+            if ins.opname == "CALL":
+                break
+            if ins.opname not in _SAFE and ins.opname != "BINARY_OP":
+                return None
+            if self._point(ins) is not None or getattr(ins, "is_jump_target", False):
+                return None
+            at = following
+        else:
+            return None
+        call_at = at
+        name = instructions[offset][0].argval
+        owner = self._loaded(instructions, offset, frame)
+        self._dynamic = self._per_object = True
+        if owner is None:
+            return None
+        kind = type(owner)
+        table = _CONTAINER_METHODS.get(kind)
+        if table is None and kind.__module__ == "collections" and kind.__name__ == "deque":
+            table = _CONTAINER_DEQUE
+        if table is not None:
+            writes = table.get(name)
+            if writes is None:
+                return None
+            return ("item", call_at, writes, self.object_key(owner, "item"))
+        if self.scope is None or kind.__getattribute__ is not object.__getattribute__:
+            return None
+        if name in getattr(owner, "__dict__", ()):
+            return None
+        function = None
+        for klass in kind.__mro__:
+            if name in klass.__dict__:
+                function = klass.__dict__[name]
+                break
+        if not isinstance(function, types.FunctionType):
+            return None
+        code = function.__code__
+        if code.co_flags & 0x2A0 or not self.scope.contains(code.co_filename, function.__module__):
+            return None
+        return ("call", call_at, function)
+
+    def _items_key(self, instructions, offset: int, frame) -> str:
+        """The key of the items a subscript or `in` at `offset` works on: "item:N" for a
+        built-in container found in the live frame (the instruction that loaded it, below
+        at most one plain load of the key), else "item" (any container's items)."""
+        name = instructions[offset][0].opname
+        # how many plain loads sit between the container's load and the instruction
+        above = {"CONTAINS_OP": 0, "BINARY_SUBSCR": 1, "DELETE_SUBSCR": 1, "STORE_SUBSCR": 1}
+        skip = above.get(name)
+        if skip is None:
+            return "item"
+        at = offset
+        previous = instructions[at][2]
+        pair = instructions[previous][0] if previous is not None else None
+        if pair is not None and pair.opname == "LOAD_FAST_LOAD_FAST" and skip < 2:
+            # 3.13: two locals in one instruction, the container then the key (a subscript)
+            # or the value then the container (`in`)
+            if getattr(pair, "is_jump_target", False):
+                return "item"
+            self._dynamic = self._per_object = True
+            owner = frame.f_locals.get(pair.argval[1 if skip == 0 else 0])
+            return self._items_of(owner)
+        for _ in range(skip):
+            previous = instructions[at][2]
+            if previous is None:
+                return "item"
+            ins = instructions[previous][0]
+            if ins.opname not in _PLAIN_LOADS or getattr(ins, "is_jump_target", False):
+                return "item"
+            at = previous
+        if getattr(instructions[at][0], "is_jump_target", False):
+            return "item"
+        self._dynamic = self._per_object = True
+        return self._items_of(self._loaded(instructions, at, frame))
+
+    def _items_of(self, owner) -> str:
+        """ "item:N" for a built-in container (or tuple), else "item"."""
+        kind = type(owner)
+        if owner is None or not (kind in _CONTAINER_METHODS or kind in (tuple, _deque_type())):
+            return "item"
+        return self.object_key(owner, "item")
+
+    def _loaded(self, instructions, offset: int, frame):
+        """The object the instructions right before `offset` loaded (a local, a global, a
+        closure's variable, or a local's attribute from its instance dict), or None."""
+        previous = instructions[offset][2]
+        if previous is None:
+            return None
+        ins, _, before = instructions[previous]
+        missing = object()
+        found = missing
+        if ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF"):
+            found = frame.f_locals.get(ins.argval, missing)
+        elif ins.opname == "LOAD_GLOBAL" and not ins.arg & 1:
+            found = frame.f_globals.get(ins.argval, missing)
+        elif ins.opname == "LOAD_ATTR" and not ins.arg & 1 and before is not None:
+            holder_ins = instructions[before][0]
+            if holder_ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"):
+                holder = frame.f_locals.get(holder_ins.argval, missing)
+                found = getattr(holder, "__dict__", {}).get(ins.argval, missing)
+        return None if found is missing else found
 
     def _enters_lock(self, instructions, offset: int, frame) -> bool:
         """Whether the step at `offset` loads a schedulable lock that the next instruction
@@ -335,7 +507,7 @@ class Classifier:
             return False
         code, frame = current
         if frame is None or self._instructions(code) is not instructions:
-            return False
+            return False  # a callee's code, or a caller's other than the live one scanned
         at = instructions[call_at][2]
         for _ in range(3):  # LOAD_CONST None x 3 right before
             if at is None:
@@ -359,7 +531,7 @@ class Classifier:
         found = self._lock_loaded(instructions, previous, frame)
         if found is None:
             return False
-        self._released = f"lock:{id(found)}"
+        self._released = self.lock_key(found)
         return True
 
     def _exit_call(self, instructions, at: int) -> bool:
@@ -388,10 +560,26 @@ class Classifier:
         self._dynamic = self._per_object = True  # another object there may be no lock
         return found if isinstance(found, self.lock_types) else None
 
-    def lock_step(self, caller, lock) -> tuple[int, str]:
-        """The step from a lock operation's point (coop.POINT_ACCESS): the operation on the
-        lock and `caller`'s code from after its call to its next points: a write of the lock
-        when that code is safe, else opaque."""
+    def object_key(self, obj, family: str = "lock") -> str:
+        """The key of a lock or of a container's items: the object's order of first use in
+        the round (see `round_keys`)."""
+        found = self.round_keys.get(id(obj))
+        if found is None or found[1] is not obj:
+            found = self.round_keys[id(obj)] = (len(self.round_keys), obj)
+        return f"{family}:{found[0]}"
+
+    def lock_key(self, lock) -> str:
+        return self.object_key(lock, "lock")
+
+    def new_round(self) -> None:
+        """A round starts: its objects are numbered afresh."""
+        self.round_keys = {}
+
+    def lock_step(self, caller, lock, released: bool = False) -> tuple[int, str]:
+        """The step from a lock operation's point (coop.POINT_ACCESS): `caller`'s code from
+        after its call to its next points, and before it the acquire, or nothing after a
+        release (which the step before the point made): a write of the lock, or nothing
+        shared after a release, when that code is safe; else opaque."""
         try:
             code = caller.f_code
             self._dynamic_token = object()
@@ -407,7 +595,9 @@ class Classifier:
             return 0, ""
         if found is None or found[0]:
             return 0, ""
-        return 4, f"lock:{id(lock)}"
+        if released:
+            return 5, ""
+        return 4, self.lock_key(lock)
 
     def _into_caller(self, frame, depth: int) -> bool:
         """A return from live `frame`: whether its caller's code, from after its call to its
@@ -425,14 +615,19 @@ class Classifier:
             module = caller.f_globals.get("__name__")
             if id(code) in self.bodies or self.scope.contains(code.co_filename, module):
                 returns = "end" if id(code) in self.bodies else caller
-                found = self._scan(
-                    self._instructions(code),
-                    self._after_call(code, caller.f_lasti),
-                    returns,
-                    None,
-                    caller.f_globals,
-                    depth + 1,
-                )
+                # the caller's code is live too: a `with lock:` block it leaves is known
+                outer, self._frame_now = self._frame_now, (code, caller)
+                try:
+                    found = self._scan(
+                        self._instructions(code),
+                        self._after_call(code, caller.f_lasti),
+                        returns,
+                        None,
+                        caller.f_globals,
+                        depth + 1,
+                    )
+                finally:
+                    self._frame_now = outer
                 ok = found is not None and not found[0]
         done[1][id(frame)] = ok
         return ok
@@ -568,6 +763,8 @@ class ExploreMode(ExactMode):
             if found is None:
                 found = self._more(failures)
                 self.decided[iteration] = found
+                if found and self.exploring:
+                    self.classifier.new_round()  # the rounds before it have ended
             return found
 
     def _more(self, failures: int) -> bool:
