@@ -902,8 +902,7 @@ def _unpack_conflicts(test, got: dict) -> None:
         if access is None:
             return None
         return tuple(
-            codes.get(x[1]) if isinstance(x, tuple) and x[:1] == (_CODE_REF,) else x
-            for x in access
+            codes.get(x[1]) if isinstance(x, tuple) and x[:1] == (_CODE_REF,) else x for x in access
         )
 
     forked = test.run.forked_conflicts

@@ -202,7 +202,7 @@ def test_a_round_starts_from_the_state_the_test_started_with(pytester):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*rounds share state*", "*replay: pytest * --ftrace* --seed 1 *"])
     replay = [line for line in result.stdout.lines if "replay: pytest" in line]
-    assert "--ftrace-rounds process" in replay[0]  # snapshot is the default
+    assert "--ftrace-rounds" not in replay[0]  # process is the default
 
 
 def test_ftrace_rounds_from_the_ini_file_and_bad_values(pytester):

@@ -1,4 +1,4 @@
-"""Rounds from a snapshot (--ftrace-rounds snapshot, the default of exact mode; issue 14 item
+"""Rounds from a snapshot (--ftrace-rounds snapshot, opt-in; issue 14 item
 4): every round starts from the test's starting state. Rounds run in the test's process while
 they leave the module state as they found it; after a round that changed it, the rest run in
 children of a process forked at the start of the call, which holds the starting state."""
@@ -76,17 +76,25 @@ def test_everyone_shares_one_client(thread_index):
 
 
 def run(pytester, *args):
-    # the default: no --ftrace-rounds; a process of its own (a thread another test of this
-    # process left running would keep the rounds in the test's process)
+    # a process of its own (a thread another test of this process left running would keep
+    # the rounds in the test's process)
     return pytester.runpytest_subprocess(
-        "--ftrace", "--ftrace-timeout", "120", "-p", "no:cacheprovider", *args, timeout=600
+        "--ftrace",
+        "--ftrace-rounds",
+        "snapshot",
+        "--ftrace-timeout",
+        "120",
+        "-p",
+        "no:cacheprovider",
+        *args,
+        timeout=600,
     )
 
 
 SEEDS = 20
 
 
-def test_a_first_fill_race_in_module_state_fails_at_the_default_with_every_seed(pytester):
+def test_a_first_fill_race_in_module_state_fails_with_every_seed(pytester):
     pytester.makepyfile(test_singleton=LAZY_SINGLETON)
     failed = [
         run(pytester, "--seed", str(seed), "--ftrace-shrink", "0").parseoutcomes().get("failed")
@@ -96,7 +104,7 @@ def test_a_first_fill_race_in_module_state_fails_at_the_default_with_every_seed(
     assert sum(failed) >= 0.95 * SEEDS, failed
 
 
-def test_its_safe_twin_passes_at_the_default(pytester):
+def test_its_safe_twin_passes(pytester):
     pytester.makepyfile(test_singleton=LAZY_SINGLETON_LOCKED)
     for seed in range(1, 6):
         result = run(pytester, "--seed", str(seed))
@@ -108,13 +116,20 @@ def test_the_replay_of_a_first_fill_race_reproduces_10_of_10_in_a_fresh_process(
     # with the cache (the replay follows the recorded schedule) and shrinking from the
     # snapshot on
     first = pytester.runpytest_subprocess(
-        "--ftrace", "--ftrace-timeout", "120", "--seed", "3", timeout=600
+        "--ftrace",
+        "--ftrace-rounds",
+        "snapshot",
+        "--ftrace-timeout",
+        "120",
+        "--seed",
+        "3",
+        timeout=600,
     )
     first.assert_outcomes(failed=1)
     lines = [line for line in first.stdout.lines if "replay: pytest " in line]
     assert lines, first.stdout.str()
     args = shlex.split(lines[0].split("replay: pytest ", 1)[1])
-    assert "--ftrace-rounds" not in args  # the default
+    assert args[args.index("--ftrace-rounds") + 1] == "snapshot"  # carried by the replay line
     token = args[args.index("--ftrace-replay") + 1]
     assert re.fullmatch(r"t4i\d+\w*", token), token
     again = pytester.runpytest_subprocess(*args, "--ftrace-timeout", "120", timeout=600)
