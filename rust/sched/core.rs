@@ -1521,6 +1521,41 @@ mod tests {
     }
 
     #[test]
+    fn a_longer_timed_block_never_times_out_before_a_patient_deadline() {
+        // Thread 0 waits patiently with 0.1 s left, thread 1 for 30 s: the clock must not
+        // jump to thread 1's end first. The stall ends thread 0's patient wait, its timed
+        // wait then ends first, and thread 1's after it.
+        let core = Arc::new(Core::new(3, Policy::Random));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|sc| {
+            for tid in 0..2u32 {
+                let (core, log) = (Arc::clone(&core), Arc::clone(&log));
+                sc.spawn(move || {
+                    core.enter(tid, 0, 0, 0, 2);
+                    if tid == 0 {
+                        let w = core.block_patient(0, 100, Some(100_000_000));
+                        log.lock().push((0, w));
+                        let w = core.block_for(0, 100, Some(100_000_000));
+                        log.lock().push((0, w));
+                    } else {
+                        let w = core.block_for(1, 200, Some(30_000_000_000));
+                        log.lock().push((1, w));
+                    }
+                    core.exit(tid);
+                });
+            }
+        });
+        assert_eq!(
+            *log.lock(),
+            vec![
+                (0, Wait::TimedOut),
+                (0, Wait::TimedOut),
+                (1, Wait::TimedOut)
+            ]
+        );
+    }
+
+    #[test]
     fn release_lets_everyone_run_free() {
         let core = Arc::new(Core::new(3, Policy::Pct { depth: 1 }));
         std::thread::scope(|sc| {
