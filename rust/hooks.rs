@@ -574,7 +574,8 @@ impl Run {
     /// nothing else can run; of several such threads, the one whose `timeout` in seconds ends
     /// first on the round's virtual clock): "woken", "timeout", "deadlock" or "free".
     /// `patient` (untimed): a stall of every managed thread ends it as "timeout", never as a
-    /// deadlock (see Core::block_patient).
+    /// deadlock (see Core::block_patient); its `timeout`, if given, is the deadline no other
+    /// timed block may be timed out past while it waits.
     #[pyo3(signature = (resource, timed, timeout=None, patient=false))]
     fn sched_block(
         &self,
@@ -586,17 +587,18 @@ impl Run {
     ) -> PyResult<&'static str> {
         let (core, tid) = engine::exact_slot(&self.shared).map_err(PyRuntimeError::new_err)?;
         let Some(tid) = tid else { return Ok("free") };
-        if patient && !timed {
-            return Ok(detached(py, move || core.block_patient(tid, resource)).name());
-        }
-        let timeout_ns = timed.then(|| {
-            let seconds = timeout.unwrap_or(0.0);
+        let nanos = |seconds: f64| {
             if seconds.is_finite() && seconds > 0.0 {
                 (seconds * 1e9).min(u64::MAX as f64 / 2.0) as u64
             } else {
                 0
             }
-        });
+        };
+        if patient && !timed {
+            let deadline_ns = timeout.map(nanos);
+            return Ok(detached(py, move || core.block_patient(tid, resource, deadline_ns)).name());
+        }
+        let timeout_ns = timed.then(|| nanos(timeout.unwrap_or(0.0)));
         Ok(detached(py, move || core.block_for(tid, resource, timeout_ns)).name())
     }
 

@@ -133,7 +133,8 @@ def _patient_block(run, resource: int, timeout: float | None) -> str:
     daemon is not busy), it waits again, for at most `timeout` in real time in all (as long as
     it would wait without the plugin); once the threads outside are quiet (gone, or waiting for
     a native lock), the rest of `timeout` runs on the virtual clock, as with no thread outside.
-    Never a deadlock: the wait has a timeout."""
+    Never a deadlock: the wait has a timeout. While it waits, the virtual clock does not jump
+    past its deadline to end another thread's longer timed wait first."""
     from pytest_ftrace.ftrace import vclock
 
     real = vclock.real("monotonic")
@@ -141,8 +142,11 @@ def _patient_block(run, resource: int, timeout: float | None) -> str:
     ends = time.monotonic() + timeout  # the virtual clock, in a managed thread
     real_ends = real() + timeout
     seen = _cpu_times(_outside_threads(run))
+    left = timeout
     while True:
-        answer = run.sched_block(resource, False, None, True)
+        # `left` is the deadline of this wait on the virtual clock: while it waits, no timed
+        # wait of the round that would end later times out (it would not in real time).
+        answer = run.sched_block(resource, False, left, True)
         if answer != "timeout":
             return answer
         left = ends - time.monotonic()
@@ -200,7 +204,9 @@ def _not_a_deadlock(run) -> str | None:
 
 def _outside_threads(run) -> list:
     """The live threads that could wake a managed thread from outside the round: not
-    managed, not a worker of the test nor exact mode's own, not waiting for a lock."""
+    managed, not a worker of the test nor exact mode's own, not waiting for a lock. A thread
+    a managed thread started in this round is managed from its start, before it has attached
+    to the core (whose list does not know its ident until then)."""
     ours = {ident for _tid, ident, _status, _resource in run.sched_threads()}
     ours.update(_native.native_waiters())
     test = _TEST
@@ -209,9 +215,23 @@ def _outside_threads(run) -> list:
         if test._watchdog is not None:
             ours.add(test._watchdog.ident)
     main = threading.main_thread()
+    generation = run.sched_generation()
     return [
-        t for t in threading.enumerate() if t is not main and t.ident not in ours and t.is_alive()
+        t
+        for t in threading.enumerate()
+        if t is not main
+        and t.ident not in ours
+        and not _started_in_round(t, run, generation)
+        and t.is_alive()
     ]
+
+
+def _started_in_round(thread, run, generation: int) -> bool:
+    """Whether a managed thread of `run` started `thread` in the round of `generation`."""
+    return (
+        getattr(thread, "_ftrace_run", None) is run
+        and getattr(thread, "_ftrace_generation", None) == generation
+    )
 
 
 def _deadlock_report(run, me: int) -> str:
@@ -412,6 +432,7 @@ def _thread_start(self) -> None:
     generation = run.sched_generation()
     self._ftrace_tid = tid
     self._ftrace_run = run
+    self._ftrace_generation = generation  # managed from here on, attached or not
     test = _TEST
     if test is not None:  # who started it, and where: the lanes name the thread by it
         test.spawned[(test.current_round, tid)] = (self.name, run.sched_me(), _site())

@@ -58,7 +58,8 @@ struct Thread {
     /// Blocked by [`Core::block_patient`]: a stall ends its wait (as a time-out), not a
     /// deadlock.
     patient: bool,
-    /// When a timed block ends, on the round's virtual clock (ns).
+    /// When a timed block ends, on the round's virtual clock (ns); for a patient block, its
+    /// deadline (u64::MAX: none), past which the clock does not jump while it waits.
     wake_at: u64,
     /// Where the thread waits to go on: (code object address, instruction offset), or
     /// [`AT_START`] / [`AT_SYNC`].
@@ -174,13 +175,22 @@ impl State {
                 .map(|t| t.wake_at)
                 .min();
             let waited = since.elapsed().as_nanos() as u64;
-            if let Some(first) = first {
+            if let Some(first) = first.filter(|&first| !self.patient_first(first)) {
                 if v0.saturating_add(waited) >= first {
                     self.vnow = self.vnow.max(first);
                     self.next_wake = self.next_wake.min(first);
                 }
             }
         }
+    }
+
+    /// Whether a patient block (see [`Core::block_patient`]) has a deadline no later than
+    /// `first`, the earliest end of a timed block: the clock must not jump there, since that
+    /// waiter would give up first (it ends at the stall, and then waits on the clock).
+    fn patient_first(&self, first: u64) -> bool {
+        self.threads
+            .values()
+            .any(|t| t.patient && matches!(t.status, Status::Blocked { .. }) && t.wake_at <= first)
     }
 
     /// Timed blocks whose end the virtual clock has reached become runnable (timed out).
@@ -272,12 +282,15 @@ impl State {
             // a timed block, and the threads whose block ends then may go on (timed out).
             self.runnable_dirty = true; // the list below is not the runnable one
             let timed = |t: &Thread| matches!(t.status, Status::Blocked { timed: true, .. });
+            // A patient waiter whose deadline comes first is let be: the stall ends its
+            // wait, and its time-out then comes first on the clock.
             if let Some(first) = self
                 .threads
                 .values()
                 .filter(|t| timed(t))
                 .map(|t| t.wake_at)
                 .min()
+                .filter(|&first| !self.patient_first(first))
             {
                 self.vnow = self.vnow.max(first);
                 runnable.extend(
@@ -705,13 +718,15 @@ impl Core {
     /// An untimed [`Core::block`] that a stall ends: when every managed thread has been
     /// blocked for [`STALL_GRACE`], it returns [`Wait::TimedOut`] instead of a deadlock being
     /// declared. For a timed wait that a thread the core does not manage may end: the waiter
-    /// looks at that thread again and waits on (see `coop._patient_block`).
-    pub fn block_patient(&self, tid: u32, resource: u64) -> Wait {
-        self.block_with(tid, resource, None, true)
+    /// looks at that thread again and waits on (see `coop._patient_block`). `deadline_ns`:
+    /// what is left of that wait's timeout on the virtual clock; while it waits, no timed
+    /// block that ends later times out (the clock does not jump past its deadline).
+    pub fn block_patient(&self, tid: u32, resource: u64, deadline_ns: Option<u64>) -> Wait {
+        self.block_with(tid, resource, deadline_ns, true)
     }
 
     fn block_with(&self, tid: u32, resource: u64, timeout_ns: Option<u64>, patient: bool) -> Wait {
-        let timed = timeout_ns.is_some();
+        let timed = timeout_ns.is_some() && !patient;
         if self.is_closed() {
             return Wait::Free;
         }
@@ -730,7 +745,11 @@ impl Core {
                 t.timed_out = false;
                 t.patient = patient;
                 t.at = AT_SYNC;
-                t.wake_at = vnow.saturating_add(timeout_ns.unwrap_or(0));
+                t.wake_at = match timeout_ns {
+                    Some(ns) => vnow.saturating_add(ns),
+                    None if patient => u64::MAX,
+                    None => vnow,
+                };
                 t.wake_at
             }
             _ => return Wait::Free,
@@ -1502,7 +1521,7 @@ mod tests {
                         core.enter(tid, 0, 0, 0, 2);
                         let mut out = Vec::new();
                         if tid == 0 {
-                            out.push(core.block_patient(0, 100));
+                            out.push(core.block_patient(0, 100, None));
                             assert!(!core.state.lock().record.deadlock);
                         }
                         out.push(core.block(tid, 200, false));
@@ -1516,6 +1535,41 @@ mod tests {
         assert_eq!(
             results,
             vec![vec![Wait::TimedOut, Wait::Deadlock], vec![Wait::Deadlock]]
+        );
+    }
+
+    #[test]
+    fn a_longer_timed_block_never_times_out_before_a_patient_deadline() {
+        // Thread 0 waits patiently with 0.1 s left, thread 1 for 30 s: the clock must not
+        // jump to thread 1's end first. The stall ends thread 0's patient wait, its timed
+        // wait then ends first, and thread 1's after it.
+        let core = Arc::new(Core::new(3, Policy::Random));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|sc| {
+            for tid in 0..2u32 {
+                let (core, log) = (Arc::clone(&core), Arc::clone(&log));
+                sc.spawn(move || {
+                    core.enter(tid, 0, 0, 0, 2);
+                    if tid == 0 {
+                        let w = core.block_patient(0, 100, Some(100_000_000));
+                        log.lock().push((0, w));
+                        let w = core.block_for(0, 100, Some(100_000_000));
+                        log.lock().push((0, w));
+                    } else {
+                        let w = core.block_for(1, 200, Some(30_000_000_000));
+                        log.lock().push((1, w));
+                    }
+                    core.exit(tid);
+                });
+            }
+        });
+        assert_eq!(
+            *log.lock(),
+            vec![
+                (0, Wait::TimedOut),
+                (0, Wait::TimedOut),
+                (1, Wait::TimedOut)
+            ]
         );
     }
 
