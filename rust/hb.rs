@@ -24,8 +24,16 @@
 //! and updates that location; vector clocks are joined only at synchronisation, and a location
 //! touched by one thread only never compares clocks.
 //!
-//! A location keeps its object alive until the round ends, so an address is never reused for
-//! another object within a round (a location dies with the round, not before).
+//! A location must name one object for the round, though the object may die in it and its
+//! address go to another one (a free list hands it on at once). It does not keep the object
+//! alive (the test's objects die when their last reference goes, weak references' callbacks
+//! and `__del__` run then, as without the plugin): it keeps a weak reference, and an access
+//! whose object is not the one a location's weak reference names (dead: another object has
+//! the address now) starts a new location, the old one retired with its label, computed when
+//! it was made. Objects without weak references (a dict, a list, a closure cell, an instance
+//! of `__slots__` without `__weakref__`) are held until the round ends, as `shared.rs` does.
+//! A location's key is of a simple type (a str, an int, a tuple of them: `simple_hash`), which
+//! holds nothing of the test's.
 
 use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 use std::ffi::CStr;
@@ -202,10 +210,89 @@ struct Acc {
     parent_at: u32,
 }
 
+/// What tells a location's object from a later one at its address.
+#[derive(Default)]
+enum Guard {
+    #[default]
+    None,
+    /// A weak reference to the object (it dies when the test lets go of it).
+    Weak(Py<PyAny>),
+    /// The object itself, for a type without weak references (held until the round ends).
+    Strong(Py<PyAny>),
+}
+
+impl Guard {
+    /// A guard for `obj`, and the owner text of its label when the guard is weak (the
+    /// object may be gone when the label is needed). Makes objects: call it outside the
+    /// state's lock (an allocation may collect, and a finalizer may run hooked code).
+    fn new(obj: &Bound<'_, PyAny>) -> (Guard, Option<String>) {
+        let ptr = obj.as_ptr();
+        // SAFETY: attached (a bound object); the new reference is owned by the guard.
+        unsafe {
+            if (*ffi::Py_TYPE(ptr)).tp_weaklistoffset != 0 {
+                let w = ffi::PyWeakref_NewRef(ptr, std::ptr::null_mut());
+                if !w.is_null() {
+                    let text = owner_text(obj, 0);
+                    return (
+                        Guard::Weak(Bound::from_owned_ptr(obj.py(), w).unbind()),
+                        Some(text),
+                    );
+                }
+                ffi::PyErr_Clear();
+            }
+        }
+        (Guard::Strong(obj.clone().unbind()), None)
+    }
+
+    /// Whether the guard's object is `obj` (alive, at that address). No object is made.
+    fn is(&self, obj: *mut ffi::PyObject) -> bool {
+        match self {
+            Guard::None => false,
+            Guard::Strong(o) => o.as_ptr() == obj,
+            // SAFETY: attached (the callers hold the interpreter); a referent found alive is
+            // `obj` itself (two live objects never share an address), which the caller holds,
+            // so the reference taken here is let go without freeing anything.
+            Guard::Weak(w) => unsafe {
+                let mut found: *mut ffi::PyObject = std::ptr::null_mut();
+                match ffi::compat::PyWeakref_GetRef(w.as_ptr(), &mut found) {
+                    1 => {
+                        ffi::Py_DECREF(found);
+                        found == obj
+                    }
+                    0 => false,
+                    _ => {
+                        ffi::PyErr_Clear();
+                        false
+                    }
+                }
+            },
+        }
+    }
+
+    /// Another guard of the same object (a new reference: no object is made).
+    fn clone_ref(&self, py: Python<'_>) -> Guard {
+        match self {
+            Guard::None => Guard::None,
+            Guard::Weak(w) => Guard::Weak(w.clone_ref(py)),
+            Guard::Strong(o) => Guard::Strong(o.clone_ref(py)),
+        }
+    }
+
+    /// The object, when the guard holds it.
+    fn held(&self) -> Option<&Py<PyAny>> {
+        match self {
+            Guard::Strong(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Loc {
-    /// The accessed object (kept alive for the round) and the key.
-    owner: Option<Py<PyAny>>,
+    /// What names the accessed object (see [`Guard`]) and the key (of a simple type).
+    owner: Guard,
+    /// The owner's label, made with a weak guard (the object may be gone at the round's end).
+    owner_text: Option<String>,
     key: Option<Py<PyAny>>,
     /// 0 attribute, 1 item, 2 whole container, 3 module global, 4 cell variable.
     kind: u8,
@@ -585,11 +672,27 @@ impl State {
 /// (owner text, key text) of a location: the type (or class, or module) and the attribute,
 /// key or `*`.
 fn label(py: Python<'_>, l: &Loc) -> (String, String) {
-    let Some(owner) = l.owner.as_ref() else {
-        return ("?".into(), "?".into());
+    let owner_text = match (&l.owner_text, l.owner.held()) {
+        (Some(text), _) => text.clone(),
+        (None, Some(owner)) => owner_text(owner.bind(py), l.kind),
+        (None, None) => return ("?".into(), "?".into()),
     };
-    let owner = owner.bind(py);
-    let owner_text = if l.kind == 3 {
+    let key = match (&l.key, l.kind) {
+        (_, 2) | (None, _) => "*".to_string(),
+        (Some(k), 0 | 3 | 4) => k.bind(py).to_string(),
+        (Some(k), _) => k
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "?".into()),
+    };
+    (owner_text, key)
+}
+
+/// The owner half of a location's label: the module of a globals dict (`kind` 3), a class's
+/// own name, or the object's type.
+fn owner_text(owner: &Bound<'_, PyAny>, kind: u8) -> String {
+    if kind == 3 {
         owner
             .cast::<PyDict>()
             .ok()
@@ -604,17 +707,7 @@ fn label(py: Python<'_>, l: &Loc) -> (String, String) {
             .qualname()
             .map(|n| n.to_string())
             .unwrap_or_default()
-    };
-    let key = match (&l.key, l.kind) {
-        (_, 2) | (None, _) => "*".to_string(),
-        (Some(k), 0 | 3 | 4) => k.bind(py).to_string(),
-        (Some(k), _) => k
-            .bind(py)
-            .repr()
-            .map(|r| r.to_string())
-            .unwrap_or_else(|_| "?".into()),
-    };
-    (owner_text, key)
+    }
 }
 
 /// The calling thread's (run, managed id, round generation), when it is managed.
@@ -1379,64 +1472,106 @@ fn apply(py: Python<'_>, r: Resolved) {
         hash,
         acc,
         contents,
-        hold,
+        mut hold,
     } = r;
     let atomic = acc.atomic;
     let mut key = key;
-    let container_key = owner.as_ptr() as u64;
+    let obj = owner.as_ptr();
+    let container_key = obj as u64;
     let mut spare = None;
     let mut replaced = None;
-    with_round(py, |st, tid| {
-        let location = |st: &mut State, kind: u8, hash: i64, key: &mut Option<Py<PyAny>>| {
-            let at = (owner.as_ptr() as usize, kind, hash);
-            match st.locs.get(&at) {
-                Some(&l) => l,
-                None => {
-                    let l = st.data.len() as u32;
-                    st.data.push(Loc {
-                        owner: Some(owner.clone_ref(py)),
-                        key: key.take(),
-                        kind,
-                        first_tid: tid,
-                        ..Loc::default()
-                    });
-                    st.locs.insert(at, l);
-                    l
-                }
-            }
-        };
-        let loc = location(st, loc_kind, hash, &mut key);
-        if atomic {
-            st.acquire(tid, container_key, false);
-        }
-        let seq = st.seq;
-        st.access(loc, Acc { tid, ..acc });
-        if let Some(it) = hold {
-            let step = Acc { tid, seq, ..acc };
-            replaced = st.data[loc as usize].iters.insert(tid, (step, it));
-        }
-        if contents {
-            let whole = location(st, 2, 0, &mut None);
-            let write = Acc {
-                tid,
-                op: OP_WRITE,
-                check: false,
-                ..acc
+    // The guard of a new location, made outside the state's lock (see [`Guard::new`]): a
+    // first pass finds the locations, or says one is to be made.
+    let mut fresh: Option<(Guard, Option<String>)> = None;
+    for _pass in 0..2 {
+        let done = with_round(py, |st, tid| {
+            // The live location of (this object, kind, hash), or None.
+            let find = |st: &State, kind: u8, hash: i64| {
+                st.locs
+                    .get(&(obj as usize, kind, hash))
+                    .copied()
+                    .filter(|&l| st.data[l as usize].owner.is(obj))
             };
-            st.access(whole, write);
+            let make = |st: &mut State, kind: u8, guard: (Guard, Option<String>), key| {
+                let l = st.data.len() as u32;
+                st.data.push(Loc {
+                    owner: guard.0,
+                    owner_text: guard.1,
+                    key,
+                    kind,
+                    first_tid: tid,
+                    ..Loc::default()
+                });
+                // Replaces a retired location of an object that had the address before.
+                st.locs.insert((obj as usize, kind, hash), l);
+                l
+            };
+            let loc = match find(st, loc_kind, hash) {
+                Some(l) => l,
+                None => match fresh.take() {
+                    Some(guard) => make(st, loc_kind, guard, key.take()),
+                    None => return false,
+                },
+            };
+            if atomic {
+                st.acquire(tid, container_key, false);
+            }
+            let seq = st.seq;
+            st.access(loc, Acc { tid, ..acc });
+            if let Some(it) = hold.take() {
+                let step = Acc { tid, seq, ..acc };
+                replaced = st.data[loc as usize].iters.insert(tid, (step, it));
+            }
+            if contents {
+                let whole = match find(st, 2, 0) {
+                    Some(l) => l,
+                    None => {
+                        let l = &st.data[loc as usize];
+                        let guard = (l.owner.clone_ref(py), l.owner_text.clone());
+                        let at = st.data.len() as u32;
+                        st.data.push(Loc {
+                            owner: guard.0,
+                            owner_text: guard.1,
+                            kind: 2,
+                            first_tid: tid,
+                            ..Loc::default()
+                        });
+                        st.locs.insert((obj as usize, 2, 0), at);
+                        at
+                    }
+                };
+                let write = Acc {
+                    tid,
+                    op: OP_WRITE,
+                    check: false,
+                    ..acc
+                };
+                st.access(whole, write);
+            }
+            if atomic {
+                st.release(tid, container_key, false);
+            }
+            if st.data.len() > 1 << 20 {
+                spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
+            }
+            true
+        });
+        if done != Some(false) || fresh.is_some() {
+            break;
         }
-        if atomic {
-            st.release(tid, container_key, false);
-        }
-        if st.data.len() > 1 << 20 {
-            spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
-        }
-    });
+        fresh = Some(Guard::new(owner.bind(py)));
+    }
     drop(spare);
     // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
     // know that the INSTRUCTION callback is attached).
     if let Some((_, it)) = replaced {
         decref_now(py, it);
+    }
+    if let Some(it) = hold {
+        decref_now(py, it);
+    }
+    if let Some((Guard::Weak(p) | Guard::Strong(p), _)) = fresh {
+        decref_now(py, p);
     }
     decref_now(py, owner);
     if let Some(key) = key {

@@ -34,11 +34,6 @@ def test_an_object_dies_with_its_last_reference(pytester, mode):
     result.assert_outcomes(passed=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="exact mode's happens-before tracking (rust/hb.rs, Loc.owner) keeps every object "
-    "whose attribute a round touched alive until the round ends; see benches/real_suites.md",
-)
 def test_an_object_dies_with_its_last_reference_under_race_tracking(pytester):
     pytester.makepyfile(test_box=DIES_AT_ONCE)
     result = pytester.runpytest("--ftrace", "--threads", "2", "--iterations", "2")
