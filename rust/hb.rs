@@ -30,8 +30,10 @@
 //! and `__del__` run then, as without the plugin): it keeps a weak reference, and an access
 //! whose object is not the one a location's weak reference names (dead: another object has
 //! the address now) starts a new location, the old one retired with its label, computed when
-//! it was made. Objects without weak references (a dict, a list, a closure cell, an instance
-//! of `__slots__` without `__weakref__`) are held until the round ends, as `shared.rs` does.
+//! it was made. A list, a dict or a closure cell (no weak references) is watched instead:
+//! `deaths.rs` notes its death, which retires its locations. Other objects without weak
+//! references (an instance of `__slots__` without `__weakref__`, a subclass of list or dict
+//! with `__slots__`) are held until the round ends.
 //! A location's key is of a simple type (a str, an int, a tuple of them: `simple_hash`), which
 //! holds nothing of the test's.
 
@@ -217,7 +219,10 @@ enum Guard {
     None,
     /// A weak reference to the object (it dies when the test lets go of it).
     Weak(Py<PyAny>),
-    /// The object itself, for a type without weak references (held until the round ends).
+    /// A list, dict or cell whose death `deaths.rs` watches (retired: [`Guard::None`]).
+    Watched,
+    /// The object itself, for another type without weak references (held until the round
+    /// ends).
     Strong(Py<PyAny>),
 }
 
@@ -225,10 +230,13 @@ impl Guard {
     /// A guard for `obj`, and the owner text of its label when the guard is weak (the
     /// object may be gone when the label is needed). Makes objects: call it outside the
     /// state's lock (an allocation may collect, and a finalizer may run hooked code).
-    fn new(obj: &Bound<'_, PyAny>) -> (Guard, Option<String>) {
+    fn new(obj: &Bound<'_, PyAny>, kind: u8) -> (Guard, Option<String>) {
         let ptr = obj.as_ptr();
         // SAFETY: attached (a bound object); the new reference is owned by the guard.
         unsafe {
+            if crate::deaths::watchable(ptr) {
+                return (Guard::Watched, Some(owner_text(obj, kind)));
+            }
             if (*ffi::Py_TYPE(ptr)).tp_weaklistoffset != 0 {
                 let w = ffi::PyWeakref_NewRef(ptr, std::ptr::null_mut());
                 if !w.is_null() {
@@ -248,6 +256,7 @@ impl Guard {
     fn is(&self, obj: *mut ffi::PyObject) -> bool {
         match self {
             Guard::None => false,
+            Guard::Watched => true,
             Guard::Strong(o) => o.as_ptr() == obj,
             // SAFETY: attached (the callers hold the interpreter); a referent found alive is
             // `obj` itself (two live objects never share an address), which the caller holds,
@@ -273,6 +282,7 @@ impl Guard {
     fn clone_ref(&self, py: Python<'_>) -> Guard {
         match self {
             Guard::None => Guard::None,
+            Guard::Watched => Guard::Watched,
             Guard::Weak(w) => Guard::Weak(w.clone_ref(py)),
             Guard::Strong(o) => Guard::Strong(o.clone_ref(py)),
         }
@@ -382,6 +392,8 @@ struct State {
     /// Synchronisation objects: (vector clock, strong vector clock).
     sync: HashMap<u64, Clocks>,
     locs: HashMap<(usize, u8, i64), u32>,
+    /// Watched owners (see [`Guard::Watched`]) -> their locations.
+    watched: HashMap<usize, Vec<u32>>,
     data: Vec<Loc>,
     conflicts: Vec<Conflict>,
     seen: HashSet<(u32, usize, u32, usize, u32, bool)>,
@@ -543,6 +555,41 @@ impl State {
         }
     }
 
+    /// A new location of the object at `obj` (guarded by `guard`); it replaces in [`State::locs`]
+    /// a retired one of an object that had the address before.
+    fn make(
+        &mut self,
+        at: (usize, u8, i64),
+        guard: (Guard, Option<String>),
+        key: Option<Py<PyAny>>,
+        tid: u32,
+    ) -> u32 {
+        let l = self.data.len() as u32;
+        if let Guard::Watched = guard.0 {
+            crate::deaths::watch(at.0);
+            self.watched.entry(at.0).or_default().push(l);
+        }
+        self.data.push(Loc {
+            owner: guard.0,
+            owner_text: guard.1,
+            key,
+            kind: at.1,
+            first_tid: tid,
+            ..Loc::default()
+        });
+        self.locs.insert(at, l);
+        l
+    }
+
+    /// Retire the locations of the watched objects that died.
+    fn retire_dead(&mut self) {
+        for addr in crate::deaths::take() {
+            for l in self.watched.remove(&addr).unwrap_or_default() {
+                self.data[l as usize].owner = Guard::None;
+            }
+        }
+    }
+
     /// Record an access of `tid` to location `loc`.
     fn access(&mut self, loc: u32, mut acc: Acc) {
         self.accesses += 1;
@@ -662,6 +709,8 @@ impl State {
         self.threads.clear();
         self.sync.clear();
         self.locs.clear();
+        self.watched.clear();
+        crate::deaths::clear();
         self.seq = 0;
         // The next round starts with room for as many locations (no regrowing, no moves).
         let room = Vec::with_capacity(self.data.len().min(1 << 16));
@@ -734,6 +783,7 @@ fn with_round<T>(py: Python<'_>, f: impl FnOnce(&mut State, u32) -> T) -> Option
             st.generation = generation;
             st.iteration = st.rounds.get(&(run, generation)).copied();
         }
+        st.retire_dead();
         f(st, tid)
     };
     drop(dropped);
@@ -1492,24 +1542,10 @@ fn apply(py: Python<'_>, r: Resolved) {
                     .copied()
                     .filter(|&l| st.data[l as usize].owner.is(obj))
             };
-            let make = |st: &mut State, kind: u8, guard: (Guard, Option<String>), key| {
-                let l = st.data.len() as u32;
-                st.data.push(Loc {
-                    owner: guard.0,
-                    owner_text: guard.1,
-                    key,
-                    kind,
-                    first_tid: tid,
-                    ..Loc::default()
-                });
-                // Replaces a retired location of an object that had the address before.
-                st.locs.insert((obj as usize, kind, hash), l);
-                l
-            };
             let loc = match find(st, loc_kind, hash) {
                 Some(l) => l,
                 None => match fresh.take() {
-                    Some(guard) => make(st, loc_kind, guard, key.take()),
+                    Some(guard) => st.make((obj as usize, loc_kind, hash), guard, key.take(), tid),
                     None => return false,
                 },
             };
@@ -1528,16 +1564,7 @@ fn apply(py: Python<'_>, r: Resolved) {
                     None => {
                         let l = &st.data[loc as usize];
                         let guard = (l.owner.clone_ref(py), l.owner_text.clone());
-                        let at = st.data.len() as u32;
-                        st.data.push(Loc {
-                            owner: guard.0,
-                            owner_text: guard.1,
-                            kind: 2,
-                            first_tid: tid,
-                            ..Loc::default()
-                        });
-                        st.locs.insert((obj as usize, 2, 0), at);
-                        at
+                        st.make((obj as usize, 2, 0), guard, None, tid)
                     }
                 };
                 let write = Acc {
@@ -1559,7 +1586,7 @@ fn apply(py: Python<'_>, r: Resolved) {
         if done != Some(false) || fresh.is_some() {
             break;
         }
-        fresh = Some(Guard::new(owner.bind(py)));
+        fresh = Some(Guard::new(owner.bind(py), loc_kind));
     }
     drop(spare);
     // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
@@ -1588,6 +1615,9 @@ fn decref_now(_py: Python<'_>, obj: Py<PyAny>) {
 /// races_enable(on): track accesses in exact mode from now on (or stop).
 #[pyfunction]
 fn races_enable(py: Python<'_>, on: bool) {
+    if on {
+        crate::deaths::install();
+    }
     ENABLED.store(on, Ordering::Relaxed);
     if !on {
         let dropped = {

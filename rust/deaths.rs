@@ -1,0 +1,159 @@
+//! Deaths of watched objects of the types that have no weak references but hold the test's
+//! objects: lists, dicts and closure cells. Race tracking (`hb.rs`) must know when the object
+//! of a location dies (its address may go to another object at once: both types have free
+//! lists), and must not keep it alive (its items would live on: the test's weak references'
+//! callbacks and `__del__` would run late). A weak reference tells the first without the
+//! second, for the types that have them; for these three, the types' `tp_dealloc` is wrapped,
+//! once, when race tracking is first turned on: the wrapper notes the death of an address
+//! that is watched, then deallocates as before. Nothing the test can see changes (the slot is
+//! not visible from Python), and while nothing is watched the wrapper costs one atomic load.
+//!
+//! The watched set is per round (`hb.rs` clears it at the round's end); a death is noted
+//! synchronously, before the memory can be reused, so the tracker sees it before any access
+//! to a later object at the address.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Once;
+
+use parking_lot::Mutex;
+use pyo3::ffi;
+
+extern "C" {
+    // The type of closure cells (public C API, `cellobject.h`); pyo3-ffi does not declare it.
+    static mut PyCell_Type: ffi::PyTypeObject;
+}
+
+/// How many addresses are watched (0: the wrapper only calls the original).
+static WATCHED_LEN: AtomicUsize = AtomicUsize::new(0);
+/// Addresses of the watched objects alive.
+static WATCHED: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+/// Watched addresses that died since the last [`take`].
+static DIED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static DIED_ANY: AtomicBool = AtomicBool::new(false);
+
+/// The original deallocators of list, dict and cell (set once, before any wrapper runs).
+static ORIGINAL: [AtomicUsize; 3] = [
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+];
+static INSTALL: Once = Once::new();
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+fn noted(obj: *mut ffi::PyObject) {
+    if WATCHED_LEN.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let removed = WATCHED
+        .lock()
+        .as_mut()
+        .is_some_and(|w| w.remove(&(obj as usize)));
+    if removed {
+        WATCHED_LEN.fetch_sub(1, Ordering::AcqRel);
+        DIED.lock().push(obj as usize);
+        DIED_ANY.store(true, Ordering::Release);
+    }
+}
+
+/// # Safety
+/// Called by the interpreter as the type's `tp_dealloc`.
+unsafe fn forward(which: usize, obj: *mut ffi::PyObject) {
+    noted(obj);
+    let original = ORIGINAL[which].load(Ordering::Acquire);
+    // SAFETY: set from the type's own slot before the wrapper was put in its place.
+    unsafe {
+        if original != 0 {
+            let f = std::mem::transmute::<usize, ffi::destructor>(original);
+            f(obj);
+        }
+    }
+}
+
+unsafe extern "C" fn list_dealloc(obj: *mut ffi::PyObject) {
+    // SAFETY: as the slot's.
+    unsafe { forward(0, obj) }
+}
+
+unsafe extern "C" fn dict_dealloc(obj: *mut ffi::PyObject) {
+    // SAFETY: as the slot's.
+    unsafe { forward(1, obj) }
+}
+
+unsafe extern "C" fn cell_dealloc(obj: *mut ffi::PyObject) {
+    // SAFETY: as the slot's.
+    unsafe { forward(2, obj) }
+}
+
+/// Put the wrappers in place (once per process). Attached.
+pub fn install() {
+    INSTALL.call_once(|| {
+        // SAFETY: attached (the caller); the static types live for the process; each original
+        // is stored before its wrapper can run.
+        unsafe {
+            let types = [
+                std::ptr::addr_of_mut!(ffi::PyList_Type),
+                std::ptr::addr_of_mut!(ffi::PyDict_Type),
+                std::ptr::addr_of_mut!(PyCell_Type),
+            ];
+            let wrappers: [unsafe extern "C" fn(*mut ffi::PyObject); 3] =
+                [list_dealloc, dict_dealloc, cell_dealloc];
+            for (i, ty) in types.into_iter().enumerate() {
+                let Some(original) = (*ty).tp_dealloc else {
+                    return;
+                };
+                ORIGINAL[i].store(original as usize, Ordering::Release);
+            }
+            for (ty, w) in types.into_iter().zip(wrappers) {
+                (*ty).tp_dealloc = Some(w);
+            }
+            INSTALLED.store(true, Ordering::Release);
+        }
+    });
+}
+
+/// Whether [`watch`] can tell when `obj` dies: exactly a list, a dict or a cell.
+///
+/// # Safety
+/// `obj` is a live object.
+pub unsafe fn watchable(obj: *mut ffi::PyObject) -> bool {
+    if !INSTALLED.load(Ordering::Acquire) {
+        return false;
+    }
+    // SAFETY: a live object's type.
+    unsafe {
+        let ty = ffi::Py_TYPE(obj);
+        ty == std::ptr::addr_of_mut!(ffi::PyList_Type)
+            || ty == std::ptr::addr_of_mut!(ffi::PyDict_Type)
+            || ty == std::ptr::addr_of_mut!(PyCell_Type)
+    }
+}
+
+/// Note the death of the (live, [`watchable`]) object at `addr` from now on.
+pub fn watch(addr: usize) {
+    let mut w = WATCHED.lock();
+    if w.get_or_insert_with(HashSet::new).insert(addr) {
+        WATCHED_LEN.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The watched addresses that died since the last call (cheap when none did).
+pub fn take() -> Vec<usize> {
+    if !DIED_ANY.load(Ordering::Acquire) {
+        return Vec::new();
+    }
+    let mut died = DIED.lock();
+    DIED_ANY.store(false, Ordering::Release);
+    std::mem::take(&mut *died)
+}
+
+/// Watch nothing (a round ends).
+pub fn clear() {
+    let mut w = WATCHED.lock();
+    if let Some(w) = w.as_mut() {
+        w.clear();
+    }
+    WATCHED_LEN.store(0, Ordering::Release);
+    DIED.lock().clear();
+    DIED_ANY.store(false, Ordering::Release);
+}
