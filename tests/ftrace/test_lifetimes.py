@@ -116,31 +116,3 @@ def test_containers_die_with_their_last_reference_under_race_tracking(pytester):
     result = pytester.runpytest("--ftrace", "--threads", "2", "--iterations", "2")
     result.assert_outcomes(passed=4)
 
-
-# Each thread makes its own objects, over and over: an address one thread's object had goes
-# to another thread's next one (free lists hand it on at once). The tracker must see a new
-# object there, not the dead one's history, which another thread wrote.
-ADDRESSES_REUSED = """
-class Box:
-    def __init__(self):
-        self.value = 0
-
-def test_fresh_objects_in_every_thread():
-    for _ in range(30):
-        items = []
-        items.append(1)
-        table = {}
-        table["k"] = 1
-        box = Box()
-        box.value = len(items) + table["k"]
-        del items, table, box
-"""
-
-
-def test_a_reused_address_is_a_new_location(pytester):
-    pytester.makepyfile(test_fresh=ADDRESSES_REUSED)
-    result = pytester.runpytest(
-        "--ftrace", "--threads", "3", "--iterations", "4", "--ftrace-shrink", "0"
-    )
-    result.assert_outcomes(passed=1)
-    assert "data race" not in result.stdout.str()
