@@ -8,11 +8,12 @@
 //! that is watched, then deallocates as before. Nothing the test can see changes (the slot is
 //! not visible from Python), and while nothing is watched the wrapper costs one atomic load.
 //!
-//! The watched set is per round (`hb.rs` clears it at the round's end); a death is noted
-//! synchronously, before the memory can be reused, so the tracker sees it before any access
-//! to a later object at the address.
+//! Two trackers watch, each with its own set ([`HB`]: race tracking, [`SHARED`]: the budget's
+//! sharing signal), cleared at their round's end; a death is noted synchronously, before the
+//! memory can be reused, so the tracker sees it before any access to a later object at the
+//! address.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Once;
 
@@ -24,13 +25,19 @@ extern "C" {
     static mut PyCell_Type: ffi::PyTypeObject;
 }
 
+/// The watcher of race tracking (`hb.rs`).
+pub const HB: usize = 0;
+/// The watcher of the budget's sharing signal (`shared.rs`).
+pub const SHARED: usize = 1;
+
 /// How many addresses are watched (0: the wrapper only calls the original).
 static WATCHED_LEN: AtomicUsize = AtomicUsize::new(0);
-/// Addresses of the watched objects alive.
-static WATCHED: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
-/// Watched addresses that died since the last [`take`].
-static DIED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-static DIED_ANY: AtomicBool = AtomicBool::new(false);
+/// Addresses of the watched objects alive -> the watchers (bit per watcher).
+static WATCHED: Mutex<Option<HashMap<usize, u8>>> = Mutex::new(None);
+/// Per watcher: (address, type address) of its watched objects that died since its last
+/// [`take`].
+static DIED: [Mutex<Vec<(usize, usize)>>; 2] = [Mutex::new(Vec::new()), Mutex::new(Vec::new())];
+static DIED_ANY: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
 /// The original deallocators of list, dict and cell (set once, before any wrapper runs).
 static ORIGINAL: [AtomicUsize; 3] = [
@@ -48,11 +55,17 @@ fn noted(obj: *mut ffi::PyObject) {
     let removed = WATCHED
         .lock()
         .as_mut()
-        .is_some_and(|w| w.remove(&(obj as usize)));
-    if removed {
+        .and_then(|w| w.remove(&(obj as usize)));
+    if let Some(bits) = removed {
         WATCHED_LEN.fetch_sub(1, Ordering::AcqRel);
-        DIED.lock().push(obj as usize);
-        DIED_ANY.store(true, Ordering::Release);
+        // SAFETY: the object is being deallocated: its type is still set.
+        let ty = unsafe { ffi::Py_TYPE(obj) } as usize;
+        for who in [HB, SHARED] {
+            if bits & (1 << who) != 0 {
+                DIED[who].lock().push((obj as usize, ty));
+                DIED_ANY[who].store(true, Ordering::Release);
+            }
+        }
     }
 }
 
@@ -129,31 +142,43 @@ pub unsafe fn watchable(obj: *mut ffi::PyObject) -> bool {
     }
 }
 
-/// Note the death of the (live, [`watchable`]) object at `addr` from now on.
-pub fn watch(addr: usize) {
+/// Note for watcher `who` the death of the (live, [`watchable`]) object at `addr`.
+pub fn watch(who: usize, addr: usize) {
     let mut w = WATCHED.lock();
-    if w.get_or_insert_with(HashSet::new).insert(addr) {
-        WATCHED_LEN.fetch_add(1, Ordering::AcqRel);
-    }
+    let bits = w
+        .get_or_insert_with(HashMap::new)
+        .entry(addr)
+        .or_insert_with(|| {
+            WATCHED_LEN.fetch_add(1, Ordering::AcqRel);
+            0
+        });
+    *bits |= 1 << who;
 }
 
-/// The watched addresses that died since the last call (cheap when none did).
-pub fn take() -> Vec<usize> {
-    if !DIED_ANY.load(Ordering::Acquire) {
+/// (address, type address) of the objects watched by `who` that died since its last call
+/// (cheap when none did).
+pub fn take(who: usize) -> Vec<(usize, usize)> {
+    if !DIED_ANY[who].load(Ordering::Acquire) {
         return Vec::new();
     }
-    let mut died = DIED.lock();
-    DIED_ANY.store(false, Ordering::Release);
+    let mut died = DIED[who].lock();
+    DIED_ANY[who].store(false, Ordering::Release);
     std::mem::take(&mut *died)
 }
 
-/// Watch nothing (a round ends).
-pub fn clear() {
+/// Watcher `who` watches nothing (its round ends).
+pub fn clear(who: usize) {
     let mut w = WATCHED.lock();
     if let Some(w) = w.as_mut() {
-        w.clear();
+        if !w.is_empty() {
+            w.retain(|_, bits| {
+                *bits &= !(1 << who);
+                *bits != 0
+            });
+        }
+        WATCHED_LEN.store(w.len(), Ordering::Release);
     }
-    WATCHED_LEN.store(0, Ordering::Release);
-    DIED.lock().clear();
-    DIED_ANY.store(false, Ordering::Release);
+    drop(w);
+    DIED[who].lock().clear();
+    DIED_ANY[who].store(false, Ordering::Release);
 }

@@ -566,7 +566,7 @@ impl State {
     ) -> u32 {
         let l = self.data.len() as u32;
         if let Guard::Watched = guard.0 {
-            crate::deaths::watch(at.0);
+            crate::deaths::watch(crate::deaths::HB, at.0);
             self.watched.entry(at.0).or_default().push(l);
         }
         self.data.push(Loc {
@@ -583,7 +583,7 @@ impl State {
 
     /// Retire the locations of the watched objects that died.
     fn retire_dead(&mut self) {
-        for addr in crate::deaths::take() {
+        for (addr, _) in crate::deaths::take(crate::deaths::HB) {
             for l in self.watched.remove(&addr).unwrap_or_default() {
                 self.data[l as usize].owner = Guard::None;
             }
@@ -710,7 +710,7 @@ impl State {
         self.sync.clear();
         self.locs.clear();
         self.watched.clear();
-        crate::deaths::clear();
+        crate::deaths::clear(crate::deaths::HB);
         self.seq = 0;
         // The next round starts with room for as many locations (no regrowing, no moves).
         let room = Vec::with_capacity(self.data.len().min(1 << 16));

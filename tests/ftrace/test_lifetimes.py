@@ -111,8 +111,17 @@ def test_a_closure_cell_does_not_outlive_its_function():
 """
 
 
-def test_containers_die_with_their_last_reference_under_race_tracking(pytester):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(["--iterations", "2"], id="race-tracking"),
+        # rounds by budget: the sharing signal tracks the first rounds' accesses too
+        pytest.param(["--ftrace-races", "off"], id="sharing-signal"),
+        pytest.param([], id="both"),
+    ],
+)
+def test_containers_die_with_their_last_reference(pytester, extra):
     pytester.makepyfile(test_containers=CONTAINERS_DIE)
-    result = pytester.runpytest("--ftrace", "--threads", "2", "--iterations", "2")
+    result = pytester.runpytest("--ftrace", "--threads", "2", *extra)
     result.assert_outcomes(passed=4)
 
