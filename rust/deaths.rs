@@ -1,5 +1,6 @@
 //! Deaths of watched objects of the types that have no weak references but hold the test's
-//! objects: lists, dicts and closure cells. Race tracking (`hb.rs`) must know when the object
+//! objects: lists, dicts and closure cells, and the iterators of loops over containers
+//! ([`watch_type`]). Race tracking (`hb.rs`) must know when the object
 //! of a location dies (its address may go to another object at once: both types have free
 //! lists), and must not keep it alive (its items would live on: the test's weak references'
 //! callbacks and `__del__` would run late). A weak reference tells the first without the
@@ -96,6 +97,68 @@ unsafe extern "C" fn dict_dealloc(obj: *mut ffi::PyObject) {
 unsafe extern "C" fn cell_dealloc(obj: *mut ffi::PyObject) {
     // SAFETY: as the slot's.
     unsafe { forward(2, obj) }
+}
+
+/// Other types watched (loop iterators): their original deallocators, found by type.
+const MAX_OTHER: usize = 16;
+#[allow(clippy::declare_interior_mutable_const)]
+const NONE: AtomicUsize = AtomicUsize::new(0);
+static OTHER_TYPES: [AtomicUsize; MAX_OTHER] = [NONE; MAX_OTHER];
+static OTHER_ORIGINAL: [AtomicUsize; MAX_OTHER] = [NONE; MAX_OTHER];
+static OTHER_LOCK: Mutex<()> = Mutex::new(());
+
+unsafe extern "C" fn other_dealloc(obj: *mut ffi::PyObject) {
+    noted(obj);
+    // SAFETY: as the slot's; the type is one of the table's (only they have this wrapper),
+    // and its original was stored before the wrapper was put in place.
+    unsafe {
+        let ty = ffi::Py_TYPE(obj) as usize;
+        for (t, original) in OTHER_TYPES.iter().zip(&OTHER_ORIGINAL) {
+            if t.load(Ordering::Acquire) == ty {
+                let original = original.load(Ordering::Acquire);
+                if original != 0 {
+                    let f = std::mem::transmute::<usize, ffi::destructor>(original);
+                    f(obj);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Whether deaths of instances of `ty` can be watched: a static type that cannot be
+/// subclassed (a builtin iterator), its deallocator wrapped now if it was not yet (at most
+/// [`MAX_OTHER`] types).
+///
+/// # Safety
+/// `ty` is a live type; attached.
+pub unsafe fn watch_type(ty: *mut ffi::PyTypeObject) -> bool {
+    if !INSTALLED.load(Ordering::Acquire) {
+        return false;
+    }
+    // SAFETY: a live type's fields; static types live for the process.
+    unsafe {
+        let flags = (*ty).tp_flags;
+        if flags & (ffi::Py_TPFLAGS_HEAPTYPE | ffi::Py_TPFLAGS_BASETYPE) != 0 {
+            return false;
+        }
+        let _guard = OTHER_LOCK.lock();
+        let mut free = None;
+        for (i, t) in OTHER_TYPES.iter().enumerate() {
+            match t.load(Ordering::Acquire) {
+                0 if free.is_none() => free = Some(i),
+                t if t == ty as usize => return true,
+                _ => {}
+            }
+        }
+        let (Some(i), Some(original)) = (free, (*ty).tp_dealloc) else {
+            return false;
+        };
+        OTHER_ORIGINAL[i].store(original as usize, Ordering::Release);
+        OTHER_TYPES[i].store(ty as usize, Ordering::Release);
+        (*ty).tp_dealloc = Some(other_dealloc);
+        true
+    }
 }
 
 /// Put the wrappers in place (once per process). Attached.

@@ -315,9 +315,11 @@ struct Loc {
     reads: Vec<Acc>,
     /// Per thread: its reads since its own last write (the last [`READS_KEPT`]).
     pending: ReadsBy,
-    /// Per thread: its latest loop step over this container and that step's iterator, kept
-    /// alive so that a later iteration's iterator never has its address.
-    iters: HashMap<u32, (Acc, Py<PyAny>)>,
+    /// Per thread: its latest loop step over this container. Its iterator (the step's `ctx`)
+    /// is watched (`deaths.rs`: its death removes the entry, so that a later iteration's
+    /// iterator at its address is not taken for it), or, for an iterator type that cannot be
+    /// watched, kept alive here (with its container) until the round ends.
+    iters: HashMap<u32, (Acc, Option<Py<PyAny>>)>,
     label: Option<(String, String)>,
 }
 
@@ -394,6 +396,8 @@ struct State {
     locs: HashMap<(usize, u8, i64), u32>,
     /// Watched owners (see [`Guard::Watched`]) -> their locations.
     watched: HashMap<usize, Vec<u32>>,
+    /// Watched loop iterators -> (location, thread) of the steps that name them.
+    iter_watched: HashMap<usize, Vec<(u32, u32)>>,
     data: Vec<Loc>,
     conflicts: Vec<Conflict>,
     seen: HashSet<(u32, usize, u32, usize, u32, bool)>,
@@ -587,6 +591,12 @@ impl State {
             for l in self.watched.remove(&addr).unwrap_or_default() {
                 self.data[l as usize].owner = Guard::None;
             }
+            for (l, tid) in self.iter_watched.remove(&addr).unwrap_or_default() {
+                let iters = &mut self.data[l as usize].iters;
+                if iters.get(&tid).is_some_and(|(a, _)| a.ctx == addr) {
+                    iters.remove(&tid);
+                }
+            }
         }
     }
 
@@ -710,6 +720,7 @@ impl State {
         self.sync.clear();
         self.locs.clear();
         self.watched.clear();
+        self.iter_watched.clear();
         crate::deaths::clear(crate::deaths::HB);
         self.seq = 0;
         // The next round starts with room for as many locations (no regrowing, no moves).
@@ -1530,6 +1541,7 @@ fn apply(py: Python<'_>, r: Resolved) {
     let container_key = obj as u64;
     let mut spare = None;
     let mut replaced = None;
+    let mut spare_iter = None;
     // The guard of a new location, made outside the state's lock (see [`Guard::new`]): a
     // first pass finds the locations, or says one is to be made.
     let mut fresh: Option<(Guard, Option<String>)> = None;
@@ -1556,7 +1568,23 @@ fn apply(py: Python<'_>, r: Resolved) {
             st.access(loc, Acc { tid, ..acc });
             if let Some(it) = hold.take() {
                 let step = Acc { tid, seq, ..acc };
-                replaced = st.data[loc as usize].iters.insert(tid, (step, it));
+                let addr = it.as_ptr() as usize;
+                let iters = &mut st.data[loc as usize].iters;
+                match iters.get_mut(&tid) {
+                    // The same iteration: its iterator is watched or kept already.
+                    Some(prev) if prev.0.ctx == addr => {
+                        prev.0 = step;
+                        spare_iter = Some(it);
+                    }
+                    // SAFETY: attached; `it` is live.
+                    _ if unsafe { crate::deaths::watch_type(ffi::Py_TYPE(it.as_ptr())) } => {
+                        crate::deaths::watch(crate::deaths::HB, addr);
+                        replaced = iters.insert(tid, (step, None));
+                        st.iter_watched.entry(addr).or_default().push((loc, tid));
+                        spare_iter = Some(it);
+                    }
+                    _ => replaced = iters.insert(tid, (step, Some(it))),
+                }
             }
             if contents {
                 let whole = match find(st, 2, 0) {
@@ -1591,7 +1619,10 @@ fn apply(py: Python<'_>, r: Resolved) {
     drop(spare);
     // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
     // know that the INSTRUCTION callback is attached).
-    if let Some((_, it)) = replaced {
+    if let Some((_, Some(it))) = replaced {
+        decref_now(py, it);
+    }
+    if let Some(it) = spare_iter {
         decref_now(py, it);
     }
     if let Some(it) = hold {

@@ -74,6 +74,18 @@ def test_a_dict_does_not_outlive_its_last_reference():
         del box, table
         assert died == list(range(i + 1)), "a dict outlived its last reference"
 
+def test_a_loop_left_early_does_not_keep_its_list():
+    died = []
+    refs = []
+    for i in range(5):
+        box, ref = watch(died, i)
+        refs.append(ref)
+        items = [box, 1]
+        for item in items:
+            break  # the loop's iterator still holds the list when it goes
+        del item, box, items
+        assert died == list(range(i + 1)), "a loop's iterator outlived the loop"
+
 def collected(box):
     out = []
     out.append((box, 1))  # the list a function returns, dropped by its caller
@@ -123,5 +135,5 @@ def test_a_closure_cell_does_not_outlive_its_function():
 def test_containers_die_with_their_last_reference(pytester, extra):
     pytester.makepyfile(test_containers=CONTAINERS_DIE)
     result = pytester.runpytest("--ftrace", "--threads", "2", *extra)
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
 
