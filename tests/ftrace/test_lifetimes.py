@@ -136,4 +136,3 @@ def test_containers_die_with_their_last_reference(pytester, extra):
     pytester.makepyfile(test_containers=CONTAINERS_DIE)
     result = pytester.runpytest("--ftrace", "--threads", "2", *extra)
     result.assert_outcomes(passed=5)
-
