@@ -138,7 +138,8 @@ pub unsafe fn watch_type(ty: *mut ffi::PyTypeObject) -> bool {
     }
     // SAFETY: a live type's fields; static types live for the process.
     unsafe {
-        let flags = (*ty).tp_flags;
+        // (an atomic field on the free-threaded build: read through the API)
+        let flags = ffi::PyType_GetFlags(ty);
         if flags & (ffi::Py_TPFLAGS_HEAPTYPE | ffi::Py_TPFLAGS_BASETYPE) != 0 {
             return false;
         }
