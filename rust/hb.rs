@@ -202,7 +202,7 @@ struct Acc {
     atomic: bool,
     /// A loop's step over a container ([`OP_ITER`]).
     iter: bool,
-    /// A step's iterator (its address; the location keeps the latest one alive).
+    /// A step's iterator (its address; see `Loc::iters` for why it names one iterator).
     ctx: usize,
     /// The calling frame (its address, code object and the offset of its call): a read in
     /// one helper feeds a write in another one called after it by the same frame
