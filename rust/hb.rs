@@ -24,8 +24,18 @@
 //! and updates that location; vector clocks are joined only at synchronisation, and a location
 //! touched by one thread only never compares clocks.
 //!
-//! A location keeps its object alive until the round ends, so an address is never reused for
-//! another object within a round (a location dies with the round, not before).
+//! A location must name one object for the round, though the object may die in it and its
+//! address go to another one (a free list hands it on at once). It does not keep the object
+//! alive (the test's objects die when their last reference goes, weak references' callbacks
+//! and `__del__` run then, as without the plugin): it keeps a weak reference, and an access
+//! whose object is not the one a location's weak reference names (dead: another object has
+//! the address now) starts a new location, the old one retired with its label, computed when
+//! it was made. A list, a dict or a closure cell (no weak references) is watched instead:
+//! `deaths.rs` notes its death, which retires its locations. Other objects without weak
+//! references (an instance of `__slots__` without `__weakref__`, a subclass of list or dict
+//! with `__slots__`) are held until the round ends.
+//! A location's key is of a simple type (a str, an int, a tuple of them: `simple_hash`), which
+//! holds nothing of the test's.
 
 use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 use std::ffi::CStr;
@@ -192,7 +202,7 @@ struct Acc {
     atomic: bool,
     /// A loop's step over a container ([`OP_ITER`]).
     iter: bool,
-    /// A step's iterator (its address; the location keeps the latest one alive).
+    /// A step's iterator (its address; see `Loc::iters` for why it names one iterator).
     ctx: usize,
     /// The calling frame (its address, code object and the offset of its call): a read in
     /// one helper feeds a write in another one called after it by the same frame
@@ -202,10 +212,97 @@ struct Acc {
     parent_at: u32,
 }
 
+/// What tells a location's object from a later one at its address.
+#[derive(Default)]
+enum Guard {
+    #[default]
+    None,
+    /// A weak reference to the object (it dies when the test lets go of it).
+    Weak(Py<PyAny>),
+    /// A list, dict or cell whose death `deaths.rs` watches (retired: [`Guard::None`]).
+    Watched,
+    /// The object itself, for another type without weak references (held until the round
+    /// ends).
+    Strong(Py<PyAny>),
+}
+
+impl Guard {
+    /// A guard for `obj`, and the owner text of its label when the guard is weak (the
+    /// object may be gone when the label is needed). Makes objects: call it outside the
+    /// state's lock (an allocation may collect, and a finalizer may run hooked code).
+    fn new(obj: &Bound<'_, PyAny>, kind: u8) -> (Guard, Option<String>) {
+        let ptr = obj.as_ptr();
+        // SAFETY: attached (a bound object); the new reference is owned by the guard.
+        unsafe {
+            if crate::deaths::watchable(ptr) {
+                return (Guard::Watched, Some(owner_text(obj, kind)));
+            }
+            if (*ffi::Py_TYPE(ptr)).tp_weaklistoffset != 0 {
+                let w = ffi::PyWeakref_NewRef(ptr, std::ptr::null_mut());
+                if !w.is_null() {
+                    let text = owner_text(obj, 0);
+                    return (
+                        Guard::Weak(Bound::from_owned_ptr(obj.py(), w).unbind()),
+                        Some(text),
+                    );
+                }
+                ffi::PyErr_Clear();
+            }
+        }
+        (Guard::Strong(obj.clone().unbind()), None)
+    }
+
+    /// Whether the guard's object is `obj` (alive, at that address). No object is made.
+    fn is(&self, obj: *mut ffi::PyObject) -> bool {
+        match self {
+            Guard::None => false,
+            Guard::Watched => true,
+            Guard::Strong(o) => o.as_ptr() == obj,
+            // SAFETY: attached (the callers hold the interpreter); a referent found alive is
+            // `obj` itself (two live objects never share an address), which the caller holds,
+            // so the reference taken here is let go without freeing anything.
+            Guard::Weak(w) => unsafe {
+                let mut found: *mut ffi::PyObject = std::ptr::null_mut();
+                match ffi::compat::PyWeakref_GetRef(w.as_ptr(), &mut found) {
+                    1 => {
+                        ffi::Py_DECREF(found);
+                        found == obj
+                    }
+                    0 => false,
+                    _ => {
+                        ffi::PyErr_Clear();
+                        false
+                    }
+                }
+            },
+        }
+    }
+
+    /// Another guard of the same object (a new reference: no object is made).
+    fn clone_ref(&self, py: Python<'_>) -> Guard {
+        match self {
+            Guard::None => Guard::None,
+            Guard::Watched => Guard::Watched,
+            Guard::Weak(w) => Guard::Weak(w.clone_ref(py)),
+            Guard::Strong(o) => Guard::Strong(o.clone_ref(py)),
+        }
+    }
+
+    /// The object, when the guard holds it.
+    fn held(&self) -> Option<&Py<PyAny>> {
+        match self {
+            Guard::Strong(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Loc {
-    /// The accessed object (kept alive for the round) and the key.
-    owner: Option<Py<PyAny>>,
+    /// What names the accessed object (see [`Guard`]) and the key (of a simple type).
+    owner: Guard,
+    /// The owner's label, made with a weak guard (the object may be gone at the round's end).
+    owner_text: Option<String>,
     key: Option<Py<PyAny>>,
     /// 0 attribute, 1 item, 2 whole container, 3 module global, 4 cell variable.
     kind: u8,
@@ -218,9 +315,11 @@ struct Loc {
     reads: Vec<Acc>,
     /// Per thread: its reads since its own last write (the last [`READS_KEPT`]).
     pending: ReadsBy,
-    /// Per thread: its latest loop step over this container and that step's iterator, kept
-    /// alive so that a later iteration's iterator never has its address.
-    iters: HashMap<u32, (Acc, Py<PyAny>)>,
+    /// Per thread: its latest loop step over this container. Its iterator (the step's `ctx`)
+    /// is watched (`deaths.rs`: its death removes the entry, so that a later iteration's
+    /// iterator at its address is not taken for it), or, for an iterator type that cannot be
+    /// watched, kept alive here (with its container) until the round ends.
+    iters: HashMap<u32, (Acc, Option<Py<PyAny>>)>,
     label: Option<(String, String)>,
 }
 
@@ -295,6 +394,10 @@ struct State {
     /// Synchronisation objects: (vector clock, strong vector clock).
     sync: HashMap<u64, Clocks>,
     locs: HashMap<(usize, u8, i64), u32>,
+    /// Watched owners (see [`Guard::Watched`]) -> their locations.
+    watched: HashMap<usize, Vec<u32>>,
+    /// Watched loop iterators -> (location, thread) of the steps that name them.
+    iter_watched: HashMap<usize, Vec<(u32, u32)>>,
     data: Vec<Loc>,
     conflicts: Vec<Conflict>,
     seen: HashSet<(u32, usize, u32, usize, u32, bool)>,
@@ -456,6 +559,47 @@ impl State {
         }
     }
 
+    /// A new location of the object at `obj` (guarded by `guard`); it replaces in [`State::locs`]
+    /// a retired one of an object that had the address before.
+    fn make(
+        &mut self,
+        at: (usize, u8, i64),
+        guard: (Guard, Option<String>),
+        key: Option<Py<PyAny>>,
+        tid: u32,
+    ) -> u32 {
+        let l = self.data.len() as u32;
+        if let Guard::Watched = guard.0 {
+            crate::deaths::watch(crate::deaths::HB, at.0);
+            self.watched.entry(at.0).or_default().push(l);
+        }
+        self.data.push(Loc {
+            owner: guard.0,
+            owner_text: guard.1,
+            key,
+            kind: at.1,
+            first_tid: tid,
+            ..Loc::default()
+        });
+        self.locs.insert(at, l);
+        l
+    }
+
+    /// Retire the locations of the watched objects that died.
+    fn retire_dead(&mut self) {
+        for (addr, _) in crate::deaths::take(crate::deaths::HB) {
+            for l in self.watched.remove(&addr).unwrap_or_default() {
+                self.data[l as usize].owner = Guard::None;
+            }
+            for (l, tid) in self.iter_watched.remove(&addr).unwrap_or_default() {
+                let iters = &mut self.data[l as usize].iters;
+                if iters.get(&tid).is_some_and(|(a, _)| a.ctx == addr) {
+                    iters.remove(&tid);
+                }
+            }
+        }
+    }
+
     /// Record an access of `tid` to location `loc`.
     fn access(&mut self, loc: u32, mut acc: Acc) {
         self.accesses += 1;
@@ -575,6 +719,9 @@ impl State {
         self.threads.clear();
         self.sync.clear();
         self.locs.clear();
+        self.watched.clear();
+        self.iter_watched.clear();
+        crate::deaths::clear(crate::deaths::HB);
         self.seq = 0;
         // The next round starts with room for as many locations (no regrowing, no moves).
         let room = Vec::with_capacity(self.data.len().min(1 << 16));
@@ -585,11 +732,27 @@ impl State {
 /// (owner text, key text) of a location: the type (or class, or module) and the attribute,
 /// key or `*`.
 fn label(py: Python<'_>, l: &Loc) -> (String, String) {
-    let Some(owner) = l.owner.as_ref() else {
-        return ("?".into(), "?".into());
+    let owner_text = match (&l.owner_text, l.owner.held()) {
+        (Some(text), _) => text.clone(),
+        (None, Some(owner)) => owner_text(owner.bind(py), l.kind),
+        (None, None) => return ("?".into(), "?".into()),
     };
-    let owner = owner.bind(py);
-    let owner_text = if l.kind == 3 {
+    let key = match (&l.key, l.kind) {
+        (_, 2) | (None, _) => "*".to_string(),
+        (Some(k), 0 | 3 | 4) => k.bind(py).to_string(),
+        (Some(k), _) => k
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "?".into()),
+    };
+    (owner_text, key)
+}
+
+/// The owner half of a location's label: the module of a globals dict (`kind` 3), a class's
+/// own name, or the object's type.
+fn owner_text(owner: &Bound<'_, PyAny>, kind: u8) -> String {
+    if kind == 3 {
         owner
             .cast::<PyDict>()
             .ok()
@@ -604,17 +767,7 @@ fn label(py: Python<'_>, l: &Loc) -> (String, String) {
             .qualname()
             .map(|n| n.to_string())
             .unwrap_or_default()
-    };
-    let key = match (&l.key, l.kind) {
-        (_, 2) | (None, _) => "*".to_string(),
-        (Some(k), 0 | 3 | 4) => k.bind(py).to_string(),
-        (Some(k), _) => k
-            .bind(py)
-            .repr()
-            .map(|r| r.to_string())
-            .unwrap_or_else(|_| "?".into()),
-    };
-    (owner_text, key)
+    }
 }
 
 /// The calling thread's (run, managed id, round generation), when it is managed.
@@ -641,6 +794,7 @@ fn with_round<T>(py: Python<'_>, f: impl FnOnce(&mut State, u32) -> T) -> Option
             st.generation = generation;
             st.iteration = st.rounds.get(&(run, generation)).copied();
         }
+        st.retire_dead();
         f(st, tid)
     };
     drop(dropped);
@@ -1379,64 +1533,103 @@ fn apply(py: Python<'_>, r: Resolved) {
         hash,
         acc,
         contents,
-        hold,
+        mut hold,
     } = r;
     let atomic = acc.atomic;
     let mut key = key;
-    let container_key = owner.as_ptr() as u64;
+    let obj = owner.as_ptr();
+    let container_key = obj as u64;
     let mut spare = None;
     let mut replaced = None;
-    with_round(py, |st, tid| {
-        let location = |st: &mut State, kind: u8, hash: i64, key: &mut Option<Py<PyAny>>| {
-            let at = (owner.as_ptr() as usize, kind, hash);
-            match st.locs.get(&at) {
-                Some(&l) => l,
-                None => {
-                    let l = st.data.len() as u32;
-                    st.data.push(Loc {
-                        owner: Some(owner.clone_ref(py)),
-                        key: key.take(),
-                        kind,
-                        first_tid: tid,
-                        ..Loc::default()
-                    });
-                    st.locs.insert(at, l);
-                    l
+    let mut spare_iter = None;
+    // The guard of a new location, made outside the state's lock (see [`Guard::new`]): a
+    // first pass finds the locations, or says one is to be made.
+    let mut fresh: Option<(Guard, Option<String>)> = None;
+    for _pass in 0..2 {
+        let done = with_round(py, |st, tid| {
+            // The live location of (this object, kind, hash), or None.
+            let find = |st: &State, kind: u8, hash: i64| {
+                st.locs
+                    .get(&(obj as usize, kind, hash))
+                    .copied()
+                    .filter(|&l| st.data[l as usize].owner.is(obj))
+            };
+            let loc = match find(st, loc_kind, hash) {
+                Some(l) => l,
+                None => match fresh.take() {
+                    Some(guard) => st.make((obj as usize, loc_kind, hash), guard, key.take(), tid),
+                    None => return false,
+                },
+            };
+            if atomic {
+                st.acquire(tid, container_key, false);
+            }
+            let seq = st.seq;
+            st.access(loc, Acc { tid, ..acc });
+            if let Some(it) = hold.take() {
+                let step = Acc { tid, seq, ..acc };
+                let addr = it.as_ptr() as usize;
+                let iters = &mut st.data[loc as usize].iters;
+                match iters.get_mut(&tid) {
+                    // The same iteration: its iterator is watched or kept already.
+                    Some(prev) if prev.0.ctx == addr => {
+                        prev.0 = step;
+                        spare_iter = Some(it);
+                    }
+                    // SAFETY: attached; `it` is live.
+                    _ if unsafe { crate::deaths::watch_type(ffi::Py_TYPE(it.as_ptr())) } => {
+                        crate::deaths::watch(crate::deaths::HB, addr);
+                        replaced = iters.insert(tid, (step, None));
+                        st.iter_watched.entry(addr).or_default().push((loc, tid));
+                        spare_iter = Some(it);
+                    }
+                    _ => replaced = iters.insert(tid, (step, Some(it))),
                 }
             }
-        };
-        let loc = location(st, loc_kind, hash, &mut key);
-        if atomic {
-            st.acquire(tid, container_key, false);
+            if contents {
+                let whole = match find(st, 2, 0) {
+                    Some(l) => l,
+                    None => {
+                        let l = &st.data[loc as usize];
+                        let guard = (l.owner.clone_ref(py), l.owner_text.clone());
+                        st.make((obj as usize, 2, 0), guard, None, tid)
+                    }
+                };
+                let write = Acc {
+                    tid,
+                    op: OP_WRITE,
+                    check: false,
+                    ..acc
+                };
+                st.access(whole, write);
+            }
+            if atomic {
+                st.release(tid, container_key, false);
+            }
+            if st.data.len() > 1 << 20 {
+                spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
+            }
+            true
+        });
+        if done != Some(false) || fresh.is_some() {
+            break;
         }
-        let seq = st.seq;
-        st.access(loc, Acc { tid, ..acc });
-        if let Some(it) = hold {
-            let step = Acc { tid, seq, ..acc };
-            replaced = st.data[loc as usize].iters.insert(tid, (step, it));
-        }
-        if contents {
-            let whole = location(st, 2, 0, &mut None);
-            let write = Acc {
-                tid,
-                op: OP_WRITE,
-                check: false,
-                ..acc
-            };
-            st.access(whole, write);
-        }
-        if atomic {
-            st.release(tid, container_key, false);
-        }
-        if st.data.len() > 1 << 20 {
-            spare = Some(st.end_round(py)); // a runaway round: forget, do not grow
-        }
-    });
+        fresh = Some(Guard::new(owner.bind(py), loc_kind));
+    }
     drop(spare);
     // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
     // know that the INSTRUCTION callback is attached).
-    if let Some((_, it)) = replaced {
+    if let Some((_, Some(it))) = replaced {
         decref_now(py, it);
+    }
+    if let Some(it) = spare_iter {
+        decref_now(py, it);
+    }
+    if let Some(it) = hold {
+        decref_now(py, it);
+    }
+    if let Some((Guard::Weak(p) | Guard::Strong(p), _)) = fresh {
+        decref_now(py, p);
     }
     decref_now(py, owner);
     if let Some(key) = key {
@@ -1453,6 +1646,9 @@ fn decref_now(_py: Python<'_>, obj: Py<PyAny>) {
 /// races_enable(on): track accesses in exact mode from now on (or stop).
 #[pyfunction]
 fn races_enable(py: Python<'_>, on: bool) {
+    if on {
+        crate::deaths::install();
+    }
     ENABLED.store(on, Ordering::Relaxed);
     if !on {
         let dropped = {

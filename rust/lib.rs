@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 mod accesses;
 mod clock;
+mod deaths;
 pub mod engine;
 mod hb;
 mod hooks;

@@ -105,13 +105,15 @@ const MANY: u8 = 2;
 /// What keeps an entry's address meaning the object first seen there (objects die within a
 /// round, and their memory, or a free list, hands the address to the next one): a weak
 /// reference (dead: the address was reused), or, for lists, dicts and closure cells (no weak
-/// references; free lists reuse lists and dicts at once), a strong one until the round's record
-/// is dropped, at the next round barrier (none of them has a finalizer; what they hold lives
-/// that long too, only in the rounds that watch).
+/// references; free lists reuse lists and dicts at once), a watch of `deaths.rs`, whose noted
+/// death removes the entry (holding them would keep what they hold alive: the test's weak
+/// references' callbacks and `__del__` would run late). A strong reference until the round's
+/// record is dropped only if the watch is not in place.
 #[derive(Clone, Copy)]
 enum Guard {
     None,
     Weak(usize),
+    Watched,
     Strong(usize),
 }
 
@@ -169,6 +171,10 @@ fn new_seen() -> Seen {
 unsafe fn guard_of(obj: *mut ffi::PyObject) -> Guard {
     unsafe {
         let ty = ffi::Py_TYPE(obj);
+        if crate::deaths::watchable(obj) {
+            crate::deaths::watch(crate::deaths::SHARED, obj as usize);
+            return Guard::Watched;
+        }
         if ty == std::ptr::addr_of_mut!(ffi::PyList_Type)
             || ty == std::ptr::addr_of_mut!(ffi::PyDict_Type)
             || ty == std::ptr::addr_of_mut!(PyCell_Type)
@@ -222,7 +228,7 @@ unsafe fn release(seen: Option<Seen>) {
     for (_, entry) in seen.objects {
         match entry.guard {
             Guard::Weak(p) | Guard::Strong(p) => unsafe { ffi::Py_DECREF(p as *mut ffi::PyObject) },
-            Guard::None => {}
+            Guard::None | Guard::Watched => {}
         }
     }
 }
@@ -242,6 +248,10 @@ unsafe fn touch(key: usize, obj: *mut ffi::PyObject, write: bool) {
     {
         let mut guard = SEEN.lock();
         let seen = guard.get_or_insert_with(new_seen);
+        // The watched objects that died: their addresses may be another object's now.
+        for (addr, ty) in crate::deaths::take(crate::deaths::SHARED) {
+            seen.objects.remove(&(addr ^ ty.rotate_left(29)));
+        }
         if seen.why.is_none() {
             let full = seen.objects.len() >= MAX_OBJECTS;
             let reused = match seen.objects.get(&key) {
@@ -466,7 +476,11 @@ fn clear_access_slots() {
 /// starts empty.
 #[pyfunction]
 fn shared_track(_py: Python<'_>, on: bool) {
+    if on {
+        crate::deaths::install();
+    }
     let old = SEEN.lock().take();
+    crate::deaths::clear(crate::deaths::SHARED);
     ROUND_SHARED.store(false, Ordering::Relaxed);
     TRACKING.store(on, Ordering::Relaxed);
     // SAFETY: attached (a Python token is held).
@@ -478,6 +492,7 @@ fn shared_track(_py: Python<'_>, on: bool) {
 #[pyfunction]
 fn shared_take(_py: Python<'_>) -> Option<&'static str> {
     let old = SEEN.lock().take();
+    crate::deaths::clear(crate::deaths::SHARED);
     let why = old.as_ref().and_then(|s| s.why);
     let forced = ROUND_SHARED.swap(false, Ordering::Relaxed);
     // SAFETY: attached (a Python token is held).
