@@ -142,8 +142,10 @@ def test_a_thread_the_test_starts_is_never_outside_the_round(pytester):
     # to the core: a timed wait meanwhile must not take it for a thread outside the round
     # (which would make the wait patient, off the virtual clock's order).
     pytester.makepyfile(OUTSIDE)
-    result = pytester.runpytest(
+    # a process of its own: it reads exact mode's runtime, which earlier in-process sessions
+    # of this test run leave behind
+    result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "--ftrace", "--threads", "4", "--iterations", "40",
-        "--seed", "7",
+        "--seed", "7", timeout=600,
     )  # fmt: skip
     result.assert_outcomes(passed=1)
