@@ -197,11 +197,13 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     """The test's rounds: here while they keep the module state, then from the snapshot."""
     import mmap
 
-    from pytest_ftrace.ftrace import fingerprint, fork
+    from pytest_ftrace.ftrace import fingerprint, fork, settled
     from pytest_ftrace.stress import oneshot, runner
 
     instrumentation = test.session.instrumentation
     picture = fingerprint.Start(instrumentation.scope, instrumentation.armed_code)
+    if not settled.can_change(picture):
+        return _rounds_here(test, run)  # nothing to come back to: no snapshot, no fork
     board = mmap.mmap(-1, fork._HEADER)
     snapshot = Snapshot(test, run, picture, board)
     test.snapshot = snapshot
@@ -244,6 +246,22 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     test.forked = True
     run.watch = None  # the one-thread watch is this process's
     return fork.forked_rounds(test, run, picture, board, changed[0] + 1, outcome, snapshot)
+
+
+def _rounds_here(test: TestSession, run: ThreadedRun) -> Outcome:
+    """The rounds of a test that cannot change the module state (settled.py): all in this
+    process, as with `--ftrace-rounds process`."""
+    from pytest_ftrace.stress import oneshot
+
+    exact = test.run.exact
+    exact.start_watchdog()
+    try:
+        return oneshot.run(run)
+    finally:
+        exact._stop.set()
+        if exact._watchdog is not None:
+            exact._watchdog.join(5)
+            exact._watchdog = None
 
 
 def _pause_budget(budget) -> None:
