@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from pytest_ftrace import _native
-from pytest_ftrace.options import MIN_ROUNDS, PROBE_ROUNDS
+from pytest_ftrace.options import DEFAULT_BUDGET, MIN_ROUNDS, PROBE_ROUNDS
 
 # Why a test's rounds stopped (what the summary counts).
 NOTHING_SHARED = "nothing shared"
@@ -50,6 +50,10 @@ class Budget:
         self.rounds = 0  # rounds started
         self.reason: str | None = None
         self.tracking = False
+        # rounds by count instead of time (`by_count`): set for the rounds that run in forked
+        # children, whose forks would otherwise take the budget, the more so the busier the
+        # machine, so that the same seed would no longer run the same rounds
+        self.count: int | None = None
 
     def go_on(self, n: int) -> bool:
         """Whether round `n` runs (called once per round, between rounds, in one thread)."""
@@ -70,6 +74,9 @@ class Budget:
                 self.tracking = False
         if n >= self.cap:
             self.reason = CAP
+        elif self.count is not None:
+            if n >= self.count:
+                self.reason = BUDGET
         elif self.elapsed >= self.seconds and n >= MIN_ROUNDS:
             self.reason = BUDGET
         elif self.shared is None and n >= PROBE_ROUNDS:
@@ -79,6 +86,13 @@ class Budget:
             return False
         self.rounds = n + 1
         return True
+
+    def by_count(self) -> None:
+        """From here on, the rounds stop at a count that depends on the options only:
+        MIN_ROUNDS for the default budget, in proportion for a larger one (at most the cap)."""
+        if self.count is None:
+            share = max(1.0, self.seconds / DEFAULT_BUDGET)
+            self.count = min(self.cap, max(self.rounds, round(MIN_ROUNDS * share)))
 
     def stop_tracking(self) -> None:
         if self.tracking:

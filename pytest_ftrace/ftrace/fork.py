@@ -1005,7 +1005,7 @@ def _absorb(test: TestSession, data: dict) -> None:
         _set_budget(test.budget, got["budget"])
 
 
-_BUDGET_FIELDS = ("started", "elapsed", "rounds", "reason", "shared")
+_BUDGET_FIELDS = ("started", "elapsed", "rounds", "reason", "shared", "count")
 
 
 def _budget_state(budget) -> dict | None:

@@ -269,6 +269,7 @@ def _pause_budget(budget) -> None:
     kept in the budget, and this process stops watching."""
     if budget is None:
         return
+    budget.by_count()  # the forks to come are not charged to it (budget.py)
     if budget.tracking:
         from pytest_ftrace import _native
 
