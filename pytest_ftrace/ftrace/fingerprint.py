@@ -11,7 +11,8 @@ and of plain instances (their `__dict__`, read through the built-in descriptor),
 default arguments and closure cells of functions, and the size of `functools.lru_cache`
 caches; plus which of the scope's modules are imported. Filling a module-level cache,
 registering in a module-level registry, setting a class attribute or a singleton, counting in a
-global: each changes the picture.
+global: each changes the picture. A logger's own bookkeeping is left out (`quiet`: its level
+cache fills at the first log call), or every test that logs would change it in every round.
 
 It is a check, not a proof: a change deeper than that (an item's attribute inside a module-level
 dict, state kept in C) leaves the picture as it was, and the next round then sees it, as rounds
@@ -179,9 +180,16 @@ def _own_dict(value) -> dict | None:
     return None
 
 
+def quiet(value) -> bool:
+    """Whether `value` is an object whose own bookkeeping is not the project's state: a
+    `logging.Logger` (its level cache fills at the first log call of each level)."""
+    logging = sys.modules.get("logging")
+    return logging is not None and isinstance(value, (logging.Logger, logging.PlaceHolder))
+
+
 def _shape(value, depth: int):
     """What `value` holds, `depth` levels in: identities and sizes, no user code."""
-    if isinstance(value, _SKIP) or value is None:
+    if isinstance(value, _SKIP) or value is None or quiet(value):
         return None
     size = _size(value)
     if size is not None:

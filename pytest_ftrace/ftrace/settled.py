@@ -24,6 +24,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import dis
+import enum
 import sys
 import types
 
@@ -76,6 +77,9 @@ _INERT = (
     types.WrapperDescriptorType,
     types.MethodDescriptorType,
 )
+
+_ENUM_META = enum.EnumMeta
+_CODE_HOLDERS = (types.FunctionType, staticmethod, classmethod, property)
 
 # {code: whether it can change module state}, for the session (code objects are kept alive)
 _CODES: dict = {}
@@ -132,12 +136,22 @@ def _value_can_change(value, depth: int, files) -> bool:
     if isinstance(value, type):
         if depth <= 0:
             return True
+        # (an enum's tables of members are made with the class and do not change)
+        enum = isinstance(value, _ENUM_META)
         namespace = fingerprint._DICT_OF_TYPE.__get__(value)
         for key, item in list(namespace.items()):
-            if key in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"):
+            if key.startswith("__") and key.endswith("__") and not isinstance(item, _CODE_HOLDERS):
+                continue  # the class's own machinery: annotations, dataclass fields, slots
+            if enum and (isinstance(item, fingerprint._CONTAINERS) or isinstance(item, value)):
                 continue
-            if _value_can_change(item, depth - 1, files):
+            if isinstance(item, _CODE_HOLDERS):
+                # the picture does not look into a class's functions: their code only
+                if _member_can_change(item, files):
+                    return True
+            elif _value_can_change(item, depth - 1, files):
                 return True
+        return False
+    if fingerprint.quiet(value):
         return False
     if fingerprint._own_dict(value) is not None:
         # an object with attributes of its own; pytest's (fixture definitions, marks) keep
@@ -166,6 +180,21 @@ def _function_can_change(function, files) -> bool:
     if function.__closure__ and _rebinds_cells(code):
         return True
     return _code_can_change(code)
+
+
+def _member_can_change(member, files) -> bool:
+    """Whether the code of a class's function (method, static or class method, property)
+    can change module state."""
+    if isinstance(member, (staticmethod, classmethod)):
+        member = member.__func__
+    functions = (
+        (member.fget, member.fset, member.fdel) if isinstance(member, property) else (member,)
+    )
+    for function in functions:
+        code = getattr(function, "__code__", None)
+        if code is not None and code.co_filename in files and _code_can_change(code):
+            return True
+    return False
 
 
 def _rebinds_cells(code) -> bool:

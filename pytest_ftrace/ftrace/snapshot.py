@@ -1,5 +1,7 @@
 """Rounds from a snapshot (`--ftrace-rounds snapshot`, the default of exact mode): every round
-starts from the test's starting state, at about the cost of one idle fork per test.
+starts from the test's starting state, at about the cost of one idle fork per test, and none
+for a test whose rounds cannot change the module state (settled.py, told before round 0: its
+rounds all run here, as with `--ftrace-rounds process`).
 
 At the start of the test's call phase this process forks a *snapshot*: a child that starts no
 thread and runs nothing; it only waits, holding the test's starting state. The rounds run here,

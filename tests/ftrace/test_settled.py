@@ -115,30 +115,57 @@ STILL = {
             account.owner = thread_index
             assert account.balance == thread_index
     """,
+    "a logger, an enum and a dataclass": """
+        import dataclasses
+        import enum
+        import logging
+        log = logging.getLogger("still")
+        class Colour(enum.Enum):
+            RED = 1
+            BLUE = 2
+        @dataclasses.dataclass
+        class Point:
+            x: int = 0
+            y: int = 0
+        def test_point():
+            log.debug("made %s", Point(1, 2))
+            assert Colour(1) is Colour.RED
+    """,
 }
 
 
 def _module(name: str, source: str) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__file__ = f"/nowhere/{name}.py"
-    exec(compile(textwrap.dedent(source), module.__file__, "exec"), module.__dict__)  # noqa: S102
+    sys.modules[name] = module  # (dataclasses and imports look it up there)
+    try:
+        exec(compile(textwrap.dedent(source), module.__file__, "exec"), module.__dict__)  # noqa: S102
+    finally:
+        del sys.modules[name]
     return module
 
 
 @pytest.mark.parametrize("shape", sorted(CHANGING))
 def test_state_a_round_can_change_is_seen_before_round_0(shape):
     module = _module("shape_" + re.sub(r"\W", "_", shape), CHANGING[shape])
-    sys.modules[module.__name__] = module  # (an import in its code is looked up here)
-    try:
-        assert settled._module_can_change(module, {module.__file__})
-    finally:
-        del sys.modules[module.__name__]
+    assert settled._module_can_change(module, {module.__file__})
 
 
 @pytest.mark.parametrize("shape", sorted(STILL))
 def test_code_that_keeps_no_module_state_needs_no_snapshot(shape):
     module = _module("still_" + re.sub(r"\W", "_", shape), STILL[shape])
     assert not settled._module_can_change(module, {module.__file__})
+
+
+def test_a_loggers_level_cache_is_not_module_state():
+    import logging
+
+    from pytest_ftrace.ftrace import fingerprint
+
+    module = _module("still_logging", "import logging\nlog = logging.getLogger('still.cache')\n")
+    before = fingerprint._module_parts(module)
+    module.log.isEnabledFor(logging.INFO)  # fills its level cache
+    assert fingerprint._module_parts(module) == before
 
 
 def run(pytester, *args):
