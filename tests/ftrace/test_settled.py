@@ -1,7 +1,7 @@
-"""The snapshot default made cheap (issue 14 item 4, issue 17): a test whose rounds cannot change
-the module state gets no snapshot, so no fork (ftrace/settled.py tells it before round 0); one
-whose rounds do change it still gets every round from the starting state, at a round count that
-does not depend on the machine's load (ftrace/budget.py `by_count`)."""
+"""`--ftrace-rounds snapshot` made cheap (issue 14 item 4, issue 17): a test whose rounds cannot
+change the module state gets no snapshot, so no fork (ftrace/settled.py tells it before round
+0); one whose rounds do change it still gets every round from the starting state, at a round
+count that does not depend on the machine's load (ftrace/budget.py `by_count`)."""
 
 from __future__ import annotations
 
@@ -170,7 +170,15 @@ def test_a_loggers_level_cache_is_not_module_state():
 
 def run(pytester, *args):
     return pytester.runpytest_subprocess(
-        "--ftrace", "--ftrace-timeout", "120", "-p", "no:cacheprovider", *args, timeout=600
+        "--ftrace",
+        "--ftrace-rounds",
+        "snapshot",
+        "--ftrace-timeout",
+        "120",
+        "-p",
+        "no:cacheprovider",
+        *args,
+        timeout=600,
     )
 
 
@@ -229,7 +237,7 @@ def test_rounds_in_children_stop_at_a_count_the_load_does_not_change(pytester):
     )
 
 
-# Two first-fill shapes, at the default options: a lazily filled class attribute and a
+# Two first-fill shapes under `snapshot`: a lazily filled class attribute and a
 # first-subscriber registry. Each copy of the module is a test of its own (its schedules come
 # from its name), so one session stands for many seeds.
 CLASS_ATTRIBUTE = """
@@ -273,7 +281,7 @@ COPIES = 20
 
 
 @pytest.mark.parametrize("shape", ["class attribute", "first subscriber"])
-def test_first_fill_shapes_fail_in_every_copy_at_the_default(pytester, shape):
+def test_first_fill_shapes_fail_in_every_copy(pytester, shape):
     source = CLASS_ATTRIBUTE if shape == "class attribute" else FIRST_SUBSCRIBER
     pytester.makepyfile(**{f"test_fill_{i}": source for i in range(COPIES)})
     result = run(pytester, "--seed", "1", "--ftrace-shrink", "0")

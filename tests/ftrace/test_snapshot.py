@@ -1,9 +1,7 @@
-"""Rounds from a snapshot (--ftrace-rounds snapshot, the default; issue 14 item 4): every
-round starts from the test's starting state. Rounds run in the test's process while they leave
-the module state as they found it; after a round that changed it, the rest run in children of
-a process forked at the start of the call, which holds the starting state. A test whose rounds
-cannot change the module state (ftrace/settled.py) gets no snapshot: no fork at all.
-The sessions here use the default (no --ftrace-rounds)."""
+"""Rounds from a snapshot (--ftrace-rounds snapshot, opt-in; issue 14 item
+4): every round starts from the test's starting state. Rounds run in the test's process while
+they leave the module state as they found it; after a round that changed it, the rest run in
+children of a process forked at the start of the call, which holds the starting state."""
 
 from __future__ import annotations
 
@@ -81,7 +79,15 @@ def run(pytester, *args):
     # a process of its own (a thread another test of this process left running would keep
     # the rounds in the test's process)
     return pytester.runpytest_subprocess(
-        "--ftrace", "--ftrace-timeout", "120", "-p", "no:cacheprovider", *args, timeout=600
+        "--ftrace",
+        "--ftrace-rounds",
+        "snapshot",
+        "--ftrace-timeout",
+        "120",
+        "-p",
+        "no:cacheprovider",
+        *args,
+        timeout=600,
     )
 
 
@@ -110,13 +116,20 @@ def test_the_replay_of_a_first_fill_race_reproduces_10_of_10_in_a_fresh_process(
     # with the cache (the replay follows the recorded schedule) and shrinking from the
     # snapshot on
     first = pytester.runpytest_subprocess(
-        "--ftrace", "--ftrace-timeout", "120", "--seed", "3", timeout=600
+        "--ftrace",
+        "--ftrace-rounds",
+        "snapshot",
+        "--ftrace-timeout",
+        "120",
+        "--seed",
+        "3",
+        timeout=600,
     )
     first.assert_outcomes(failed=1)
     lines = [line for line in first.stdout.lines if "replay: pytest " in line]
     assert lines, first.stdout.str()
     args = shlex.split(lines[0].split("replay: pytest ", 1)[1])
-    assert "--ftrace-rounds" not in args  # the default: the replay starts from a snapshot too
+    assert args[args.index("--ftrace-rounds") + 1] == "snapshot"  # carried by the replay line
     token = args[args.index("--ftrace-replay") + 1]
     assert re.fullmatch(r"t4i\d+\w*", token), token
     again = pytester.runpytest_subprocess(*args, "--ftrace-timeout", "120", timeout=600)
