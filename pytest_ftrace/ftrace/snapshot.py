@@ -11,7 +11,8 @@ of the test (reaped later, without waiting for it). When a round changes the sta
 rounds after it (and, later, every shrink attempt) run from the snapshot: it forks a child
 per request, exactly as `--ftrace-rounds fork` forks from this process (fork.py: the child
 runs rounds while they keep the state, then ends; its results come here through a pipe,
-relayed by the snapshot). Round 0 runs here on the
+relayed by the snapshot). Explore mode's executions go the same way (its search tree goes to
+each child with the request and comes back: modes/explore.py). Round 0 runs here on the
 test's starting state, so a first-fill race (a module-level cache filled on first use) gets
 every round, and a replay starts from the state the original round had.
 
