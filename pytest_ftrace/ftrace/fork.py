@@ -619,6 +619,7 @@ def forked_rounds(
     if outcome is None:
         outcome = Outcome(run.threads, run.iterations)
     iteration = start
+    retries = RERUNS
     more = run.hooks.more_rounds  # a mode that decides when its rounds end (explore)
     while iteration < run.iterations:
         if more is not None and iteration and not more(iteration, len(outcome.failures)):
@@ -639,6 +640,15 @@ def forked_rounds(
                 got.append,
             )
         test.children += 1
+        if answer[0] == "ok" and retries and _ran_free(got) and test.run.forked_state():
+            retries -= 1  # explore: the same execution again, from the same tree (see _ran_free)
+            from pytest_ftrace import _native
+
+            for data in got:  # what its watcher learned is kept
+                state = (data.get("mode") or {}).get("state")
+                if state is not None:
+                    _native.learn_interpreter_waits(state["waits"])
+            continue
         over = False
         for data in got:
             _replay_output(data["output"])
@@ -683,6 +693,24 @@ def forked_rounds(
             outcome.failures.append(Failure(None, iteration, error, "internal"))
             break
     return outcome
+
+
+# How many times in a test a forked explore execution that ran free is run again.
+RERUNS = 20
+
+
+def _ran_free(got: list[dict]) -> bool:
+    """Whether a child's rounds include one that was not exact, not for a deadlock: a thread
+    waited where the watcher could not tell a wait for the interpreter from one in C (a fresh
+    child's threads, under load) and the round ran free from there. An explore execution is
+    the tree's prefix from the test's starting state: run again, it is the same execution, and
+    the tree goes on from the one that was exact (the parent took nothing of these rounds)."""
+    for data in got:
+        records = (data.get("mode") or {}).get("records") or {}
+        for record, _steps in records.values():
+            if record is not None and not record["exact"] and not record["deadlock"]:
+                return True
+    return False
 
 
 def _warm(test: TestSession):

@@ -473,29 +473,33 @@ def test_a_first_fill_race_in_module_state_is_found_and_replays_from_the_start(p
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_the_first_fills_locked_twin_is_proven(pytester):
     pytester.makepyfile(test_fill=FIRST_FILL)
-    result = explore_apart(pytester, "--seed", "1", "-k", "test_first_fill_locked")
+    result = explore_apart(
+        pytester, "--seed", "1", "-k", "test_first_fill_locked", "--ftrace-bound", "1"
+    )
     result.assert_outcomes(passed=1)
     interleavings, bound, executions, _unreduced = proven(result)["test_first_fill_locked"]
-    assert bound == 2
+    assert bound == 1
     assert 1 < interleavings <= executions
     assert "not a proof" not in result.stdout.str()
-    # every execution started from the empty cache and filled it once (in the test's process
-    # only the first one would have)
+    # every execution started from the empty cache and filled it (in the test's process only
+    # the first one would have; an execution run again because it ran free fills it again)
     fills = (pytester.path / "fills.txt").read_text().split()
-    assert len(fills) == executions
+    assert len(fills) >= executions
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_executions_that_each_change_module_state_still_make_a_proof(pytester):
     pytester.makepyfile(test_marks=MARKS)
-    result = explore_apart(pytester, "--seed", "1")
+    result = explore_apart(pytester, "--seed", "1", "--ftrace-bound", "1")
     result.assert_outcomes(passed=1)
     assert "not a proof" not in result.stdout.str()
     interleavings, _bound, executions, _unreduced = proven(result)["test_marks"]
     assert 1 < interleavings <= executions  # the read and the write of box.n race
     # in the test's process each execution sees the marks of those before it: the search
     # diverges, and says so
-    here = explore_apart(pytester, "--seed", "1", "--ftrace-rounds", "process")
+    here = explore_apart(
+        pytester, "--seed", "1", "--ftrace-bound", "1", "--ftrace-rounds", "process"
+    )
     here.assert_outcomes(passed=1)
     assert "not a proof" in " ".join(here.stdout.str().split())
 
