@@ -332,7 +332,7 @@ def pytest_runtest_setup(item: pytest.Item):
     result = yield
     threads, iterations = plan.threads, plan.iterations
     ftrace = state.ftrace
-    if ftrace is not None and ftrace.mode == "exact" and ftrace.rounds != "process":
+    if ftrace is not None and ftrace.mode != "chaos" and ftrace.rounds != "process":
         return result  # forked rounds: each round's process builds its threads' fixtures
     if ftrace is not None and ftrace.replay is not None:
         if ftrace.replay_nodeid in (None, item.nodeid):  # as ftrace.TestSession runs it

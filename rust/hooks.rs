@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDict, PyInt, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::accesses;
 use crate::engine::{self, RunShared};
@@ -749,6 +749,34 @@ impl Run {
         Ok(Some(d))
     }
 
+    /// Explore: the whole search tree as bytes (None: not an explore run), for
+    /// `explore_resume` in another process of the test (a forked execution) or back here.
+    fn explore_state<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        let Some(sched::Policy::Explore(tree)) = self.shared.core().map(|c| c.policy()) else {
+            return None;
+        };
+        let words = tree.0.lock().to_words();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        Some(PyBytes::new(py, &bytes))
+    }
+
+    /// Explore: go on from the tree `explore_state` gave (between rounds); ValueError when
+    /// `state` is not such a tree or this is not an explore run.
+    fn explore_resume(&self, state: &[u8]) -> PyResult<()> {
+        let Some(sched::Policy::Explore(tree)) = self.shared.core().map(|c| c.policy()) else {
+            return Err(PyValueError::new_err("not an explore run"));
+        };
+        let words: Vec<u64> = state
+            .chunks(8)
+            .map(|c| <[u8; 8]>::try_from(c).map(u64::from_le_bytes))
+            .collect::<Result<_, _>>()
+            .map_err(|_| PyValueError::new_err("not an explore tree"))?;
+        let found = sched::explore::Tree::from_words(&words)
+            .ok_or_else(|| PyValueError::new_err("not an explore tree"))?;
+        *tree.0.lock() = found;
+        Ok(())
+    }
+
     /// Exact mode: decisions made so far in the current round.
     fn sched_step(&self) -> u64 {
         self.shared.core().map_or(0, |c| c.step())
@@ -848,6 +876,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fork_prepare, m)?)?;
     m.add_function(wrap_pyfunction!(fork_parent, m)?)?;
     m.add_function(wrap_pyfunction!(fork_child, m)?)?;
+    m.add_function(wrap_pyfunction!(interpreter_waits, m)?)?;
+    m.add_function(wrap_pyfunction!(learn_interpreter_waits, m)?)?;
     m.add_function(wrap_pyfunction!(set_hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(set_access_classifier, m)?)?;
@@ -879,4 +909,19 @@ fn fork_parent() {
 #[pyfunction]
 fn fork_child() {
     sched::watch::restart_in_child(engine::active_core);
+}
+
+/// interpreter_waits() -> list[int]: the futex words the watcher learned the interpreter's
+/// own lock waits on (a thread asleep on one waits for the GIL, not in C), to hand to a forked
+/// process and back, so that what one child learned is not lost with it.
+#[pyfunction]
+fn interpreter_waits() -> Vec<u64> {
+    sched::watch::gil_words()
+}
+
+/// learn_interpreter_waits(words): learn the words `interpreter_waits` gave in another
+/// process of the test (forked from this one, or from its snapshot).
+#[pyfunction]
+fn learn_interpreter_waits(words: Vec<u64>) {
+    sched::watch::learn_gil_words(&words);
 }

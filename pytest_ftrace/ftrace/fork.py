@@ -40,9 +40,13 @@ so that the child's collections do not copy every page it inherited, the records
 are kept alive there (freeing them would write to their pages), and the child ends with
 os._exit (no atexit handlers, no finalization, threads it leaves are gone with it).
 
+Explore mode's executions are rounds like these: the mode's state (its search tree,
+`forked_state`) goes to the child with the request and comes back with each message, so the
+tree the parent keeps is the one the next execution starts from (modes/explore.py).
+
 `in_child(work, timeout)` (one call in a child, its result back) and `in_child_stream` (messages
 as the child goes) are the building blocks for anything else that must start from the test's
-starting state (a shrink attempt here; an exploration's execution).
+starting state (a shrink attempt here).
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -74,9 +78,11 @@ class ChildError(Exception):
     """The plugin's own machinery failed in a forked round's process (its traceback text)."""
 
 
-def rounds_setting(config) -> str:
-    """--ftrace-rounds (ini ftrace_rounds): snapshot (the default), fork, fork-each or
-    process."""
+def rounds_setting(config, mode: str | None = None) -> str:
+    """--ftrace-rounds (ini ftrace_rounds): snapshot, fork, fork-each or process (the default
+    of exact mode, options.DEFAULT_ROUNDS). Explore mode's default is snapshot: its executions
+    start from the test's starting state, at the cost of one idle fork per test while they
+    keep the module state (modes/explore.py)."""
     import pytest
 
     from pytest_ftrace import options
@@ -88,7 +94,7 @@ def rounds_setting(config) -> str:
             raise pytest.UsageError(
                 f"ini key ftrace_rounds: snapshot, fork, fork-each or process, not {raw!r}"
             )
-        value = raw or options.DEFAULT_ROUNDS
+        value = raw or ("snapshot" if mode == "explore" else options.DEFAULT_ROUNDS)
     return value
 
 
@@ -98,9 +104,7 @@ def reason_not_to_fork(item, test: TestSession) -> str | None:
         return "--ftrace-rounds process"
     if not hasattr(os, "fork"):
         return "os.fork is not available"
-    if test.mode == "explore":
-        return "explore mode runs its rounds in this process"
-    if test.mode != "exact":
+    if test.mode not in ("exact", "explore"):
         return "chaos mode runs its rounds in this process"
     from pytest_ftrace.stress import runner
 
@@ -120,7 +124,6 @@ def reason_not_to_fork(item, test: TestSession) -> str | None:
 _CHOSEN = (
     "--ftrace-rounds process",
     "chaos mode runs its rounds in this process",
-    "explore mode runs its rounds in this process",
 )
 
 
@@ -616,15 +619,20 @@ def forked_rounds(
     if outcome is None:
         outcome = Outcome(run.threads, run.iterations)
     iteration = start
+    retries = RERUNS
+    more = run.hooks.more_rounds  # a mode that decides when its rounds end (explore)
     while iteration < run.iterations:
+        if more is not None and iteration and not more(iteration, len(outcome.failures)):
+            break
         got: list[dict] = []
         first = iteration
         board[:] = first.to_bytes(_HEADER, "big")
         if snapshot is not None:
             answer = snapshot.stream(
-                ("rounds", first, _budget_state(test.budget)), run.timeout + GRACE_SECONDS,
+                ("rounds", first, _budget_state(test.budget), handoff(test)),
+                run.timeout + GRACE_SECONDS,
                 got.append,
-            )  # fmt: skip
+            )
         else:
             answer = in_child_stream(
                 lambda send, i=first: _child_rounds(test, run, i, picture, send, board),
@@ -632,6 +640,15 @@ def forked_rounds(
                 got.append,
             )
         test.children += 1
+        if answer[0] == "ok" and retries and _ran_free(got) and test.run.forked_state():
+            retries -= 1  # explore: the same execution again, from the same tree (see _ran_free)
+            from pytest_ftrace import _native
+
+            for data in got:  # what its watcher learned is kept
+                state = (data.get("mode") or {}).get("state")
+                if state is not None:
+                    _native.learn_interpreter_waits(state["waits"])
+            continue
         over = False
         for data in got:
             _replay_output(data["output"])
@@ -678,6 +695,24 @@ def forked_rounds(
     return outcome
 
 
+# How many times in a test a forked explore execution that ran free is run again.
+RERUNS = 20
+
+
+def _ran_free(got: list[dict]) -> bool:
+    """Whether a child's rounds include one that was not exact, not for a deadlock: a thread
+    waited where the watcher could not tell a wait for the interpreter from one in C (a fresh
+    child's threads, under load) and the round ran free from there. An explore execution is
+    the tree's prefix from the test's starting state: run again, it is the same execution, and
+    the tree goes on from the one that was exact (the parent took nothing of these rounds)."""
+    for data in got:
+        records = (data.get("mode") or {}).get("records") or {}
+        for record, _steps in records.values():
+            if record is not None and not record["exact"] and not record["deadlock"]:
+                return True
+    return False
+
+
 def _warm(test: TestSession):
     """Decide here, once, what every child would decide again: which modules are in scope
     (the children inherit the answers); and the picture of the project's module state every
@@ -698,7 +733,14 @@ def _did_not_run(outcome: Outcome, iteration: int, iterations: int, budget: bool
 
 
 def _child_rounds(
-    test: TestSession, run: ThreadedRun, first: int, picture, send, board=None, budget=None
+    test: TestSession,
+    run: ThreadedRun,
+    first: int,
+    picture,
+    send,
+    board=None,
+    budget=None,
+    state=None,
 ) -> None:
     """In the child: the rounds from `first` on, in one threaded run (its workers and their
     fixtures live for all of them, as in the test's process). As each round ends, one worker
@@ -713,6 +755,7 @@ def _child_rounds(
     _keep_records(mode)
     _fresh_records(mode)
     _resume_budget(test.budget, budget)
+    _take_handoff(test, state)
     hooks = run.hooks
     ending, over = hooks.round_end, hooks.round_over
     durations: list[float] = []
@@ -829,6 +872,7 @@ def _results(test, run, durations, sent: _Sent, caught) -> dict:
         "durations": list(durations),
         "conflicts": _conflicts(test, rounds),
         "budget": _budget_state(test.budget),
+        "state": handoff(test),  # taken after the rounds' end: the parent goes on from it
     }
     sent.blocking, sent.errors, sent.counted = (
         len(exact.blocking),
@@ -1003,6 +1047,28 @@ def _absorb(test: TestSession, data: dict) -> None:
         _unpack_conflicts(test, got["conflicts"])
     if got.get("budget") is not None and test.budget is not None:
         _set_budget(test.budget, got["budget"])
+    _take_handoff(test, got.get("state"))
+
+
+def handoff(test: TestSession) -> dict:
+    """What goes with a request to a child of the snapshot (which holds the test's starting
+    state, not what this process learned since) and comes back with each of a child's
+    messages: the mode's state (explore's search tree: `forked_state`) and the futex words
+    the core's watcher learned the interpreter's own lock waits on (without them a child's
+    thread waiting for the GIL looks blocked in C until the child learns them again)."""
+    from pytest_ftrace import _native
+
+    return {"mode": test.run.forked_state(), "waits": _native.interpreter_waits()}
+
+
+def _take_handoff(test: TestSession, state: dict | None) -> None:
+    if state is None:
+        return
+    from pytest_ftrace import _native
+
+    _native.learn_interpreter_waits(state["waits"])
+    if state["mode"] is not None:
+        test.run.resume_forked_state(state["mode"])
 
 
 _BUDGET_FIELDS = ("started", "elapsed", "rounds", "reason", "shared", "count")

@@ -45,7 +45,11 @@ def run_options(session, iterations: int | None) -> dict:
         "include": sorted(set(session.include)),
         "exclude": sorted(set(session.exclude)),
         "iterations": iterations,
-        "rounds": getattr(session, "rounds", DEFAULT_ROUNDS) if session.mode == "exact" else None,
+        "rounds": (
+            getattr(session, "rounds", DEFAULT_ROUNDS)
+            if session.mode in ("exact", "explore")  # where the rounds start from
+            else None
+        ),
         "project": list(session.project_packages),
     }
     if session.mode == "exact" and getattr(session, "races", None) == "fail":
@@ -75,7 +79,8 @@ def command_line(opts: dict) -> list[str]:
     if isinstance(iterations, int) and not isinstance(iterations, bool):
         out += ["--ftrace-iterations", str(iterations)]
     rounds = opts.get("rounds")
-    if rounds in ROUNDS_WHERE and rounds != DEFAULT_ROUNDS:
+    default_rounds = "snapshot" if mode == "explore" else DEFAULT_ROUNDS  # fork.rounds_setting
+    if rounds in ROUNDS_WHERE and rounds != default_rounds:
         out += ["--ftrace-rounds", rounds]
     if opts.get("races") == "fail":
         out += ["--ftrace-races", "fail"]

@@ -88,7 +88,7 @@ class FtraceSession:
         self.scheduler = resolve_scheduler(config)
         from pytest_ftrace.ftrace.fork import rounds_setting
 
-        self.rounds = rounds_setting(config)  # fork or process (--ftrace-rounds)
+        self.rounds = rounds_setting(config, self.mode)  # fork or process (--ftrace-rounds)
         self.replay: Token | None = None
         self.replay_nodeid: str | None = None  # `--ftrace-replay last`: the test to run
         self.notes: list[str] = []  # cached values that were ignored, said in the report
@@ -101,6 +101,7 @@ class FtraceSession:
                 replay = None
             else:
                 self.replay_nodeid = nodeid
+                self.rounds = rounds_setting(config, self.mode)  # the recorded mode's
                 config.option.ftrace_seed = seed
                 config.pluginmanager.register(_OnlyTest(nodeid), "ftrace-replay-last")
                 _recorded_options(config, self.cache.get(LAST_KEY, None))

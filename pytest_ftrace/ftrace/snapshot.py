@@ -13,7 +13,8 @@ of the test (reaped later, without waiting for it). When a round changes the sta
 rounds after it (and, later, every shrink attempt) run from the snapshot: it forks a child
 per request, exactly as `--ftrace-rounds fork` forks from this process (fork.py: the child
 runs rounds while they keep the state, then ends; its results come here through a pipe,
-relayed by the snapshot). Round 0 runs here on the
+relayed by the snapshot). Explore mode's executions go the same way (its search tree goes to
+each child with the request and comes back: modes/explore.py). Round 0 runs here on the
 test's starting state, so a first-fill race (a module-level cache filled on first use) gets
 every round, and a replay starts from the state the original round had.
 
@@ -87,9 +88,9 @@ class Snapshot:
         self.children = 0
 
     def stream(self, command: tuple, timeout: float, receive) -> tuple:
-        """Run `command` (("rounds", first, budget state) or ("schedule", decisions)) in a child
-        of the snapshot; its messages come to `receive` as they are sent; returns its answer as
-        fork.in_child_stream does."""
+        """Run `command` (("rounds", first, budget state, the mode's state) or ("schedule",
+        decisions)) in a child of the snapshot; its messages come to `receive` as they are
+        sent; returns its answer as fork.in_child_stream does."""
         from pytest_ftrace.ftrace import fork
 
         if not self.alive:
@@ -168,10 +169,10 @@ def _serve(test, run, picture, board, control: int, results: int) -> None:
             return  # the test is over (or its process is gone)
         command = requests[0]
         if command[0] == "rounds":
-            _, first, budget = command
+            _, first, budget, state = command
             answer = fork.in_child_stream(
-                lambda send, i=first, b=budget: fork._child_rounds(
-                    test, run, i, picture, send, board, b
+                lambda send, i=first, b=budget, s=state: fork._child_rounds(
+                    test, run, i, picture, send, board, b, s
                 ),
                 run.timeout + fork.GRACE_SECONDS,
                 relay,
@@ -241,6 +242,9 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     if any(isinstance(f.exc, runner.Hang) or f.phase == "internal" for f in outcome.failures):
         return outcome  # as in this process: a hung or broken run stops there
     if test.budget is not None and test.budget.reason is not None:
+        return outcome
+    more = run.hooks.more_rounds  # a mode that ends its rounds itself (explore)
+    if more is not None and not more(changed[0] + 1, len(outcome.failures)):
         return outcome
     outcome.notes[:] = [n for n in outcome.notes if "did not run" not in n]
     outcome.iterations = run.iterations

@@ -681,6 +681,278 @@ impl Tree {
     }
 }
 
+/// The version of [`Tree::to_words`]' layout (a tree from another layout is refused).
+const WORDS_FORMAT: u64 = 1;
+
+/// Writes a tree's fields as words.
+struct Words(Vec<u64>);
+
+impl Words {
+    fn put(&mut self, v: u64) {
+        self.0.push(v);
+    }
+
+    fn flag(&mut self, v: bool) {
+        self.0.push(u64::from(v));
+    }
+
+    fn access(&mut self, a: Access) {
+        let (tag, x, y) = match a {
+            Access::Opaque => (0, 0, 0),
+            Access::Read(k) => (1, k, 0),
+            Access::Write(k) => (2, k, 0),
+            Access::Write2(k, l) => (3, k, l),
+            Access::Lock(k) => (4, k, 0),
+            Access::Start => (5, 0, 0),
+            Access::Local => (6, 0, 0),
+        };
+        self.0.extend([tag, x, y]);
+    }
+
+    fn threads(&mut self, list: &[(u32, Access)]) {
+        self.put(list.len() as u64);
+        for &(t, a) in list {
+            self.put(u64::from(t));
+            self.access(a);
+        }
+    }
+
+    fn ids(&mut self, list: &[u32]) {
+        self.put(list.len() as u64);
+        self.0.extend(list.iter().map(|&t| u64::from(t)));
+    }
+}
+
+/// Reads them back; None when the words end early or hold a value out of range.
+struct Reader<'a>(std::slice::Iter<'a, u64>);
+
+impl Reader<'_> {
+    fn get(&mut self) -> Option<u64> {
+        self.0.next().copied()
+    }
+
+    fn id(&mut self) -> Option<u32> {
+        u32::try_from(self.get()?).ok()
+    }
+
+    fn count(&mut self) -> Option<usize> {
+        let n = usize::try_from(self.get()?).ok()?;
+        (n <= self.0.len()).then_some(n) // no list is longer than the words left
+    }
+
+    fn flag(&mut self) -> Option<bool> {
+        match self.get()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    fn access(&mut self) -> Option<Access> {
+        let (tag, x, y) = (self.get()?, self.get()?, self.get()?);
+        Some(match tag {
+            0 => Access::Opaque,
+            1 => Access::Read(x),
+            2 => Access::Write(x),
+            3 => Access::Write2(x, y),
+            4 => Access::Lock(x),
+            5 => Access::Start,
+            6 => Access::Local,
+            _ => return None,
+        })
+    }
+
+    fn threads(&mut self) -> Option<Vec<(u32, Access)>> {
+        (0..self.count()?)
+            .map(|_| Some((self.id()?, self.access()?)))
+            .collect()
+    }
+
+    fn ids(&mut self) -> Option<Vec<u32>> {
+        (0..self.count()?).map(|_| self.id()).collect()
+    }
+}
+
+impl Tree {
+    /// The whole tree as words, to hand it to another process and back (explore's executions
+    /// forked from the test's starting state: ftrace/modes/explore.py): that process's tree,
+    /// made with [`Tree::from_words`], goes on exactly as this one would. Every field is
+    /// written (a field added to the tree or its nodes must be added here: the destructuring
+    /// below does not compile without it).
+    pub fn to_words(&self) -> Vec<u64> {
+        let Tree {
+            bound,
+            target,
+            stack,
+            started,
+            finished,
+            running,
+            prefix,
+            sleep,
+            next_sleep,
+            preemptions,
+            blocked,
+            diverged,
+            tail,
+            steps,
+            attempts,
+            written,
+            opaque,
+            pair,
+            progress,
+        } = self;
+        let mut w = Words(Vec::with_capacity(64 + stack.len() * 16));
+        w.put(WORDS_FORMAT);
+        w.put(u64::from(*bound));
+        w.put(u64::from(*target));
+        for f in [
+            *started, *finished, *running, *blocked, *diverged, *opaque, *pair,
+        ] {
+            w.flag(f);
+        }
+        w.put(*prefix as u64);
+        w.put(u64::from(*preemptions));
+        w.put(*steps);
+        w.threads(sleep);
+        w.threads(next_sleep);
+        w.threads(tail);
+        w.put(attempts.len() as u64);
+        for &(t, a, node) in attempts {
+            w.put(u64::from(t));
+            w.access(a);
+            w.put(node as u64);
+        }
+        w.put(written.len() as u64);
+        w.0.extend(written.iter().copied());
+        let Progress {
+            executions,
+            pending,
+            pruned,
+            over_bound,
+            redundant,
+            divergences,
+            done,
+            bound: pass_bound,
+            target: asked,
+            pass_executions,
+            longest,
+        } = progress;
+        w.0.extend([
+            *executions,
+            *pending,
+            *pruned,
+            *over_bound,
+            *redundant,
+            *divergences,
+            u64::from(*done),
+            u64::from(*pass_bound),
+            u64::from(*asked),
+            *pass_executions,
+            *longest,
+        ]);
+        w.put(stack.len() as u64);
+        for node in stack {
+            let Node {
+                enabled,
+                current,
+                before,
+                sleep,
+                chosen,
+                done,
+                backtrack,
+            } = node;
+            w.threads(enabled);
+            w.put(current.map_or(u64::MAX, u64::from));
+            w.put(u64::from(*before));
+            w.threads(sleep);
+            w.put(u64::from(*chosen));
+            w.ids(done);
+            w.ids(backtrack);
+        }
+        w.0
+    }
+
+    /// The tree [`Tree::to_words`] wrote; None when `words` are not such a tree.
+    pub fn from_words(words: &[u64]) -> Option<Tree> {
+        let mut r = Reader(words.iter());
+        if r.get()? != WORDS_FORMAT {
+            return None;
+        }
+        let bound = r.id()?;
+        let target = r.id()?;
+        let mut flags = [false; 7];
+        for f in &mut flags {
+            *f = r.flag()?;
+        }
+        let [started, finished, running, blocked, diverged, opaque, pair] = flags;
+        let prefix = usize::try_from(r.get()?).ok()?;
+        let preemptions = r.id()?;
+        let steps = r.get()?;
+        let sleep = r.threads()?;
+        let next_sleep = r.threads()?;
+        let tail = r.threads()?;
+        let attempts = (0..r.count()?)
+            .map(|_| Some((r.id()?, r.access()?, usize::try_from(r.get()?).ok()?)))
+            .collect::<Option<Vec<_>>>()?;
+        let written = (0..r.count()?)
+            .map(|_| r.get())
+            .collect::<Option<Vec<_>>>()?;
+        let progress = Progress {
+            executions: r.get()?,
+            pending: r.get()?,
+            pruned: r.get()?,
+            over_bound: r.get()?,
+            redundant: r.get()?,
+            divergences: r.get()?,
+            done: r.flag()?,
+            bound: r.id()?,
+            target: r.id()?,
+            pass_executions: r.get()?,
+            longest: r.get()?,
+        };
+        let stack = (0..r.count()?)
+            .map(|_| {
+                Some(Node {
+                    enabled: r.threads()?,
+                    current: match r.get()? {
+                        u64::MAX => None,
+                        t => Some(u32::try_from(t).ok()?),
+                    },
+                    before: r.id()?,
+                    sleep: r.threads()?,
+                    chosen: r.id()?,
+                    done: r.ids()?,
+                    backtrack: r.ids()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        if r.get().is_some() {
+            return None; // words left over: not a tree of this layout
+        }
+        Some(Tree {
+            bound,
+            target,
+            stack,
+            started,
+            finished,
+            running,
+            prefix,
+            sleep,
+            next_sleep,
+            preemptions,
+            blocked,
+            diverged,
+            tail,
+            steps,
+            attempts,
+            written,
+            opaque,
+            pair,
+            progress,
+        })
+    }
+}
+
 /// The tree of one test, shared by the schedulers of its rounds.
 #[derive(Clone)]
 pub struct Shared(pub Arc<Mutex<Tree>>);
@@ -1111,5 +1383,60 @@ mod tests {
                 "bound {bound}: missed outcomes in {missed} of {total}"
             );
         }
+    }
+
+    #[test]
+    fn a_tree_handed_over_as_words_goes_on_as_it_would_have() {
+        let mut x: u64 = 99;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..40 {
+            let threads = (0..2 + next() % 2)
+                .map(|_| {
+                    (0..1 + next() % 4)
+                        .map(|_| match next() % 5 {
+                            0 => Access::Read(next() % 2),
+                            1 => Access::Write(next() % 2),
+                            2 => Access::Lock(7),
+                            3 => Access::Local,
+                            _ => Access::Opaque,
+                        })
+                        .collect()
+                })
+                .collect();
+            let program = Program { threads };
+            for bound in [0, 1, 2, SLEEP_SETS_FROM] {
+                let (runs, progress) = program.explore(bound);
+                // the same search, the tree made again from its words after every execution
+                let mut tree = Tree::iterative(bound);
+                let mut handed = Vec::new();
+                loop {
+                    handed.push(program.run(&mut tree));
+                    tree = Tree::from_words(&tree.to_words()).expect("a tree's own words");
+                    if tree.progress().done || handed.len() > 100_000 {
+                        break;
+                    }
+                }
+                let mut plain = Tree::iterative(bound);
+                let mut expected = Vec::new();
+                loop {
+                    expected.push(program.run(&mut plain));
+                    if plain.progress().done || expected.len() > 100_000 {
+                        break;
+                    }
+                }
+                assert_eq!(handed, expected);
+                assert_eq!(tree.progress(), plain.progress());
+                assert!(!runs.is_empty() && progress.done);
+            }
+        }
+        assert!(Tree::from_words(&[]).is_none());
+        let mut words = Tree::iterative(2).to_words();
+        words.push(0);
+        assert!(Tree::from_words(&words).is_none());
     }
 }

@@ -215,10 +215,36 @@ pub fn waits_for_interpreter(native: u64, sleeping: bool) -> bool {
         return true;
     }
     word.is_some_and(|w| {
-        GIL_FUTEX
-            .iter()
-            .any(|known| known.load(Ordering::Acquire) == w)
+        GIL_FUTEX.iter().any(|known| {
+            let known = known.load(Ordering::Acquire);
+            known != 0 && known.abs_diff(w) <= GIL_SPAN
+        })
     })
+}
+
+/// How far from a learned word another futex word of the interpreter's lock may be: the
+/// GIL's state holds its condition variable and mutex, and next to them the condition
+/// variable and mutex of a forced switch (a thread that dropped the GIL for another one
+/// sleeps on that condition until the other takes it: a wait for the interpreter too, never
+/// seen while taking it back, so never learned). A few hundred bytes of the runtime's own
+/// state, where no lock of the user's code lives.
+const GIL_SPAN: u64 = 256;
+
+/// The interpreter's futex words learned so far (for another process of the same interpreter
+/// memory: a forked child, whose learning would otherwise end with it).
+pub fn gil_words() -> Vec<u64> {
+    GIL_FUTEX
+        .iter()
+        .map(|w| w.load(Ordering::Acquire))
+        .filter(|&w| w != 0)
+        .collect()
+}
+
+/// Learn words another process of this interpreter's memory learned ([`gil_words`]).
+pub fn learn_gil_words(words: &[u64]) {
+    for &word in words.iter().filter(|&&w| w != 0) {
+        learn_gil_word(word);
+    }
 }
 
 fn learn_gil_word(word: u64) {

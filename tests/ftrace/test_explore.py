@@ -3,6 +3,7 @@ classifier its partial-order reduction rests on."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 
@@ -11,15 +12,17 @@ import pytest
 RACY = """
 import threading
 
-ROUNDS = {}
-
 class Counter:
     def __init__(self):
         self.n = 0
         self.lock = threading.Lock()
 
+# Each round's state made before the rounds (as far as the budget goes): the rounds leave the
+# module state as they found it, so they all run in the test's process.
+STATES = {name: [{"c": Counter(), "done": []} for _ in range(20000)] for name in ("racy", "locked")}
+
 def shared(name, iteration):
-    return ROUNDS.setdefault((name, iteration), {"c": Counter(), "done": []})
+    return STATES[name][iteration]
 
 def test_racy(iteration_index, num_parallel_threads):
     state = shared("racy", iteration_index)
@@ -268,7 +271,17 @@ def test_every_order_of_locked_sections_within_the_bound_runs(pytester):
     pytester.makeconftest(ORDERS_CONFTEST)
     expected = {0: 2, 1: 2 + 4, 2: 2 + 4 + 8}
     for bound, count in expected.items():
-        result = explore(pytester, "--seed", "1", "--ftrace-bound", str(bound), "-s")
+        # the orders are gathered in module state, across executions: in the test's process
+        result = explore(
+            pytester,
+            "--seed",
+            "1",
+            "--ftrace-bound",
+            str(bound),
+            "-s",
+            "--ftrace-rounds",
+            "process",
+        )
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines([f"*DISTINCT ORDERS {count}"])
 
@@ -361,6 +374,134 @@ def test_a_bad_ini_mode_names_the_modes(pytester):
     result = pytester.runpytest("--ftrace")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*ini key ftrace_mode: chaos, exact, explore; not 'explores'*"])
+
+
+# -- executions from the test's starting state ----------------------------------------------
+
+# A module-level cache filled on first use (check, fill, publish): only an execution that finds
+# it empty can race, so every execution must start from the state the test started with.
+FIRST_FILL = """
+import os
+import threading
+
+_CACHE = {}
+_LOADS = []
+_LOCK = threading.Lock()
+FILLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fills.txt")
+
+
+def load(name):
+    if name not in _CACHE:
+        profile = {"name": name}
+        _LOADS.append(name)
+        _CACHE[name] = profile
+    return _CACHE[name]
+
+
+def load_locked(name):
+    with _LOCK:
+        if name not in _CACHE:
+            profile = {"name": name}
+            _LOADS.append(name)
+            _CACHE[name] = profile
+            with open(FILLS, "a") as out:  # outside module state: seen by the test below
+                out.write("fill\\n")
+        return _CACHE[name]
+
+
+def test_first_fill():
+    assert load("default")["name"] == "default"
+    assert len(_LOADS) == 1, f"the profile was loaded {len(_LOADS)} times"
+
+
+def test_first_fill_locked():
+    assert load_locked("default")["name"] == "default"
+    assert len(_LOADS) == 1, f"the profile was loaded {len(_LOADS)} times"
+"""
+
+# Every execution leaves marks in module state, and the steps a thread takes depend on the
+# marks: the same for the same schedule from the starting state, but run on the state earlier
+# executions left, an execution takes another path than its schedule was made for.
+MARKS = """
+class Box:
+    def __init__(self):
+        self.n = 0
+
+
+MARKS = []
+BOX = Box()
+
+
+def test_marks(thread_index):
+    MARKS.append(thread_index)
+    box = BOX
+    for _ in range(len(MARKS) // 2 % 3):
+        box.n = box.n + 1
+"""
+
+
+def explore_apart(pytester, *args):
+    # a process of its own: a thread another test of this process left running would keep
+    # the executions in the test's process
+    return pytester.runpytest_subprocess(
+        "--ftrace",
+        "--ftrace-mode",
+        "explore",
+        "--threads",
+        "2",
+        "--ftrace-timeout",
+        "120",
+        *args,
+        timeout=600,
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_first_fill_race_in_module_state_is_found_and_replays_from_the_start(pytester):
+    pytester.makepyfile(test_fill=FIRST_FILL)
+    result = explore_apart(pytester, "--seed", "1", "-k", "test_first_fill and not locked")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: the profile was loaded 2 times*"])
+    args = replay_args(result)
+    again = pytester.runpytest_subprocess(*args, "--ftrace-timeout", "120", timeout=600)
+    again.assert_outcomes(failed=1)
+    again.stdout.fnmatch_lines(
+        ["*replay: reproduced in 10/10 runs of round * (seed 1, mode explore, following*"]
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_first_fills_locked_twin_is_proven(pytester):
+    pytester.makepyfile(test_fill=FIRST_FILL)
+    result = explore_apart(
+        pytester, "--seed", "1", "-k", "test_first_fill_locked", "--ftrace-bound", "1"
+    )
+    result.assert_outcomes(passed=1)
+    interleavings, bound, executions, _unreduced = proven(result)["test_first_fill_locked"]
+    assert bound == 1
+    assert 1 < interleavings <= executions
+    assert "not a proof" not in result.stdout.str()
+    # every execution started from the empty cache and filled it (in the test's process only
+    # the first one would have; an execution run again because it ran free fills it again)
+    fills = (pytester.path / "fills.txt").read_text().split()
+    assert len(fills) >= executions
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_executions_that_each_change_module_state_still_make_a_proof(pytester):
+    pytester.makepyfile(test_marks=MARKS)
+    result = explore_apart(pytester, "--seed", "1", "--ftrace-bound", "1")
+    result.assert_outcomes(passed=1)
+    assert "not a proof" not in result.stdout.str()
+    interleavings, _bound, executions, _unreduced = proven(result)["test_marks"]
+    assert 1 < interleavings <= executions  # the read and the write of box.n race
+    # in the test's process each execution sees the marks of those before it: the search
+    # diverges, and says so
+    here = explore_apart(
+        pytester, "--seed", "1", "--ftrace-bound", "1", "--ftrace-rounds", "process"
+    )
+    here.assert_outcomes(passed=1)
+    assert "not a proof" in " ".join(here.stdout.str().split())
 
 
 # -- the step classifier --------------------------------------------------------------------

@@ -118,6 +118,14 @@ class ExactMode:
         finally:
             self.traced.deactivate()
 
+    def forked_state(self):
+        """What a forked round's process needs of this mode beyond what it inherits, and
+        sends back after its rounds (plain data; None: nothing, as here)."""
+        return None
+
+    def resume_forked_state(self, state) -> None:
+        """Go on from `state`, which `forked_state` gave in another process of the test."""
+
     def stats(self) -> dict:
         stats = self.traced.stats()
         stats.update(self.exact.summary())

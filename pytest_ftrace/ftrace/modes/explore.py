@@ -13,11 +13,20 @@ drawn as lanes), with a replay line that follows the list. A pass says what was 
 terminal summary: "no failure in all N interleavings within B preemptions (M executions, pruned
 from at least K)", or, when the budget ran out first, how far the search got.
 
-Rounds run in this process, not forked: a forked round costs several in-process rounds
-(benches/README.md), and the search needs the rounds' schedules back in the core that holds
-the tree. Each round therefore sees the state the rounds before it left, as in exact mode; a
-test whose steps differ from round to round for the same schedule makes the search diverge,
-which the summary line says.
+Every execution starts from the test's starting state, as exact mode's rounds do
+(ftrace/snapshot.py, the default `--ftrace-rounds snapshot`): they run in this process while
+each leaves the project's module state as it found it (most tests: nothing to pay but one idle
+fork per test); once one changes it, each execution runs in a child forked from the snapshot
+of the starting state. The child gets the search tree with its request (`forked_state`: the
+whole tree, whose prefix is the schedule it follows), runs the execution, which advances the
+tree there exactly as here (its steps, their accesses, its races, the next branch), and sends
+it back with the round's outcome; this process goes on from that tree. So a first-fill race (a
+module-level cache filled on first use) is there in every execution, not only the first, and
+an execution follows its prefix instead of diverging from it on the state earlier ones left.
+A forked execution costs several in-process ones (benches/README.md). With `--ftrace-rounds
+process` every execution runs here and sees the state the ones before it left: a test whose
+steps then differ from round to round for the same schedule makes the search diverge, which
+the summary line says.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -754,6 +763,18 @@ class ExploreMode(ExactMode):
 
     def progress(self) -> dict | None:
         return self.traced._native.explore_progress()
+
+    def forked_state(self) -> bytes | None:
+        """The search tree, for an execution in a child forked from the test's starting state
+        (ftrace/fork.py, snapshot.py): it goes there with the request, the child's executions
+        advance it, and it comes back with each of the child's messages (taken as its last
+        round ended); this process goes on from it, so the tree here stays the one the next
+        execution starts from. None for a replay (it follows its recorded schedule)."""
+        return self.traced._native.explore_state() if self.exploring else None
+
+    def resume_forked_state(self, state: bytes) -> None:
+        if self.exploring:
+            self.traced._native.explore_resume(state)
 
     def more_rounds(self, iteration: int, failures: int) -> bool:
         """Whether round `iteration` runs: decided once per round (every worker asks after
