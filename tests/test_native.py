@@ -303,6 +303,18 @@ def test_exact_round_counts_match_the_record():
     )
 
 
+def test_exact_mix_first_round_longer_than_its_estimate_keeps_few_hand_overs():
+    # Round 0 is made with a default length estimate (200 steps); this one takes 8,000. Past
+    # the estimate the mix policy's hand-over rate fades, so a long first round does not pay
+    # a wake-up of another OS thread at a fixed share of its points (it made thousands).
+    for seed in (1, 2, 3):
+        run = _native.Run(seed, mode="exact", scheduler="mix")
+        _exact_round(run, 4, 2_000)
+        points, handovers, preemptions, exact, _deadlock = run.sched_counts(0)
+        assert exact and points >= 8_000
+        assert handovers < 400, (seed, handovers, points)
+
+
 def test_exact_block_and_wake_hand_the_turn_over():
     run = _native.Run(3, mode="exact", replay=[0, 0, 1])
     order = []

@@ -18,6 +18,9 @@ pub struct AlignedScheduler {
     stay: f64,
     /// Steps taken this round, by thread id.
     taken: Vec<u64>,
+    /// The round's expected length: past it the chance of leaving fades (see
+    /// [`super::faded`]). None: the same chance at every step.
+    horizon: Option<u64>,
 }
 
 impl AlignedScheduler {
@@ -27,7 +30,15 @@ impl AlignedScheduler {
             rng: seed::stream(seed),
             stay: stay.clamp(0.0, 1.0),
             taken: Vec::new(),
+            horizon: None,
         }
+    }
+
+    /// Past step `k` the chance of leaving (1 - `stay`) fades as k / step: a round much
+    /// longer than expected keeps about as many hand-overs as one of the expected length.
+    pub fn fading_after(mut self, k: u64) -> AlignedScheduler {
+        self.horizon = Some(k.max(1));
+        self
     }
 }
 
@@ -38,9 +49,13 @@ impl AlignedScheduler {
 }
 
 impl Scheduler for AlignedScheduler {
-    fn choose(&mut self, _step: u64, runnable: &[u32], current: Option<u32>) -> u32 {
+    fn choose(&mut self, step: u64, runnable: &[u32], current: Option<u32>) -> u32 {
+        let stay = match self.horizon {
+            Some(k) => 1.0 - super::faded(1.0 - self.stay, k, step),
+            None => self.stay,
+        };
         let chosen = match current {
-            Some(c) if runnable.len() == 1 || self.rng.random_bool(self.stay) => c,
+            Some(c) if runnable.len() == 1 || self.rng.random_bool(stay) => c,
             _ => {
                 let others: Vec<u32> = runnable
                     .iter()

@@ -1353,6 +1353,24 @@ mod tests {
     }
 
     #[test]
+    fn a_first_round_far_longer_than_its_estimate_keeps_few_hand_overs() {
+        // Round 0 is made with DEFAULT_K (200) steps; this one takes 20,000. At the full rate
+        // the aligned and random policies made thousands of hand-overs here (0.12 and 0.24 of
+        // the points); past the estimate the rate fades, so about the budget's worth times a
+        // log factor are left.
+        for seed in 1..=6 {
+            let core = Arc::new(Core::new(seed, Policy::Mix { budget: 48 }));
+            let (_, record) = round(&core, 0, 4, 5_000);
+            assert_eq!(record.decisions.len(), 20_000 + 4);
+            assert!(
+                record.preemptions < 600,
+                "seed {seed}: {} preemptions in a round of 20,000 steps",
+                record.preemptions
+            );
+        }
+    }
+
+    #[test]
     fn a_fixed_k_makes_a_round_the_same_without_its_history() {
         // A round made after others (k from their length) equals the same round run alone
         // with that k: what a replay from the seed does.

@@ -157,6 +157,19 @@ pub fn mix_switch_rate(budget: u32, k: u64) -> f64 {
     (f64::from(budget) / k.max(1) as f64).min(1.0)
 }
 
+/// A per-step chance `rate` for a round expected to take `k` steps, at `step`: the same up to
+/// `k`, then `rate * k / step`. A round far longer than its estimate (the first round of a
+/// test is made with [`DEFAULT_K`]) thus gets about `rate * k * (1 + ln(steps / k))` draws, not
+/// `rate * steps`: each hand-over wakes another OS thread, and a long first round of a loop-heavy
+/// test made thousands of them.
+pub fn faded(rate: f64, k: u64, step: u64) -> f64 {
+    if step <= k {
+        rate
+    } else {
+        rate * k as f64 / step as f64
+    }
+}
+
 /// The scheduler of one round: seeded from (test seed, "exact", round).
 pub fn make_scheduler(seed: u64, policy: &Policy, round: u64, k: u64) -> Box<dyn Scheduler> {
     let round_seed = seed::derive_ok(seed, &[Part::Str("exact"), Part::Int(round as i128)]);
@@ -173,8 +186,12 @@ pub fn make_scheduler(seed: u64, policy: &Policy, round: u64, k: u64) -> Box<dyn
         Policy::Mix { budget } => {
             let rate = mix_switch_rate(*budget, k);
             match seed::mix64(round_seed) % 8 {
-                0..=5 => Box::new(aligned::AlignedScheduler::new(round_seed, 1.0 - rate / 2.0)),
-                6 => Box::new(random::RandomScheduler::with_switch_rate(round_seed, rate)),
+                0..=5 => Box::new(
+                    aligned::AlignedScheduler::new(round_seed, 1.0 - rate / 2.0).fading_after(k),
+                ),
+                6 => Box::new(
+                    random::RandomScheduler::with_switch_rate(round_seed, rate).fading_after(k),
+                ),
                 _ => Box::new(pct::PctScheduler::new(round_seed, 3, k)),
             }
         }

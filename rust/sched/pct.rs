@@ -15,8 +15,6 @@
 //! real step count only makes the change points fall earlier; the bound then holds for bugs
 //! within the first `k` steps.
 
-use std::collections::HashMap;
-
 use rand::{Rng, RngExt};
 use rand_pcg::Pcg32;
 
@@ -29,7 +27,9 @@ pub struct PctScheduler {
     /// Steps at which the running thread is demoted, ascending.
     change_points: Vec<u64>,
     next_change: usize,
-    priority: HashMap<u32, u64>,
+    /// By thread id (ids are small: worker indexes, then the test's threads); 0: not seen
+    /// yet (every priority given is at least 1).
+    priority: Vec<u64>,
 }
 
 impl PctScheduler {
@@ -53,7 +53,7 @@ impl PctScheduler {
             depth,
             change_points,
             next_change: 0,
-            priority: HashMap::new(),
+            priority: Vec::new(),
         }
     }
 
@@ -62,13 +62,15 @@ impl PctScheduler {
     }
 
     fn priority_of(&mut self, tid: u32) -> u64 {
-        let depth = self.depth as u64;
-        let rng = &mut self.rng;
-        *self
-            .priority
-            .entry(tid)
+        let i = tid as usize;
+        if i >= self.priority.len() {
+            self.priority.resize(i + 1, 0);
+        }
+        if self.priority[i] == 0 {
             // Initial priorities lie above every change-point priority (1..depth).
-            .or_insert_with(|| ((depth + 1) << 32) | rng.next_u32() as u64)
+            self.priority[i] = ((self.depth as u64 + 1) << 32) | self.rng.next_u32() as u64;
+        }
+        self.priority[i]
     }
 }
 
@@ -82,13 +84,17 @@ impl Scheduler for PctScheduler {
         {
             self.next_change += 1;
             if let Some(c) = current {
-                self.priority.insert(c, self.next_change as u64);
+                let i = c as usize;
+                if i >= self.priority.len() {
+                    self.priority.resize(i + 1, 0);
+                }
+                self.priority[i] = self.next_change as u64;
             }
         }
         // Highest priority wins; equal priorities (a 2^-32 chance) go to the lower id.
         *runnable
             .iter()
-            .max_by_key(|&&t| (self.priority[&t], std::cmp::Reverse(t)))
+            .max_by_key(|&&t| (self.priority[t as usize], std::cmp::Reverse(t)))
             .expect("runnable is not empty")
     }
 }

@@ -14,6 +14,8 @@ use crate::seed;
 pub struct RandomScheduler {
     rng: Pcg32,
     switch: f64,
+    /// Past this step the switch rate fades (see [`super::faded`]).
+    horizon: Option<u64>,
 }
 
 impl RandomScheduler {
@@ -28,14 +30,25 @@ impl RandomScheduler {
         RandomScheduler {
             rng: seed::stream(seed),
             switch: switch.clamp(0.0, 1.0),
+            horizon: None,
         }
+    }
+
+    /// Past step `k` the switch rate fades as k / step (a round longer than expected).
+    pub fn fading_after(mut self, k: u64) -> RandomScheduler {
+        self.horizon = Some(k.max(1));
+        self
     }
 }
 
 impl Scheduler for RandomScheduler {
-    fn choose(&mut self, _step: u64, runnable: &[u32], current: Option<u32>) -> u32 {
+    fn choose(&mut self, step: u64, runnable: &[u32], current: Option<u32>) -> u32 {
+        let switch = match self.horizon {
+            Some(k) => super::faded(self.switch, k, step),
+            None => self.switch,
+        };
         if let Some(c) = current {
-            if self.switch < 1.0 && !self.rng.random_bool(self.switch) {
+            if switch < 1.0 && !self.rng.random_bool(switch) {
                 return c;
             }
         }
