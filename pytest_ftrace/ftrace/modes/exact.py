@@ -446,8 +446,8 @@ class ExactMode:
             if record is not None and not record["exact"] and not record["deadlock"]:
                 tail = "; it ran free from there" if record.get("released", True) else ""
                 notes.append(f"ftrace: round {iteration} was not exact: {record['reason']}{tail}")
-        if notes:
-            outcome.notes.extend(notes)
+        if notes:  # the report's copy fits the terminal, the warning's stays one line per round
+            outcome.notes.extend(wrap(note, self.test.item.config) for note in notes)
             warnings.warn(FtraceWarning("\n".join(notes)), stacklevel=2)
 
 
