@@ -273,12 +273,13 @@ class ThreadedRun:
         """Wait, until `deadline`, for the threads in `pending` (non-daemon threads the test
         started) to finish, or, when the mode can tell (`Hooks.settled`), until every thread
         the test started that is left is blocked for good. Returns the threads of `pending`
-        the test still waits for (a hang)."""
+        the test still waits for (a hang). A mode that cannot tell (its locks are the real
+        ones: chaos mode, a plain --threads run) asks the kernel (`blocked.KernelView`)."""
         settled = self.hooks.settled
         if settled is None:
-            for thread in pending:
-                thread.join(max(0.0, deadline - time.monotonic()))
-            return [t for t in pending if t.is_alive()]
+            from pytest_ftrace.stress.blocked import KernelView
+
+            settled = KernelView()
         seen = 0  # consecutive looks that found them blocked for good
         while True:
             pending = [t for t in pending if t.is_alive()]
