@@ -196,9 +196,15 @@ def _not_a_deadlock(run) -> str | None:
     if not outside:
         return None
     sites = sorted({what._ftrace_describe() for what, _s, _o in waiting.values() if what})
+    # Newest first (threading.enumerate() lists in start order): the one the test's fixture
+    # just started is more likely the one than a leftover of an earlier test.
+    names = [repr(t.name) for t in reversed(outside)]
+    which = f"thread {names[0]}" if len(names) == 1 else "threads " + ", ".join(names[:3])
+    if len(names) > 3:
+        which += f" and {len(names) - 3} more"
     return (
-        f"every managed thread waited ({'; '.join(sites)}) for what thread "
-        f"{outside[0].name!r}, which exact mode does not manage, may do"
+        f"every managed thread waited ({'; '.join(sites)}) for what {which}, "
+        f"which exact mode does not manage, may do"
     )
 
 
