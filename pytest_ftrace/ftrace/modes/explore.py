@@ -10,8 +10,8 @@ read or written, or opaque). Rounds go on until the tree is done, a round fails,
 
 A failure is reported as exact mode reports it (its decision list kept in the cache, shrunk,
 drawn as lanes), with a replay line that follows the list. A pass says what was proven, in the
-terminal summary: "no failure in all N interleavings within B preemptions (M executions, pruned
-from at least K)", or, when the budget ran out first, how far the search got.
+terminal summary: "no failure in all N interleavings of T threads within B preemptions (M
+executions, pruned from at least K)", or, when the budget ran out first, how far the search got.
 
 Rounds run in this process, not forked: a forked round costs several in-process rounds
 (benches/README.md), and the search needs the rounds' schedules back in the core that holds
@@ -25,6 +25,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import _thread
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -89,8 +90,12 @@ _ACCESSES = {
 # those that read them (their step reads "item").
 _PURE_SCALAR = frozenset(
     "range isinstance issubclass id type int float bool str abs hash callable iter enumerate "
-    "zip reversed divmod round chr ord".split()
+    "zip reversed divmod round chr ord object".split()
 )
+# A call's callable sits below its arguments and a NULL (3.12: NULL, callable; 3.13:
+# callable, NULL): how far below the top of the stack, past N arguments, is N + this.
+_NULL_BELOW = sys.version_info < (3, 13)
+_CALLABLE_SLOT = 1 if _NULL_BELOW else 2
 _PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
 # Methods of the built-in containers that run no code of the items' (no comparison): whether
 # each writes the container's items (else it reads them). A call of one is a step on "item".
@@ -112,6 +117,42 @@ _CONTAINER_METHODS = {
 _PLAIN_LOADS = frozenset(
     "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_CONST LOAD_SMALL_INT".split()
 )
+
+
+_FUNCTION = type(lambda: None)
+_LOCAL_LOADS = frozenset(
+    "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_FAST_LOAD_FAST LOAD_CONST".split()
+)
+# Instructions whose pushed value is computed (no object loaded from the frame).
+_COMPUTED = frozenset(
+    "BINARY_OP BINARY_SUBSCR COMPARE_OP BUILD_TUPLE BUILD_LIST BUILD_SET BUILD_STRING CALL".split()
+)
+
+
+def _two(kind: int, key: str, writes: bool, other: str) -> tuple[int, str]:
+    """The access of a step that does `kind` on `key` and reads or writes `other` too: 2 or
+    1 on one key, 3 (both written) or 6 (the first read, the second written); two reads of two
+    keys are opaque (no such access)."""
+    if other == key:
+        return (_WRITE if writes else kind), key
+    if kind == _WRITE and writes:
+        return 3, f"{key}\0{other}"
+    if kind == _WRITE:
+        return 6, f"{other}\0{key}"
+    if writes:
+        return 6, f"{key}\0{other}"
+    return 0, ""
+
+
+def _is_module(obj) -> bool:
+    return type(obj) is type(sys)
+
+
+def _pure_function(function) -> bool:
+    """Functions whose call reads and changes nothing shared (the calling thread's id)."""
+    import threading
+
+    return function is threading.get_ident or function is _thread.get_ident
 
 
 def _deque_type():
@@ -163,6 +204,9 @@ class Classifier:
         self._per_object = False  # the answer depends on an object: asked at every visit
         self._frame_now: tuple | None = None  # (code, live frame) being classified
         self._released: str | None = None  # the lock the step's `with` block releases
+        self._extra: tuple[bool, str] | None = None  # a container method the step calls
+        self._pure_at: int | None = None  # where the step calls the builtin it loaded
+        self._crossed = False  # the last _stack_source went back past a call
         self.lock_types = (_native.lock, _native.RLock)
         # The key of a lock or of a container's items is the object's order of first use in
         # the round, not its address: each round may make its own objects, and the tree
@@ -264,6 +308,7 @@ class Classifier:
                 kind, key = (_WRITE if pure[2] else _READ), pure[3]
         self._with_lock = self._enters_lock(instructions, offset, frame)
         self._frame_now, self._released = (code, frame), None
+        self._extra = self._pure_at = None
         try:
             found = self._scan(instructions, following, returns, pure, globals_)
         finally:
@@ -275,9 +320,22 @@ class Classifier:
         writes, called, _returned = found
         if isinstance(called, str) and called in _PURE_ITEMS:
             key = "item"  # what the builtin reads; nothing writes the builtin's name
+            call = instructions[self._pure_at][0] if self._pure_at is not None else None
+            if call is not None and call.arg == 1 and frame is not None:
+                source = self._stack_source(instructions, self._pure_at, 1)
+                if source is not None:  # len(items): the items of that container
+                    self._per_object = True
+                    key = self._items_of(self._value_at(instructions, source, frame))
+                    dynamic = True
+        kind = _WRITE if writes else kind
+        extra, self._extra = self._extra, None
         if self._released is not None:  # the step leaves a `with lock:` block
+            if extra is not None:
+                return 0, "", dynamic
             return 3, f"{key}\0{self._released}", dynamic
-        return (_WRITE if writes else kind), key, dynamic
+        if extra is None:
+            return kind, key, dynamic
+        return (*_two(kind, key, *extra), dynamic)
 
     def start_safe(self, code, globals_=None) -> bool:
         """Whether the start of `code` (a test's body) up to its first point is safe."""
@@ -352,13 +410,25 @@ class Classifier:
                     todo.append((after, name))
             elif name == "CALL" and isinstance(pure, str) and called is None:
                 called = pure  # the builtin the step loaded (the first call on every path)
+                self._pure_at = at
                 todo.append((after, name))
             elif name == "CALL" and self._lock_exit(instructions, at):
                 continue  # the release's own point ends the step
             elif name == "CALL" and depth < 3:
                 callee = self._callee(instructions, at, globals_)
                 if callee is None:
-                    return None
+                    if self._pure_builtin_call(instructions, at, globals_):
+                        todo.append((after, name))
+                        continue
+                    method = self._container_call(instructions, at) if depth == 0 else None
+                    if method is None or self._extra not in (None, method):
+                        return None
+                    self._extra = method  # the step's second key
+                    todo.append((after, name))
+                    continue
+                if callee is object.__init__:  # a constructor that runs no code of its own
+                    todo.append((after, name))
+                    continue
                 if callee.__code__.co_flags & 0x2A0:  # generator, coroutine: no code runs
                     todo.append((after, name))
                     continue
@@ -429,37 +499,142 @@ class Classifier:
 
     def _items_key(self, instructions, offset: int, frame) -> str:
         """The key of the items a subscript or `in` at `offset` works on: "item:N" for a
-        built-in container found in the live frame (the instruction that loaded it, below
-        at most one plain load of the key), else "item" (any container's items)."""
+        built-in container found in the live frame (the instruction that loaded it, found by
+        following the stack back through plain loads, copies and swaps: `d[k] += 1` loads its
+        container once and copies it), else "item" (any container's items)."""
         name = instructions[offset][0].opname
-        # how many plain loads sit between the container's load and the instruction
-        above = {"CONTAINS_OP": 0, "BINARY_SUBSCR": 1, "DELETE_SUBSCR": 1, "STORE_SUBSCR": 1}
-        skip = above.get(name)
-        if skip is None:
+        # the container's slot on the stack, counted from the top (1: the top)
+        slot = {
+            "CONTAINS_OP": 1,
+            "BINARY_SUBSCR": 2,
+            "DELETE_SUBSCR": 2,
+            "STORE_SUBSCR": 2,
+            "BINARY_SLICE": 3,
+            "STORE_SLICE": 3,
+        }.get(name)
+        if slot is None:
             return "item"
-        at = offset
-        previous = instructions[at][2]
-        pair = instructions[previous][0] if previous is not None else None
-        if pair is not None and pair.opname == "LOAD_FAST_LOAD_FAST" and skip < 2:
-            # 3.13: two locals in one instruction, the container then the key (a subscript)
-            # or the value then the container (`in`)
-            if getattr(pair, "is_jump_target", False):
-                return "item"
-            self._dynamic = self._per_object = True
-            owner = frame.f_locals.get(pair.argval[1 if skip == 0 else 0])
-            return self._items_of(owner)
-        for _ in range(skip):
-            previous = instructions[at][2]
-            if previous is None:
-                return "item"
-            ins = instructions[previous][0]
-            if ins.opname not in _PLAIN_LOADS or getattr(ins, "is_jump_target", False):
-                return "item"
-            at = previous
-        if getattr(instructions[at][0], "is_jump_target", False):
+        found = self._stack_source(instructions, offset, slot)
+        if found is None:
             return "item"
         self._dynamic = self._per_object = True
-        return self._items_of(self._loaded(instructions, at, frame))
+        return self._items_of(self._value_at(instructions, found, frame))
+
+    def _value_at(self, instructions, found, frame):
+        """The object a `_stack_source` answer pushed, looked up in live `frame` (a local, a
+        global, a closure's variable, a local's attribute), or None."""
+        at, which = found
+        ins = instructions[at][0]
+        if ins.opname == "LOAD_FAST_LOAD_FAST":
+            # 3.13: two locals in one instruction, the first pushed first (deeper)
+            return frame.f_locals.get(ins.argval[1 if which == 1 else 0])
+        following = instructions[at][1]
+        if following is None or which != 1:
+            return None
+        return self._loaded(instructions, following, frame)
+
+    def _container_call(self, instructions, call_at: int):
+        """The CALL at `call_at` calls a method of a built-in container loaded as a method
+        (`obj.append(...)`, the load in an earlier step or this one): (writes, key of its
+        items), or None. Only in the live frame being classified."""
+        current = self._frame_now
+        call = instructions[call_at][0]
+        if current is None or current[1] is None or call.arg is None:
+            return None
+        if self._instructions(current[0]) is not instructions:
+            return None
+        found = self._stack_source(instructions, call_at, call.arg + 2)
+        if found is None or found[1] != 2:
+            return None
+        load = instructions[found[0]][0]
+        if load.opname != "LOAD_ATTR" or not load.arg & 1:
+            return None
+        source = self._stack_source(instructions, found[0], 1, self._crossed)
+        if source is None:
+            return None
+        self._dynamic = self._per_object = True
+        owner = self._value_at(instructions, source, current[1])
+        table = _CONTAINER_METHODS.get(type(owner))
+        if table is None and type(owner) is _deque_type():
+            table = _CONTAINER_DEQUE
+        writes = None if table is None else table.get(load.argval)
+        if writes is None:
+            return None
+        return writes, self.object_key(owner, "item")
+
+    def _stack_source(self, instructions, offset: int, slot: int, locals_only: bool = False):
+        """The instruction that pushed the value in stack slot `slot` (1: the top) as the
+        instruction at `offset` starts, followed back over straight-line code (no jump target
+        on the way) through loads, copies, swaps and operators: (its offset, which of its
+        pushed values, 1: the last pushed), or None when it is not found so. Nothing on the
+        way stores a local: the producer's local still holds the value. Past a call on the way
+        (a value built for an argument) only a local's load counts: the call may have rebound
+        a global or an attribute since (a method's load counts: its name is all it gives;
+        `self._crossed` says whether a call was crossed). `locals_only`: only a local's load
+        counts."""
+        import dis
+
+        at = offset
+        crossed = locals_only  # a call on the way back
+        for _ in range(40):
+            if getattr(instructions[at][0], "is_jump_target", True):
+                return None
+            at = instructions[at][2]
+            if at is None:
+                return None
+            ins = instructions[at][0]
+            name = ins.opname
+            if name == "COPY":
+                slot = ins.arg if slot == 1 else slot - 1
+                continue
+            if name == "SWAP":
+                slot = ins.arg if slot == 1 else 1 if slot == ins.arg else slot
+                continue
+            if name in _PLAIN_LOADS or name == "LOAD_DEREF":
+                pops, pushes = 0, 1
+            elif name == "LOAD_FAST_LOAD_FAST":
+                pops, pushes = 0, 2
+            elif name == "LOAD_GLOBAL" and not ins.arg & 1:
+                pops, pushes = 0, 1
+            elif name == "LOAD_GLOBAL":  # and a NULL: below it on 3.12, above on 3.13
+                pops, pushes = 0, 2
+                if slot == (1 if _NULL_BELOW else 2):
+                    return at, 1
+                if slot <= 2:
+                    return None
+            elif name == "LOAD_ATTR" and not ins.arg & 1:
+                pops, pushes = 1, 1
+            elif name == "LOAD_ATTR":  # a method and its object (2: the method, 1: the object)
+                pops, pushes = 1, 2
+            elif name in ("BINARY_OP", "BINARY_SUBSCR", "COMPARE_OP"):
+                pops, pushes = 2, 1
+            elif name == "POP_TOP":
+                pops, pushes = 1, 0
+            elif name in ("BUILD_TUPLE", "BUILD_LIST", "BUILD_SET", "BUILD_STRING"):
+                pops, pushes = ins.arg, 1
+            elif name == "CALL":
+                pops, pushes = ins.arg + 2, 1
+                crossed = True
+            elif name == "PUSH_NULL":
+                if slot == 1:
+                    return None
+                slot -= 1
+                continue
+            else:
+                return None
+            arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
+            if dis.stack_effect(ins.opcode, arg, jump=False) != pushes - pops:
+                return None  # not the effect this table has for it
+            if slot <= pushes:
+                if name in _COMPUTED:
+                    return None  # a value computed here: no container of the frame's
+                method = name == "LOAD_ATTR" and ins.arg & 1 and slot == 2
+                if crossed and not method and name not in _LOCAL_LOADS:
+                    return None
+                self._crossed = crossed
+                return at, slot
+            slot += pops - pushes
+        return None
 
     def _items_of(self, owner) -> str:
         """ "item:N" for a built-in container (or tuple), else "item"."""
@@ -658,12 +833,60 @@ class Classifier:
             at = previous
         else:
             return None
+        if isinstance(function, type):
+            function = self._constructor(function)
+            if function is object.__init__:
+                return function
         if not isinstance(function, types.FunctionType):
             return None
         code = function.__code__
         if not self.scope.contains(code.co_filename, function.__module__):
             return None
         return function
+
+    @staticmethod
+    def _constructor(cls):
+        """The code a call of class `cls` runs: its `__init__` when the rest is object's
+        (plain metaclass, object's `__new__`): the new object is the step's own, so the
+        constructor is a call of `__init__` (its points cut it as any function's);
+        object.__init__ when it runs no code of its own; else None."""
+        if type(cls) is not type or cls.__new__ is not object.__new__:
+            return None
+        init = cls.__init__
+        if init is object.__init__:
+            return init
+        return init if isinstance(init, _FUNCTION) else None
+
+    def _pure_builtin_call(self, instructions, call_at: int, globals_) -> bool:
+        """Whether the CALL at `call_at` calls a builtin of `_PURE_SCALAR` (loaded by a global
+        not shadowed by the module, its result a function of its arguments, which read
+        nothing shared), or a function of `_PURE_FUNCTIONS` loaded as a module's attribute."""
+        call = instructions[call_at][0]
+        if call.arg is None:
+            return False
+        found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+        if found is None:
+            return False
+        ins = instructions[found[0]][0]
+        if ins.opname == "LOAD_GLOBAL":
+            return (
+                ins.argval in _PURE_SCALAR and globals_ is not None and ins.argval not in globals_
+            )
+        if ins.opname == "LOAD_ATTR" and not ins.arg & 1:
+            frame = self._frame_now[1] if self._frame_now is not None else None
+            if frame is None or instructions is not self._instructions(self._frame_now[0]):
+                return False
+            source = self._stack_source(instructions, found[0], 1)  # the attribute's owner
+            if source is None or source[1] != 1:
+                return False
+            load = instructions[source[0]][0]
+            if load.opname != "LOAD_GLOBAL":
+                return False
+            owner = frame.f_globals.get(load.argval)
+            self._dynamic = self._per_object = True  # the global may be rebound
+            function = getattr(owner, ins.argval, None) if _is_module(owner) else None
+            return function is not None and _pure_function(function)
+        return False
 
     def _frame(self, code):
         """The live frame running `code` (the caller's, up the stack), or None."""
@@ -799,6 +1022,11 @@ class ExploreMode(ExactMode):
         if outcome.failures:
             return
         line = self.verdict(progress)
+        if progress.get("retried"):
+            line += (
+                f"; {progress['retried']} round(s) ran again: they were not exact (a thread ran "
+                "outside the schedule, blocked in C or late on a loaded machine)"
+            )
         self.test.session.explored.append((self.test.item.nodeid, line))
         outcome.notes.append(f"ftrace explore: {line}")
 
@@ -811,6 +1039,7 @@ class ExploreMode(ExactMode):
             progress["redundant"] if progress["done"] else 0
         )
         bound = progress["bound"]
+        threads = self.test.threads
 
         def within(n: int) -> str:
             return f"within {n} preemption{'s' if n != 1 else ''}"
@@ -820,10 +1049,14 @@ class ExploreMode(ExactMode):
             f"{executions + progress['pruned']}"
         )
         if progress["done"] and not progress["divergences"]:
-            return f"no failure in all {interleavings} interleavings {within(bound)} ({counts})"
+            return (
+                f"no failure in all {interleavings} interleavings of {threads} threads "
+                f"{within(bound)} ({counts})"
+            )
         if progress["done"]:
             return (
-                f"no failure in {interleavings} interleavings {within(bound)} ({counts}), but "
+                f"no failure in {interleavings} interleavings of {threads} threads "
+                f"{within(bound)} ({counts}), but "
                 f"not a proof: {progress['divergences']} round(s) could not follow their "
                 "schedule (the test takes another path for the same schedule from round to "
                 "round)"
@@ -831,7 +1064,8 @@ class ExploreMode(ExactMode):
         why = self.stopped_by or f"the --ftrace-explore-rounds budget ({self.max_rounds})"
         before = f" (every interleaving {within(bound - 1)} ran)" if bound else ""
         return (
-            f"no failure in {interleavings} interleavings {within(bound)}{before} ({counts}); "
+            f"no failure in {interleavings} interleavings of {threads} threads "
+            f"{within(bound)}{before} ({counts}); "
             f"stopped by {why} with {progress['pending']} branch(es) known and not run: the "
             f"search within {progress['target']} did not finish, so this is not a proof "
             "(raise the budget or lower --ftrace-bound)"
