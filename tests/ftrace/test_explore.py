@@ -331,6 +331,64 @@ def test_races_on_copied_containers_and_in_constructors_are_found(pytester):
     assert result.stdout.str().count("lost update: 1") >= 2, result.stdout.str()
 
 
+SYNC = """
+import queue
+import threading
+
+QUEUES = [queue.Queue() for _ in range(2 * 5000)]
+EVENTS = [threading.Event() for _ in range(2 * 5000)]
+ROUNDS = {}
+
+class Box:
+    def __init__(self):
+        self.n = 0
+
+def test_own_queues_and_events(iteration_index, thread_index):
+    q = QUEUES[2 * iteration_index + thread_index]
+    ev = EVENTS[2 * iteration_index + thread_index]
+    for i in range(3):
+        q.put(i)
+        assert q.get(timeout=5) == i
+    ev.set()
+    assert ev.wait(timeout=5)
+
+def test_racy_around_a_queue(iteration_index, num_parallel_threads):
+    state = ROUNDS.setdefault(iteration_index, {"box": Box(), "q": queue.Queue(), "done": []})
+    box, q = state["box"], state["q"]
+    value = box.n
+    q.put(value)
+    box.n = value + 1
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert box.n == num_parallel_threads, f"lost update: {box.n}"
+"""
+
+
+def test_queue_and_event_operations_depend_only_on_their_object(pytester):
+    # each thread's own queue and event: their operations (under each object's own lock) are
+    # independent of the other thread's, not opaque; a race around a queue operation is found
+    pytester.makepyfile(SYNC)
+    result = explore(pytester, "--seed", "1", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    assert proven(result)["test_own_queues_and_events"][0] == 1, result.stdout.str()
+    assert "lost update: 1" in result.stdout.str()
+
+
+def test_a_condition_is_keyed_by_its_lock():
+    import queue
+    import threading
+
+    from pytest_ftrace import _native
+
+    c = _classifier()
+    lock = _native.lock()
+    assert c._sync_key(threading.Condition(lock)) == c.lock_key(lock)
+    # outside a session threading's names make real locks: nothing exact mode schedules
+    assert c._sync_key(queue.Queue()) is None
+    assert c._sync_key(threading.Condition(threading.RLock())) is None
+    assert c._sync_key(object()) is None
+
+
 def test_steps_on_other_names_are_not_reordered(pytester):
     pytester.makepyfile(DISJOINT)
     result = explore(pytester, "--seed", "1", "--ftrace-bound", "3")

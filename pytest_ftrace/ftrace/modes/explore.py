@@ -50,7 +50,7 @@ _SAFE = frozenset(
         "TO_BOOL BUILD_TUPLE BUILD_LIST BUILD_SET BUILD_MAP BUILD_CONST_KEY_MAP BUILD_STRING "
         "BUILD_SLICE FORMAT_SIMPLE FORMAT_WITH_SPEC FORMAT_VALUE CONVERT_VALUE LOAD_CLOSURE "
         "MAKE_CELL COPY_FREE_VARS LOAD_ASSERTION_ERROR LIST_APPEND SET_ADD MAP_ADD "
-        "MAKE_FUNCTION SET_FUNCTION_ATTRIBUTE END_FOR POP_ITER NOT_TAKEN GET_ITER"
+        "MAKE_FUNCTION SET_FUNCTION_ATTRIBUTE END_FOR POP_ITER NOT_TAKEN GET_ITER KW_NAMES"
     ).split()
 )
 _JUMPS = frozenset(
@@ -136,6 +136,8 @@ def _two(kind: int, key: str, writes: bool, other: str) -> tuple[int, str]:
     if other == key:
         return (_WRITE if writes else kind), key
     if kind == _WRITE and writes:
+        if other.startswith("lock:"):
+            return 0, ""  # (3 is a release of that lock: no acquire would race with it)
         return 3, f"{key}\0{other}"
     if kind == _WRITE:
         return 6, f"{other}\0{key}"
@@ -207,6 +209,7 @@ class Classifier:
         self._extra: tuple[bool, str] | None = None  # a container method the step calls
         self._pure_at: int | None = None  # where the step calls the builtin it loaded
         self._crossed = False  # the last _stack_source went back past a call
+        self._point_at = -1  # the offset of the point whose step is being classified
         self.lock_types = (_native.lock, _native.RLock)
         # The key of a lock or of a container's items is the object's order of first use in
         # the round, not its address: each round may make its own objects, and the tree
@@ -293,6 +296,7 @@ class Classifier:
         kind, family = what
         key = family if family == "item" else f"{family}:{first.argval}"
         frame = self._frame(code)
+        self._point_at = offset
         globals_ = frame.f_globals if frame is not None else None
         pure = None  # the builtin this step calls, if it loads one
         if first.opname == "LOAD_GLOBAL" and first.argval in _PURE_SCALAR | _PURE_ITEMS:
@@ -376,7 +380,11 @@ class Classifier:
             if name in _JUMPS:
                 todo.append((ins.argval, last))
                 continue
-            if name in _SAFE or (
+            if name == "LOAD_ASSERTION_ERROR" and returns == "end":
+                # a failing assert in the test's body: the execution fails there (the search
+                # stops at it), so what the path does after that depends on no order
+                returned = True
+            elif name in _SAFE or (
                 name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST")
             ):
                 todo.append((after, name))
@@ -388,12 +396,16 @@ class Classifier:
                 todo.extend(((after, name), (ins.argval, name)))
             elif name == "BEFORE_WITH" and self._with_lock:
                 continue  # the lock's own point ends the step (lock_step describes the next)
+            elif name == "BEFORE_WITH" and depth == 0 and self._sync_step(instructions, at):
+                todo.append((after, name))  # `with cond:`: an operation on cond's lock
+            elif name == "CALL" and depth == 0 and self._sync_exit(instructions, at):
+                todo.append((after, name))
             elif name in _RETURNS and returns in ("end", "report"):
                 returned = True  # the round ends, or the callee's caller goes on
             elif name in _RETURNS and returns is not None and depth < 3:
                 if not self._into_caller(returns, depth):
                     return None
-            elif name == "CALL" and isinstance(pure, tuple) and at == pure[1]:
+            elif name in ("CALL", "CALL_KW") and isinstance(pure, tuple) and at == pure[1]:
                 called = pure  # the method the step loaded
                 if pure[0] == "item":
                     writes = writes or pure[2]
@@ -457,9 +469,9 @@ class Classifier:
         at = instructions[offset][1]
         while at is not None:
             ins, following, _ = instructions[at]
-            if ins.opname == "CALL":
+            if ins.opname in ("CALL", "CALL_KW"):
                 break
-            if ins.opname not in _SAFE and ins.opname != "BINARY_OP":
+            if ins.opname not in _SAFE and ins.opname not in ("BINARY_OP", "KW_NAMES"):
                 return None
             if self._point(ins) is not None or getattr(ins, "is_jump_target", False):
                 return None
@@ -481,6 +493,9 @@ class Classifier:
             if writes is None:
                 return None
             return ("item", call_at, writes, self.object_key(owner, "item"))
+        sync = self._sync_key(owner) if not name.startswith("_") else None
+        if sync is not None:
+            return ("item", call_at, True, sync)
         if self.scope is None or kind.__getattribute__ is not object.__getattribute__:
             return None
         if name in getattr(owner, "__dict__", ()):
@@ -544,11 +559,14 @@ class Classifier:
         if self._instructions(current[0]) is not instructions:
             return None
         found = self._stack_source(instructions, call_at, call.arg + 2)
-        if found is None or found[1] != 2:
-            return None
-        load = instructions[found[0]][0]
-        if load.opname != "LOAD_ATTR" or not load.arg & 1:
-            return None
+        load = instructions[found[0]][0] if found is not None else None
+        if load is None or load.opname != "LOAD_ATTR" or not load.arg & 1 or found[1] != 2:
+            # the bound method loaded first (`m = obj.name`, then `m(...)`: how pytest's
+            # assertion rewriting calls one)
+            found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+            load = instructions[found[0]][0] if found is not None else None
+            if load is None or load.opname != "LOAD_ATTR" or load.arg & 1:
+                return None
         source = self._stack_source(instructions, found[0], 1, self._crossed)
         if source is None:
             return None
@@ -559,8 +577,45 @@ class Classifier:
             table = _CONTAINER_DEQUE
         writes = None if table is None else table.get(load.argval)
         if writes is None:
-            return None
+            sync = self._sync_key(owner) if not load.argval.startswith("_") else None
+            return None if sync is None else (True, sync)
         return writes, self.object_key(owner, "item")
+
+    def _sync_key(self, obj) -> str | None:
+        """The key of a synchronisation object of the standard library (a condition, event,
+        semaphore, barrier or queue): that of the schedulable lock its methods work under, so
+        that its operations depend on each other and on the lock's own (a condition made on a
+        lock the test also takes directly), and on nothing else: they change only the object.
+        None for anything else."""
+        import queue
+        import threading
+
+        kind = type(obj)
+        if kind.__module__ not in ("threading", "queue"):
+            return None
+        lock = None
+        if isinstance(obj, threading.Condition):
+            lock = obj._lock
+        elif isinstance(obj, (threading.Event, threading.Semaphore, threading.Barrier)):
+            lock = getattr(getattr(obj, "_cond", None), "_lock", None)
+        elif isinstance(obj, queue.Queue):
+            lock = obj.mutex
+        return self.lock_key(lock) if isinstance(lock, self.lock_types) else None
+
+    def _with_sync(self, instructions, before_with: int) -> tuple[bool, str] | None:
+        """The `with` block entered at `before_with` (in the live frame being classified) is
+        on a synchronisation object (`_sync_key`): (True, its key), else None."""
+        current = self._frame_now
+        if current is None or current[1] is None:
+            return None
+        if self._instructions(current[0]) is not instructions:
+            return None
+        source = self._stack_source(instructions, before_with, 1)
+        if source is None:
+            return None
+        self._dynamic = self._per_object = True
+        key = self._sync_key(self._value_at(instructions, source, current[1]))
+        return None if key is None else (True, key)
 
     def _stack_source(self, instructions, offset: int, slot: int, locals_only: bool = False):
         """The instruction that pushed the value in stack slot `slot` (1: the top) as the
@@ -620,6 +675,10 @@ class Classifier:
                     return None
                 slot -= 1
                 continue
+            elif name == "KW_NAMES":
+                continue
+            elif name in ("STORE_FAST", "STORE_FAST_MAYBE_NULL"):
+                pops, pushes = 1, 0
             else:
                 return None
             arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
@@ -631,9 +690,32 @@ class Classifier:
                 method = name == "LOAD_ATTR" and ins.arg & 1 and slot == 2
                 if crossed and not method and name not in _LOCAL_LOADS:
                     return None
+                if name in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"):
+                    stored = self._stored(instructions, at, ins.argval)
+                    if stored is not None and stored >= self._point_at:
+                        # stored later in the step (assertion rewriting's temporaries): the
+                        # frame does not hold the value yet, what the store takes does
+                        return self._stack_source(instructions, stored, 1, crossed)
                 self._crossed = crossed
                 return at, slot
             slot += pops - pushes
+        return None
+
+    @staticmethod
+    def _stored(instructions, at: int, name: str):
+        """The STORE_FAST of local `name` that the load at `at` reads, when it is found
+        going back over straight-line code (no jump target on the way), or None."""
+        for _ in range(40):
+            if getattr(instructions[at][0], "is_jump_target", True):
+                return None
+            at = instructions[at][2]
+            if at is None:
+                return None
+            ins = instructions[at][0]
+            if ins.opname == "STORE_FAST" and ins.argval == name:
+                return at
+            if ins.opname in ("STORE_FAST_STORE_FAST", "STORE_FAST_LOAD_FAST", "DELETE_FAST"):
+                return None
         return None
 
     def _items_of(self, owner) -> str:
@@ -708,6 +790,33 @@ class Classifier:
             return False
         self._released = self.lock_key(found)
         return True
+
+    def _sync_step(self, instructions, before_with: int) -> bool:
+        """Record the `with` block's entry at `before_with` when it is on a synchronisation
+        object (`_sync_key`), as the step's second key."""
+        found = self._with_sync(instructions, before_with)
+        if found is None or self._extra not in (None, found):
+            return False
+        self._extra = found
+        return True
+
+    def _sync_exit(self, instructions, call_at: int) -> bool:
+        """Record the exit of a `with` block on a synchronisation object at `call_at` (three
+        None arguments), as the step's second key."""
+        if instructions[call_at][0].arg != 2 or not self._exit_call(instructions, call_at):
+            return False
+        at = instructions[call_at][2]
+        depth = 0  # the matching BEFORE_WITH, past the blocks nested in this one
+        while at is not None:
+            ins, _, previous = instructions[at]
+            if ins.opname == "BEFORE_WITH":
+                if depth == 0:
+                    return self._sync_step(instructions, at)
+                depth -= 1
+            elif ins.opname == "CALL" and ins.arg == 2 and self._exit_call(instructions, at):
+                depth += 1
+            at = previous
+        return False
 
     def _exit_call(self, instructions, at: int) -> bool:
         """Whether the CALL at `at` is a `with` block's exit (three None arguments)."""
@@ -894,7 +1003,7 @@ class Classifier:
 
         self._dynamic_token = object()  # a new classification: callers not looked at yet
         frame = sys._getframe(1)
-        for _ in range(6):
+        for _ in range(40):  # the hook may call the classifier from the plugin's own code
             if frame is None or frame.f_code is code:
                 break
             frame = frame.f_back
