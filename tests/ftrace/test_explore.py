@@ -242,28 +242,34 @@ def test_the_bound_limits_the_preemptions_explored(pytester):
     one.assert_outcomes(failed=1)
     # and a larger bound explores more of the locked twin
     small = proven(explore(pytester, "--seed", "1", "-k", "test_locked", "--ftrace-bound", "1"))
-    large = proven(explore(pytester, "--seed", "1", "-k", "test_locked", "--ftrace-bound", "3"))
+    large = proven(
+        explore(
+            pytester,
+            *("--seed", "1", "-k", "test_locked", "--ftrace-bound", "3"),
+            # a loaded free-threaded run needs more than the default 60 s
+            *("--ftrace-explore-seconds", "900", "--ftrace-timeout", "1000"),
+        )
+    )
     assert small["test_locked"][0] < large["test_locked"][0]
 
 
 def test_explore_runs_two_threads_unless_told_and_says_how_many(pytester):
     pytester.makepyfile(RACY)
     # no --threads: explore's own default (two), not --ftrace's four
-    plain = pytester.runpytest(
-        "--ftrace", "--ftrace-mode", "explore", "--seed", "1", "-k", "test_locked"
-    )
+    # (a small bound and budget: the thread count is what is checked, finished or not)
+    small = ("--seed", "1", "-k", "test_locked", "--ftrace-bound", "1")
+    small += ("--ftrace-explore-rounds", "50")
+    plain = pytester.runpytest("--ftrace", "--ftrace-mode", "explore", *small)
     plain.assert_outcomes(passed=1)
-    plain.stdout.fnmatch_lines(["*test_locked: no failure in all * interleavings of 2 threads *"])
+    plain.stdout.fnmatch_lines(["*test_locked: no failure in * interleavings of 2 threads *"])
     # the ini spelling of the mode too
     pytester.makeini("[pytest]\nftrace_mode = explore\n")
-    ini = pytester.runpytest("--ftrace", "--seed", "1", "-k", "test_locked")
-    ini.stdout.fnmatch_lines(["*test_locked: no failure in all * interleavings of 2 threads *"])
+    ini = pytester.runpytest("--ftrace", *small)
+    ini.stdout.fnmatch_lines(["*test_locked: no failure in * interleavings of 2 threads *"])
     # --threads is taken as given
-    three = pytester.runpytest(
-        "--ftrace", "--ftrace-mode", "explore", "--seed", "1", "-k", "test_locked", "--threads", "3"
-    )
+    three = pytester.runpytest("--ftrace", "--ftrace-mode", "explore", *small, "--threads", "3")
     three.assert_outcomes(passed=1)
-    three.stdout.fnmatch_lines(["*test_locked: no failure in all * interleavings of 3 threads *"])
+    three.stdout.fnmatch_lines(["*test_locked: no failure in * interleavings of 3 threads *"])
 
 
 PRIVATE = """

@@ -424,6 +424,12 @@ class Classifier:
                 called = pure  # the builtin the step loaded (the first call on every path)
                 self._pure_at = at
                 todo.append((after, name))
+            elif name == "CALL_KW" and depth == 0:  # 3.13: keyword names on the stack
+                method = self._container_call(instructions, at)
+                if method is None or self._extra not in (None, method):
+                    return None
+                self._extra = method
+                todo.append((after, name))
             elif name == "CALL" and self._lock_exit(instructions, at):
                 continue  # the release's own point ends the step
             elif name == "CALL" and depth < 3:
@@ -543,6 +549,8 @@ class Classifier:
         if ins.opname == "LOAD_FAST_LOAD_FAST":
             # 3.13: two locals in one instruction, the first pushed first (deeper)
             return frame.f_locals.get(ins.argval[1 if which == 1 else 0])
+        if ins.opname == "STORE_FAST_LOAD_FAST":
+            return frame.f_locals.get(ins.argval[1])
         following = instructions[at][1]
         if following is None or which != 1:
             return None
@@ -558,12 +566,13 @@ class Classifier:
             return None
         if self._instructions(current[0]) is not instructions:
             return None
-        found = self._stack_source(instructions, call_at, call.arg + 2)
+        args = call.arg + (call.opname == "CALL_KW")  # its keyword names' tuple on top
+        found = self._stack_source(instructions, call_at, args + 2)
         load = instructions[found[0]][0] if found is not None else None
         if load is None or load.opname != "LOAD_ATTR" or not load.arg & 1 or found[1] != 2:
             # the bound method loaded first (`m = obj.name`, then `m(...)`: how pytest's
             # assertion rewriting calls one)
-            found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+            found = self._stack_source(instructions, call_at, args + _CALLABLE_SLOT)
             load = instructions[found[0]][0] if found is not None else None
             if load is None or load.opname != "LOAD_ATTR" or load.arg & 1:
                 return None
@@ -679,6 +688,17 @@ class Classifier:
                 continue
             elif name in ("STORE_FAST", "STORE_FAST_MAYBE_NULL"):
                 pops, pushes = 1, 0
+            elif name == "STORE_FAST_LOAD_FAST":  # 3.13: stores a local, loads another
+                if slot != 1:
+                    continue  # one popped, one pushed
+                stored_name, loaded = ins.argval
+                if loaded == stored_name:
+                    continue  # the value it stored is the one it loads
+                stored = self._stored(instructions, at, loaded)
+                if stored is not None and stored >= self._point_at:
+                    return self._stack_source(instructions, stored, 1, crossed)
+                self._crossed = crossed
+                return at, 1
             else:
                 return None
             arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
@@ -714,7 +734,11 @@ class Classifier:
             ins = instructions[at][0]
             if ins.opname == "STORE_FAST" and ins.argval == name:
                 return at
-            if ins.opname in ("STORE_FAST_STORE_FAST", "STORE_FAST_LOAD_FAST", "DELETE_FAST"):
+            if ins.opname == "STORE_FAST_LOAD_FAST" and ins.argval[0] == name:
+                return at
+            if ins.opname == "STORE_FAST_STORE_FAST" and name in ins.argval:
+                return None
+            if ins.opname == "DELETE_FAST" and ins.argval == name:
                 return None
         return None
 
