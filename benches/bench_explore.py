@@ -158,7 +158,7 @@ print("BENCH " + json.dumps({{
 """
 
 PROVEN = re.compile(
-    r"ftrace explore: \S+: no failure in (?:all )?(\d+) interleavings within (\d+) "
+    r"ftrace explore: \S+: no failure in (?:all )?(\d+) interleavings of \d+ threads within (\d+) "
     r"preemptions? \((\d+) executions?, pruned from at least (\d+)\)"
 )
 

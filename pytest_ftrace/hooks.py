@@ -148,6 +148,15 @@ class _FtraceClose:
         self.session.close()
 
 
+def _explore(config: pytest.Config) -> bool:
+    """Whether --ftrace-mode (or ini ftrace_mode) asks for explore mode (its own default
+    thread count); a bad ini value is reported where the mode is resolved."""
+    mode = config.option.ftrace_mode
+    if mode is None:
+        mode = str(options.ini_value(config, "ftrace_mode") or "").strip()
+    return mode == "explore"
+
+
 def _settings(config: pytest.Config) -> options.Settings:
     unsafe = set(markers.BUILTIN_THREAD_UNSAFE)
     unsafe.update(options.ini_value(config, "thread_unsafe_fixtures") or ())
@@ -174,7 +183,9 @@ def _settings(config: pytest.Config) -> options.Settings:
             "ftrace_threads",
             "ftrace_threads",
             options.positive_int_or_auto("ftrace_threads"),
-            options.DEFAULT_THREADS if on else 1,
+            (options.DEFAULT_EXPLORE_THREADS if _explore(config) else options.DEFAULT_THREADS)
+            if on
+            else 1,
         ),
         iterations=options.resolve(
             config,

@@ -42,6 +42,11 @@ DEFAULT_BOUND = 2
 MAX_BOUND = 1000
 DEFAULT_EXPLORE_ROUNDS = 20000
 DEFAULT_EXPLORE_SECONDS = 60.0
+# Explore's thread count when --threads is not given: two. A race between two threads is the
+# common case and its space stays searchable; each thread more multiplies the interleavings
+# within the bound (with four, a 40-operation test does not finish one preemption's pass in
+# the budget). Ask for more with --threads.
+DEFAULT_EXPLORE_THREADS = 2
 DEFAULT_MODE = "exact"
 
 # Names that installed peer plugins (by pytest11 entry-point name) define themselves.
@@ -425,7 +430,9 @@ def _add_ftrace_options(add: _Registrar) -> None:
         type=whole("--ftrace-bound", 0, MAX_BOUND),
         metavar="N",
         help="explore mode: the most preemptions an explored interleaving makes (a switch away "
-        f"from a thread that could go on; default {DEFAULT_BOUND})",
+        f"from a thread that could go on; default {DEFAULT_BOUND}). Explore runs "
+        f"{DEFAULT_EXPLORE_THREADS} threads unless --threads says otherwise: each thread more "
+        "multiplies the interleavings to search",
     )
     add.option(
         "--ftrace-explore-rounds",

@@ -94,7 +94,8 @@ fn hash_key(key: &str) -> u64 {
 
 /// An access from the classifier's answer: 1 a read, 2 a write of `key`; 3 a write of the two
 /// keys of `key` separated by a NUL; 4 an operation on the lock `key`; 5 nothing shared (the
-/// code after a release that uses only locals); anything else opaque.
+/// code after a release that uses only locals); 6 a read of the first of two keys and a write
+/// of the second; anything else opaque.
 pub fn from_answer(kind: u8, key: &str) -> Access {
     match kind {
         1 => Access::Read(hash_key(key)),
@@ -104,6 +105,10 @@ pub fn from_answer(kind: u8, key: &str) -> Access {
             None => Access::Write(hash_key(key)),
         },
         4 => Access::Lock(hash_key(key)),
+        6 => match key.split_once('\0') {
+            Some((a, b)) => Access::ReadWrite(hash_key(a), hash_key(b)),
+            None => Access::Write(hash_key(key)),
+        },
         5 => Access::Local,
         _ => Access::Opaque,
     }

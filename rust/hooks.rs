@@ -727,7 +727,7 @@ impl Run {
     }
 
     /// Explore: the exploration's counts so far (None: not an explore run): executions,
-    /// pending, pruned, over_bound, redundant, divergences, done, bound (of the pass under
+    /// pending, pruned, over_bound, redundant, divergences, retried, done, bound (of the pass under
     /// way), target (asked for), pass_executions, longest.
     fn explore_progress<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let Some(sched::Policy::Explore(tree)) = self.shared.core().map(|c| c.policy()) else {
@@ -741,6 +741,7 @@ impl Run {
         d.set_item("over_bound", p.over_bound)?;
         d.set_item("redundant", p.redundant)?;
         d.set_item("divergences", p.divergences)?;
+        d.set_item("retried", p.retried)?;
         d.set_item("done", p.done)?;
         d.set_item("bound", p.bound)?;
         d.set_item("target", p.target)?;

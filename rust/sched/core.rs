@@ -341,6 +341,9 @@ impl State {
             self.timeline_end = self.timeline_end.max(self.timeline());
             let mut record = std::mem::take(&mut self.record);
             record.divergences = self.sched.divergences();
+            if !record.exact {
+                self.sched.round_not_exact();
+            }
             self.sched.round_end();
             self.max_steps = self.max_steps.max(record.decisions.len() as u64);
             self.history.insert(round, record);

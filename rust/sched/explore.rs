@@ -43,6 +43,9 @@ pub enum Access {
     /// Writes the first key and releases the lock of the second (the last step of a `with
     /// lock:` block).
     Write2(u64, u64),
+    /// Reads the first key and writes the second (a step that reads a name, then calls a
+    /// container's method that changes its items).
+    ReadWrite(u64, u64),
     /// Acquires the lock of its key (or tries to and blocks: the thread's next step, once it
     /// is woken, acquires it).
     Lock(u64),
@@ -66,6 +69,9 @@ pub fn dependent(a: Access, b: Access) -> bool {
         (Access::Lock(x), other) | (other, Access::Lock(x)) => dependent(Access::Write(x), other),
         (Access::Write2(x, y), other) | (other, Access::Write2(x, y)) => {
             dependent(Access::Write(x), other) || dependent(Access::Write(y), other)
+        }
+        (Access::ReadWrite(x, y), other) | (other, Access::ReadWrite(x, y)) => {
+            dependent(Access::Read(x), other) || dependent(Access::Write(y), other)
         }
         (Access::Read(_), Access::Read(_)) => false,
         (Access::Read(x) | Access::Write(x), Access::Read(y) | Access::Write(y)) => overlap(x, y),
@@ -91,6 +97,9 @@ pub fn reversible(a: Access, b: Access) -> bool {
 /// smaller bound, a branch a sleep set leaves out may be the only one within the bound that
 /// reaches some state (its equivalent, explored, interleaving needing more preemptions).
 pub const SLEEP_SETS_FROM: u32 = 1000;
+
+/// How many times in a row an execution whose round was not exact runs again from its prefix.
+pub const MAX_RETRIES: u32 = 3;
 
 /// Describes the step a thread waiting at a location would take.
 pub type Classify<'a> = &'a dyn Fn(u32, Location) -> Access;
@@ -153,6 +162,10 @@ pub struct Progress {
     pub redundant: u64,
     /// Decisions of a prefix that could not be followed (the test took another path).
     pub divergences: u64,
+    /// Executions run again from their prefix because their round was not exact (a thread
+    /// ran outside the schedule: blocked in C, or late on a loaded machine): what they did
+    /// is not what their schedule says, so neither their races nor a divergence count.
+    pub retried: u64,
     /// Whether every branch within the bound has run.
     pub done: bool,
     /// The bound of the pass under way, and the bound asked for (see [`Tree::iterative`]).
@@ -182,7 +195,14 @@ pub struct Tree {
     preemptions: u32,
     /// No more nodes in this execution (every runnable thread slept, or it diverged).
     blocked: bool,
-    diverged: bool,
+    /// The step at which the execution could not follow its prefix.
+    diverged: Option<usize>,
+    /// The round under way was not exact (see [`Progress::retried`]); how many times in a
+    /// row the same prefix has been run again for it.
+    not_exact: bool,
+    retries: u32,
+    /// The sleep set the execution under way started with (restored for a retry).
+    prefix_sleep: Vec<(u32, Access)>,
     /// Where the execution stopped adding nodes (every runnable thread slept): the runnable
     /// threads there and their next accesses.
     tail: Vec<(u32, Access)>,
@@ -212,7 +232,10 @@ impl Tree {
             next_sleep: Vec::new(),
             preemptions: 0,
             blocked: false,
-            diverged: false,
+            diverged: None,
+            not_exact: false,
+            retries: 0,
+            prefix_sleep: Vec::new(),
             tail: Vec::new(),
             steps: 0,
             attempts: Vec::new(),
@@ -268,8 +291,10 @@ impl Tree {
             self.blocked = false;
         }
         self.sleep = std::mem::take(&mut self.next_sleep);
+        self.prefix_sleep.clone_from(&self.sleep);
         self.preemptions = 0;
-        self.diverged = false;
+        self.diverged = None;
+        self.not_exact = false;
         self.tail.clear();
         self.attempts.clear();
         self.steps = 0;
@@ -298,11 +323,10 @@ impl Tree {
             if runnable.contains(&want) {
                 want
             } else {
-                // The test took another path: the nodes below this one are not its.
-                self.progress.divergences += 1;
-                self.diverged = true;
+                // The test took another path: the nodes below this one are not its (dropped
+                // when the execution ends, unless its round was not exact: then it runs again).
+                self.diverged = Some(step);
                 self.blocked = true;
-                self.stack.truncate(step + 1);
                 fallback
             }
         } else if step != self.stack.len() {
@@ -381,20 +405,40 @@ impl Tree {
         }
     }
 
-    /// The execution ended: find its races, then pick the next branch (deepest first).
+    /// The round under way is not exact: a thread ran outside the schedule.
+    pub fn not_exact(&mut self) {
+        self.not_exact = self.running;
+    }
+
+    /// The execution ended: find its races, then pick the next branch (deepest first). One
+    /// whose round was not exact runs again from the same prefix (a few times in a row at
+    /// most; then it is taken as it went, a divergence if it did not follow its prefix).
     pub fn end(&mut self) {
         if !self.running {
             return;
         }
         self.running = false;
         self.progress.executions += 1;
-        self.progress.pass_executions += 1;
         self.progress.longest = self.progress.longest.max(self.steps);
         if self.finished {
+            self.progress.pass_executions += 1;
             return;
         }
-        if !self.diverged {
-            self.races();
+        if self.not_exact && self.retries < MAX_RETRIES {
+            self.retries += 1;
+            self.progress.retried += 1;
+            self.stack.truncate(self.prefix);
+            self.next_sleep = std::mem::take(&mut self.prefix_sleep);
+            return;
+        }
+        self.retries = 0;
+        self.progress.pass_executions += 1;
+        match self.diverged {
+            Some(step) => {
+                self.progress.divergences += 1;
+                self.stack.truncate(step + 1);
+            }
+            None => self.races(),
         }
         while let Some(node) = self.stack.last_mut() {
             if let Some(t) = node.backtrack.pop() {
@@ -459,6 +503,7 @@ impl Tree {
             match a {
                 Access::Write(x) | Access::Lock(x) => self.written.push(x),
                 Access::Write2(x, y) => self.written.extend([x, y]),
+                Access::ReadWrite(_, y) => self.written.push(y),
                 Access::Opaque => self.opaque = true,
                 Access::Read(_) | Access::Start | Access::Local => {}
             }
@@ -1012,6 +1057,10 @@ impl Scheduler for ExploreScheduler {
         self.tree.0.lock().end();
     }
 
+    fn round_not_exact(&mut self) {
+        self.tree.0.lock().not_exact();
+    }
+
     fn divergences(&self) -> u64 {
         0
     }
@@ -1086,6 +1135,10 @@ mod tests {
                     Access::Opaque => *writes.entry(u64::MAX).or_default() += 1,
                     Access::Start | Access::Local => {}
                     Access::Lock(a) => *writes.entry(a).or_default() += 1,
+                    Access::ReadWrite(a, b) => {
+                        seen.push((t, i, *writes.get(&a).unwrap_or(&0)));
+                        *writes.entry(b).or_default() += 1;
+                    }
                     Access::Write2(a, b) => {
                         *writes.entry(a).or_default() += 1;
                         *writes.entry(b).or_default() += 1;
@@ -1220,6 +1273,18 @@ mod tests {
     }
 
     #[test]
+    fn a_step_reading_one_key_and_writing_another_depends_as_both() {
+        let rw = Access::ReadWrite(1, 2);
+        assert!(!dependent(rw, Access::Read(1)));
+        assert!(dependent(rw, Access::Write(1)));
+        assert!(dependent(rw, Access::Read(2)));
+        assert!(!dependent(rw, Access::ReadWrite(1, 3)));
+        assert!(dependent(rw, Access::ReadWrite(2, 3)));
+        assert!(!dependent(rw, Access::Write(3)));
+        assert!(dependent(Access::Write(2), rw));
+    }
+
+    #[test]
     fn a_step_writing_two_keys_depends_on_either() {
         let two = Access::Write2(1, 2);
         assert!(dependent(two, Access::Read(1)));
@@ -1302,6 +1367,56 @@ mod tests {
         tree.choose(1, &[0], Some(0), &at, &op);
         tree.end();
         assert!(tree.progress().divergences >= 1);
+    }
+
+    #[test]
+    fn an_execution_whose_round_was_not_exact_runs_again_from_its_prefix() {
+        let p = Program {
+            threads: vec![vec![Access::Write(1), Access::Write(1)]; 2],
+        };
+        let (want, _) = p.explore(2);
+        let mut tree = Tree::new(2);
+        let mut runs = Vec::new();
+        let mut spoiled = 0;
+        loop {
+            // every other round runs free (not exact) after its second step, going off its
+            // schedule: the tree runs it again and takes only the exact one
+            let mut pos = [0usize; 2];
+            let mut order = Vec::new();
+            let mut current = None;
+            let spoil = runs.len() % 2 == 1 && spoiled < runs.len();
+            let classify = p.classify();
+            for step in 0.. {
+                let runnable: Vec<u32> = (0..2u32).filter(|&t| pos[t as usize] < 2).collect();
+                if runnable.is_empty() {
+                    break;
+                }
+                let snapshot = pos;
+                let at = move |t: u32| (t as usize, snapshot[t as usize] as u32);
+                let mut c = tree.choose(step, &runnable, current, &at, &classify);
+                if spoil && step >= 1 {
+                    c = runnable[runnable.len() - 1]; // the thread the OS ran, not the chosen
+                }
+                order.push((c, pos[c as usize]));
+                pos[c as usize] += 1;
+                current = Some(c);
+            }
+            if spoil {
+                spoiled += 1;
+                tree.not_exact();
+            } else {
+                runs.push(order);
+            }
+            tree.end();
+            if tree.progress().done || runs.len() > 1000 {
+                break;
+            }
+        }
+        assert_eq!(runs, want);
+        let progress = tree.progress();
+        assert_eq!(progress.retried, spoiled as u64);
+        assert_eq!(progress.divergences, 0);
+        assert_eq!(progress.pass_executions, want.len() as u64);
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub trait Scheduler: Send {
     /// The round is over (explore: queue what it found).
     fn round_end(&mut self) {}
 
+    /// The round is not exact (called before [`Scheduler::round_end`]): a thread ran outside
+    /// the schedule (explore runs the execution again).
+    fn round_not_exact(&mut self) {}
+
     /// Steps at which the policy could not follow its plan (replay only).
     fn divergences(&self) -> u64 {
         0

@@ -170,8 +170,8 @@ def test_own_lists(iteration_index, thread_index):
 """
 
 PROVEN = re.compile(
-    r"ftrace explore: (\S+): no failure in all (\d+) interleavings within (\d+) preemptions? "
-    r"\((\d+) executions?, pruned from at least (\d+)\)"
+    r"ftrace explore: (\S+): no failure in all (\d+) interleavings of \d+ threads within "
+    r"(\d+) preemptions? \((\d+) executions?, pruned from at least (\d+)\)"
 )
 
 
@@ -245,8 +245,157 @@ def test_the_bound_limits_the_preemptions_explored(pytester):
     one.assert_outcomes(failed=1)
     # and a larger bound explores more of the locked twin
     small = proven(explore(pytester, "--seed", "1", "-k", "test_locked", "--ftrace-bound", "1"))
-    large = proven(explore(pytester, "--seed", "1", "-k", "test_locked", "--ftrace-bound", "3"))
+    large = proven(
+        explore(
+            pytester,
+            *("--seed", "1", "-k", "test_locked", "--ftrace-bound", "3"),
+            # a loaded free-threaded run needs more than the default 60 s
+            *("--ftrace-explore-seconds", "900", "--ftrace-timeout", "1000"),
+        )
+    )
     assert small["test_locked"][0] < large["test_locked"][0]
+
+
+def test_explore_runs_two_threads_unless_told_and_says_how_many(pytester):
+    pytester.makepyfile(RACY)
+    # no --threads: explore's own default (two), not --ftrace's four
+    # (a small bound and budget: the thread count is what is checked, finished or not)
+    small = ("--seed", "1", "-k", "test_locked", "--ftrace-bound", "1")
+    small += ("--ftrace-explore-rounds", "50")
+    plain = pytester.runpytest("--ftrace", "--ftrace-mode", "explore", *small)
+    plain.assert_outcomes(passed=1)
+    plain.stdout.fnmatch_lines(["*test_locked: no failure in * interleavings of 2 threads *"])
+    # the ini spelling of the mode too
+    pytester.makeini("[pytest]\nftrace_mode = explore\n")
+    ini = pytester.runpytest("--ftrace", *small)
+    ini.stdout.fnmatch_lines(["*test_locked: no failure in * interleavings of 2 threads *"])
+    # --threads is taken as given
+    three = pytester.runpytest("--ftrace", "--ftrace-mode", "explore", *small, "--threads", "3")
+    three.assert_outcomes(passed=1)
+    three.stdout.fnmatch_lines(["*test_locked: no failure in * interleavings of 3 threads *"])
+
+
+PRIVATE = """
+import threading
+
+class Token:
+    pass
+
+def test_private_dict():
+    local = {"n": 0}
+    for _ in range(4):
+        local["n"] += 1
+    assert local["n"] == 4
+
+def test_private_objects():
+    me = threading.get_ident()
+    made = []
+    for _ in range(3):
+        made.append((Token(), object(), me))
+    assert len(made) == 3
+"""
+
+SHARED_ITEMS = """
+ROUNDS = {}
+
+class Claim:
+    def __init__(self, state):
+        seen = state["n"]  # a constructor's code is part of the steps around it
+        state["n"] = seen + 1
+
+def test_shared_dict(iteration_index, num_parallel_threads):
+    state = ROUNDS.setdefault(iteration_index, {"d": {"n": 0}, "done": []})
+    d = state["d"]
+    d["n"] += 1
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert d["n"] == num_parallel_threads, f"lost update: {d['n']}"
+
+def test_shared_in_constructor(iteration_index, num_parallel_threads):
+    state = ROUNDS.setdefault(("c", iteration_index), {"n": 0, "done": []})
+    Claim(state)
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert state["n"] == num_parallel_threads, f"lost update: {state['n']}"
+"""
+
+
+def test_thread_private_steps_are_independent(pytester):
+    # `d[k] += 1` copies its container on the stack: the step is on that dict's items, not on
+    # every container's; a constructor with no code of its own, object() and get_ident()
+    # touch nothing shared. Each thread's steps are its own: one interleaving stands for all.
+    pytester.makepyfile(PRIVATE)
+    result = explore(pytester, "--seed", "1")
+    result.assert_outcomes(passed=2)
+    found = proven(result)
+    assert found["test_private_dict"][0] == 1, result.stdout.str()
+    assert found["test_private_objects"][0] == 1, result.stdout.str()
+
+
+def test_races_on_copied_containers_and_in_constructors_are_found(pytester):
+    # the soundness side of the test above: the same shapes on shared objects fail
+    pytester.makepyfile(SHARED_ITEMS)
+    result = explore(pytester, "--seed", "1", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    assert result.stdout.str().count("lost update: 1") >= 2, result.stdout.str()
+
+
+SYNC = """
+import queue
+import threading
+
+QUEUES = [queue.Queue() for _ in range(2 * 5000)]
+EVENTS = [threading.Event() for _ in range(2 * 5000)]
+ROUNDS = {}
+
+class Box:
+    def __init__(self):
+        self.n = 0
+
+def test_own_queues_and_events(iteration_index, thread_index):
+    q = QUEUES[2 * iteration_index + thread_index]
+    ev = EVENTS[2 * iteration_index + thread_index]
+    for i in range(3):
+        q.put(i)
+        assert q.get(timeout=5) == i
+    ev.set()
+    assert ev.wait(timeout=5)
+
+def test_racy_around_a_queue(iteration_index, num_parallel_threads):
+    state = ROUNDS.setdefault(iteration_index, {"box": Box(), "q": queue.Queue(), "done": []})
+    box, q = state["box"], state["q"]
+    value = box.n
+    q.put(value)
+    box.n = value + 1
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert box.n == num_parallel_threads, f"lost update: {box.n}"
+"""
+
+
+def test_queue_and_event_operations_depend_only_on_their_object(pytester):
+    # each thread's own queue and event: their operations (under each object's own lock) are
+    # independent of the other thread's, not opaque; a race around a queue operation is found
+    pytester.makepyfile(SYNC)
+    result = explore(pytester, "--seed", "1", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    assert proven(result)["test_own_queues_and_events"][0] == 1, result.stdout.str()
+    assert "lost update: 1" in result.stdout.str()
+
+
+def test_a_condition_is_keyed_by_its_lock():
+    import queue
+    import threading
+
+    from pytest_ftrace import _native
+
+    c = _classifier()
+    lock = _native.lock()
+    assert c._sync_key(threading.Condition(lock)) == c.lock_key(lock)
+    # outside a session threading's names make real locks: nothing exact mode schedules
+    assert c._sync_key(queue.Queue()) is None
+    assert c._sync_key(threading.Condition(threading.RLock())) is None
+    assert c._sync_key(object()) is None
 
 
 def test_steps_on_other_names_are_not_reordered(pytester):
@@ -337,8 +486,8 @@ def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):
     result.assert_outcomes(passed=1)
     out = result.stdout.str()
     m = re.search(
-        r"ftrace explore: \S+::test_many_steps: no failure in (\d+) interleavings within \d "
-        r"preemptions?.*\(7 executions, pruned from at least \d+\); stopped by the "
+        r"ftrace explore: \S+::test_many_steps: no failure in (\d+) interleavings of 2 threads "
+        r"within \d preemptions?.*\(7 executions, pruned from at least \d+\); stopped by the "
         r"--ftrace-explore-rounds budget \(7\) with (\d+) branch\(es\) known and not run: the "
         r"search within 2 did not finish, so this is not a proof",
         " ".join(out.split()),
@@ -603,9 +752,34 @@ def sorted(items):  # noqa: A001 - shadows the builtin on purpose
 
 def test_a_call_of_a_builtin_that_changes_nothing_keeps_the_step_a_read():
     c = _static(_classifier())
-    assert _with_len(c, [1, 2]) == (2, (1, "item"))
+    # len(items): a read of that list's items (keyed by the list, not every container's)
+    size, (kind, key) = _with_len(c, [1, 2])
+    assert (size, kind) == (2, 1)
+    assert key.startswith("item:")
     # a module's own function of that name is not the builtin: opaque
     assert _with_shadowed(c, [2, 1])[1] == (0, "")
+
+
+def _augmented(c, d, other):
+    import sys
+
+    d["n"] += 1
+    other["n"] += 1
+    code = sys._getframe().f_code
+    return [
+        c(code, _at(_augmented, op, nth=nth))
+        for nth in (0, 1)
+        for op in ("BINARY_SUBSCR", "STORE_SUBSCR")
+    ]
+
+
+def test_an_augmented_subscript_is_keyed_by_its_container():
+    # `d["n"] += 1` loads d once and copies it (COPY): found by following the stack back
+    c = _static(_classifier())
+    first, first_store, second, second_store = _augmented(c, {"n": 0}, {"n": 0})
+    assert first[0] == first_store[0] == 2  # read-modify-write: both steps write
+    assert first[1] == first_store[1] != "item"
+    assert second[1] == second_store[1] != first[1]
 
 
 def _starts_plain(box):

@@ -10,8 +10,8 @@ read or written, or opaque). Rounds go on until the tree is done, a round fails,
 
 A failure is reported as exact mode reports it (its decision list kept in the cache, shrunk,
 drawn as lanes), with a replay line that follows the list. A pass says what was proven, in the
-terminal summary: "no failure in all N interleavings within B preemptions (M executions, pruned
-from at least K)", or, when the budget ran out first, how far the search got.
+terminal summary: "no failure in all N interleavings of T threads within B preemptions (M
+executions, pruned from at least K)", or, when the budget ran out first, how far the search got.
 
 Every execution starts from the test's starting state, as exact mode's rounds do
 (ftrace/snapshot.py, the default `--ftrace-rounds snapshot`): they run in this process while
@@ -34,6 +34,7 @@ PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs star
 from __future__ import annotations
 
 import _thread
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -58,7 +59,7 @@ _SAFE = frozenset(
         "TO_BOOL BUILD_TUPLE BUILD_LIST BUILD_SET BUILD_MAP BUILD_CONST_KEY_MAP BUILD_STRING "
         "BUILD_SLICE FORMAT_SIMPLE FORMAT_WITH_SPEC FORMAT_VALUE CONVERT_VALUE LOAD_CLOSURE "
         "MAKE_CELL COPY_FREE_VARS LOAD_ASSERTION_ERROR LIST_APPEND SET_ADD MAP_ADD "
-        "MAKE_FUNCTION SET_FUNCTION_ATTRIBUTE END_FOR POP_ITER NOT_TAKEN GET_ITER"
+        "MAKE_FUNCTION SET_FUNCTION_ATTRIBUTE END_FOR POP_ITER NOT_TAKEN GET_ITER KW_NAMES"
     ).split()
 )
 _JUMPS = frozenset(
@@ -98,8 +99,12 @@ _ACCESSES = {
 # those that read them (their step reads "item").
 _PURE_SCALAR = frozenset(
     "range isinstance issubclass id type int float bool str abs hash callable iter enumerate "
-    "zip reversed divmod round chr ord".split()
+    "zip reversed divmod round chr ord object".split()
 )
+# A call's callable sits below its arguments and a NULL (3.12: NULL, callable; 3.13:
+# callable, NULL): how far below the top of the stack, past N arguments, is N + this.
+_NULL_BELOW = sys.version_info < (3, 13)
+_CALLABLE_SLOT = 1 if _NULL_BELOW else 2
 _PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
 # Methods of the built-in containers that run no code of the items' (no comparison): whether
 # each writes the container's items (else it reads them). A call of one is a step on "item".
@@ -121,6 +126,44 @@ _CONTAINER_METHODS = {
 _PLAIN_LOADS = frozenset(
     "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_CONST LOAD_SMALL_INT".split()
 )
+
+
+_FUNCTION = type(lambda: None)
+_LOCAL_LOADS = frozenset(
+    "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_FAST_LOAD_FAST LOAD_CONST".split()
+)
+# Instructions whose pushed value is computed (no object loaded from the frame).
+_COMPUTED = frozenset(
+    "BINARY_OP BINARY_SUBSCR COMPARE_OP BUILD_TUPLE BUILD_LIST BUILD_SET BUILD_STRING CALL".split()
+)
+
+
+def _two(kind: int, key: str, writes: bool, other: str) -> tuple[int, str]:
+    """The access of a step that does `kind` on `key` and reads or writes `other` too: 2 or
+    1 on one key, 3 (both written) or 6 (the first read, the second written); two reads of two
+    keys are opaque (no such access)."""
+    if other == key:
+        return (_WRITE if writes else kind), key
+    if kind == _WRITE and writes:
+        if other.startswith("lock:"):
+            return 0, ""  # (3 is a release of that lock: no acquire would race with it)
+        return 3, f"{key}\0{other}"
+    if kind == _WRITE:
+        return 6, f"{other}\0{key}"
+    if writes:
+        return 6, f"{key}\0{other}"
+    return 0, ""
+
+
+def _is_module(obj) -> bool:
+    return type(obj) is type(sys)
+
+
+def _pure_function(function) -> bool:
+    """Functions whose call reads and changes nothing shared (the calling thread's id)."""
+    import threading
+
+    return function is threading.get_ident or function is _thread.get_ident
 
 
 def _deque_type():
@@ -172,6 +215,10 @@ class Classifier:
         self._per_object = False  # the answer depends on an object: asked at every visit
         self._frame_now: tuple | None = None  # (code, live frame) being classified
         self._released: str | None = None  # the lock the step's `with` block releases
+        self._extra: tuple[bool, str] | None = None  # a container method the step calls
+        self._pure_at: int | None = None  # where the step calls the builtin it loaded
+        self._crossed = False  # the last _stack_source went back past a call
+        self._point_at = -1  # the offset of the point whose step is being classified
         self.lock_types = (_native.lock, _native.RLock)
         # The key of a lock or of a container's items is the object's order of first use in
         # the round, not its address: each round may make its own objects, and the tree
@@ -258,6 +305,7 @@ class Classifier:
         kind, family = what
         key = family if family == "item" else f"{family}:{first.argval}"
         frame = self._frame(code)
+        self._point_at = offset
         globals_ = frame.f_globals if frame is not None else None
         pure = None  # the builtin this step calls, if it loads one
         if first.opname == "LOAD_GLOBAL" and first.argval in _PURE_SCALAR | _PURE_ITEMS:
@@ -273,6 +321,7 @@ class Classifier:
                 kind, key = (_WRITE if pure[2] else _READ), pure[3]
         self._with_lock = self._enters_lock(instructions, offset, frame)
         self._frame_now, self._released = (code, frame), None
+        self._extra = self._pure_at = None
         try:
             found = self._scan(instructions, following, returns, pure, globals_)
         finally:
@@ -284,9 +333,22 @@ class Classifier:
         writes, called, _returned = found
         if isinstance(called, str) and called in _PURE_ITEMS:
             key = "item"  # what the builtin reads; nothing writes the builtin's name
+            call = instructions[self._pure_at][0] if self._pure_at is not None else None
+            if call is not None and call.arg == 1 and frame is not None:
+                source = self._stack_source(instructions, self._pure_at, 1)
+                if source is not None:  # len(items): the items of that container
+                    self._per_object = True
+                    key = self._items_of(self._value_at(instructions, source, frame))
+                    dynamic = True
+        kind = _WRITE if writes else kind
+        extra, self._extra = self._extra, None
         if self._released is not None:  # the step leaves a `with lock:` block
+            if extra is not None:
+                return 0, "", dynamic
             return 3, f"{key}\0{self._released}", dynamic
-        return (_WRITE if writes else kind), key, dynamic
+        if extra is None:
+            return kind, key, dynamic
+        return (*_two(kind, key, *extra), dynamic)
 
     def start_safe(self, code, globals_=None) -> bool:
         """Whether the start of `code` (a test's body) up to its first point is safe."""
@@ -327,7 +389,11 @@ class Classifier:
             if name in _JUMPS:
                 todo.append((ins.argval, last))
                 continue
-            if name in _SAFE or (
+            if name == "LOAD_ASSERTION_ERROR" and returns == "end":
+                # a failing assert in the test's body: the execution fails there (the search
+                # stops at it), so what the path does after that depends on no order
+                returned = True
+            elif name in _SAFE or (
                 name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST")
             ):
                 todo.append((after, name))
@@ -339,12 +405,16 @@ class Classifier:
                 todo.extend(((after, name), (ins.argval, name)))
             elif name == "BEFORE_WITH" and self._with_lock:
                 continue  # the lock's own point ends the step (lock_step describes the next)
+            elif name == "BEFORE_WITH" and depth == 0 and self._sync_step(instructions, at):
+                todo.append((after, name))  # `with cond:`: an operation on cond's lock
+            elif name == "CALL" and depth == 0 and self._sync_exit(instructions, at):
+                todo.append((after, name))
             elif name in _RETURNS and returns in ("end", "report"):
                 returned = True  # the round ends, or the callee's caller goes on
             elif name in _RETURNS and returns is not None and depth < 3:
                 if not self._into_caller(returns, depth):
                     return None
-            elif name == "CALL" and isinstance(pure, tuple) and at == pure[1]:
+            elif name in ("CALL", "CALL_KW") and isinstance(pure, tuple) and at == pure[1]:
                 called = pure  # the method the step loaded
                 if pure[0] == "item":
                     writes = writes or pure[2]
@@ -361,13 +431,31 @@ class Classifier:
                     todo.append((after, name))
             elif name == "CALL" and isinstance(pure, str) and called is None:
                 called = pure  # the builtin the step loaded (the first call on every path)
+                self._pure_at = at
+                todo.append((after, name))
+            elif name == "CALL_KW" and depth == 0:  # 3.13: keyword names on the stack
+                method = self._container_call(instructions, at)
+                if method is None or self._extra not in (None, method):
+                    return None
+                self._extra = method
                 todo.append((after, name))
             elif name == "CALL" and self._lock_exit(instructions, at):
                 continue  # the release's own point ends the step
             elif name == "CALL" and depth < 3:
                 callee = self._callee(instructions, at, globals_)
                 if callee is None:
-                    return None
+                    if self._pure_builtin_call(instructions, at, globals_):
+                        todo.append((after, name))
+                        continue
+                    method = self._container_call(instructions, at) if depth == 0 else None
+                    if method is None or self._extra not in (None, method):
+                        return None
+                    self._extra = method  # the step's second key
+                    todo.append((after, name))
+                    continue
+                if callee is object.__init__:  # a constructor that runs no code of its own
+                    todo.append((after, name))
+                    continue
                 if callee.__code__.co_flags & 0x2A0:  # generator, coroutine: no code runs
                     todo.append((after, name))
                     continue
@@ -396,9 +484,9 @@ class Classifier:
         at = instructions[offset][1]
         while at is not None:
             ins, following, _ = instructions[at]
-            if ins.opname == "CALL":
+            if ins.opname in ("CALL", "CALL_KW"):
                 break
-            if ins.opname not in _SAFE and ins.opname != "BINARY_OP":
+            if ins.opname not in _SAFE and ins.opname not in ("BINARY_OP", "KW_NAMES"):
                 return None
             if self._point(ins) is not None or getattr(ins, "is_jump_target", False):
                 return None
@@ -420,6 +508,9 @@ class Classifier:
             if writes is None:
                 return None
             return ("item", call_at, writes, self.object_key(owner, "item"))
+        sync = self._sync_key(owner) if not name.startswith("_") else None
+        if sync is not None:
+            return ("item", call_at, True, sync)
         if self.scope is None or kind.__getattribute__ is not object.__getattribute__:
             return None
         if name in getattr(owner, "__dict__", ()):
@@ -438,37 +529,227 @@ class Classifier:
 
     def _items_key(self, instructions, offset: int, frame) -> str:
         """The key of the items a subscript or `in` at `offset` works on: "item:N" for a
-        built-in container found in the live frame (the instruction that loaded it, below
-        at most one plain load of the key), else "item" (any container's items)."""
+        built-in container found in the live frame (the instruction that loaded it, found by
+        following the stack back through plain loads, copies and swaps: `d[k] += 1` loads its
+        container once and copies it), else "item" (any container's items)."""
         name = instructions[offset][0].opname
-        # how many plain loads sit between the container's load and the instruction
-        above = {"CONTAINS_OP": 0, "BINARY_SUBSCR": 1, "DELETE_SUBSCR": 1, "STORE_SUBSCR": 1}
-        skip = above.get(name)
-        if skip is None:
+        # the container's slot on the stack, counted from the top (1: the top)
+        slot = {
+            "CONTAINS_OP": 1,
+            "BINARY_SUBSCR": 2,
+            "DELETE_SUBSCR": 2,
+            "STORE_SUBSCR": 2,
+            "BINARY_SLICE": 3,
+            "STORE_SLICE": 3,
+        }.get(name)
+        if slot is None:
             return "item"
-        at = offset
-        previous = instructions[at][2]
-        pair = instructions[previous][0] if previous is not None else None
-        if pair is not None and pair.opname == "LOAD_FAST_LOAD_FAST" and skip < 2:
-            # 3.13: two locals in one instruction, the container then the key (a subscript)
-            # or the value then the container (`in`)
-            if getattr(pair, "is_jump_target", False):
-                return "item"
-            self._dynamic = self._per_object = True
-            owner = frame.f_locals.get(pair.argval[1 if skip == 0 else 0])
-            return self._items_of(owner)
-        for _ in range(skip):
-            previous = instructions[at][2]
-            if previous is None:
-                return "item"
-            ins = instructions[previous][0]
-            if ins.opname not in _PLAIN_LOADS or getattr(ins, "is_jump_target", False):
-                return "item"
-            at = previous
-        if getattr(instructions[at][0], "is_jump_target", False):
+        found = self._stack_source(instructions, offset, slot)
+        if found is None:
             return "item"
         self._dynamic = self._per_object = True
-        return self._items_of(self._loaded(instructions, at, frame))
+        return self._items_of(self._value_at(instructions, found, frame))
+
+    def _value_at(self, instructions, found, frame):
+        """The object a `_stack_source` answer pushed, looked up in live `frame` (a local, a
+        global, a closure's variable, a local's attribute), or None."""
+        at, which = found
+        ins = instructions[at][0]
+        if ins.opname == "LOAD_FAST_LOAD_FAST":
+            # 3.13: two locals in one instruction, the first pushed first (deeper)
+            return frame.f_locals.get(ins.argval[1 if which == 1 else 0])
+        if ins.opname == "STORE_FAST_LOAD_FAST":
+            return frame.f_locals.get(ins.argval[1])
+        following = instructions[at][1]
+        if following is None or which != 1:
+            return None
+        return self._loaded(instructions, following, frame)
+
+    def _container_call(self, instructions, call_at: int):
+        """The CALL at `call_at` calls a method of a built-in container loaded as a method
+        (`obj.append(...)`, the load in an earlier step or this one): (writes, key of its
+        items), or None. Only in the live frame being classified."""
+        current = self._frame_now
+        call = instructions[call_at][0]
+        if current is None or current[1] is None or call.arg is None:
+            return None
+        if self._instructions(current[0]) is not instructions:
+            return None
+        args = call.arg + (call.opname == "CALL_KW")  # its keyword names' tuple on top
+        found = self._stack_source(instructions, call_at, args + 2)
+        load = instructions[found[0]][0] if found is not None else None
+        if load is None or load.opname != "LOAD_ATTR" or not load.arg & 1 or found[1] != 2:
+            # the bound method loaded first (`m = obj.name`, then `m(...)`: how pytest's
+            # assertion rewriting calls one)
+            found = self._stack_source(instructions, call_at, args + _CALLABLE_SLOT)
+            load = instructions[found[0]][0] if found is not None else None
+            if load is None or load.opname != "LOAD_ATTR" or load.arg & 1:
+                return None
+        source = self._stack_source(instructions, found[0], 1, self._crossed)
+        if source is None:
+            return None
+        self._dynamic = self._per_object = True
+        owner = self._value_at(instructions, source, current[1])
+        table = _CONTAINER_METHODS.get(type(owner))
+        if table is None and type(owner) is _deque_type():
+            table = _CONTAINER_DEQUE
+        writes = None if table is None else table.get(load.argval)
+        if writes is None:
+            sync = self._sync_key(owner) if not load.argval.startswith("_") else None
+            return None if sync is None else (True, sync)
+        return writes, self.object_key(owner, "item")
+
+    def _sync_key(self, obj) -> str | None:
+        """The key of a synchronisation object of the standard library (a condition, event,
+        semaphore, barrier or queue): that of the schedulable lock its methods work under, so
+        that its operations depend on each other and on the lock's own (a condition made on a
+        lock the test also takes directly), and on nothing else: they change only the object.
+        None for anything else."""
+        import queue
+        import threading
+
+        kind = type(obj)
+        if kind.__module__ not in ("threading", "queue"):
+            return None
+        lock = None
+        if isinstance(obj, threading.Condition):
+            lock = obj._lock
+        elif isinstance(obj, (threading.Event, threading.Semaphore, threading.Barrier)):
+            lock = getattr(getattr(obj, "_cond", None), "_lock", None)
+        elif isinstance(obj, queue.Queue):
+            lock = obj.mutex
+        return self.lock_key(lock) if isinstance(lock, self.lock_types) else None
+
+    def _with_sync(self, instructions, before_with: int) -> tuple[bool, str] | None:
+        """The `with` block entered at `before_with` (in the live frame being classified) is
+        on a synchronisation object (`_sync_key`): (True, its key), else None."""
+        current = self._frame_now
+        if current is None or current[1] is None:
+            return None
+        if self._instructions(current[0]) is not instructions:
+            return None
+        source = self._stack_source(instructions, before_with, 1)
+        if source is None:
+            return None
+        self._dynamic = self._per_object = True
+        key = self._sync_key(self._value_at(instructions, source, current[1]))
+        return None if key is None else (True, key)
+
+    def _stack_source(self, instructions, offset: int, slot: int, locals_only: bool = False):
+        """The instruction that pushed the value in stack slot `slot` (1: the top) as the
+        instruction at `offset` starts, followed back over straight-line code (no jump target
+        on the way) through loads, copies, swaps and operators: (its offset, which of its
+        pushed values, 1: the last pushed), or None when it is not found so. Nothing on the
+        way stores a local: the producer's local still holds the value. Past a call on the way
+        (a value built for an argument) only a local's load counts: the call may have rebound
+        a global or an attribute since (a method's load counts: its name is all it gives;
+        `self._crossed` says whether a call was crossed). `locals_only`: only a local's load
+        counts."""
+        import dis
+
+        at = offset
+        crossed = locals_only  # a call on the way back
+        for _ in range(40):
+            if getattr(instructions[at][0], "is_jump_target", True):
+                return None
+            at = instructions[at][2]
+            if at is None:
+                return None
+            ins = instructions[at][0]
+            name = ins.opname
+            if name == "COPY":
+                slot = ins.arg if slot == 1 else slot - 1
+                continue
+            if name == "SWAP":
+                slot = ins.arg if slot == 1 else 1 if slot == ins.arg else slot
+                continue
+            if name in _PLAIN_LOADS or name == "LOAD_DEREF":
+                pops, pushes = 0, 1
+            elif name == "LOAD_FAST_LOAD_FAST":
+                pops, pushes = 0, 2
+            elif name == "LOAD_GLOBAL" and not ins.arg & 1:
+                pops, pushes = 0, 1
+            elif name == "LOAD_GLOBAL":  # and a NULL: below it on 3.12, above on 3.13
+                pops, pushes = 0, 2
+                if slot == (1 if _NULL_BELOW else 2):
+                    return at, 1
+                if slot <= 2:
+                    return None
+            elif name == "LOAD_ATTR" and not ins.arg & 1:
+                pops, pushes = 1, 1
+            elif name == "LOAD_ATTR":  # a method and its object (2: the method, 1: the object)
+                pops, pushes = 1, 2
+            elif name in ("BINARY_OP", "BINARY_SUBSCR", "COMPARE_OP"):
+                pops, pushes = 2, 1
+            elif name == "POP_TOP":
+                pops, pushes = 1, 0
+            elif name in ("BUILD_TUPLE", "BUILD_LIST", "BUILD_SET", "BUILD_STRING"):
+                pops, pushes = ins.arg, 1
+            elif name == "CALL":
+                pops, pushes = ins.arg + 2, 1
+                crossed = True
+            elif name == "PUSH_NULL":
+                if slot == 1:
+                    return None
+                slot -= 1
+                continue
+            elif name == "KW_NAMES":
+                continue
+            elif name in ("STORE_FAST", "STORE_FAST_MAYBE_NULL"):
+                pops, pushes = 1, 0
+            elif name == "STORE_FAST_LOAD_FAST":  # 3.13: stores a local, loads another
+                if slot != 1:
+                    continue  # one popped, one pushed
+                stored_name, loaded = ins.argval
+                if loaded == stored_name:
+                    continue  # the value it stored is the one it loads
+                stored = self._stored(instructions, at, loaded)
+                if stored is not None and stored >= self._point_at:
+                    return self._stack_source(instructions, stored, 1, crossed)
+                self._crossed = crossed
+                return at, 1
+            else:
+                return None
+            arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
+            if dis.stack_effect(ins.opcode, arg, jump=False) != pushes - pops:
+                return None  # not the effect this table has for it
+            if slot <= pushes:
+                if name in _COMPUTED:
+                    return None  # a value computed here: no container of the frame's
+                method = name == "LOAD_ATTR" and ins.arg & 1 and slot == 2
+                if crossed and not method and name not in _LOCAL_LOADS:
+                    return None
+                if name in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"):
+                    stored = self._stored(instructions, at, ins.argval)
+                    if stored is not None and stored >= self._point_at:
+                        # stored later in the step (assertion rewriting's temporaries): the
+                        # frame does not hold the value yet, what the store takes does
+                        return self._stack_source(instructions, stored, 1, crossed)
+                self._crossed = crossed
+                return at, slot
+            slot += pops - pushes
+        return None
+
+    @staticmethod
+    def _stored(instructions, at: int, name: str):
+        """The STORE_FAST of local `name` that the load at `at` reads, when it is found
+        going back over straight-line code (no jump target on the way), or None."""
+        for _ in range(40):
+            if getattr(instructions[at][0], "is_jump_target", True):
+                return None
+            at = instructions[at][2]
+            if at is None:
+                return None
+            ins = instructions[at][0]
+            if ins.opname == "STORE_FAST" and ins.argval == name:
+                return at
+            if ins.opname == "STORE_FAST_LOAD_FAST" and ins.argval[0] == name:
+                return at
+            if ins.opname == "STORE_FAST_STORE_FAST" and name in ins.argval:
+                return None
+            if ins.opname == "DELETE_FAST" and ins.argval == name:
+                return None
+        return None
 
     def _items_of(self, owner) -> str:
         """ "item:N" for a built-in container (or tuple), else "item"."""
@@ -542,6 +823,33 @@ class Classifier:
             return False
         self._released = self.lock_key(found)
         return True
+
+    def _sync_step(self, instructions, before_with: int) -> bool:
+        """Record the `with` block's entry at `before_with` when it is on a synchronisation
+        object (`_sync_key`), as the step's second key."""
+        found = self._with_sync(instructions, before_with)
+        if found is None or self._extra not in (None, found):
+            return False
+        self._extra = found
+        return True
+
+    def _sync_exit(self, instructions, call_at: int) -> bool:
+        """Record the exit of a `with` block on a synchronisation object at `call_at` (three
+        None arguments), as the step's second key."""
+        if instructions[call_at][0].arg != 2 or not self._exit_call(instructions, call_at):
+            return False
+        at = instructions[call_at][2]
+        depth = 0  # the matching BEFORE_WITH, past the blocks nested in this one
+        while at is not None:
+            ins, _, previous = instructions[at]
+            if ins.opname == "BEFORE_WITH":
+                if depth == 0:
+                    return self._sync_step(instructions, at)
+                depth -= 1
+            elif ins.opname == "CALL" and ins.arg == 2 and self._exit_call(instructions, at):
+                depth += 1
+            at = previous
+        return False
 
     def _exit_call(self, instructions, at: int) -> bool:
         """Whether the CALL at `at` is a `with` block's exit (three None arguments)."""
@@ -667,6 +975,10 @@ class Classifier:
             at = previous
         else:
             return None
+        if isinstance(function, type):
+            function = self._constructor(function)
+            if function is object.__init__:
+                return function
         if not isinstance(function, types.FunctionType):
             return None
         code = function.__code__
@@ -674,13 +986,57 @@ class Classifier:
             return None
         return function
 
+    @staticmethod
+    def _constructor(cls):
+        """The code a call of class `cls` runs: its `__init__` when the rest is object's
+        (plain metaclass, object's `__new__`): the new object is the step's own, so the
+        constructor is a call of `__init__` (its points cut it as any function's);
+        object.__init__ when it runs no code of its own; else None."""
+        if type(cls) is not type or cls.__new__ is not object.__new__:
+            return None
+        init = cls.__init__
+        if init is object.__init__:
+            return init
+        return init if isinstance(init, _FUNCTION) else None
+
+    def _pure_builtin_call(self, instructions, call_at: int, globals_) -> bool:
+        """Whether the CALL at `call_at` calls a builtin of `_PURE_SCALAR` (loaded by a global
+        not shadowed by the module, its result a function of its arguments, which read
+        nothing shared), or a function of `_PURE_FUNCTIONS` loaded as a module's attribute."""
+        call = instructions[call_at][0]
+        if call.arg is None:
+            return False
+        found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+        if found is None:
+            return False
+        ins = instructions[found[0]][0]
+        if ins.opname == "LOAD_GLOBAL":
+            return (
+                ins.argval in _PURE_SCALAR and globals_ is not None and ins.argval not in globals_
+            )
+        if ins.opname == "LOAD_ATTR" and not ins.arg & 1:
+            frame = self._frame_now[1] if self._frame_now is not None else None
+            if frame is None or instructions is not self._instructions(self._frame_now[0]):
+                return False
+            source = self._stack_source(instructions, found[0], 1)  # the attribute's owner
+            if source is None or source[1] != 1:
+                return False
+            load = instructions[source[0]][0]
+            if load.opname != "LOAD_GLOBAL":
+                return False
+            owner = frame.f_globals.get(load.argval)
+            self._dynamic = self._per_object = True  # the global may be rebound
+            function = getattr(owner, ins.argval, None) if _is_module(owner) else None
+            return function is not None and _pure_function(function)
+        return False
+
     def _frame(self, code):
         """The live frame running `code` (the caller's, up the stack), or None."""
         import sys
 
         self._dynamic_token = object()  # a new classification: callers not looked at yet
         frame = sys._getframe(1)
-        for _ in range(6):
+        for _ in range(40):  # the hook may call the classifier from the plugin's own code
             if frame is None or frame.f_code is code:
                 break
             frame = frame.f_back
@@ -820,6 +1176,11 @@ class ExploreMode(ExactMode):
         if outcome.failures:
             return
         line = self.verdict(progress)
+        if progress.get("retried"):
+            line += (
+                f"; {progress['retried']} round(s) ran again: they were not exact (a thread ran "
+                "outside the schedule, blocked in C or late on a loaded machine)"
+            )
         self.test.session.explored.append((self.test.item.nodeid, line))
         outcome.notes.append(f"ftrace explore: {line}")
 
@@ -832,6 +1193,7 @@ class ExploreMode(ExactMode):
             progress["redundant"] if progress["done"] else 0
         )
         bound = progress["bound"]
+        threads = self.test.threads
 
         def within(n: int) -> str:
             return f"within {n} preemption{'s' if n != 1 else ''}"
@@ -841,10 +1203,14 @@ class ExploreMode(ExactMode):
             f"{executions + progress['pruned']}"
         )
         if progress["done"] and not progress["divergences"]:
-            return f"no failure in all {interleavings} interleavings {within(bound)} ({counts})"
+            return (
+                f"no failure in all {interleavings} interleavings of {threads} threads "
+                f"{within(bound)} ({counts})"
+            )
         if progress["done"]:
             return (
-                f"no failure in {interleavings} interleavings {within(bound)} ({counts}), but "
+                f"no failure in {interleavings} interleavings of {threads} threads "
+                f"{within(bound)} ({counts}), but "
                 f"not a proof: {progress['divergences']} round(s) could not follow their "
                 "schedule (the test takes another path for the same schedule from round to "
                 "round)"
@@ -852,7 +1218,8 @@ class ExploreMode(ExactMode):
         why = self.stopped_by or f"the --ftrace-explore-rounds budget ({self.max_rounds})"
         before = f" (every interleaving {within(bound - 1)} ran)" if bound else ""
         return (
-            f"no failure in {interleavings} interleavings {within(bound)}{before} ({counts}); "
+            f"no failure in {interleavings} interleavings of {threads} threads "
+            f"{within(bound)}{before} ({counts}); "
             f"stopped by {why} with {progress['pending']} branch(es) known and not run: the "
             f"search within {progress['target']} did not finish, so this is not a proof "
             "(raise the budget or lower --ftrace-bound)"
