@@ -727,7 +727,7 @@ impl Tree {
 }
 
 /// The version of [`Tree::to_words`]' layout (a tree from another layout is refused).
-const WORDS_FORMAT: u64 = 1;
+const WORDS_FORMAT: u64 = 2;
 
 /// Writes a tree's fields as words.
 struct Words(Vec<u64>);
@@ -750,6 +750,7 @@ impl Words {
             Access::Lock(k) => (4, k, 0),
             Access::Start => (5, 0, 0),
             Access::Local => (6, 0, 0),
+            Access::ReadWrite(k, l) => (7, k, l),
         };
         self.0.extend([tag, x, y]);
     }
@@ -803,6 +804,7 @@ impl Reader<'_> {
             4 => Access::Lock(x),
             5 => Access::Start,
             6 => Access::Local,
+            7 => Access::ReadWrite(x, y),
             _ => return None,
         })
     }
@@ -838,6 +840,9 @@ impl Tree {
             preemptions,
             blocked,
             diverged,
+            not_exact,
+            retries,
+            prefix_sleep,
             tail,
             steps,
             attempts,
@@ -851,10 +856,13 @@ impl Tree {
         w.put(u64::from(*bound));
         w.put(u64::from(*target));
         for f in [
-            *started, *finished, *running, *blocked, *diverged, *opaque, *pair,
+            *started, *finished, *running, *blocked, *not_exact, *opaque, *pair,
         ] {
             w.flag(f);
         }
+        w.put(diverged.map_or(u64::MAX, |d| d as u64));
+        w.put(u64::from(*retries));
+        w.threads(prefix_sleep);
         w.put(*prefix as u64);
         w.put(u64::from(*preemptions));
         w.put(*steps);
@@ -881,6 +889,7 @@ impl Tree {
             target: asked,
             pass_executions,
             longest,
+            retried,
         } = progress;
         w.0.extend([
             *executions,
@@ -894,6 +903,7 @@ impl Tree {
             u64::from(*asked),
             *pass_executions,
             *longest,
+            *retried,
         ]);
         w.put(stack.len() as u64);
         for node in stack {
@@ -929,7 +939,13 @@ impl Tree {
         for f in &mut flags {
             *f = r.flag()?;
         }
-        let [started, finished, running, blocked, diverged, opaque, pair] = flags;
+        let [started, finished, running, blocked, not_exact, opaque, pair] = flags;
+        let diverged = match r.get()? {
+            u64::MAX => None,
+            d => Some(usize::try_from(d).ok()?),
+        };
+        let retries = r.id()?;
+        let prefix_sleep = r.threads()?;
         let prefix = usize::try_from(r.get()?).ok()?;
         let preemptions = r.id()?;
         let steps = r.get()?;
@@ -954,6 +970,7 @@ impl Tree {
             target: r.id()?,
             pass_executions: r.get()?,
             longest: r.get()?,
+            retried: r.get()?,
         };
         let stack = (0..r.count()?)
             .map(|_| {
@@ -987,6 +1004,9 @@ impl Tree {
             preemptions,
             blocked,
             diverged,
+            not_exact,
+            retries,
+            prefix_sleep,
             tail,
             steps,
             attempts,
