@@ -778,6 +778,20 @@ impl Run {
         Ok(())
     }
 
+    /// Exact mode: what the scheduler learned from the rounds so far and the next rounds are
+    /// made with (the longest round's steps), for `sched_learn` in another process of the
+    /// test (a forked round's) or back here.
+    fn sched_learned(&self) -> u64 {
+        self.shared.core().map_or(0, |c| c.learned_steps())
+    }
+
+    /// Exact mode: learn what `sched_learned` gave in another process of the test.
+    fn sched_learn(&self, steps: u64) {
+        if let Some(core) = self.shared.core() {
+            core.learn_steps(steps);
+        }
+    }
+
     /// Exact mode: decisions made so far in the current round.
     fn sched_step(&self) -> u64 {
         self.shared.core().map_or(0, |c| c.step())

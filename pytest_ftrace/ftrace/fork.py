@@ -1051,14 +1051,22 @@ def _absorb(test: TestSession, data: dict) -> None:
 
 
 def handoff(test: TestSession) -> dict:
-    """What goes with a request to a child of the snapshot (which holds the test's starting
-    state, not what this process learned since) and comes back with each of a child's
-    messages: the mode's state (explore's search tree: `forked_state`) and the futex words
-    the core's watcher learned the interpreter's own lock waits on (without them a child's
-    thread waiting for the GIL looks blocked in C until the child learns them again)."""
+    """What goes with a request to a child (a child of the snapshot holds the test's starting
+    state, a child of this process what this process had when it forked, not what the
+    children before it learned since) and comes back with each of a child's messages: the
+    mode's state (explore's search tree: `forked_state`), what the scheduler learned from the
+    rounds so far (the longest round's steps, the step estimate every later round's scheduler
+    is made with: without it each forked round would be scheduled as a first round, with the
+    default estimate, not as the same round run in one process) and the futex words the
+    core's watcher learned the interpreter's own lock waits on (without them a child's thread
+    waiting for the GIL looks blocked in C until the child learns them again)."""
     from pytest_ftrace import _native
 
-    return {"mode": test.run.forked_state(), "waits": _native.interpreter_waits()}
+    return {
+        "mode": test.run.forked_state(),
+        "steps": test.run.traced._native.sched_learned(),
+        "waits": _native.interpreter_waits(),
+    }
 
 
 def _take_handoff(test: TestSession, state: dict | None) -> None:
@@ -1067,6 +1075,7 @@ def _take_handoff(test: TestSession, state: dict | None) -> None:
     from pytest_ftrace import _native
 
     _native.learn_interpreter_waits(state["waits"])
+    test.run.traced._native.sched_learn(state["steps"])
     if state["mode"] is not None:
         test.run.resume_forked_state(state["mode"])
 

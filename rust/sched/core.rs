@@ -429,6 +429,19 @@ impl Core {
         &self.policy
     }
 
+    /// What the core learned from the rounds so far that shapes the next rounds' schedules:
+    /// the longest round's steps (the step estimate a round's scheduler is made with).
+    pub fn learned_steps(&self) -> u64 {
+        self.state.lock().max_steps
+    }
+
+    /// Learn what [`Core::learned_steps`] gave in another process of the test (a forked
+    /// round's): the estimate is the longest round of both.
+    pub fn learn_steps(&self, steps: u64) {
+        let mut st = self.state.lock();
+        st.max_steps = st.max_steps.max(steps);
+    }
+
     /// Whether the core is closed (the test is over, or the interpreter shuts down).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire) || SHUTDOWN.load(Ordering::Acquire)
@@ -1371,6 +1384,26 @@ mod tests {
                 record.preemptions
             );
         }
+    }
+
+    #[test]
+    fn a_core_that_learns_the_steps_makes_the_rounds_another_core_would() {
+        // A forked round runs in a copy of the core made before the rounds that ran in other
+        // processes: handed what those taught the scheduler, it makes the same round as the
+        // core that ran them.
+        let full = Arc::new(Core::new(8, Policy::Mix { budget: 16 }));
+        for r in 0..3 {
+            round(&full, r, 3, 200);
+        }
+        let (log, rec) = round(&full, 3, 3, 200);
+        let fresh = Arc::new(Core::new(8, Policy::Mix { budget: 16 }));
+        assert_eq!(fresh.learned_steps(), 0);
+        fresh.learn_steps(full.learned_steps());
+        fresh.learn_steps(1); // a shorter round elsewhere does not lower the estimate
+        let (again, rec2) = round(&fresh, 3, 3, 200);
+        assert_eq!(rec2.k, rec.k);
+        assert_eq!(rec2.decisions, rec.decisions);
+        assert_eq!(again, log);
     }
 
     #[test]

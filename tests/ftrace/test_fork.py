@@ -454,3 +454,42 @@ def test_a_forked_round_that_hangs_fails_alone_and_leaves_no_thread_here(pyteste
             "*did not finish within 2s (--ftrace-timeout)*",
         ]
     )
+
+
+# Each round's own box (keyed by round: module state, so every forked round needs a child),
+# bumped without a lock: what each thread saw at its end is the round's interleaving.
+TRACED = """
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROUNDS = {}
+
+def test_bumps(iteration_index, thread_index):
+    box = ROUNDS.setdefault(iteration_index, {"n": 0})
+    for _ in range(40):
+        seen = box["n"]
+        box["n"] = seen + 1
+    with open(os.path.join(HERE, os.environ["TRACE_FILE"]), "a") as out:
+        out.write(f"{iteration_index} {thread_index} {box['n']}\\n")
+"""
+
+
+@pytest.mark.parametrize("rounds", ["fork-each", "snapshot"])
+def test_a_forked_round_is_scheduled_as_the_same_round_in_this_process(
+    pytester, monkeypatch, rounds
+):
+    """The scheduler sizes a round's hand-overs by what it learned from the rounds before
+    (the longest round's steps); a forked round gets it from the parent, so round i makes
+    the same choices wherever it runs."""
+    pytester.makepyfile(test_traced=TRACED)
+    traces = {}
+    for where in ("process", rounds):
+        monkeypatch.setenv("TRACE_FILE", f"{where}.txt")
+        result = run(
+            pytester, "--seed", "3", "--threads", "2", "--iterations", "12",
+            "-p", "no:cacheprovider", rounds=where,
+        )  # fmt: skip
+        result.assert_outcomes(passed=1)
+        traces[where] = sorted((pytester.path / f"{where}.txt").read_text().splitlines())
+    assert len(traces["process"]) == 24
+    assert traces[rounds] == traces["process"]
