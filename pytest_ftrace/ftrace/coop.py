@@ -41,6 +41,10 @@ import time
 from pytest_ftrace import _native
 
 WATCHDOG_SECONDS = 1.0
+# How often the watchdog looks at the running thread's progress: each look takes the
+# interpreter from whichever thread holds it (a managed thread computing with the turn drops
+# it and waits until the watchdog has it), so it looks a few times a second, not more.
+WATCHDOG_POLL = 0.2
 
 _real_lock = _thread.allocate_lock
 _real_sleep = time.sleep
@@ -571,7 +575,7 @@ class ExactTest:
         self.threads = threads
         self.seed_round = seed_round  # replaying by seed: every round reseeded as this one
         self._local = threading.local()
-        self._stop = threading.Event()
+        self._stop = _Stop()
         self._watchdog: threading.Thread | None = None
         self.blocking: list[str] = []  # unmanaged blocking reports, one per released round
         self.exit_steps: dict[tuple[int, int], int] = {}  # (round, worker) -> step
@@ -702,7 +706,7 @@ class ExactTest:
     def _watch(self) -> None:
         last = None
         since = _real_monotonic()
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(WATCHDOG_POLL):
             status = self.native.sched_status()
             if status is None:
                 return
@@ -718,6 +722,45 @@ class ExactTest:
             self.native.sched_release(reason)
             self.blocking.append(reason)
             last = None
+
+
+class _Stop:
+    """The watchdog's stop signal (`set`, `clear`, `is_set`, `wait(timeout)`, as an Event's)
+    on a real `_thread` lock, held while the watchdog is to go on. `threading.Event` is made of
+    the schedulable locks in exact mode, whose blocking wait takes the interpreter back every
+    20 ms slice: the watchdog then took it from a managed thread computing with the turn
+    (which drops it and sleeps in the kernel until the watchdog has it) fifty times a second,
+    and a round could be let run free, "not exact", for the plugin's own sake. A real lock's
+    timed acquire is one wait with the interpreter released."""
+
+    def __init__(self):
+        self._state = _real_lock()  # guards _set
+        self._held = _real_lock()
+        self._held.acquire()
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._state:
+            if not self._set:
+                self._set = True
+                self._held.release()
+
+    def clear(self) -> None:
+        with self._state:
+            if self._set:
+                self._held.acquire()
+                self._set = False
+
+    def wait(self, timeout: float) -> bool:
+        if self._set:
+            return True
+        if self._held.acquire(timeout=timeout):
+            self._held.release()
+            return True
+        return self._set
 
 
 def _clear_test(test) -> None:

@@ -549,3 +549,39 @@ def test_primitives_made_at_import_are_cooperative(pytester):
             "*wait-for cycle: thread 0 -> thread 1 -> thread 0",
         ]
     )
+
+
+# A round that computes for a while with no real blocking: meanwhile exact mode's watchdog waits.
+COMPUTING = """
+import threading
+
+from pytest_ftrace import _native
+
+
+def work(n):
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def test_computes(thread_index):
+    box = [0]
+    for _ in range(20):
+        box[0] += work(3000)
+    dogs = {t.ident for t in threading.enumerate() if t.name == "ftrace-watchdog"}
+    assert dogs, "no watchdog"
+    assert not dogs & set(_native.native_waiters()), "the watchdog waits on a schedulable lock"
+"""
+
+
+def test_the_watchdog_waits_without_the_schedulable_locks(pytester):
+    """The watchdog's wait is a real lock's, with the interpreter released throughout: a
+    schedulable lock's wait takes the interpreter back every 20 ms slice, from the managed
+    thread computing with the turn, and a round could be reported not exact for that."""
+    pytester.makepyfile(COMPUTING)
+    result = exact(
+        pytester, "--seed", "1", "--threads", "2", "--iterations", "10", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=1)
+    assert "not exact" not in result.stdout.str()
