@@ -488,14 +488,21 @@ def test_a_forked_round_is_scheduled_as_the_same_round_in_this_process(
     (the longest round's steps); a forked round gets it from the parent, so round i makes
     the same choices wherever it runs."""
     pytester.makepyfile(test_traced=TRACED)
-    traces = {}
-    for where in ("process", rounds):
-        monkeypatch.setenv("TRACE_FILE", f"{where}.txt")
-        result = run(
-            pytester, "--seed", "3", "--threads", "2", "--iterations", "12",
-            "-p", "no:cacheprovider", rounds=where,
-        )  # fmt: skip
-        result.assert_outcomes(passed=1)
-        traces[where] = sorted((pytester.path / f"{where}.txt").read_text().splitlines())
-    assert len(traces["process"]) == 24
+    # Up to three tries: under heavy load a round whose workers arrive more than the core's
+    # arrival timeout apart starts without the late one (a different schedule, on either
+    # side); a forked round made with another step estimate differs every time.
+    for attempt in range(3):
+        traces = {}
+        for where in ("process", rounds):
+            name = f"{where}{attempt}.txt"
+            monkeypatch.setenv("TRACE_FILE", name)
+            result = run(
+                pytester, "--seed", "3", "--threads", "2", "--iterations", "12",
+                "-p", "no:cacheprovider", rounds=where,
+            )  # fmt: skip
+            result.assert_outcomes(passed=1)
+            traces[where] = sorted((pytester.path / name).read_text().splitlines())
+        assert len(traces["process"]) == 24
+        if traces[rounds] == traces["process"]:
+            break
     assert traces[rounds] == traces["process"]
