@@ -11,10 +11,15 @@ import pytest
 
 
 def exact(pytester, *args):
+    # The files here keep each round's objects in a module dict keyed by round (SHARED), made
+    # for rounds in one process: under the default (snapshot) every round would pay a fork.
+    # Forked rounds' explanations: test_fork_results.py; their schedules: test_fork.py.
     return pytester.runpytest(
         "--ftrace",
         "--ftrace-mode",
         "exact",
+        "--ftrace-rounds",
+        "process",
         "--ftrace-timeout",
         "120",
         "--threads",
