@@ -15,6 +15,15 @@ needs_signal = pytest.mark.skipif(
     not sharing.AVAILABLE, reason="no shared-location signal on this interpreter"
 )
 
+
+@pytest.fixture(autouse=True)
+def _rounds_here(pytester):
+    # The budget's time and probe rounds, in the test's process: the files here change module
+    # state in every round, which under the default (snapshot) costs a fork a round (forked
+    # rounds stop at a count instead: test_fork_results.py and test_snapshot.py).
+    pytester.makeini("[pytest]\nftrace_rounds = process\n")
+
+
 SUMMARY = re.compile(r"^ftrace budget: (\d+) tests?, ([\d,]+) rounds in [\d.]+ s; (.*)$", re.M)
 
 
