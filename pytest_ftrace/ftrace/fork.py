@@ -26,6 +26,8 @@ for rounds run in this process:
   section, --ftrace-races fail), each access's code object marshalled;
 - the budget's state (rounds by budget: its start, rounds, why it stopped and its "anything
   shared?" signal, taken as the child's last round ends); the next child goes on from it;
+- what the scheduler learned from the rounds (the longest round's steps, `handoff`): the next
+  child's rounds are made with it, as the same rounds in one process would be;
 - the round's output: what went to a stream pytest captures in memory (--capture=sys,
   tee-sys) and the log records pytest's logging plugin caught; output to a file descriptor
   (the default --capture=fd, or none) is written by the child itself.
