@@ -227,20 +227,20 @@ enum Guard {
 }
 
 impl Guard {
-    /// A guard for `obj`, and the owner text of its label when the guard is weak (the
+    /// A guard for `obj`, and the owner name of its label when the guard is weak (the
     /// object may be gone when the label is needed). Makes objects: call it outside the
     /// state's lock (an allocation may collect, and a finalizer may run hooked code).
-    fn new(obj: &Bound<'_, PyAny>, kind: u8) -> (Guard, Option<String>) {
+    fn new(obj: &Bound<'_, PyAny>, kind: u8) -> (Guard, Option<OwnerName>) {
         let ptr = obj.as_ptr();
         // SAFETY: attached (a bound object); the new reference is owned by the guard.
         unsafe {
             if crate::deaths::watchable(ptr) {
-                return (Guard::Watched, Some(owner_text(obj, kind)));
+                return (Guard::Watched, Some(OwnerName::of(obj, kind)));
             }
             if (*ffi::Py_TYPE(ptr)).tp_weaklistoffset != 0 {
                 let w = ffi::PyWeakref_NewRef(ptr, std::ptr::null_mut());
                 if !w.is_null() {
-                    let text = owner_text(obj, 0);
+                    let text = OwnerName::of(obj, 0);
                     return (
                         Guard::Weak(Bound::from_owned_ptr(obj.py(), w).unbind()),
                         Some(text),
@@ -297,12 +297,94 @@ impl Guard {
     }
 }
 
+/// The owner half of a location's label, kept as what it is made from (a str object, or a
+/// static type's C name): the text is made only for a location whose label is shown (making
+/// it for every new location cost more than the rest of making the location).
+enum OwnerName {
+    /// A module's `__name__` or a heap type's `__qualname__` (a str).
+    Str(Py<PyAny>),
+    /// A static type's `tp_name` ("module.Name": its `__qualname__` is the part after the
+    /// last dot), alive as long as the process.
+    Static(*const c_char),
+    /// No name found.
+    Fixed(&'static str),
+}
+
+// SAFETY: `Static` points to a static type's name, never freed nor changed; `Str` is only
+// used with the interpreter attached.
+unsafe impl Send for OwnerName {}
+
+impl OwnerName {
+    /// The name [`owner_text`] would give `owner` for a location of kind `kind`, not made
+    /// into text yet. No Python code runs and no object is made.
+    fn of(owner: &Bound<'_, PyAny>, kind: u8) -> OwnerName {
+        let py = owner.py();
+        let ptr = owner.as_ptr();
+        // SAFETY: attached (a bound object); borrowed references are made strong before kept.
+        unsafe {
+            if kind == 3 {
+                if ffi::PyDict_Check(ptr) == 0 {
+                    return OwnerName::Fixed("?");
+                }
+                let name =
+                    ffi::PyDict_GetItemWithError(ptr, pyo3::intern!(py, "__name__").as_ptr());
+                if name.is_null() {
+                    ffi::PyErr_Clear();
+                    return OwnerName::Fixed("?");
+                }
+                if ffi::PyUnicode_Check(name) == 0 {
+                    return OwnerName::Fixed("?");
+                }
+                return OwnerName::Str(Bound::from_borrowed_ptr(py, name).unbind());
+            }
+            let t = if ffi::PyType_Check(ptr) != 0 {
+                ptr.cast::<ffi::PyTypeObject>()
+            } else {
+                ffi::Py_TYPE(ptr)
+            };
+            if (*t).tp_flags & ffi::Py_TPFLAGS_HEAPTYPE != 0 {
+                let q = (*t.cast::<ffi::PyHeapTypeObject>()).ht_qualname;
+                if q.is_null() || ffi::PyUnicode_Check(q) == 0 {
+                    return OwnerName::Fixed("");
+                }
+                OwnerName::Str(Bound::from_borrowed_ptr(py, q).unbind())
+            } else if (*t).tp_name.is_null() {
+                OwnerName::Fixed("")
+            } else {
+                OwnerName::Static((*t).tp_name)
+            }
+        }
+    }
+
+    fn text(&self, py: Python<'_>) -> String {
+        match self {
+            OwnerName::Str(s) => s.bind(py).to_string(),
+            // SAFETY: a static type's name: a NUL-terminated string that lives forever.
+            OwnerName::Static(p) => unsafe { CStr::from_ptr(*p) }
+                .to_string_lossy()
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            OwnerName::Fixed(s) => s.to_string(),
+        }
+    }
+
+    fn clone_ref(&self, py: Python<'_>) -> OwnerName {
+        match self {
+            OwnerName::Str(s) => OwnerName::Str(s.clone_ref(py)),
+            OwnerName::Static(p) => OwnerName::Static(*p),
+            OwnerName::Fixed(s) => OwnerName::Fixed(s),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Loc {
     /// What names the accessed object (see [`Guard`]) and the key (of a simple type).
     owner: Guard,
-    /// The owner's label, made with a weak guard (the object may be gone at the round's end).
-    owner_text: Option<String>,
+    /// The owner's name, taken with a weak guard (the object may be gone at the round's end).
+    owner_text: Option<OwnerName>,
     key: Option<Py<PyAny>>,
     /// 0 attribute, 1 item, 2 whole container, 3 module global, 4 cell variable.
     kind: u8,
@@ -346,15 +428,49 @@ impl ReadsBy {
 
     #[cfg(test)]
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.iter().all(|(_, r)| r.is_empty())
     }
 
+    /// Forget `tid`'s reads; its list keeps its room (a thread that writes and reads a
+    /// location in turn allocates nothing).
     fn remove(&mut self, tid: u32) {
-        if let Some(at) = self.0.iter().position(|(t, _)| *t == tid) {
-            self.0.swap_remove(at);
+        if let Some((_, r)) = self.0.iter_mut().find(|(t, _)| *t == tid) {
+            r.clear();
+        }
+    }
+
+    fn clear(&mut self) {
+        for (_, r) in &mut self.0 {
+            r.clear();
         }
     }
 }
+
+impl Loc {
+    /// Empty this location for another round's use (its lists keep their room); the Python
+    /// references it held go to `refs`, to be released outside the state's lock.
+    fn recycle(&mut self, refs: &mut Vec<Py<PyAny>>) {
+        if let Guard::Weak(p) | Guard::Strong(p) = std::mem::take(&mut self.owner) {
+            refs.push(p);
+        }
+        if let Some(OwnerName::Str(p)) = self.owner_text.take() {
+            refs.push(p);
+        }
+        refs.extend(self.key.take());
+        self.kind = 0;
+        self.first_tid = 0;
+        self.shared = false;
+        self.last_write = None;
+        self.write_svc.clear();
+        self.reads.clear();
+        self.pending.clear();
+        refs.extend(self.iters.drain().filter_map(|(_, (_, it))| it));
+        self.label = None;
+    }
+}
+
+/// Emptied locations kept for the next rounds at most (their lists' room is what is reused).
+const LOCS_KEPT: usize = 1 << 16;
 
 #[derive(Clone, Debug)]
 struct Conflict {
@@ -399,6 +515,9 @@ struct State {
     /// Watched loop iterators -> (location, thread) of the steps that name them.
     iter_watched: HashMap<usize, Vec<(u32, u32)>>,
     data: Vec<Loc>,
+    /// Emptied locations of earlier rounds, reused by [`State::make`] (no allocation for a
+    /// location's lists in a round like the ones before).
+    spare: Vec<Loc>,
     conflicts: Vec<Conflict>,
     seen: HashSet<(u32, usize, u32, usize, u32, bool)>,
     /// (run, iteration) -> conflicts of that round.
@@ -564,7 +683,7 @@ impl State {
     fn make(
         &mut self,
         at: (usize, u8, i64),
-        guard: (Guard, Option<String>),
+        guard: (Guard, Option<OwnerName>),
         key: Option<Py<PyAny>>,
         tid: u32,
     ) -> u32 {
@@ -573,14 +692,13 @@ impl State {
             crate::deaths::watch(crate::deaths::HB, at.0);
             self.watched.entry(at.0).or_default().push(l);
         }
-        self.data.push(Loc {
-            owner: guard.0,
-            owner_text: guard.1,
-            key,
-            kind: at.1,
-            first_tid: tid,
-            ..Loc::default()
-        });
+        let mut loc = self.spare.pop().unwrap_or_default();
+        loc.owner = guard.0;
+        loc.owner_text = guard.1;
+        loc.key = key;
+        loc.kind = at.1;
+        loc.first_tid = tid;
+        self.data.push(loc);
         self.locs.insert(at, l);
         l
     }
@@ -666,12 +784,14 @@ impl State {
             if let Some(s) = stale {
                 found.push(s);
             }
-            let reads = std::mem::take(&mut self.data[loc as usize].reads);
-            for r in reads {
-                if !self.ordered(&r, tid) {
-                    found.push((r, None));
+            let mut reads = std::mem::take(&mut self.data[loc as usize].reads);
+            for r in &reads {
+                if !self.ordered(r, tid) {
+                    found.push((*r, None));
                 }
             }
+            reads.clear(); // its room stays with the location
+            self.data[loc as usize].reads = reads;
             self.clocks(tid);
             let svc = &self.threads[&tid].svc;
             let l = &mut self.data[loc as usize];
@@ -685,9 +805,10 @@ impl State {
         }
     }
 
-    /// The round's conflicts, named, into `done`; forget the round's locations (returned, to
-    /// be dropped once the state's lock is released: dropping an object may run Python code).
-    fn end_round(&mut self, py: Python<'_>) -> Vec<Loc> {
+    /// The round's conflicts, named, into `done`; forget the round's locations (emptied and
+    /// kept for the next round's). The Python references they held are returned, to be
+    /// dropped once the state's lock is released: dropping an object may run Python code.
+    fn end_round(&mut self, py: Python<'_>) -> Vec<Py<PyAny>> {
         if let Some(iteration) = self.iteration {
             if !self.conflicts.is_empty() {
                 let kept: Vec<Kept> = std::mem::take(&mut self.conflicts)
@@ -723,9 +844,17 @@ impl State {
         self.iter_watched.clear();
         crate::deaths::clear(crate::deaths::HB);
         self.seq = 0;
-        // The next round starts with room for as many locations (no regrowing, no moves).
-        let room = Vec::with_capacity(self.data.len().min(1 << 16));
-        std::mem::replace(&mut self.data, room)
+        // The next round starts with room for as many locations (no regrowing, no moves),
+        // and the locations themselves are kept, emptied, with their lists' room.
+        let mut refs = Vec::new();
+        for mut l in self.data.drain(..) {
+            l.recycle(&mut refs);
+            if self.spare.len() < LOCS_KEPT {
+                self.spare.push(l);
+            }
+        }
+        self.data.shrink_to(LOCS_KEPT);
+        refs
     }
 }
 
@@ -733,7 +862,7 @@ impl State {
 /// key or `*`.
 fn label(py: Python<'_>, l: &Loc) -> (String, String) {
     let owner_text = match (&l.owner_text, l.owner.held()) {
-        (Some(text), _) => text.clone(),
+        (Some(name), _) => name.text(py),
         (None, Some(owner)) => owner_text(owner.bind(py), l.kind),
         (None, None) => return ("?".into(), "?".into()),
     };
@@ -797,7 +926,11 @@ fn with_round<T>(py: Python<'_>, f: impl FnOnce(&mut State, u32) -> T) -> Option
         st.retire_dead();
         f(st, tid)
     };
-    drop(dropped);
+    // Released at once: the caller may be the INSTRUCTION callback, where pyo3 would keep
+    // them in its pool (it does not know that the interpreter is attached there).
+    for p in dropped {
+        decref_now(py, p);
+    }
     Some(out)
 }
 
@@ -1544,7 +1677,7 @@ fn apply(py: Python<'_>, r: Resolved) {
     let mut spare_iter = None;
     // The guard of a new location, made outside the state's lock (see [`Guard::new`]): a
     // first pass finds the locations, or says one is to be made.
-    let mut fresh: Option<(Guard, Option<String>)> = None;
+    let mut fresh: Option<(Guard, Option<OwnerName>)> = None;
     for _pass in 0..2 {
         let done = with_round(py, |st, tid| {
             // The live location of (this object, kind, hash), or None.
@@ -1591,7 +1724,8 @@ fn apply(py: Python<'_>, r: Resolved) {
                     Some(l) => l,
                     None => {
                         let l = &st.data[loc as usize];
-                        let guard = (l.owner.clone_ref(py), l.owner_text.clone());
+                        let name = l.owner_text.as_ref().map(|n| n.clone_ref(py));
+                        let guard = (l.owner.clone_ref(py), name);
                         st.make((obj as usize, 2, 0), guard, None, tid)
                     }
                 };
@@ -1616,7 +1750,9 @@ fn apply(py: Python<'_>, r: Resolved) {
         }
         fresh = Some(Guard::new(owner.bind(py), loc_kind));
     }
-    drop(spare);
+    for p in spare.into_iter().flatten() {
+        decref_now(py, p);
+    }
     // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
     // know that the INSTRUCTION callback is attached).
     if let Some((_, Some(it))) = replaced {
@@ -1628,8 +1764,13 @@ fn apply(py: Python<'_>, r: Resolved) {
     if let Some(it) = hold {
         decref_now(py, it);
     }
-    if let Some((Guard::Weak(p) | Guard::Strong(p), _)) = fresh {
-        decref_now(py, p);
+    if let Some((guard, name)) = fresh {
+        if let Guard::Weak(p) | Guard::Strong(p) = guard {
+            decref_now(py, p);
+        }
+        if let Some(OwnerName::Str(p)) = name {
+            decref_now(py, p);
+        }
     }
     decref_now(py, owner);
     if let Some(key) = key {
@@ -2013,6 +2154,59 @@ mod tests {
         touch(&mut st, 0, helper(1, OP_WRITE, 3, 20));
         touch(&mut st, 0, helper(0, OP_WRITE, 3, 20));
         assert!(st.conflicts.iter().all(|c| c.read.is_none()));
+    }
+
+    #[test]
+    fn a_recycled_location_keeps_its_room_and_nothing_else() {
+        // A location two threads raced on, emptied at the round's end and made again for
+        // another object: one thread's accesses to it conflict with nothing, and its lists
+        // are the old ones (no allocation).
+        let mut st = State::default();
+        let l = st.make((100, 0, 0), (Guard::None, None), None, 0);
+        for tid in [0, 1, 0, 1] {
+            st.access(l, acc(tid, OP_READ, false));
+            st.access(l, acc(tid, OP_WRITE, false));
+        }
+        st.access(l, acc(0, OP_READ, false));
+        assert!(!st.conflicts.is_empty());
+        let room = st.data[0].reads.capacity();
+        assert!(room > 0);
+        let mut refs = Vec::new();
+        let mut old = st.data.pop().unwrap();
+        old.recycle(&mut refs);
+        assert!(refs.is_empty());
+        st.spare.push(old);
+        st.locs.clear();
+        st.conflicts.clear();
+        st.seen.clear();
+        st.threads.clear();
+        let shared = st.shared_locations;
+        let l = st.make((200, 1, 5), (Guard::None, None), None, 2);
+        assert!(st.spare.is_empty(), "the spare location was used");
+        let loc = &st.data[l as usize];
+        assert_eq!((loc.kind, loc.first_tid, loc.shared), (1, 2, false));
+        assert!(loc.last_write.is_none() && loc.reads.is_empty() && loc.pending.is_empty());
+        assert!(loc.write_svc.is_empty() && loc.iters.is_empty() && loc.label.is_none());
+        assert_eq!(loc.reads.capacity(), room);
+        for op in [OP_READ, OP_WRITE, OP_READ, OP_WRITE] {
+            st.access(l, acc(2, op, false));
+        }
+        assert!(st.conflicts.is_empty(), "{:?}", st.conflicts);
+        assert_eq!(st.shared_locations, shared);
+    }
+
+    #[test]
+    fn a_thread_that_writes_and_reads_in_turn_reuses_its_read_list() {
+        // A write forgets the thread's reads but keeps its (emptied) list with its room.
+        let mut st = state_with(1);
+        let room = |st: &State| st.data[0].pending.get(0).map_or(0, |r| r.capacity());
+        for _ in 0..3 {
+            touch(&mut st, 0, acc(0, OP_READ, false));
+            assert!(room(&st) > 0);
+            touch(&mut st, 0, acc(0, OP_WRITE, false));
+            assert!(st.data[0].pending.is_empty());
+            assert!(room(&st) > 0, "the list was dropped");
+        }
     }
 
     #[test]
