@@ -15,7 +15,9 @@ use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::sched::explore::{Access, ANY_ITEM, ITEM_FAMILY};
+use crate::sched::explore::{
+    Access, ANY_ITEM, ATTR_FAMILY, ATTR_NAME_BITS, ATTR_OBJECT, ITEM_FAMILY,
+};
 use crate::sched::Location;
 
 /// Whether points record their access (an explore run is on).
@@ -77,19 +79,33 @@ pub fn set_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
 }
 
 /// A key's hash: "item" (any container's items) is [`ANY_ITEM`], "item:N" (one container's)
-/// is of [`ITEM_FAMILY`], any other key is not.
+/// is of [`ITEM_FAMILY`]; "attr:NAME" (the attribute of an object the classifier could not
+/// find) and "attr:NAME@N" (of the round's object N) are of [`ATTR_FAMILY`], with the name's
+/// hash and N + 1 (0 for any object); any other key is of neither.
 fn hash_key(key: &str) -> u64 {
     if key == "item" {
         return ANY_ITEM;
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    let h = h.finish();
+    let hash = |text: &str| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        h.finish()
+    };
     if key.starts_with("item:") {
-        (h | ITEM_FAMILY).min(ANY_ITEM - 1)
-    } else {
-        h & !ITEM_FAMILY
+        return (hash(key) | ITEM_FAMILY).min(ANY_ITEM - 1);
     }
+    if key.starts_with("attr:") {
+        let (name, object) = match key.rsplit_once('@') {
+            Some((name, n)) => match n.parse::<u64>() {
+                Ok(n) => (name, (n + 1).min(ATTR_OBJECT >> ATTR_NAME_BITS)),
+                Err(_) => (key, 0),
+            },
+            None => (key, 0),
+        };
+        let low = hash(name) & ((1 << ATTR_NAME_BITS) - 1);
+        return ATTR_FAMILY | (object << ATTR_NAME_BITS) | low;
+    }
+    hash(key) & !(ITEM_FAMILY | ATTR_FAMILY)
 }
 
 /// An access from the classifier's answer: 1 a read, 2 a write of `key`; 3 a write of the two
@@ -190,6 +206,7 @@ pub unsafe fn note(code: *mut ffi::PyObject, offset: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sched::explore::{dependent, overlap};
 
     #[test]
     fn answers_make_accesses_keyed_by_name() {
@@ -202,6 +219,26 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(from_answer(1, "attr:n"), from_answer(1, "attr:m"));
         assert_eq!(from_answer(7, "x"), Access::Opaque);
+        // an attribute per object: one object's `n` is not another's, the `n` of an object
+        // the classifier could not find may be any object's
+        let (one, two, any) = (
+            hash_key("attr:n@0"),
+            hash_key("attr:n@1"),
+            hash_key("attr:n"),
+        );
+        assert!(!overlap(one, two));
+        assert!(overlap(one, any) && overlap(any, two) && overlap(one, one));
+        assert!(!overlap(any, hash_key("attr:m")));
+        assert!(!overlap(one, hash_key("attr:m@0")));
+        assert!(!overlap(any, hash_key("global:n")) && !overlap(any, hash_key("item")));
+        assert!(dependent(
+            from_answer(2, "attr:n@3"),
+            from_answer(1, "attr:n")
+        ));
+        assert!(!dependent(
+            from_answer(2, "attr:n@3"),
+            from_answer(2, "attr:n@4")
+        ));
         assert_eq!(
             from_answer(3, "attr:n\0lock:1"),
             Access::Write2(hash_key("attr:n"), hash_key("lock:1"))

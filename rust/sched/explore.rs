@@ -110,9 +110,30 @@ pub const ANY_ITEM: u64 = u64::MAX;
 /// The bit marking a key of one container's items.
 pub const ITEM_FAMILY: u64 = 1 << 63;
 
+/// The bit marking a key of an attribute name: [`ATTR_OBJECT`] holds the object's number in
+/// the round (0: an object the classifier could not find, any object), the bits below it
+/// the name's hash. Two objects' attributes of one name are two keys, so steps on an object
+/// only one thread holds (one it made in the round and has not published) depend on no other
+/// thread's step; an attribute of an unknown object overlaps that name on every object.
+pub const ATTR_FAMILY: u64 = 1 << 62;
+/// The bits of an attribute key holding its object's number plus one (0: any object).
+pub const ATTR_OBJECT: u64 = ((1 << 22) - 1) << ATTR_NAME_BITS;
+/// How many low bits of an attribute key hold its name's hash.
+pub const ATTR_NAME_BITS: u32 = 40;
+
 /// Whether two keys may name the same thing.
 pub fn overlap(x: u64, y: u64) -> bool {
-    x == y || (x == ANY_ITEM && y & ITEM_FAMILY != 0) || (y == ANY_ITEM && x & ITEM_FAMILY != 0)
+    if x == y {
+        return true;
+    }
+    if x & ITEM_FAMILY != 0 || y & ITEM_FAMILY != 0 {
+        return (x == ANY_ITEM && y & ITEM_FAMILY != 0) || (y == ANY_ITEM && x & ITEM_FAMILY != 0);
+    }
+    let name = !(ATTR_FAMILY | ATTR_OBJECT | ITEM_FAMILY);
+    x & ATTR_FAMILY != 0
+        && y & ATTR_FAMILY != 0
+        && x & name == y & name
+        && (x & ATTR_OBJECT == 0 || y & ATTR_OBJECT == 0)
 }
 
 #[derive(Clone, Debug)]
