@@ -132,6 +132,11 @@ _FUNCTION = type(lambda: None)
 _LOCAL_LOADS = frozenset(
     "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_FAST_LOAD_FAST LOAD_CONST".split()
 )
+# Instructions that push a local's value (what `_value_at` finds in the frame is what they
+# pushed: no other thread rebinds a frame's locals).
+_OWN_LOADS = frozenset(
+    "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_FAST_LOAD_FAST STORE_FAST_LOAD_FAST".split()
+)
 # Instructions whose pushed value is computed (no object loaded from the frame).
 _COMPUTED = frozenset(
     "BINARY_OP BINARY_SUBSCR COMPARE_OP BUILD_TUPLE BUILD_LIST BUILD_SET BUILD_STRING CALL".split()
@@ -160,10 +165,42 @@ def _is_module(obj) -> bool:
 
 
 def _pure_function(function) -> bool:
-    """Functions whose call reads and changes nothing shared (the calling thread's id)."""
+    """Functions whose call reads and changes nothing shared: the calling thread's id, and the
+    constructors of the standard library's locks, synchronisation objects and containers
+    (the new object is the caller's own: what it does to it is keyed by that object)."""
     import threading
 
-    return function is threading.get_ident or function is _thread.get_ident
+    if function is threading.get_ident or function is _thread.get_ident:
+        return True
+    try:
+        return function in _new_objects()
+    except TypeError:  # unhashable: none of them
+        return False
+
+
+_NEW_OBJECTS: frozenset | None = None
+
+
+def _new_objects() -> frozenset:
+    """The constructors `_pure_function` takes (threading's, as patched or not, queue's,
+    collections'), found once."""
+    global _NEW_OBJECTS
+    if _NEW_OBJECTS is None:
+        import collections
+        import queue
+        import threading
+
+        from pytest_ftrace import _native
+
+        found = {_native.lock, _native.RLock, _thread.allocate_lock, _thread.RLock}
+        found.update(
+            getattr(threading, name)
+            for name in "Lock RLock Condition Event Semaphore BoundedSemaphore Barrier".split()
+        )
+        found.update((queue.Queue, queue.LifoQueue, queue.PriorityQueue, queue.SimpleQueue))
+        found.update((collections.deque, collections.OrderedDict, collections.defaultdict))
+        _NEW_OBJECTS = frozenset(found)
+    return _NEW_OBJECTS
 
 
 def _deque_type():
@@ -219,6 +256,7 @@ class Classifier:
         self._pure_at: int | None = None  # where the step calls the builtin it loaded
         self._crossed = False  # the last _stack_source went back past a call
         self._point_at = -1  # the offset of the point whose step is being classified
+        self._live_depth = 0  # the scan's depth of the live frame's code (a caller's: > 0)
         self.lock_types = (_native.lock, _native.RLock)
         # The key of a lock or of a container's items is the object's order of first use in
         # the round, not its address: each round may make its own objects, and the tree
@@ -315,6 +353,8 @@ class Classifier:
         self._dynamic = False
         if family == "item" and frame is not None:
             key = self._items_key(instructions, offset, frame)
+        if family == "attr" and frame is not None:
+            key = self._attr_key(instructions, offset, frame, key)
         if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
             pure = self._method(instructions, offset, frame)  # obj.method(args) in this step
             if pure is not None and pure[0] == "item":
@@ -370,6 +410,7 @@ class Classifier:
         writes = False
         called = None
         returned = False
+        live = depth == self._live_depth  # the code of the live frame being classified
         todo = [(start, None)]  # (offset, the last instruction before it that was no jump)
         seen: set[int] = set()
         while todo:
@@ -393,9 +434,12 @@ class Classifier:
                 # a failing assert in the test's body: the execution fails there (the search
                 # stops at it), so what the path does after that depends on no order
                 returned = True
-            elif name in _SAFE or (
-                name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST")
+            elif (
+                name in _SAFE
+                or (name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST"))
+                or (name in ("LIST_EXTEND", "SET_UPDATE") and last == "LOAD_CONST")
             ):
+                # (a list or set display of constants: the new object is extended by a tuple)
                 todo.append((after, name))
             elif name == "BINARY_OP":
                 if ins.arg is None or ins.arg >= self.inplace_from:
@@ -405,9 +449,9 @@ class Classifier:
                 todo.extend(((after, name), (ins.argval, name)))
             elif name == "BEFORE_WITH" and self._with_lock:
                 continue  # the lock's own point ends the step (lock_step describes the next)
-            elif name == "BEFORE_WITH" and depth == 0 and self._sync_step(instructions, at):
+            elif name == "BEFORE_WITH" and live and self._sync_step(instructions, at):
                 todo.append((after, name))  # `with cond:`: an operation on cond's lock
-            elif name == "CALL" and depth == 0 and self._sync_exit(instructions, at):
+            elif name == "CALL" and live and self._sync_exit(instructions, at):
                 todo.append((after, name))
             elif name in _RETURNS and returns in ("end", "report"):
                 returned = True  # the round ends, or the callee's caller goes on
@@ -429,11 +473,16 @@ class Classifier:
                 writes = writes or found[0]
                 if found[2]:
                     todo.append((after, name))
-            elif name == "CALL" and isinstance(pure, str) and called is None:
+            elif (
+                name == "CALL"
+                and isinstance(pure, str)
+                and called is None
+                and self._calls_first(instructions, at)
+            ):
                 called = pure  # the builtin the step loaded (the first call on every path)
                 self._pure_at = at
                 todo.append((after, name))
-            elif name == "CALL_KW" and depth == 0:  # 3.13: keyword names on the stack
+            elif name == "CALL_KW" and live:  # 3.13: keyword names on the stack
                 method = self._container_call(instructions, at)
                 if method is None or self._extra not in (None, method):
                     return None
@@ -442,12 +491,12 @@ class Classifier:
             elif name == "CALL" and self._lock_exit(instructions, at):
                 continue  # the release's own point ends the step
             elif name == "CALL" and depth < 3:
-                callee = self._callee(instructions, at, globals_)
+                callee = self._callee(instructions, at, globals_, live)
                 if callee is None:
                     if self._pure_builtin_call(instructions, at, globals_):
                         todo.append((after, name))
                         continue
-                    method = self._container_call(instructions, at) if depth == 0 else None
+                    method = self._container_call(instructions, at) if live else None
                     if method is None or self._extra not in (None, method):
                         return None
                     self._extra = method  # the step's second key
@@ -479,15 +528,21 @@ class Classifier:
         a local's attribute in its instance dict): the answer depends on it, so it is asked
         at every visit. Nothing has run since the object was loaded (the thread holds the
         turn from the point before)."""
+        import dis
         import types
 
         at = instructions[offset][1]
+        pushed = 0  # the values pushed since the method's load: its arguments
         while at is not None:
             ins, following, _ = instructions[at]
             if ins.opname in ("CALL", "CALL_KW"):
+                if pushed != ins.arg + (ins.opname == "CALL_KW"):
+                    return None  # a call among the arguments (`d.setdefault(k, make())`)
                 break
             if ins.opname not in _SAFE and ins.opname not in ("BINARY_OP", "KW_NAMES"):
                 return None
+            arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
+            pushed += dis.stack_effect(ins.opcode, arg, jump=False)
             if self._point(ins) is not None or getattr(ins, "is_jump_target", False):
                 return None
             at = following
@@ -549,6 +604,25 @@ class Classifier:
             return "item"
         self._dynamic = self._per_object = True
         return self._items_of(self._value_at(instructions, found, frame))
+
+    def _attr_key(self, instructions, offset: int, frame, key: str) -> str:
+        """The key of the attribute the instruction at `offset` loads, stores or deletes:
+        "attr:NAME@N" for the round's object N, found in the live frame (its owner is on top
+        of the stack: followed back as a subscript's container is), else "attr:NAME" (any
+        object's NAME). Keyed per object, a step on an object that only its thread holds (one
+        it made in the round and has not published) depends on no other thread's step, and
+        one on a shared object depends on every other thread's step on that object's name,
+        whoever made it and however it was published."""
+        found = self._stack_source(instructions, offset, 1)
+        # only a local's value: one loaded from a global or an attribute before this point
+        # may have been rebound by another thread since (the frame would name another object)
+        if found is None or instructions[found[0]][0].opname not in _OWN_LOADS:
+            return key
+        self._dynamic = self._per_object = True
+        owner = self._value_at(instructions, found, frame)
+        if owner is None:
+            return key
+        return f"{key}@{self.object_key(owner, 'object').partition(':')[2]}"
 
     def _value_at(self, instructions, found, frame):
         """The object a `_stack_source` answer pushed, looked up in live `frame` (a local, a
@@ -773,9 +847,16 @@ class Classifier:
             found = frame.f_globals.get(ins.argval, missing)
         elif ins.opname == "LOAD_ATTR" and not ins.arg & 1 and before is not None:
             holder_ins = instructions[before][0]
+            holder = missing
             if holder_ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"):
                 holder = frame.f_locals.get(holder_ins.argval, missing)
                 found = getattr(holder, "__dict__", {}).get(ins.argval, missing)
+            elif holder_ins.opname == "LOAD_GLOBAL" and not holder_ins.arg & 1:
+                holder = frame.f_globals.get(holder_ins.argval, missing)
+            if ins.argval == "__dict__" and type(holder) is _thread._local:
+                # a thread-local object's attributes for the thread classified (the one at
+                # the point): whichever such object it is, that dict is this thread's own
+                found = holder.__dict__
         return None if found is missing else found
 
     def _enters_lock(self, instructions, offset: int, frame) -> bool:
@@ -934,6 +1015,9 @@ class Classifier:
                 returns = "end" if id(code) in self.bodies else caller
                 # the caller's code is live too: a `with lock:` block it leaves is known
                 outer, self._frame_now = self._frame_now, (code, caller)
+                saved = self._live_depth, self._point_at
+                # its step, as far as the caller's stack goes, starts at its call
+                self._live_depth, self._point_at = depth + 1, caller.f_lasti
                 try:
                     found = self._scan(
                         self._instructions(code),
@@ -945,19 +1029,27 @@ class Classifier:
                     )
                 finally:
                     self._frame_now = outer
+                    self._live_depth, self._point_at = saved
                 ok = found is not None and not found[0]
         done[1][id(frame)] = ok
         return ok
 
-    def _callee(self, instructions, call_at: int, globals_):
+    def _callee(self, instructions, call_at: int, globals_, live: bool = False):
         """The plain Python function in the hooked scope that the CALL at `call_at` calls,
-        when the step loads it with LOAD_GLOBAL right before its arguments; else None."""
+        when the step loads it with LOAD_GLOBAL right before its arguments, or (`live`: the
+        code of the live frame being classified) a local holds it (a factory passed in:
+        `slot(name, Cls)`, asked at every visit); else None."""
         import dis
-        import types
 
         call = instructions[call_at][0]
         if globals_ is None or self.scope is None or call.arg is None:
             return None
+        if live and self._frame_now is not None and self._frame_now[1] is not None:
+            found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+            if found is not None and instructions[found[0]][0].opname in _OWN_LOADS:
+                self._dynamic = self._per_object = True
+                function = self._value_at(instructions, found, self._frame_now[1])
+                return self._in_scope(function)
         need = call.arg + 2  # the callable, its self-or-NULL slot, the arguments
         depth = 0
         at = instructions[call_at][2]
@@ -975,6 +1067,14 @@ class Classifier:
             at = previous
         else:
             return None
+        return self._in_scope(function)
+
+    def _in_scope(self, function):
+        """`function` when it is a plain Python function of the hooked scope, the `__init__`
+        a class's call runs (`_constructor`), object.__init__ for a class that runs none;
+        else None."""
+        import types
+
         if isinstance(function, type):
             function = self._constructor(function)
             if function is object.__init__:
@@ -999,6 +1099,15 @@ class Classifier:
             return init
         return init if isinstance(init, _FUNCTION) else None
 
+    def _calls_first(self, instructions, call_at: int) -> bool:
+        """Whether the CALL at `call_at` calls what the step's first instruction loaded (the
+        builtin of a step that starts at its load: `len(x)`, not `make(dict)`)."""
+        call = instructions[call_at][0]
+        if call.arg is None:
+            return False
+        found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+        return found is not None and found[0] == self._point_at
+
     def _pure_builtin_call(self, instructions, call_at: int, globals_) -> bool:
         """Whether the CALL at `call_at` calls a builtin of `_PURE_SCALAR` (loaded by a global
         not shadowed by the module, its result a function of its arguments, which read
@@ -1010,10 +1119,26 @@ class Classifier:
         if found is None:
             return False
         ins = instructions[found[0]][0]
+        if ins.opname == "LOAD_GLOBAL" and globals_ is not None and ins.argval in globals_:
+            # a module's own name for a constructor of `_pure_function` (from threading
+            # import Lock); the global may be rebound: asked at every visit
+            self._dynamic = self._per_object = True
+            return _pure_function(globals_[ins.argval])
         if ins.opname == "LOAD_GLOBAL":
-            return (
-                ins.argval in _PURE_SCALAR and globals_ is not None and ins.argval not in globals_
-            )
+            return ins.argval in _PURE_SCALAR and globals_ is not None
+        if ins.opname in _OWN_LOADS:
+            # a local holding a constructor of `_pure_function`, or a built-in container's
+            # type called with no argument (a factory passed in: `slot(name, dict)`)
+            current = self._frame_now
+            if current is None or current[1] is None:
+                return False
+            if instructions is not self._instructions(current[0]):
+                return False
+            self._dynamic = self._per_object = True
+            value = self._value_at(instructions, found, current[1])
+            if value in (dict, list, set) and call.arg == 0:
+                return True
+            return _pure_function(value)
         if ins.opname == "LOAD_ATTR" and not ins.arg & 1:
             frame = self._frame_now[1] if self._frame_now is not None else None
             if frame is None or instructions is not self._instructions(self._frame_now[0]):
