@@ -362,6 +362,22 @@ def test_own_objects():
         total += box.n
         fill(dict, box)
     assert total == 12
+
+class Registry:
+    def __init__(self):
+        self.items = {}
+
+    def add(self, i):
+        # the container is loaded before a call among the arguments runs the constructor's
+        # steps: the call is on the object the load found
+        return self.items.setdefault(i, Box(i))
+
+def test_own_registry():
+    registry = Registry()
+    for i in range(3):
+        box = registry.add(i)
+        box.n += 1
+    assert len(registry.items) == 3
 """
 
 PUBLISHED = """
@@ -387,6 +403,26 @@ class Holder:
 
 HOLDER = Holder()
 
+class Box:
+    def __init__(self, n):
+        self.n = n
+
+class Registry:
+    def __init__(self):
+        self.items = {}
+
+REGISTRIES = [Registry() for _ in range(20000)]
+
+def test_first_claim_past_a_constructor(iteration_index, num_parallel_threads):
+    registry = REGISTRIES[iteration_index]
+    state = ROUNDS.setdefault(("r", iteration_index), {"first": [], "done": []})
+    if "k" not in registry.items:
+        state["first"].append(1)
+    registry.items.setdefault("k", Box(1))  # a write of the shared items, past a call
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert len(state["first"]) == 1, f"claimed first {len(state['first'])} times"
+
 def test_published_through_an_attribute(iteration_index, num_parallel_threads):
     state = ROUNDS.setdefault(("a", iteration_index), {"done": []})
     if getattr(HOLDER, "round", None) != iteration_index:
@@ -409,9 +445,10 @@ def test_objects_a_thread_made_and_kept_are_its_own(pytester):
     # object's `n` was one key and the constructor's lock an opaque call.
     pytester.makepyfile(OWN_OBJECTS)
     result = explore(pytester, "--seed", "1", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     found = proven(result)
     assert found["test_own_objects"][0] == 1, result.stdout.str()
+    assert found["test_own_registry"][0] == 1, result.stdout.str()
 
 
 def test_a_lost_update_on_an_object_published_by_its_constructor_is_found(pytester):
@@ -420,8 +457,9 @@ def test_a_lost_update_on_an_object_published_by_its_constructor_is_found(pytest
     # in every thread, whoever made it
     pytester.makepyfile(PUBLISHED)
     result = explore(pytester, "--seed", "1", "-p", "no:cacheprovider")
-    result.assert_outcomes(failed=2)
+    result.assert_outcomes(failed=3)
     assert result.stdout.str().count("lost update: 1") >= 2, result.stdout.str()
+    assert "claimed first 2 times" in result.stdout.str()
 
 
 SYNC = """

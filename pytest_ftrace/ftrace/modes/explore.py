@@ -263,6 +263,8 @@ class Classifier:
         # compares the steps of an execution's prefix (named in an earlier round) with its
         # new ones. The objects are kept until the round ends: no address is reused in it.
         self.round_keys: dict[int, tuple[int, object]] = {}
+        # (live frame, offset of a method load) -> the object it found (`_remember_owner`)
+        self.owners: dict[tuple[int, int], object] = {}
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -356,6 +358,7 @@ class Classifier:
         if family == "attr" and frame is not None:
             key = self._attr_key(instructions, offset, frame, key)
         if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
+            self._remember_owner(instructions, offset, frame)
             pure = self._method(instructions, offset, frame)  # obj.method(args) in this step
             if pure is not None and pure[0] == "item":
                 kind, key = (_WRITE if pure[2] else _READ), pure[3]
@@ -660,10 +663,15 @@ class Classifier:
             if load is None or load.opname != "LOAD_ATTR" or load.arg & 1:
                 return None
         source = self._stack_source(instructions, found[0], 1, self._crossed)
-        if source is None:
-            return None
         self._dynamic = self._per_object = True
-        owner = self._value_at(instructions, source, current[1])
+        if source is not None:
+            owner = self._value_at(instructions, source, current[1])
+        elif load.arg & 1 and (id(current[1]), found[0]) in self.owners:
+            # past a call (`d.setdefault(k, make())`): the object this frame's method load
+            # found when it ran, not the name's value now
+            owner = self.owners[id(current[1]), found[0]]
+        else:
+            return None
         table = _CONTAINER_METHODS.get(type(owner))
         if table is None and type(owner) is _deque_type():
             table = _CONTAINER_DEQUE
@@ -672,6 +680,18 @@ class Classifier:
             sync = self._sync_key(owner) if not load.argval.startswith("_") else None
             return None if sync is None else (True, sync)
         return writes, self.object_key(owner, "item")
+
+    def _remember_owner(self, instructions, offset: int, frame) -> None:
+        """Keep the object the method load at `offset` of live `frame` works on (found as
+        `_method` finds it), for the call that takes it after a call among its arguments
+        (`_container_call`); asked at every visit, so a frame's entry is its last visit's."""
+        self._dynamic = self._per_object = True
+        owner = self._loaded(instructions, offset, frame)
+        where = (id(frame), offset)
+        if owner is None:
+            self.owners.pop(where, None)
+        else:
+            self.owners[where] = owner
 
     def _sync_key(self, obj) -> str | None:
         """The key of a synchronisation object of the standard library (a condition, event,
@@ -972,6 +992,7 @@ class Classifier:
     def new_round(self) -> None:
         """A round starts: its objects are numbered afresh."""
         self.round_keys = {}
+        self.owners = {}
 
     def lock_step(self, caller, lock, released: bool = False) -> tuple[int, str]:
         """The step from a lock operation's point (coop.POINT_ACCESS): `caller`'s code from
