@@ -852,6 +852,22 @@ def test_a_step_reads_or_writes_the_name_it_starts_at():
     assert c(code, 10**6) == (0, "")
 
 
+def _over_items(items):
+    total = 0
+    for x in items:
+        total += x
+    return total
+
+
+def test_a_loop_step_over_a_container_is_on_any_containers_items():
+    # a loop's step is a point only over a container's iterator: it reads the container
+    # and advances an iterator another thread may share (a write); the iterator is on the
+    # frame's stack, so its container is not known: any container's items, not opaque
+    c = _static(_classifier(_over_items))
+    code = _over_items.__code__
+    assert c(code, _at(_over_items, "FOR_ITER")) == (2, "item")
+
+
 def _with_len(c, items):
     import sys
 

@@ -94,6 +94,10 @@ _ACCESSES = {
     "STORE_SUBSCR": (_WRITE, "item"),
     "DELETE_SUBSCR": (_WRITE, "item"),
     "STORE_SLICE": (_WRITE, "item"),
+    # A loop's step is a point only over a container's iterator (rust/iterpoints.rs): it
+    # reads the container and advances the iterator, which another thread may share; the
+    # iterator is on the frame's stack, out of reach here, so it is any container's items.
+    "FOR_ITER": (_WRITE, "item"),
 }
 # Builtins whose call changes nothing shared: those that read no container's items, and
 # those that read them (their step reads "item").
@@ -366,7 +370,9 @@ class Classifier:
         self._frame_now, self._released = (code, frame), None
         self._extra = self._pure_at = None
         try:
-            found = self._scan(instructions, following, returns, pure, globals_)
+            # (a loop's step goes on into the loop's body or past its end: both paths)
+            start = offset if first.opname == "FOR_ITER" else following
+            found = self._scan(instructions, start, returns, pure, globals_)
         finally:
             self._with_lock = False
             self._frame_now = None
