@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 
 import pytest
 
@@ -834,3 +835,27 @@ def test_a_body_that_starts_with_nothing_shared_has_a_safe_first_step():
     c = _classifier(_starts_plain, _starts_with_a_call)
     assert c.start_safe(_starts_plain.__code__)
     assert not c.start_safe(_starts_with_a_call.__code__)
+
+
+def _locked_section(c, lock, box, answers):
+    for _ in range(3):
+        found = c.lock_step(sys._getframe(), lock)
+        box.n = found
+        answers.append(found)
+
+
+def test_a_lock_operations_step_is_followed_once_per_call_site():
+    # the code after a lock operation's call, up to its next point, is scanned the first time
+    # only: a lock is taken at every visit of its `with` block
+    import types
+
+    from pytest_ftrace import _native
+
+    c = _classifier(_locked_section)
+    scans = []
+    scan = c._scan
+    c._scan = lambda *args: scans.append(args[1]) or scan(*args)
+    answers = []
+    _locked_section(c, _native.lock(), types.SimpleNamespace(), answers)
+    assert answers[0][0] == 4 and len(set(answers)) == 1, answers
+    assert len(scans) == 1, scans

@@ -247,6 +247,7 @@ class Classifier:
         self._recording: _Recording | None = None
         self._base = None  # the live frame being classified (depth 0 of the lookups)
         self._callers_used = False  # the answer depends on the callers' code and offsets
+        self._lock_steps: dict[tuple, tuple[int, bool]] = {}
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -993,25 +994,60 @@ class Classifier:
         """The step from a lock operation's point (coop.POINT_ACCESS): `caller`'s code from
         after its call to its next points, and before it the acquire, or nothing after a
         release (which the step before the point made): a write of the lock, or nothing
-        shared after a release, when that code is safe; else opaque."""
+        shared after a release, when that code is safe; else opaque.
+
+        Whether that code is safe is kept per call site (and per callers' code and offsets
+        when a return into them was followed), unless it looked at objects in a frame."""
         try:
             code = caller.f_code
-            self._dynamic_token = object()
-            returns = "end" if id(code) in self.bodies else caller
-            found = self._scan(
-                self._instructions(code),
-                self._after_call(code, caller.f_lasti),
-                returns,
-                None,
-                caller.f_globals,
-            )
+            where = (id(code), caller.f_lasti)
+            cached = self._lock_steps.get(where)
+            if cached is not None and cached[0] is code:
+                safe = cached[1]
+                if safe is None:  # depends on the callers
+                    safe = cached[2].get(self._chain_from(caller))
+            else:
+                safe = None
+            if safe is None:
+                safe = self._lock_step_safe(caller, code, where)
         except Exception:  # noqa: BLE001 - unknown: opaque
             return 0, ""
-        if found is None or found[0]:
+        if not safe:
             return 0, ""
         if released:
             return 5, ""
         return 4, self.lock_key(lock)
+
+    def _lock_step_safe(self, caller, code, where) -> bool:
+        self._dynamic_token = object()
+        self._dynamic = self._per_object = self._callers_used = False
+        returns = "end" if id(code) in self.bodies else caller
+        found = self._scan(
+            self._instructions(code),
+            self._after_call(code, caller.f_lasti),
+            returns,
+            None,
+            caller.f_globals,
+        )
+        safe = found is not None and not found[0]
+        if not self._dynamic:
+            self._lock_steps[where] = (code, safe, None)
+        elif self._callers_used and not self._per_object:
+            cached = self._lock_steps.get(where)
+            if cached is None or cached[0] is not code or cached[1] is not None:
+                cached = self._lock_steps[where] = (code, None, {})
+            cached[2][self._chain_from(caller)] = safe
+        self._dynamic = self._per_object = self._callers_used = False
+        return safe
+
+    @staticmethod
+    def _chain_from(frame) -> tuple:
+        """Where `frame` and its callers are (a few levels up)."""
+        out = []
+        while frame is not None and len(out) < 5:
+            out.append((id(frame.f_code), frame.f_lasti))
+            frame = frame.f_back
+        return tuple(out)
 
     def _into_caller(self, frame, depth: int) -> bool:
         """A return from live `frame`: whether its caller's code, from after its call to its
