@@ -27,6 +27,10 @@ static TABLE: Mutex<Option<HashMap<Location, (Access, bool)>>> = Mutex::new(None
 /// `classifier(code, offset) -> (0 opaque | 1 read | 2 write, key, depends on the callers)`.
 static CLASSIFIER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
 
+/// The locations made for accesses given at points in primitives ([`synthetic`]): one per
+/// access, found without going over the whole table at every lock operation.
+static SYNTHETIC: Mutex<Option<HashMap<Access, Location>>> = Mutex::new(None);
+
 /// The step each managed thread is about to take, when its location's answer depends on the
 /// visit (the object it works on): (thread, location, access).
 static VISITS: Mutex<Vec<(u32, Location, Access)>> = Mutex::new(Vec::new());
@@ -38,7 +42,10 @@ static START_SAFE: AtomicBool = AtomicBool::new(false);
 /// An explore run starts (`on`) or another kind of run does: the table starts empty (code
 /// objects of earlier runs may be gone and their addresses reused).
 pub fn reset(on: bool) {
-    *TABLE.lock() = None;
+    let mut table = TABLE.lock();
+    *table = None;
+    *SYNTHETIC.lock() = None;
+    drop(table);
     VISITS.lock().clear();
     crate::visits::reset();
     ENABLED.store(on, Relaxed);
@@ -133,19 +140,16 @@ const SYNTHETIC_BASE: usize = 1 << 60;
 /// The location of a point in a primitive whose step does `access` (see [`SYNTHETIC_BASE`]).
 pub fn synthetic(access: Access) -> Location {
     let mut table = TABLE.lock();
-    let map = table.get_or_insert_with(HashMap::new);
-    if let Some((&at, _)) = map
-        .iter()
-        .find(|(&(code, _), &(a, _))| code >= SYNTHETIC_BASE && a == access)
-    {
+    let mut synthetic = SYNTHETIC.lock();
+    let made = synthetic.get_or_insert_with(HashMap::new);
+    if let Some(&at) = made.get(&access) {
         return at;
     }
-    let next = map
-        .keys()
-        .filter(|(code, _)| *code >= SYNTHETIC_BASE)
-        .count();
-    let at = (SYNTHETIC_BASE + next, 1);
-    map.insert(at, (access, false));
+    let at = (SYNTHETIC_BASE + made.len(), 1);
+    made.insert(access, at);
+    table
+        .get_or_insert_with(HashMap::new)
+        .insert(at, (access, false));
     at
 }
 
