@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 
 import pytest
 
@@ -602,6 +603,45 @@ def test_method_calls_on_each_threads_own_list_are_not_reordered(pytester):
     assert interleavings == 1, result.stdout.str()
 
 
+VISITS_CONFTEST = """
+from pytest_ftrace import _native
+
+def pytest_sessionstart(session):
+    _native.explore_visit_counts(True)  # zeroed; each templated answer checked with Python's
+
+def pytest_terminal_summary(terminalreporter):
+    template, python, checked, differed = _native.explore_visit_counts(False)
+    print(f"VISITS template={template} python={python} checked={checked} differed={differed}")
+"""
+
+
+def test_steps_that_depend_on_their_objects_are_answered_natively_as_python_would(pytester):
+    # A step on a container's items, a `with` block on a lock, a container's method or a
+    # return into the callers is described at every visit: the core answers it from what the
+    # classifier found the first time (its lookups in the frames, numbered afresh), asking
+    # Python only for a new shape. Each such answer is checked here against Python's own.
+    pytester.makepyfile(
+        test_shapes_locked=THREE,
+        test_shapes_orders=ORDERS.replace("SEEN.add", "SEEN.discard"),
+        test_shapes_lists=OWN_LISTS,
+        test_shapes_private=PRIVATE,
+        test_shapes_sync=SYNC,
+        test_shapes_items=SHARED_ITEMS,
+    )
+    pytester.makeconftest(VISITS_CONFTEST)
+    result = explore(pytester, "--seed", "1", "-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6, failed=3)
+    m = re.search(
+        r"VISITS template=(\d+) python=(\d+) checked=(\d+) differed=(\d+)", result.stdout.str()
+    )
+    assert m, result.stdout.str()
+    template, python, checked, differed = (int(g) for g in m.groups())
+    assert differed == 0, result.stdout.str()
+    assert checked == template
+    # most visits are answered without Python: it is asked once per location and shape
+    assert template > 10 * python, (template, python)
+
+
 def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):
     pytester.makepyfile(BIG)
     result = explore(pytester, "--seed", "1", "--ftrace-explore-rounds", "7")
@@ -933,3 +973,27 @@ def test_a_body_that_starts_with_nothing_shared_has_a_safe_first_step():
     c = _classifier(_starts_plain, _starts_with_a_call)
     assert c.start_safe(_starts_plain.__code__)
     assert not c.start_safe(_starts_with_a_call.__code__)
+
+
+def _locked_section(c, lock, box, answers):
+    for _ in range(3):
+        found = c.lock_step(sys._getframe(), lock)
+        box.n = found
+        answers.append(found)
+
+
+def test_a_lock_operations_step_is_followed_once_per_call_site():
+    # the code after a lock operation's call, up to its next point, is scanned the first time
+    # only: a lock is taken at every visit of its `with` block
+    import types
+
+    from pytest_ftrace import _native
+
+    c = _classifier(_locked_section)
+    scans = []
+    scan = c._scan
+    c._scan = lambda *args: scans.append(args[1]) or scan(*args)
+    answers = []
+    _locked_section(c, _native.lock(), types.SimpleNamespace(), answers)
+    assert answers[0][0] == 4 and len(set(answers)) == 1, answers
+    assert len(scans) == 1, scans

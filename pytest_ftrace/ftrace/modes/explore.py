@@ -222,6 +222,22 @@ _ALWAYS, _ONLY_ARG, _KIND_ITERATION = 0x100, 0x200, 0x2000
 _SCAN_LIMIT = 400
 
 
+_CO_OPTIMIZED = 0x1
+
+
+class _Recording:
+    """The lookups of one classification (see `Classifier.answer`)."""
+
+    __slots__ = ("ok", "probes", "objects", "numbers", "order")
+
+    def __init__(self):
+        self.ok = True
+        self.probes: list[tuple] = []
+        self.objects: list = []
+        self.numbers: dict[int, int] = {}
+        self.order: list[int] = []
+
+
 class Classifier:
     """What the step from a scheduling point does: (0 opaque | 1 read | 2 write, key).
 
@@ -265,10 +281,18 @@ class Classifier:
         # The key of a lock or of a container's items is the object's order of first use in
         # the round, not its address: each round may make its own objects, and the tree
         # compares the steps of an execution's prefix (named in an earlier round) with its
-        # new ones. The objects are kept until the round ends: no address is reused in it.
-        self.round_keys: dict[int, tuple[int, object]] = {}
+        # new ones. The numbers are the native core's (`explore_object_number`, which keeps
+        # the objects until the round ends: no address is reused in it), so that the steps
+        # it answers without Python (see `answer`) number them alike.
+        # The objects a classification looked up in the live frames, as the native core can
+        # look them up again at the next visit (`_look`): None when none is under way.
+        self._recording: _Recording | None = None
+        self._base = None  # the live frame being classified (depth 0 of the lookups)
+        self._callers_used = False  # the answer depends on the callers' code and offsets
+        self._lock_steps: dict[tuple, tuple[int, bool]] = {}
         # (live frame, offset of a method load) -> the object it found (`_remember_owner`)
         self.owners: dict[tuple[int, int], object] = {}
+        self._call_in_step = False  # `_method` found the method's call in the step
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -277,6 +301,21 @@ class Classifier:
 
     def __call__(self, code, offset: int) -> tuple[int, str, bool]:
         """(kind, key, whether the answer depends on the callers: asked at every visit)."""
+        return self.answer(code, offset)[:3]
+
+    def answer(self, code, offset: int) -> tuple[int, str, bool, tuple | None]:
+        """What the native core asks: (kind, key, dynamic, template). A dynamic answer (one
+        that depends on the objects the step works on, or on its callers) comes with a
+        template when the core can give it again without Python at the next visits: (whether
+        it depends on the callers, the lookups made in the live frames as (frame depth, 0 a
+        local | 1 a global | 2 a local's instance attribute, name, attribute), the type each
+        found (None: nothing or None), for each lookup the first one that found the same
+        object, {number in the key: lookup}, the lookups in the order their objects were
+        numbered). The core then does the lookups itself, and while their types, which ones
+        found the same object and (for an answer that depends on them) the callers' code and
+        offsets are as they were, its answer is this one with the objects numbered afresh
+        (by first use in the round, as `object_key`): the key carries each number between
+        two \x01 (the core drops them). None: ask again at every visit."""
         try:
             where = (id(code), offset)
             chain = None
@@ -286,13 +325,62 @@ class Classifier:
                 if found is not None:
                     return found
             self._per_object = False
-            found = self.classify(code, offset)
+            self._callers_used = False
+            self._recording = _Recording()
+            try:
+                found = self.classify(code, offset)
+                template = self._template() if found[2] else None
+            finally:
+                self._recording = None
+                self._base = None
+            found = (*found, template)
             if found[2] and not self._per_object:
                 self.dynamic_locations.add(where)
                 self.by_chain[chain or (where, self._chain(code))] = found
             return found
         except Exception:  # noqa: BLE001 - an unknown step is opaque, never an error
-            return 0, "", False
+            return 0, "", False, None
+
+    def _template(self) -> tuple | None:
+        """The recorded lookups of the classification just made, as `answer` gives them."""
+        rec = self._recording
+        if rec is None or not rec.ok:
+            return None
+        types = [None if obj is None else type(obj) for obj in rec.objects]
+        same = [
+            next(j for j, other in enumerate(rec.objects) if other is obj) for obj in rec.objects
+        ]
+        return (self._callers_used, rec.probes, types, same, rec.numbers, rec.order)
+
+    def _look(self, frame, how: int, name: str, attr: str | None = None):
+        """Look an object up in live `frame` (0: its local `name`, 1: its global `name`, 2:
+        the attribute `attr` in the instance dict of its local `name`), recording the lookup
+        for the native core (see `answer`). None when there is nothing there."""
+        if how == 1:
+            found = frame.f_globals.get(name)
+        else:
+            found = frame.f_locals.get(name)
+            if how == 2:
+                found = getattr(found, "__dict__", {}).get(attr)
+        rec = self._recording
+        if rec is not None and rec.ok:
+            depth = 0
+            at = self._base
+            while at is not None and at is not frame and depth < 8:
+                at, depth = at.f_back, depth + 1
+            # module-level code's "locals" are its globals: the core looks up a frame's
+            # variables only
+            if at is not frame or (how != 1 and not frame.f_code.co_flags & _CO_OPTIMIZED):
+                rec.ok = False
+            else:
+                rec.probes.append((depth, how, name, attr))
+                rec.objects.append(found)
+        return found
+
+    def _not_again(self) -> None:
+        """The answer depends on more than the lookups' types: asked at every visit."""
+        if self._recording is not None:
+            self._recording.ok = False
 
     @staticmethod
     def _chain(code) -> tuple:
@@ -349,6 +437,7 @@ class Classifier:
         kind, family = what
         key = family if family == "item" else f"{family}:{first.argval}"
         frame = self._frame(code)
+        self._base = frame
         self._point_at = offset
         globals_ = frame.f_globals if frame is not None else None
         pure = None  # the builtin this step calls, if it loads one
@@ -362,8 +451,11 @@ class Classifier:
         if family == "attr" and frame is not None:
             key = self._attr_key(instructions, offset, frame, key)
         if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
-            self._remember_owner(instructions, offset, frame)
             pure = self._method(instructions, offset, frame)  # obj.method(args) in this step
+            if not self._call_in_step:
+                # the call that takes it comes in a later step (after a call among its
+                # arguments, or past a point): keep the object it works on for that step
+                self._remember_owner(instructions, offset, frame)
             if pure is not None and pure[0] == "item":
                 kind, key = (_WRITE if pure[2] else _READ), pure[3]
         self._with_lock = self._enters_lock(instructions, offset, frame)
@@ -542,11 +634,13 @@ class Classifier:
 
         at = instructions[offset][1]
         pushed = 0  # the values pushed since the method's load: its arguments
+        self._call_in_step = False
         while at is not None:
             ins, following, _ = instructions[at]
             if ins.opname in ("CALL", "CALL_KW"):
                 if pushed != ins.arg + (ins.opname == "CALL_KW"):
                     return None  # a call among the arguments (`d.setdefault(k, make())`)
+                self._call_in_step = True
                 break
             if ins.opname not in _SAFE and ins.opname not in ("BINARY_OP", "KW_NAMES"):
                 return None
@@ -577,6 +671,7 @@ class Classifier:
             return ("item", call_at, True, sync)
         if self.scope is None or kind.__getattribute__ is not object.__getattribute__:
             return None
+        self._not_again()  # the instance's own dict may hold the name
         if name in getattr(owner, "__dict__", ()):
             return None
         function = None
@@ -640,9 +735,9 @@ class Classifier:
         ins = instructions[at][0]
         if ins.opname == "LOAD_FAST_LOAD_FAST":
             # 3.13: two locals in one instruction, the first pushed first (deeper)
-            return frame.f_locals.get(ins.argval[1 if which == 1 else 0])
+            return self._look(frame, 0, ins.argval[1 if which == 1 else 0])
         if ins.opname == "STORE_FAST_LOAD_FAST":
-            return frame.f_locals.get(ins.argval[1])
+            return self._look(frame, 0, ins.argval[1])
         following = instructions[at][1]
         if following is None or which != 1:
             return None
@@ -674,7 +769,8 @@ class Classifier:
             owner = self._value_at(instructions, source, current[1])
         elif load.arg & 1 and (id(current[1]), found[0]) in self.owners:
             # past a call (`d.setdefault(k, make())`): the object this frame's method load
-            # found when it ran, not the name's value now
+            # found when it ran, not the name's value now (not a lookup the core can repeat)
+            self._not_again()
             owner = self.owners[id(current[1]), found[0]]
         else:
             return None
@@ -692,6 +788,7 @@ class Classifier:
         `_method` finds it), for the call that takes it after a call among its arguments
         (`_container_call`); asked at every visit, so a frame's entry is its last visit's."""
         self._dynamic = self._per_object = True
+        self._not_again()  # it keeps the object: no answer of the core's may skip it
         owner = self._loaded(instructions, offset, frame)
         where = (id(frame), offset)
         if owner is None:
@@ -718,7 +815,10 @@ class Classifier:
             lock = getattr(getattr(obj, "_cond", None), "_lock", None)
         elif isinstance(obj, queue.Queue):
             lock = obj.mutex
-        return self.lock_key(lock) if isinstance(lock, self.lock_types) else None
+        if not isinstance(lock, self.lock_types):
+            return None
+        self._not_again()  # the key is that of an object found in this one
+        return self.lock_key(lock)
 
     def _with_sync(self, instructions, before_with: int) -> tuple[bool, str] | None:
         """The `with` block entered at `before_with` (in the live frame being classified) is
@@ -865,25 +965,28 @@ class Classifier:
         if previous is None:
             return None
         ins, _, before = instructions[previous]
-        missing = object()
-        found = missing
         if ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF"):
-            found = frame.f_locals.get(ins.argval, missing)
-        elif ins.opname == "LOAD_GLOBAL" and not ins.arg & 1:
-            found = frame.f_globals.get(ins.argval, missing)
-        elif ins.opname == "LOAD_ATTR" and not ins.arg & 1 and before is not None:
+            return self._look(frame, 0, ins.argval)
+        if ins.opname == "LOAD_GLOBAL" and not ins.arg & 1:
+            return self._look(frame, 1, ins.argval)
+        if ins.opname == "LOAD_ATTR" and not ins.arg & 1 and before is not None:
             holder_ins = instructions[before][0]
+            missing = object()
             holder = missing
             if holder_ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"):
+                if ins.argval != "__dict__":
+                    return self._look(frame, 2, holder_ins.argval, ins.argval)
                 holder = frame.f_locals.get(holder_ins.argval, missing)
-                found = getattr(holder, "__dict__", {}).get(ins.argval, missing)
             elif holder_ins.opname == "LOAD_GLOBAL" and not holder_ins.arg & 1:
                 holder = frame.f_globals.get(holder_ins.argval, missing)
             if ins.argval == "__dict__" and type(holder) is _thread._local:
                 # a thread-local object's attributes for the thread classified (the one at
-                # the point): whichever such object it is, that dict is this thread's own
-                found = holder.__dict__
-        return None if found is missing else found
+                # the point): whichever such object it is, that dict is this thread's own.
+                # Found without `_look`: the answer is asked of Python at every visit.
+                self._dynamic = self._per_object = True
+                self._not_again()
+                return holder.__dict__
+        return None
 
     def _enters_lock(self, instructions, offset: int, frame) -> bool:
         """Whether the step at `offset` loads a schedulable lock that the next instruction
@@ -975,59 +1078,103 @@ class Classifier:
         ins, _, previous = instructions[at]
         found = None
         if ins.opname == "LOAD_GLOBAL":
-            found = frame.f_globals.get(ins.argval)
+            found = self._look(frame, 1, ins.argval)
         elif ins.opname == "LOAD_ATTR" and previous is not None and not ins.arg & 1:
             owner = instructions[previous][0]
             if owner.opname in ("LOAD_FAST", "LOAD_FAST_CHECK"):
-                holder = frame.f_locals.get(owner.argval)
-                found = getattr(holder, "__dict__", {}).get(ins.argval)
+                found = self._look(frame, 2, owner.argval, ins.argval)
         self._dynamic = self._per_object = True  # another object there may be no lock
         return found if isinstance(found, self.lock_types) else None
 
     def object_key(self, obj, family: str = "lock") -> str:
         """The key of a lock or of a container's items: the object's order of first use in
-        the round (see `round_keys`)."""
-        found = self.round_keys.get(id(obj))
-        if found is None or found[1] is not obj:
-            found = self.round_keys[id(obj)] = (len(self.round_keys), obj)
-        return f"{family}:{found[0]}"
+        the round (see `__init__`), between two \\x01 (see `answer`)."""
+        from pytest_ftrace import _native
+
+        number = _native.explore_object_number(obj)
+        rec = self._recording
+        if rec is not None and rec.ok:
+            probe = next((i for i, other in enumerate(rec.objects) if other is obj), None)
+            if probe is None:
+                rec.ok = False  # an object the core cannot look up
+            else:
+                rec.numbers[number] = probe
+                rec.order.append(probe)
+        return f"{family}:\x01{number}\x01"
 
     def lock_key(self, lock) -> str:
         return self.object_key(lock, "lock")
 
     def new_round(self) -> None:
         """A round starts: its objects are numbered afresh."""
-        self.round_keys = {}
+        from pytest_ftrace import _native
+
+        _native.explore_new_round()
         self.owners = {}
 
     def lock_step(self, caller, lock, released: bool = False) -> tuple[int, str]:
         """The step from a lock operation's point (coop.POINT_ACCESS): `caller`'s code from
         after its call to its next points, and before it the acquire, or nothing after a
         release (which the step before the point made): a write of the lock, or nothing
-        shared after a release, when that code is safe; else opaque."""
+        shared after a release, when that code is safe; else opaque.
+
+        Whether that code is safe is kept per call site (and per callers' code and offsets
+        when a return into them was followed), unless it looked at objects in a frame."""
         try:
             code = caller.f_code
-            self._dynamic_token = object()
-            returns = "end" if id(code) in self.bodies else caller
-            found = self._scan(
-                self._instructions(code),
-                self._after_call(code, caller.f_lasti),
-                returns,
-                None,
-                caller.f_globals,
-            )
+            where = (id(code), caller.f_lasti)
+            cached = self._lock_steps.get(where)
+            if cached is not None and cached[0] is code:
+                safe = cached[1]
+                if safe is None:  # depends on the callers
+                    safe = cached[2].get(self._chain_from(caller))
+            else:
+                safe = None
+            if safe is None:
+                safe = self._lock_step_safe(caller, code, where)
         except Exception:  # noqa: BLE001 - unknown: opaque
             return 0, ""
-        if found is None or found[0]:
+        if not safe:
             return 0, ""
         if released:
             return 5, ""
         return 4, self.lock_key(lock)
 
+    def _lock_step_safe(self, caller, code, where) -> bool:
+        self._dynamic_token = object()
+        self._dynamic = self._per_object = self._callers_used = False
+        returns = "end" if id(code) in self.bodies else caller
+        found = self._scan(
+            self._instructions(code),
+            self._after_call(code, caller.f_lasti),
+            returns,
+            None,
+            caller.f_globals,
+        )
+        safe = found is not None and not found[0]
+        if not self._dynamic:
+            self._lock_steps[where] = (code, safe, None)
+        elif self._callers_used and not self._per_object:
+            cached = self._lock_steps.get(where)
+            if cached is None or cached[0] is not code or cached[1] is not None:
+                cached = self._lock_steps[where] = (code, None, {})
+            cached[2][self._chain_from(caller)] = safe
+        self._dynamic = self._per_object = self._callers_used = False
+        return safe
+
+    @staticmethod
+    def _chain_from(frame) -> tuple:
+        """Where `frame` and its callers are (a few levels up)."""
+        out = []
+        while frame is not None and len(out) < 5:
+            out.append((id(frame.f_code), frame.f_lasti))
+            frame = frame.f_back
+        return tuple(out)
+
     def _into_caller(self, frame, depth: int) -> bool:
         """A return from live `frame`: whether its caller's code, from after its call to its
         next points, is safe (once per scan and frame)."""
-        self._dynamic = True
+        self._dynamic = self._callers_used = True
         done = getattr(self, "_callers", None)
         if done is None or done[0] is not self._dynamic_token:
             done = self._callers = (self._dynamic_token, {})
@@ -1075,6 +1222,7 @@ class Classifier:
             found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
             if found is not None and instructions[found[0]][0].opname in _OWN_LOADS:
                 self._dynamic = self._per_object = True
+                self._not_again()  # the answer depends on which function, not its type
                 function = self._value_at(instructions, found, self._frame_now[1])
                 return self._in_scope(function)
         need = call.arg + 2  # the callable, its self-or-NULL slot, the arguments
@@ -1150,6 +1298,7 @@ class Classifier:
             # a module's own name for a constructor of `_pure_function` (from threading
             # import Lock); the global may be rebound: asked at every visit
             self._dynamic = self._per_object = True
+            self._not_again()  # the answer depends on the global's value, not its type
             return _pure_function(globals_[ins.argval])
         if ins.opname == "LOAD_GLOBAL":
             return ins.argval in _PURE_SCALAR and globals_ is not None
@@ -1162,6 +1311,7 @@ class Classifier:
             if instructions is not self._instructions(current[0]):
                 return False
             self._dynamic = self._per_object = True
+            self._not_again()  # the answer depends on the local's value, not its type
             value = self._value_at(instructions, found, current[1])
             if value in (dict, list, set) and call.arg == 0:
                 return True
@@ -1178,6 +1328,7 @@ class Classifier:
                 return False
             owner = frame.f_globals.get(load.argval)
             self._dynamic = self._per_object = True  # the global may be rebound
+            self._not_again()  # and the module's attribute
             function = getattr(owner, ins.argval, None) if _is_module(owner) else None
             return function is not None and _pure_function(function)
         return False
@@ -1236,7 +1387,7 @@ class ExploreMode(ExactMode):
         globals_ = getattr(getattr(original, "__func__", original), "__globals__", None)
         safe = body is not None and classifier.start_safe(body, globals_)
         self.classifier = classifier
-        _native.set_access_classifier(classifier, safe)
+        _native.set_access_classifier(classifier.answer, safe)
         return {"mode": "exact", "scheduler": "explore", "explore_bound": self.bound}
 
     @staticmethod
