@@ -52,7 +52,7 @@ use crate::engine;
 extern "C" {
     // Public C API since 3.12 (pyo3-ffi declares it for 3.12+ targets only): a new reference
     // to the frame's variable `name` (a local, cell or free variable), or NULL with NameError.
-    fn PyFrame_GetVar(
+    pub(crate) fn PyFrame_GetVar(
         frame: *mut ffi::PyFrameObject,
         name: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject;
@@ -1132,7 +1132,10 @@ unsafe fn frame_cell(
 
 /// The attribute `name` of `obj` from its instance dict only (no descriptor, no user code),
 /// a new reference or null.
-unsafe fn instance_attr(obj: *mut ffi::PyObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject {
+pub(crate) unsafe fn instance_attr(
+    obj: *mut ffi::PyObject,
+    name: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
     // SAFETY: attached; `obj` live, `name` a str.
     unsafe {
         if ffi::PyType_Check(obj) != 0 || ffi::PyModule_Check(obj) != 0 {

@@ -360,6 +360,34 @@ fn set_access_classifier(classifier: Option<Py<PyAny>>, start_safe: bool) {
     accesses::set_classifier(classifier, start_safe);
 }
 
+/// explore_object_number(obj) -> int: the number of `obj` (a lock, a container) in explore's
+/// round under way: its order of first use (see visits.rs), the object kept until the round
+/// ends.
+#[pyfunction]
+fn explore_object_number(obj: &Bound<'_, PyAny>) -> u64 {
+    // SAFETY: attached (a Python call); `obj` is live.
+    unsafe { crate::visits::object_number(obj.as_ptr()) }
+}
+
+/// explore_new_round(): explore's next round starts; its objects are numbered afresh.
+#[pyfunction]
+fn explore_new_round() {
+    crate::visits::new_round();
+}
+
+/// explore_visit_counts(check=None) -> (from a template, from Python, checked, differed):
+/// the visits of explore's locations whose answer depends on the visit, answered without
+/// Python or by it; `check` True zeroes the counts and turns on a comparison of each templated
+/// answer with Python's (for tests: it asks Python at every such visit), False turns it off.
+#[pyfunction]
+#[pyo3(signature = (check=None))]
+fn explore_visit_counts(check: Option<bool>) -> (u64, u64, u64, u64) {
+    if let Some(on) = check {
+        crate::visits::set_checking(on);
+    }
+    crate::visits::counts()
+}
+
 /// hooked_opcodes() -> list[int]: the installed table.
 #[pyfunction]
 fn hooked_opcodes() -> Vec<u16> {
@@ -896,6 +924,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(hooked_opcodes, m)?)?;
     m.add_function(wrap_pyfunction!(set_access_classifier, m)?)?;
+    m.add_function(wrap_pyfunction!(explore_object_number, m)?)?;
+    m.add_function(wrap_pyfunction!(explore_new_round, m)?)?;
+    m.add_function(wrap_pyfunction!(explore_visit_counts, m)?)?;
     m.add_function(wrap_pyfunction!(active_run_id, m)?)?;
     m.add_function(wrap_pyfunction!(policy_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(release_all, m)?)?;

@@ -23,6 +23,7 @@ mod shared;
 pub mod stacks;
 pub mod stats;
 mod vdatetime;
+mod visits;
 
 /// Facts about how this extension was built, for the terminal header and for tests.
 #[pyfunction]

@@ -110,9 +110,30 @@ pub const ANY_ITEM: u64 = u64::MAX;
 /// The bit marking a key of one container's items.
 pub const ITEM_FAMILY: u64 = 1 << 63;
 
+/// The bit marking a key of an attribute name: [`ATTR_OBJECT`] holds the object's number in
+/// the round (0: an object the classifier could not find, any object), the bits below it
+/// the name's hash. Two objects' attributes of one name are two keys, so steps on an object
+/// only one thread holds (one it made in the round and has not published) depend on no other
+/// thread's step; an attribute of an unknown object overlaps that name on every object.
+pub const ATTR_FAMILY: u64 = 1 << 62;
+/// The bits of an attribute key holding its object's number plus one (0: any object).
+pub const ATTR_OBJECT: u64 = ((1 << 22) - 1) << ATTR_NAME_BITS;
+/// How many low bits of an attribute key hold its name's hash.
+pub const ATTR_NAME_BITS: u32 = 40;
+
 /// Whether two keys may name the same thing.
 pub fn overlap(x: u64, y: u64) -> bool {
-    x == y || (x == ANY_ITEM && y & ITEM_FAMILY != 0) || (y == ANY_ITEM && x & ITEM_FAMILY != 0)
+    if x == y {
+        return true;
+    }
+    if x & ITEM_FAMILY != 0 || y & ITEM_FAMILY != 0 {
+        return (x == ANY_ITEM && y & ITEM_FAMILY != 0) || (y == ANY_ITEM && x & ITEM_FAMILY != 0);
+    }
+    let name = !(ATTR_FAMILY | ATTR_OBJECT | ITEM_FAMILY);
+    x & ATTR_FAMILY != 0
+        && y & ATTR_FAMILY != 0
+        && x & name == y & name
+        && (x & ATTR_OBJECT == 0 || y & ATTR_OBJECT == 0)
 }
 
 #[derive(Clone, Debug)]
@@ -672,8 +693,8 @@ impl Tree {
     /// Queue `t` at node `m`, and before the block of steps the thread at `m` runs in
     /// (where switching to `t` may cost no preemption: a search bounded by preemptions needs
     /// both, bounded partial-order reduction). When the block's steps before `m` touch
-    /// nothing shared, or only read keys no step of the execution writes (and no step is
-    /// opaque), and the execution has two threads, running `t` before them or after them is
+    /// nothing shared, or only read keys no step of the execution writes (reads only when no
+    /// step is opaque), and the execution has two threads, running `t` before them or after them is
     /// the same: the branch before the block alone stands for both, if it is within the
     /// bound. (With a third thread, where it runs relative to them may differ; with sleep
     /// sets, the branch left out here may be the one a sleeping thread needed.)
@@ -683,14 +704,15 @@ impl Tree {
         while j > 0 && self.stack[j - 1].chosen == runner {
             j -= 1;
         }
+        // (a read is quiet when no step writes its key, an opaque one included; a step
+        // touching nothing shared is quiet whatever the others do)
         let quiet = |a: Access| match a {
             Access::Local | Access::Start => true,
-            Access::Read(x) => !self.written.iter().any(|&w| overlap(w, x)),
+            Access::Read(x) => !self.opaque && !self.written.iter().any(|&w| overlap(w, x)),
             _ => false,
         };
         let apart = self.pair
             && self.bound < SLEEP_SETS_FROM
-            && !self.opaque
             && (j..m).all(|e| {
                 let a = self.stack[e].access(runner);
                 quiet(a) && sequence.iter().all(|&b| !dependent(a, b))
@@ -1491,10 +1513,11 @@ mod tests {
                 let threads: Vec<Vec<Access>> = (0..2)
                     .map(|_| {
                         (0..2 + next(4))
-                            .map(|_| match next(5) {
+                            .map(|_| match next(6) {
                                 0 | 1 => Access::Read(next(2)),
                                 2 | 3 => Access::Write(next(2)),
-                                _ => Access::Opaque,
+                                4 => Access::Opaque,
+                                _ => Access::Local, // quiet steps around opaque ones
                             })
                             .collect()
                     })

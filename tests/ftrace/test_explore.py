@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 
 import pytest
 
@@ -340,6 +341,128 @@ def test_races_on_copied_containers_and_in_constructors_are_found(pytester):
     assert result.stdout.str().count("lost update: 1") >= 2, result.stdout.str()
 
 
+OWN_OBJECTS = """
+import threading
+
+class Box:
+    def __init__(self, n):
+        self.n = n  # the new object's attribute: no other thread's `n`
+        self.lock = threading.Lock()  # a new lock: nothing shared
+
+def fill(kind, box):
+    made = kind() if box.n else None  # a factory passed in, called through a local
+    made["k"] = box
+    return made
+
+def test_own_objects():
+    total = 0
+    for i in range(3):
+        box = Box(i)
+        box.n += 1
+        box.n = box.n * 2
+        total += box.n
+        fill(dict, box)
+    assert total == 12
+
+class Registry:
+    def __init__(self):
+        self.items = {}
+
+    def add(self, i):
+        # the container is loaded before a call among the arguments runs the constructor's
+        # steps: the call is on the object the load found
+        return self.items.setdefault(i, Box(i))
+
+def test_own_registry():
+    registry = Registry()
+    for i in range(3):
+        box = registry.add(i)
+        box.n += 1
+    assert len(registry.items) == 3
+"""
+
+PUBLISHED = """
+ROUNDS = {}
+
+class Cell:
+    def __init__(self, home):
+        self.n = 0
+        self.n = home.setdefault("cell", self).n  # publishes itself (the first one wins)
+
+def test_published_in_constructor(iteration_index, num_parallel_threads):
+    state = ROUNDS.setdefault(iteration_index, {"home": {}, "done": []})
+    Cell(state["home"])
+    cell = state["home"]["cell"]
+    value = cell.n  # the same object in every thread: a lost update
+    cell.n = value + 1
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert cell.n == num_parallel_threads, f"lost update: {cell.n}"
+
+class Holder:
+    pass
+
+HOLDER = Holder()
+
+class Box:
+    def __init__(self, n):
+        self.n = n
+
+class Registry:
+    def __init__(self):
+        self.items = {}
+
+REGISTRIES = [Registry() for _ in range(20000)]
+
+def test_first_claim_past_a_constructor(iteration_index, num_parallel_threads):
+    registry = REGISTRIES[iteration_index]
+    state = ROUNDS.setdefault(("r", iteration_index), {"first": [], "done": []})
+    if "k" not in registry.items:
+        state["first"].append(1)
+    registry.items.setdefault("k", Box(1))  # a write of the shared items, past a call
+    state["done"].append(1)
+    if len(state["done"]) == num_parallel_threads:
+        assert len(state["first"]) == 1, f"claimed first {len(state['first'])} times"
+
+def test_published_through_an_attribute(iteration_index, num_parallel_threads):
+    state = ROUNDS.setdefault(("a", iteration_index), {"done": []})
+    if getattr(HOLDER, "round", None) != iteration_index:
+        HOLDER.box = Holder()  # each thread may make one; the one left is shared
+        HOLDER.box.n = 0
+        HOLDER.round = iteration_index
+    box = HOLDER.box
+    value = box.n
+    box.n = value + 1
+    state["done"].append(box)
+    if len(state["done"]) == num_parallel_threads and state["done"][0] is box:
+        assert box.n == num_parallel_threads, f"lost update: {box.n}"
+"""
+
+
+def test_objects_a_thread_made_and_kept_are_its_own(pytester):
+    # Attributes are keyed per object: the steps on objects each thread made in the round and
+    # kept to itself (a constructor's `self.n = ...`, its own new lock, a factory passed in)
+    # depend on no other thread's step, so one interleaving stands for all; before, every
+    # object's `n` was one key and the constructor's lock an opaque call.
+    pytester.makepyfile(OWN_OBJECTS)
+    result = explore(pytester, "--seed", "1", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    found = proven(result)
+    assert found["test_own_objects"][0] == 1, result.stdout.str()
+    assert found["test_own_registry"][0] == 1, result.stdout.str()
+
+
+def test_a_lost_update_on_an_object_published_by_its_constructor_is_found(pytester):
+    # the soundness side: an object a constructor publishes (`self` stored in a shared dict),
+    # or that another thread reaches through a shared attribute, is keyed as the same object
+    # in every thread, whoever made it
+    pytester.makepyfile(PUBLISHED)
+    result = explore(pytester, "--seed", "1", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=3)
+    assert result.stdout.str().count("lost update: 1") >= 2, result.stdout.str()
+    assert "claimed first 2 times" in result.stdout.str()
+
+
 SYNC = """
 import queue
 import threading
@@ -478,6 +601,45 @@ def test_method_calls_on_each_threads_own_list_are_not_reordered(pytester):
     result.assert_outcomes(passed=1)
     interleavings, _bound, _executions, _ = proven(result)["test_own_lists"]
     assert interleavings == 1, result.stdout.str()
+
+
+VISITS_CONFTEST = """
+from pytest_ftrace import _native
+
+def pytest_sessionstart(session):
+    _native.explore_visit_counts(True)  # zeroed; each templated answer checked with Python's
+
+def pytest_terminal_summary(terminalreporter):
+    template, python, checked, differed = _native.explore_visit_counts(False)
+    print(f"VISITS template={template} python={python} checked={checked} differed={differed}")
+"""
+
+
+def test_steps_that_depend_on_their_objects_are_answered_natively_as_python_would(pytester):
+    # A step on a container's items, a `with` block on a lock, a container's method or a
+    # return into the callers is described at every visit: the core answers it from what the
+    # classifier found the first time (its lookups in the frames, numbered afresh), asking
+    # Python only for a new shape. Each such answer is checked here against Python's own.
+    pytester.makepyfile(
+        test_shapes_locked=THREE,
+        test_shapes_orders=ORDERS.replace("SEEN.add", "SEEN.discard"),
+        test_shapes_lists=OWN_LISTS,
+        test_shapes_private=PRIVATE,
+        test_shapes_sync=SYNC,
+        test_shapes_items=SHARED_ITEMS,
+    )
+    pytester.makeconftest(VISITS_CONFTEST)
+    result = explore(pytester, "--seed", "1", "-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6, failed=3)
+    m = re.search(
+        r"VISITS template=(\d+) python=(\d+) checked=(\d+) differed=(\d+)", result.stdout.str()
+    )
+    assert m, result.stdout.str()
+    template, python, checked, differed = (int(g) for g in m.groups())
+    assert differed == 0, result.stdout.str()
+    assert checked == template
+    # most visits are answered without Python: it is asked once per location and shape
+    assert template > 10 * python, (template, python)
 
 
 def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):
@@ -730,6 +892,22 @@ def test_a_step_reads_or_writes_the_name_it_starts_at():
     assert c(code, 10**6) == (0, "")
 
 
+def _over_items(items):
+    total = 0
+    for x in items:
+        total += x
+    return total
+
+
+def test_a_loop_step_over_a_container_is_on_any_containers_items():
+    # a loop's step is a point only over a container's iterator: it reads the container
+    # and advances an iterator another thread may share (a write); the iterator is on the
+    # frame's stack, so its container is not known: any container's items, not opaque
+    c = _static(_classifier(_over_items))
+    code = _over_items.__code__
+    assert c(code, _at(_over_items, "FOR_ITER")) == (2, "item")
+
+
 def _with_len(c, items):
     import sys
 
@@ -795,3 +973,27 @@ def test_a_body_that_starts_with_nothing_shared_has_a_safe_first_step():
     c = _classifier(_starts_plain, _starts_with_a_call)
     assert c.start_safe(_starts_plain.__code__)
     assert not c.start_safe(_starts_with_a_call.__code__)
+
+
+def _locked_section(c, lock, box, answers):
+    for _ in range(3):
+        found = c.lock_step(sys._getframe(), lock)
+        box.n = found
+        answers.append(found)
+
+
+def test_a_lock_operations_step_is_followed_once_per_call_site():
+    # the code after a lock operation's call, up to its next point, is scanned the first time
+    # only: a lock is taken at every visit of its `with` block
+    import types
+
+    from pytest_ftrace import _native
+
+    c = _classifier(_locked_section)
+    scans = []
+    scan = c._scan
+    c._scan = lambda *args: scans.append(args[1]) or scan(*args)
+    answers = []
+    _locked_section(c, _native.lock(), types.SimpleNamespace(), answers)
+    assert answers[0][0] == 4 and len(set(answers)) == 1, answers
+    assert len(scans) == 1, scans

@@ -94,6 +94,10 @@ _ACCESSES = {
     "STORE_SUBSCR": (_WRITE, "item"),
     "DELETE_SUBSCR": (_WRITE, "item"),
     "STORE_SLICE": (_WRITE, "item"),
+    # A loop's step is a point only over a container's iterator (rust/iterpoints.rs): it
+    # reads the container and advances the iterator, which another thread may share; the
+    # iterator is on the frame's stack, out of reach here, so it is any container's items.
+    "FOR_ITER": (_WRITE, "item"),
 }
 # Builtins whose call changes nothing shared: those that read no container's items, and
 # those that read them (their step reads "item").
@@ -132,6 +136,11 @@ _FUNCTION = type(lambda: None)
 _LOCAL_LOADS = frozenset(
     "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_FAST_LOAD_FAST LOAD_CONST".split()
 )
+# Instructions that push a local's value (what `_value_at` finds in the frame is what they
+# pushed: no other thread rebinds a frame's locals).
+_OWN_LOADS = frozenset(
+    "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_FAST_LOAD_FAST STORE_FAST_LOAD_FAST".split()
+)
 # Instructions whose pushed value is computed (no object loaded from the frame).
 _COMPUTED = frozenset(
     "BINARY_OP BINARY_SUBSCR COMPARE_OP BUILD_TUPLE BUILD_LIST BUILD_SET BUILD_STRING CALL".split()
@@ -160,10 +169,42 @@ def _is_module(obj) -> bool:
 
 
 def _pure_function(function) -> bool:
-    """Functions whose call reads and changes nothing shared (the calling thread's id)."""
+    """Functions whose call reads and changes nothing shared: the calling thread's id, and the
+    constructors of the standard library's locks, synchronisation objects and containers
+    (the new object is the caller's own: what it does to it is keyed by that object)."""
     import threading
 
-    return function is threading.get_ident or function is _thread.get_ident
+    if function is threading.get_ident or function is _thread.get_ident:
+        return True
+    try:
+        return function in _new_objects()
+    except TypeError:  # unhashable: none of them
+        return False
+
+
+_NEW_OBJECTS: frozenset | None = None
+
+
+def _new_objects() -> frozenset:
+    """The constructors `_pure_function` takes (threading's, as patched or not, queue's,
+    collections'), found once."""
+    global _NEW_OBJECTS
+    if _NEW_OBJECTS is None:
+        import collections
+        import queue
+        import threading
+
+        from pytest_ftrace import _native
+
+        found = {_native.lock, _native.RLock, _thread.allocate_lock, _thread.RLock}
+        found.update(
+            getattr(threading, name)
+            for name in "Lock RLock Condition Event Semaphore BoundedSemaphore Barrier".split()
+        )
+        found.update((queue.Queue, queue.LifoQueue, queue.PriorityQueue, queue.SimpleQueue))
+        found.update((collections.deque, collections.OrderedDict, collections.defaultdict))
+        _NEW_OBJECTS = frozenset(found)
+    return _NEW_OBJECTS
 
 
 def _deque_type():
@@ -179,6 +220,22 @@ _CONTAINER_DEQUE = dict.fromkeys(
 _ALWAYS, _ONLY_ARG, _KIND_ITERATION = 0x100, 0x200, 0x2000
 # The most instructions a step's classification follows before it calls the step opaque.
 _SCAN_LIMIT = 400
+
+
+_CO_OPTIMIZED = 0x1
+
+
+class _Recording:
+    """The lookups of one classification (see `Classifier.answer`)."""
+
+    __slots__ = ("ok", "probes", "objects", "numbers", "order")
+
+    def __init__(self):
+        self.ok = True
+        self.probes: list[tuple] = []
+        self.objects: list = []
+        self.numbers: dict[int, int] = {}
+        self.order: list[int] = []
 
 
 class Classifier:
@@ -219,12 +276,23 @@ class Classifier:
         self._pure_at: int | None = None  # where the step calls the builtin it loaded
         self._crossed = False  # the last _stack_source went back past a call
         self._point_at = -1  # the offset of the point whose step is being classified
+        self._live_depth = 0  # the scan's depth of the live frame's code (a caller's: > 0)
         self.lock_types = (_native.lock, _native.RLock)
         # The key of a lock or of a container's items is the object's order of first use in
         # the round, not its address: each round may make its own objects, and the tree
         # compares the steps of an execution's prefix (named in an earlier round) with its
-        # new ones. The objects are kept until the round ends: no address is reused in it.
-        self.round_keys: dict[int, tuple[int, object]] = {}
+        # new ones. The numbers are the native core's (`explore_object_number`, which keeps
+        # the objects until the round ends: no address is reused in it), so that the steps
+        # it answers without Python (see `answer`) number them alike.
+        # The objects a classification looked up in the live frames, as the native core can
+        # look them up again at the next visit (`_look`): None when none is under way.
+        self._recording: _Recording | None = None
+        self._base = None  # the live frame being classified (depth 0 of the lookups)
+        self._callers_used = False  # the answer depends on the callers' code and offsets
+        self._lock_steps: dict[tuple, tuple[int, bool]] = {}
+        # (live frame, offset of a method load) -> the object it found (`_remember_owner`)
+        self.owners: dict[tuple[int, int], object] = {}
+        self._call_in_step = False  # `_method` found the method's call in the step
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -233,6 +301,21 @@ class Classifier:
 
     def __call__(self, code, offset: int) -> tuple[int, str, bool]:
         """(kind, key, whether the answer depends on the callers: asked at every visit)."""
+        return self.answer(code, offset)[:3]
+
+    def answer(self, code, offset: int) -> tuple[int, str, bool, tuple | None]:
+        """What the native core asks: (kind, key, dynamic, template). A dynamic answer (one
+        that depends on the objects the step works on, or on its callers) comes with a
+        template when the core can give it again without Python at the next visits: (whether
+        it depends on the callers, the lookups made in the live frames as (frame depth, 0 a
+        local | 1 a global | 2 a local's instance attribute, name, attribute), the type each
+        found (None: nothing or None), for each lookup the first one that found the same
+        object, {number in the key: lookup}, the lookups in the order their objects were
+        numbered). The core then does the lookups itself, and while their types, which ones
+        found the same object and (for an answer that depends on them) the callers' code and
+        offsets are as they were, its answer is this one with the objects numbered afresh
+        (by first use in the round, as `object_key`): the key carries each number between
+        two \x01 (the core drops them). None: ask again at every visit."""
         try:
             where = (id(code), offset)
             chain = None
@@ -242,13 +325,62 @@ class Classifier:
                 if found is not None:
                     return found
             self._per_object = False
-            found = self.classify(code, offset)
+            self._callers_used = False
+            self._recording = _Recording()
+            try:
+                found = self.classify(code, offset)
+                template = self._template() if found[2] else None
+            finally:
+                self._recording = None
+                self._base = None
+            found = (*found, template)
             if found[2] and not self._per_object:
                 self.dynamic_locations.add(where)
                 self.by_chain[chain or (where, self._chain(code))] = found
             return found
         except Exception:  # noqa: BLE001 - an unknown step is opaque, never an error
-            return 0, "", False
+            return 0, "", False, None
+
+    def _template(self) -> tuple | None:
+        """The recorded lookups of the classification just made, as `answer` gives them."""
+        rec = self._recording
+        if rec is None or not rec.ok:
+            return None
+        types = [None if obj is None else type(obj) for obj in rec.objects]
+        same = [
+            next(j for j, other in enumerate(rec.objects) if other is obj) for obj in rec.objects
+        ]
+        return (self._callers_used, rec.probes, types, same, rec.numbers, rec.order)
+
+    def _look(self, frame, how: int, name: str, attr: str | None = None):
+        """Look an object up in live `frame` (0: its local `name`, 1: its global `name`, 2:
+        the attribute `attr` in the instance dict of its local `name`), recording the lookup
+        for the native core (see `answer`). None when there is nothing there."""
+        if how == 1:
+            found = frame.f_globals.get(name)
+        else:
+            found = frame.f_locals.get(name)
+            if how == 2:
+                found = getattr(found, "__dict__", {}).get(attr)
+        rec = self._recording
+        if rec is not None and rec.ok:
+            depth = 0
+            at = self._base
+            while at is not None and at is not frame and depth < 8:
+                at, depth = at.f_back, depth + 1
+            # module-level code's "locals" are its globals: the core looks up a frame's
+            # variables only
+            if at is not frame or (how != 1 and not frame.f_code.co_flags & _CO_OPTIMIZED):
+                rec.ok = False
+            else:
+                rec.probes.append((depth, how, name, attr))
+                rec.objects.append(found)
+        return found
+
+    def _not_again(self) -> None:
+        """The answer depends on more than the lookups' types: asked at every visit."""
+        if self._recording is not None:
+            self._recording.ok = False
 
     @staticmethod
     def _chain(code) -> tuple:
@@ -305,6 +437,7 @@ class Classifier:
         kind, family = what
         key = family if family == "item" else f"{family}:{first.argval}"
         frame = self._frame(code)
+        self._base = frame
         self._point_at = offset
         globals_ = frame.f_globals if frame is not None else None
         pure = None  # the builtin this step calls, if it loads one
@@ -315,15 +448,23 @@ class Classifier:
         self._dynamic = False
         if family == "item" and frame is not None:
             key = self._items_key(instructions, offset, frame)
+        if family == "attr" and frame is not None:
+            key = self._attr_key(instructions, offset, frame, key)
         if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
             pure = self._method(instructions, offset, frame)  # obj.method(args) in this step
+            if not self._call_in_step:
+                # the call that takes it comes in a later step (after a call among its
+                # arguments, or past a point): keep the object it works on for that step
+                self._remember_owner(instructions, offset, frame)
             if pure is not None and pure[0] == "item":
                 kind, key = (_WRITE if pure[2] else _READ), pure[3]
         self._with_lock = self._enters_lock(instructions, offset, frame)
         self._frame_now, self._released = (code, frame), None
         self._extra = self._pure_at = None
         try:
-            found = self._scan(instructions, following, returns, pure, globals_)
+            # (a loop's step goes on into the loop's body or past its end: both paths)
+            start = offset if first.opname == "FOR_ITER" else following
+            found = self._scan(instructions, start, returns, pure, globals_)
         finally:
             self._with_lock = False
             self._frame_now = None
@@ -370,6 +511,7 @@ class Classifier:
         writes = False
         called = None
         returned = False
+        live = depth == self._live_depth  # the code of the live frame being classified
         todo = [(start, None)]  # (offset, the last instruction before it that was no jump)
         seen: set[int] = set()
         while todo:
@@ -393,9 +535,12 @@ class Classifier:
                 # a failing assert in the test's body: the execution fails there (the search
                 # stops at it), so what the path does after that depends on no order
                 returned = True
-            elif name in _SAFE or (
-                name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST")
+            elif (
+                name in _SAFE
+                or (name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST"))
+                or (name in ("LIST_EXTEND", "SET_UPDATE") and last == "LOAD_CONST")
             ):
+                # (a list or set display of constants: the new object is extended by a tuple)
                 todo.append((after, name))
             elif name == "BINARY_OP":
                 if ins.arg is None or ins.arg >= self.inplace_from:
@@ -405,9 +550,9 @@ class Classifier:
                 todo.extend(((after, name), (ins.argval, name)))
             elif name == "BEFORE_WITH" and self._with_lock:
                 continue  # the lock's own point ends the step (lock_step describes the next)
-            elif name == "BEFORE_WITH" and depth == 0 and self._sync_step(instructions, at):
+            elif name == "BEFORE_WITH" and live and self._sync_step(instructions, at):
                 todo.append((after, name))  # `with cond:`: an operation on cond's lock
-            elif name == "CALL" and depth == 0 and self._sync_exit(instructions, at):
+            elif name == "CALL" and live and self._sync_exit(instructions, at):
                 todo.append((after, name))
             elif name in _RETURNS and returns in ("end", "report"):
                 returned = True  # the round ends, or the callee's caller goes on
@@ -429,11 +574,16 @@ class Classifier:
                 writes = writes or found[0]
                 if found[2]:
                     todo.append((after, name))
-            elif name == "CALL" and isinstance(pure, str) and called is None:
+            elif (
+                name == "CALL"
+                and isinstance(pure, str)
+                and called is None
+                and self._calls_first(instructions, at)
+            ):
                 called = pure  # the builtin the step loaded (the first call on every path)
                 self._pure_at = at
                 todo.append((after, name))
-            elif name == "CALL_KW" and depth == 0:  # 3.13: keyword names on the stack
+            elif name == "CALL_KW" and live:  # 3.13: keyword names on the stack
                 method = self._container_call(instructions, at)
                 if method is None or self._extra not in (None, method):
                     return None
@@ -442,12 +592,12 @@ class Classifier:
             elif name == "CALL" and self._lock_exit(instructions, at):
                 continue  # the release's own point ends the step
             elif name == "CALL" and depth < 3:
-                callee = self._callee(instructions, at, globals_)
+                callee = self._callee(instructions, at, globals_, live)
                 if callee is None:
                     if self._pure_builtin_call(instructions, at, globals_):
                         todo.append((after, name))
                         continue
-                    method = self._container_call(instructions, at) if depth == 0 else None
+                    method = self._container_call(instructions, at) if live else None
                     if method is None or self._extra not in (None, method):
                         return None
                     self._extra = method  # the step's second key
@@ -479,15 +629,23 @@ class Classifier:
         a local's attribute in its instance dict): the answer depends on it, so it is asked
         at every visit. Nothing has run since the object was loaded (the thread holds the
         turn from the point before)."""
+        import dis
         import types
 
         at = instructions[offset][1]
+        pushed = 0  # the values pushed since the method's load: its arguments
+        self._call_in_step = False
         while at is not None:
             ins, following, _ = instructions[at]
             if ins.opname in ("CALL", "CALL_KW"):
+                if pushed != ins.arg + (ins.opname == "CALL_KW"):
+                    return None  # a call among the arguments (`d.setdefault(k, make())`)
+                self._call_in_step = True
                 break
             if ins.opname not in _SAFE and ins.opname not in ("BINARY_OP", "KW_NAMES"):
                 return None
+            arg = ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None
+            pushed += dis.stack_effect(ins.opcode, arg, jump=False)
             if self._point(ins) is not None or getattr(ins, "is_jump_target", False):
                 return None
             at = following
@@ -513,6 +671,7 @@ class Classifier:
             return ("item", call_at, True, sync)
         if self.scope is None or kind.__getattribute__ is not object.__getattribute__:
             return None
+        self._not_again()  # the instance's own dict may hold the name
         if name in getattr(owner, "__dict__", ()):
             return None
         function = None
@@ -550,6 +709,25 @@ class Classifier:
         self._dynamic = self._per_object = True
         return self._items_of(self._value_at(instructions, found, frame))
 
+    def _attr_key(self, instructions, offset: int, frame, key: str) -> str:
+        """The key of the attribute the instruction at `offset` loads, stores or deletes:
+        "attr:NAME@N" for the round's object N, found in the live frame (its owner is on top
+        of the stack: followed back as a subscript's container is), else "attr:NAME" (any
+        object's NAME). Keyed per object, a step on an object that only its thread holds (one
+        it made in the round and has not published) depends on no other thread's step, and
+        one on a shared object depends on every other thread's step on that object's name,
+        whoever made it and however it was published."""
+        found = self._stack_source(instructions, offset, 1)
+        # only a local's value: one loaded from a global or an attribute before this point
+        # may have been rebound by another thread since (the frame would name another object)
+        if found is None or instructions[found[0]][0].opname not in _OWN_LOADS:
+            return key
+        self._dynamic = self._per_object = True
+        owner = self._value_at(instructions, found, frame)
+        if owner is None:
+            return key
+        return f"{key}@{self.object_key(owner, 'object').partition(':')[2]}"
+
     def _value_at(self, instructions, found, frame):
         """The object a `_stack_source` answer pushed, looked up in live `frame` (a local, a
         global, a closure's variable, a local's attribute), or None."""
@@ -557,9 +735,9 @@ class Classifier:
         ins = instructions[at][0]
         if ins.opname == "LOAD_FAST_LOAD_FAST":
             # 3.13: two locals in one instruction, the first pushed first (deeper)
-            return frame.f_locals.get(ins.argval[1 if which == 1 else 0])
+            return self._look(frame, 0, ins.argval[1 if which == 1 else 0])
         if ins.opname == "STORE_FAST_LOAD_FAST":
-            return frame.f_locals.get(ins.argval[1])
+            return self._look(frame, 0, ins.argval[1])
         following = instructions[at][1]
         if following is None or which != 1:
             return None
@@ -586,10 +764,16 @@ class Classifier:
             if load is None or load.opname != "LOAD_ATTR" or load.arg & 1:
                 return None
         source = self._stack_source(instructions, found[0], 1, self._crossed)
-        if source is None:
-            return None
         self._dynamic = self._per_object = True
-        owner = self._value_at(instructions, source, current[1])
+        if source is not None:
+            owner = self._value_at(instructions, source, current[1])
+        elif load.arg & 1 and (id(current[1]), found[0]) in self.owners:
+            # past a call (`d.setdefault(k, make())`): the object this frame's method load
+            # found when it ran, not the name's value now (not a lookup the core can repeat)
+            self._not_again()
+            owner = self.owners[id(current[1]), found[0]]
+        else:
+            return None
         table = _CONTAINER_METHODS.get(type(owner))
         if table is None and type(owner) is _deque_type():
             table = _CONTAINER_DEQUE
@@ -598,6 +782,19 @@ class Classifier:
             sync = self._sync_key(owner) if not load.argval.startswith("_") else None
             return None if sync is None else (True, sync)
         return writes, self.object_key(owner, "item")
+
+    def _remember_owner(self, instructions, offset: int, frame) -> None:
+        """Keep the object the method load at `offset` of live `frame` works on (found as
+        `_method` finds it), for the call that takes it after a call among its arguments
+        (`_container_call`); asked at every visit, so a frame's entry is its last visit's."""
+        self._dynamic = self._per_object = True
+        self._not_again()  # it keeps the object: no answer of the core's may skip it
+        owner = self._loaded(instructions, offset, frame)
+        where = (id(frame), offset)
+        if owner is None:
+            self.owners.pop(where, None)
+        else:
+            self.owners[where] = owner
 
     def _sync_key(self, obj) -> str | None:
         """The key of a synchronisation object of the standard library (a condition, event,
@@ -618,7 +815,10 @@ class Classifier:
             lock = getattr(getattr(obj, "_cond", None), "_lock", None)
         elif isinstance(obj, queue.Queue):
             lock = obj.mutex
-        return self.lock_key(lock) if isinstance(lock, self.lock_types) else None
+        if not isinstance(lock, self.lock_types):
+            return None
+        self._not_again()  # the key is that of an object found in this one
+        return self.lock_key(lock)
 
     def _with_sync(self, instructions, before_with: int) -> tuple[bool, str] | None:
         """The `with` block entered at `before_with` (in the live frame being classified) is
@@ -765,18 +965,28 @@ class Classifier:
         if previous is None:
             return None
         ins, _, before = instructions[previous]
-        missing = object()
-        found = missing
         if ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF"):
-            found = frame.f_locals.get(ins.argval, missing)
-        elif ins.opname == "LOAD_GLOBAL" and not ins.arg & 1:
-            found = frame.f_globals.get(ins.argval, missing)
-        elif ins.opname == "LOAD_ATTR" and not ins.arg & 1 and before is not None:
+            return self._look(frame, 0, ins.argval)
+        if ins.opname == "LOAD_GLOBAL" and not ins.arg & 1:
+            return self._look(frame, 1, ins.argval)
+        if ins.opname == "LOAD_ATTR" and not ins.arg & 1 and before is not None:
             holder_ins = instructions[before][0]
+            missing = object()
+            holder = missing
             if holder_ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"):
+                if ins.argval != "__dict__":
+                    return self._look(frame, 2, holder_ins.argval, ins.argval)
                 holder = frame.f_locals.get(holder_ins.argval, missing)
-                found = getattr(holder, "__dict__", {}).get(ins.argval, missing)
-        return None if found is missing else found
+            elif holder_ins.opname == "LOAD_GLOBAL" and not holder_ins.arg & 1:
+                holder = frame.f_globals.get(holder_ins.argval, missing)
+            if ins.argval == "__dict__" and type(holder) is _thread._local:
+                # a thread-local object's attributes for the thread classified (the one at
+                # the point): whichever such object it is, that dict is this thread's own.
+                # Found without `_look`: the answer is asked of Python at every visit.
+                self._dynamic = self._per_object = True
+                self._not_again()
+                return holder.__dict__
+        return None
 
     def _enters_lock(self, instructions, offset: int, frame) -> bool:
         """Whether the step at `offset` loads a schedulable lock that the next instruction
@@ -868,58 +1078,103 @@ class Classifier:
         ins, _, previous = instructions[at]
         found = None
         if ins.opname == "LOAD_GLOBAL":
-            found = frame.f_globals.get(ins.argval)
+            found = self._look(frame, 1, ins.argval)
         elif ins.opname == "LOAD_ATTR" and previous is not None and not ins.arg & 1:
             owner = instructions[previous][0]
             if owner.opname in ("LOAD_FAST", "LOAD_FAST_CHECK"):
-                holder = frame.f_locals.get(owner.argval)
-                found = getattr(holder, "__dict__", {}).get(ins.argval)
+                found = self._look(frame, 2, owner.argval, ins.argval)
         self._dynamic = self._per_object = True  # another object there may be no lock
         return found if isinstance(found, self.lock_types) else None
 
     def object_key(self, obj, family: str = "lock") -> str:
         """The key of a lock or of a container's items: the object's order of first use in
-        the round (see `round_keys`)."""
-        found = self.round_keys.get(id(obj))
-        if found is None or found[1] is not obj:
-            found = self.round_keys[id(obj)] = (len(self.round_keys), obj)
-        return f"{family}:{found[0]}"
+        the round (see `__init__`), between two \\x01 (see `answer`)."""
+        from pytest_ftrace import _native
+
+        number = _native.explore_object_number(obj)
+        rec = self._recording
+        if rec is not None and rec.ok:
+            probe = next((i for i, other in enumerate(rec.objects) if other is obj), None)
+            if probe is None:
+                rec.ok = False  # an object the core cannot look up
+            else:
+                rec.numbers[number] = probe
+                rec.order.append(probe)
+        return f"{family}:\x01{number}\x01"
 
     def lock_key(self, lock) -> str:
         return self.object_key(lock, "lock")
 
     def new_round(self) -> None:
         """A round starts: its objects are numbered afresh."""
-        self.round_keys = {}
+        from pytest_ftrace import _native
+
+        _native.explore_new_round()
+        self.owners = {}
 
     def lock_step(self, caller, lock, released: bool = False) -> tuple[int, str]:
         """The step from a lock operation's point (coop.POINT_ACCESS): `caller`'s code from
         after its call to its next points, and before it the acquire, or nothing after a
         release (which the step before the point made): a write of the lock, or nothing
-        shared after a release, when that code is safe; else opaque."""
+        shared after a release, when that code is safe; else opaque.
+
+        Whether that code is safe is kept per call site (and per callers' code and offsets
+        when a return into them was followed), unless it looked at objects in a frame."""
         try:
             code = caller.f_code
-            self._dynamic_token = object()
-            returns = "end" if id(code) in self.bodies else caller
-            found = self._scan(
-                self._instructions(code),
-                self._after_call(code, caller.f_lasti),
-                returns,
-                None,
-                caller.f_globals,
-            )
+            where = (id(code), caller.f_lasti)
+            cached = self._lock_steps.get(where)
+            if cached is not None and cached[0] is code:
+                safe = cached[1]
+                if safe is None:  # depends on the callers
+                    safe = cached[2].get(self._chain_from(caller))
+            else:
+                safe = None
+            if safe is None:
+                safe = self._lock_step_safe(caller, code, where)
         except Exception:  # noqa: BLE001 - unknown: opaque
             return 0, ""
-        if found is None or found[0]:
+        if not safe:
             return 0, ""
         if released:
             return 5, ""
         return 4, self.lock_key(lock)
 
+    def _lock_step_safe(self, caller, code, where) -> bool:
+        self._dynamic_token = object()
+        self._dynamic = self._per_object = self._callers_used = False
+        returns = "end" if id(code) in self.bodies else caller
+        found = self._scan(
+            self._instructions(code),
+            self._after_call(code, caller.f_lasti),
+            returns,
+            None,
+            caller.f_globals,
+        )
+        safe = found is not None and not found[0]
+        if not self._dynamic:
+            self._lock_steps[where] = (code, safe, None)
+        elif self._callers_used and not self._per_object:
+            cached = self._lock_steps.get(where)
+            if cached is None or cached[0] is not code or cached[1] is not None:
+                cached = self._lock_steps[where] = (code, None, {})
+            cached[2][self._chain_from(caller)] = safe
+        self._dynamic = self._per_object = self._callers_used = False
+        return safe
+
+    @staticmethod
+    def _chain_from(frame) -> tuple:
+        """Where `frame` and its callers are (a few levels up)."""
+        out = []
+        while frame is not None and len(out) < 5:
+            out.append((id(frame.f_code), frame.f_lasti))
+            frame = frame.f_back
+        return tuple(out)
+
     def _into_caller(self, frame, depth: int) -> bool:
         """A return from live `frame`: whether its caller's code, from after its call to its
         next points, is safe (once per scan and frame)."""
-        self._dynamic = True
+        self._dynamic = self._callers_used = True
         done = getattr(self, "_callers", None)
         if done is None or done[0] is not self._dynamic_token:
             done = self._callers = (self._dynamic_token, {})
@@ -934,6 +1189,9 @@ class Classifier:
                 returns = "end" if id(code) in self.bodies else caller
                 # the caller's code is live too: a `with lock:` block it leaves is known
                 outer, self._frame_now = self._frame_now, (code, caller)
+                saved = self._live_depth, self._point_at
+                # its step, as far as the caller's stack goes, starts at its call
+                self._live_depth, self._point_at = depth + 1, caller.f_lasti
                 try:
                     found = self._scan(
                         self._instructions(code),
@@ -945,19 +1203,28 @@ class Classifier:
                     )
                 finally:
                     self._frame_now = outer
+                    self._live_depth, self._point_at = saved
                 ok = found is not None and not found[0]
         done[1][id(frame)] = ok
         return ok
 
-    def _callee(self, instructions, call_at: int, globals_):
+    def _callee(self, instructions, call_at: int, globals_, live: bool = False):
         """The plain Python function in the hooked scope that the CALL at `call_at` calls,
-        when the step loads it with LOAD_GLOBAL right before its arguments; else None."""
+        when the step loads it with LOAD_GLOBAL right before its arguments, or (`live`: the
+        code of the live frame being classified) a local holds it (a factory passed in:
+        `slot(name, Cls)`, asked at every visit); else None."""
         import dis
-        import types
 
         call = instructions[call_at][0]
         if globals_ is None or self.scope is None or call.arg is None:
             return None
+        if live and self._frame_now is not None and self._frame_now[1] is not None:
+            found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+            if found is not None and instructions[found[0]][0].opname in _OWN_LOADS:
+                self._dynamic = self._per_object = True
+                self._not_again()  # the answer depends on which function, not its type
+                function = self._value_at(instructions, found, self._frame_now[1])
+                return self._in_scope(function)
         need = call.arg + 2  # the callable, its self-or-NULL slot, the arguments
         depth = 0
         at = instructions[call_at][2]
@@ -975,6 +1242,14 @@ class Classifier:
             at = previous
         else:
             return None
+        return self._in_scope(function)
+
+    def _in_scope(self, function):
+        """`function` when it is a plain Python function of the hooked scope, the `__init__`
+        a class's call runs (`_constructor`), object.__init__ for a class that runs none;
+        else None."""
+        import types
+
         if isinstance(function, type):
             function = self._constructor(function)
             if function is object.__init__:
@@ -999,6 +1274,15 @@ class Classifier:
             return init
         return init if isinstance(init, _FUNCTION) else None
 
+    def _calls_first(self, instructions, call_at: int) -> bool:
+        """Whether the CALL at `call_at` calls what the step's first instruction loaded (the
+        builtin of a step that starts at its load: `len(x)`, not `make(dict)`)."""
+        call = instructions[call_at][0]
+        if call.arg is None:
+            return False
+        found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+        return found is not None and found[0] == self._point_at
+
     def _pure_builtin_call(self, instructions, call_at: int, globals_) -> bool:
         """Whether the CALL at `call_at` calls a builtin of `_PURE_SCALAR` (loaded by a global
         not shadowed by the module, its result a function of its arguments, which read
@@ -1010,10 +1294,28 @@ class Classifier:
         if found is None:
             return False
         ins = instructions[found[0]][0]
+        if ins.opname == "LOAD_GLOBAL" and globals_ is not None and ins.argval in globals_:
+            # a module's own name for a constructor of `_pure_function` (from threading
+            # import Lock); the global may be rebound: asked at every visit
+            self._dynamic = self._per_object = True
+            self._not_again()  # the answer depends on the global's value, not its type
+            return _pure_function(globals_[ins.argval])
         if ins.opname == "LOAD_GLOBAL":
-            return (
-                ins.argval in _PURE_SCALAR and globals_ is not None and ins.argval not in globals_
-            )
+            return ins.argval in _PURE_SCALAR and globals_ is not None
+        if ins.opname in _OWN_LOADS:
+            # a local holding a constructor of `_pure_function`, or a built-in container's
+            # type called with no argument (a factory passed in: `slot(name, dict)`)
+            current = self._frame_now
+            if current is None or current[1] is None:
+                return False
+            if instructions is not self._instructions(current[0]):
+                return False
+            self._dynamic = self._per_object = True
+            self._not_again()  # the answer depends on the local's value, not its type
+            value = self._value_at(instructions, found, current[1])
+            if value in (dict, list, set) and call.arg == 0:
+                return True
+            return _pure_function(value)
         if ins.opname == "LOAD_ATTR" and not ins.arg & 1:
             frame = self._frame_now[1] if self._frame_now is not None else None
             if frame is None or instructions is not self._instructions(self._frame_now[0]):
@@ -1026,6 +1328,7 @@ class Classifier:
                 return False
             owner = frame.f_globals.get(load.argval)
             self._dynamic = self._per_object = True  # the global may be rebound
+            self._not_again()  # and the module's attribute
             function = getattr(owner, ins.argval, None) if _is_module(owner) else None
             return function is not None and _pure_function(function)
         return False
@@ -1084,7 +1387,7 @@ class ExploreMode(ExactMode):
         globals_ = getattr(getattr(original, "__func__", original), "__globals__", None)
         safe = body is not None and classifier.start_safe(body, globals_)
         self.classifier = classifier
-        _native.set_access_classifier(classifier, safe)
+        _native.set_access_classifier(classifier.answer, safe)
         return {"mode": "exact", "scheduler": "explore", "explore_bound": self.bound}
 
     @staticmethod
