@@ -342,7 +342,7 @@ impl OwnerName {
             } else {
                 ffi::Py_TYPE(ptr)
             };
-            if (*t).tp_flags & ffi::Py_TPFLAGS_HEAPTYPE != 0 {
+            if ffi::PyType_GetFlags(t) & ffi::Py_TPFLAGS_HEAPTYPE != 0 {
                 let q = (*t.cast::<ffi::PyHeapTypeObject>()).ht_qualname;
                 if q.is_null() || ffi::PyUnicode_Check(q) == 0 {
                     return OwnerName::Fixed("");
