@@ -917,7 +917,7 @@ impl Core {
     /// computed without one for long, it runs free from here, outside the schedule, and
     /// another thread is chosen; it rejoins at its next scheduling point. A thread asleep in
     /// a system call that is not a futex wait (a socket, a pipe, `select`: see
-    /// [`watch::blocked_in_io`]) runs free on the second look (a poll apart), and on the first
+    /// [`watch::blocked_in_io`]) runs free when seen so on two looks in a row, and on the first
     /// while a thread that came back from C waits for the turn (the two ends of a socket take
     /// turns this way). A thread that waits for the interpreter (given the turn and taking
     /// the GIL back, or asleep on the GIL's own futex: [`watch::waits_for_interpreter`]) is
@@ -1009,7 +1009,8 @@ impl Core {
         };
         let quiet = now.saturating_duration_since(since);
         // Asleep in I/O: at once when a thread that came back from C waits, else on the
-        // second look; any other wait (a futex may be the GIL's) after DETACH_QUIET.
+        // second look asleep; any other wait (a futex may be the GIL's) when asleep on every look
+        // for DETACH_QUIET.
         if quiet < DETACH_QUIET && !(in_io && (hurry || seen_before)) {
             return hurry;
         }
@@ -1027,8 +1028,11 @@ impl Core {
             return hurry;
         }
         let detach = match state {
+            // In I/O: at once while a thread that came back from C waits, else when it was
+            // asleep at the look before too; any other sleep: on every look for the quiet time.
             Some(watch::ThreadState::Sleeping) => {
-                in_io || asleep_for(st.asleep, now) >= DETACH_QUIET
+                let asleep = asleep_for(st.asleep, now);
+                (in_io && (hurry || asleep > Duration::ZERO)) || asleep >= DETACH_QUIET
             }
             Some(watch::ThreadState::Running { cpu_ticks }) => {
                 if cpu0.is_none() {
