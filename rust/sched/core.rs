@@ -56,6 +56,12 @@ fn asleep_for(asleep: Option<(u32, u64, Instant)>, now: Instant) -> Duration {
     })
 }
 
+/// Whether the running thread, asleep at this look (`in_io`: in a system call that is not a
+/// futex wait), seen asleep on every look for `asleep`, is blocked in C.
+fn asleep_runs_free(in_io: bool, hurry: bool, asleep: Duration) -> bool {
+    (in_io && (hurry || asleep > Duration::ZERO)) || asleep >= DETACH_QUIET
+}
+
 /// A thread computing without a scheduling point (a long C call, code outside the
 /// instrumentation) runs free after this long, when it used CPU time meanwhile (a thread the
 /// OS merely did not run is left alone).
@@ -1031,8 +1037,7 @@ impl Core {
             // In I/O: at once while a thread that came back from C waits, else when it was
             // asleep at the look before too; any other sleep: on every look for the quiet time.
             Some(watch::ThreadState::Sleeping) => {
-                let asleep = asleep_for(st.asleep, now);
-                (in_io && (hurry || asleep > Duration::ZERO)) || asleep >= DETACH_QUIET
+                asleep_runs_free(in_io, hurry, asleep_for(st.asleep, now))
             }
             Some(watch::ThreadState::Running { cpu_ticks }) => {
                 if cpu0.is_none() {
@@ -1360,6 +1365,14 @@ mod tests {
         let b = asleep_since(b, 1, 5, sleeping, at(6));
         let b = asleep_since(b, 1, 5, sleeping, at(12));
         assert!(asleep_for(b, at(12)) >= DETACH_QUIET);
+        assert!(!asleep_runs_free(false, false, asleep_for(a, at(12))));
+        assert!(asleep_runs_free(false, false, asleep_for(b, at(12))));
+        // In I/O: on the second look asleep in a row, or at once while a thread waits.
+        let c = asleep_since(None, 1, 5, sleeping, at(20));
+        assert!(!asleep_runs_free(true, false, asleep_for(c, at(20))));
+        assert!(asleep_runs_free(true, true, asleep_for(c, at(20))));
+        let c = asleep_since(c, 1, 5, sleeping, at(22));
+        assert!(asleep_runs_free(true, false, asleep_for(c, at(22))));
         // Progress or another thread starts it over.
         assert_eq!(
             asleep_for(asleep_since(b, 1, 6, sleeping, at(13)), at(13)),
