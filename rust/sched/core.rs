@@ -31,6 +31,37 @@ use super::*;
 /// it runs free (longer than a GIL hand-over, which a thread may wait for up to the 5 ms
 /// switch interval).
 pub const DETACH_QUIET: Duration = Duration::from_millis(10);
+/// The watcher's record of the running thread asleep on every look (see `State::asleep`),
+/// after a look that saw `state` for thread `running` at `progress`.
+fn asleep_since(
+    asleep: Option<(u32, u64, Instant)>,
+    running: u32,
+    progress: u64,
+    state: Option<watch::ThreadState>,
+    now: Instant,
+) -> Option<(u32, u64, Instant)> {
+    if state != Some(watch::ThreadState::Sleeping) {
+        return None;
+    }
+    match asleep {
+        Some((who, seen, since)) if who == running && seen == progress => Some((who, seen, since)),
+        _ => Some((running, progress, now)),
+    }
+}
+
+/// How long the running thread has been seen asleep on every look.
+fn asleep_for(asleep: Option<(u32, u64, Instant)>, now: Instant) -> Duration {
+    asleep.map_or(Duration::ZERO, |(_, _, since)| {
+        now.saturating_duration_since(since)
+    })
+}
+
+/// Whether the running thread, asleep at this look (`in_io`: in a system call that is not a
+/// futex wait), seen asleep on every look for `asleep`, is blocked in C.
+fn asleep_runs_free(in_io: bool, hurry: bool, asleep: Duration) -> bool {
+    (in_io && (hurry || asleep > Duration::ZERO)) || asleep >= DETACH_QUIET
+}
+
 /// A thread computing without a scheduling point (a long C call, code outside the
 /// instrumentation) runs free after this long, when it used CPU time meanwhile (a thread the
 /// OS merely did not run is left alone).
@@ -131,6 +162,10 @@ struct State {
     /// The watcher's view of the running thread: (thread, progress, since, its CPU ticks,
     /// the collector's epoch then).
     watch: Option<(u32, u64, Instant, Option<u64>, u64)>,
+    /// Since when the watcher has seen the running thread asleep on every look, for
+    /// (thread, progress): a thread seen asleep once (a page fault of a freshly forked child,
+    /// a short futex wait) is not blocked in C.
+    asleep: Option<(u32, u64, Instant)>,
     /// When the watcher last looked (the real time its samples stand for).
     last_poll: Option<Instant>,
     /// Ids below this may still be used by threads the test started in an earlier round
@@ -405,6 +440,7 @@ impl Core {
                 idle_real: None,
                 free_at: None,
                 watch: None,
+                asleep: None,
                 last_poll: None,
                 reserved: 0,
             }),
@@ -524,6 +560,7 @@ impl Core {
                 st.reserved = st.reserved.max(left + 1);
             }
             st.threads.clear();
+            st.asleep = None;
             st.runnable_dirty = true;
             // The first round's virtual clock starts at the real time (never behind where a
             // timeline got to); each later round goes on from where the last one's stopped.
@@ -886,7 +923,7 @@ impl Core {
     /// computed without one for long, it runs free from here, outside the schedule, and
     /// another thread is chosen; it rejoins at its next scheduling point. A thread asleep in
     /// a system call that is not a futex wait (a socket, a pipe, `select`: see
-    /// [`watch::blocked_in_io`]) runs free on the second look (a poll apart), and on the first
+    /// [`watch::blocked_in_io`]) runs free when seen so on two looks in a row, and on the first
     /// while a thread that came back from C waits for the turn (the two ends of a socket take
     /// turns this way). A thread that waits for the interpreter (given the turn and taking
     /// the GIL back, or asleep on the GIL's own futex: [`watch::waits_for_interpreter`]) is
@@ -953,15 +990,17 @@ impl Core {
         };
         let Some(state) = running_state.filter(|_| !running_waits) else {
             st.watch = None; // chosen, not awake yet, or taking the interpreter back
+            st.asleep = None;
             return hurry;
         };
+        let progress = st.progress;
+        st.asleep = asleep_since(st.asleep, running, progress, state, now);
         let in_io = state == Some(watch::ThreadState::Sleeping)
             && !collecting
             && st
                 .threads
                 .get(&running)
                 .is_some_and(|t| watch::blocked_in_io(t.native) == Some(true));
-        let progress = st.progress;
         let (since, cpu0, seen_before) = match st.watch {
             Some((who, seen, since, cpu, epoch))
                 if who == running && seen == progress && epoch == gc =>
@@ -976,7 +1015,8 @@ impl Core {
         };
         let quiet = now.saturating_duration_since(since);
         // Asleep in I/O: at once when a thread that came back from C waits, else on the
-        // second look; any other wait (a futex may be the GIL's) after DETACH_QUIET.
+        // second look asleep; any other wait (a futex may be the GIL's) when asleep on every look
+        // for DETACH_QUIET.
         if quiet < DETACH_QUIET && !(in_io && (hurry || seen_before)) {
             return hurry;
         }
@@ -994,7 +1034,11 @@ impl Core {
             return hurry;
         }
         let detach = match state {
-            Some(watch::ThreadState::Sleeping) => true,
+            // In I/O: at once while a thread that came back from C waits, else when it was
+            // asleep at the look before too; any other sleep: on every look for the quiet time.
+            Some(watch::ThreadState::Sleeping) => {
+                asleep_runs_free(in_io, hurry, asleep_for(st.asleep, now))
+            }
             Some(watch::ThreadState::Running { cpu_ticks }) => {
                 if cpu0.is_none() {
                     st.watch = Some((running, progress, since, Some(cpu_ticks), gc));
@@ -1303,6 +1347,42 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn a_thread_is_blocked_only_when_asleep_on_every_look() {
+        let sleeping = Some(watch::ThreadState::Sleeping);
+        let running = Some(watch::ThreadState::Running { cpu_ticks: 3 });
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Asleep at the first look and at one 12 ms later, awake (a page fault of a forked
+        // child, a short futex wait) between them: not asleep for the quiet time.
+        let a = asleep_since(None, 1, 5, sleeping, at(0));
+        let a = asleep_since(a, 1, 5, running, at(6));
+        let a = asleep_since(a, 1, 5, sleeping, at(12));
+        assert!(asleep_for(a, at(12)) < DETACH_QUIET);
+        // Asleep on every look: blocked.
+        let b = asleep_since(None, 1, 5, sleeping, at(0));
+        let b = asleep_since(b, 1, 5, sleeping, at(6));
+        let b = asleep_since(b, 1, 5, sleeping, at(12));
+        assert!(asleep_for(b, at(12)) >= DETACH_QUIET);
+        assert!(!asleep_runs_free(false, false, asleep_for(a, at(12))));
+        assert!(asleep_runs_free(false, false, asleep_for(b, at(12))));
+        // In I/O: on the second look asleep in a row, or at once while a thread waits.
+        let c = asleep_since(None, 1, 5, sleeping, at(20));
+        assert!(!asleep_runs_free(true, false, asleep_for(c, at(20))));
+        assert!(asleep_runs_free(true, true, asleep_for(c, at(20))));
+        let c = asleep_since(c, 1, 5, sleeping, at(22));
+        assert!(asleep_runs_free(true, false, asleep_for(c, at(22))));
+        // Progress or another thread starts it over.
+        assert_eq!(
+            asleep_for(asleep_since(b, 1, 6, sleeping, at(13)), at(13)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            asleep_for(asleep_since(b, 2, 5, sleeping, at(13)), at(13)),
+            Duration::ZERO
+        );
+    }
 
     /// Run `threads` workers for one round; each takes `points` scheduling points and logs
     /// (tid, i) while it holds the turn. Returns the log and the round record.
