@@ -62,7 +62,7 @@ extern "C" {
 /// SipHash took more time than the rest of an access's lookups). Multiply-rotate per word,
 /// rotated at the end so the low bits (the bucket) depend on every input bit.
 #[derive(Default)]
-struct FastHasher(u64);
+pub(crate) struct FastHasher(u64);
 
 impl Hasher for FastHasher {
     fn finish(&self) -> u64 {
@@ -778,6 +778,9 @@ impl State {
 
     /// Retire the locations of the watched objects that died.
     fn retire_dead(&mut self) {
+        if !crate::deaths::any_died(crate::deaths::HB) {
+            return; // nothing died (most accesses): no list taken
+        }
         for (addr, _) in crate::deaths::take(crate::deaths::HB) {
             for l in self.watched.remove(&addr).unwrap_or_default() {
                 self.data[l as usize].owner = Guard::None;
@@ -1000,7 +1003,9 @@ fn with_round<T>(py: Python<'_>, f: impl FnOnce(&mut State, u32) -> T) -> Option
             st.generation = generation;
             st.iteration = st.rounds.get(&(run, generation)).copied();
         }
-        st.retire_dead();
+        if crate::deaths::any_died(crate::deaths::HB) {
+            st.retire_dead();
+        }
         f(st, tid)
     };
     // Released at once: the caller may be the INSTRUCTION callback, where pyo3 would keep
@@ -1829,8 +1834,10 @@ fn apply(py: Python<'_>, r: Resolved) {
         }
         fresh = Some(Guard::new(owner.bind(py), loc_kind));
     }
-    for p in spare.into_iter().flatten() {
-        decref_now(py, p);
+    if let Some(spare) = spare {
+        for p in spare {
+            decref_now(py, p);
+        }
     }
     // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
     // know that the INSTRUCTION callback is attached).
