@@ -34,7 +34,11 @@ pub const SHARED: usize = 1;
 /// How many addresses are watched (0: the wrapper only calls the original).
 static WATCHED_LEN: AtomicUsize = AtomicUsize::new(0);
 /// Addresses of the watched objects alive -> the watchers (bit per watcher).
-static WATCHED: Mutex<Option<HashMap<usize, u8>>> = Mutex::new(None);
+/// Keyed by address with the tracker's fast hash: every death of a list or dict looks here
+/// while anything is watched.
+static WATCHED: Mutex<Option<Watched>> = Mutex::new(None);
+
+type Watched = HashMap<usize, u8, std::hash::BuildHasherDefault<crate::hb::FastHasher>>;
 /// Per watcher: (address, type address) of its watched objects that died since its last
 /// [`take`].
 static DIED: [Mutex<Vec<(usize, usize)>>; 2] = [Mutex::new(Vec::new()), Mutex::new(Vec::new())];
@@ -210,7 +214,7 @@ pub unsafe fn watchable(obj: *mut ffi::PyObject) -> bool {
 pub fn watch(who: usize, addr: usize) {
     let mut w = WATCHED.lock();
     let bits = w
-        .get_or_insert_with(HashMap::new)
+        .get_or_insert_with(Watched::default)
         .entry(addr)
         .or_insert_with(|| {
             WATCHED_LEN.fetch_add(1, Ordering::AcqRel);
@@ -221,6 +225,12 @@ pub fn watch(who: usize, addr: usize) {
 
 /// (address, type address) of the objects watched by `who` that died since its last call
 /// (cheap when none did).
+/// Whether an object watcher `who` watches has died since its last [`take`] (one atomic load:
+/// callers look before they take).
+pub fn any_died(who: usize) -> bool {
+    DIED_ANY[who].load(Ordering::Acquire)
+}
+
 pub fn take(who: usize) -> Vec<(usize, usize)> {
     if !DIED_ANY[who].load(Ordering::Acquire) {
         return Vec::new();

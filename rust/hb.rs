@@ -62,7 +62,7 @@ extern "C" {
 /// SipHash took more time than the rest of an access's lookups). Multiply-rotate per word,
 /// rotated at the end so the low bits (the bucket) depend on every input bit.
 #[derive(Default)]
-struct FastHasher(u64);
+pub(crate) struct FastHasher(u64);
 
 impl Hasher for FastHasher {
     fn finish(&self) -> u64 {
@@ -146,19 +146,30 @@ struct Spec {
 // they point to are kept alive by the entry of SPECS that holds the spec.
 unsafe impl Send for Spec {}
 
+/// The specs of one point (one instruction offset): its own access, the second access of the
+/// builtin it loads ([`EXTRA`]) and the access made before it by an instruction that is no
+/// point ([`BEFORE`]). One lookup per point finds all three.
+#[derive(Default)]
+pub(crate) struct PointSpecs {
+    main: Option<Spec>,
+    extra: Option<Spec>,
+    before: Option<Spec>,
+}
+
 struct CodeSpecs {
     _keep: Py<PyAny>,
     _code: Py<PyAny>,
     /// Boxed: its address stays the same for the life of the process (an entry of [`SPECS`]
-    /// is never replaced nor removed), so a thread may keep a pointer to it ([`LAST_SPECS`]).
-    by_offset: Box<HashMap<u32, Spec>>,
+    /// is never replaced nor removed, nor is its map changed once made), so a thread may keep
+    /// a pointer to it ([`LAST_SPECS`]) or to one of its values ([`Specs`]).
+    by_offset: Box<HashMap<u32, PointSpecs>>,
 }
 
 static SPECS: parking_lot::Mutex<Option<HashMap<usize, CodeSpecs>>> = parking_lot::Mutex::new(None);
 /// How many [`BEFORE`] specs [`SPECS`] holds (none: a point looks none up).
 static BEFORE_SPECS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-type OffsetSpecs = HashMap<u32, Spec>;
+type OffsetSpecs = HashMap<u32, PointSpecs>;
 
 thread_local! {
     /// (code object address, its specs) of this thread's last access: consecutive accesses
@@ -168,8 +179,28 @@ thread_local! {
         const { std::cell::Cell::new((0, std::ptr::null())) };
 }
 
-/// The spec of the access at `offset` of `code`, if it has one.
-fn spec_at(code: usize, offset: u32) -> Option<Spec> {
+/// The specs of one point, looked up once ([`specs_of`]) for [`before_point`] and
+/// [`on_access`]. Empty when tracking is off or the point has no spec.
+#[derive(Clone, Copy)]
+pub struct Specs(*const PointSpecs);
+
+impl Specs {
+    pub const NONE: Specs = Specs(std::ptr::null());
+
+    fn get(&self) -> Option<&PointSpecs> {
+        // SAFETY: the pointer is to a value of a map boxed in an entry of SPECS, which is never
+        // replaced, removed nor changed, and the entry keeps the code object alive (so its
+        // address names no other code object).
+        unsafe { self.0.as_ref() }
+    }
+}
+
+/// The specs of the point at `offset` of `code` (one hash probe for the three kinds).
+pub fn specs_of(code: *mut ffi::PyObject, offset: u32) -> Specs {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return Specs::NONE;
+    }
+    let code = code as usize;
     let cached = LAST_SPECS
         .try_with(|c| c.get())
         .unwrap_or((0, std::ptr::null()));
@@ -177,13 +208,21 @@ fn spec_at(code: usize, offset: u32) -> Option<Spec> {
         cached.1
     } else {
         let all = SPECS.lock();
-        let found: *const OffsetSpecs = all.as_ref()?.get(&code).map(|c| &*c.by_offset)?;
+        let Some(found) = all
+            .as_ref()
+            .and_then(|all| all.get(&code))
+            .map(|c| &*c.by_offset as *const OffsetSpecs)
+        else {
+            return Specs::NONE;
+        };
         let _ = LAST_SPECS.try_with(|c| c.set((code, found)));
         found
     };
-    // SAFETY: the map is boxed in an entry of SPECS, which is never replaced nor removed, and
-    // the entry keeps the code object alive (so its address names no other code object).
-    unsafe { (*specs).get(&offset).copied() }
+    // SAFETY: as in [`Specs::get`].
+    match unsafe { (*specs).get(&offset) } {
+        Some(p) => Specs(p),
+        None => Specs::NONE,
+    }
 }
 
 /// One access, as kept in a location and a conflict.
@@ -499,7 +538,15 @@ struct Kept {
 struct Clocks {
     vc: Vec<u32>,
     svc: Vec<u32>,
+    /// A synchronisation object's: the one thread whose releases made its clocks ([`NOBODY`]
+    /// before the first, [`SEVERAL`] once a second thread released it). That thread's own
+    /// clocks are at least these, so its acquire has nothing to join (a container one thread
+    /// uses: an acquire and a release at each of its atomic operations).
+    releaser: u32,
 }
+
+const NOBODY: u32 = u32::MAX;
+const SEVERAL: u32 = u32::MAX - 1;
 
 #[derive(Default)]
 struct State {
@@ -507,7 +554,9 @@ struct State {
     generation: u64,
     iteration: Option<u64>,
     seq: u32,
-    threads: HashMap<u32, Clocks>,
+    /// By thread id (a thread's clocks are empty until it is first seen in the round; emptied
+    /// ones keep their room for the next round).
+    threads: Vec<Clocks>,
     /// Synchronisation objects: (vector clock, strong vector clock).
     sync: HashMap<u64, Clocks>,
     locs: HashMap<(usize, u8, i64), u32>,
@@ -586,25 +635,47 @@ fn get(v: &[u32], i: u32) -> u32 {
 impl State {
     /// The clocks of `tid`, made on first sight (its own component starts at 1).
     fn clocks(&mut self, tid: u32) -> &mut Clocks {
-        self.threads.entry(tid).or_insert_with(|| {
-            let mut c = Clocks::default();
-            c.vc.resize(tid as usize + 1, 0);
-            c.svc.resize(tid as usize + 1, 0);
-            c.vc[tid as usize] = 1;
-            c.svc[tid as usize] = 1;
-            c
-        })
+        let t = tid as usize;
+        if self.threads.len() <= t {
+            self.threads.resize_with(t + 1, Clocks::default);
+        }
+        let c = &mut self.threads[t];
+        if c.vc.len() <= t {
+            // First seen in this round: its own component starts at 1.
+            c.vc.clear();
+            c.svc.clear();
+            c.vc.resize(t + 1, 0);
+            c.svc.resize(t + 1, 0);
+            c.vc[t] = 1;
+            c.svc[t] = 1;
+        }
+        c
+    }
+
+    /// The clocks of `tid`, if it has been seen in this round.
+    fn clocks_of(&self, tid: u32) -> Option<&Clocks> {
+        self.threads
+            .get(tid as usize)
+            .filter(|c| c.vc.len() > tid as usize)
     }
 
     fn release(&mut self, tid: u32, obj: u64, strong: bool) {
         self.clocks(tid);
-        // The two maps are separate fields: join in place, no copy of a clock.
-        let c = self.threads.get_mut(&tid).expect("made above");
-        let s = self.sync.entry(obj).or_default();
+        // The two tables are separate fields: join in place, no copy of a clock.
+        let c = &mut self.threads[tid as usize];
+        let s = self.sync.entry(obj).or_insert_with(|| Clocks {
+            releaser: NOBODY,
+            ..Clocks::default()
+        });
         join(&mut s.vc, &c.vc);
         if strong {
             join(&mut s.svc, &c.svc);
         }
+        s.releaser = match s.releaser {
+            NOBODY => tid,
+            r if r == tid => tid,
+            _ => SEVERAL,
+        };
         c.vc[tid as usize] += 1;
         c.svc[tid as usize] += 1;
     }
@@ -614,7 +685,10 @@ impl State {
         let Some(s) = self.sync.get(&obj) else {
             return;
         };
-        let c = self.threads.get_mut(&tid).expect("made above");
+        if s.releaser == tid {
+            return; // only this thread released it: nothing it does not know already
+        }
+        let c = &mut self.threads[tid as usize];
         join(&mut c.vc, &s.vc);
         if strong {
             join(&mut c.svc, &s.svc);
@@ -625,8 +699,7 @@ impl State {
     fn ordered(&self, a: &Acc, tid: u32) -> bool {
         a.tid == tid
             || self
-                .threads
-                .get(&tid)
+                .clocks_of(tid)
                 .is_some_and(|c| a.epoch <= get(&c.vc, a.tid))
     }
 
@@ -634,8 +707,7 @@ impl State {
     fn strongly_ordered(&self, a: &Acc, tid: u32) -> bool {
         a.tid == tid
             || self
-                .threads
-                .get(&tid)
+                .clocks_of(tid)
                 .is_some_and(|c| a.epoch <= get(&c.svc, a.tid))
     }
 
@@ -706,6 +778,9 @@ impl State {
 
     /// Retire the locations of the watched objects that died.
     fn retire_dead(&mut self) {
+        if !crate::deaths::any_died(crate::deaths::HB) {
+            return; // nothing died (most accesses): no list taken
+        }
         for (addr, _) in crate::deaths::take(crate::deaths::HB) {
             for l in self.watched.remove(&addr).unwrap_or_default() {
                 self.data[l as usize].owner = Guard::None;
@@ -794,7 +869,7 @@ impl State {
             reads.clear(); // its room stays with the location
             self.data[loc as usize].reads = reads;
             self.clocks(tid);
-            let svc = &self.threads[&tid].svc;
+            let svc = &self.threads[tid as usize].svc;
             let l = &mut self.data[loc as usize];
             l.last_write = Some(acc);
             l.write_svc.clear();
@@ -838,7 +913,11 @@ impl State {
         }
         self.conflicts.clear();
         self.seen.clear();
-        self.threads.clear();
+        for c in &mut self.threads {
+            // Emptied, with their room kept: the next round's threads are mostly the same ids.
+            c.vc.clear();
+            c.svc.clear();
+        }
         self.sync.clear();
         self.locs.clear();
         self.watched.clear();
@@ -924,7 +1003,9 @@ fn with_round<T>(py: Python<'_>, f: impl FnOnce(&mut State, u32) -> T) -> Option
             st.generation = generation;
             st.iteration = st.rounds.get(&(run, generation)).copied();
         }
-        st.retire_dead();
+        if crate::deaths::any_died(crate::deaths::HB) {
+            st.retire_dead();
+        }
         f(st, tid)
     };
     // Released at once: the caller may be the INSTRUCTION callback, where pyo3 would keep
@@ -1219,13 +1300,14 @@ unsafe fn simple_hash(key: *mut ffi::PyObject) -> Option<i64> {
 ///
 /// # Safety
 /// The interpreter is attached and `code` is the running frame's live code object.
-pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32) {
+pub unsafe fn on_access(code: *mut ffi::PyObject, offset: u32, specs: Specs) {
     if !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    let spec = spec_at(code as usize, offset);
-    let extra = spec_at(code as usize, offset | EXTRA);
-    for s in [spec, extra].into_iter().flatten() {
+    let Some(p) = specs.get() else {
+        return;
+    };
+    for s in [p.main, p.extra].into_iter().flatten() {
         // SAFETY: as this function's.
         unsafe { access_spec(code, offset, offset, s) };
     }
@@ -1573,13 +1655,13 @@ fn flush_pending(py: Python<'_>) {
 ///
 /// # Safety
 /// The interpreter is attached.
-pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32) {
+pub unsafe fn before_point(code: *mut ffi::PyObject, offset: u32, specs: Specs) {
     // SAFETY: as this function's.
     unsafe { flush_made(offset) };
     if BEFORE_SPECS.load(Ordering::Relaxed) == 0 || !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    if let Some(s) = spec_at(code as usize, offset | BEFORE) {
+    if let Some(s) = specs.get().and_then(|p| p.before) {
         // SAFETY: attached, and `code` is the running frame's (the point's).
         unsafe { access_spec(code, offset, s.call_offset, s) };
     }
@@ -1594,31 +1676,29 @@ unsafe fn flush_made(offset: u32) {
     if PENDING_COUNT.load(Ordering::Relaxed) == 0 {
         return; // no thread has a pending call (the common case)
     }
-    let waiting: Vec<(usize, u32, u32)> = PENDING
+    // The innermost pending calls that have been made by now go; the outer ones wait. Read
+    // in place (no list made at every point while some thread has a call pending).
+    let (keep, waiting) = PENDING
         .try_with(|p| {
             p.try_borrow()
                 .map(|p| {
-                    p.iter()
-                        .map(|p| (p.frame, p.resolved.acc.offset, p.call_offset))
-                        .collect()
+                    let mut keep = p.len();
+                    while keep > 0 {
+                        let w = &p[keep - 1];
+                        // SAFETY: attached (see above); call_made reads frames only.
+                        if !unsafe {
+                            call_made(w.frame, w.resolved.acc.offset, w.call_offset, offset)
+                        } {
+                            break;
+                        }
+                        keep -= 1;
+                    }
+                    (keep, p.len())
                 })
-                .unwrap_or_default()
+                .unwrap_or((0, 0))
         })
-        .unwrap_or_default();
-    if waiting.is_empty() {
-        return;
-    }
-    // The innermost pending calls that have been made by now go; the outer ones wait.
-    let mut keep = waiting.len();
-    while keep > 0 {
-        let (frame, load_offset, call_offset) = waiting[keep - 1];
-        // SAFETY: attached (see above).
-        if !unsafe { call_made(frame, load_offset, call_offset, offset) } {
-            break;
-        }
-        keep -= 1;
-    }
-    if keep < waiting.len() {
+        .unwrap_or((0, 0));
+    if keep < waiting {
         flush_pending_to(unsafe { Python::assume_attached() }, keep);
     }
 }
@@ -1754,8 +1834,10 @@ fn apply(py: Python<'_>, r: Resolved) {
         }
         fresh = Some(Guard::new(owner.bind(py), loc_kind));
     }
-    for p in spare.into_iter().flatten() {
-        decref_now(py, p);
+    if let Some(spare) = spare {
+        for p in spare {
+            decref_now(py, p);
+        }
     }
     // Released now, outside the state's lock (pyo3 would keep them in its pool: it does not
     // know that the INSTRUCTION callback is attached).
@@ -1811,7 +1893,8 @@ fn races_enable(py: Python<'_>, on: bool) {
 /// check, owner kind, owner name, owner attribute or None, key kind, key, method or None)}.
 #[pyfunction]
 fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()> {
-    let mut by_offset = HashMap::default();
+    let mut by_offset: OffsetSpecs = HashMap::default();
+    let mut before = 0;
     for (offset, spec) in specs.iter() {
         let offset: u32 = offset.extract()?;
         let t = spec.cast::<PyTuple>()?;
@@ -1829,25 +1912,28 @@ fn races_specs(code: Bound<'_, PyAny>, specs: Bound<'_, PyDict>) -> PyResult<()>
                 item.as_ptr()
             })
         };
-        by_offset.insert(
-            offset,
-            Spec {
-                op: t.get_item(0)?.extract()?,
-                check: t.get_item(1)?.extract()?,
-                owner_kind: t.get_item(2)?.extract()?,
-                owner_name: ptr(3)?,
-                owner_attr: opt(4)?,
-                key_kind: t.get_item(5)?.extract()?,
-                key: ptr(6)?,
-                method: opt(7)?,
-                call_offset: t.get_item(8)?.extract::<Option<u32>>()?.unwrap_or(u32::MAX),
-            },
-        );
+        let spec = Spec {
+            op: t.get_item(0)?.extract()?,
+            check: t.get_item(1)?.extract()?,
+            owner_kind: t.get_item(2)?.extract()?,
+            owner_name: ptr(3)?,
+            owner_attr: opt(4)?,
+            key_kind: t.get_item(5)?.extract()?,
+            key: ptr(6)?,
+            method: opt(7)?,
+            call_offset: t.get_item(8)?.extract::<Option<u32>>()?.unwrap_or(u32::MAX),
+        };
+        let point = by_offset.entry(offset & !(EXTRA | BEFORE)).or_default();
+        match (offset & EXTRA != 0, offset & BEFORE != 0) {
+            (false, false) => point.main = Some(spec),
+            (true, false) => point.extra = Some(spec),
+            (false, true) => {
+                point.before = Some(spec);
+                before += 1;
+            }
+            (true, true) => {} // no such spec: never looked up
+        }
     }
-    let before = by_offset
-        .keys()
-        .filter(|&&o| o & BEFORE != 0 && o & EXTRA == 0)
-        .count();
     let mut all = SPECS.lock();
     // A code object's entry is never replaced: another thread may be using its specs (their
     // pointers borrow from the entry's objects).

@@ -194,7 +194,10 @@ unsafe extern "C" fn on_instruction(
             if accesses::enabled() {
                 accesses::note(code, offset as u32);
             }
-            let _ = std::panic::catch_unwind(|| crate::hb::before_point(code, offset as u32));
+            // The point's access specs, looked up once for before and after the turn.
+            let specs = crate::hb::specs_of(code, offset as u32);
+            let _ =
+                std::panic::catch_unwind(|| crate::hb::before_point(code, offset as u32, specs));
             let at = (code as usize, offset as u32);
             // Most points keep the turn: decided without letting go of the interpreter.
             let kept = std::panic::catch_unwind(|| engine::schedule_point_try(at));
@@ -209,7 +212,8 @@ unsafe extern "C" fn on_instruction(
             }
             if turn {
                 // The access happens now, in the schedule's order: happens-before tracking.
-                let _ = std::panic::catch_unwind(|| crate::hb::on_access(code, offset as u32));
+                let _ =
+                    std::panic::catch_unwind(|| crate::hb::on_access(code, offset as u32, specs));
             }
             ffi::Py_NewRef(ffi::Py_None())
         }

@@ -30,6 +30,8 @@ from __future__ import annotations
 import dis
 import sys
 
+from pytest_ftrace.ftrace.genpoints import instructions as decoded
+
 # Operations (rust/hb.rs).
 READ, WRITE, DELETE, METHOD, ITER = 0, 1, 2, 3, 4
 # Spec keys besides the offset (rust/hb.rs): a second access of the instruction, and an
@@ -239,7 +241,7 @@ def specs(code) -> tuple[dict, dict]:
     spec's items)."""
     out: dict[int, tuple] = {}
     texts: dict[int, str] = {}
-    instructions = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    instructions = list(decoded(code))
     stack: list = []
     calls: list[tuple[int, int]] = []  # (offset of a method load, stack depth under it)
 

@@ -64,11 +64,33 @@ def _n_localsplus(code) -> int:
     return len(varnames) + len(cells) + len(code.co_freevars)
 
 
+# The last code object decoded and its instructions: a code object that gets hooked is decoded
+# by up to three analyses in a row (its loop slots here, its accesses in accesses.py, its access
+# slots in sharing.py), and `dis` was most of their time. A weak reference: no code object is
+# kept alive for this.
+_LAST_DECODED: tuple = (None, ())
+
+
+def instructions(code) -> tuple:
+    """The instructions of `code` (`dis.get_instructions`, no inline caches), decoded once for
+    the analyses that follow one another on one code object."""
+    global _LAST_DECODED
+    ref, instrs = _LAST_DECODED
+    if ref is not None and ref() is code:
+        return instrs
+    instrs = tuple(i for i in dis.get_instructions(code) if i.opname != "CACHE")
+    try:
+        _LAST_DECODED = (weakref.ref(code), instrs)
+    except TypeError:  # not weakly referenceable: decoded again next time
+        pass
+    return instrs
+
+
 def stack_depths(code) -> dict[int, int]:
     """Offset -> number of values on the stack when the instruction there starts, for every
     instruction reachable from the start or an exception handler. Raises ValueError when the
     bytecode does not flow consistently (then nothing of this code object is trusted)."""
-    instrs = list(dis.get_instructions(code))
+    instrs = instructions(code)
     index = {ins.offset: i for i, ins in enumerate(instrs)}
     work: list[tuple[int, int]] = [(0, 0)]
     parse = getattr(dis, "_parse_exception_table", None)
@@ -132,7 +154,7 @@ def _iter_slots(code) -> list[tuple[int, int]]:
         return []
     base = _n_localsplus(code)
     out = []
-    for ins in dis.get_instructions(code):
+    for ins in instructions(code):
         if ins.opcode == _FOR_ITER:
             d = depths.get(ins.offset)
             if d is not None and 1 <= d <= code.co_stacksize:

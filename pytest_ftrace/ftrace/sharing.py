@@ -13,11 +13,10 @@ PYTEST_DONT_REWRITE: plugin code, imported as is.
 
 from __future__ import annotations
 
-import dis
 import threading
 import weakref
 
-from pytest_ftrace.ftrace.genpoints import ITER_POINTS, _n_localsplus, stack_depths
+from pytest_ftrace.ftrace.genpoints import ITER_POINTS, _n_localsplus, instructions, stack_depths
 
 # Whether the signal exists on this interpreter.
 AVAILABLE = ITER_POINTS
@@ -86,7 +85,7 @@ def _entries(code) -> list[tuple[int, int, int, int]] | None:
     names = code.co_names
     nlocals = base
     out = []
-    for ins in dis.get_instructions(code):
+    for ins in instructions(code):
         name = ins.opname
         if name in _STACK:
             below, writes, method_bit = _STACK[name]

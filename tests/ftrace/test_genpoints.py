@@ -498,3 +498,31 @@ def test_iteration_points_find_the_iterator_in_every_loop_shape(pytester):
     # items: 4 steps, seen: 3 steps for each of 3 items, the comprehension 4, the generator
     # expression 3, items() 2; the loop over a tuple is not a point.
     assert row["iter"] == row["executions"] * (4 + 9 + 4 + 3 + 2)
+
+
+def test_a_hooked_code_object_is_decoded_once(monkeypatch):
+    """Its loop slots, its accesses and its access slots are analysed one after the other when
+    a code object gets hooked: `dis` decodes it once for the three."""
+    import dis
+
+    from pytest_ftrace.ftrace import accesses, sharing
+
+    source = "def f(d, items):\n    for k in items:\n        d[k] = d.get(k, 0) + 1\n"
+    namespace: dict = {}
+    exec(compile(source, "<decoded once>", "exec"), namespace)
+    code = namespace["f"].__code__
+    calls = []
+    real = dis.get_instructions
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dis, "get_instructions", counting)
+    slots = genpoints.iter_slots(code)
+    table, _texts = accesses.specs(code)
+    entries = sharing.access_entries(code)
+    assert calls == [code]
+    assert table  # the analyses still found what they look for
+    if genpoints.ITER_POINTS:
+        assert slots and entries
