@@ -410,6 +410,27 @@ def in_child(work, timeout: float) -> tuple:
     return in_child_stream(lambda _send: work(), timeout, None)
 
 
+# Set in a snapshot of the test's starting state (snapshot.py): a process that runs nothing but
+# forks, whose objects stay frozen (gc.freeze) for its whole life and whose automatic collection
+# is off. Its forks then neither freeze nor unfreeze (on a free-threaded build each walks the
+# whole heap, and writes to every page of it), and it relays a child's answer as soon as it
+# has it instead of waiting for the child's exit (the children are reaped later: REAP).
+SNAPSHOT = {"in": False, "gc": True}
+# Children of a snapshot that sent their answer and are not reaped yet.
+REAP: list[int] = []
+
+
+def reap(block: bool = False) -> None:
+    """Reap the children in REAP (without waiting for them unless `block`)."""
+    for pid in list(REAP):
+        try:
+            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            REAP.remove(pid)
+
+
 def in_child_stream(work, timeout: float, receive) -> tuple:
     """Run `work(send)` in a forked child: each `send(data)` there (data that pickles) comes
     here as `receive(data)` while the child goes on, so that what it did before a crash or a
@@ -419,6 +440,10 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
     import gc
     import warnings
 
+    in_snapshot = SNAPSHOT["in"]
+    if in_snapshot:
+        reap()
+
     read_fd, write_fd = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -427,7 +452,8 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
             pass
     from pytest_ftrace import _native
 
-    gc.freeze()
+    if not in_snapshot:
+        gc.freeze()
     parent = os.getpid()
     _native.fork_prepare()  # the core's watcher thread holds no lock across the fork
     try:
@@ -437,10 +463,16 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
     finally:
         if os.getpid() == parent:
             _native.fork_parent()
-            gc.unfreeze()
+            if not in_snapshot:
+                gc.unfreeze()
     if pid == 0:  # the child: never returns
         code = 70
         try:
+            if in_snapshot:
+                SNAPSHOT["in"] = False
+                REAP.clear()
+                if SNAPSHOT["gc"]:
+                    gc.enable()  # the test's process collected: so does the test here
             _native.fork_child()
             os.close(read_fd)
             _child_main(work, write_fd)
@@ -449,7 +481,7 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
             os._exit(code)
     os.close(write_fd)
     try:
-        return _collect(pid, read_fd, timeout, receive)
+        return _collect(pid, read_fd, timeout, receive, wait=not in_snapshot)
     finally:
         os.close(read_fd)
 
@@ -517,7 +549,9 @@ def _child_main(work, fd: int) -> None:
     write(message)
 
 
-def _collect(pid: int, fd: int, timeout: float, receive) -> tuple:
+def _collect(pid: int, fd: int, timeout: float, receive, wait: bool = True) -> tuple:
+    """The child's messages to `receive` and its answer; with `wait` False the answer is
+    returned as soon as it came (the child is then ending: it is reaped later, REAP)."""
     import pickle
     import select
     import signal
@@ -556,6 +590,9 @@ def _collect(pid: int, fd: int, timeout: float, receive) -> tuple:
                     deadline = time.monotonic() + timeout
                 elif final is None:
                     final = message
+                    if not wait:
+                        REAP.append(pid)
+                        return final
     except BaseException:  # Ctrl-C, an alarm: the child goes, what stops us goes on
         try:
             os.kill(pid, signal.SIGKILL)

@@ -58,7 +58,15 @@ class Snapshot:
                 stream.flush()  # or the snapshot's children would write it again
             except Exception:  # noqa: BLE001, S110
                 pass
+        # what a child of the snapshot needs, imported here once, not in every child
+        import marshal  # noqa: F401
+        import pickle  # noqa: F401
+        import select  # noqa: F401
+        import signal  # noqa: F401
+        import traceback  # noqa: F401
+
         gc.freeze()
+        collecting = gc.isenabled()
         parent = os.getpid()
         _native.fork_prepare()
         try:
@@ -77,6 +85,11 @@ class Snapshot:
                 # starts its own (fork.in_child_stream)
                 os.close(self._control)
                 os.close(self._results)
+                # its objects stay frozen and it collects nothing: it only forks (fork.SNAPSHOT)
+                gc.disable()
+                from pytest_ftrace.ftrace import fork
+
+                fork.SNAPSHOT.update({"in": True, "gc": collecting})
                 _serve(test, run, picture, board, control_r, results_w)
                 code = 0
             finally:
@@ -166,6 +179,7 @@ def _serve(test, run, picture, board, control: int, results: int) -> None:
         requests.clear()
         ended = fork.read_frames(control, None, requests.append, lambda: bool(requests))
         if not requests:
+            fork.reap(block=True)
             return  # the test is over (or its process is gone)
         command = requests[0]
         if command[0] == "rounds":
