@@ -410,13 +410,7 @@ def in_child(work, timeout: float) -> tuple:
     return in_child_stream(lambda _send: work(), timeout, None)
 
 
-# Set in a snapshot of the test's starting state (snapshot.py): a process that runs nothing but
-# forks, whose objects stay frozen (gc.freeze) for its whole life and whose automatic collection
-# is off. Its forks then neither freeze nor unfreeze (on a free-threaded build each walks the
-# whole heap, and writes to every page of it), and it relays a child's answer as soon as it
-# has it instead of waiting for the child's exit (the children are reaped later: REAP).
-SNAPSHOT = {"in": False, "gc": True}
-# Children of a snapshot that sent their answer and are not reaped yet.
+# Children that sent their answer and are not reaped yet (a snapshot's: snapshot.py).
 REAP: list[int] = []
 
 
@@ -440,10 +434,6 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
     import gc
     import warnings
 
-    in_snapshot = SNAPSHOT["in"]
-    if in_snapshot:
-        reap()
-
     read_fd, write_fd = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -452,8 +442,7 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
             pass
     from pytest_ftrace import _native
 
-    if not in_snapshot:
-        gc.freeze()
+    gc.freeze()
     parent = os.getpid()
     _native.fork_prepare()  # the core's watcher thread holds no lock across the fork
     try:
@@ -463,16 +452,10 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
     finally:
         if os.getpid() == parent:
             _native.fork_parent()
-            if not in_snapshot:
-                gc.unfreeze()
+            gc.unfreeze()
     if pid == 0:  # the child: never returns
         code = 70
         try:
-            if in_snapshot:
-                SNAPSHOT["in"] = False
-                REAP.clear()
-                if SNAPSHOT["gc"]:
-                    gc.enable()  # the test's process collected: so does the test here
             _native.fork_child()
             os.close(read_fd)
             _child_main(work, write_fd)
@@ -481,7 +464,7 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
             os._exit(code)
     os.close(write_fd)
     try:
-        return _collect(pid, read_fd, timeout, receive, wait=not in_snapshot)
+        return _collect(pid, read_fd, timeout, receive)
     finally:
         os.close(read_fd)
 

@@ -230,7 +230,7 @@ def test_rounds_by_budget_go_on_from_the_snapshot(pytester):
 
 
 def test_a_snapshot_relays_an_answer_before_its_child_has_exited():
-    """In a snapshot (fork.SNAPSHOT), a child's answer goes on as soon as it came: the child is
+    """In a snapshot, a child's answer goes on as soon as it came: the child is
     reaped later (an exiting child of a big process takes milliseconds to go), and reaped."""
     from pytest_ftrace.ftrace import fork
 
@@ -258,5 +258,24 @@ def test_a_snapshot_relays_an_answer_before_its_child_has_exited():
     finally:
         os.close(hold_w)  # the child goes
         os.close(read_fd)
+    fork.reap(block=True)
+    assert fork.REAP == []
+
+
+def test_the_child_of_the_next_request_is_forked_ahead():
+    """The snapshot forks the child of the next request while the current one runs: a request
+    finds its child there, idle, already forked (the fork is not on its way)."""
+    from pytest_ftrace.ftrace import fork, snapshot
+
+    ahead = snapshot._Ahead(lambda command, send: (command, os.getpid()), (), True)
+    try:
+        first = ahead.run(("rounds", 1), 60.0, None)
+        assert first[0] == "ok" and first[1][0] == ("rounds", 1)
+        waiting = ahead.child[0]  # forked ahead, waiting for its request
+        assert os.waitpid(waiting, os.WNOHANG) == (0, 0)
+        second = ahead.run(("rounds", 2), 60.0, None)
+        assert second == ("ok", (("rounds", 2), waiting))
+    finally:
+        ahead.close()
     fork.reap(block=True)
     assert fork.REAP == []
