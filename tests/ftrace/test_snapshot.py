@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import warnings
 
 import pytest
 
@@ -236,7 +237,9 @@ def test_a_snapshot_relays_an_answer_before_its_child_has_exited():
 
     read_fd, write_fd = os.pipe()
     hold_r, hold_w = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child
+        pid = os.fork()  # only writes and waits
     if pid == 0:  # the child: its answer, then it waits until the test lets it go
         try:
             os.close(read_fd)
