@@ -82,7 +82,7 @@ class Snapshot:
             try:
                 # no _native.fork_child(): the snapshot runs nothing, so it needs no watcher
                 # thread of the core (that would wake it all the time); each child it forks
-                # starts its own (fork.in_child_stream)
+                # starts its own when its request has come (_Ahead)
                 os.close(self._control)
                 os.close(self._results)
                 # its objects stay frozen and it collects nothing: it only forks (_Ahead), and
