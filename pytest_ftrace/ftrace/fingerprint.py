@@ -99,6 +99,7 @@ class Start:
         modules = scope_modules(scope)
         self.names = frozenset(name for name, _ in modules)
         self.count = len(sys.modules)
+        self.known = frozenset(sys.modules)  # every module's name at the start
         self.parts = {name: _module_parts(module) for name, module in modules}
         self.by_file = {getattr(module, "__file__", None): name for name, module in modules}
         self.touched: set[str] = set()
@@ -117,12 +118,26 @@ class Start:
                 if other in self.names and other not in self.touched:
                     self.touched.add(other)  # one level: what it reaches by name
 
+    def _same_modules(self) -> bool:
+        """Whether the scope's modules are those of the start, when the interpreter's modules
+        are not (the plugin's own imports in a forked child, a library's lazy import): only
+        the names that are new since the start are asked of the scope. Reading every module's
+        `__file__` again would write to (and, in a forked child, copy) the pages of every
+        module object."""
+        modules = sys.modules
+        if any(name not in modules for name in self.names):
+            return False
+        for name in modules.keys() - self.known:
+            module = modules.get(name)
+            file = getattr(module, "__file__", None)
+            if isinstance(file, str) and self.scope.contains(file, name):
+                return False
+        return True
+
     def same(self) -> bool:
         """Whether the module state is as at the start, as far as the picture sees."""
-        if len(sys.modules) != self.count:
-            names = frozenset(name for name, _ in scope_modules(self.scope))
-            if names != self.names:
-                return False
+        if len(sys.modules) != self.count and not self._same_modules():
+            return False
         codes = self.codes()
         for code in codes[self.seen :]:
             self._touch(self.by_file.get(code.co_filename))

@@ -410,6 +410,21 @@ def in_child(work, timeout: float) -> tuple:
     return in_child_stream(lambda _send: work(), timeout, None)
 
 
+# Children that sent their answer and are not reaped yet (a snapshot's: snapshot.py).
+REAP: list[int] = []
+
+
+def reap(block: bool = False) -> None:
+    """Reap the children in REAP (without waiting for them unless `block`)."""
+    for pid in list(REAP):
+        try:
+            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            REAP.remove(pid)
+
+
 def in_child_stream(work, timeout: float, receive) -> tuple:
     """Run `work(send)` in a forked child: each `send(data)` there (data that pickles) comes
     here as `receive(data)` while the child goes on, so that what it did before a crash or a
@@ -517,7 +532,9 @@ def _child_main(work, fd: int) -> None:
     write(message)
 
 
-def _collect(pid: int, fd: int, timeout: float, receive) -> tuple:
+def _collect(pid: int, fd: int, timeout: float, receive, wait: bool = True) -> tuple:
+    """The child's messages to `receive` and its answer; with `wait` False the answer is
+    returned as soon as it came (the child is then ending: it is reaped later, REAP)."""
     import pickle
     import select
     import signal
@@ -556,6 +573,9 @@ def _collect(pid: int, fd: int, timeout: float, receive) -> tuple:
                     deadline = time.monotonic() + timeout
                 elif final is None:
                     final = message
+                    if not wait:
+                        REAP.append(pid)
+                        return final
     except BaseException:  # Ctrl-C, an alarm: the child goes, what stops us goes on
         try:
             os.kill(pid, signal.SIGKILL)

@@ -58,7 +58,15 @@ class Snapshot:
                 stream.flush()  # or the snapshot's children would write it again
             except Exception:  # noqa: BLE001, S110
                 pass
+        # what a child of the snapshot needs, imported here once, not in every child
+        import marshal  # noqa: F401
+        import pickle  # noqa: F401
+        import select  # noqa: F401
+        import signal  # noqa: F401
+        import traceback  # noqa: F401
+
         gc.freeze()
+        collecting = gc.isenabled()
         parent = os.getpid()
         _native.fork_prepare()
         try:
@@ -74,10 +82,14 @@ class Snapshot:
             try:
                 # no _native.fork_child(): the snapshot runs nothing, so it needs no watcher
                 # thread of the core (that would wake it all the time); each child it forks
-                # starts its own (fork.in_child_stream)
+                # starts its own when its request has come (_Ahead)
                 os.close(self._control)
                 os.close(self._results)
-                _serve(test, run, picture, board, control_r, results_w)
+                # its objects stay frozen and it collects nothing: it only forks (_Ahead), and
+                # neither freezes nor unfreezes around a fork (on a free-threaded build each
+                # walks the whole heap and writes to every page of it)
+                gc.disable()
+                _serve(test, run, picture, board, control_r, results_w, collecting)
                 code = 0
             finally:
                 os._exit(code)
@@ -153,36 +165,142 @@ def _reap(block: bool) -> None:
             _EXITING.remove(pid)
 
 
-def _serve(test, run, picture, board, control: int, results: int) -> None:
+def _serve(test, run, picture, board, control: int, results: int, collecting: bool) -> None:
     """In the snapshot: each request read from `control` runs in a child forked from here; its
-    messages and its answer go to `results`. Ends at the end of `control`."""
+    messages and its answer go to `results`. Ends at the end of `control`.
+
+    The child of the next request is forked ahead, as soon as the one before it has its
+    request (`_Ahead`): it waits, idle, for its request on a pipe of its own, so the fork is
+    not on the way between a request and its execution (the snapshot does not change: a child
+    forked ahead starts from the state a later fork would)."""
     from pytest_ftrace.ftrace import fork
 
     def relay(data) -> None:
         fork.write_frame(results, ("message", data))
 
     requests: list = []
-    while True:
-        requests.clear()
-        ended = fork.read_frames(control, None, requests.append, lambda: bool(requests))
-        if not requests:
-            return  # the test is over (or its process is gone)
-        command = requests[0]
-        if command[0] == "rounds":
-            _, first, budget, state = command
-            answer = fork.in_child_stream(
-                lambda send, i=first, b=budget, s=state: fork._child_rounds(
-                    test, run, i, picture, send, board, b, s
-                ),
-                run.timeout + fork.GRACE_SECONDS,
-                relay,
-            )
-        elif command[0] == "schedule":
-            _, decisions, timeout = command
-            answer = fork.in_child(lambda d=decisions: _schedule(test, d), timeout)
-        else:
-            answer = ("error", f"unknown request {command[0]!r} ({ended})")
-        fork.write_frame(results, ("answer", answer))
+    ahead = _Ahead(
+        lambda command, send: _command(test, run, picture, board, command, send),
+        (control, results),
+        collecting,
+    )
+    try:
+        while True:
+            requests.clear()
+            ended = fork.read_frames(control, None, requests.append, lambda: bool(requests))
+            if not requests:
+                return  # the test is over (or its process is gone)
+            command = requests[0]
+            if command[0] == "rounds":
+                timeout, receive = run.timeout + fork.GRACE_SECONDS, relay
+            elif command[0] == "schedule":
+                timeout, receive = command[2], None
+            else:
+                fork.write_frame(
+                    results, ("answer", ("error", f"unknown request {command[0]!r} ({ended})"))
+                )
+                continue
+            answer = ahead.run(command, timeout, receive)
+            fork.write_frame(results, ("answer", answer))
+    finally:
+        ahead.close()
+        fork.reap(block=True)
+
+
+def _command(test, run, picture, board, command, send):
+    """In a child of the snapshot: the work of one request."""
+    from pytest_ftrace.ftrace import fork
+
+    if command[0] == "rounds":
+        _, first, budget, state = command
+        return fork._child_rounds(test, run, first, picture, send, board, budget, state)
+    _, decisions, _timeout = command
+    return _schedule(test, decisions)
+
+
+class _Ahead:
+    """The snapshot's child for the next request, forked before that request comes."""
+
+    def __init__(self, work, inherited: tuple[int, ...], collecting: bool):
+        self.work = work  # (command, send) -> the answer's data, in the child
+        self.inherited = inherited  # the snapshot's own pipes: closed in its children
+        self.collecting = collecting  # whether the test's process collects garbage
+        self.child: tuple[int, int, int] | None = None  # pid, request pipe, results pipe
+
+    def run(self, command, timeout: float, receive) -> tuple:
+        """`command` in the child forked ahead (forked now if there is none), then the next
+        one forked ahead while it runs; its answer as fork.in_child_stream gives it."""
+        from pytest_ftrace.ftrace import fork
+
+        if self.child is None:
+            self.child = self._fork()
+        pid, request, answers = self.child
+        self.child = None
+        try:
+            fork.write_frame(request, command)
+        except OSError:
+            pass  # it is gone: _collect says how
+        os.close(request)
+        try:
+            self.child = self._fork()  # the next one, while this one runs
+        except OSError:
+            self.child = None
+        try:
+            return fork._collect(pid, answers, timeout, receive, wait=False)
+        finally:
+            os.close(answers)
+
+    def _fork(self) -> tuple[int, int, int]:
+        import gc
+        import warnings
+
+        from pytest_ftrace import _native
+        from pytest_ftrace.ftrace import fork
+
+        fork.reap()
+        request_r, request_w = os.pipe()
+        answers_r, answers_w = os.pipe()
+        parent = os.getpid()
+        _native.fork_prepare()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        finally:
+            if os.getpid() == parent:
+                _native.fork_parent()
+        if pid == 0:  # the child: waits for its request, runs it, never returns
+            code = 70
+            try:
+                os.close(request_w)
+                os.close(answers_r)
+                for fd in self.inherited:
+                    os.close(fd)
+                fork.REAP.clear()
+                got: list = []
+                fork.read_frames(request_r, None, got.append, lambda: bool(got))
+                if got:  # (none: the snapshot ended before it had a request for it)
+                    if self.collecting:
+                        gc.enable()  # the test's process collected: so does the test here
+                    _native.fork_child()
+                    fork._child_main(lambda send: self.work(got[0], send), answers_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(request_r)
+        os.close(answers_w)
+        return pid, request_w, answers_r
+
+    def close(self) -> None:
+        """The child forked ahead ends (the end of its request pipe) and is reaped later."""
+        from pytest_ftrace.ftrace import fork
+
+        if self.child is not None:
+            pid, request, answers = self.child
+            self.child = None
+            for fd in (request, answers):
+                os.close(fd)
+            fork.REAP.append(pid)
 
 
 def _schedule(test, decisions):

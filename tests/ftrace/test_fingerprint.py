@@ -174,3 +174,37 @@ def test_the_picture_calls_none_of_the_users_code(module):
         dict.__setitem__(g["table"], "b", 1)
 
     assert _changes(module, setup, change)
+
+
+class _CountedFile(types.ModuleType):
+    """A module that counts the reads of its `__file__`."""
+
+    reads = 0
+
+    @property
+    def __file__(self):
+        type(self).reads += 1
+        return "/nowhere/ftrace_fingerprint_counted.py"
+
+
+def test_a_new_module_outside_the_scope_is_the_only_one_asked_about(module):
+    """After an import, `Start.same` asks the scope about the new modules only: reading every
+    module's `__file__` again writes to every module object's page (in a forked child, a copy
+    of each)."""
+    counted = _CountedFile("ftrace_fingerprint_counted")
+    sys.modules[counted.__name__] = counted
+    late = "ftrace_fingerprint_late"
+    try:
+        start = fingerprint.Start(OnlyThis(module.__name__), list)
+        _CountedFile.reads = 0
+        sys.modules[late] = types.ModuleType(late)  # not in the scope
+        assert start.same()
+        assert _CountedFile.reads == 0
+        sys.modules[module.__name__ + "_new"] = sys.modules.pop(late)
+        assert start.same()  # still not the scope's: its name only is new
+        del sys.modules[module.__name__ + "_new"], sys.modules[module.__name__]
+        assert not start.same()  # a module of the scope is gone
+    finally:
+        sys.modules[module.__name__] = module
+        for name in (counted.__name__, late, module.__name__ + "_new"):
+            sys.modules.pop(name, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import warnings
 
 import pytest
 
@@ -227,3 +228,57 @@ def test_rounds_by_budget_go_on_from_the_snapshot(pytester):
     result.stdout.fnmatch_lines(
         [f"ftrace budget: 1 test, {ROUND_CAP} rounds in * s; 1 reached the round cap"]
     )
+
+
+def test_a_snapshot_relays_an_answer_before_its_child_has_exited():
+    """In a snapshot, a child's answer goes on as soon as it came: the child is
+    reaped later (an exiting child of a big process takes milliseconds to go), and reaped."""
+    from pytest_ftrace.ftrace import fork
+
+    read_fd, write_fd = os.pipe()
+    hold_r, hold_w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child
+        pid = os.fork()  # only writes and waits
+    if pid == 0:  # the child: its answer, then it waits until the test lets it go
+        try:
+            os.close(read_fd)
+            os.close(hold_w)
+            fork.write_frame(write_fd, ("message", 1))
+            fork.write_frame(write_fd, ("ok", "answer"))
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    os.close(hold_r)
+    got = []
+    try:
+        answer = fork._collect(pid, read_fd, 60.0, got.append, wait=False)
+        assert answer == ("ok", "answer")
+        assert got == [1]
+        assert fork.REAP == [pid]
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # still there: not waited for
+    finally:
+        os.close(hold_w)  # the child goes
+        os.close(read_fd)
+    fork.reap(block=True)
+    assert fork.REAP == []
+
+
+def test_the_child_of_the_next_request_is_forked_ahead():
+    """The snapshot forks the child of the next request while the current one runs: a request
+    finds its child there, idle, already forked (the fork is not on its way)."""
+    from pytest_ftrace.ftrace import fork, snapshot
+
+    ahead = snapshot._Ahead(lambda command, send: (command, os.getpid()), (), True)
+    try:
+        first = ahead.run(("rounds", 1), 60.0, None)
+        assert first[0] == "ok" and first[1][0] == ("rounds", 1)
+        waiting = ahead.child[0]  # forked ahead, waiting for its request
+        assert os.waitpid(waiting, os.WNOHANG) == (0, 0)
+        second = ahead.run(("rounds", 2), 60.0, None)
+        assert second == ("ok", (("rounds", 2), waiting))
+    finally:
+        ahead.close()
+    fork.reap(block=True)
+    assert fork.REAP == []
