@@ -642,6 +642,83 @@ def test_steps_that_depend_on_their_objects_are_answered_natively_as_python_woul
     assert template > 10 * python, (template, python)
 
 
+LOCK_STEPS_CONFTEST = r"""
+from pytest_ftrace import _native
+from pytest_ftrace.ftrace.modes import explore
+
+CALLS = []
+CHECK = bool(int(__import__("os").environ.get("CHECK", "0")))
+if not CHECK:
+    # made outside the test's files (exec'd code is not hooked): a counting lock_step
+    SPACE = {"CALLS": CALLS, "step": explore.Classifier.lock_step}
+    exec(
+        "def lock_step(self, *args, **kwargs):\n"
+        "    CALLS.append(1)\n"
+        "    return step(self, *args, **kwargs)\n",
+        SPACE,
+    )
+    explore.Classifier.lock_step = SPACE["lock_step"]
+
+def pytest_sessionstart(session):
+    _native.explore_visit_counts(CHECK)
+
+def pytest_terminal_summary(terminalreporter):
+    template, python, checked, differed = _native.explore_visit_counts(False)
+    print(f"LOCKSTEPS python={len(CALLS)} checked={checked} differed={differed}")
+"""
+
+LOCKS_AT_DEPTH = """
+import threading
+
+class Bank:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.rlock = threading.RLock()
+        self.a = 100
+        self.b = 100
+
+STATES = [Bank() for _ in range(5000)]
+
+def move(bank):
+    with bank.lock:
+        bank.a -= 1
+    bank.b += 0  # after the release: the step returns into the caller
+
+def test_locks(iteration_index, thread_index):
+    bank = STATES[iteration_index]
+    for _ in range(2):
+        move(bank)
+        with bank.rlock:
+            with bank.rlock:
+                bank.b += 1
+        bank.lock.acquire()
+        bank.a += 1
+        bank.lock.release()
+"""
+
+
+def test_lock_operations_steps_are_answered_in_the_core_as_python_would(pytester, monkeypatch):
+    # A lock operation's point and its step (the caller's code after the acquire or release)
+    # are made in the core: Python's lock_step is not asked at each operation, only, with the
+    # check on, to compare every native answer with its own.
+    pytester.makepyfile(test_lock_steps=THREE, test_lock_depth=LOCKS_AT_DEPTH)
+    pytester.makeconftest(LOCK_STEPS_CONFTEST)
+    pattern = r"LOCKSTEPS python=(\d+) checked=(\d+) differed=(\d+)"
+    result = explore(pytester, "--seed", "1", "-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    m = re.search(pattern, result.stdout.str())
+    assert m, result.stdout.str()
+    assert int(m.group(1)) == 0, result.stdout.str()
+    monkeypatch.setenv("CHECK", "1")
+    checked = explore(pytester, "--seed", "1", "-s", "-p", "no:cacheprovider")
+    checked.assert_outcomes(passed=2)
+    assert proven(checked) == proven(result)
+    m = re.search(pattern, checked.stdout.str())
+    assert m, checked.stdout.str()
+    _calls, compared, differed = (int(g) for g in m.groups())
+    assert compared > 0 and differed == 0, checked.stdout.str()
+
+
 def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):
     pytester.makepyfile(BIG)
     result = explore(pytester, "--seed", "1", "--ftrace-explore-rounds", "7")

@@ -1131,7 +1131,7 @@ class Classifier:
             else:
                 safe = None
             if safe is None:
-                safe = self._lock_step_safe(caller, code, where)
+                safe = self._lock_step_safe(caller, code, where)[0]
         except Exception:  # noqa: BLE001 - unknown: opaque
             return 0, ""
         if not safe:
@@ -1140,7 +1140,18 @@ class Classifier:
             return 5, ""
         return 4, self.lock_key(lock)
 
-    def _lock_step_safe(self, caller, code, where) -> bool:
+    def lock_step_how(self, caller) -> tuple[bool, int]:
+        """For the core's lock points (rust/lockstep.rs): whether the step from a lock
+        operation's point in `caller` is safe (as `lock_step`), and what that depends on: 0
+        the call site only, 1 also the chain of callers (`_chain_from`), 2 the visit (objects
+        in a frame: asked again at every visit)."""
+        try:
+            code = caller.f_code
+            return self._lock_step_safe(caller, code, (id(code), caller.f_lasti))
+        except Exception:  # noqa: BLE001 - unknown: opaque, asked again
+            return False, 2
+
+    def _lock_step_safe(self, caller, code, where) -> tuple[bool, int]:
         self._dynamic_token = object()
         self._dynamic = self._per_object = self._callers_used = False
         returns = "end" if id(code) in self.bodies else caller
@@ -1154,13 +1165,17 @@ class Classifier:
         safe = found is not None and not found[0]
         if not self._dynamic:
             self._lock_steps[where] = (code, safe, None)
+            how = 0
         elif self._callers_used and not self._per_object:
             cached = self._lock_steps.get(where)
             if cached is None or cached[0] is not code or cached[1] is not None:
                 cached = self._lock_steps[where] = (code, None, {})
             cached[2][self._chain_from(caller)] = safe
+            how = 1
+        else:
+            how = 2
         self._dynamic = self._per_object = self._callers_used = False
-        return safe
+        return safe, how
 
     @staticmethod
     def _chain_from(frame) -> tuple:
@@ -1404,9 +1419,17 @@ class ExploreMode(ExactMode):
     def activate(self, watchdog: bool = True) -> None:
         self.started = time.monotonic()
         if self.exploring:
+            from pytest_ftrace import _native
             from pytest_ftrace.ftrace import coop
 
             coop.POINT_ACCESS = self.classifier.lock_step
+            # the same points, made in the core (Python's lock_step is its check)
+            _native.explore_lock_points(
+                self.classifier.lock_step_how,
+                self.classifier.lock_step,
+                sorted(coop._SKIP_FILES),
+                coop._HERE,
+            )
         super().activate(watchdog)
 
     def deactivate(self) -> None:
@@ -1418,6 +1441,7 @@ class ExploreMode(ExactMode):
                 from pytest_ftrace.ftrace import coop
 
                 coop.POINT_ACCESS = None
+                _native.explore_lock_points(None)
                 _native.set_access_classifier(None)
 
     def progress(self) -> dict | None:
