@@ -665,6 +665,10 @@ def pytest_sessionstart(session):
 def pytest_terminal_summary(terminalreporter):
     template, python, checked, differed = _native.explore_visit_counts(False)
     print(f"LOCKSTEPS python={len(CALLS)} checked={checked} differed={differed}")
+
+def pytest_unconfigure(config):
+    if not CHECK:  # the next in-process session's classifier is the plugin's own
+        explore.Classifier.lock_step = SPACE["step"]
 """
 
 LOCKS_AT_DEPTH = """
