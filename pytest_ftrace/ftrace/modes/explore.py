@@ -109,6 +109,8 @@ _PURE_SCALAR = frozenset(
 # callable, NULL): how far below the top of the stack, past N arguments, is N + this.
 _NULL_BELOW = sys.version_info < (3, 13)
 _CALLABLE_SLOT = 1 if _NULL_BELOW else 2
+# Builtins whose iterators give new exact tuples (their items unpacked run no code).
+_TUPLE_ITERATORS = frozenset(("enumerate", "zip"))
 _PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
 # Methods of the built-in containers that run no code of the items' (no comparison): whether
 # each writes the container's items (else it reads them). A call of one is a step on "item".
@@ -538,6 +540,11 @@ class Classifier:
             elif (
                 name in _SAFE
                 or (name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST"))
+                or (
+                    name == "UNPACK_SEQUENCE"
+                    and last == "FOR_ITER"
+                    and self._loop_of_tuples(instructions, at, globals_)
+                )
                 or (name in ("LIST_EXTEND", "SET_UPDATE") and last == "LOAD_CONST")
             ):
                 # (a list or set display of constants: the new object is extended by a tuple)
@@ -1297,6 +1304,34 @@ class Classifier:
             return False
         found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
         return found is not None and found[0] == self._point_at
+
+    def _loop_of_tuples(self, instructions, unpack_at: int, globals_) -> bool:
+        """Whether the UNPACK_SEQUENCE at `unpack_at` unpacks the item of the loop just before
+        it over an iterator that gives new exact tuples (`for i, x in enumerate(xs)`, `zip`):
+        the loop's iterator made by a call of the builtin `enumerate` or `zip` (a global the
+        module does not shadow) just before the loop. Unpacking such a tuple runs no code and
+        touches nothing shared (getting the item is the loop's own step)."""
+        loop_at = instructions[unpack_at][2]
+        if loop_at is None or instructions[loop_at][0].opname != "FOR_ITER":
+            return False
+        get_iter = instructions[loop_at][2]
+        while get_iter is not None and instructions[get_iter][0].opname == "EXTENDED_ARG":
+            get_iter = instructions[get_iter][2]  # (the loop's long jump's)
+        if get_iter is None or instructions[get_iter][0].opname != "GET_ITER":
+            return False
+        call_at = instructions[get_iter][2]
+        call = instructions[call_at][0] if call_at is not None else None
+        if call is None or call.opname != "CALL" or call.arg is None or globals_ is None:
+            return False
+        found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+        if found is None:
+            return False
+        load = instructions[found[0]][0]
+        return (
+            load.opname == "LOAD_GLOBAL"
+            and load.argval in _TUPLE_ITERATORS
+            and load.argval not in globals_
+        )
 
     def _pure_builtin_call(self, instructions, call_at: int, globals_) -> bool:
         """Whether the CALL at `call_at` calls a builtin of `_PURE_SCALAR` (loaded by a global
