@@ -1128,3 +1128,51 @@ def test_a_lost_update_in_an_enumerated_loop_is_still_found(pytester):
     pytester.makepyfile(ENUMERATED)
     result = explore(pytester, "--seed", "1", "--ftrace-shrink", "0", "-k", "test_enumerated_racy")
     result.assert_outcomes(failed=1)
+
+
+COUNTED = """
+import threading
+
+class Memo:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.computed = []
+
+STATES = [Memo() for _ in range(5000)]
+RACY = [([], []) for _ in range(5000)]
+
+def test_counted_locked(iteration_index, thread_index):
+    memo = STATES[iteration_index]
+    for i in range(3):
+        with memo.lock:
+            if i not in memo.computed:
+                memo.computed.append(i)
+        assert memo.computed.count(i) == 1
+
+def test_counted_racy(iteration_index, num_parallel_threads):
+    items, done = RACY[iteration_index]
+    if items.count(7) == 0:
+        items.append(7)
+    done.append(1)
+    if len(done) == num_parallel_threads:
+        assert items.count(7) == 1, "added twice"
+"""
+
+
+def test_counting_a_lists_plain_items_is_a_read_of_them(pytester):
+    # `items.count(x)` (and index) compares items with ==: with the argument and every item
+    # of a built-in scalar type no code of theirs runs, so it is a read of the list's items;
+    # the load of a list's method (`m = items.count`, as assertion rewriting does) touches
+    # nothing shared
+    pytester.makepyfile(COUNTED)
+    result = explore(pytester, "--seed", "1", "-k", "test_counted_locked")
+    result.assert_outcomes(passed=1)
+    interleavings, _bound, _executions, _ = proven(result)["test_counted_locked"]
+    assert interleavings <= 100, result.stdout.str()
+
+
+def test_a_check_then_act_on_a_count_is_still_found(pytester):
+    pytester.makepyfile(COUNTED)
+    result = explore(pytester, "--seed", "1", "--ftrace-shrink", "0", "-k", "test_counted_racy")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*added twice*"])

@@ -128,6 +128,15 @@ _CONTAINER_METHODS = {
         **dict.fromkeys("add discard pop clear update".split(), True),
     },
 }
+# Methods of the built-in sequences that compare their items with the argument (`==`): a
+# read of the items that runs no code of theirs when the argument and every item are of these
+# exact types (`Classifier._compares_natively`).
+_COMPARING = frozenset(("count", "index"))
+_NATIVE_EQ = (int, str, bytes, float, bool)
+# Types whose attributes are their type's (no instance dict, the type not changeable).
+_FIXED_ATTRS = (list, dict, set, frozenset, tuple)
+# The most items `_compares_natively` looks at (a longer sequence: opaque).
+_COMPARE_LIMIT = 1000
 # Instructions that push one value and read nothing shared (the key of a subscript).
 _PLAIN_LOADS = frozenset(
     "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_CONST LOAD_SMALL_INT".split()
@@ -295,6 +304,7 @@ class Classifier:
         # (live frame, offset of a method load) -> the object it found (`_remember_owner`)
         self.owners: dict[tuple[int, int], object] = {}
         self._call_in_step = False  # `_method` found the method's call in the step
+        self._fixed_attr = False  # the step starts at the load of a built-in container's method
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -450,6 +460,7 @@ class Classifier:
         self._dynamic = False
         if family == "item" and frame is not None:
             key = self._items_key(instructions, offset, frame)
+        self._fixed_attr = False
         if family == "attr" and frame is not None:
             key = self._attr_key(instructions, offset, frame, key)
         if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
@@ -485,6 +496,14 @@ class Classifier:
                     dynamic = True
         kind = _WRITE if writes else kind
         extra, self._extra = self._extra, None
+        if self._fixed_attr and not writes and self._released is None:
+            # the load of a built-in container's method (`m = items.count`): the step is
+            # the method's call if it makes it, else nothing shared
+            self._fixed_attr = False
+            if extra is None:
+                return 5, "", dynamic
+            return (_WRITE if extra[0] else _READ), extra[1], dynamic
+        self._fixed_attr = False
         if self._released is not None:  # the step leaves a `with lock:` block
             if extra is not None:
                 return 0, "", dynamic
@@ -670,6 +689,10 @@ class Classifier:
             table = _CONTAINER_DEQUE
         if table is not None:
             writes = table.get(name)
+            if writes is None and self._compares_natively(
+                instructions, call_at, frame, owner, name
+            ):
+                writes = False
             if writes is None:
                 return None
             return ("item", call_at, writes, self.object_key(owner, "item"))
@@ -733,6 +756,10 @@ class Classifier:
         owner = self._value_at(instructions, found, frame)
         if owner is None:
             return key
+        if instructions[offset][0].opname == "LOAD_ATTR" and type(owner) in _FIXED_ATTRS:
+            # a built-in container's attribute is its type's method: nothing another thread
+            # can rebind (the step's access is what the method's call does, if it is made)
+            self._fixed_attr = True
         return f"{key}@{self.object_key(owner, 'object').partition(':')[2]}"
 
     def _value_at(self, instructions, found, frame):
@@ -785,10 +812,37 @@ class Classifier:
         if table is None and type(owner) is _deque_type():
             table = _CONTAINER_DEQUE
         writes = None if table is None else table.get(load.argval)
+        if writes is None and self._compares_natively(
+            instructions, call_at, current[1], owner, load.argval
+        ):
+            writes = False
         if writes is None:
             sync = self._sync_key(owner) if not load.argval.startswith("_") else None
             return None if sync is None else (True, sync)
         return writes, self.object_key(owner, "item")
+
+    def _compares_natively(self, instructions, call_at: int, frame, owner, name) -> bool:
+        """Whether the CALL at `call_at` of `owner.name(arg)` (`list.count`, `list.index`, ...:
+        `_COMPARING`) runs no code of the items' or the argument's: a list, tuple or deque,
+        one argument (a local's value, found in live `frame`) and every item of exact types
+        whose `==` is the interpreter's own (`_NATIVE_EQ`). Then it is a read of the items.
+        The answer depends on the items' values: asked at every visit."""
+        if name not in _COMPARING or frame is None:
+            return False
+        if type(owner) not in (list, tuple, _deque_type()) or len(owner) > _COMPARE_LIMIT:
+            return False
+        call = instructions[call_at][0]
+        if call.opname != "CALL" or call.arg != 1:
+            return False
+        found = self._stack_source(instructions, call_at, 1, True)
+        if found is None:
+            return False
+        self._dynamic = self._per_object = True
+        self._not_again()  # the items' types, not the owner's
+        arg = self._value_at(instructions, found, frame)
+        if arg is None or type(arg) not in _NATIVE_EQ:
+            return False
+        return all(type(item) in _NATIVE_EQ for item in list(owner))
 
     def _remember_owner(self, instructions, offset: int, frame) -> None:
         """Keep the object the method load at `offset` of live `frame` works on (found as
