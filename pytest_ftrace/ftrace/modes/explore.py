@@ -747,6 +747,23 @@ class Classifier:
         it made in the round and has not published) depends on no other thread's step, and
         one on a shared object depends on every other thread's step on that object's name,
         whoever made it and however it was published."""
+        ins, _following, previous = instructions[offset]
+        before = instructions[previous][0] if previous is not None else None
+        if (
+            ins.opname == "LOAD_ATTR"
+            and not ins.arg & 1  # a method's load (`d.get(k)`): its call is the step's key
+            and before is not None
+            and before.opname in _OWN_LOADS
+            and not getattr(ins, "is_jump_target", False)
+        ):
+            # the owner is the local the instruction before pushed (3.13's
+            # STORE_FAST_LOAD_FAST, LOAD_FAST_LOAD_FAST: the second name): a built-in
+            # container's attribute is its type's method, which no thread can rebind (the
+            # step's access is what the method's call does, if the step makes it)
+            name = before.argval[1] if isinstance(before.argval, tuple) else before.argval
+            self._dynamic = self._per_object = True
+            if type(self._look(frame, 0, name)) in _FIXED_ATTRS:
+                self._fixed_attr = True
         found = self._stack_source(instructions, offset, 1)
         # only a local's value: one loaded from a global or an attribute before this point
         # may have been rebound by another thread since (the frame would name another object)
@@ -756,10 +773,6 @@ class Classifier:
         owner = self._value_at(instructions, found, frame)
         if owner is None:
             return key
-        if instructions[offset][0].opname == "LOAD_ATTR" and type(owner) in _FIXED_ATTRS:
-            # a built-in container's attribute is its type's method: nothing another thread
-            # can rebind (the step's access is what the method's call does, if it is made)
-            self._fixed_attr = True
         return f"{key}@{self.object_key(owner, 'object').partition(':')[2]}"
 
     def _value_at(self, instructions, found, frame):
