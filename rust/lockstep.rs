@@ -16,7 +16,7 @@
 //! `lock_step` (counted with the other native answers, visits.rs).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use pyo3::ffi;
@@ -58,6 +58,20 @@ enum Safety {
 /// (code address, offset) -> (the code kept alive, its safety).
 type Steps = HashMap<(usize, i32), (Py<PyAny>, Safety)>;
 static STEPS: Mutex<Option<Steps>> = Mutex::new(None);
+
+/// Of the native answers checked against Python's (`explore_visit_counts(True)`): how many
+/// were lock steps, and how many of those differed (`explore_lock_counts`).
+static LOCK_CHECKED: AtomicU64 = AtomicU64::new(0);
+static LOCK_DIFFERED: AtomicU64 = AtomicU64::new(0);
+
+/// explore_lock_counts() -> (lock steps checked against Python's, differed), since the start.
+#[pyfunction]
+fn explore_lock_counts() -> (u64, u64) {
+    (
+        LOCK_CHECKED.load(Ordering::Relaxed),
+        LOCK_DIFFERED.load(Ordering::Relaxed),
+    )
+}
 
 /// How many frames a chain of callers covers (as the classifier's `_chain_from`).
 const CHAIN: usize = 5;
@@ -267,7 +281,12 @@ fn point(lock: &Bound<'_, PyAny>, released: bool) -> PyResult<Option<(bool, bool
             // SAFETY: as above.
             let frame_obj = unsafe { Bound::from_borrowed_ptr(py, frame.cast::<ffi::PyObject>()) };
             let python: (u8, String) = step.call1(py, (frame_obj, lock, released))?.extract(py)?;
-            visits::compared(python == (kind, key.clone()));
+            let same = python == (kind, key.clone());
+            visits::compared(same);
+            LOCK_CHECKED.fetch_add(1, Ordering::Relaxed);
+            if !same {
+                LOCK_DIFFERED.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     let at = accesses::synthetic(accesses::from_answer(kind, &key));
@@ -319,5 +338,6 @@ pub fn after_release(lock: &Bound<'_, PyAny>, waiting: bool) -> PyResult<bool> {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(explore_lock_points, m)?)?;
+    m.add_function(wrap_pyfunction!(explore_lock_counts, m)?)?;
     Ok(())
 }
