@@ -2063,7 +2063,7 @@ fn races_forget(run_id: u64) {
 /// races_lock(lock_id, acquired): the calling thread acquired (True) or released (False) the
 /// lock `lock_id` (the lock hooks call it for the test's lock operations, not the plugin's).
 #[pyfunction]
-fn races_lock(py: Python<'_>, lock_id: u64, acquired: bool) {
+pub(crate) fn races_lock(py: Python<'_>, lock_id: u64, acquired: bool) {
     if acquired {
         acquire(py, lock_id);
     } else {

@@ -14,6 +14,7 @@ mod hb;
 mod hooks;
 mod iterpoints;
 mod locks;
+mod lockstep;
 pub mod opcodes;
 pub mod policy;
 pub mod sched;
@@ -45,6 +46,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stacks::register(m)?;
     clock::register(m)?;
     locks::register(m)?;
+    lockstep::register(m)?;
     vdatetime::register(m)?;
     Ok(())
 }

@@ -24,7 +24,7 @@ use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueErro
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyTuple};
 
-use crate::{engine, hooks, sched};
+use crate::{engine, hooks, lockstep, sched};
 
 extern "C" {
     fn PyThread_get_thread_ident() -> std::os::raw::c_ulong;
@@ -315,6 +315,15 @@ impl Lock {
             None => None,
         };
         if managed_now() {
+            if let Some((pointed, ours)) = lockstep::before_acquire(slf.as_any())? {
+                if this._ftrace_try() {
+                    lockstep::acquired(slf.as_any(), ours);
+                    return Ok(true);
+                }
+                if let Some(h) = hook(py, 0) {
+                    return h.call1(py, (slf, blocking, timeout, pointed))?.extract(py);
+                }
+            }
             if let Some(h) = hook(py, 0) {
                 return h.call1(py, (slf, blocking, timeout))?.extract(py);
             }
@@ -350,6 +359,9 @@ fn after_release(lock: &Bound<'_, PyAny>, waiters: &AtomicU32) -> PyResult<()> {
     }
     let waiting = waiters.load(Ordering::SeqCst) > 0;
     let managed = engine::managed_now();
+    if managed && lockstep::after_release(lock, waiting)? {
+        return Ok(());
+    }
     if waiting || managed {
         if let Some(h) = hook(lock.py(), 1) {
             h.call1(lock.py(), (lock, managed, waiting))?;
@@ -523,6 +535,15 @@ impl RLock {
             return Ok(true);
         }
         if managed_now() {
+            if let Some((pointed, ours)) = lockstep::before_acquire(slf.as_any())? {
+                if this._ftrace_try() {
+                    lockstep::acquired(slf.as_any(), ours);
+                    return Ok(true);
+                }
+                if let Some(h) = hook(py, 0) {
+                    return h.call1(py, (slf, blocking, timeout, pointed))?.extract(py);
+                }
+            }
             if let Some(h) = hook(py, 0) {
                 return h.call1(py, (slf, blocking, timeout))?.extract(py);
             }

@@ -165,17 +165,15 @@ unsafe fn look(frame: *mut ffi::PyFrameObject, probe: &Probe) -> *mut ffi::PyObj
                     ffi::PyErr_Clear();
                     return std::ptr::null_mut();
                 }
-                let found = if ffi::PyDict_Check(globals) != 0 {
-                    ffi::PyDict_GetItemWithError(globals, probe.name.as_ptr())
-                } else {
-                    std::ptr::null_mut()
-                };
-                let found = if found.is_null() {
+                // a strong reference taken inside the dict's lookup (free-threaded: no window
+                // in which another thread's store could free a borrowed value)
+                let mut found = std::ptr::null_mut();
+                if ffi::PyDict_Check(globals) != 0
+                    && ffi::compat::PyDict_GetItemRef(globals, probe.name.as_ptr(), &mut found) < 0
+                {
                     ffi::PyErr_Clear();
-                    found
-                } else {
-                    ffi::Py_NewRef(found)
-                };
+                    found = std::ptr::null_mut();
+                }
                 ffi::Py_DECREF(globals);
                 found
             }

@@ -358,21 +358,22 @@ def _lock_point(run, caller, lock, released: bool = False) -> None:
         run.sched_point_as(*describe(caller, lock, released))
 
 
-def _acquire_hook(lock, blocking: bool, timeout: float | None) -> bool:
+def _acquire_hook(lock, blocking: bool, timeout: float | None, pointed: bool = False) -> bool:
     """A managed thread acquires a native lock: a scheduling point when the user's code (not
-    threading's or queue's) asks, then the lock, waiting in the core while it is held."""
+    threading's or queue's) asks, then the lock, waiting in the core while it is held.
+    `pointed`: the core made the point already and found the lock taken (rust/lockstep.rs)."""
     caller = sys._getframe(1)
-    got = _acquire(lock, blocking, timeout, caller)
+    got = _acquire(lock, blocking, timeout, caller, pointed)
     if got and not caller.f_code.co_filename.startswith(_HERE):
         _native.races_lock(id(lock), True)  # happens-before (the test's locks, not ours)
     return got
 
 
-def _acquire(lock, blocking: bool, timeout: float | None, caller) -> bool:
+def _acquire(lock, blocking: bool, timeout: float | None, caller, pointed: bool = False) -> bool:
     run = _managed()
     if run is None:  # no longer managed (the round ended): a plain acquire
         return lock._ftrace_block(timeout) if blocking else lock._ftrace_try()
-    if _user_file(caller.f_code.co_filename):
+    if not pointed and _user_file(caller.f_code.co_filename):
         _lock_point(run, caller, lock)
     if lock._ftrace_try():
         return True

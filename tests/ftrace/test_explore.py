@@ -642,6 +642,87 @@ def test_steps_that_depend_on_their_objects_are_answered_natively_as_python_woul
     assert template > 10 * python, (template, python)
 
 
+LOCK_STEPS_CONFTEST = r"""
+from pytest_ftrace import _native
+from pytest_ftrace.ftrace.modes import explore
+
+CALLS = []
+CHECK = bool(int(__import__("os").environ.get("CHECK", "0")))
+if not CHECK:
+    # made outside the test's files (exec'd code is not hooked): a counting lock_step
+    SPACE = {"CALLS": CALLS, "step": explore.Classifier.lock_step}
+    exec(
+        "def lock_step(self, *args, **kwargs):\n"
+        "    CALLS.append(1)\n"
+        "    return step(self, *args, **kwargs)\n",
+        SPACE,
+    )
+    explore.Classifier.lock_step = SPACE["lock_step"]
+
+def pytest_sessionstart(session):
+    _native.explore_visit_counts(CHECK)
+
+def pytest_terminal_summary(terminalreporter):
+    template, python, checked, differed = _native.explore_visit_counts(False)
+    print(f"LOCKSTEPS python={len(CALLS)} checked={checked} differed={differed}")
+
+def pytest_unconfigure(config):
+    if not CHECK:  # the next in-process session's classifier is the plugin's own
+        explore.Classifier.lock_step = SPACE["step"]
+"""
+
+LOCKS_AT_DEPTH = """
+import threading
+
+class Bank:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.rlock = threading.RLock()
+        self.a = 100
+        self.b = 100
+
+STATES = [Bank() for _ in range(5000)]
+
+def move(bank):
+    with bank.lock:
+        bank.a -= 1
+    bank.b += 0  # after the release: the step returns into the caller
+
+def test_locks(iteration_index, thread_index):
+    bank = STATES[iteration_index]
+    for _ in range(2):
+        move(bank)
+        with bank.rlock:
+            with bank.rlock:
+                bank.b += 1
+        bank.lock.acquire()
+        bank.a += 1
+        bank.lock.release()
+"""
+
+
+def test_lock_operations_steps_are_answered_in_the_core_as_python_would(pytester, monkeypatch):
+    # A lock operation's point and its step (the caller's code after the acquire or release)
+    # are made in the core: Python's lock_step is not asked at each operation, only, with the
+    # check on, to compare every native answer with its own.
+    pytester.makepyfile(test_lock_steps=THREE, test_lock_depth=LOCKS_AT_DEPTH)
+    pytester.makeconftest(LOCK_STEPS_CONFTEST)
+    pattern = r"LOCKSTEPS python=(\d+) checked=(\d+) differed=(\d+)"
+    result = explore(pytester, "--seed", "1", "-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    m = re.search(pattern, result.stdout.str())
+    assert m, result.stdout.str()
+    assert int(m.group(1)) == 0, result.stdout.str()
+    monkeypatch.setenv("CHECK", "1")
+    checked = explore(pytester, "--seed", "1", "-s", "-p", "no:cacheprovider")
+    checked.assert_outcomes(passed=2)
+    assert proven(checked) == proven(result)
+    m = re.search(pattern, checked.stdout.str())
+    assert m, checked.stdout.str()
+    _calls, compared, differed = (int(g) for g in m.groups())
+    assert compared > 0 and differed == 0, checked.stdout.str()
+
+
 def test_a_test_too_big_for_the_budget_says_how_far_it_got(pytester):
     pytester.makepyfile(BIG)
     result = explore(pytester, "--seed", "1", "--ftrace-explore-rounds", "7")
@@ -997,3 +1078,101 @@ def test_a_lock_operations_step_is_followed_once_per_call_site():
     _locked_section(c, _native.lock(), types.SimpleNamespace(), answers)
     assert answers[0][0] == 4 and len(set(answers)) == 1, answers
     assert len(scans) == 1, scans
+
+
+ENUMERATED = """
+import threading
+
+class Box:
+    def __init__(self):
+        self.n = 0
+        self.lock = threading.Lock()
+
+STATES = [[Box() for _ in range(3)] for _ in range(5000)]
+RACY = [([Box() for _ in range(3)], []) for _ in range(5000)]
+
+def test_enumerated_locked(iteration_index, thread_index):
+    boxes = STATES[iteration_index]
+    for i, box in enumerate(boxes):
+        with box.lock:
+            box.n += i
+
+def test_enumerated_racy(iteration_index, num_parallel_threads):
+    boxes, done = RACY[iteration_index]
+    for i, box in zip(range(3), boxes):
+        with box.lock:
+            seen = box.n
+        with box.lock:
+            box.n = seen + 1
+    with boxes[0].lock:
+        done.append(1)
+        if len(done) == num_parallel_threads:
+            assert [box.n for box in boxes] == [2, 2, 2], "lost update"
+"""
+
+
+def test_unpacking_an_enumerated_loops_tuples_is_not_opaque(pytester):
+    # `for i, x in enumerate(xs)` (or zip) unpacks a new exact tuple: no code runs and
+    # nothing shared is touched, so the step through it keeps its access (it was opaque,
+    # a conflict with every step of the other thread)
+    pytester.makepyfile(ENUMERATED)
+    result = explore(pytester, "--seed", "1", "-k", "test_enumerated_locked")
+    result.assert_outcomes(passed=1)
+    interleavings, _bound, _executions, _ = proven(result)["test_enumerated_locked"]
+    # the orders of the three boxes' locked sections: each box's two sections race, the
+    # boxes are apart
+    assert interleavings <= 20, result.stdout.str()
+
+
+def test_a_lost_update_in_an_enumerated_loop_is_still_found(pytester):
+    pytester.makepyfile(ENUMERATED)
+    result = explore(pytester, "--seed", "1", "--ftrace-shrink", "0", "-k", "test_enumerated_racy")
+    result.assert_outcomes(failed=1)
+
+
+COUNTED = """
+import threading
+
+class Memo:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.computed = []
+
+STATES = [Memo() for _ in range(5000)]
+RACY = [([], []) for _ in range(5000)]
+
+def test_counted_locked(iteration_index, thread_index):
+    memo = STATES[iteration_index]
+    for i in range(3):
+        with memo.lock:
+            if i not in memo.computed:
+                memo.computed.append(i)
+        assert memo.computed.count(i) == 1
+
+def test_counted_racy(iteration_index, num_parallel_threads):
+    items, done = RACY[iteration_index]
+    if items.count(7) == 0:
+        items.append(7)
+    done.append(1)
+    if len(done) == num_parallel_threads:
+        assert items.count(7) == 1, "added twice"
+"""
+
+
+def test_counting_a_lists_plain_items_is_a_read_of_them(pytester):
+    # `items.count(x)` (and index) compares items with ==: with the argument and every item
+    # of a built-in scalar type no code of theirs runs, so it is a read of the list's items;
+    # the load of a list's method (`m = items.count`, as assertion rewriting does) touches
+    # nothing shared
+    pytester.makepyfile(COUNTED)
+    result = explore(pytester, "--seed", "1", "-k", "test_counted_locked")
+    result.assert_outcomes(passed=1)
+    interleavings, _bound, _executions, _ = proven(result)["test_counted_locked"]
+    assert interleavings <= 150, result.stdout.str()
+
+
+def test_a_check_then_act_on_a_count_is_still_found(pytester):
+    pytester.makepyfile(COUNTED)
+    result = explore(pytester, "--seed", "1", "--ftrace-shrink", "0", "-k", "test_counted_racy")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*added twice*"])

@@ -109,6 +109,8 @@ _PURE_SCALAR = frozenset(
 # callable, NULL): how far below the top of the stack, past N arguments, is N + this.
 _NULL_BELOW = sys.version_info < (3, 13)
 _CALLABLE_SLOT = 1 if _NULL_BELOW else 2
+# Builtins whose iterators give new exact tuples (their items unpacked run no code).
+_TUPLE_ITERATORS = frozenset(("enumerate", "zip"))
 _PURE_ITEMS = frozenset("len min max sum sorted any all list tuple set frozenset dict".split())
 # Methods of the built-in containers that run no code of the items' (no comparison): whether
 # each writes the container's items (else it reads them). A call of one is a step on "item".
@@ -126,6 +128,15 @@ _CONTAINER_METHODS = {
         **dict.fromkeys("add discard pop clear update".split(), True),
     },
 }
+# Methods of the built-in sequences that compare their items with the argument (`==`): a
+# read of the items that runs no code of theirs when the argument and every item are of these
+# exact types (`Classifier._compares_natively`).
+_COMPARING = frozenset(("count", "index"))
+_NATIVE_EQ = (int, str, bytes, float, bool)
+# Types whose attributes are their type's (no instance dict, the type not changeable).
+_FIXED_ATTRS = (list, dict, set, frozenset, tuple)
+# The most items `_compares_natively` looks at (a longer sequence: opaque).
+_COMPARE_LIMIT = 1000
 # Instructions that push one value and read nothing shared (the key of a subscript).
 _PLAIN_LOADS = frozenset(
     "LOAD_FAST LOAD_FAST_CHECK LOAD_FAST_BORROW LOAD_CONST LOAD_SMALL_INT".split()
@@ -293,6 +304,7 @@ class Classifier:
         # (live frame, offset of a method load) -> the object it found (`_remember_owner`)
         self.owners: dict[tuple[int, int], object] = {}
         self._call_in_step = False  # `_method` found the method's call in the step
+        self._fixed_attr = False  # the step starts at the load of a built-in container's method
         self.codes: dict[int, tuple[object, dict]] = {}
         nb_ops = [name for name, _sym in getattr(opcode, "_nb_ops", ())]
         self.inplace_from = next(
@@ -448,6 +460,7 @@ class Classifier:
         self._dynamic = False
         if family == "item" and frame is not None:
             key = self._items_key(instructions, offset, frame)
+        self._fixed_attr = False
         if family == "attr" and frame is not None:
             key = self._attr_key(instructions, offset, frame, key)
         if first.opname == "LOAD_ATTR" and first.arg & 1 and frame is not None:
@@ -483,6 +496,14 @@ class Classifier:
                     dynamic = True
         kind = _WRITE if writes else kind
         extra, self._extra = self._extra, None
+        if self._fixed_attr and not writes and self._released is None:
+            # the load of a built-in container's method (`m = items.count`): the step is
+            # the method's call if it makes it, else nothing shared
+            self._fixed_attr = False
+            if extra is None:
+                return 5, "", dynamic
+            return (_WRITE if extra[0] else _READ), extra[1], dynamic
+        self._fixed_attr = False
         if self._released is not None:  # the step leaves a `with lock:` block
             if extra is not None:
                 return 0, "", dynamic
@@ -538,6 +559,11 @@ class Classifier:
             elif (
                 name in _SAFE
                 or (name == "UNPACK_SEQUENCE" and last in ("BUILD_TUPLE", "BUILD_LIST"))
+                or (
+                    name == "UNPACK_SEQUENCE"
+                    and last == "FOR_ITER"
+                    and self._loop_of_tuples(instructions, at, globals_)
+                )
                 or (name in ("LIST_EXTEND", "SET_UPDATE") and last == "LOAD_CONST")
             ):
                 # (a list or set display of constants: the new object is extended by a tuple)
@@ -663,6 +689,10 @@ class Classifier:
             table = _CONTAINER_DEQUE
         if table is not None:
             writes = table.get(name)
+            if writes is None and self._compares_natively(
+                instructions, call_at, frame, owner, name
+            ):
+                writes = False
             if writes is None:
                 return None
             return ("item", call_at, writes, self.object_key(owner, "item"))
@@ -717,6 +747,23 @@ class Classifier:
         it made in the round and has not published) depends on no other thread's step, and
         one on a shared object depends on every other thread's step on that object's name,
         whoever made it and however it was published."""
+        ins, _following, previous = instructions[offset]
+        before = instructions[previous][0] if previous is not None else None
+        if (
+            ins.opname == "LOAD_ATTR"
+            and not ins.arg & 1  # a method's load (`d.get(k)`): its call is the step's key
+            and before is not None
+            and before.opname in _OWN_LOADS
+            and not getattr(ins, "is_jump_target", False)
+        ):
+            # the owner is the local the instruction before pushed (3.13's
+            # STORE_FAST_LOAD_FAST, LOAD_FAST_LOAD_FAST: the second name): a built-in
+            # container's attribute is its type's method, which no thread can rebind (the
+            # step's access is what the method's call does, if the step makes it)
+            name = before.argval[1] if isinstance(before.argval, tuple) else before.argval
+            self._dynamic = self._per_object = True
+            if type(self._look(frame, 0, name)) in _FIXED_ATTRS:
+                self._fixed_attr = True
         found = self._stack_source(instructions, offset, 1)
         # only a local's value: one loaded from a global or an attribute before this point
         # may have been rebound by another thread since (the frame would name another object)
@@ -778,10 +825,37 @@ class Classifier:
         if table is None and type(owner) is _deque_type():
             table = _CONTAINER_DEQUE
         writes = None if table is None else table.get(load.argval)
+        if writes is None and self._compares_natively(
+            instructions, call_at, current[1], owner, load.argval
+        ):
+            writes = False
         if writes is None:
             sync = self._sync_key(owner) if not load.argval.startswith("_") else None
             return None if sync is None else (True, sync)
         return writes, self.object_key(owner, "item")
+
+    def _compares_natively(self, instructions, call_at: int, frame, owner, name) -> bool:
+        """Whether the CALL at `call_at` of `owner.name(arg)` (`list.count`, `list.index`, ...:
+        `_COMPARING`) runs no code of the items' or the argument's: a list, tuple or deque,
+        one argument (a local's value, found in live `frame`) and every item of exact types
+        whose `==` is the interpreter's own (`_NATIVE_EQ`). Then it is a read of the items.
+        The answer depends on the items' values: asked at every visit."""
+        if name not in _COMPARING or frame is None:
+            return False
+        if type(owner) not in (list, tuple, _deque_type()) or len(owner) > _COMPARE_LIMIT:
+            return False
+        call = instructions[call_at][0]
+        if call.opname != "CALL" or call.arg != 1:
+            return False
+        found = self._stack_source(instructions, call_at, 1, True)
+        if found is None:
+            return False
+        self._dynamic = self._per_object = True
+        self._not_again()  # the items' types, not the owner's
+        arg = self._value_at(instructions, found, frame)
+        if arg is None or type(arg) not in _NATIVE_EQ:
+            return False
+        return all(type(item) in _NATIVE_EQ for item in list(owner))
 
     def _remember_owner(self, instructions, offset: int, frame) -> None:
         """Keep the object the method load at `offset` of live `frame` works on (found as
@@ -1131,7 +1205,7 @@ class Classifier:
             else:
                 safe = None
             if safe is None:
-                safe = self._lock_step_safe(caller, code, where)
+                safe = self._lock_step_safe(caller, code, where)[0]
         except Exception:  # noqa: BLE001 - unknown: opaque
             return 0, ""
         if not safe:
@@ -1140,7 +1214,18 @@ class Classifier:
             return 5, ""
         return 4, self.lock_key(lock)
 
-    def _lock_step_safe(self, caller, code, where) -> bool:
+    def lock_step_how(self, caller) -> tuple[bool, int]:
+        """For the core's lock points (rust/lockstep.rs): whether the step from a lock
+        operation's point in `caller` is safe (as `lock_step`), and what that depends on: 0
+        the call site only, 1 also the chain of callers (`_chain_from`), 2 the visit (objects
+        in a frame: asked again at every visit)."""
+        try:
+            code = caller.f_code
+            return self._lock_step_safe(caller, code, (id(code), caller.f_lasti))
+        except Exception:  # noqa: BLE001 - unknown: opaque, asked again
+            return False, 2
+
+    def _lock_step_safe(self, caller, code, where) -> tuple[bool, int]:
         self._dynamic_token = object()
         self._dynamic = self._per_object = self._callers_used = False
         returns = "end" if id(code) in self.bodies else caller
@@ -1154,13 +1239,17 @@ class Classifier:
         safe = found is not None and not found[0]
         if not self._dynamic:
             self._lock_steps[where] = (code, safe, None)
+            how = 0
         elif self._callers_used and not self._per_object:
             cached = self._lock_steps.get(where)
             if cached is None or cached[0] is not code or cached[1] is not None:
                 cached = self._lock_steps[where] = (code, None, {})
             cached[2][self._chain_from(caller)] = safe
+            how = 1
+        else:
+            how = 2
         self._dynamic = self._per_object = self._callers_used = False
-        return safe
+        return safe, how
 
     @staticmethod
     def _chain_from(frame) -> tuple:
@@ -1283,6 +1372,34 @@ class Classifier:
         found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
         return found is not None and found[0] == self._point_at
 
+    def _loop_of_tuples(self, instructions, unpack_at: int, globals_) -> bool:
+        """Whether the UNPACK_SEQUENCE at `unpack_at` unpacks the item of the loop just before
+        it over an iterator that gives new exact tuples (`for i, x in enumerate(xs)`, `zip`):
+        the loop's iterator made by a call of the builtin `enumerate` or `zip` (a global the
+        module does not shadow) just before the loop. Unpacking such a tuple runs no code and
+        touches nothing shared (getting the item is the loop's own step)."""
+        loop_at = instructions[unpack_at][2]
+        if loop_at is None or instructions[loop_at][0].opname != "FOR_ITER":
+            return False
+        get_iter = instructions[loop_at][2]
+        while get_iter is not None and instructions[get_iter][0].opname == "EXTENDED_ARG":
+            get_iter = instructions[get_iter][2]  # (the loop's long jump's)
+        if get_iter is None or instructions[get_iter][0].opname != "GET_ITER":
+            return False
+        call_at = instructions[get_iter][2]
+        call = instructions[call_at][0] if call_at is not None else None
+        if call is None or call.opname != "CALL" or call.arg is None or globals_ is None:
+            return False
+        found = self._stack_source(instructions, call_at, call.arg + _CALLABLE_SLOT)
+        if found is None:
+            return False
+        load = instructions[found[0]][0]
+        return (
+            load.opname == "LOAD_GLOBAL"
+            and load.argval in _TUPLE_ITERATORS
+            and load.argval not in globals_
+        )
+
     def _pure_builtin_call(self, instructions, call_at: int, globals_) -> bool:
         """Whether the CALL at `call_at` calls a builtin of `_PURE_SCALAR` (loaded by a global
         not shadowed by the module, its result a function of its arguments, which read
@@ -1404,9 +1521,17 @@ class ExploreMode(ExactMode):
     def activate(self, watchdog: bool = True) -> None:
         self.started = time.monotonic()
         if self.exploring:
+            from pytest_ftrace import _native
             from pytest_ftrace.ftrace import coop
 
             coop.POINT_ACCESS = self.classifier.lock_step
+            # the same points, made in the core (Python's lock_step is its check)
+            _native.explore_lock_points(
+                self.classifier.lock_step_how,
+                self.classifier.lock_step,
+                sorted(coop._SKIP_FILES),
+                coop._HERE,
+            )
         super().activate(watchdog)
 
     def deactivate(self) -> None:
@@ -1418,6 +1543,7 @@ class ExploreMode(ExactMode):
                 from pytest_ftrace.ftrace import coop
 
                 coop.POINT_ACCESS = None
+                _native.explore_lock_points(None)
                 _native.set_access_classifier(None)
 
     def progress(self) -> dict | None:
