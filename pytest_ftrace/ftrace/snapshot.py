@@ -49,6 +49,7 @@ class Snapshot:
         import warnings
 
         from pytest_ftrace import _native
+        from pytest_ftrace.ftrace import fork
 
         _reap(block=False)
         control_r, self._control = os.pipe()
@@ -58,7 +59,9 @@ class Snapshot:
                 stream.flush()  # or the snapshot's children would write it again
             except Exception:  # noqa: BLE001, S110
                 pass
-        gc.freeze()
+        freeze = fork.ready_to_fork()
+        if freeze:
+            gc.freeze()
         parent = os.getpid()
         _native.fork_prepare()
         try:
@@ -68,7 +71,8 @@ class Snapshot:
         finally:
             if os.getpid() == parent:
                 _native.fork_parent()
-                gc.unfreeze()
+                if freeze:
+                    gc.unfreeze()
         if pid == 0:  # the snapshot: never returns
             code = 70
             try:
