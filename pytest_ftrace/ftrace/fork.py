@@ -38,9 +38,11 @@ chaos mode; another thread of the process is running (a fixture's server thread 
 in the child); a thread is still inside the native core.
 
 A child is one fork of the parent, which never runs rounds itself: gc is frozen around the fork
-so that the child's collections do not copy every page it inherited, the records it inherited
-are kept alive there (freeing them would write to their pages), and the child ends with
-os._exit (no atexit handlers, no finalization, threads it leaves are gone with it).
+on a build with the GIL so that the child's collections do not copy every page it inherited
+(not on a free-threaded build, where that costs more than it saves: `ready_to_fork`), the
+records it inherited are kept alive there (freeing them would write to their pages), and the
+child ends with os._exit (no atexit handlers, no finalization, threads it leaves are gone with
+it).
 
 Explore mode's executions are rounds like these: the mode's state (its search tree,
 `forked_state`) goes to the child with the request and comes back with each message, so the
@@ -404,6 +406,38 @@ def _replay_output(output: dict) -> None:
 # -- one child ------------------------------------------------------------------------------------
 
 
+_THREAD_STARTED = False
+
+
+def ready_to_fork() -> bool:
+    """Before a fork: whether to freeze gc around it (True on a build with the GIL).
+
+    With the GIL, `gc.freeze` and `gc.unfreeze` move the heap to the permanent generation and
+    back (two list splices), and the child's collections skip what it inherited: they would
+    otherwise write to every object's gc header, so copy every page. On a free-threaded build
+    both walk the whole heap and set or clear a bit in every object: the unfreeze after the
+    fork writes to every page the child still shares, so this process copied its heap once per
+    fork (9 ms a fork on 3.13t, benches/README "Forked rounds on 3.13t"); no freeze there.
+
+    Also, on a free-threaded build: the first thread other than the main one makes the
+    interpreter immortalise every object that uses deferred reference counting (functions,
+    code, modules...: a walk of the heap that writes to each), once per process. A child
+    forked before any thread started does it again when its first worker starts, so every
+    child copied the whole heap; here it is done once, before the first fork, by one thread
+    that ends at once (which the first round's workers would have done anyway)."""
+    from pytest_ftrace import gil
+
+    global _THREAD_STARTED
+    if not gil.FREE_THREADED_BUILD:
+        return True
+    if not _THREAD_STARTED:
+        import _thread
+
+        _thread.start_joinable_thread(int).join()  # (3.13+, as every free-threaded build)
+        _THREAD_STARTED = True
+    return False
+
+
 def in_child(work, timeout: float) -> tuple:
     """Run `work()` in a forked child; ("ok", its result) - which must pickle - or ("error",
     traceback text of an exception of `work`) or ("crash", what happened)."""
@@ -442,7 +476,9 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
             pass
     from pytest_ftrace import _native
 
-    gc.freeze()
+    freeze = ready_to_fork()
+    if freeze:
+        gc.freeze()
     parent = os.getpid()
     _native.fork_prepare()  # the core's watcher thread holds no lock across the fork
     try:
@@ -452,7 +488,8 @@ def in_child_stream(work, timeout: float, receive) -> tuple:
     finally:
         if os.getpid() == parent:
             _native.fork_parent()
-            gc.unfreeze()
+            if freeze:
+                gc.unfreeze()
     if pid == 0:  # the child: never returns
         code = 70
         try:

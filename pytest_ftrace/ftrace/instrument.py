@@ -76,6 +76,23 @@ HOOKED_OPNAMES = (
 EXIT_GRACE_SECONDS = 2.0
 
 
+def _arm(tool_id: int, code) -> None:
+    """INSTRUCTION events for `code`, told to exact mode's watcher as the interpreter's own
+    pause. On a free-threaded build `set_local_events` stops the world: it waits until every
+    other thread that holds its thread state reaches a safe point, which on a loaded machine
+    can take tens of milliseconds (a thread that the OS does not run, a long call in C), while
+    the arming thread sleeps. That thread is usually the one with the turn, at the first
+    line of the test's body in a forked child (code is armed again in every child): the
+    watcher took it for a thread blocked in C and let the round run free, "unmanaged blocking
+    at the start of the thread". The watcher does not count that time, as it does not count
+    a collection's (`gc_event`)."""
+    _native.gc_event("start", None)
+    try:
+        mon.set_local_events(tool_id, code, E.INSTRUCTION)
+    finally:
+        _native.gc_event("stop", None)
+
+
 def release_native(grace: float = EXIT_GRACE_SECONDS) -> int:
     """Close every native core for good and wait (up to `grace` seconds, the interpreter
     released) until no thread is inside one; returns how many still are."""
@@ -395,7 +412,7 @@ class Instrumentation:
                         _native.set_iter_slots(code, slots)
                     if access_slots:  # where each access's object is (the budget's signal)
                         _native.set_access_slots(code, access_slots)
-                    mon.set_local_events(self.tool_id, code, E.INSTRUCTION)
+                    _arm(self.tool_id, code)
                     self._armed[id(code)] = code
                     self.generated += generated
         return mon.DISABLE

@@ -49,6 +49,7 @@ class Snapshot:
         import warnings
 
         from pytest_ftrace import _native
+        from pytest_ftrace.ftrace import fork
 
         _reap(block=False)
         control_r, self._control = os.pipe()
@@ -65,7 +66,11 @@ class Snapshot:
         import signal  # noqa: F401
         import traceback  # noqa: F401
 
-        gc.freeze()
+        # frozen only with the GIL (fork.ready_to_fork; on a free-threaded build it starts one
+        # thread first instead, so that no child redoes the interpreter's first-thread work)
+        freeze = fork.ready_to_fork()
+        if freeze:
+            gc.freeze()
         collecting = gc.isenabled()
         parent = os.getpid()
         _native.fork_prepare()
@@ -76,7 +81,8 @@ class Snapshot:
         finally:
             if os.getpid() == parent:
                 _native.fork_parent()
-                gc.unfreeze()
+                if freeze:
+                    gc.unfreeze()
         if pid == 0:  # the snapshot: never returns
             code = 70
             try:
@@ -85,8 +91,8 @@ class Snapshot:
                 # starts its own when its request has come (_Ahead)
                 os.close(self._control)
                 os.close(self._results)
-                # its objects stay frozen and it collects nothing: it only forks (_Ahead), and
-                # neither freezes nor unfreezes around a fork (on a free-threaded build each
+                # its objects stay frozen (with the GIL) and it collects nothing: it only forks
+                # (_Ahead), and neither freezes nor unfreezes around a fork (on a free-threaded build each
                 # walks the whole heap and writes to every page of it)
                 gc.disable()
                 _serve(test, run, picture, board, control_r, results_w, collecting)

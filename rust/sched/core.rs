@@ -942,6 +942,14 @@ impl Core {
         if collecting {
             interval = 0; // parked by the collector, not waiting in C
         }
+        if collecting && st.started && !st.free {
+            // The collector, or the plugin arming code (a stop of the world on a free-threaded
+            // build: `instrument._arm`), holds the threads up: the running thread waits for
+            // the interpreter, not in C, however long; the look starts over when it ends.
+            st.watch = None;
+            st.asleep = None;
+            return false;
+        }
         if !st.started || st.free {
             st.watch = None;
             st.last_poll = None;

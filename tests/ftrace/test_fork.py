@@ -500,3 +500,40 @@ def test_a_forked_round_is_scheduled_as_the_same_round_in_this_process(
         if traces[rounds] == traces["process"]:
             break
     assert traces[rounds] == traces["process"]
+
+
+# What a child sees of the heap it inherited, in a process that started no thread before the
+# fork: whether the objects a free-threaded build immortalises at the first thread's start
+# were immortal already, and whether gc had frozen them.
+HEAP_IN_A_CHILD = """
+import gc
+import sys
+
+from pytest_ftrace.ftrace import fork
+
+
+def probe():
+    pass
+
+
+def look():
+    return {"refcount": sys.getrefcount(probe), "frozen": gc.get_freeze_count()}
+
+
+print(fork.in_child(look, 60))
+"""
+
+
+@pytest.mark.skipif(
+    not __import__("pytest_ftrace.gil").gil.FREE_THREADED_BUILD, reason="free-threaded build"
+)
+def test_a_child_on_a_free_threaded_build_writes_none_of_the_heap_it_inherited(pytester):
+    # 3.13t: gc.freeze/unfreeze set a bit in every object (the unfreeze after the fork copied
+    # the parent's whole heap), and a child forked before any thread started immortalised
+    # every function and code object when its first worker started (a write to each)
+    script = pytester.makepyfile(heap=HEAP_IN_A_CHILD)
+    result = pytester.run(__import__("sys").executable, str(script))
+    kind, seen = eval(result.outlines[-1])  # noqa: S307 - the child's own repr
+    assert kind == "ok", result.outlines
+    assert seen["frozen"] == 0, "gc was frozen around the fork"
+    assert seen["refcount"] > 1 << 20, "the child would immortalise the heap at its first thread"

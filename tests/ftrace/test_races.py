@@ -171,10 +171,15 @@ def test_nonlocal_counter():
 
 
 def exact(pytester, *args):
+    # The programs here keep each round's objects in module dicts keyed by round: under rounds
+    # from a snapshot each round would pay a fork; they test the conflicts, in one process
+    # (test_fork_results.py has the conflicts of forked rounds).
     return pytester.runpytest(
         "--ftrace",
         "--ftrace-mode",
         "exact",
+        "--ftrace-rounds",
+        "process",
         "--ftrace-timeout",
         "120",
         "--threads",
