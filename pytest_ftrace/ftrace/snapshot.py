@@ -92,8 +92,8 @@ class Snapshot:
                 os.close(self._control)
                 os.close(self._results)
                 # its objects stay frozen (with the GIL) and it collects nothing: it only forks
-                # (_Ahead), and neither freezes nor unfreezes around a fork (on a free-threaded build each
-                # walks the whole heap and writes to every page of it)
+                # (_Ahead), and neither freezes nor unfreezes around a fork (on a free-threaded
+                # build each walks the whole heap and writes to every page of it)
                 gc.disable()
                 _serve(test, run, picture, board, control_r, results_w, collecting)
                 code = 0
