@@ -330,27 +330,38 @@ pub fn schedule_point(at: crate::sched::Location) -> Wait {
     }
 }
 
-/// The part of a scheduling point that never waits (see [`Core::try_point_at`]); may be
-/// called with the interpreter held. `None`: call [`schedule_wait`] with it released.
-pub fn schedule_point_try(at: crate::sched::Location) -> Option<Wait> {
+/// The part of a scheduling point that never waits (see [`Core::try_point_quiet`]); may be
+/// called with the interpreter held. `(None, handed)`: call [`schedule_wait`] with `handed`
+/// once the interpreter is released (it wakes the thread the turn was handed to, so that
+/// thread does not wake only to wait for the GIL).
+pub fn schedule_point_try(at: crate::sched::Location) -> (Option<Wait>, bool) {
     SLOT.try_with(|cell| {
         let Ok(s) = cell.try_borrow() else {
-            return Some(Wait::Free);
+            return (Some(Wait::Free), false);
         };
         match (s.core.as_ref(), s.managed()) {
-            (Some(core), Some(tid)) => core.try_point_at(tid, at),
-            _ => Some(Wait::Free),
+            (Some(core), Some(tid)) => core.try_point_quiet(tid, at),
+            _ => (Some(Wait::Free), false),
         }
     })
-    .unwrap_or(Some(Wait::Free))
+    .unwrap_or((Some(Wait::Free), false))
 }
 
 /// Wait for this thread's turn after [`schedule_point_try`] said so (the caller has released
-/// the interpreter).
-pub fn schedule_wait() -> Wait {
+/// the interpreter); `handed`: its answer, whether the turn went to another thread that is
+/// still to be woken.
+pub fn schedule_wait(handed: bool) -> Wait {
     match managed_core() {
-        Some((core, tid)) => core.await_turn(tid),
+        Some((core, tid)) => core.await_turn_handed(tid, handed),
         None => Wait::Free,
+    }
+}
+
+/// Wake the thread a hand-over went to, when the caller will not wait (see
+/// [`schedule_point_try`]).
+pub fn schedule_notify() {
+    if let Some((core, _)) = managed_core() {
+        core.notify_running();
     }
 }
 

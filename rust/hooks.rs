@@ -200,15 +200,21 @@ unsafe extern "C" fn on_instruction(
                 std::panic::catch_unwind(|| crate::hb::before_point(code, offset as u32, specs));
             let at = (code as usize, offset as u32);
             // Most points keep the turn: decided without letting go of the interpreter.
-            let kept = std::panic::catch_unwind(|| engine::schedule_point_try(at));
+            // A hand-over wakes the next thread only once this one has let go of the GIL.
+            let (kept, handed) = match std::panic::catch_unwind(|| engine::schedule_point_try(at)) {
+                Ok((kept, handed)) => (Ok(kept), handed),
+                Err(e) => (Err(e), false),
+            };
             let mut turn = matches!(kept, Ok(Some(Wait::Turn)));
             if !matches!(kept, Ok(Some(_))) && may_wait() {
                 let state = ffi::PyEval_SaveThread();
-                let waited = std::panic::catch_unwind(engine::schedule_wait);
+                let waited = std::panic::catch_unwind(|| engine::schedule_wait(handed));
                 sched::watch::retaking();
                 ffi::PyEval_RestoreThread(state);
                 leave();
                 turn = matches!(waited, Ok(Wait::Turn | Wait::Woken));
+            } else if handed {
+                let _ = std::panic::catch_unwind(engine::schedule_notify);
             }
             if turn {
                 // The access happens now, in the schedule's order: happens-before tracking.

@@ -401,6 +401,8 @@ pub struct Core {
     closed: AtomicBool,
     /// Bumped when a round starts: a thread's managed id is valid in one generation only.
     generation: AtomicU64,
+    /// Wake-ups of the thread given the turn ([`Core::notify_turn`]), for [`Core::wakes`].
+    wakes: AtomicU64,
 }
 
 impl Core {
@@ -445,6 +447,7 @@ impl Core {
                 reserved: 0,
             }),
             cvs: std::array::from_fn(|_| Condvar::new()),
+            wakes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             generation: AtomicU64::new(0),
         }
@@ -507,8 +510,14 @@ impl Core {
     /// Wake the thread whose turn it now is (and any other thread sharing its slot).
     fn notify_turn(&self, st: &State) {
         if let Some(running) = st.running {
+            self.wakes.fetch_add(1, Ordering::Relaxed);
             self.slot(running).notify_all();
         }
+    }
+
+    /// How many times a thread was woken to take the turn so far.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
     }
 
     /// Wake every waiting thread: the round started, runs free, or deadlocked.
@@ -721,37 +730,65 @@ impl Core {
     /// and the caller must [`Core::await_turn`], with the interpreter released. A thread that
     /// keeps the turn thus never lets go of the interpreter, which is most points.
     pub fn try_point_at(&self, tid: u32, at: Location) -> Option<Wait> {
+        let (kept, handed) = self.try_point_quiet(tid, at);
+        if handed {
+            self.notify_running();
+        }
+        kept
+    }
+
+    /// [`Core::try_point_at`] without waking the thread it hands the turn to: `(kept,
+    /// handed)`, and when `handed` the caller wakes it with [`Core::notify_running`] (or
+    /// [`Core::await_turn_handed`]) once it has let go of the interpreter. Woken while this
+    /// thread still holds the GIL, the next thread would only wake to block on the GIL and
+    /// sleep again: two wake-ups for one hand-over instead of one.
+    pub fn try_point_quiet(&self, tid: u32, at: Location) -> (Option<Wait>, bool) {
         if self.is_closed() {
-            return Some(Wait::Free);
+            return (Some(Wait::Free), false);
         }
         let mut st = self.state.lock();
         if st.free {
-            return Some(Wait::Free);
+            return (Some(Wait::Free), false);
         }
         match st.threads.get_mut(&tid) {
             Some(t) => {
                 if t.detached.is_some() {
                     st.rejoin(tid);
-                    return self.rejoin_turn(&mut st, tid);
+                    return (self.rejoin_turn(&mut st, tid), false);
                 }
                 t.at = at;
             }
-            None => return Some(Wait::Free),
+            None => return (Some(Wait::Free), false),
         }
         st.progress += 1;
         if st.running == Some(tid) {
             st.choose(Some(tid));
             if st.running == Some(tid) {
-                return Some(Wait::Turn);
+                return (Some(Wait::Turn), false);
             }
-            self.notify_turn(&st);
+            return (None, true);
         }
-        None
+        (None, false)
+    }
+
+    /// Wake the thread whose turn it is now (after [`Core::try_point_quiet`] handed it over).
+    pub fn notify_running(&self) {
+        let st = self.state.lock();
+        self.notify_turn(&st);
     }
 
     /// Wait until it is `tid`'s turn again (or the round runs free).
     pub fn await_turn(&self, tid: u32) -> Wait {
+        self.await_turn_handed(tid, false)
+    }
+
+    /// [`Core::await_turn`] after [`Core::try_point_quiet`]: when `handed`, first wake the
+    /// thread the turn went to (under the same lock as the wait).
+    pub fn await_turn_handed(&self, tid: u32, handed: bool) -> Wait {
         let mut st = self.state.lock();
+        if handed {
+            self.notify_turn(&st);
+        }
         self.wait_turn(&mut st, tid)
     }
 
@@ -1436,6 +1473,50 @@ mod tests {
         assert!(ra.preemptions > 5);
         let (lc, _) = round(&a, 1, 3, 20);
         assert_ne!(la, lc, "another round, another schedule");
+    }
+
+    #[test]
+    fn a_hand_over_wakes_the_next_thread_only_when_the_giver_waits() {
+        // The hook's sequence: `try_point_quiet` with the interpreter held, then (the GIL
+        // released) `await_turn_handed`. The thread given the turn must not be woken before
+        // the giver lets go of the GIL (it would wake only to wait for the GIL): the quiet
+        // try wakes nobody, and the wait wakes it once.
+        let core = Arc::new(Core::new(3, Policy::Random));
+        let threads = 3u32;
+        let early = Arc::new(AtomicU64::new(0));
+        let handed = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|sc| {
+            for tid in 0..threads {
+                let (core, early, handed) =
+                    (Arc::clone(&core), Arc::clone(&early), Arc::clone(&handed));
+                sc.spawn(move || {
+                    assert_eq!(
+                        core.enter(tid, tid as u64, 0, 0, threads as usize),
+                        Wait::Turn
+                    );
+                    for i in 0..200u32 {
+                        let before = core.wakes();
+                        let (kept, gave) = core.try_point_quiet(tid, (1, i));
+                        // Only this thread runs, so nobody else wakes anyone meanwhile.
+                        early.fetch_add(core.wakes() - before, Ordering::SeqCst);
+                        if kept.is_none() {
+                            handed.fetch_add(gave as u64, Ordering::SeqCst);
+                            let before = core.wakes();
+                            assert_eq!(core.await_turn_handed(tid, gave), Wait::Turn);
+                            // The wake-up it gave is counted before it slept.
+                            assert!(core.wakes() > before || !gave);
+                        }
+                    }
+                    core.exit(tid);
+                });
+            }
+        });
+        assert_eq!(
+            early.load(Ordering::SeqCst),
+            0,
+            "woken while the giver held the GIL"
+        );
+        assert!(handed.load(Ordering::SeqCst) > 50);
     }
 
     #[test]
