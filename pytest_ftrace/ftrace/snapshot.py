@@ -338,10 +338,18 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     hooks = run.hooks
     over = hooks.round_over
     changed: list[int] = []
+    # explore's executions: the module-level places an execution wrote are put back
+    # (restore.py), so the next one starts from the start's state here, not in a child
+    kept = None
+    if getattr(test.run, "puts_back", False):
+        from pytest_ftrace.ftrace import restore
+
+        kept = restore.Kept(picture)
+        test.kept = kept
 
     def round_over(iteration: int) -> bool:
         go_on = over(iteration) if over is not None else True
-        if not picture.same():
+        if not picture.same() and (kept is None or not go_on or not kept.put_back()):
             changed.append(iteration)
             return False  # the next rounds start from the snapshot
         return go_on

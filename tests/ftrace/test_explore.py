@@ -896,6 +896,107 @@ def test_executions_that_each_change_module_state_still_make_a_proof(pytester):
     assert "not a proof" in " ".join(here.stdout.str().split())
 
 
+# Every execution fills a module-level dict with the round's object, rebinds a global and sets a
+# class attribute (as the corpus's `slot()` does): the module state changes in every execution,
+# in places that can be put back between executions. A module-level instance's attribute
+# cannot (its class's `__setattr__` is the user's): those executions still fork.
+SLOTS = """
+import os
+import threading
+
+PIDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pids.txt")
+_SLOTS = {}
+_LOCK = threading.Lock()
+ROUNDS = 0
+
+
+class Counter:
+    made = 0
+
+    def __init__(self):
+        self.n = 0
+
+
+class Box:
+    pass
+
+
+BOX = Box()
+
+
+def slot(iteration):
+    return _SLOTS.setdefault(("c", iteration), Counter())
+
+
+def mark_pid(thread_index):
+    global ROUNDS
+    if thread_index == 0:
+        ROUNDS += 1
+        Counter.made += 1
+        with open(PIDS, "a") as out:
+            out.write(f"{os.getpid()}\\n")
+
+
+def test_slot_racy(iteration_index, thread_index):
+    c = slot(iteration_index)
+    before = c.n
+    c.n = before + 1
+    assert c.n == before + 1, f"lost update: {c.n}"
+
+
+def test_slot_locked(iteration_index, thread_index):
+    c = slot(iteration_index)
+    with _LOCK:
+        before = c.n
+        c.n = before + 1
+        assert c.n == before + 1
+    mark_pid(thread_index)
+
+
+def test_slot_in_an_instance(iteration_index, thread_index):
+    c = slot(iteration_index)
+    with _LOCK:
+        c.n += 1
+    BOX.last = c
+    mark_pid(thread_index)
+"""
+
+
+def _pids(pytester) -> list[str]:
+    path = pytester.path / "pids.txt"
+    found = path.read_text().split() if path.exists() else []
+    path.unlink(missing_ok=True)
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_executions_that_fill_module_containers_run_in_process_after_a_put_back(pytester):
+    pytester.makepyfile(test_slots=SLOTS)
+    result = explore_apart(pytester, "--seed", "1", "-k", "test_slot_locked", "--ftrace-bound", "1")
+    result.assert_outcomes(passed=1)
+    assert "not a proof" not in result.stdout.str()
+    interleavings, _bound, executions, _unreduced = proven(result)["test_slot_locked"]
+    assert 1 < interleavings <= executions
+    # every execution ran in the test's process (one pid), each from the start's state
+    pids = _pids(pytester)
+    assert len(pids) >= executions and len(set(pids)) == 1, pids
+    assert "the module state was put back" in " ".join(result.stdout.str().split())
+    # the racy twin still fails, with a replay line that reproduces it
+    racy = explore_apart(pytester, "--seed", "1", "-k", "test_slot_racy", "--ftrace-bound", "1")
+    racy.assert_outcomes(failed=1)
+    racy.stdout.fnmatch_lines(["*AssertionError: lost update*"])
+    again = pytester.runpytest_subprocess(
+        *replay_args(racy), "--ftrace-timeout", "120", timeout=600
+    )
+    again.assert_outcomes(failed=1)
+    # a module-level instance's attribute is not put back: its executions are forked
+    apart = explore_apart(
+        pytester, "--seed", "1", "-k", "test_slot_in_an_instance", "--ftrace-bound", "1"
+    )
+    apart.assert_outcomes(passed=1)
+    assert len(set(_pids(pytester))) > 1
+
+
 # -- the step classifier --------------------------------------------------------------------
 
 
