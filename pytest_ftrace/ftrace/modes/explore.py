@@ -1616,8 +1616,8 @@ class ExploreMode(ExactMode):
         kept = getattr(self.test, "kept", None)
         if kept is not None and kept.put:
             line += (
-                f"; the module state was put back to the start's after {kept.put} "
-                "execution(s), which then ran in process"
+                f"; the module state was put back to the start's {kept.put} time(s) between "
+                "executions, which then ran in process"
             )
         self.test.session.explored.append((self.test.item.nodeid, line))
         outcome.notes.append(f"ftrace explore: {line}")
