@@ -20,7 +20,9 @@ every round, and a replay starts from the state the original round had.
 
 State left for the tests after this one: the changes of the rounds that ran in this process,
 i.e. of the rounds up to and including the first one that changed the module state (with
-`process`: every round's changes; with `fork`: none).
+`process`: every round's changes; with `fork`: none). Explore mode's executions first have the
+module-level places they wrote put back between rounds (restore.py) and go on here while that
+makes the state the start's again; its test then leaves the start's state in those places.
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
