@@ -20,9 +20,7 @@ every round, and a replay starts from the state the original round had.
 
 State left for the tests after this one: the changes of the rounds that ran in this process,
 i.e. of the rounds up to and including the first one that changed the module state (with
-`process`: every round's changes; with `fork`: none). Explore mode's executions first have the
-module-level places they wrote put back between rounds (restore.py) and go on here while that
-makes the state the start's again; its test then leaves the start's state in those places.
+`process`: every round's changes; with `fork`: none).
 
 PYTEST_DONT_REWRITE: plugin code, imported as is (assertion rewriting costs startup).
 """
@@ -340,18 +338,10 @@ def run_rounds(test: TestSession, run: ThreadedRun) -> Outcome:
     hooks = run.hooks
     over = hooks.round_over
     changed: list[int] = []
-    # explore's executions: the module-level places an execution wrote are put back
-    # (restore.py), so the next one starts from the start's state here, not in a child
-    kept = None
-    if getattr(test.run, "puts_back", False):
-        from pytest_ftrace.ftrace import restore
-
-        kept = restore.Kept(picture)
-        test.kept = kept
 
     def round_over(iteration: int) -> bool:
         go_on = over(iteration) if over is not None else True
-        if not picture.same() and (kept is None or not go_on or not kept.put_back()):
+        if not picture.same():
             changed.append(iteration)
             return False  # the next rounds start from the snapshot
         return go_on

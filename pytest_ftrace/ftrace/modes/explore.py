@@ -1481,9 +1481,6 @@ def explore_settings(config) -> tuple[int, int, float]:
 class ExploreMode(ExactMode):
     stat_keys = EXPLORE_STATS
     own_budget = True  # --ftrace-explore-rounds/-seconds, not --ftrace-budget
-    # an execution that changed module-level names, built-in containers or class attributes
-    # has them put back, and the next one runs in this process (ftrace/restore.py)
-    puts_back = True
 
     def __init__(self, test: TestSession):
         self.bound, self.max_rounds, self.max_seconds = explore_settings(test.item.config)
@@ -1612,12 +1609,6 @@ class ExploreMode(ExactMode):
             line += (
                 f"; {progress['retried']} round(s) ran again: they were not exact (a thread ran "
                 "outside the schedule, blocked in C or late on a loaded machine)"
-            )
-        kept = getattr(self.test, "kept", None)
-        if kept is not None and kept.put:
-            line += (
-                f"; the module state was put back to the start's {kept.put} time(s) between "
-                "executions, which then ran in process"
             )
         self.test.session.explored.append((self.test.item.nodeid, line))
         outcome.notes.append(f"ftrace explore: {line}")
