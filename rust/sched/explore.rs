@@ -236,6 +236,11 @@ pub struct Tree {
     opaque: bool,
     /// The execution has two threads (no third one can run between the two).
     pair: bool,
+    /// The subtrees of the first decision's other branches, set aside with their pending
+    /// branches while another one runs (its thread, the nodes below the first): the search
+    /// takes the first decision's subtrees in turn, one execution each, instead of one whole
+    /// subtree after the other (see [`Tree::next_subtree`]).
+    parked: Vec<(u32, Vec<Node>)>,
     progress: Progress,
 }
 
@@ -263,6 +268,7 @@ impl Tree {
             written: Vec::new(),
             opaque: false,
             pair: false,
+            parked: Vec::new(),
             progress: Progress {
                 bound,
                 target: bound,
@@ -290,6 +296,7 @@ impl Tree {
         p.pending = self
             .stack
             .iter()
+            .chain(self.parked.iter().flat_map(|(_, nodes)| nodes.iter()))
             .map(|n| n.backtrack.len() as u64)
             .sum::<u64>()
             + u64::from(self.running && !self.started);
@@ -461,7 +468,21 @@ impl Tree {
             }
             None => self.races(),
         }
-        while let Some(node) = self.stack.last_mut() {
+        if self.next_subtree() {
+            return;
+        }
+        loop {
+            if self.stack.len() == 1 && self.stack[0].backtrack.is_empty() {
+                // the first decision's subtree is done: on with one set aside, if any
+                if !self.parked.is_empty() {
+                    let (t, rest) = self.parked.remove(0);
+                    self.stack[0].chosen = t;
+                    self.stack.extend(rest);
+                }
+            }
+            let Some(node) = self.stack.last_mut() else {
+                break;
+            };
             if let Some(t) = node.backtrack.pop() {
                 let access = node.access(t);
                 let mut sleep: Vec<(u32, Access)> = node.sleep.clone();
@@ -498,6 +519,43 @@ impl Tree {
             return;
         }
         self.finished = true;
+    }
+
+    /// Take the first decision's subtrees in turn. A depth-first search runs one subtree
+    /// (the executions that start with one thread) to its end before the next; a failure that
+    /// needs another thread first (a smaller value written late, two preemptions deep) then
+    /// waits for a whole subtree that can be most of the budget. So while the subtree under
+    /// way has branches pending and the first decision has another subtree (a branch queued
+    /// there, or one set aside), the one under way is set aside and the next execution goes
+    /// on with the next subtree. Each subtree still runs its own branches depth first and as
+    /// they would run alone (races found in one add branches to its own nodes and to the
+    /// first decision, whose explored and queued branches are the same whatever the order),
+    /// so a whole search runs the same executions, in another order. Not with sleep sets
+    /// (an unbounded search): the first decision's sleep sets depend on the order.
+    fn next_subtree(&mut self) -> bool {
+        if self.bound >= SLEEP_SETS_FROM || self.stack.len() < 2 {
+            return false;
+        }
+        if self.stack[0].backtrack.is_empty() && self.parked.is_empty() {
+            return false;
+        }
+        if !self.stack[1..].iter().any(|n| !n.backtrack.is_empty()) {
+            return false; // this subtree is done: the loop in `end` pops it as before
+        }
+        let rest = self.stack.split_off(1);
+        let root = &mut self.stack[0];
+        self.parked.push((root.chosen, rest));
+        if let Some(t) = root.backtrack.pop() {
+            root.done.push(t);
+            root.chosen = t;
+            self.next_sleep.clear();
+            self.prefix = 1;
+            return true;
+        }
+        let (t, rest) = self.parked.remove(0);
+        self.stack[0].chosen = t;
+        self.stack.extend(rest);
+        false // the loop in `end` takes the deepest pending branch of the subtree
     }
 
     /// Races of the execution: a step and a later dependent step of another thread with no
@@ -749,7 +807,7 @@ impl Tree {
 }
 
 /// The version of [`Tree::to_words`]' layout (a tree from another layout is refused).
-const WORDS_FORMAT: u64 = 2;
+const WORDS_FORMAT: u64 = 3;
 
 /// Writes a tree's fields as words.
 struct Words(Vec<u64>);
@@ -782,6 +840,28 @@ impl Words {
         for &(t, a) in list {
             self.put(u64::from(t));
             self.access(a);
+        }
+    }
+
+    fn nodes(&mut self, nodes: &[Node]) {
+        self.put(nodes.len() as u64);
+        for node in nodes {
+            let Node {
+                enabled,
+                current,
+                before,
+                sleep,
+                chosen,
+                done,
+                backtrack,
+            } = node;
+            self.threads(enabled);
+            self.put(current.map_or(u64::MAX, u64::from));
+            self.put(u64::from(*before));
+            self.threads(sleep);
+            self.put(u64::from(*chosen));
+            self.ids(done);
+            self.ids(backtrack);
         }
     }
 
@@ -837,6 +917,25 @@ impl Reader<'_> {
             .collect()
     }
 
+    fn nodes(&mut self) -> Option<Vec<Node>> {
+        (0..self.count()?)
+            .map(|_| {
+                Some(Node {
+                    enabled: self.threads()?,
+                    current: match self.get()? {
+                        u64::MAX => None,
+                        t => Some(u32::try_from(t).ok()?),
+                    },
+                    before: self.id()?,
+                    sleep: self.threads()?,
+                    chosen: self.id()?,
+                    done: self.ids()?,
+                    backtrack: self.ids()?,
+                })
+            })
+            .collect()
+    }
+
     fn ids(&mut self) -> Option<Vec<u32>> {
         (0..self.count()?).map(|_| self.id()).collect()
     }
@@ -871,6 +970,7 @@ impl Tree {
             written,
             opaque,
             pair,
+            parked,
             progress,
         } = self;
         let mut w = Words(Vec::with_capacity(64 + stack.len() * 16));
@@ -927,24 +1027,11 @@ impl Tree {
             *longest,
             *retried,
         ]);
-        w.put(stack.len() as u64);
-        for node in stack {
-            let Node {
-                enabled,
-                current,
-                before,
-                sleep,
-                chosen,
-                done,
-                backtrack,
-            } = node;
-            w.threads(enabled);
-            w.put(current.map_or(u64::MAX, u64::from));
-            w.put(u64::from(*before));
-            w.threads(sleep);
-            w.put(u64::from(*chosen));
-            w.ids(done);
-            w.ids(backtrack);
+        w.nodes(stack);
+        w.put(parked.len() as u64);
+        for (t, nodes) in parked {
+            w.put(u64::from(*t));
+            w.nodes(nodes);
         }
         w.0
     }
@@ -994,21 +1081,9 @@ impl Tree {
             longest: r.get()?,
             retried: r.get()?,
         };
-        let stack = (0..r.count()?)
-            .map(|_| {
-                Some(Node {
-                    enabled: r.threads()?,
-                    current: match r.get()? {
-                        u64::MAX => None,
-                        t => Some(u32::try_from(t).ok()?),
-                    },
-                    before: r.id()?,
-                    sleep: r.threads()?,
-                    chosen: r.id()?,
-                    done: r.ids()?,
-                    backtrack: r.ids()?,
-                })
-            })
+        let stack = r.nodes()?;
+        let parked = (0..r.count()?)
+            .map(|_| Some((r.id()?, r.nodes()?)))
             .collect::<Option<Vec<_>>>()?;
         if r.get().is_some() {
             return None; // words left over: not a tree of this layout
@@ -1035,6 +1110,7 @@ impl Tree {
             written,
             opaque,
             pair,
+            parked,
             progress,
         })
     }
@@ -1392,6 +1468,38 @@ mod tests {
             last_read < at(o, (0, 1)).min(at(o, (1, 1)))
         });
         assert!(lost);
+    }
+
+    #[test]
+    fn the_first_decisions_subtrees_run_in_turn() {
+        // six read-modify-writes of one key a thread: the subtree of either first thread is
+        // most of the search; the other thread's first execution comes second, not after it
+        let mut steps = Vec::new();
+        for _ in 0..6 {
+            steps.extend([Access::Read(1), Access::Write(1)]);
+        }
+        let p = Program {
+            threads: vec![steps; 2],
+        };
+        let (runs, progress) = p.explore(2);
+        assert!(progress.done && runs.len() > 20);
+        let first = |o: &Vec<(u32, usize)>| o[0].0;
+        assert_eq!(first(&runs[0]), 0);
+        assert_eq!(first(&runs[1]), 1);
+        let later = runs
+            .iter()
+            .skip(2)
+            .take(10)
+            .filter(|o| first(o) == 1)
+            .count();
+        assert!(
+            (4..=6).contains(&later),
+            "{later} of the next ten start with thread 1"
+        );
+        let mut distinct = runs.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), runs.len());
     }
 
     #[test]
