@@ -282,3 +282,56 @@ def test_the_child_of_the_next_request_is_forked_ahead():
         ahead.close()
     fork.reap(block=True)
     assert fork.REAP == []
+
+
+# Writes each arming of a code object (INSTRUCTION events on: instrument._arm) beside the
+# tests: the process, whether it is pytest's own, and the code's name. (Compiled as
+# "<counting>", so that exact mode does not hook the counting itself.)
+COUNT_ARMING = """
+import os
+
+from pytest_ftrace.ftrace import instrument
+
+COUNTING = (
+    "def counting(tool_id, code):\\n"
+    "    with open(os.path.join(HERE, 'armed.txt'), 'a') as out:\\n"
+    "        out.write(f'{os.getpid()} {int(os.getpid() == MAIN)} {code.co_qualname}\\\\n')\\n"
+    "    _arm(tool_id, code)\\n"
+)
+namespace = {
+    "os": os,
+    "MAIN": os.getpid(),
+    "HERE": os.path.dirname(os.path.abspath(__file__)),
+    "_arm": instrument._arm,
+}
+exec(compile(COUNTING, "<counting>", "exec"), namespace)
+instrument._arm = namespace["counting"]
+"""
+
+
+def test_the_snapshot_arms_what_the_rounds_here_armed_before_its_first_child(pytester):
+    """The code the rounds in the test's process armed (round 0's) is armed in the snapshot
+    once, before its first child: the children start with it armed and arm none of it again
+    (on a free-threaded build an arming stops the world, in every child)."""
+    pytester.makepyfile(test_pids=PIDS)
+    pytester.makeconftest(COUNT_ARMING)
+    result = run(
+        pytester, "test_pids.py::test_keeps_module_state", "--seed", "1", "--threads", "2",
+        "--iterations", "5",
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    pids = _pids(pytester)
+    assert len(set().union(*(pids[i] for i in range(1, 5)))) == 4, pids  # four children
+    by_code: dict[str, set[int]] = {}
+    main: set[str] = set()
+    for line in (pytester.path / "armed.txt").read_text().split("\n"):
+        if line:
+            pid, is_main, name = line.split()
+            if is_main == "1":
+                main.add(name)
+            else:
+                by_code.setdefault(name, set()).add(int(pid))
+    assert {"test_keeps_module_state", "record"} <= main, main
+    # armed again in one process only (the snapshot), not in each child
+    assert all(len(p) == 1 for name, p in by_code.items() if name in main), by_code
+    assert len(set().union(*by_code.values())) <= 1, by_code
