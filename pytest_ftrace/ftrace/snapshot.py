@@ -1,4 +1,4 @@
-"""Rounds from a snapshot (`--ftrace-rounds snapshot`, opt-in in exact mode): every round
+"""Rounds from a snapshot (`--ftrace-rounds snapshot`, the default): every round
 starts from the test's starting state, at about the cost of one idle fork per test, and none
 for a test whose rounds cannot change the module state (settled.py, told before round 0: its
 rounds all run here, as with `--ftrace-rounds process`).

@@ -1,4 +1,4 @@
-"""Rounds from a snapshot (--ftrace-rounds snapshot, opt-in; issue 14 item
+"""Rounds from a snapshot (--ftrace-rounds snapshot, the default; issue 14 item
 4): every round starts from the test's starting state. Rounds run in the test's process while
 they leave the module state as they found it; after a round that changed it, the rest run in
 children of a process forked at the start of the call, which holds the starting state."""
@@ -78,11 +78,9 @@ def test_everyone_shares_one_client(thread_index):
 
 def run(pytester, *args):
     # a process of its own (a thread another test of this process left running would keep
-    # the rounds in the test's process)
+    # the rounds in the test's process); the default options: snapshot
     return pytester.runpytest_subprocess(
         "--ftrace",
-        "--ftrace-rounds",
-        "snapshot",
         "--ftrace-timeout",
         "120",
         "-p",
@@ -118,8 +116,6 @@ def test_the_replay_of_a_first_fill_race_reproduces_10_of_10_in_a_fresh_process(
     # snapshot on
     first = pytester.runpytest_subprocess(
         "--ftrace",
-        "--ftrace-rounds",
-        "snapshot",
         "--ftrace-timeout",
         "120",
         "--seed",
@@ -130,7 +126,7 @@ def test_the_replay_of_a_first_fill_race_reproduces_10_of_10_in_a_fresh_process(
     lines = [line for line in first.stdout.lines if "replay: pytest " in line]
     assert lines, first.stdout.str()
     args = shlex.split(lines[0].split("replay: pytest ", 1)[1])
-    assert args[args.index("--ftrace-rounds") + 1] == "snapshot"  # carried by the replay line
+    assert "--ftrace-rounds" not in args  # the default: the replay line need not say it
     token = args[args.index("--ftrace-replay") + 1]
     assert re.fullmatch(r"t4i\d+\w*", token), token
     again = pytester.runpytest_subprocess(*args, "--ftrace-timeout", "120", timeout=600)
