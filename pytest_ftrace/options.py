@@ -119,7 +119,7 @@ def taken_names(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager
 MAX_THREADS = 1024  # threads of a test, and --threadpool workers
 MAX_ROUNDS = 10**9  # rounds of a test (--iterations, --ftrace-replay-runs)
 ROUNDS_WHERE = ("snapshot", "fork", "fork-each", "process")  # --ftrace-rounds
-DEFAULT_ROUNDS = "process"  # snapshot: opt-in; benches/README "The snapshot default" says why
+DEFAULT_ROUNDS = "snapshot"  # every round from the test's starting state (issue 14)
 MAX_SECONDS = 1e9  # --ftrace-timeout, --ftrace-shrink: about 31 years, far below the OS limits
 U32 = 2**32 - 1
 U64 = 2**64 - 1

@@ -83,10 +83,10 @@ class ChildError(Exception):
 
 
 def rounds_setting(config, mode: str | None = None) -> str:
-    """--ftrace-rounds (ini ftrace_rounds): snapshot, fork, fork-each or process (the default
-    of exact mode, options.DEFAULT_ROUNDS). Explore mode's default is snapshot: its executions
-    start from the test's starting state, at the cost of one idle fork per test while they
-    keep the module state (modes/explore.py)."""
+    """--ftrace-rounds (ini ftrace_rounds): snapshot, fork, fork-each or process (the default,
+    options.DEFAULT_ROUNDS, is snapshot in exact and explore mode: every round and execution
+    starts from the test's starting state, at the cost of one idle fork per test while they
+    keep the module state, and none for a test whose rounds cannot change it: settled.py)."""
     import pytest
 
     from pytest_ftrace import options

@@ -395,27 +395,62 @@ class Instrumentation:
                 generated = True  # compiled at run time, started from hooked code
             else:
                 return mon.DISABLE
-            slots = genpoints.iter_slots(code)
-            access_slots = None
-            if self.access_slots and sharing.AVAILABLE:
-                access_slots = sharing.access_entries(code)
-            if self.races:
-                from pytest_ftrace.ftrace import accesses
-
-                accesses.register(code)
-            with self._lock:
-                if self._active is not None and id(code) not in self._armed:
-                    # the loop slots first: a thread already running this code (free-threaded
-                    # builds) may step a loop as soon as the events are on, and a step with no
-                    # slot known switches that loop's events off for good
-                    if slots:
-                        _native.set_iter_slots(code, slots)
-                    if access_slots:  # where each access's object is (the budget's signal)
-                        _native.set_access_slots(code, access_slots)
-                    _arm(self.tool_id, code)
-                    self._armed[id(code)] = code
-                    self.generated += generated
+            self._hook(code, generated)
         return mon.DISABLE
+
+    def _hook(self, code, generated: bool = False) -> bool:
+        """Give `code` INSTRUCTION events (with its loop and access slots) while a test run is
+        active; whether it was armed now."""
+        slots = genpoints.iter_slots(code)
+        access_slots = None
+        if self.access_slots and sharing.AVAILABLE:
+            access_slots = sharing.access_entries(code)
+        if self.races:
+            from pytest_ftrace.ftrace import accesses
+
+            accesses.register(code)
+        with self._lock:
+            if self._active is None or id(code) in self._armed:
+                return False
+            # the loop slots first: a thread already running this code (free-threaded
+            # builds) may step a loop as soon as the events are on, and a step with no
+            # slot known switches that loop's events off for good
+            if slots:
+                _native.set_iter_slots(code, slots)
+            if access_slots:  # where each access's object is (the budget's signal)
+                _native.set_access_slots(code, access_slots)
+            _arm(self.tool_id, code)
+            self._armed[id(code)] = code
+            self.generated += generated
+        return True
+
+    def armed_since(self, mark: tuple[int, int]) -> tuple[list, list]:
+        """What was armed, and decided about the scope, after `mark` (`mark()`), as plain data
+        for a process forked at `mark` (a test's snapshot, snapshot.py): the keys of the
+        armed code objects that are not generated (`code_key`) and the scope's new answers."""
+        armed_at, decided_at = mark
+        with self._lock:
+            codes = list(self._armed.values())[armed_at:]
+        decided = list(self.scope._cache.items())[decided_at:]
+        return [code_key(c) for c in codes if not genpoints.is_generated(c.co_filename)], decided
+
+    def mark(self) -> tuple[int, int]:
+        """Where `armed_since` counts from."""
+        with self._lock:
+            return len(self._armed), len(self.scope._cache)
+
+    def arm_again(self, keys: list, decided: list) -> int:
+        """In a process forked before another armed them (a test's snapshot): arm the code
+        objects with these keys, found in the scope's modules (`find_code`), so that the
+        processes forked from here start with them armed, as the code was where round 0 ran;
+        take the scope's answers `decided` there too. Code not found is armed at its first
+        start, as always. Returns how many were armed."""
+        for key, verdict in decided:
+            self.scope._cache.setdefault(key, verdict)
+        armed = 0
+        for code in find_code(keys, self.scope):
+            armed += self._hook(code)
+        return armed
 
     def armed_code(self) -> list:
         """Code objects that have INSTRUCTION events now (for tests and diagnostics)."""
@@ -476,6 +511,70 @@ class TestRun:
 
     def __exit__(self, *exc) -> None:
         self.deactivate()
+
+
+def code_key(code) -> tuple[str, int, str]:
+    """What finds a code object again in a process forked before it was armed."""
+    return (code.co_filename, code.co_firstlineno, code.co_qualname)
+
+
+def find_code(keys: Iterable[tuple], scope) -> list:
+    """The code objects with these keys (`code_key`) that the scope's modules hold: in their
+    functions, in the functions and properties of their classes (and of classes in those),
+    and in the code nested in those. Reads objects, calls nothing of the user's."""
+    import types
+
+    wanted = set(keys)
+    if not wanted:
+        return []
+    files = {key[0] for key in wanted}
+    found: list = []
+    seen_code: set[int] = set()
+    seen: set[int] = set()
+
+    def code(c) -> None:
+        if id(c) in seen_code:
+            return
+        seen_code.add(id(c))
+        if code_key(c) in wanted:
+            found.append(c)
+        for const in c.co_consts:
+            if isinstance(const, types.CodeType):
+                code(const)
+
+    def value(v, depth: int) -> None:
+        if id(v) in seen:
+            return
+        seen.add(id(v))
+        if isinstance(v, (staticmethod, classmethod)):
+            v = v.__func__
+        if isinstance(v, property):
+            for f in (v.fget, v.fset, v.fdel):
+                if f is not None:
+                    value(f, depth)
+            return
+        if isinstance(v, types.FunctionType):
+            if v.__code__.co_filename in files:
+                code(v.__code__)
+            wrapped = v.__dict__.get("__wrapped__") if hasattr(v, "__dict__") else None
+            if wrapped is not None and depth > 0:
+                value(wrapped, depth - 1)
+            return
+        if isinstance(v, type) and depth > 0:
+            for item in list(_DICT_OF_TYPE.__get__(v).values()):
+                value(item, depth - 1)
+
+    dict_of_module = types.ModuleType.__dict__["__dict__"]
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None) if isinstance(module, types.ModuleType) else None
+        if not isinstance(file, str) or not scope.contains(file, name):
+            continue
+        for item in list(dict_of_module.__get__(module).values()):
+            value(item, 2)
+    return found
+
+
+_DICT_OF_TYPE = type.__dict__["__dict__"]
 
 
 def generated_in_scope(filename: str, module: str | None, scope) -> bool:

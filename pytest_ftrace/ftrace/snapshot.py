@@ -1,4 +1,4 @@
-"""Rounds from a snapshot (`--ftrace-rounds snapshot`, opt-in in exact mode): every round
+"""Rounds from a snapshot (`--ftrace-rounds snapshot`, the default): every round
 starts from the test's starting state, at about the cost of one idle fork per test, and none
 for a test whose rounds cannot change the module state (settled.py, told before round 0: its
 rounds all run here, as with `--ftrace-rounds process`).
@@ -72,6 +72,9 @@ class Snapshot:
         if freeze:
             gc.freeze()
         collecting = gc.isenabled()
+        instrumentation = test.session.instrumentation
+        # what is armed after this, the snapshot arms too before its first child (_rearm)
+        self._mark: tuple[int, int] | None = instrumentation.mark()
         parent = os.getpid()
         _native.fork_prepare()
         try:
@@ -104,6 +107,8 @@ class Snapshot:
         self.pid = pid
         self.alive = True
         self.children = 0
+        self.armed = 0  # code objects the snapshot armed before its first child (_rearm)
+        self._instrumentation = instrumentation
 
     def stream(self, command: tuple, timeout: float, receive) -> tuple:
         """Run `command` (("rounds", first, budget state, the mode's state) or ("schedule",
@@ -113,6 +118,10 @@ class Snapshot:
 
         if not self.alive:
             return ("crash", "the snapshot of the test's starting state is gone")
+        if self._mark is not None:
+            answer = self._rearm()
+            if answer is not None:
+                return answer
         try:
             fork.write_frame(self._control, command)
         except OSError as exc:
@@ -138,6 +147,38 @@ class Snapshot:
             return answer
         self.alive = False
         self.close()  # (killed: it did not answer)
+        return ("crash", f"the snapshot of the test's starting state {ended}")
+
+    def _rearm(self) -> tuple | None:
+        """Before the snapshot's first child: the code this process armed since the fork
+        (round 0's, and the rounds' after it that ran here), armed in the snapshot too, so
+        that its children start with it armed and each child's round arms only what is new
+        to it. On a free-threaded build arming stops the world: in a child that is a pause of
+        its threads in every round's first lines (benches/README "Threads let run free at
+        their start"); in the snapshot, which has one thread, it is done once. None when
+        done; the answer to return when the snapshot failed."""
+        from pytest_ftrace.ftrace import fork
+
+        mark, self._mark = self._mark, None
+        keys, decided = self._instrumentation.armed_since(mark)
+        if not keys and not decided:
+            return None
+        got: list = []
+        try:
+            fork.write_frame(self._control, ("arm", keys, decided))
+            ended = fork.read_frames(
+                self._results, fork.GRACE_SECONDS + 60.0, got.append, lambda: bool(got)
+            )
+        except OSError as exc:
+            self.alive = False
+            return ("crash", f"the snapshot of the test's starting state is gone ({exc})")
+        if got and got[0][0] == "answer" and got[0][1][0] == "ok":
+            self.armed = got[0][1][1]
+            return None
+        if got:
+            return got[0][1]
+        self.alive = False
+        self.close()
         return ("crash", f"the snapshot of the test's starting state {ended}")
 
     def close(self) -> None:
@@ -197,6 +238,16 @@ def _serve(test, run, picture, board, control: int, results: int, collecting: bo
             if not requests:
                 return  # the test is over (or its process is gone)
             command = requests[0]
+            if command[0] == "arm":  # before the first child (Snapshot._rearm)
+                try:
+                    armed = test.session.instrumentation.arm_again(command[1], command[2])
+                    answer = ("ok", armed)
+                except Exception:  # noqa: BLE001 - the test's process reports it
+                    import traceback
+
+                    answer = ("error", traceback.format_exc())
+                fork.write_frame(results, ("answer", answer))
+                continue
             if command[0] == "rounds":
                 timeout, receive = run.timeout + fork.GRACE_SECONDS, relay
             elif command[0] == "schedule":

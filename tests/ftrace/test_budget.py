@@ -182,9 +182,12 @@ def test_slow_rounds():
 
 def test_the_budget_stops_a_long_test(pytester):
     pytester.makepyfile(test_slow=SLOW_SHARED)
+    # rounds in this process: the budget's time (forked rounds stop at a count instead:
+    # test_fork_results.py)
     result = pytester.runpytest(
-        "--ftrace", "--ftrace-budget", "0.05", "--seed", "1", "-p", "no:cacheprovider"
-    )
+        "--ftrace", "--ftrace-rounds", "process", "--ftrace-budget", "0.05", "--seed", "1",
+        "-p", "no:cacheprovider",
+    )  # fmt: skip
     result.assert_outcomes(passed=1)
     # Each round adds up 300,000 numbers in each of 4 threads: the floor of rounds alone takes
     # far more than 0.05 s on any machine, so the budget stops the test right at the floor.
@@ -202,9 +205,12 @@ def test_fast_rounds():
 
 def test_the_round_cap_stops_a_fast_test(pytester):
     pytester.makepyfile(test_fast=FAST_SHARED)
+    # rounds in this process (each round changes the module state: under the default, 200
+    # forks; test_fork_results.py has the forked cap)
     result = pytester.runpytest(
-        "--ftrace", "--ftrace-budget", "1e6", "--seed", "1", "-p", "no:cacheprovider"
-    )
+        "--ftrace", "--ftrace-rounds", "process", "--ftrace-budget", "1e6", "--seed", "1",
+        "-p", "no:cacheprovider",
+    )  # fmt: skip
     result.assert_outcomes(passed=1)
     assert budget_line(result) == (1, ROUND_CAP, "1 reached the round cap")
 
@@ -238,7 +244,7 @@ def test_a_fixed_count_runs_exactly_that_many_rounds(pytester, args, marker, rou
 
 
 def test_the_ini_key_sets_the_budget(pytester):
-    pytester.makeini("[pytest]\nftrace_budget = 0.05\n")
+    pytester.makeini("[pytest]\nftrace_budget = 0.05\nftrace_rounds = process\n")
     pytester.makepyfile(test_slow=SLOW_SHARED)
     result = pytester.runpytest("--ftrace", "--seed", "1", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)

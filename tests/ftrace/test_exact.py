@@ -216,9 +216,13 @@ def test_ids(num_parallel_threads):
 
 
 def exact(pytester, *args):
+    # The tests here are about scheduling; their files keep each round's objects in module
+    # dicts keyed by round, made for rounds in one process: under the default (snapshot)
+    # every such round would pay a fork (test_fork.py and test_snapshot.py test those).
     return pytester.runpytest(
-        "--ftrace", "--ftrace-mode", "exact", "--ftrace-timeout", "120", *args
-    )
+        "--ftrace", "--ftrace-mode", "exact", "--ftrace-rounds", "process",
+        "--ftrace-timeout", "120", *args,
+    )  # fmt: skip
 
 
 def replay_args(result) -> list[str]:
@@ -237,7 +241,8 @@ def test_one_shot_race_fails_with_a_fixed_seed(pytester, seed):
             f"ftrace: seed={seed} mode=exact scheduler=mix",
             "*AssertionError: lost update: 1*",
             # exact is the default mode: the replay line does not name it
-            f"*replay: pytest '*::test_one_shot' --ftrace --seed {seed} --ftrace-replay t2i*",
+            "*replay: pytest '*::test_one_shot' --ftrace --ftrace-rounds process "
+            f"--seed {seed} --ftrace-replay t2i*",
         ]
     )
 

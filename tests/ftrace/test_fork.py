@@ -1,6 +1,6 @@
-"""Forked rounds (--ftrace-rounds fork, the default of exact mode, and fork-each): every
-round, replay run and shrink attempt starts from the test's starting state; the parent reports
-as before."""
+"""Forked rounds (--ftrace-rounds fork and fork-each; the default, snapshot, forks the same
+way): every round, replay run and shrink attempt starts from the test's starting state; the
+parent reports as before."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ RACES = {"first_fill": FIRST_FILL, "first_subscriber": FIRST_SUBSCRIBER}
 def run(pytester, *args, rounds=None):
     # a process of its own: in this one, a thread another test left running would make the
     # rounds run here (a forked round would not have it); rounds None: fork (the default is
-    # process; a later --ftrace-rounds in args wins)
+    # snapshot; a later --ftrace-rounds in args wins)
     where = ("--ftrace-rounds", rounds or "fork")
     return pytester.runpytest_subprocess(
         "--ftrace", *where, "--ftrace-timeout", "120", *args, timeout=600
@@ -200,9 +200,15 @@ def test_a_round_starts_from_the_state_the_test_started_with(pytester):
     # in this process, a round sees what the rounds before it left
     result = run(pytester, "--seed", "1", "-p", "no:cacheprovider", "--ftrace-rounds", "process")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*rounds share state*", "*replay: pytest * --ftrace* --seed 1 *"])
-    replay = [line for line in result.stdout.lines if "replay: pytest" in line]
-    assert "--ftrace-rounds" not in replay[0]  # process is the default
+    result.stdout.fnmatch_lines(
+        ["*rounds share state*", "*replay: pytest * --ftrace* --ftrace-rounds process --seed 1 *"]
+    )
+    # the default (snapshot) too
+    result = pytester.runpytest_subprocess(
+        "--ftrace", "--ftrace-timeout", "120", "--seed", "1", "-p", "no:cacheprovider",
+        timeout=600,
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
 
 
 def test_ftrace_rounds_from_the_ini_file_and_bad_values(pytester):

@@ -25,13 +25,21 @@ class Ids:
         return current
 
 ROUNDS = {}
+DONE = {}
+LOCK = threading.Lock()
 
-def test_ids(iteration_index):
+def test_ids(iteration_index, num_parallel_threads):
     ids, issued = ROUNDS.setdefault(iteration_index, (Ids(), set()))
-    for _ in range(20):
-        new = ids.new_id()
-        assert new not in issued, f"id {new} was handed out twice"
-        issued.add(new)
+    try:
+        for _ in range(20):
+            new = ids.new_id()
+            assert new not in issued, f"id {new} was handed out twice"
+            issued.add(new)
+    finally:  # the round's last thread leaves the module state as the round found it
+        with LOCK:
+            DONE[iteration_index] = DONE.get(iteration_index, 0) + 1
+            if DONE[iteration_index] == num_parallel_threads:
+                del ROUNDS[iteration_index], DONE[iteration_index]
 """
 
 # Each run of rounds gets fresh objects (a shrink candidate too: it runs in new threads), and
@@ -82,9 +90,20 @@ class Ids:
         self.next_id = 0
 
 ROUNDS = {}
+DONE = {}
+LOCK = threading.Lock()
 
-def test_helpers(iteration_index):
+def test_helpers(iteration_index, num_parallel_threads):
     ids, issued = ROUNDS.setdefault(iteration_index, (Ids(), []))
+    try:
+        check(ids, issued)
+    finally:  # the round's last thread leaves the module state as the round found it
+        with LOCK:
+            DONE[iteration_index] = DONE.get(iteration_index, 0) + 1
+            if DONE[iteration_index] == num_parallel_threads:
+                del ROUNDS[iteration_index], DONE[iteration_index]
+
+def check(ids, issued):
     got = []
 
     def take():

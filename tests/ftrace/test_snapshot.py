@@ -1,4 +1,4 @@
-"""Rounds from a snapshot (--ftrace-rounds snapshot, opt-in; issue 14 item
+"""Rounds from a snapshot (--ftrace-rounds snapshot, the default; issue 14 item
 4): every round starts from the test's starting state. Rounds run in the test's process while
 they leave the module state as they found it; after a round that changed it, the rest run in
 children of a process forked at the start of the call, which holds the starting state."""
@@ -78,11 +78,9 @@ def test_everyone_shares_one_client(thread_index):
 
 def run(pytester, *args):
     # a process of its own (a thread another test of this process left running would keep
-    # the rounds in the test's process)
+    # the rounds in the test's process); the default options: snapshot
     return pytester.runpytest_subprocess(
         "--ftrace",
-        "--ftrace-rounds",
-        "snapshot",
         "--ftrace-timeout",
         "120",
         "-p",
@@ -118,8 +116,6 @@ def test_the_replay_of_a_first_fill_race_reproduces_10_of_10_in_a_fresh_process(
     # snapshot on
     first = pytester.runpytest_subprocess(
         "--ftrace",
-        "--ftrace-rounds",
-        "snapshot",
         "--ftrace-timeout",
         "120",
         "--seed",
@@ -130,7 +126,7 @@ def test_the_replay_of_a_first_fill_race_reproduces_10_of_10_in_a_fresh_process(
     lines = [line for line in first.stdout.lines if "replay: pytest " in line]
     assert lines, first.stdout.str()
     args = shlex.split(lines[0].split("replay: pytest ", 1)[1])
-    assert args[args.index("--ftrace-rounds") + 1] == "snapshot"  # carried by the replay line
+    assert "--ftrace-rounds" not in args  # the default: the replay line need not say it
     token = args[args.index("--ftrace-replay") + 1]
     assert re.fullmatch(r"t4i\d+\w*", token), token
     again = pytester.runpytest_subprocess(*args, "--ftrace-timeout", "120", timeout=600)
@@ -282,3 +278,56 @@ def test_the_child_of_the_next_request_is_forked_ahead():
         ahead.close()
     fork.reap(block=True)
     assert fork.REAP == []
+
+
+# Writes each arming of a code object (INSTRUCTION events on: instrument._arm) beside the
+# tests: the process, whether it is pytest's own, and the code's name. (Compiled as
+# "<counting>", so that exact mode does not hook the counting itself.)
+COUNT_ARMING = """
+import os
+
+from pytest_ftrace.ftrace import instrument
+
+COUNTING = (
+    "def counting(tool_id, code):\\n"
+    "    with open(os.path.join(HERE, 'armed.txt'), 'a') as out:\\n"
+    "        out.write(f'{os.getpid()} {int(os.getpid() == MAIN)} {code.co_qualname}\\\\n')\\n"
+    "    _arm(tool_id, code)\\n"
+)
+namespace = {
+    "os": os,
+    "MAIN": os.getpid(),
+    "HERE": os.path.dirname(os.path.abspath(__file__)),
+    "_arm": instrument._arm,
+}
+exec(compile(COUNTING, "<counting>", "exec"), namespace)
+instrument._arm = namespace["counting"]
+"""
+
+
+def test_the_snapshot_arms_what_the_rounds_here_armed_before_its_first_child(pytester):
+    """The code the rounds in the test's process armed (round 0's) is armed in the snapshot
+    once, before its first child: the children start with it armed and arm none of it again
+    (on a free-threaded build an arming stops the world, in every child)."""
+    pytester.makepyfile(test_pids=PIDS)
+    pytester.makeconftest(COUNT_ARMING)
+    result = run(
+        pytester, "test_pids.py::test_keeps_module_state", "--seed", "1", "--threads", "2",
+        "--iterations", "5",
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    pids = _pids(pytester)
+    assert len(set().union(*(pids[i] for i in range(1, 5)))) == 4, pids  # four children
+    by_code: dict[str, set[int]] = {}
+    main: set[str] = set()
+    for line in (pytester.path / "armed.txt").read_text().split("\n"):
+        if line:
+            pid, is_main, name = line.split()
+            if is_main == "1":
+                main.add(name)
+            else:
+                by_code.setdefault(name, set()).add(int(pid))
+    assert {"test_keeps_module_state", "record"} <= main, main
+    # armed again in one process only (the snapshot), not in each child
+    assert all(len(p) == 1 for name, p in by_code.items() if name in main), by_code
+    assert len(set().union(*by_code.values())) <= 1, by_code
